@@ -1,0 +1,39 @@
+"""soft-jax: SOFT / SOFT+ bootstrapped self-alignment in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="soft-jax",
+    version="0.1.0",
+    description="SOFT and SOFT+ (Step-On-Feet Tuning) bootstrapped self-alignment in JAX/Flax NNX",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["soft_jax", "soft_jax.*"]),
+    include_package_data=True,
+    package_data={"soft_jax": ["data/assets/*"]},
+    install_requires=[
+        "jax>=0.10,<0.11",
+        "jaxlib>=0.10,<0.11",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.5,<0.3",
+        "orbax-checkpoint>=0.12,<0.13",
+        "ml-collections>=1.0,<2",
+        "numpy>=1.26,<3",
+        "ml-dtypes>=0.5",
+        "transformers>=5.0,<6",
+        "tokenizers>=0.22,<1",
+        "jinja2>=3.1,<4",
+        "gguf>=0.17,<1",
+        "tqdm>=4.66,<5",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8,<10",
+            "torch==2.13.0",
+            "accelerate>=1.0,<2",
+            "safetensors>=0.4,<1",
+        ],
+    },
+    entry_points={"console_scripts": ["soft-jax=soft_jax.cli:main"]},
+)

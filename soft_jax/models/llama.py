@@ -1,0 +1,229 @@
+"""A Flax NNX decoder for the Llama family: Llama 2/3, Mistral, Qwen2.
+
+One model serves packed training and padded, KV-cached sampling. Each token carries a position (for
+RoPE) and a segment id (0 = padding); a query attends to a key when both share a non-zero segment and
+the key's position is not after the query's (and, for Mistral, within the sliding window). Packed rows
+use one segment per example; padded rows use segment 1 for real tokens and 0 for padding.
+
+Parameters carry logical axis names in their `axes` metadata; `soft_jax.sharding` maps them to a mesh.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax import struct
+
+from soft_jax.models.config import ModelConfig, rope_inv_freq
+
+# Logical axis names used by parameters and activations (see soft_jax.sharding for the rules).
+VOCAB, EMBED, HEADS, KV_HEADS, MLP, NORM = "vocab", "embed", "heads", "kv_heads", "mlp", "norm"
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias); kernel stored [in, out] with logical axes."""
+
+    def __init__(self, d_in, d_out, axes, *, bias, cfg: ModelConfig, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(stddev=0.02)
+        self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), jnp.dtype(cfg.param_dtype)), axes=axes)
+        self.bias = nnx.Param(jnp.zeros((d_out,), cfg.param_dtype), axes=axes[1:]) if bias else None
+        self.dtype = jnp.dtype(cfg.dtype)
+
+    def __call__(self, x):
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim, eps, *, cfg: ModelConfig):
+        self.scale = nnx.Param(jnp.ones((dim,), cfg.param_dtype), axes=(NORM,))
+        self.eps = eps
+
+    def __call__(self, x):
+        # As transformers: normalise in float32, cast back, then scale.
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotary embedding in the HF (rotate-half) layout. x: [B, T, H, D]; positions: [B, T]."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+@struct.dataclass
+class KVCache:
+    """Preallocated keys and values for every layer, plus each slot's position and segment.
+
+    k, v: per layer [B, S, KV_HEADS, D]; positions, segment_ids: [B, S] (segment 0 = empty slot);
+    index: the next slot to write (a scalar, the same for every row).
+    """
+
+    k: tuple
+    v: tuple
+    positions: jax.Array
+    segment_ids: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch: int, length: int, dtype=None) -> "KVCache":
+        dtype = jnp.dtype(dtype or cfg.dtype)
+        shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        return cls(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+                   positions=jnp.zeros((batch, length), jnp.int32),
+                   segment_ids=jnp.zeros((batch, length), jnp.int32), index=jnp.zeros((), jnp.int32))
+
+    @property
+    def length(self) -> int:
+        return self.positions.shape[1]
+
+
+def attention_mask(q_pos, q_seg, k_pos, k_seg, window=None):
+    """[B, T, S] boolean: same non-zero segment, causal by position, optional sliding window."""
+    mask = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)
+    mask &= k_pos[:, None, :] <= q_pos[:, :, None]
+    if window is not None:
+        mask &= q_pos[:, :, None] - k_pos[:, None, :] < window
+    return mask
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        e, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = Linear(e, cfg.num_heads * d, (EMBED, HEADS), bias=cfg.qkv_bias, cfg=cfg, rngs=rngs)
+        self.k_proj = Linear(e, cfg.num_kv_heads * d, (EMBED, KV_HEADS), bias=cfg.qkv_bias, cfg=cfg, rngs=rngs)
+        self.v_proj = Linear(e, cfg.num_kv_heads * d, (EMBED, KV_HEADS), bias=cfg.qkv_bias, cfg=cfg, rngs=rngs)
+        self.o_proj = Linear(cfg.num_heads * d, e, (HEADS, EMBED), bias=cfg.o_bias, cfg=cfg, rngs=rngs)
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.window = cfg.sliding_window
+
+    def __call__(self, x, positions, segment_ids, inv_freq, kv=None):
+        """kv: None, or (k_cache, v_cache, cache_positions, cache_segments, index) for this layer."""
+        b, t, _ = x.shape
+        g = self.num_heads // self.num_kv_heads
+        q = apply_rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), positions, inv_freq)
+        k = apply_rope(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), positions, inv_freq)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if kv is None:
+            keys, values, k_pos, k_seg = k, v, positions, segment_ids
+        else:
+            k_cache, v_cache, k_pos, k_seg, index = kv
+            keys = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+            values = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+        mask = attention_mask(positions, segment_ids, k_pos, k_seg, self.window)
+        q = q.reshape(b, t, self.num_kv_heads, g, self.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
+        scores = scores * (self.head_dim ** -0.5)
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(q.dtype))
+        out = self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+        return out, (keys, values)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        e, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(e, f, (EMBED, MLP), bias=False, cfg=cfg, rngs=rngs)
+        self.up_proj = Linear(e, f, (EMBED, MLP), bias=False, cfg=cfg, rngs=rngs)
+        self.down_proj = Linear(f, e, (MLP, EMBED), bias=False, cfg=cfg, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg=cfg)
+        self.self_attn = Attention(cfg, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg=cfg)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, positions, segment_ids, inv_freq, kv=None):
+        h, new_kv = self.self_attn(self.input_layernorm(x), positions, segment_ids, inv_freq, kv)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), new_kv
+
+
+class Llama(nnx.Module):
+    """The decoder. `model(input_ids)` -> float32 logits [B, T, vocab]."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        init = nnx.initializers.normal(stddev=0.02)
+        self.embed_tokens = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.hidden_size),
+                                           jnp.dtype(cfg.param_dtype)),
+                                      axes=(VOCAB, EMBED))
+        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg=cfg)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(
+            cfg.hidden_size, cfg.vocab_size, (EMBED, VOCAB), bias=False, cfg=cfg, rngs=rngs)
+
+    def __call__(self, input_ids, positions=None, segment_ids=None, attention_mask=None, cache=None):
+        """Logits for `input_ids` [B, T].
+
+        positions: [B, T] RoPE positions; default: 0.. for each row, or from `attention_mask`
+          (left or right padding) as transformers does, continuing after the cache's last position.
+        segment_ids: [B, T] int, 0 = padding; default: `attention_mask`, else all ones.
+        cache: a KVCache; the new tokens are written at `cache.index` and (logits, new cache) is
+          returned instead of logits.
+        """
+        b, t = input_ids.shape
+        if segment_ids is None:
+            segment_ids = (jnp.ones((b, t), jnp.int32) if attention_mask is None
+                           else attention_mask.astype(jnp.int32))
+        if positions is None:
+            positions = default_positions(segment_ids, cache)
+        cfg = self.config
+        x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(cfg.dtype)
+        inv_freq = rope_inv_freq(cfg)  # a numpy constant folded into the compiled program
+        new_k, new_v = [], []
+        if cache is not None:
+            k_pos = jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32), (0, cache.index))
+            k_seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
+                                                 (0, cache.index))
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i], k_pos, k_seg, cache.index)
+            x, (k, v) = layer(x, positions, segment_ids, inv_freq, kv)
+            new_k.append(k)
+            new_v.append(v)
+        x = self.norm(x)
+        if self.lm_head is None:
+            logits = jnp.dot(x, self.embed_tokens[...].astype(cfg.dtype).T)
+        else:
+            logits = self.lm_head(x)
+        logits = logits.astype(jnp.float32)
+        if cache is None:
+            return logits
+        return logits, KVCache(k=tuple(new_k), v=tuple(new_v), positions=k_pos, segment_ids=k_seg,
+                               index=cache.index + t)
+
+
+def default_positions(segment_ids, cache=None):
+    """0-based positions counting only real (non-zero segment) tokens, after the cache's tokens."""
+    real = (segment_ids != 0).astype(jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(real, axis=1) - 1, 0)
+    if cache is not None:
+        positions = positions + jnp.sum(cache.segment_ids != 0, axis=1, keepdims=True)
+    return positions
+
+
+def param_axes(model: Llama) -> dict[tuple, tuple[str, ...]]:
+    """Path -> logical axis names of every parameter."""
+    return {path: var.get_metadata().get("axes", ()) for path, var in nnx.iter_graph(model)
+            if isinstance(var, nnx.Param)}
+
+
+def init_random(cfg: ModelConfig, seed: int = 0) -> Llama:
+    """A randomly initialised model (tests, smoke runs)."""
+    return Llama(cfg, rngs=nnx.Rngs(seed))
+
