@@ -163,7 +163,8 @@ class GGUFSource:
         if self.arch == "llama" and gname.endswith((".attn_q.weight", ".attn_k.weight")):
             heads = int(self.fields[f"{self.arch}.attention.head_count" +
                                     ("_kv" if ".attn_k." in gname else "")] or 1)
-            w = w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+            # llama.cpp stored reshape(heads, 2, d/2, ...).swapaxes(1, 2); invert it.
+            w = w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
         return w
 
     @staticmethod

@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny random checkpoints written by transformers itself, the embedded SmolLM2."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+# Tests compare float32 numerics with PyTorch; keep XLA's CPU matmuls at full precision.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+
+TINY = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+
+# name -> (transformers config class name, extra config keys)
+TINY_ARCHS = {
+    "llama": ("LlamaConfig", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    "llama3": ("LlamaConfig", dict(rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    "mistral": ("MistralConfig", dict(sliding_window=8, rope_parameters={"rope_type": "default",
+                                                                         "rope_theta": 10000.0})),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True, rope_parameters={"rope_type": "default",
+                                                                             "rope_theta": 1000000.0})),
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: loads SmolLM2-135M or downloads data (run in CI too)")
+
+
+def make_tiny_hf(kind: str, out_dir: str, seed: int = 0):
+    """Saves a randomly initialised transformers model of the given family; returns the torch model."""
+    import torch
+    import transformers
+
+    cls_name, extra = TINY_ARCHS[kind]
+    config = getattr(transformers, cls_name)(**TINY, **extra)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    with torch.no_grad():  # non-trivial norms and biases, so every tensor's loading is exercised
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    model.save_pretrained(out_dir)
+    return model
+
+
+@pytest.fixture(scope="session", params=sorted(TINY_ARCHS))
+def tiny_hf(request, tmp_path_factory):
+    """(kind, checkpoint dir, torch model) for each tiny architecture."""
+    out = str(tmp_path_factory.mktemp(f"tiny-{request.param}"))
+    return request.param, out, make_tiny_hf(request.param, out)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(soft-jax model, tokenizer) for the embedded SmolLM2-135M GGUF, float32."""
+    from soft_jax import models
+
+    return models.load(models.SMOLLM2, progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """transformers' own float32 load of the same GGUF (its GGUF loader dequantizes and un-permutes)."""
+    import torch
+    import transformers
+
+    from soft_jax.models.checkpoint import smollm2_path
+
+    path = smollm2_path()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+
+
+def run_cli(*args, timeout=300):
+    """Runs `python -m soft_jax.cli ...`; returns the CompletedProcess (text mode)."""
+    return subprocess.run([sys.executable, "-m", "soft_jax.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def torch_logits(model, ids, attention_mask=None, position_ids=None):
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.as_tensor(np.asarray(ids)),
+                    attention_mask=None if attention_mask is None else torch.as_tensor(np.asarray(attention_mask)),
+                    position_ids=None if position_ids is None else torch.as_tensor(np.asarray(position_ids)))
+    return out.logits.float().numpy()

@@ -1,0 +1,133 @@
+"""The decoder against transformers (PyTorch) on the same weights: logits, padding, export round trip."""
+
+import copy
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import torch_logits
+
+from soft_jax import models
+
+# float32 on CPU. Tiny models: observed max |diff| about 3e-7. SmolLM2 (30 layers, logits up to ~38):
+# observed 1.4e-4, which is float32 noise: transformers' own float32 logits are 9e-5 from its float64
+# logits and ours 1.1e-4, so SmolLM2 is also checked against float64 below.
+ATOL = 1e-5
+ATOL_SMOLLM2 = 2.5e-4
+
+
+def assert_same_logits(ours, ref, mask=None, atol=ATOL):
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    if mask is not None:
+        ours, ref = ours[mask.astype(bool)], ref[mask.astype(bool)]
+    np.testing.assert_array_equal(ours.argmax(-1), ref.argmax(-1))
+    assert np.abs(ours - ref).max() < atol, np.abs(ours - ref).max()
+
+
+def test_logits_match_transformers(tiny_hf):
+    kind, path, hf = tiny_hf
+    model, tokenizer = models.load(path, progress=False)
+    assert tokenizer is None and model.config.model_type == {"llama3": "llama"}.get(kind, kind)
+    ids = np.random.default_rng(0).integers(0, hf.config.vocab_size, size=(2, 40))
+    assert_same_logits(model(jnp.asarray(ids)), torch_logits(hf, ids))
+
+
+def test_long_positions_match_transformers(tiny_hf):
+    """Positions far past the Llama-3 original context and Mistral's window exercise RoPE scaling."""
+    kind, path, hf = tiny_hf
+    model, _ = models.load(path, progress=False)
+    ids = np.random.default_rng(1).integers(0, hf.config.vocab_size, size=(1, 200))
+    assert_same_logits(model(jnp.asarray(ids)), torch_logits(hf, ids))
+
+
+def test_left_padded_batch_matches_transformers(tiny_hf):
+    kind, path, hf = tiny_hf
+    model, _ = models.load(path, progress=False)
+    rng = np.random.default_rng(2)
+    ids = rng.integers(3, hf.config.vocab_size, size=(3, 24))
+    mask = np.ones_like(ids)
+    mask[0, :7] = 0
+    mask[2, :15] = 0
+    positions = np.maximum(mask.cumsum(1) - 1, 0)
+    ours = model(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    ref = torch_logits(hf, ids, attention_mask=mask, position_ids=positions)
+    assert_same_logits(ours, ref, mask)
+    # A padded row equals the same prompt run alone, unpadded.
+    alone = model(jnp.asarray(ids[2:, 15:]))
+    assert_same_logits(np.asarray(ours)[2:, 15:], alone)
+
+
+def test_packed_segments_equal_separate_rows(tiny_hf):
+    kind, path, hf = tiny_hf
+    model, _ = models.load(path, progress=False)
+    rng = np.random.default_rng(3)
+    a, b = rng.integers(0, hf.config.vocab_size, size=10), rng.integers(0, hf.config.vocab_size, size=14)
+    packed = np.concatenate([a, b])[None]
+    segments = np.array([[1] * 10 + [2] * 14])
+    positions = np.array([list(range(10)) + list(range(14))])
+    out = np.asarray(model(jnp.asarray(packed), positions=jnp.asarray(positions), segment_ids=jnp.asarray(segments)))
+    assert_same_logits(out[:, :10], model(jnp.asarray(a[None])))
+    assert_same_logits(out[:, 10:], model(jnp.asarray(b[None])))
+
+
+def test_export_round_trip_loads_in_transformers(tiny_hf, tmp_path):
+    import transformers
+
+    kind, path, hf = tiny_hf
+    model, _ = models.load(path, progress=False)
+    out = str(tmp_path / "export")
+    models.export_hf(model, None, out)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").float().eval()
+    ids = np.random.default_rng(4).integers(0, hf.config.vocab_size, size=(2, 30))
+    assert_same_logits(model(jnp.asarray(ids)), torch_logits(reloaded, ids))
+    ours_again, _ = models.load(out, progress=False)
+    np.testing.assert_array_equal(np.asarray(ours_again(jnp.asarray(ids))), np.asarray(model(jnp.asarray(ids))))
+
+
+def test_bfloat16_params_and_compute(tiny_hf):
+    """bf16 storage and compute stays close to the float32 reference (same argmax on most positions)."""
+    kind, path, hf = tiny_hf
+    model, _ = models.load(path, dtype="bfloat16", progress=False)
+    assert model.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
+    ids = np.random.default_rng(5).integers(0, hf.config.vocab_size, size=(2, 32))
+    ours, ref = np.asarray(model(jnp.asarray(ids))), torch_logits(hf, ids)
+    assert np.abs(ours - ref).max() < 0.05
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() > 0.9
+
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
+           "Explain why the sky is blue in one sentence."]
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_logits_match_transformers(smollm2, smollm2_hf):
+    model, tokenizer = smollm2
+    cfg = model.config
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.rope_theta) == (30, 576, 9, 3, 1e5)
+    assert cfg.tie_word_embeddings and tokenizer.chat_template
+    hf64 = copy.deepcopy(smollm2_hf).double()
+    for prompt in PROMPTS:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        ids = np.asarray([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        ours, ref = np.asarray(model(jnp.asarray(ids))), torch_logits(smollm2_hf, ids)
+        assert_same_logits(ours, ref, atol=ATOL_SMOLLM2)
+        # No less accurate than transformers' own float32 forward, measured against float64.
+        exact = torch_logits(hf64, ids)
+        assert np.abs(ours - exact).max() <= 1.5 * np.abs(ref - exact).max() + 1e-6
+
+
+@pytest.mark.slow
+def test_smollm2_export_round_trip(smollm2, tmp_path):
+    import transformers
+
+    model, tokenizer = smollm2
+    out = str(tmp_path / "smollm2-hf")
+    models.export_hf(model, tokenizer, out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    text = hf_tok.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], tokenize=False,
+                                      add_generation_prompt=True)
+    assert hf_tok(text)["input_ids"] == tokenizer(text)["input_ids"]
+    ids = np.asarray([hf_tok(text, add_special_tokens=False)["input_ids"]])
+    assert_same_logits(model(jnp.asarray(ids)), torch_logits(hf, ids), atol=ATOL_SMOLLM2)
