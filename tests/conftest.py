@@ -57,6 +57,14 @@ def tiny_hf(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A tiny random Llama checkpoint directory, for tests that need one architecture only."""
+    out = str(tmp_path_factory.mktemp("tiny-llama-only"))
+    make_tiny_hf("llama", out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     """(soft-jax model, tokenizer) for the embedded SmolLM2-135M GGUF, float32."""
     from soft_jax import models

@@ -168,7 +168,8 @@ class Llama(nnx.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, cfg.vocab_size, (EMBED, VOCAB), bias=False, cfg=cfg, rngs=rngs)
 
-    def __call__(self, input_ids, positions=None, segment_ids=None, attention_mask=None, cache=None):
+    def __call__(self, input_ids, positions=None, segment_ids=None, attention_mask=None, cache=None,
+                 last_only=False):
         """Logits for `input_ids` [B, T].
 
         positions: [B, T] RoPE positions; default: 0.. for each row, or from `attention_mask`
@@ -176,6 +177,7 @@ class Llama(nnx.Module):
         segment_ids: [B, T] int, 0 = padding; default: `attention_mask`, else all ones.
         cache: a KVCache; the new tokens are written at `cache.index` and (logits, new cache) is
           returned instead of logits.
+        last_only: compute logits for the last column only (prefill), shape [B, 1, vocab].
         """
         b, t = input_ids.shape
         if segment_ids is None:
@@ -196,7 +198,7 @@ class Llama(nnx.Module):
             x, (k, v) = layer(x, positions, segment_ids, inv_freq, kv)
             new_k.append(k)
             new_v.append(v)
-        x = self.norm(x)
+        x = self.norm(x[:, -1:] if last_only else x)
         if self.lm_head is None:
             logits = jnp.dot(x, self.embed_tokens[...].astype(cfg.dtype).T)
         else:

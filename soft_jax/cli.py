@@ -1,0 +1,143 @@
+"""The `soft-jax` command line: info | generate | export.
+
+Every user mistake ends with exit code 2 and one line on stderr (what is wrong, where, how to mend it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from soft_jax.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + error
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def _add_model(p):
+    p.add_argument("--model", required=True,
+                   help="HF checkpoint directory, .gguf file, or 'smollm2-135m' (the embedded default)")
+    p.add_argument("--dtype", default="float32", help="compute and parameter dtype: float32 | bfloat16 | float16")
+
+
+def cmd_info(args) -> None:
+    from soft_jax import models
+
+    model, tokenizer = models.load(args.model, dtype=args.dtype, progress=False)
+    cfg = model.config
+    from flax import nnx
+
+    n_params = sum(v.size for _, v in nnx.iter_graph(model) if isinstance(v, nnx.Param))
+    rope = cfg.rope_dict.get("rope_type", "default")
+    lines = [
+        f"model        {args.model}",
+        f"architecture {cfg.model_type} ({'tied' if cfg.tie_word_embeddings else 'untied'} embeddings"
+        f"{', q/k/v bias' if cfg.qkv_bias else ''}"
+        f"{f', sliding window {cfg.sliding_window}' if cfg.sliding_window else ''})",
+        f"sizes        {cfg.num_layers} layers, hidden {cfg.hidden_size}, mlp {cfg.intermediate_size}, "
+        f"{cfg.num_heads} heads / {cfg.num_kv_heads} kv heads x {cfg.head_dim}, vocab {cfg.vocab_size}, "
+        f"context {cfg.max_position_embeddings}",
+        f"rope         theta {cfg.rope_theta:g}, scaling {rope}",
+        f"parameters   {n_params:,} ({n_params / 1e6:.1f}M), dtype {cfg.param_dtype}",
+    ]
+    if tokenizer is None:
+        lines.append("tokenizer    none (the checkpoint ships no tokenizer files)")
+    else:
+        lines.append(f"tokenizer    {type(tokenizer).__name__}, {len(tokenizer)} tokens, bos {tokenizer.bos_token!r}, "
+                     f"eos {tokenizer.eos_token!r}")
+        template = tokenizer.chat_template
+        lines.append("chat         " + (f"template present ({len(template)} chars)" if template else "no template"))
+    print("\n".join(lines))
+
+
+def cmd_generate(args) -> None:
+    from soft_jax import models, sampling
+    from soft_jax.io_utils import read_jsonl, write_jsonl
+
+    if (args.prompt is None) == (args.prompts is None):
+        raise UserError("give exactly one of --prompt TEXT or --prompts FILE.jsonl")
+    if args.prompts:
+        rows = read_jsonl(args.prompts, required=("prompt",))
+    else:
+        rows = [{"prompt": args.prompt}]
+    config = sampling.SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                     top_p=args.top_p, top_k=args.top_k, seed=args.seed, batch_size=args.batch_size)
+    model, tokenizer = models.load(args.model, dtype=args.dtype)
+    if tokenizer is None:
+        raise UserError(f"{args.model}: the checkpoint has no tokenizer files; add them to the directory")
+    chat = bool(tokenizer.chat_template) if args.chat is None else args.chat
+    if chat and not tokenizer.chat_template:
+        raise UserError(f"{args.model}: --chat asked for, but the tokenizer has no chat template; use --no-chat")
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
+                                           add_generation_prompt=True) if chat else r["prompt"] for r in rows]
+    outputs = sampling.generate(model, tokenizer, texts, config, add_special_tokens=not chat)
+    results = [{"id": r.get("id", i), "prompt": r["prompt"], "completion": o}
+               for i, (r, o) in enumerate(zip(rows, outputs))]
+    if args.out:
+        write_jsonl(args.out, results)
+        print(f"wrote {len(results)} completions to {args.out}")
+    else:
+        for r in results:
+            print(json.dumps(r, ensure_ascii=False))
+
+
+def cmd_export(args) -> None:
+    from soft_jax import models
+
+    model, tokenizer = models.load(args.model, dtype=args.dtype)
+    models.export_hf(model, tokenizer, args.out)
+    print(f"exported {args.model} to {os.path.abspath(args.out)} (transformers: from_pretrained({args.out!r}))")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="soft-jax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("info", help="architecture, sizes, parameters, tokenizer of a model")
+    _add_model(p)
+    p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("generate", help="sample completions for prompts")
+    _add_model(p)
+    p.add_argument("--prompt", help="one prompt")
+    p.add_argument("--prompts", help="JSONL file, one {\"prompt\": ..., \"id\": ...} per line")
+    p.add_argument("--out", help="output JSONL (default: print to stdout)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--chat", dest="chat", action="store_true", default=None,
+                   help="wrap prompts in the model's chat template (default when it has one)")
+    p.add_argument("--no-chat", dest="chat", action="store_false")
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("export", help="write an HF checkpoint directory that transformers loads")
+    _add_model(p)
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(fn=cmd_export)
+    return parser
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        args.fn(args)
+    except UserError as e:
+        print(f"soft-jax: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("soft-jax: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The command line: info on real checkpoints, and bad input -> exit 2 with one clear line, no traceback."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from conftest import TINY, run_cli
+
+
+def assert_user_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_info_on_tiny_checkpoint(tiny_hf):
+    kind, path, hf = tiny_hf
+    proc = run_cli("info", "--model", path)
+    assert proc.returncode == 0, proc.stderr
+    n = sum(p.numel() for p in hf.parameters())
+    assert f"parameters   {n:,}" in proc.stdout
+    assert f"{TINY['num_hidden_layers']} layers, hidden {TINY['hidden_size']}" in proc.stdout
+
+
+def test_config_param_count_matches_loaded_model(tiny_hf):
+    from flax import nnx
+
+    from soft_jax import models
+
+    kind, path, hf = tiny_hf
+    model, _ = models.load(path, progress=False)
+    assert model.config.num_params == sum(v.size for _, v in nnx.iter_graph(model) if isinstance(v, nnx.Param))
+    assert model.config.num_params == sum(p.numel() for p in hf.parameters())
+
+
+@pytest.mark.slow
+def test_info_on_smollm2():
+    proc = run_cli("info", "--model", "smollm2-135m")
+    assert proc.returncode == 0, proc.stderr
+    assert "30 layers, hidden 576, mlp 1536, 9 heads / 3 kv heads x 64, vocab 49152" in proc.stdout
+    assert "parameters   134,515,008" in proc.stdout and "template present" in proc.stdout
+
+
+def test_missing_path(tmp_path):
+    assert_user_error(run_cli("info", "--model", str(tmp_path / "nope")), "no such file", "smollm2-135m")
+
+
+def test_unsupported_architecture_gpt2(tmp_path):
+    import transformers
+
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path)
+    assert_user_error(run_cli("info", "--model", str(tmp_path)), "gpt2", "supported: llama, mistral, qwen2")
+
+
+def test_config_missing_key(tiny_llama, tmp_path):
+    path = tiny_llama
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    cfg = json.loads((broken / "config.json").read_text())
+    del cfg["hidden_size"]
+    (broken / "config.json").write_text(json.dumps(cfg))
+    assert_user_error(run_cli("info", "--model", str(broken)), "missing key(s) hidden_size", "config.json")
+
+
+def test_truncated_safetensors(tiny_llama, tmp_path):
+    path = tiny_llama
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    weights = broken / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    assert_user_error(run_cli("info", "--model", str(broken)), "truncated", "model.safetensors")
+
+
+def test_weights_config_shape_mismatch(tiny_llama, tmp_path):
+    path = tiny_llama
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["intermediate_size"] += 8
+    (broken / "config.json").write_text(json.dumps(cfg))
+    assert_user_error(run_cli("info", "--model", str(broken)), "shape", "disagree")
+
+
+def _write_gguf(path, tensor):
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", tensor)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gguf_unsupported_tensor_type(tmp_path):
+    path = tmp_path / "int.gguf"
+    _write_gguf(path, np.zeros((4, 8), np.int32))
+    assert_user_error(run_cli("info", "--model", str(path)), "unsupported GGUF tensor type", "I32", "Q4_1")
+
+
+def test_gguf_unsupported_architecture(tmp_path):
+    import gguf
+
+    path = tmp_path / "gpt2.gguf"
+    writer = gguf.GGUFWriter(str(path), "gpt2")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert_user_error(run_cli("info", "--model", str(path)), "unsupported GGUF architecture 'gpt2'")
+
+
+def test_not_a_checkpoint_file(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"\x00" * 64)
+    assert_user_error(run_cli("info", "--model", str(path)), "not an HF checkpoint directory nor a GGUF file")
+
+
+def test_bad_dtype(tiny_llama):
+    path = tiny_llama
+    assert_user_error(run_cli("info", "--model", path, "--dtype", "int8"), "int8", "bfloat16")
+
+
+def test_export_cli_writes_loadable_directory(tiny_hf, tmp_path):
+    import transformers
+
+    kind, path, _ = tiny_hf
+    out = tmp_path / "exported"
+    proc = run_cli("export", "--model", path, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors"]
+    transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp dirs left behind
