@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from soft_jax.errors import UserError
 from soft_jax.models.llama import KVCache, Llama
+from jax.sharding import NamedSharding, PartitionSpec
 
 MIN_BUCKET = 16
 MIN_SHARED_PREFIX = 32  # shorter common prefixes are not worth a separate prefill
@@ -94,6 +95,14 @@ def filter_logits(logits, temperature, top_p, top_k, *, use_top_p: bool, use_top
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
+def sample_token(logits, key, temperature, top_p, top_k, *, use_top_p: bool, use_top_k: bool):
+    """One token per row: argmax when temperature is 0, else a draw from the filtered distribution."""
+    greedy = jnp.argmax(logits, axis=-1)
+    filtered = filter_logits(logits, temperature, top_p, top_k, use_top_p=use_top_p, use_top_k=use_top_k)
+    sampled = jax.random.categorical(key, filtered, axis=-1)
+    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 7, 8, 9))
 def _decode(graphdef, state, cache, first_logits, positions, rng, params, max_new_tokens, use_top_p, use_top_k):
     """Samples up to max_new_tokens per row; stops early once every row produced a stop token.
@@ -104,12 +113,6 @@ def _decode(graphdef, state, cache, first_logits, positions, rng, params, max_ne
     temperature, top_p, top_k, stops = params
     batch = first_logits.shape[0]
 
-    def choose(logits, key):
-        greedy = jnp.argmax(logits, axis=-1)
-        filtered = filter_logits(logits, temperature, top_p, top_k, use_top_p=use_top_p, use_top_k=use_top_k)
-        sampled = jax.random.categorical(key, filtered, axis=-1)
-        return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
-
     def cond(carry):
         step, done = carry[0], carry[4]
         return (step < max_new_tokens) & ~jnp.all(done)
@@ -117,7 +120,7 @@ def _decode(graphdef, state, cache, first_logits, positions, rng, params, max_ne
     def body(carry):
         step, cache, logits, out, done, rng = carry
         rng, key = jax.random.split(rng)
-        token = choose(logits, key)
+        token = sample_token(logits, key, temperature, top_p, top_k, use_top_p=use_top_p, use_top_k=use_top_k)
         token = jnp.where(done, stops[0], token)
         out = out.at[:, step].set(token)
         done = done | jnp.isin(token, stops)
@@ -136,8 +139,7 @@ def _decode(graphdef, state, cache, first_logits, positions, rng, params, max_ne
 
 
 def _common_prefix(rows: Sequence[Sequence[int]]) -> int:
-    first = rows[0]
-    n = min(len(r) for r in rows)
+    first, n = rows[0], min(len(r) for r in rows)
     for r in rows[1:]:
         i = 0
         while i < n and r[i] == first[i]:
@@ -146,55 +148,85 @@ def _common_prefix(rows: Sequence[Sequence[int]]) -> int:
     return n
 
 
-def _left_pad(rows, length, pad_id):
-    ids = np.full((len(rows), length), pad_id, np.int32)
+def _left_pad(rows, length):
+    """ids, segment ids (1 = token, 0 = padding), positions counting from 0 at each row's first token."""
+    ids = np.zeros((len(rows), length), np.int32)
     seg = np.zeros((len(rows), length), np.int32)
     for i, r in enumerate(rows):
-        if r:
+        if len(r):
             ids[i, length - len(r):] = r
             seg[i, length - len(r):] = 1
-    return ids, seg
+    return ids, seg, np.maximum(np.cumsum(seg, 1) - 1, 0)
+
+
+class _Batcher:
+    """Places host batches on devices: rows split over the mesh's data axes, or on one device."""
+
+    def __init__(self, mesh, batch_size: int):
+        self.mesh = mesh
+        if mesh is not None:
+            data = mesh.shape["data"] * mesh.shape["fsdp"]
+            if batch_size % data:
+                raise UserError(f"batch size {batch_size} is not divisible by the mesh's data axes "
+                                f"(data x fsdp = {data}); use a multiple of {data}")
+
+    def put(self, tree):
+        if self.mesh is None:
+            return jax.tree.map(jnp.asarray, tree)
+        batch = NamedSharding(self.mesh, PartitionSpec(("data", "fsdp")))
+        return jax.tree.map(lambda x: jax.device_put(x, batch if np.ndim(x) else NamedSharding(
+            self.mesh, PartitionSpec())), tree)
+
+
+def _shared_len(rows, reuse: bool, cap: int | None = None) -> int:
+    """How many leading tokens all rows share and will take from one prefill (0: not worth it).
+
+    Each row keeps at least one own token (or `cap` limits the prefix further)."""
+    if not reuse or len(rows) < 2:
+        return 0
+    n = min(_common_prefix(rows), min(len(r) for r in rows) - 1 if cap is None else cap)
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
+def _prefill_shared(graphdef, state, model, prefix, batch, total, batcher):
+    """A `total`-slot cache for `batch` rows holding `prefix`, prefilled once at batch 1 and copied."""
+    if not len(prefix):
+        return batcher.put(KVCache.init(model.config, batch, total))
+    length = bucket(len(prefix))
+    ids = np.zeros((1, length), np.int32)
+    seg = np.zeros((1, length), np.int32)
+    ids[0, :len(prefix)], seg[0, :len(prefix)] = prefix, 1
+    one = KVCache.init(model.config, 1, total)
+    _, one = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(np.arange(length)[None]), jnp.asarray(seg), one)
+    return batcher.put(jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (batch,) + x.shape[1:]) if x.ndim
+                                    else x, one))
 
 
 def generate_tokens(model: Llama, token_rows: Sequence[Sequence[int]], config: SamplingConfig, stops,
-                    rng=None) -> tuple[list[list[int]], int]:
-    """Generates for one batch of token lists; returns each row's new tokens (stop token removed)."""
-    cfg = model.config
+                    rng=None, mesh=None) -> list[list[int]]:
+    """New tokens (stop token removed) for one batch of prompts given as token lists."""
     graphdef, state = nnx.split(model)
+    batcher = _Batcher(mesh, config.batch_size)
     n = len(token_rows)
-    rows = list(token_rows) + [token_rows[0]] * (config.batch_size - n) if n < config.batch_size else list(token_rows)
-    b = len(rows)
-    shared = _common_prefix(rows) if (config.reuse_prefix and b > 1) else 0
-    shared = min(shared, min(len(r) for r in rows) - 1)  # every row keeps >= 1 own token
-    shared = shared if shared >= MIN_SHARED_PREFIX else 0
-    prefix_len = bucket(shared) if shared else 0
-    suffix_len = bucket(max(len(r) - shared for r in rows))
-    total = prefix_len + suffix_len + config.max_new_tokens
-    cache = KVCache.init(cfg, b, total)
-    if shared:
-        # Prefill the shared prefix once (batch 1, right-padded), then give every row a copy.
-        ids = np.zeros((1, prefix_len), np.int32)
-        seg = np.zeros((1, prefix_len), np.int32)
-        ids[0, :shared], seg[0, :shared] = rows[0][:shared], 1
-        one = KVCache.init(cfg, 1, total)
-        _, one = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(np.arange(prefix_len)[None]),
-                          jnp.asarray(seg), one)
-        cache = jax.tree.map(lambda x: jnp.broadcast_to(x, (b,) + x.shape[1:]) if x.ndim else x, one)
-    ids, seg = _left_pad([r[shared:] for r in rows], suffix_len, 0)
-    positions = np.maximum(np.cumsum(seg, 1) - 1, 0) + shared
-    last, cache = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(seg), cache)
-    rng = jax.random.key(config.seed) if rng is None else rng
+    rows = [list(r) for r in token_rows] + [list(token_rows[0])] * (config.batch_size - n)  # fixed shapes
+    shared = _shared_len(rows, config.reuse_prefix)
+    own_len = bucket(max(len(r) for r in rows) - shared)
+    total = (bucket(shared) if shared else 0) + own_len + config.max_new_tokens
+    cache = _prefill_shared(graphdef, state, model, rows[0][:shared], len(rows), total, batcher)
+    ids, seg, positions = _left_pad([r[shared:] for r in rows], own_len)
+    ids, seg, positions = batcher.put((ids, seg, positions + shared))
+    last, cache = _prefill(graphdef, state, ids, positions, seg, cache)
     params = (jnp.float32(config.temperature), jnp.float32(config.top_p), jnp.int32(config.top_k),
               jnp.asarray(stops, jnp.int32))
-    next_pos = jnp.asarray([len(r) for r in rows], jnp.int32)
+    next_pos = batcher.put(np.asarray([len(r) for r in rows], np.int32))
+    rng = jax.random.key(config.seed) if rng is None else rng
     out, steps = _decode(graphdef, state, cache, last, next_pos, rng, params, config.max_new_tokens,
                          config.top_p < 1.0, config.top_k > 0)
-    out = np.asarray(out)[:n, :int(steps)]
     results = []
-    for row in out:
+    for row in np.asarray(out)[:n, :int(steps)]:
         hits = np.flatnonzero(np.isin(row, stops))
         results.append(row[:hits[0]].tolist() if hits.size else row.tolist())
-    return results, int(steps)
+    return results
 
 
 def _cut_at_stop_strings(text: str, stop_strings) -> str:
@@ -202,29 +234,36 @@ def _cut_at_stop_strings(text: str, stop_strings) -> str:
     return text[:cut]
 
 
+def check_lengths(token_rows, extra: int, context: int, what: str = "prompt") -> None:
+    for i, r in enumerate(token_rows):
+        if not len(r):
+            raise UserError(f"{what} {i} is empty; every {what} needs at least one token")
+        over = len(r) + extra - context
+        if over > 0:
+            more = f" + {extra} new tokens" if extra else ""
+            raise UserError(f"{what} {i} has {len(r)} tokens{more}, {over} more than the model's context of "
+                            f"{context}; shorten it" + (" or lower max_new_tokens" if extra else ""))
+
+
 def generate(model: Llama, tokenizer, prompts: Sequence[str], config: SamplingConfig | None = None,
-             add_special_tokens: bool = True, progress: bool = True, **overrides) -> list[str]:
-    """Completions (strings) for `prompts`, in order. Settings from `config`, overridden by keywords."""
+             add_special_tokens: bool = True, progress: bool = True, mesh=None, **overrides) -> list[str]:
+    """Completions (strings) for `prompts`, in order. Settings from `config`, overridden by keywords.
+
+    Prompts are processed in batches of config.batch_size; a batch's common token prefix is prefilled once.
+    """
     config = dataclasses.replace(config or SamplingConfig(), **overrides)
     stops = config.stop_token_ids or stop_ids(tokenizer, model)
     if not stops:
         raise UserError("no stop token: the tokenizer has no eos token; pass stop_token_ids")
     token_rows = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
-    for i, r in enumerate(token_rows):
-        over = len(r) + config.max_new_tokens - model.config.max_position_embeddings
-        if over > 0:
-            raise UserError(f"prompt {i} has {len(r)} tokens; with max_new_tokens {config.max_new_tokens} it exceeds "
-                            f"the model's context ({model.config.max_position_embeddings}) by {over} tokens; "
-                            "shorten it or lower max_new_tokens")
-        if not r:
-            raise UserError(f"prompt {i} is empty; every prompt needs at least one token")
+    check_lengths(token_rows, config.max_new_tokens, model.config.max_position_embeddings)
     outputs: list[str] = []
     key = jax.random.key(config.seed)
     new_tokens, start = 0, time.perf_counter()
     bar = tqdm(total=len(prompts), desc="generating", unit="prompt", disable=not progress)
     for lo in range(0, len(prompts), config.batch_size):
         key, sub = jax.random.split(key)
-        rows, _ = generate_tokens(model, token_rows[lo:lo + config.batch_size], config, stops, rng=sub)
+        rows = generate_tokens(model, token_rows[lo:lo + config.batch_size], config, stops, rng=sub, mesh=mesh)
         for r in rows:
             text = tokenizer.decode(r, skip_special_tokens=True)
             outputs.append(_cut_at_stop_strings(text, config.stop_strings) if config.stop_strings else text)
@@ -233,3 +272,67 @@ def generate(model: Llama, tokenizer, prompts: Sequence[str], config: SamplingCo
         bar.set_postfix(tok_per_s=f"{new_tokens / (time.perf_counter() - start):.1f}")
     bar.close()
     return outputs
+
+
+# --- log-likelihood scoring ---------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(6,))
+def _score_batch(graphdef, state, ids, positions, seg, targets, cache):
+    """Log-probability of each `targets` token (-1 = not scored) given everything before it."""
+    logits, _ = nnx.merge(graphdef, state)(ids, positions=positions, segment_ids=seg, cache=cache)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(logp, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
+    return jnp.where(targets >= 0, picked, 0.0)
+
+
+def score_tokens(model: Llama, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
+                 batch_size: int = 16, mesh=None, progress: bool = False) -> list[np.ndarray]:
+    """Per-token log-probabilities of each continuation given its context (token lists)."""
+    graphdef, state = nnx.split(model)
+    batcher = _Batcher(mesh, batch_size)
+    out: list[np.ndarray] = []
+    bar = tqdm(total=len(contexts), desc="scoring", unit="row", disable=not progress)
+    for lo in range(0, len(contexts), batch_size):
+        ctx = [list(c) for c in contexts[lo:lo + batch_size]]
+        cont = [list(c) for c in continuations[lo:lo + batch_size]]
+        n = len(ctx)
+        ctx += [ctx[0]] * (batch_size - n)
+        cont += [cont[0]] * (batch_size - n)
+        rows = [c + k for c, k in zip(ctx, cont)]
+        # The last context token must stay in each row's own part: its logits score the first continuation token.
+        shared = _shared_len(rows, True, cap=min(len(c) for c in ctx) - 1)
+        own = [r[shared:] for r in rows]
+        length = bucket(max(map(len, own)))
+        cache = _prefill_shared(graphdef, state, model, rows[0][:shared], batch_size,
+                                (bucket(shared) if shared else 0) + length, batcher)
+        ids, seg, positions = _left_pad(own, length)
+        targets = np.full((batch_size, length), -1, np.int32)
+        for i, k in enumerate(cont):
+            # Column j predicts token j + 1; the continuation occupies the row's last len(k) tokens.
+            targets[i, length - len(k) - 1:length - 1] = k
+        logp = np.asarray(_score_batch(graphdef, state, *batcher.put((ids, positions + shared, seg, targets)), cache))
+        for i, k in enumerate(cont[:n]):
+            out.append(logp[i, length - len(k) - 1:length - 1])
+        bar.update(n)
+    bar.close()
+    return out
+
+
+def score(model: Llama, tokenizer, contexts: Sequence[str], continuations: Sequence[str], batch_size: int = 16,
+          mesh=None, progress: bool = False, per_token: bool = False):
+    """Summed log-probability of each continuation given its context.
+
+    Tokens are tokenizer(context) + tokenizer(continuation), no special tokens added. Rows sharing a
+    context prefix reuse its KV cache. With per_token=True, returns the list of per-token arrays too.
+    """
+    if len(contexts) != len(continuations):
+        raise UserError(f"score: {len(contexts)} contexts but {len(continuations)} continuations")
+    ctx = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in contexts]
+    cont = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
+    check_lengths(ctx, 0, model.config.max_position_embeddings, "context")
+    check_lengths(cont, 0, model.config.max_position_embeddings, "continuation")
+    check_lengths([a + b for a, b in zip(ctx, cont)], 0, model.config.max_position_embeddings, "row")
+    per = score_tokens(model, ctx, cont, batch_size=batch_size, mesh=mesh, progress=progress)
+    sums = np.asarray([p.sum() for p in per], np.float32)
+    return (sums, per) if per_token else sums

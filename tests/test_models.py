@@ -131,3 +131,26 @@ def test_smollm2_export_round_trip(smollm2, tmp_path):
     assert hf_tok(text)["input_ids"] == tokenizer(text)["input_ids"]
     ids = np.asarray([hf_tok(text, add_special_tokens=False)["input_ids"]])
     assert_same_logits(model(jnp.asarray(ids)), torch_logits(hf, ids), atol=ATOL_SMOLLM2)
+
+
+@pytest.mark.slow
+def test_gguf_tokenizer_without_torch_equals_transformers(smollm2):
+    """Our torch-free GGUF tokenizer gives transformers' own GGUF tokenizer's ids, text and chat prompt."""
+    import os
+
+    import transformers
+
+    from soft_jax.models.checkpoint import smollm2_path
+
+    _, ours = smollm2
+    path = smollm2_path()
+    ref = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    texts = ["Hello world", "  leading spaces\tand tabs\n\nnew lines", "Ünïcödé — 漢字 😀",
+             "def f(x):\n    return x**2  # code", "<|im_start|>user\nHi<|im_end|>"]
+    for text in texts:
+        assert ours(text)["input_ids"] == ref(text)["input_ids"]
+        assert ours.decode(ours(text)["input_ids"]) == ref.decode(ref(text)["input_ids"])
+    chat = [{"role": "user", "content": "Hi"}]
+    assert ours.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+        ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert (ours.eos_token, ours.pad_token, len(ours)) == (ref.eos_token, ref.pad_token, len(ref))

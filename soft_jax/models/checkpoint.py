@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from soft_jax import sharding as shd
 from soft_jax.errors import UserError
 from soft_jax.models import safetensors_io
+from soft_jax.models import tokenizer as tokenizer_lib
 from soft_jax.models.config import ModelConfig
 from soft_jax.models.llama import Llama
 
@@ -90,11 +91,7 @@ class HFSource:
         return self.tensors.get(name)
 
     def tokenizer(self):
-        from transformers import AutoTokenizer
-
-        has_tok = any(os.path.exists(os.path.join(self.path, f)) for f in
-                      ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json"))
-        return AutoTokenizer.from_pretrained(self.path) if has_tok else None
+        return tokenizer_lib.from_hf_dir(self.path)
 
 
 class GGUFSource:
@@ -178,14 +175,8 @@ class GGUFSource:
         return f"blk.{parts[2]}.{module}.{parts[-1]}" if module else None
 
     def tokenizer(self):
-        from transformers import AutoTokenizer
-
-        try:
-            return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(self.path)),
-                                                 gguf_file=os.path.basename(self.path))
-        except Exception as e:  # transformers raises many types for tokenizers it cannot build
-            raise UserError(f"{self.path}: cannot build a tokenizer from the GGUF metadata ({e}); "
-                            "pass an HF checkpoint directory with tokenizer files instead") from None
+        fields = {k: f.contents() for k, f in self.reader.fields.items() if k.startswith("tokenizer.")}
+        return tokenizer_lib.from_gguf(self.path, {**self.fields, **fields})
 
 
 def smollm2_path() -> str:
