@@ -257,6 +257,8 @@ def generate(model: Llama, tokenizer, prompts: Sequence[str], config: SamplingCo
         raise UserError("no stop token: the tokenizer has no eos token; pass stop_token_ids")
     token_rows = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
     check_lengths(token_rows, config.max_new_tokens, model.config.max_position_embeddings)
+    if mesh is None:  # no padding rows for short lists; a mesh keeps the divisible batch size
+        config = dataclasses.replace(config, batch_size=min(config.batch_size, len(token_rows)))
     outputs: list[str] = []
     key = jax.random.key(config.seed)
     new_tokens, start = 0, time.perf_counter()
@@ -277,7 +279,7 @@ def generate(model: Llama, tokenizer, prompts: Sequence[str], config: SamplingCo
 # --- log-likelihood scoring ---------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(6,))
+@functools.partial(jax.jit, static_argnums=(0,))
 def _score_batch(graphdef, state, ids, positions, seg, targets, cache):
     """Log-probability of each `targets` token (-1 = not scored) given everything before it."""
     logits, _ = nnx.merge(graphdef, state)(ids, positions=positions, segment_ids=seg, cache=cache)
@@ -333,6 +335,7 @@ def score(model: Llama, tokenizer, contexts: Sequence[str], continuations: Seque
     check_lengths(ctx, 0, model.config.max_position_embeddings, "context")
     check_lengths(cont, 0, model.config.max_position_embeddings, "continuation")
     check_lengths([a + b for a, b in zip(ctx, cont)], 0, model.config.max_position_embeddings, "row")
+    batch_size = batch_size if mesh is not None else min(batch_size, len(ctx))
     per = score_tokens(model, ctx, cont, batch_size=batch_size, mesh=mesh, progress=progress)
     sums = np.asarray([p.sum() for p in per], np.float32)
     return (sums, per) if per_token else sums

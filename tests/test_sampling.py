@@ -1,0 +1,239 @@
+"""Generation and scoring: equal to transformers, cache/prefix/batch invariances, sampling statistics."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import run_cli, torch_logits
+
+from soft_jax import models, sampling
+from soft_jax.sampling import SamplingConfig
+
+EOS = 2
+
+
+def prompts_with_shared_prefix(vocab, n=3, prefix=40, seed=0):
+    """Rows sharing a 40-token prefix (long enough to be prefilled once) with own suffixes of varied length."""
+    rng = np.random.default_rng(seed)
+    head = rng.integers(3, vocab, size=prefix).tolist()
+    return [head + rng.integers(3, vocab, size=int(k)).tolist() for k in rng.integers(1, 12, size=n)]
+
+
+def hf_greedy(hf, row, max_new_tokens):
+    import torch
+
+    with torch.no_grad():
+        out = hf.generate(torch.as_tensor([row]), attention_mask=torch.ones(1, len(row), dtype=torch.long),
+                          max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=EOS, pad_token_id=0)
+    new = out[0, len(row):].tolist()
+    return new[:new.index(EOS)] if EOS in new else new
+
+
+def test_greedy_matches_transformers_generate(tiny_hf):
+    kind, path, hf = tiny_hf
+    model, _ = models.load(path, progress=False)
+    rows = prompts_with_shared_prefix(hf.config.vocab_size) + [[5, 6, 7]]
+    ours = sampling.generate_tokens(model, rows, SamplingConfig(max_new_tokens=24, batch_size=4), (EOS,))
+    for row, got in zip(rows, ours):
+        assert got == hf_greedy(hf, row, 24)
+
+
+def test_prefix_reuse_and_batch_do_not_change_greedy_outputs(tiny_hf):
+    kind, path, hf = tiny_hf
+    model, _ = models.load(path, progress=False)
+    rows = prompts_with_shared_prefix(hf.config.vocab_size, n=4, seed=1)
+    config = SamplingConfig(max_new_tokens=16, batch_size=4)
+    reused = sampling.generate_tokens(model, rows, config, (EOS,))
+    plain = sampling.generate_tokens(model, rows, SamplingConfig(max_new_tokens=16, batch_size=4,
+                                                                 reuse_prefix=False), (EOS,))
+    alone = [sampling.generate_tokens(model, [r], SamplingConfig(max_new_tokens=16, batch_size=1), (EOS,))[0]
+             for r in rows]
+    assert reused == plain == alone
+
+
+def test_cached_decoding_equals_full_forward(tiny_hf):
+    kind, path, hf = tiny_hf
+    model, _ = models.load(path, progress=False)
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, hf.config.vocab_size, size=(2, 20)))
+    full = np.asarray(model(ids))
+    cache = models.KVCache.init(model.config, 2, 32)
+    logits, cache = model(ids[:, :12], cache=cache)
+    np.testing.assert_allclose(np.asarray(logits), full[:, :12], atol=1e-5)
+    for t in range(12, 20):
+        logits, cache = model(ids[:, t:t + 1], cache=cache)
+        np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, t], atol=1e-5)
+
+
+def test_top_k_and_top_p_keep_exactly_the_right_tokens():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(64, 50)).astype(np.float32) * 3
+    kept_k = np.isfinite(np.asarray(sampling.filter_logits(jnp.asarray(logits), 1.0, 1.0, 5, use_top_p=False,
+                                                           use_top_k=True)))
+    np.testing.assert_array_equal(kept_k, logits >= np.sort(logits, axis=-1)[:, -5:-4])
+    for top_p in (0.3, 0.8, 0.95):
+        kept = np.isfinite(np.asarray(sampling.filter_logits(jnp.asarray(logits), 0.7, top_p, 0, use_top_p=True,
+                                                             use_top_k=False)))
+        scaled = logits / 0.7
+        probs = np.exp(scaled - scaled.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        order = np.argsort(-probs, axis=-1)
+        for row in range(len(logits)):
+            mass = np.cumsum(probs[row, order[row]])
+            n = int(np.searchsorted(mass, top_p) + 1)  # smallest prefix whose mass reaches top_p
+            assert set(np.flatnonzero(kept[row])) == set(order[row, :n].tolist())
+
+
+def test_sampling_frequencies_match_the_renormalised_distribution():
+    logits = jnp.asarray([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0]])
+    temperature, top_p, top_k = 0.7, 0.9, 6
+    keys = jax.random.split(jax.random.key(0), 40000)
+    draw = jax.jit(jax.vmap(lambda k: sampling.sample_token(logits, k, temperature, top_p, top_k, use_top_p=True,
+                                                            use_top_k=True)[0]))
+    samples = np.asarray(draw(keys))
+    # Expected: temperature, keep the top 6, then the nucleus of mass 0.9, renormalise.
+    p = np.exp(np.asarray(logits[0]) / temperature)
+    p[np.argsort(-p)[top_k:]] = 0
+    p /= p.sum()
+    order = np.argsort(-p)
+    n = int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)
+    expected = np.zeros_like(p)
+    expected[order[:n]] = p[order[:n]] / p[order[:n]].sum()
+    counts = np.bincount(samples, minlength=len(p))
+    assert counts[expected == 0].sum() == 0  # never a token outside the nucleus
+    freq = counts / counts.sum()
+    # 40k draws: the standard error of each frequency is below 0.0025; allow 4 of them.
+    assert np.abs(freq - expected).max() < 0.01, (freq, expected)
+    greedy = sampling.sample_token(logits, keys[0], 0.0, 1.0, 0, use_top_p=False, use_top_k=False)
+    assert int(greedy[0]) == 0
+
+
+def test_seeded_sampling_is_reproducible(tiny_hf):
+    kind, path, hf = tiny_hf
+    model, _ = models.load(path, progress=False)
+    rows = prompts_with_shared_prefix(hf.config.vocab_size, n=2, seed=4)
+    config = SamplingConfig(max_new_tokens=20, temperature=1.0, top_p=0.95, batch_size=2, seed=7)
+    a = sampling.generate_tokens(model, rows, config, (EOS,), rng=jax.random.key(7))
+    b = sampling.generate_tokens(model, rows, config, (EOS,), rng=jax.random.key(7))
+    c = sampling.generate_tokens(model, rows, config, (EOS,), rng=jax.random.key(8))
+    assert a == b and a != c
+
+
+def test_scores_match_transformers_log_probabilities(tiny_hf):
+    import torch
+
+    kind, path, hf = tiny_hf
+    model, _ = models.load(path, progress=False)
+    rng = np.random.default_rng(5)
+    question = rng.integers(3, hf.config.vocab_size, size=45).tolist()
+    contexts = [question, question, question, rng.integers(3, hf.config.vocab_size, size=7).tolist()]
+    continuations = [rng.integers(3, hf.config.vocab_size, size=int(k)).tolist() for k in (1, 5, 9, 3)]
+    ours = sampling.score_tokens(model, contexts, continuations, batch_size=4)
+    for ctx, cont, got in zip(contexts, continuations, ours):
+        logp = torch.log_softmax(torch.as_tensor(torch_logits(hf, [ctx + cont])[0]), -1).numpy()
+        ref = [logp[len(ctx) - 1 + i, t] for i, t in enumerate(cont)]
+        np.testing.assert_allclose(got, ref, atol=1e-4)
+
+
+MESH_SCRIPT = r"""
+import json, sys
+import jax
+from soft_jax import models, sampling, sharding
+rows = json.loads(sys.argv[2])
+mesh = sharding.make_mesh((2, 2, 2)) if sys.argv[3] == "mesh" else None
+model, _ = models.load(sys.argv[1], mesh=mesh, progress=False)
+config = sampling.SamplingConfig(max_new_tokens=12, batch_size=4)
+out = sampling.generate_tokens(model, rows, config, (2,), mesh=mesh)
+scores = sampling.score_tokens(model, rows, [[5, 6, 7]] * len(rows), batch_size=4, mesh=mesh)
+print(json.dumps({"devices": len(jax.devices()), "tokens": out, "scores": [s.tolist() for s in scores]}))
+"""
+
+
+def test_mesh_of_8_cpu_devices_gives_the_same_greedy_outputs(tiny_hf):
+    kind, path, hf = tiny_hf
+    rows = prompts_with_shared_prefix(hf.config.vocab_size, n=4, seed=6)
+    results = {}
+    for mode in ("single", "mesh"):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+        proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT, path, json.dumps(rows), mode], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results["mesh"]["devices"] == 8
+    assert results["mesh"]["tokens"] == results["single"]["tokens"]
+    np.testing.assert_allclose(results["mesh"]["scores"], results["single"]["scores"], atol=1e-5)
+
+
+def test_mesh_and_batch_that_do_not_divide_are_refused(tiny_llama):
+    import types
+
+    from soft_jax import sharding
+    from soft_jax.errors import UserError
+
+    model, _ = models.load(tiny_llama, progress=False)
+    mesh = sharding.make_mesh((1, 1, -1))
+    assert sampling.generate_tokens(model, [[5, 6]], SamplingConfig(max_new_tokens=2, batch_size=1), (2,), mesh=mesh)
+    with pytest.raises(UserError, match="does not divide the 1 devices"):
+        sharding.make_mesh((2, 1, 1))
+    with pytest.raises(UserError, match="batch size 3 is not divisible by the mesh's data axes"):
+        sampling._Batcher(types.SimpleNamespace(shape={"data": 2, "fsdp": 1, "tensor": 1}), 3)
+
+
+# --- SmolLM2 and the command line -----------------------------------------------------------------
+
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
+             "Explain why the sky is blue in one sentence.", "List three prime numbers.",
+             "How do I reverse a list in Python?"]
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_equals_transformers_generate(smollm2, smollm2_hf):
+    import torch
+
+    model, tok = smollm2
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+               for q in QUESTIONS]
+    ours = sampling.generate(model, tok, prompts, max_new_tokens=48, batch_size=8, add_special_tokens=False,
+                             progress=False)
+    for prompt, got in zip(prompts, ours):
+        ids = tok(prompt, add_special_tokens=False, return_tensors="pt")
+        with torch.no_grad():
+            out = smollm2_hf.generate(**ids, max_new_tokens=48, do_sample=False)
+        assert got == tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.slow
+def test_generate_cli_writes_jsonl(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": q}) + "\n" for i, q in enumerate(QUESTIONS[:2])))
+    out = tmp_path / "out.jsonl"
+    proc = run_cli("generate", "--model", "smollm2-135m", "--prompts", str(prompts), "--out", str(out),
+                   "--max-new-tokens", "16")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["q0", "q1"] and "Paris" in rows[0]["completion"]
+
+
+@pytest.mark.slow
+def test_generate_cli_prompt_longer_than_context(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "short"}) + "\n" + json.dumps({"prompt": "word " * 9000}) + "\n")
+    proc = run_cli("generate", "--model", "smollm2-135m", "--prompts", str(prompts), "--out", str(tmp_path / "o"),
+                   "--no-chat")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "prompt 1 has" in proc.stderr and "more than the model's context of 8192" in proc.stderr
+    assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.mark.parametrize("content, needle", [("", "has no rows"), ('{"prompt": "a"}\n{"prompt": \n', ":2: malformed JSON"),
+                                             ('{"text": "a"}\n', ":1: missing key(s) prompt")])
+def test_generate_cli_bad_prompt_files(tmp_path, content, needle):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(content)
+    proc = run_cli("generate", "--model", "smollm2-135m", "--prompts", str(prompts), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
