@@ -160,10 +160,11 @@ def _left_pad(rows, length):
 
 
 class _Batcher:
-    """Places host batches on devices: rows split over the mesh's data axes, or on one device."""
+    """Places host arrays on devices: batch-sized arrays split over the mesh's data axes, the rest
+    (a shared prefix, scalars) replicated; without a mesh, on the default device."""
 
     def __init__(self, mesh, batch_size: int):
-        self.mesh = mesh
+        self.mesh, self.batch_size = mesh, batch_size
         if mesh is not None:
             data = mesh.shape["data"] * mesh.shape["fsdp"]
             if batch_size % data:
@@ -173,9 +174,10 @@ class _Batcher:
     def put(self, tree):
         if self.mesh is None:
             return jax.tree.map(jnp.asarray, tree)
-        batch = NamedSharding(self.mesh, PartitionSpec(("data", "fsdp")))
-        return jax.tree.map(lambda x: jax.device_put(x, batch if np.ndim(x) else NamedSharding(
-            self.mesh, PartitionSpec())), tree)
+        split = NamedSharding(self.mesh, PartitionSpec(("data", "fsdp")))
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        return jax.tree.map(lambda x: jax.device_put(
+            x, split if np.ndim(x) and np.shape(x)[0] == self.batch_size else replicated), tree)
 
 
 def _shared_len(rows, reuse: bool, cap: int | None = None) -> int:
@@ -188,18 +190,24 @@ def _shared_len(rows, reuse: bool, cap: int | None = None) -> int:
     return n if n >= MIN_SHARED_PREFIX else 0
 
 
-def _prefill_shared(graphdef, state, model, prefix, batch, total, batcher):
-    """A `total`-slot cache for `batch` rows holding `prefix`, prefilled once at batch 1 and copied."""
-    if not len(prefix):
-        return batcher.put(KVCache.init(model.config, batch, total))
-    length = bucket(len(prefix))
-    ids = np.zeros((1, length), np.int32)
-    seg = np.zeros((1, length), np.int32)
-    ids[0, :len(prefix)], seg[0, :len(prefix)] = prefix, 1
-    one = KVCache.init(model.config, 1, total)
-    _, one = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(np.arange(length)[None]), jnp.asarray(seg), one)
-    return batcher.put(jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (batch,) + x.shape[1:]) if x.ndim
-                                    else x, one))
+def bucket_prefix(n: int) -> int:
+    """Shared prefixes are long and vary little: pad to a multiple of 64, not to a power of two."""
+    return -(-n // 64) * 64
+
+
+def _prefill_shared(graphdef, state, model, prefix, batch, length, batcher):
+    """A cache of `length` own slots per row, after `prefix` (if any) prefilled once at batch 1."""
+    shared = None
+    if len(prefix):
+        padded = bucket_prefix(len(prefix))
+        ids = np.zeros((1, padded), np.int32)
+        seg = np.zeros((1, padded), np.int32)
+        ids[0, :len(prefix)], seg[0, :len(prefix)] = prefix, 1
+        one = KVCache.init(model.config, 1, padded)
+        _, one = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(np.arange(padded)[None]), jnp.asarray(seg),
+                          one)
+        shared = one.as_prefix()
+    return batcher.put(KVCache.init(model.config, batch, length, prefix=shared))
 
 
 def generate_tokens(model: Llama, token_rows: Sequence[Sequence[int]], config: SamplingConfig, stops,
@@ -211,8 +219,8 @@ def generate_tokens(model: Llama, token_rows: Sequence[Sequence[int]], config: S
     rows = [list(r) for r in token_rows] + [list(token_rows[0])] * (config.batch_size - n)  # fixed shapes
     shared = _shared_len(rows, config.reuse_prefix)
     own_len = bucket(max(len(r) for r in rows) - shared)
-    total = (bucket(shared) if shared else 0) + own_len + config.max_new_tokens
-    cache = _prefill_shared(graphdef, state, model, rows[0][:shared], len(rows), total, batcher)
+    cache = _prefill_shared(graphdef, state, model, rows[0][:shared], len(rows), own_len + config.max_new_tokens,
+                            batcher)
     ids, seg, positions = _left_pad([r[shared:] for r in rows], own_len)
     ids, seg, positions = batcher.put((ids, seg, positions + shared))
     last, cache = _prefill(graphdef, state, ids, positions, seg, cache)
@@ -306,8 +314,7 @@ def score_tokens(model: Llama, contexts: Sequence[Sequence[int]], continuations:
         shared = _shared_len(rows, True, cap=min(len(c) for c in ctx) - 1)
         own = [r[shared:] for r in rows]
         length = bucket(max(map(len, own)))
-        cache = _prefill_shared(graphdef, state, model, rows[0][:shared], batch_size,
-                                (bucket(shared) if shared else 0) + length, batcher)
+        cache = _prefill_shared(graphdef, state, model, rows[0][:shared], batch_size, length, batcher)
         ids, seg, positions = _left_pad(own, length)
         targets = np.full((batch_size, length), -1, np.int32)
         for i, k in enumerate(cont):

@@ -60,11 +60,26 @@ def apply_rope(x, positions, inv_freq):
 
 
 @struct.dataclass
+class SharedPrefix:
+    """Keys and values of a prefix every row shares (the principles + exemplars), stored once.
+
+    k, v: per layer [1, P, KV_HEADS, D]; positions, segment_ids: [1, P] (segment 0 = padding).
+    Every row attends to it as if it were its own first P tokens, without P x batch copies in memory.
+    """
+
+    k: tuple
+    v: tuple
+    positions: jax.Array
+    segment_ids: jax.Array
+
+
+@struct.dataclass
 class KVCache:
     """Preallocated keys and values for every layer, plus each slot's position and segment.
 
     k, v: per layer [B, S, KV_HEADS, D]; positions, segment_ids: [B, S] (segment 0 = empty slot);
-    index: the next slot to write (a scalar, the same for every row).
+    index: the next slot to write (a scalar, the same for every row); prefix: an optional SharedPrefix
+    that precedes every row's own slots.
     """
 
     k: tuple
@@ -72,15 +87,21 @@ class KVCache:
     positions: jax.Array
     segment_ids: jax.Array
     index: jax.Array
+    prefix: SharedPrefix | None = None
 
     @classmethod
-    def init(cls, cfg: ModelConfig, batch: int, length: int, dtype=None) -> "KVCache":
+    def init(cls, cfg: ModelConfig, batch: int, length: int, dtype=None, prefix: SharedPrefix | None = None):
         dtype = jnp.dtype(dtype or cfg.dtype)
         shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-        return cls(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+        return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+                   v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
                    positions=jnp.zeros((batch, length), jnp.int32),
-                   segment_ids=jnp.zeros((batch, length), jnp.int32), index=jnp.zeros((), jnp.int32))
+                   segment_ids=jnp.zeros((batch, length), jnp.int32), index=jnp.zeros((), jnp.int32),
+                   prefix=prefix)
+
+    def as_prefix(self) -> SharedPrefix:
+        """This (batch-1) cache's filled slots as a SharedPrefix."""
+        return SharedPrefix(k=self.k, v=self.v, positions=self.positions, segment_ids=self.segment_ids)
 
     @property
     def length(self) -> int:
@@ -106,8 +127,9 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
         self.window = cfg.sliding_window
 
-    def __call__(self, x, positions, segment_ids, inv_freq, kv=None):
-        """kv: None, or (k_cache, v_cache, cache_positions, cache_segments, index) for this layer."""
+    def __call__(self, x, positions, segment_ids, inv_freq, kv=None, prefix=None):
+        """kv: None, or (k_cache, v_cache, cache_positions, cache_segments, index) for this layer;
+        prefix: None, or (k, v, positions, segment_ids) of a shared batch-1 prefix for this layer."""
         b, t, _ = x.shape
         g = self.num_heads // self.num_kv_heads
         q = apply_rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), positions, inv_freq)
@@ -119,15 +141,29 @@ class Attention(nnx.Module):
             k_cache, v_cache, k_pos, k_seg, index = kv
             keys = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
             values = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-        mask = attention_mask(positions, segment_ids, k_pos, k_seg, self.window)
         q = q.reshape(b, t, self.num_kv_heads, g, self.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
-        scores = scores * (self.head_dim ** -0.5)
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        scores = self._scores(q, keys, positions, segment_ids, k_pos, k_seg, "bskd")
+        if prefix is not None:  # the shared prefix's keys have batch 1: one copy serves every row
+            pk, pv, p_pos, p_seg = prefix
+            p_scores = self._scores(q, pk[0], positions, segment_ids, jnp.broadcast_to(p_pos, (b, p_pos.shape[1])),
+                                    jnp.broadcast_to(p_seg, (b, p_seg.shape[1])), "skd")
+            scores = jnp.concatenate([p_scores, scores], axis=-1)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(q.dtype))
+        if prefix is not None:
+            n = pk.shape[1]
+            out = jnp.einsum("bkgts,skd->btkgd", probs[..., :n], pv[0].astype(q.dtype))
+            out += jnp.einsum("bkgts,bskd->btkgd", probs[..., n:], values.astype(q.dtype))
+        else:
+            out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(q.dtype))
         out = self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
         return out, (keys, values)
+
+    def _scores(self, q, keys, q_pos, q_seg, k_pos, k_seg, key_layout):
+        """Masked float32 attention scores [B, KV_HEADS, G, T, S]."""
+        scores = jnp.einsum(f"btkgd,{key_layout}->bkgts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
+        scores = scores * (self.head_dim ** -0.5)
+        mask = attention_mask(q_pos, q_seg, k_pos, k_seg, self.window)
+        return jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
 
 
 class MLP(nnx.Module):
@@ -148,8 +184,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg=cfg)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, segment_ids, inv_freq, kv=None):
-        h, new_kv = self.self_attn(self.input_layernorm(x), positions, segment_ids, inv_freq, kv)
+    def __call__(self, x, positions, segment_ids, inv_freq, kv=None, prefix=None):
+        h, new_kv = self.self_attn(self.input_layernorm(x), positions, segment_ids, inv_freq, kv, prefix)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), new_kv
 
@@ -193,9 +229,11 @@ class Llama(nnx.Module):
             k_pos = jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32), (0, cache.index))
             k_seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
                                                  (0, cache.index))
+        shared = None if cache is None else cache.prefix
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i], k_pos, k_seg, cache.index)
-            x, (k, v) = layer(x, positions, segment_ids, inv_freq, kv)
+            prefix = None if shared is None else (shared.k[i], shared.v[i], shared.positions, shared.segment_ids)
+            x, (k, v) = layer(x, positions, segment_ids, inv_freq, kv, prefix)
             new_k.append(k)
             new_v.append(v)
         x = self.norm(x[:, -1:] if last_only else x)
@@ -207,7 +245,7 @@ class Llama(nnx.Module):
         if cache is None:
             return logits
         return logits, KVCache(k=tuple(new_k), v=tuple(new_v), positions=k_pos, segment_ids=k_seg,
-                               index=cache.index + t)
+                               index=cache.index + t, prefix=cache.prefix)
 
 
 def default_positions(segment_ids, cache=None):
@@ -216,6 +254,8 @@ def default_positions(segment_ids, cache=None):
     positions = jnp.maximum(jnp.cumsum(real, axis=1) - 1, 0)
     if cache is not None:
         positions = positions + jnp.sum(cache.segment_ids != 0, axis=1, keepdims=True)
+        if cache.prefix is not None:
+            positions = positions + jnp.sum(cache.prefix.segment_ids != 0, axis=1, keepdims=True)
     return positions
 
 

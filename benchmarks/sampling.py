@@ -1,0 +1,108 @@
+"""SOFT generation workload: soft-jax vs transformers `generate`, same weights and batch, one process.
+
+SmolLM2-135M, float32, CPU; 16 prompts sharing a ~1,000-token principles + exemplars prefix; 64 new
+tokens each (stop tokens ignored so both do the same work); temperature 0.7, top-p 0.95.
+Prints tokens/s of both and the ratio, then soft-jax decode-only tokens/s at batch 1 and 16.
+
+    python benchmarks/sampling.py [--new-tokens 64] [--batch 16] [--prefix-tokens 1000]
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import soft_prompts  # noqa: E402
+
+from soft_jax import models, sampling  # noqa: E402
+from soft_jax.models.checkpoint import smollm2_path  # noqa: E402
+
+NEVER = (-1,)  # a stop id no token has: every row generates exactly max_new_tokens
+
+
+def time_ours(model, tok, prompts, new_tokens, batch):
+    config = sampling.SamplingConfig(max_new_tokens=new_tokens, temperature=0.7, top_p=0.95, batch_size=batch,
+                                     stop_token_ids=NEVER)
+    rows = [tok(p)["input_ids"] for p in prompts]
+    sampling.generate_tokens(model, rows, config, NEVER)  # compile
+    start = time.perf_counter()
+    out = sampling.generate_tokens(model, rows, config, NEVER, rng=jax.random.key(1))
+    seconds = time.perf_counter() - start
+    assert all(len(r) == new_tokens for r in out)
+    return len(rows) * new_tokens / seconds, seconds
+
+
+def time_hf(tok, prompts, new_tokens):
+    import torch
+    import transformers
+
+    path = smollm2_path()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                           dtype=torch.float32).eval()
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True, temperature=0.7, top_p=0.95,
+              pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        hf.generate(**{k: v[:2] for k, v in enc.items()}, **dict(kw, max_new_tokens=4, min_new_tokens=4))  # warm up
+        start = time.perf_counter()
+        out = hf.generate(**enc, **kw)
+        seconds = time.perf_counter() - start
+    assert out.shape[1] - enc["input_ids"].shape[1] == new_tokens
+    return len(prompts) * new_tokens / seconds, seconds
+
+
+def decode_only(model, batch, new_tokens, prompt_len=64):
+    """Tokens/s of the jitted decode loop alone (prefill excluded), after compiling."""
+    graphdef, state = jax.tree.map(lambda x: x, sampling.nnx.split(model))
+    cfg = model.config
+    rows = np.random.default_rng(0).integers(100, 1000, size=(batch, prompt_len)).astype(np.int32)
+    params = (jnp.float32(0.7), jnp.float32(0.95), jnp.int32(0), jnp.asarray(NEVER, jnp.int32))
+
+    def run():
+        cache = models.KVCache.init(cfg, batch, prompt_len + new_tokens)
+        seg = jnp.ones((batch, prompt_len), jnp.int32)
+        pos = jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len))
+        last, cache = sampling._prefill(graphdef, state, jnp.asarray(rows), pos, seg, cache)
+        jax.block_until_ready(last)
+        start = time.perf_counter()
+        out, _ = sampling._decode(graphdef, state, cache, last, jnp.full((batch,), prompt_len, jnp.int32),
+                                  jax.random.key(0), params, new_tokens, True, False)
+        jax.block_until_ready(out)
+        return time.perf_counter() - start
+
+    run()
+    return batch * new_tokens / run()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--prefix-tokens", type=int, default=1000)
+    parser.add_argument("--skip-hf", action="store_true")
+    args = parser.parse_args()
+
+    model, tok = models.load("smollm2-135m", progress=False)
+    prompts = soft_prompts(args.batch, args.prefix_tokens, tok)
+    lengths = [len(tok(p)["input_ids"]) for p in prompts]
+    print(f"device: {jax.devices()[0].device_kind}; {len(prompts)} prompts of {min(lengths)}-{max(lengths)} tokens, "
+          f"shared prefix {sampling._common_prefix([tok(p)['input_ids'] for p in prompts])} tokens; "
+          f"{args.new_tokens} new tokens each; float32")
+    ours, ours_s = time_ours(model, tok, prompts, args.new_tokens, args.batch)
+    print(f"soft-jax      {ours:8.1f} tokens/s  ({ours_s:.2f} s)")
+    if not args.skip_hf:
+        ref, ref_s = time_hf(tok, prompts, args.new_tokens)
+        print(f"transformers  {ref:8.1f} tokens/s  ({ref_s:.2f} s)")
+        print(f"ratio soft-jax / transformers: {ours / ref:.2f}x")
+    for b in (1, args.batch):
+        print(f"soft-jax decode only, batch {b:2d}: {decode_only(model, b, args.new_tokens):8.1f} tokens/s")
+
+
+if __name__ == "__main__":
+    main()
