@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 MIN_BUCKET = 16
 MIN_SHARED_PREFIX = 32  # shorter common prefixes are not worth a separate prefill
+CANDIDATES = 256  # top-k / top-p thresholds are searched among this many largest logits first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,23 +76,57 @@ def _prefill(graphdef, state, ids, positions, segment_ids, cache):
     return logits[:, -1], cache
 
 
+def _threshold(sorted_desc, log_norm, top_p, top_k, use_top_p: bool, use_top_k: bool):
+    """The smallest kept logit per row, from the row's largest logits in descending order.
+
+    log_norm: the log-partition of the distribution top-p mass is measured on (top-k applied)."""
+    threshold = jnp.full(sorted_desc.shape[:1] + (1,), -jnp.inf)
+    if use_top_k:
+        k = jnp.clip(top_k, 1, sorted_desc.shape[-1])
+        threshold = jax.lax.dynamic_slice_in_dim(sorted_desc, k - 1, 1, axis=-1)
+        sorted_desc = jnp.where(sorted_desc >= threshold, sorted_desc, -jnp.inf)
+    if use_top_p:
+        probs = jnp.exp(sorted_desc - log_norm)
+        # Keep the smallest prefix of the sorted tokens whose mass reaches top_p (always the top one).
+        before = jnp.cumsum(probs, axis=-1) - probs
+        kept = jnp.where(before < top_p, sorted_desc, jnp.inf)
+        threshold = jnp.maximum(threshold, jnp.min(kept, axis=-1, keepdims=True))
+    return threshold
+
+
 def filter_logits(logits, temperature, top_p, top_k, *, use_top_p: bool, use_top_k: bool):
-    """Temperature, then top-k, then nucleus (top-p) filtering; filtered entries become -inf."""
+    """Temperature, then top-k, then nucleus (top-p) filtering; filtered entries become -inf.
+
+    Exact, but fast: the threshold is found among the CANDIDATES largest logits (`lax.top_k`), and
+    only when the top-k or the nucleus reaches past them does it fall back to sorting the vocabulary.
+    """
     logits = logits / jnp.maximum(temperature, 1e-6)
     if not (use_top_p or use_top_k):
         return logits
-    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-    threshold = jnp.full(logits.shape[:1] + (1,), -jnp.inf)
+    vocab = logits.shape[-1]
+    top = jax.lax.top_k(logits, min(CANDIDATES, vocab))[0]
     if use_top_k:
-        k = jnp.clip(top_k, 1, logits.shape[-1])
-        threshold = jnp.maximum(threshold, jax.lax.dynamic_slice_in_dim(sorted_logits, k - 1, 1, axis=-1))
-        sorted_logits = jnp.where(sorted_logits >= threshold, sorted_logits, -jnp.inf)
+        masked = jnp.where(top >= jax.lax.dynamic_slice_in_dim(top, jnp.clip(top_k, 1, top.shape[-1]) - 1, 1, -1),
+                           top, -jnp.inf)
+        log_norm = jax.nn.logsumexp(masked, axis=-1, keepdims=True)
+    else:
+        log_norm = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    covered = jnp.bool_(True)
+    if use_top_k:
+        covered &= top_k <= top.shape[-1]
     if use_top_p:
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        # Keep the smallest prefix of the sorted tokens whose mass reaches top_p (always the top one).
-        before = jnp.cumsum(probs, axis=-1) - probs
-        kept = jnp.where(before < top_p, sorted_logits, jnp.inf)
-        threshold = jnp.maximum(threshold, jnp.min(kept, axis=-1, keepdims=True))
+        covered &= jnp.all(jnp.sum(jnp.exp(top - log_norm), axis=-1) >= top_p)
+
+    def full_sort():
+        ranked = jnp.sort(logits, axis=-1)[:, ::-1]
+        norm = log_norm
+        if use_top_k:
+            kth = jax.lax.dynamic_slice_in_dim(ranked, jnp.clip(top_k, 1, vocab) - 1, 1, axis=-1)
+            norm = jax.nn.logsumexp(jnp.where(ranked >= kth, ranked, -jnp.inf), axis=-1, keepdims=True)
+        return _threshold(ranked, norm, top_p, top_k, use_top_p, use_top_k)
+
+    threshold = jax.lax.cond(covered, lambda: _threshold(top, log_norm, top_p, top_k, use_top_p, use_top_k),
+                             full_sort)
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 

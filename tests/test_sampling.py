@@ -69,12 +69,14 @@ def test_cached_decoding_equals_full_forward(tiny_hf):
         np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, t], atol=1e-5)
 
 
-def test_top_k_and_top_p_keep_exactly_the_right_tokens():
+@pytest.mark.parametrize("vocab, scale", [(50, 3.0), (3000, 6.0), (3000, 0.05)])  # nucleus within / beyond candidates
+def test_top_k_and_top_p_keep_exactly_the_right_tokens(vocab, scale):
     rng = np.random.default_rng(3)
-    logits = rng.normal(size=(64, 50)).astype(np.float32) * 3
-    kept_k = np.isfinite(np.asarray(sampling.filter_logits(jnp.asarray(logits), 1.0, 1.0, 5, use_top_p=False,
-                                                           use_top_k=True)))
-    np.testing.assert_array_equal(kept_k, logits >= np.sort(logits, axis=-1)[:, -5:-4])
+    logits = rng.normal(size=(64, vocab)).astype(np.float32) * scale
+    for k in (5, sampling.CANDIDATES + 100):
+        kept_k = np.isfinite(np.asarray(sampling.filter_logits(jnp.asarray(logits), 1.0, 1.0, k, use_top_p=False,
+                                                               use_top_k=True)))
+        np.testing.assert_array_equal(kept_k, logits >= np.sort(logits, axis=-1)[:, -min(k, vocab)][:, None])
     for top_p in (0.3, 0.8, 0.95):
         kept = np.isfinite(np.asarray(sampling.filter_logits(jnp.asarray(logits), 0.7, top_p, 0, use_top_p=True,
                                                              use_top_k=False)))
