@@ -59,7 +59,7 @@ def time_hf(tok, prompts, new_tokens):
 
 def decode_only(model, batch, new_tokens, prompt_len=64):
     """Tokens/s of the jitted decode loop alone (prefill excluded), after compiling."""
-    graphdef, state = jax.tree.map(lambda x: x, sampling.nnx.split(model))
+    graphdef, state = sampling.nnx.split(model)
     cfg = model.config
     rows = np.random.default_rng(0).integers(100, 1000, size=(batch, prompt_len)).astype(np.int32)
     params = (jnp.float32(0.7), jnp.float32(0.95), jnp.int32(0), jnp.asarray(NEVER, jnp.int32))
@@ -70,10 +70,12 @@ def decode_only(model, batch, new_tokens, prompt_len=64):
         pos = jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len))
         last, cache = sampling._prefill(graphdef, state, jnp.asarray(rows), pos, seg, cache)
         jax.block_until_ready(last)
+        ds = sampling.DecodeState(step=jnp.int32(0), cache=cache, logits=last, done=jnp.zeros((batch,), bool),
+                                  out=jnp.full((batch, new_tokens), -1, jnp.int32), rng=jax.random.key(0))
         start = time.perf_counter()
-        out, _ = sampling._decode(graphdef, state, cache, last, jnp.full((batch,), prompt_len, jnp.int32),
-                                  jax.random.key(0), params, new_tokens, True, False)
-        jax.block_until_ready(out)
+        ds = sampling._decode(graphdef, state, ds, jnp.full((batch,), prompt_len, jnp.int32), params,
+                              jnp.int32(new_tokens), True, False)
+        jax.block_until_ready(ds.out)
         return time.perf_counter() - start
 
     run()

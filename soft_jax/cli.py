@@ -67,8 +67,9 @@ def cmd_generate(args) -> None:
     else:
         rows = [{"prompt": args.prompt}]
     config = sampling.SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                     top_p=args.top_p, top_k=args.top_k, seed=args.seed, batch_size=args.batch_size)
-    model, tokenizer = models.load(args.model, dtype=args.dtype)
+                                     top_p=args.top_p, top_k=args.top_k, seed=args.seed, batch_size=args.batch_size,
+                                     stop_strings=tuple(args.stop))
+    source, cfg, tokenizer = models.inspect(args.model, dtype=args.dtype)
     if tokenizer is None:
         raise UserError(f"{args.model}: the checkpoint has no tokenizer files; add them to the directory")
     chat = bool(tokenizer.chat_template) if args.chat is None else args.chat
@@ -76,6 +77,9 @@ def cmd_generate(args) -> None:
         raise UserError(f"{args.model}: --chat asked for, but the tokenizer has no chat template; use --no-chat")
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
                                            add_generation_prompt=True) if chat else r["prompt"] for r in rows]
+    sampling.check_lengths([tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts],
+                           config.max_new_tokens, cfg.max_position_embeddings)
+    model = models.build(source, cfg)
     outputs = sampling.generate(model, tokenizer, texts, config, add_special_tokens=not chat)
     results = [{"id": r.get("id", i), "prompt": r["prompt"], "completion": o}
                for i, (r, o) in enumerate(zip(rows, outputs))]
@@ -114,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); cut before it")
     p.add_argument("--chat", dest="chat", action="store_true", default=None,
                    help="wrap prompts in the model's chat template (default when it has one)")
     p.add_argument("--no-chat", dest="chat", action="store_false")

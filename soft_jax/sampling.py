@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax import struct
 from tqdm.auto import tqdm
 
 from soft_jax.errors import UserError
@@ -26,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 MIN_BUCKET = 16
 MIN_SHARED_PREFIX = 32  # shorter common prefixes are not worth a separate prefill
+STOP_STRING_CHUNK = 32  # decode steps between host checks for stop strings
 CANDIDATES = 256  # top-k / top-p thresholds are searched among this many largest logits first
 
 
@@ -138,36 +140,42 @@ def sample_token(logits, key, temperature, top_p, top_k, *, use_top_p: bool, use
     return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9))
-def _decode(graphdef, state, cache, first_logits, positions, rng, params, max_new_tokens, use_top_p, use_top_k):
-    """Samples up to max_new_tokens per row; stops early once every row produced a stop token.
+@struct.dataclass
+class DecodeState:
+    """The decode loop's carry: it leaves the device only between chunks (to check stop strings)."""
 
-    params: (temperature, top_p, top_k, stop_ids [n]) as arrays, so changing them does not recompile.
-    Returns tokens [B, max_new_tokens] (stop token included, then padding) and the number of steps.
+    step: jax.Array  # tokens generated so far (the same for every row)
+    cache: KVCache
+    logits: jax.Array  # [B, vocab] next-token logits
+    out: jax.Array  # [B, max_new_tokens] tokens, stop id after a row is done
+    done: jax.Array  # [B] bool
+    rng: jax.Array
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6, 7), donate_argnums=(2,))
+def _decode(graphdef, state, ds: DecodeState, positions, params, until, use_top_p, use_top_k):
+    """Samples until step `until` or until every row produced a stop token.
+
+    params: (temperature, top_p, top_k, stop_ids [n]) as arrays, so changing them does not recompile;
+    positions: [B] position of each row's first new token.
     """
     temperature, top_p, top_k, stops = params
-    batch = first_logits.shape[0]
+    batch = ds.logits.shape[0]
 
-    def cond(carry):
-        step, done = carry[0], carry[4]
-        return (step < max_new_tokens) & ~jnp.all(done)
+    def cond(ds):
+        return (ds.step < until) & ~jnp.all(ds.done)
 
-    def body(carry):
-        step, cache, logits, out, done, rng = carry
-        rng, key = jax.random.split(rng)
-        token = sample_token(logits, key, temperature, top_p, top_k, use_top_p=use_top_p, use_top_k=use_top_k)
-        token = jnp.where(done, stops[0], token)
-        out = out.at[:, step].set(token)
-        done = done | jnp.isin(token, stops)
+    def body(ds):
+        rng, key = jax.random.split(ds.rng)
+        token = sample_token(ds.logits, key, temperature, top_p, top_k, use_top_p=use_top_p, use_top_k=use_top_k)
+        token = jnp.where(ds.done, stops[0], token)
         logits, cache = nnx.merge(graphdef, state)(
-            token[:, None], positions=(positions + step)[:, None], segment_ids=jnp.ones((batch, 1), jnp.int32),
-            cache=cache)
-        return step + 1, cache, logits[:, -1], out, done, rng
+            token[:, None], positions=(positions + ds.step)[:, None], segment_ids=jnp.ones((batch, 1), jnp.int32),
+            cache=ds.cache)
+        return DecodeState(step=ds.step + 1, cache=cache, logits=logits[:, -1], out=ds.out.at[:, ds.step].set(token),
+                           done=ds.done | jnp.isin(token, stops), rng=rng)
 
-    out = jnp.full((batch, max_new_tokens), stops[0], jnp.int32)
-    carry = (jnp.int32(0), cache, first_logits, out, jnp.zeros((batch,), bool), rng)
-    step, _, _, out, _, _ = jax.lax.while_loop(cond, body, carry)
-    return out, step
+    return jax.lax.while_loop(cond, body, ds)
 
 
 # --- host side ----------------------------------------------------------------------------------
@@ -246,8 +254,11 @@ def _prefill_shared(graphdef, state, model, prefix, batch, length, batcher):
 
 
 def generate_tokens(model: Llama, token_rows: Sequence[Sequence[int]], config: SamplingConfig, stops,
-                    rng=None, mesh=None) -> list[list[int]]:
-    """New tokens (stop token removed) for one batch of prompts given as token lists."""
+                    rng=None, mesh=None, tokenizer=None) -> list[list[int]]:
+    """New tokens (stop token removed) for one batch of prompts given as token lists.
+
+    With config.stop_strings and a tokenizer, rows stop early once their text contains a stop string
+    (checked every STOP_STRING_CHUNK tokens; the caller cuts the text at the stop string)."""
     graphdef, state = nnx.split(model)
     batcher = _Batcher(mesh, config.batch_size)
     n = len(token_rows)
@@ -263,10 +274,24 @@ def generate_tokens(model: Llama, token_rows: Sequence[Sequence[int]], config: S
               jnp.asarray(stops, jnp.int32))
     next_pos = batcher.put(np.asarray([len(r) for r in rows], np.int32))
     rng = jax.random.key(config.seed) if rng is None else rng
-    out, steps = _decode(graphdef, state, cache, last, next_pos, rng, params, config.max_new_tokens,
-                         config.top_p < 1.0, config.top_k > 0)
+    b = len(rows)
+    ds = DecodeState(step=jnp.int32(0), cache=cache, logits=last, done=batcher.put(np.zeros(b, bool)),
+                     out=batcher.put(np.full((b, config.max_new_tokens), stops[0], np.int32)), rng=rng)
+    # Without stop strings one call decodes everything; with them, chunks let the host stop rows early.
+    chunk = STOP_STRING_CHUNK if (config.stop_strings and tokenizer is not None) else config.max_new_tokens
+    while True:
+        until = jnp.int32(min(int(ds.step) + chunk, config.max_new_tokens))
+        ds = _decode(graphdef, state, ds, next_pos, params, until, config.top_p < 1.0, config.top_k > 0)
+        step, done = int(ds.step), np.array(ds.done)
+        if step >= config.max_new_tokens or done.all():
+            break
+        out = np.asarray(ds.out)
+        for i in np.flatnonzero(~done):
+            text = tokenizer.decode(out[i, :step], skip_special_tokens=True)
+            done[i] = any(stop in text for stop in config.stop_strings)
+        ds = ds.replace(done=batcher.put(done))
     results = []
-    for row in np.asarray(out)[:n, :int(steps)]:
+    for row in np.asarray(ds.out)[:n, :int(ds.step)]:
         hits = np.flatnonzero(np.isin(row, stops))
         results.append(row[:hits[0]].tolist() if hits.size else row.tolist())
     return results
@@ -308,7 +333,8 @@ def generate(model: Llama, tokenizer, prompts: Sequence[str], config: SamplingCo
     bar = tqdm(total=len(prompts), desc="generating", unit="prompt", disable=not progress)
     for lo in range(0, len(prompts), config.batch_size):
         key, sub = jax.random.split(key)
-        rows = generate_tokens(model, token_rows[lo:lo + config.batch_size], config, stops, rng=sub, mesh=mesh)
+        rows = generate_tokens(model, token_rows[lo:lo + config.batch_size], config, stops, rng=sub, mesh=mesh,
+                               tokenizer=tokenizer)
         for r in rows:
             text = tokenizer.decode(r, skip_special_tokens=True)
             outputs.append(_cut_at_stop_strings(text, config.stop_strings) if config.stop_strings else text)

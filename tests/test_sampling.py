@@ -209,6 +209,22 @@ def test_smollm2_greedy_equals_transformers_generate(smollm2, smollm2_hf):
 
 
 @pytest.mark.slow
+def test_stop_strings_cut_the_text_and_stop_early(smollm2):
+    model, tok = smollm2
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+               for q in ("Write a short poem about rain.", "List five fruits, one per line.")]
+    full = sampling.generate(model, tok, prompts, max_new_tokens=96, add_special_tokens=False, progress=False)
+    assert all("\n" in text for text in full)
+    cut = sampling.generate(model, tok, prompts, max_new_tokens=96, add_special_tokens=False, progress=False,
+                            stop_strings=("\n",))
+    assert cut == [text[:text.index("\n")] for text in full]
+    rows = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    config = SamplingConfig(max_new_tokens=96, batch_size=2, stop_strings=("\n",))
+    early = sampling.generate_tokens(model, rows, config, sampling.stop_ids(tok, model), tokenizer=tok)
+    assert max(map(len, early)) <= sampling.STOP_STRING_CHUNK * 2 < 96  # stopped at a chunk boundary
+
+
+@pytest.mark.slow
 def test_generate_cli_writes_jsonl(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": q}) + "\n" for i, q in enumerate(QUESTIONS[:2])))

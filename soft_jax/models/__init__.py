@@ -9,9 +9,23 @@ from __future__ import annotations
 
 from soft_jax import sharding as shd
 from soft_jax.errors import UserError
-from soft_jax.models.checkpoint import SMOLLM2, export_hf, open_source
+from soft_jax.models.checkpoint import SMOLLM2, build, export_hf, open_source
 from soft_jax.models.config import DTYPES, ModelConfig
 from soft_jax.models.llama import KVCache, Llama, init_random
+
+
+def inspect(path_or_name: str, dtype: str = "float32", param_dtype: str | None = None):
+    """(source, config, tokenizer) without reading weights: validate inputs before the slow part."""
+    for name, value in (("dtype", dtype), ("param_dtype", param_dtype or dtype)):
+        if value not in DTYPES:
+            raise UserError(f"{name} {value!r} is not supported; use one of {', '.join(DTYPES)}")
+    source = open_source(path_or_name)
+    cfg = source.config(dtype=dtype, param_dtype=param_dtype or dtype)
+    tokenizer = source.tokenizer()
+    if tokenizer is not None and len(tokenizer) > cfg.vocab_size:
+        raise UserError(f"{path_or_name}: tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
+                        f"{cfg.vocab_size}; the tokenizer files belong to another model")
+    return source, cfg, tokenizer
 
 
 def load(path_or_name: str, dtype: str = "float32", mesh=None, param_dtype: str | None = None,
@@ -22,18 +36,8 @@ def load(path_or_name: str, dtype: str = "float32", mesh=None, param_dtype: str 
     is placed straight onto its sharding. tokenizer is a transformers tokenizer, or None when an HF
     directory ships no tokenizer files.
     """
-    for name, value in (("dtype", dtype), ("param_dtype", param_dtype or dtype)):
-        if value not in DTYPES:
-            raise UserError(f"{name} {value!r} is not supported; use one of {', '.join(DTYPES)}")
-    source = open_source(path_or_name)
-    cfg = source.config(dtype=dtype, param_dtype=param_dtype or dtype)
-    tokenizer = source.tokenizer()
-    if tokenizer is not None and len(tokenizer) > cfg.vocab_size:
-        raise UserError(f"{path_or_name}: tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
-                        f"{cfg.vocab_size}; the tokenizer files belong to another model")
-    from soft_jax.models.checkpoint import build
-
+    source, cfg, tokenizer = inspect(path_or_name, dtype, param_dtype)
     return build(source, cfg, mesh=mesh, rules=rules, progress=progress), tokenizer
 
 
-__all__ = ["KVCache", "Llama", "ModelConfig", "SMOLLM2", "export_hf", "init_random", "load"]
+__all__ = ["KVCache", "Llama", "ModelConfig", "SMOLLM2", "build", "export_hf", "init_random", "inspect", "load"]
