@@ -30,13 +30,13 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: loads SmolLM2-135M or downloads data (run in CI too)")
 
 
-def make_tiny_hf(kind: str, out_dir: str, seed: int = 0):
+def make_tiny_hf(kind: str, out_dir: str, seed: int = 0, **overrides):
     """Saves a randomly initialised transformers model of the given family; returns the torch model."""
     import torch
     import transformers
 
     cls_name, extra = TINY_ARCHS[kind]
-    config = getattr(transformers, cls_name)(**TINY, **extra)
+    config = getattr(transformers, cls_name)(**{**TINY, **extra, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
     with torch.no_grad():  # non-trivial norms and biases, so every tensor's loading is exercised
@@ -61,6 +61,24 @@ def tiny_llama(tmp_path_factory):
     """A tiny random Llama checkpoint directory, for tests that need one architecture only."""
     out = str(tmp_path_factory.mktemp("tiny-llama-only"))
     make_tiny_hf("llama", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer (with its chat template), built from the embedded GGUF's metadata."""
+    from soft_jax.models.checkpoint import open_source
+
+    return open_source("smollm2-135m").tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_chat(tmp_path_factory, smollm2_tokenizer):
+    """A tiny random Llama with SmolLM2's vocabulary and tokenizer saved beside it: a directory path."""
+    out = str(tmp_path_factory.mktemp("tiny-chat"))
+    make_tiny_hf("llama", out, vocab_size=len(smollm2_tokenizer), eos_token_id=smollm2_tokenizer.eos_token_id,
+                 bos_token_id=smollm2_tokenizer.bos_token_id)
+    smollm2_tokenizer.save_pretrained(out)
     return out
 
 

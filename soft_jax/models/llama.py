@@ -205,7 +205,7 @@ class Llama(nnx.Module):
             cfg.hidden_size, cfg.vocab_size, (EMBED, VOCAB), bias=False, cfg=cfg, rngs=rngs)
 
     def __call__(self, input_ids, positions=None, segment_ids=None, attention_mask=None, cache=None,
-                 last_only=False):
+                 last_only=False, remat=False):
         """Logits for `input_ids` [B, T].
 
         positions: [B, T] RoPE positions; default: 0.. for each row, or from `attention_mask`
@@ -214,6 +214,7 @@ class Llama(nnx.Module):
         cache: a KVCache; the new tokens are written at `cache.index` and (logits, new cache) is
           returned instead of logits.
         last_only: compute logits for the last column only (prefill), shape [B, 1, vocab].
+        remat: recompute each layer's activations in the backward pass instead of storing them.
         """
         b, t = input_ids.shape
         if segment_ids is None:
@@ -233,7 +234,10 @@ class Llama(nnx.Module):
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i], k_pos, k_seg, cache.index)
             prefix = None if shared is None else (shared.k[i], shared.v[i], shared.positions, shared.segment_ids)
-            x, (k, v) = layer(x, positions, segment_ids, inv_freq, kv, prefix)
+            if remat and cache is None:
+                x, (k, v) = nnx.remat(lambda lyr, h, p, s: lyr(h, p, s, inv_freq))(layer, x, positions, segment_ids)
+            else:
+                x, (k, v) = layer(x, positions, segment_ids, inv_freq, kv, prefix)
             new_k.append(k)
             new_v.append(v)
         x = self.norm(x[:, -1:] if last_only else x)

@@ -1,0 +1,348 @@
+"""SFT ("principle engraving"): masked-loss, packed, sharded, resumable fine-tuning.
+
+(prompt, response) pairs are rendered in the engraving format (the model's chat template, else a plain
+format) and tokenized as prompt tokens + response tokens; only response tokens carry loss. Examples are
+packed into fixed-length rows with per-example segment ids and positions, so attention never crosses
+examples and the packed loss equals the unpacked one. The loss is the mean over every response token
+of the global batch, also under gradient accumulation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from soft_jax import faults
+from soft_jax.errors import UserError
+from soft_jax.models.llama import Llama
+
+PLAIN_PROMPT = "User: {prompt}\n\nAssistant: "
+ORDERS = ("shuffle", "given")
+# Peak dense bf16 FLOP/s per chip, by a substring of jax's device_kind (for MFU).
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12,
+              "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """SFT settings. batch_size counts packed rows per optimizer step (all devices together)."""
+
+    max_prompt_len: int = 256
+    max_response_len: int = 256
+    seq_len: int | None = None  # packed row length; default max_prompt_len + max_response_len
+    pack: bool = True
+    order: str = "shuffle"  # or "given": exactly the order of the examples (the curriculum's)
+    batch_size: int = 8
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: int | None = None
+    learning_rate: float = 2e-5
+    warmup_steps: int | None = None  # default: warmup_ratio of the steps
+    warmup_ratio: float = 0.03
+    end_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 0  # steps; 0 = no step checkpoints
+    remat: bool = False
+
+    @property
+    def row_len(self) -> int:
+        return self.seq_len or self.max_prompt_len + self.max_response_len
+
+    def __post_init__(self):
+        if self.order not in ORDERS:
+            raise UserError(f"training order {self.order!r} is unknown; use one of {', '.join(ORDERS)}")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise UserError(f"batch_size {self.batch_size} must be a positive multiple of grad_accum {self.grad_accum}")
+        if self.row_len < self.max_prompt_len + self.max_response_len:
+            raise UserError(f"seq_len {self.row_len} is shorter than max_prompt_len + max_response_len "
+                            f"({self.max_prompt_len + self.max_response_len}); raise seq_len or lower the maxima")
+
+
+@dataclasses.dataclass
+class Example:
+    """One tokenized example: ids and, per token, whether it is a response (loss-bearing) token."""
+
+    ids: list[int]
+    is_response: list[bool]
+
+
+@dataclasses.dataclass
+class TrainResult:
+    steps: int
+    losses: list[float]
+    examples: int
+    truncated_prompts: int
+    truncated_responses: int
+    tokens: int
+
+
+# --- rendering ----------------------------------------------------------------------------------
+
+
+def engraving_parts(tokenizer, prompt: str, response: str) -> tuple[str, str, bool]:
+    """(prompt text, response text, whether the texts carry their own special tokens)."""
+    if tokenizer.chat_template:
+        user = [{"role": "user", "content": prompt}]
+        head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
+        tail = full[len(head):] if full.startswith(head) else response + (tokenizer.eos_token or "")
+        return head, tail, True
+    return PLAIN_PROMPT.format(prompt=prompt), response + (tokenizer.eos_token or ""), False
+
+
+def render(tokenizer, prompt: str, response: str, config: TrainConfig) -> tuple[Example, bool, bool]:
+    """(example, prompt truncated?, response truncated?): prompt cut on the left, response on the right."""
+    head, tail, templated = engraving_parts(tokenizer, prompt, response)
+    p = tokenizer(head, add_special_tokens=not templated)["input_ids"]
+    r = tokenizer(tail, add_special_tokens=False)["input_ids"]
+    cut_p, cut_r = len(p) > config.max_prompt_len, len(r) > config.max_response_len
+    p, r = p[-config.max_prompt_len:], r[:config.max_response_len]
+    return Example(p + r, [False] * len(p) + [True] * len(r)), cut_p, cut_r
+
+
+def check_overhead(tokenizer, config: TrainConfig) -> None:
+    """Refuses maxima that cannot hold the format's own tokens plus one token of content."""
+    head, tail, templated = engraving_parts(tokenizer, "", "")
+    p = len(tokenizer(head, add_special_tokens=not templated)["input_ids"])
+    r = len(tokenizer(tail, add_special_tokens=False)["input_ids"])
+    if config.max_prompt_len <= p or config.max_response_len <= r:
+        raise UserError(f"max_prompt_len {config.max_prompt_len} / max_response_len {config.max_response_len} leave "
+                        f"no room for content: the engraving format alone takes {p} prompt and {r} response tokens; "
+                        f"raise them above {p} and {r}")
+
+
+# --- packing ------------------------------------------------------------------------------------
+
+
+def pack(examples: Sequence[Example], row_len: int, pack_rows: bool = True) -> dict[str, np.ndarray]:
+    """Rows of [n_rows, row_len]: inputs, targets, weights, segment_ids (0 = padding), positions.
+
+    Examples keep their order; an example's token t predicts its token t + 1 (weight 1 when that
+    token is a response token). With pack_rows=False every example gets its own row.
+    """
+    rows: list[list[Example]] = []
+    used = row_len + 1
+    for ex in examples:
+        n = len(ex.ids) - 1
+        if not pack_rows or used + n > row_len:
+            rows.append([])
+            used = 0
+        rows[-1].append(ex)
+        used += n
+    out = {k: np.zeros((len(rows), row_len), np.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
+    out["weights"] = np.zeros((len(rows), row_len), np.float32)
+    for i, row in enumerate(rows):
+        at = 0
+        for seg, ex in enumerate(row, 1):
+            n = len(ex.ids) - 1
+            out["inputs"][i, at:at + n] = ex.ids[:-1]
+            out["targets"][i, at:at + n] = ex.ids[1:]
+            out["weights"][i, at:at + n] = ex.is_response[1:]
+            out["segment_ids"][i, at:at + n] = seg
+            out["positions"][i, at:at + n] = np.arange(n)
+            at += n
+    return out
+
+
+# --- the step -----------------------------------------------------------------------------------
+
+
+def loss_sums(model: Llama, batch, remat: bool = False) -> tuple[jax.Array, jax.Array]:
+    """(sum of response-token NLL, number of response tokens) for one batch of packed rows."""
+    logits = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"], remat=remat)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+    return jnp.sum(nll * batch["weights"]), jnp.sum(batch["weights"])
+
+
+def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    warmup = config.warmup_steps if config.warmup_steps is not None else math.ceil(config.warmup_ratio * total_steps)
+    if warmup > total_steps or (warmup == total_steps and total_steps > 0 and config.warmup_steps is not None):
+        raise UserError(f"the learning-rate schedule has {total_steps} steps but warmup_steps is {warmup}; "
+                        "lower warmup_steps, or train on more data / epochs")
+    schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, max(total_steps, warmup + 1),
+                                                  config.learning_rate * config.end_lr_ratio)
+    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
+                       optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                                   weight_decay=config.weight_decay))
+
+
+class Trainer:
+    """Owns the jitted, sharded train step for one model and optimizer."""
+
+    def __init__(self, model: Llama, tx: optax.GradientTransformation, config: TrainConfig, mesh=None):
+        self.config, self.mesh, self.tx = config, mesh, tx
+        self.graphdef, params = nnx.split(model)
+        self.params = jax.tree.map(lambda x: x.copy(), params)  # steps donate these; the caller keeps `model`
+        self.opt_state = jax.jit(tx.init)(self.params)  # jit keeps each moment on its parameter's sharding
+        if mesh is not None:
+            data = mesh.shape["data"] * mesh.shape["fsdp"]
+            micro = config.batch_size // config.grad_accum
+            if micro % data:
+                raise UserError(f"micro-batch {micro} (batch_size / grad_accum) is not divisible by the mesh's data "
+                                f"axes (data x fsdp = {data})")
+        self._step = jax.jit(functools.partial(_train_step, self.graphdef, tx, config.remat), donate_argnums=(0, 1))
+
+    def put_batch(self, batch: dict[str, np.ndarray]):
+        """[batch, len] host arrays -> [grad_accum, micro, len] device arrays, micro split over data axes."""
+        accum = self.config.grad_accum
+        batch = {k: v.reshape((accum, v.shape[0] // accum) + v.shape[1:]) for k, v in batch.items()}
+        if self.mesh is None:
+            return jax.tree.map(jnp.asarray, batch)
+        sharding = NamedSharding(self.mesh, PartitionSpec(None, ("data", "fsdp")))
+        return jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
+
+    def step(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
+        self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, self.put_batch(batch))
+        return metrics
+
+    def model(self) -> Llama:
+        return nnx.merge(self.graphdef, self.params)
+
+
+def _train_step(graphdef, tx, remat, params, opt_state, batch):
+    """One optimizer step over grad_accum micro-batches; the loss is the mean over all response tokens."""
+    total = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+
+    def micro_loss(p, mb):
+        nll, count = loss_sums(nnx.merge(graphdef, p), mb, remat)
+        return nll / total, count
+
+    def accumulate(grads, mb):
+        (loss, _), g = jax.value_and_grad(micro_loss, has_aux=True)(params, mb)
+        return jax.tree.map(jnp.add, grads, g), loss
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, losses = jax.lax.scan(accumulate, zeros, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, {"loss": jnp.sum(losses), "grad_norm": optax.tree.norm(grads), "tokens": total}
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+def flops_per_token(model: Llama, row_len: int) -> float:
+    """Training FLOPs per token: 6 x parameters in matmuls + attention scores and values (forward + backward)."""
+    cfg = model.config
+    matmul_params = cfg.num_params - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_word_embeddings else 1)
+    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * row_len
+    return 6 * matmul_params + attention
+
+
+def peak_flops() -> float | None:
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+
+
+def epoch_order(n: int, config: TrainConfig, epoch: int) -> np.ndarray:
+    if config.order == "given":
+        return np.arange(n)
+    return np.random.default_rng([config.seed, epoch]).permutation(n)
+
+
+def prepare(tokenizer, pairs: Sequence[tuple[str, str]], config: TrainConfig):
+    """Rendered examples and the per-epoch packed rows; counts truncation."""
+    if not pairs:
+        raise UserError("the training set is empty (every example was filtered out); check the filters' counts "
+                        "or feed more prompts")
+    check_overhead(tokenizer, config)
+    rendered = [render(tokenizer, p, r, config) for p, r in pairs]
+    examples = [e for e, _, _ in rendered]
+    stats = (sum(c for _, c, _ in rendered), sum(c for _, _, c in rendered))
+    epochs = [pack([examples[i] for i in epoch_order(len(examples), config, e)], config.row_len, config.pack)
+              for e in range(config.epochs)]
+    return examples, epochs, stats
+
+
+def batches(epochs: list[dict[str, np.ndarray]], batch_size: int):
+    """Every step's rows in order; the last batch of an epoch is padded with empty rows (zero weight)."""
+    for rows in epochs:
+        n = rows["inputs"].shape[0]
+        for lo in range(0, n, batch_size):
+            batch = {k: v[lo:lo + batch_size] for k, v in rows.items()}
+            short = batch_size - batch["inputs"].shape[0]
+            if short:
+                batch = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+            yield batch
+
+
+def fingerprint(pairs, config: TrainConfig, model: Llama) -> str:
+    h = hashlib.sha256(json.dumps([dataclasses.asdict(config), dataclasses.asdict(model.config)],
+                                  sort_keys=True, default=str).encode())
+    for p, r in pairs:
+        h.update(p.encode() + b"\x00" + r.encode() + b"\x01")
+    return h.hexdigest()[:16]
+
+
+def train(model: Llama, tokenizer, pairs: Sequence[tuple[str, str]], config: TrainConfig, mesh=None,
+          checkpoint_dir: str | None = None, progress: bool = True,
+          log: Callable[[dict], None] | None = None) -> tuple[Llama, TrainResult]:
+    """Fine-tunes on (prompt, response) pairs; resumes from checkpoint_dir's latest step checkpoint.
+
+    `log` receives one dict per step: step, loss, grad_norm, lr-free throughput (tokens/s, TFLOP/s, MFU).
+    """
+    examples, epochs, (cut_p, cut_r) = prepare(tokenizer, pairs, config)
+    steps_per_epoch = math.ceil(epochs[0]["inputs"].shape[0] / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    trainer = Trainer(model, make_optimizer(config, total), config, mesh)
+    ckpt, start, print_ = None, 0, fingerprint(pairs, config, model)
+    if checkpoint_dir and config.checkpoint_every:
+        from soft_jax.checkpoints import StepCheckpointer
+
+        ckpt = StepCheckpointer(checkpoint_dir, config.checkpoint_every)
+        found = ckpt.restore_latest((trainer.params, trainer.opt_state), print_)
+        if found:
+            start, (trainer.params, trainer.opt_state), _ = found
+    fpt, peak = flops_per_token(model, config.row_len), peak_flops()
+    losses: list[float] = []
+    bar = tqdm(total=total, initial=start, desc="training", unit="step", disable=not progress)
+    stream = batches(epochs, config.batch_size)
+    for _ in range(start):  # the data position is the step: skip what the checkpoint has seen
+        next(stream)
+    for step in range(start + 1, total + 1):
+        batch = next(stream)
+        t0 = time.perf_counter()
+        metrics = jax.device_get(trainer.step(batch))
+        seconds = time.perf_counter() - t0
+        tokens = int(np.sum(batch["segment_ids"] > 0))
+        record = {"step": step, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+                  "tokens_per_s": tokens / seconds, "tflops": tokens * fpt / seconds / 1e12}
+        if peak:
+            record["mfu"] = record["tflops"] * 1e12 / (peak * jax.device_count())
+        losses.append(record["loss"])
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if log:
+            log(record)
+        if ckpt and (ckpt.due(step) or step == total):
+            ckpt.save(step, (trainer.params, trainer.opt_state),
+                      {"step": step, "fingerprint": print_})
+        faults.point(f"train_step_{step}")
+    bar.close()
+    if ckpt:
+        ckpt.close()
+    result = TrainResult(steps=total, losses=losses, examples=len(examples), truncated_prompts=cut_p,
+                         truncated_responses=cut_r, tokens=sum(len(e.ids) for e in examples))
+    return trainer.model(), result
+
