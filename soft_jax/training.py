@@ -168,8 +168,9 @@ def pack(examples: Sequence[Example], row_len: int, pack_rows: bool = True) -> d
 def loss_sums(model: Llama, batch, remat: bool = False) -> tuple[jax.Array, jax.Array]:
     """(sum of response-token NLL, number of response tokens) for one batch of packed rows."""
     logits = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"], remat=remat)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+    # logsumexp - target logit: the same NLL as log_softmax, without a second vocabulary-sized tensor.
+    target = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - target
     return jnp.sum(nll * batch["weights"]), jnp.sum(batch["weights"])
 
 
@@ -230,8 +231,11 @@ def _train_step(graphdef, tx, remat, params, opt_state, batch):
         (loss, _), g = jax.value_and_grad(micro_loss, has_aux=True)(params, mb)
         return jax.tree.map(jnp.add, grads, g), loss
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, losses = jax.lax.scan(accumulate, zeros, batch)
+    if batch["inputs"].shape[0] == 1:  # no accumulation: a scan would only cost copies
+        (loss, _), grads = jax.value_and_grad(micro_loss, has_aux=True)(params, jax.tree.map(lambda x: x[0], batch))
+        losses = loss[None]
+    else:
+        grads, losses = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, params), batch)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     return params, opt_state, {"loss": jnp.sum(losses), "grad_norm": optax.tree.norm(grads), "tokens": total}

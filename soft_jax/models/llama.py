@@ -49,11 +49,16 @@ class RMSNorm(nnx.Module):
         return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
 
 
-def apply_rope(x, positions, inv_freq):
-    """Rotary embedding in the HF (rotate-half) layout. x: [B, T, H, D]; positions: [B, T]."""
+def rope_tables(positions, inv_freq, dtype):
+    """cos and sin [B, T, 1, D] for the HF (rotate-half) rotary layout; computed once per forward."""
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x, rope):
+    """x: [B, T, H, D]; rope: (cos, sin) from rope_tables."""
+    cos, sin = rope
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin
@@ -71,6 +76,10 @@ class SharedPrefix:
     v: tuple
     positions: jax.Array
     segment_ids: jax.Array
+
+    @property
+    def length(self) -> int:
+        return self.positions.shape[1]
 
 
 @struct.dataclass
@@ -108,7 +117,7 @@ class KVCache:
         return self.positions.shape[1]
 
 
-def attention_mask(q_pos, q_seg, k_pos, k_seg, window=None):
+def make_mask(q_pos, q_seg, k_pos, k_seg, window=None):
     """[B, T, S] boolean: same non-zero segment, causal by position, optional sliding window."""
     mask = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)
     mask &= k_pos[:, None, :] <= q_pos[:, :, None]
@@ -125,29 +134,27 @@ class Attention(nnx.Module):
         self.v_proj = Linear(e, cfg.num_kv_heads * d, (EMBED, KV_HEADS), bias=cfg.qkv_bias, cfg=cfg, rngs=rngs)
         self.o_proj = Linear(cfg.num_heads * d, e, (HEADS, EMBED), bias=cfg.o_bias, cfg=cfg, rngs=rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
-        self.window = cfg.sliding_window
 
-    def __call__(self, x, positions, segment_ids, inv_freq, kv=None, prefix=None):
-        """kv: None, or (k_cache, v_cache, cache_positions, cache_segments, index) for this layer;
-        prefix: None, or (k, v, positions, segment_ids) of a shared batch-1 prefix for this layer."""
+    def __call__(self, x, rope, mask, kv=None, prefix=None):
+        """rope: (cos, sin); mask: [B, T, S] over the keys (this call's tokens, or the whole cache);
+        kv: None, or (k_cache, v_cache, index) of this layer's cache, written at index;
+        prefix: None, or (k, v, mask [B, T, P]) of a shared batch-1 prefix for this layer."""
         b, t, _ = x.shape
         g = self.num_heads // self.num_kv_heads
-        q = apply_rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), positions, inv_freq)
-        k = apply_rope(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), positions, inv_freq)
+        q = apply_rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), rope)
+        k = apply_rope(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), rope)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         if kv is None:
-            keys, values, k_pos, k_seg = k, v, positions, segment_ids
+            keys, values = k, v
         else:
-            k_cache, v_cache, k_pos, k_seg, index = kv
+            k_cache, v_cache, index = kv
             keys = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
             values = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
         q = q.reshape(b, t, self.num_kv_heads, g, self.head_dim)
-        scores = self._scores(q, keys, positions, segment_ids, k_pos, k_seg, "bskd")
+        scores = self._scores(q, keys, mask, "bskd")
         if prefix is not None:  # the shared prefix's keys have batch 1: one copy serves every row
-            pk, pv, p_pos, p_seg = prefix
-            p_scores = self._scores(q, pk[0], positions, segment_ids, jnp.broadcast_to(p_pos, (b, p_pos.shape[1])),
-                                    jnp.broadcast_to(p_seg, (b, p_seg.shape[1])), "skd")
-            scores = jnp.concatenate([p_scores, scores], axis=-1)
+            pk, pv, p_mask = prefix
+            scores = jnp.concatenate([self._scores(q, pk[0], p_mask, "skd"), scores], axis=-1)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         if prefix is not None:
             n = pk.shape[1]
@@ -158,11 +165,10 @@ class Attention(nnx.Module):
         out = self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
         return out, (keys, values)
 
-    def _scores(self, q, keys, q_pos, q_seg, k_pos, k_seg, key_layout):
+    def _scores(self, q, keys, mask, key_layout):
         """Masked float32 attention scores [B, KV_HEADS, G, T, S]."""
         scores = jnp.einsum(f"btkgd,{key_layout}->bkgts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
         scores = scores * (self.head_dim ** -0.5)
-        mask = attention_mask(q_pos, q_seg, k_pos, k_seg, self.window)
         return jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
 
 
@@ -184,8 +190,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg=cfg)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, segment_ids, inv_freq, kv=None, prefix=None):
-        h, new_kv = self.self_attn(self.input_layernorm(x), positions, segment_ids, inv_freq, kv, prefix)
+    def __call__(self, x, rope, mask, kv=None, prefix=None):
+        h, new_kv = self.self_attn(self.input_layernorm(x), rope, mask, kv, prefix)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), new_kv
 
@@ -224,20 +230,27 @@ class Llama(nnx.Module):
             positions = default_positions(segment_ids, cache)
         cfg = self.config
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(cfg.dtype)
-        inv_freq = rope_inv_freq(cfg)  # a numpy constant folded into the compiled program
+        rope = rope_tables(positions, rope_inv_freq(cfg), x.dtype)
+        window = cfg.sliding_window
         new_k, new_v = [], []
-        if cache is not None:
+        if cache is None:
+            k_pos, k_seg = positions, segment_ids
+        else:
             k_pos = jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32), (0, cache.index))
             k_seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
                                                  (0, cache.index))
+        mask = make_mask(positions, segment_ids, k_pos, k_seg, window)
         shared = None if cache is None else cache.prefix
+        if shared is not None:
+            p_mask = make_mask(positions, segment_ids, jnp.broadcast_to(shared.positions, (b, shared.length)),
+                                    jnp.broadcast_to(shared.segment_ids, (b, shared.length)), window)
         for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i], k_pos, k_seg, cache.index)
-            prefix = None if shared is None else (shared.k[i], shared.v[i], shared.positions, shared.segment_ids)
+            kv = None if cache is None else (cache.k[i], cache.v[i], cache.index)
+            prefix = None if shared is None else (shared.k[i], shared.v[i], p_mask)
             if remat and cache is None:
-                x, (k, v) = nnx.remat(lambda lyr, h, p, s: lyr(h, p, s, inv_freq))(layer, x, positions, segment_ids)
+                x, (k, v) = nnx.remat(lambda lyr, h, r, m: lyr(h, r, m))(layer, x, rope, mask)
             else:
-                x, (k, v) = layer(x, positions, segment_ids, inv_freq, kv, prefix)
+                x, (k, v) = layer(x, rope, mask, kv, prefix)
             new_k.append(k)
             new_v.append(v)
         x = self.norm(x[:, -1:] if last_only else x)
