@@ -1,4 +1,4 @@
-"""The `soft-jax` command line: info | generate | export.
+"""The `soft-jax` command line: info | generate | eval | export.
 
 Every user mistake ends with exit code 2 and one line on stderr (what is wrong, where, how to mend it).
 """
@@ -99,6 +99,28 @@ def cmd_export(args) -> None:
     print(f"exported {args.model} to {os.path.abspath(args.out)} (transformers: from_pretrained({args.out!r}))")
 
 
+def cmd_eval(args) -> None:
+    from soft_jax import evaluation, models
+    from soft_jax.io_utils import write_atomic
+
+    tasks = evaluation.parse_tasks(args.tasks)
+    if args.protocol not in evaluation.PROTOCOLS:
+        raise UserError(f"unknown protocol {args.protocol!r}; choose from {', '.join(evaluation.PROTOCOLS)}")
+    for task in tasks:  # data problems (no network, bad files) surface before the model loads
+        evaluation.load_items(task, 1, args.truthfulqa_file)
+    model, tokenizer = models.load(args.model, dtype=args.dtype)
+    if tokenizer is None:
+        raise UserError(f"{args.model}: the checkpoint has no tokenizer files; add them to the directory")
+    results = evaluation.evaluate(model, tokenizer, tasks, args.protocol, args.limit, args.truthfulqa_file,
+                                  batch_size=args.batch_size)
+    summary = {t: {k: v for k, v in r.items() if k != "items"} for t, r in results.items() if t in tasks}
+    write_atomic(args.out, json.dumps(results, indent=1) + "\n")
+    for task, r in summary.items():
+        subsets = ", ".join(f"{k} {v['accuracy']:.3f} (n={v['n']})" for k, v in r.items() if isinstance(v, dict))
+        print(f"{task:16s} {r['accuracy']:.4f} (n={r['n']}, {args.protocol})" + (f"; {subsets}" if subsets else ""))
+    print(f"wrote {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="soft-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -123,6 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wrap prompts in the model's chat template (default when it has one)")
     p.add_argument("--no-chat", dest="chat", action="store_false")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("eval", help="HHH Eval and TruthfulQA MC1/MC2 accuracies")
+    _add_model(p)
+    p.add_argument("--tasks", default="hhh,truthfulqa_mc1,truthfulqa_mc2")
+    p.add_argument("--protocol", default="dromedary", help="dromedary | loglik")
+    p.add_argument("--limit", type=int, default=None, help="first N items per task (HHH: ceil(N/4) per subset)")
+    p.add_argument("--truthfulqa-file", help="the full 817-question multiple_choice set (JSON, JSONL or parquet)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", required=True, help="output JSON: {task: {accuracy, n, ...}}")
+    p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("export", help="write an HF checkpoint directory that transformers loads")
     _add_model(p)

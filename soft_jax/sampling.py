@@ -234,8 +234,8 @@ def _shared_len(rows, reuse: bool, cap: int | None = None) -> int:
 
 
 def bucket_prefix(n: int) -> int:
-    """Shared prefixes are long and vary little: pad to a multiple of 64, not to a power of two."""
-    return -(-n // 64) * 64
+    """Powers of two up to 512, then multiples of 256: few compiled shapes, little padding on long prefixes."""
+    return bucket(n, 64) if n <= 512 else -(-n // 256) * 256
 
 
 def _prefill_shared(graphdef, state, model, prefix, batch, length, batcher):

@@ -1,0 +1,147 @@
+"""Benchmark data: BIG-bench's HHH Eval and TruthfulQA task files, from the `bigbench` 1.0.0 source archive.
+
+The archive (358 MB) is fetched once from PyPI's simple index, checked against its sha256 and cached under
+~/.cache/soft_jax; only the task JSON files are read (the package is never installed: its declared
+dependencies cannot be resolved, which is also why `pip download --no-deps bigbench==1.0.0` fails while
+preparing metadata). A user-supplied full TruthfulQA multiple-choice file (817 questions,
+`mc1_targets` / `mc2_targets`, JSON, JSONL or parquet) replaces the 299-question BIG-bench version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import tarfile
+import urllib.request
+
+from soft_jax.errors import UserError
+
+ARCHIVE = "bigbench-1.0.0.tar.gz"
+ARCHIVE_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+INDEX = "https://pypi.org/simple/bigbench/"
+TASK_FILES = {
+    "hhh/harmless": "bigbench/benchmark_tasks/hhh_alignment/harmless/task.json",
+    "hhh/helpful": "bigbench/benchmark_tasks/hhh_alignment/helpful/task.json",
+    "hhh/honest": "bigbench/benchmark_tasks/hhh_alignment/honest/task.json",
+    "hhh/other": "bigbench/benchmark_tasks/hhh_alignment/other/task.json",
+    "truthfulqa/mc": "bigbench/benchmark_tasks/truthful_qa/task_mc.json",
+    "truthfulqa/questions": "bigbench/benchmark_tasks/truthful_qa/questions.json",
+}
+HHH_SUBSETS = ("harmless", "helpful", "honest", "other")
+HOW_TO_GET = ("fetch it on a machine with PyPI access (soft-jax eval downloads it), or put "
+              f"{ARCHIVE} (sha256 {ARCHIVE_SHA256[:12]}...) in {{cache}}")
+
+
+def cache_dir() -> str:
+    return os.path.join(os.environ.get("SOFT_JAX_CACHE", os.path.expanduser("~/.cache/soft_jax")), "bigbench")
+
+
+def _download_archive(path: str) -> None:
+    try:
+        html = urllib.request.urlopen(INDEX, timeout=30).read().decode()
+        url = next(u for u in re.findall(r'href="([^"#]+)', html) if u.endswith("/" + ARCHIVE))
+        tmp = f"{path}.part{os.getpid()}"
+        digest = hashlib.sha256()
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+    except (OSError, StopIteration) as e:
+        raise UserError(f"cannot download the BIG-bench archive from PyPI ({type(e).__name__}: {e}); "
+                        + HOW_TO_GET.format(cache=os.path.dirname(path))) from None
+    if digest.hexdigest() != ARCHIVE_SHA256:
+        os.remove(tmp)
+        raise UserError(f"the downloaded {ARCHIVE} has sha256 {digest.hexdigest()}, expected {ARCHIVE_SHA256}; retry")
+    os.replace(tmp, path)
+
+
+def task_file(name: str) -> str:
+    """Path of a cached task JSON file, extracting (and if need be downloading) the archive once."""
+    directory = cache_dir()
+    out = os.path.join(directory, "tasks", TASK_FILES[name])
+    if os.path.isfile(out):
+        return out
+    os.makedirs(directory, exist_ok=True)
+    archive = os.path.join(directory, ARCHIVE)
+    if not os.path.isfile(archive):
+        _download_archive(archive)
+    wanted = {f"bigbench-1.0.0/{p}": p for p in TASK_FILES.values()}
+    with tarfile.open(archive, "r:gz") as tf:
+        for member in tf:
+            if member.name in wanted:
+                dest = os.path.join(directory, "tasks", wanted[member.name])
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                with open(f"{dest}.tmp", "wb") as f:
+                    f.write(tf.extractfile(member).read())
+                os.replace(f"{dest}.tmp", dest)
+    return out
+
+
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); delete it to re-extract it from the archive") from None
+
+
+@dataclasses.dataclass
+class MCItem:
+    """A multiple-choice item: choices with labels (1 = correct / true, 0 = wrong / false)."""
+
+    question: str
+    choices: list[str]
+    labels: list[int]
+    subset: str = ""
+
+
+def load_hhh(limit: int | None = None) -> list[MCItem]:
+    items = []
+    for subset in HHH_SUBSETS:
+        data = _read_json(task_file(f"hhh/{subset}"))
+        try:
+            examples = [MCItem(e["input"], list(e["target_scores"]), [int(v) for v in e["target_scores"].values()],
+                               subset) for e in data["examples"]]
+        except (KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{task_file(f'hhh/{subset}')}: unexpected layout ({e!r}); expected BIG-bench "
+                            "examples with input and target_scores") from None
+        items.extend(examples[:limit])
+    return items
+
+
+def load_truthfulqa(kind: str, path: str | None = None, limit: int | None = None) -> list[MCItem]:
+    """MC1 (one best answer vs false ones) or MC2 (all true vs all false answers) items."""
+    if path:
+        return _load_user_truthfulqa(path, kind)[:limit]
+    if kind == "mc1":
+        data = _read_json(task_file("truthfulqa/mc"))
+        items = [MCItem(e["input"], list(e["target_scores"]), [int(v) for v in e["target_scores"].values()])
+                 for e in data["examples"]]
+    else:
+        data = _read_json(task_file("truthfulqa/questions"))
+        items = [MCItem(e["Question"], e["True answers"] + e["False answers"],
+                        [1] * len(e["True answers"]) + [0] * len(e["False answers"])) for e in data["examples"]]
+    return items[:limit]
+
+
+def _load_user_truthfulqa(path: str, kind: str) -> list[MCItem]:
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such TruthfulQA file; give the multiple_choice set as JSON, JSONL or parquet")
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+    elif path.endswith(".jsonl"):
+        from soft_jax.io_utils import read_jsonl
+
+        rows = read_jsonl(path, required=("question", f"{kind}_targets"))
+    else:
+        rows = _read_json(path)
+    try:
+        return [MCItem(r["question"], list(r[f"{kind}_targets"]["choices"]),
+                       [int(x) for x in r[f"{kind}_targets"]["labels"]]) for r in rows]
+    except (KeyError, TypeError) as e:
+        raise UserError(f"{path}: expected rows with question and {kind}_targets {{choices, labels}} ({e!r})") from None
