@@ -1,6 +1,7 @@
 """The decoder against transformers (PyTorch) on the same weights: logits, padding, export round trip."""
 
 import copy
+import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -154,3 +155,21 @@ def test_gguf_tokenizer_without_torch_equals_transformers(smollm2):
     assert ours.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
         ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     assert (ours.eos_token, ours.pad_token, len(ours)) == (ref.eos_token, ref.pad_token, len(ref))
+
+
+def test_sharded_bfloat16_checkpoint_with_index(tmp_path):
+    """A bf16 checkpoint split into shards with model.safetensors.index.json loads as transformers reads it."""
+    import torch
+    import transformers
+    from conftest import make_tiny_hf
+
+    hf = make_tiny_hf("llama", str(tmp_path / "f32")).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path / "bf16", max_shard_size="20KB")
+    files = os.listdir(tmp_path / "bf16")
+    assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 2
+    model, _ = models.load(str(tmp_path / "bf16"), progress=False)  # bf16 storage upcast to float32 params
+    assert model.layers[0].self_attn.q_proj.kernel[...].dtype == jnp.float32
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", attn_implementation="eager",
+                                                            dtype=torch.float32).eval()
+    ids = np.random.default_rng(6).integers(0, 160, size=(2, 24))
+    assert_same_logits(model(jnp.asarray(ids)), torch_logits(ref, ids))
