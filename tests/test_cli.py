@@ -58,33 +58,31 @@ def test_unsupported_architecture_gpt2(tmp_path):
     assert_user_error(run_cli("info", "--model", str(tmp_path)), "gpt2", "supported: llama, mistral, qwen2")
 
 
-def test_config_missing_key(tiny_llama, tmp_path):
-    path = tiny_llama
+def broken_copy(src, tmp_path, edit_config=None):
+    """A copy of a checkpoint directory, with config.json passed through `edit_config` (a dict -> None)."""
     broken = tmp_path / "broken"
-    shutil.copytree(path, broken)
-    cfg = json.loads((broken / "config.json").read_text())
-    del cfg["hidden_size"]
-    (broken / "config.json").write_text(json.dumps(cfg))
+    shutil.copytree(src, broken)
+    if edit_config:
+        cfg = json.loads((broken / "config.json").read_text())
+        edit_config(cfg)
+        (broken / "config.json").write_text(json.dumps(cfg))
+    return broken
+
+
+def test_config_missing_key(tiny_llama, tmp_path):
+    broken = broken_copy(tiny_llama, tmp_path, lambda cfg: cfg.pop("hidden_size"))
     assert_user_error(run_cli("info", "--model", str(broken)), "missing key(s) hidden_size", "config.json")
 
 
 def test_truncated_safetensors(tiny_llama, tmp_path):
-    path = tiny_llama
-    broken = tmp_path / "broken"
-    shutil.copytree(path, broken)
-    weights = broken / "model.safetensors"
+    weights = broken_copy(tiny_llama, tmp_path) / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
-    assert_user_error(run_cli("info", "--model", str(broken)), "truncated", "model.safetensors")
+    assert_user_error(run_cli("info", "--model", str(weights.parent)), "truncated", "model.safetensors")
 
 
 def test_weights_config_shape_mismatch(tiny_llama, tmp_path):
-    path = tiny_llama
-    broken = tmp_path / "broken"
-    shutil.copytree(path, broken)
-    cfg = json.loads((broken / "config.json").read_text())
-    cfg["intermediate_size"] += 8
-    (broken / "config.json").write_text(json.dumps(cfg))
+    broken = broken_copy(tiny_llama, tmp_path, lambda cfg: cfg.update(intermediate_size=cfg["intermediate_size"] + 8))
     assert_user_error(run_cli("info", "--model", str(broken)), "shape", "disagree")
 
 
