@@ -1,4 +1,4 @@
-"""The `soft-jax` command line: info | generate | eval | export.
+"""The `soft-jax` command line: info | generate | train | eval | export.
 
 Every user mistake ends with exit code 2 and one line on stderr (what is wrong, where, how to mend it).
 """
@@ -91,6 +91,29 @@ def cmd_generate(args) -> None:
             print(json.dumps(r, ensure_ascii=False))
 
 
+def cmd_train(args) -> None:
+    from soft_jax import models, training
+    from soft_jax.io_utils import read_jsonl
+
+    rows = read_jsonl(args.data, required=("prompt", "response"))
+    config = training.TrainConfig(
+        max_prompt_len=args.max_prompt_len, max_response_len=args.max_response_len, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, epochs=args.epochs, learning_rate=args.lr, warmup_steps=args.warmup_steps,
+        order=args.order, seed=args.seed, checkpoint_every=args.checkpoint_every, remat=args.remat)
+    source, cfg, tokenizer = models.inspect(args.model, dtype=args.dtype, param_dtype=args.param_dtype)
+    if tokenizer is None:
+        raise UserError(f"{args.model}: the checkpoint has no tokenizer files; add them to the directory")
+    pairs = [(r["prompt"], r["response"]) for r in rows]
+    _, epochs, _ = training.prepare(tokenizer, pairs, config)  # format, length and schedule problems
+    training.make_optimizer(config, training.total_steps(epochs, config))  # surface before the weights load
+    model = models.build(source, cfg)
+    trained, result = training.train(model, tokenizer, pairs, config, checkpoint_dir=args.checkpoint_dir)
+    models.export_hf(trained, tokenizer, args.out)
+    print(f"trained {result.steps} steps on {result.examples} examples ({result.tokens} tokens; truncated: "
+          f"{result.truncated_prompts} prompts, {result.truncated_responses} responses); final loss "
+          f"{result.losses[-1] if result.losses else float('nan'):.4f}; wrote {args.out}")
+
+
 def cmd_export(args) -> None:
     from soft_jax import models
 
@@ -155,6 +178,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", required=True, help="output JSON: {task: {accuracy, n, ...}}")
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("train", help="SFT on a JSONL of {prompt, response} rows; writes an HF directory")
+    _add_model(p)
+    p.add_argument("--data", required=True, help="JSONL, one {\"prompt\": ..., \"response\": ...} per line")
+    p.add_argument("--out", required=True, help="output HF checkpoint directory")
+    p.add_argument("--param-dtype", default=None, help="parameter dtype (default: --dtype); float32 for bf16 compute")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--warmup-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--max-prompt-len", type=int, default=256)
+    p.add_argument("--max-response-len", type=int, default=256)
+    p.add_argument("--order", default="shuffle", help="shuffle | given")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--remat", action="store_true")
+    p.add_argument("--checkpoint-dir", help="Orbax step checkpoints; a rerun resumes from the latest")
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("export", help="write an HF checkpoint directory that transformers loads")
     _add_model(p)

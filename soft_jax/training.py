@@ -277,6 +277,11 @@ def prepare(tokenizer, pairs: Sequence[tuple[str, str]], config: TrainConfig):
     return examples, epochs, stats
 
 
+def total_steps(epochs: list[dict[str, np.ndarray]], config: TrainConfig) -> int:
+    total = math.ceil(epochs[0]["inputs"].shape[0] / config.batch_size) * config.epochs
+    return total if config.max_steps is None else min(total, config.max_steps)
+
+
 def batches(epochs: list[dict[str, np.ndarray]], batch_size: int):
     """Every step's rows in order; the last batch of an epoch is padded with empty rows (zero weight)."""
     for rows in epochs:
@@ -305,10 +310,7 @@ def train(model: Llama, tokenizer, pairs: Sequence[tuple[str, str]], config: Tra
     `log` receives one dict per step: step, loss, grad_norm, lr-free throughput (tokens/s, TFLOP/s, MFU).
     """
     examples, epochs, (cut_p, cut_r) = prepare(tokenizer, pairs, config)
-    steps_per_epoch = math.ceil(epochs[0]["inputs"].shape[0] / config.batch_size)
-    total = steps_per_epoch * config.epochs
-    if config.max_steps is not None:
-        total = min(total, config.max_steps)
+    total = total_steps(epochs, config)
     trainer = Trainer(model, make_optimizer(config, total), config, mesh)
     ckpt, start, print_ = None, 0, fingerprint(pairs, config, model)
     if checkpoint_dir and config.checkpoint_every:

@@ -197,3 +197,38 @@ def test_bad_training_input(smollm2_tokenizer, tiny_chat):
         training.train(model, tok, PAIRS, TrainConfig(batch_size=2, warmup_steps=5, pack=False), progress=False)
     with pytest.raises(UserError, match="multiple of grad_accum"):
         TrainConfig(batch_size=3, grad_accum=2)
+
+
+def _pairs_file(tmp_path, pairs=PAIRS):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs))
+    return str(path)
+
+
+def test_train_cli_writes_a_loadable_checkpoint(tiny_chat, tmp_path):
+    from conftest import run_cli
+
+    out = tmp_path / "trained"
+    proc = run_cli("train", "--model", tiny_chat, "--data", _pairs_file(tmp_path), "--out", str(out),
+                   "--batch-size", "2", "--epochs", "2", "--lr", "1e-3", "--warmup-steps", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "trained 2 steps on 4 examples" in proc.stdout  # packed: one row per epoch
+    trained, tok = models.load(str(out), progress=False)
+    before, _ = models.load(tiny_chat, progress=False)
+    assert tok is not None and not np.allclose(trained.layers[0].mlp.up_proj.kernel[...],
+                                               before.layers[0].mlp.up_proj.kernel[...])
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--max-prompt-len", "10"], "the engraving format alone takes"),
+    (["--warmup-steps", "5"], "schedule has 1 steps but warmup_steps is 5"),
+    (["--batch-size", "3", "--grad-accum", "2"], "multiple of grad_accum"),
+    (["--order", "backwards"], "training order 'backwards' is unknown"),
+])
+def test_train_cli_bad_input(tiny_chat, tmp_path, extra, needle):
+    from conftest import run_cli
+
+    proc = run_cli("train", "--model", tiny_chat, "--data", _pairs_file(tmp_path), "--out", str(tmp_path / "o"),
+                   *extra)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert needle in proc.stderr and not (tmp_path / "o").exists()
