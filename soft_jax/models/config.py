@@ -72,9 +72,6 @@ class ModelConfig:
         embed = self.vocab_size * e * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * layer + embed + e
 
-    def replace(self, **kw) -> "ModelConfig":
-        return dataclasses.replace(self, **kw)
-
     # --- HF config.json -------------------------------------------------------------------------
 
     @classmethod

@@ -112,10 +112,6 @@ class KVCache:
         """This (batch-1) cache's filled slots as a SharedPrefix."""
         return SharedPrefix(k=self.k, v=self.v, positions=self.positions, segment_ids=self.segment_ids)
 
-    @property
-    def length(self) -> int:
-        return self.positions.shape[1]
-
 
 def make_mask(q_pos, q_seg, k_pos, k_seg, window=None):
     """[B, T, S] boolean: same non-zero segment, causal by position, optional sliding window."""
@@ -274,12 +270,6 @@ def default_positions(segment_ids, cache=None):
         if cache.prefix is not None:
             positions = positions + jnp.sum(cache.prefix.segment_ids != 0, axis=1, keepdims=True)
     return positions
-
-
-def param_axes(model: Llama) -> dict[tuple, tuple[str, ...]]:
-    """Path -> logical axis names of every parameter."""
-    return {path: var.get_metadata().get("axes", ()) for path, var in nnx.iter_graph(model)
-            if isinstance(var, nnx.Param)}
 
 
 def init_random(cfg: ModelConfig, seed: int = 0) -> Llama:
