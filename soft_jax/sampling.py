@@ -357,34 +357,73 @@ def _score_batch(graphdef, state, ids, positions, seg, targets, cache):
     return jnp.where(targets >= 0, picked, 0.0)
 
 
-def score_tokens(model: Llama, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
-                 batch_size: int = 16, mesh=None, progress: bool = False) -> list[np.ndarray]:
-    """Per-token log-probabilities of each continuation given its context (token lists)."""
+@functools.partial(jax.jit, static_argnums=(0,))
+def _score_last(graphdef, state, ids, positions, seg, picks, cache):
+    """Log-probabilities of the `picks` tokens [B, E] as the next token after each row (last column only)."""
+    logits, _ = nnx.merge(graphdef, state)(ids, positions=positions, segment_ids=seg, cache=cache, last_only=True)
+    return jnp.take_along_axis(jax.nn.log_softmax(logits[:, -1], axis=-1), picks, axis=-1)
+
+
+def _batched_rows(model, rows, last_ctx_lens, batch_size, mesh, bar):
+    """Yields (indices, ids, seg, positions, cache, length) per batch of token rows (left-padded), with the
+    batch's common prefix prefilled once; last_ctx_lens bounds the shared part so every row keeps its
+    last context token (whose logits score the first continuation token)."""
     graphdef, state = nnx.split(model)
     batcher = _Batcher(mesh, batch_size)
-    out: list[np.ndarray] = []
-    bar = tqdm(total=len(contexts), desc="scoring", unit="row", disable=not progress)
-    for lo in range(0, len(contexts), batch_size):
-        ctx = [list(c) for c in contexts[lo:lo + batch_size]]
-        cont = [list(c) for c in continuations[lo:lo + batch_size]]
-        n = len(ctx)
-        ctx += [ctx[0]] * (batch_size - n)
-        cont += [cont[0]] * (batch_size - n)
-        rows = [c + k for c, k in zip(ctx, cont)]
-        # The last context token must stay in each row's own part: its logits score the first continuation token.
-        shared = _shared_len(rows, True, cap=min(len(c) for c in ctx) - 1)
-        own = [r[shared:] for r in rows]
+    for lo in range(0, len(rows), batch_size):
+        idx = list(range(lo, min(lo + batch_size, len(rows))))
+        batch = [rows[i] for i in idx] + [rows[idx[0]]] * (batch_size - len(idx))
+        cap = min(last_ctx_lens[i] for i in idx) - 1
+        shared = _shared_len(batch, True, cap=cap)
+        own = [r[shared:] for r in batch]
         length = bucket(max(map(len, own)))
-        cache = _prefill_shared(graphdef, state, model, rows[0][:shared], batch_size, length, batcher)
+        cache = _prefill_shared(graphdef, state, model, batch[0][:shared], batch_size, length, batcher)
         ids, seg, positions = _left_pad(own, length)
+        yield idx, graphdef, state, batcher, (ids, positions + shared, seg), cache, length
+        bar.update(len(idx))
+
+
+def score_tokens(model: Llama, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
+                 batch_size: int = 16, mesh=None, progress: bool = False) -> list[np.ndarray]:
+    """Per-token log-probabilities of each continuation given its context (token lists).
+
+    Single-token continuations of the same context (" true" / " false", " A" / " B") share one forward
+    pass over the context; longer ones get a row each.
+    """
+    out: list[np.ndarray | None] = [None] * len(contexts)
+    singles: dict[tuple, list[int]] = {}
+    multi = []
+    for i, (c, k) in enumerate(zip(contexts, continuations)):
+        if len(k) == 1:
+            singles.setdefault(tuple(c), []).append(i)
+        else:
+            multi.append(i)
+    bar = tqdm(total=len(singles) + len(multi), desc="scoring", unit="row", disable=not progress)
+    # Rows whose continuations are all one token: the context alone; read every asked token at its end.
+    uniq = list(singles)
+    asked = [sorted({continuations[i][0] for i in singles[c]}) for c in uniq]
+    width = max((len(a) for a in asked), default=0)
+    for idx, graphdef, state, batcher, (ids, positions, seg), cache, length in _batched_rows(
+            model, [list(c) for c in uniq], [len(c) for c in uniq], batch_size, mesh, bar):
+        picks = np.zeros((batch_size, width), np.int32)
+        for row, u in enumerate(idx):
+            picks[row, :len(asked[u])] = asked[u]
+        logps = np.asarray(_score_last(graphdef, state, *batcher.put((ids, positions, seg, picks)), cache))
+        for row, u in enumerate(idx):
+            for i in singles[uniq[u]]:
+                out[i] = logps[row, asked[u].index(continuations[i][0])][None]
+    rows = [list(contexts[i]) + list(continuations[i]) for i in multi]
+    for idx, graphdef, state, batcher, (ids, positions, seg), cache, length in _batched_rows(
+            model, rows, [len(contexts[i]) for i in multi], batch_size, mesh, bar):
         targets = np.full((batch_size, length), -1, np.int32)
-        for i, k in enumerate(cont):
+        for row, r in enumerate(idx):
+            k = continuations[multi[r]]
             # Column j predicts token j + 1; the continuation occupies the row's last len(k) tokens.
-            targets[i, length - len(k) - 1:length - 1] = k
-        logp = np.asarray(_score_batch(graphdef, state, *batcher.put((ids, positions + shared, seg, targets)), cache))
-        for i, k in enumerate(cont[:n]):
-            out.append(logp[i, length - len(k) - 1:length - 1])
-        bar.update(n)
+            targets[row, length - len(k) - 1:length - 1] = k
+        logp = np.asarray(_score_batch(graphdef, state, *batcher.put((ids, positions, seg, targets)), cache))
+        for row, r in enumerate(idx):
+            k = continuations[multi[r]]
+            out[multi[r]] = logp[row, length - len(k) - 1:length - 1]
     bar.close()
     return out
 
