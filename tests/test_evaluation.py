@@ -68,15 +68,19 @@ def test_data_counts_match_the_published_sets():
 
 
 def _ref_logprobs(hf, tok, pairs):
-    """Summed log p(continuation | context) for each pair: one plain forward per pair."""
+    """Summed log p(continuation | context) for each pair, from plain forward passes (one per distinct
+    context + continuation; single-token continuations of one context read the same forward pass)."""
     import torch
 
-    out = []
+    out, memo = [], {}
     for ctx, cont in pairs:
         a = tok(ctx, add_special_tokens=False)["input_ids"]
         b = tok(cont, add_special_tokens=False)["input_ids"]
-        with torch.no_grad():
-            logp = torch.log_softmax(hf(torch.tensor([a + b])).logits[0].double(), -1)
+        key = tuple(a) if len(b) == 1 else tuple(a + b)
+        if key not in memo:
+            with torch.no_grad():
+                memo[key] = torch.log_softmax(hf(torch.tensor([list(key)])).logits[0].double(), -1)
+        logp = memo[key]
         out.append(sum(float(logp[len(a) - 1 + i, t]) for i, t in enumerate(b)))
     return np.asarray(out)
 
