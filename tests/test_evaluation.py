@@ -69,7 +69,7 @@ def test_data_counts_match_the_published_sets():
 
 def _ref_logprobs(hf, tok, pairs):
     """Summed log p(continuation | context) for each pair, from plain forward passes (one per distinct
-    context + continuation; single-token continuations of one context read the same forward pass)."""
+    context + continuation; adjacent single-token continuations of one context share a forward pass)."""
     import torch
 
     out, memo = [], {}
@@ -77,9 +77,9 @@ def _ref_logprobs(hf, tok, pairs):
         a = tok(ctx, add_special_tokens=False)["input_ids"]
         b = tok(cont, add_special_tokens=False)["input_ids"]
         key = tuple(a) if len(b) == 1 else tuple(a + b)
-        if key not in memo:
+        if key not in memo:  # pairs of one context are adjacent: keep only the latest forward pass
             with torch.no_grad():
-                memo[key] = torch.log_softmax(hf(torch.tensor([list(key)])).logits[0].double(), -1)
+                memo = {key: torch.log_softmax(hf(torch.tensor([list(key)])).logits[0].double(), -1)}
         logp = memo[key]
         out.append(sum(float(logp[len(a) - 1 + i, t]) for i, t in enumerate(b)))
     return np.asarray(out)
