@@ -79,9 +79,10 @@ def _ref_logprobs(hf, tok, pairs):
         key = tuple(a) if len(b) == 1 else tuple(a + b)
         if key not in memo:  # pairs of one context are adjacent: keep only the latest forward pass
             with torch.no_grad():
-                memo = {key: torch.log_softmax(hf(torch.tensor([list(key)])).logits[0].double(), -1)}
-        logp = memo[key]
-        out.append(sum(float(logp[len(a) - 1 + i, t]) for i, t in enumerate(b)))
+                memo = {key: hf(torch.tensor([list(key)])).logits[0]}
+        logits = memo[key][len(a) - 1:len(a) - 1 + len(b)].double()
+        logp = torch.log_softmax(logits, -1)
+        out.append(sum(float(logp[i, t]) for i, t in enumerate(b)))
     return np.asarray(out)
 
 
