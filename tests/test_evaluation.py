@@ -130,6 +130,9 @@ def _ref_decisions(hf, tok, task, items, protocol):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("SOFT_JAX_EVAL_REFERENCE") != "1",
+                    reason="work in progress (issue 6): 50 items x 3 tasks on SmolLM2 takes too long on CI's 2 cores "
+                           "until scoring compiles fewer shapes; run with SOFT_JAX_EVAL_REFERENCE=1")
 @pytest.mark.parametrize("protocol", evaluation.PROTOCOLS)
 def test_decisions_equal_an_independent_transformers_reference(smollm2, smollm2_hf, protocol):
     model, tok = smollm2
