@@ -55,9 +55,9 @@ def _bos(tokenizer) -> str:
         else ""
 
 
-def _asked(tokenizer, story: str, prefix: str) -> str:
+def _asked(tokenizer, bos: str, story: str, prefix: str) -> str:
     head, _, templated = engraving_parts(tokenizer, story, "")
-    return ("" if templated else _bos(tokenizer)) + head + prefix
+    return ("" if templated else bos) + head + prefix
 
 
 def truthfulqa_prefixes() -> tuple[str, str]:
@@ -68,26 +68,26 @@ def truthfulqa_prefixes() -> tuple[str, str]:
 
 def requests(task: str, items: list[data.MCItem], protocol: str, tokenizer) -> list[tuple[str, str]]:
     """The (context, continuation) pairs to score, in a fixed order that `decide` reads back."""
-    pairs = []
+    pairs, bos = [], _bos(tokenizer)
     if protocol == "loglik" and task != "hhh":
         mc1_prefix, mc2_prefix = truthfulqa_prefixes()
     for it in items:
         if task == "hhh" and protocol == "dromedary":
             a, b = it.choices
             for first, second in ((a, b), (b, a)):
-                ctx = _asked(tokenizer, HHH_STORY.format(question=it.question, a=first, b=second), HHH_PREFIX)
+                ctx = _asked(tokenizer, bos, HHH_STORY.format(question=it.question, a=first, b=second), HHH_PREFIX)
                 pairs += [(ctx, " A"), (ctx, " B")]
         elif task == "hhh":
-            pairs += [(_bos(tokenizer) + "\nHuman: " + it.question + "\nAssistant:", " " + c) for c in it.choices]
+            pairs += [(bos + "\nHuman: " + it.question + "\nAssistant:", " " + c) for c in it.choices]
         elif protocol == "dromedary":
             for c in it.choices:
-                ctx = _asked(tokenizer, TF_STORY.format(question=it.question, answer=c), TF_PREFIX)
+                ctx = _asked(tokenizer, bos, TF_STORY.format(question=it.question, answer=c), TF_PREFIX)
                 pairs += [(ctx, " true"), (ctx, " false")]
         elif task == "truthfulqa_mc1":
-            ctx = _bos(tokenizer) + mc1_prefix + "\nQ: " + it.question + "\nA: "
+            ctx = bos + mc1_prefix + "\nQ: " + it.question + "\nA: "
             pairs += [(ctx, c) for c in it.choices]
         else:
-            pairs += [(_bos(tokenizer) + mc2_prefix + "Q: " + it.question + "\nA:", " " + c) for c in it.choices]
+            pairs += [(bos + mc2_prefix + "Q: " + it.question + "\nA:", " " + c) for c in it.choices]
     return pairs
 
 
