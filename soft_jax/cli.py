@@ -104,10 +104,11 @@ def cmd_train(args) -> None:
     if tokenizer is None:
         raise UserError(f"{args.model}: the checkpoint has no tokenizer files; add them to the directory")
     pairs = [(r["prompt"], r["response"]) for r in rows]
-    _, epochs, _ = training.prepare(tokenizer, pairs, config)  # format, length and schedule problems
-    training.make_optimizer(config, training.total_steps(epochs, config))  # surface before the weights load
+    prepared = training.prepare(tokenizer, pairs, config)  # format, length and schedule problems
+    training.make_optimizer(config, training.total_steps(prepared[1], config))  # surface before weights load
     model = models.build(source, cfg)
-    trained, result = training.train(model, tokenizer, pairs, config, checkpoint_dir=args.checkpoint_dir)
+    trained, result = training.train(model, tokenizer, pairs, config, checkpoint_dir=args.checkpoint_dir,
+                                     prepared=prepared)
     models.export_hf(trained, tokenizer, args.out)
     print(f"trained {result.steps} steps on {result.examples} examples ({result.tokens} tokens; truncated: "
           f"{result.truncated_prompts} prompts, {result.truncated_responses} responses); final loss "

@@ -304,12 +304,13 @@ def fingerprint(pairs, config: TrainConfig, model: Llama) -> str:
 
 def train(model: Llama, tokenizer, pairs: Sequence[tuple[str, str]], config: TrainConfig, mesh=None,
           checkpoint_dir: str | None = None, progress: bool = True,
-          log: Callable[[dict], None] | None = None) -> tuple[Llama, TrainResult]:
+          log: Callable[[dict], None] | None = None, prepared=None) -> tuple[Llama, TrainResult]:
     """Fine-tunes on (prompt, response) pairs; resumes from checkpoint_dir's latest step checkpoint.
 
+    prepared: prepare()'s result for these pairs, when the caller already has it.
     `log` receives one dict per step: step, loss, grad_norm, lr-free throughput (tokens/s, TFLOP/s, MFU).
     """
-    examples, epochs, (cut_p, cut_r) = prepare(tokenizer, pairs, config)
+    examples, epochs, (cut_p, cut_r) = prepared or prepare(tokenizer, pairs, config)
     total = total_steps(epochs, config)
     trainer = Trainer(model, make_optimizer(config, total), config, mesh)
     ckpt, start, print_ = None, 0, fingerprint(pairs, config, model)
