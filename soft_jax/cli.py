@@ -1,4 +1,4 @@
-"""The `soft-jax` command line: info | generate | train | eval | export.
+"""The `soft-jax` command line: run | info | generate | train | eval | export.
 
 Every user mistake ends with exit code 2 and one line on stderr (what is wrong, where, how to mend it).
 """
@@ -26,10 +26,30 @@ def _add_model(p):
     p.add_argument("--dtype", default="float32", help="compute and parameter dtype: float32 | bfloat16 | float16")
 
 
-def cmd_info(args) -> None:
+def _is_workdir(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "state.json"))
+
+
+def _open_model(args, param_dtype=None):
+    """(build, config, tokenizer) for --model: checks config and tokenizer before `build()` reads weights.
+
+    A run's work dir stands for its best round."""
     from soft_jax import models
 
-    model, tokenizer = models.load(args.model, dtype=args.dtype, progress=False)
+    if _is_workdir(args.model):
+        from soft_jax import bootstrap
+
+        model, tokenizer = bootstrap.best_model(args.model, args.dtype)
+        return (lambda: model), model.config, tokenizer
+    source, cfg, tokenizer = models.inspect(args.model, dtype=args.dtype, param_dtype=param_dtype)
+    if tokenizer is None:
+        raise UserError(f"{args.model}: the checkpoint has no tokenizer files; add them to the directory")
+    return (lambda: models.build(source, cfg)), cfg, tokenizer
+
+
+def cmd_info(args) -> None:
+    build, _, tokenizer = _open_model(args)
+    model = build()
     cfg = model.config
     from flax import nnx
 
@@ -69,9 +89,7 @@ def cmd_generate(args) -> None:
     config = sampling.SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                      top_p=args.top_p, top_k=args.top_k, seed=args.seed, batch_size=args.batch_size,
                                      stop_strings=tuple(args.stop))
-    source, cfg, tokenizer = models.inspect(args.model, dtype=args.dtype)
-    if tokenizer is None:
-        raise UserError(f"{args.model}: the checkpoint has no tokenizer files; add them to the directory")
+    build, cfg, tokenizer = _open_model(args)
     chat = bool(tokenizer.chat_template) if args.chat is None else args.chat
     if chat and not tokenizer.chat_template:
         raise UserError(f"{args.model}: --chat asked for, but the tokenizer has no chat template; use --no-chat")
@@ -79,7 +97,7 @@ def cmd_generate(args) -> None:
                                            add_generation_prompt=True) if chat else r["prompt"] for r in rows]
     sampling.check_lengths([tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts],
                            config.max_new_tokens, cfg.max_position_embeddings)
-    model = models.build(source, cfg)
+    model = build()
     outputs = sampling.generate(model, tokenizer, texts, config, add_special_tokens=not chat)
     results = [{"id": r.get("id", i), "prompt": r["prompt"], "completion": o}
                for i, (r, o) in enumerate(zip(rows, outputs))]
@@ -100,13 +118,11 @@ def cmd_train(args) -> None:
         max_prompt_len=args.max_prompt_len, max_response_len=args.max_response_len, batch_size=args.batch_size,
         grad_accum=args.grad_accum, epochs=args.epochs, learning_rate=args.lr, warmup_steps=args.warmup_steps,
         order=args.order, seed=args.seed, checkpoint_every=args.checkpoint_every, remat=args.remat)
-    source, cfg, tokenizer = models.inspect(args.model, dtype=args.dtype, param_dtype=args.param_dtype)
-    if tokenizer is None:
-        raise UserError(f"{args.model}: the checkpoint has no tokenizer files; add them to the directory")
+    build, cfg, tokenizer = _open_model(args, args.param_dtype)
     pairs = [(r["prompt"], r["response"]) for r in rows]
     prepared = training.prepare(tokenizer, pairs, config)  # format, length and schedule problems
     training.make_optimizer(config, training.total_steps(prepared[1], config))  # surface before weights load
-    model = models.build(source, cfg)
+    model = build()
     trained, result = training.train(model, tokenizer, pairs, config, checkpoint_dir=args.checkpoint_dir,
                                      prepared=prepared)
     models.export_hf(trained, tokenizer, args.out)
@@ -118,7 +134,8 @@ def cmd_train(args) -> None:
 def cmd_export(args) -> None:
     from soft_jax import models
 
-    model, tokenizer = models.load(args.model, dtype=args.dtype)
+    build, _, tokenizer = _open_model(args)
+    model = build()
     models.export_hf(model, tokenizer, args.out)
     print(f"exported {args.model} to {os.path.abspath(args.out)} (transformers: from_pretrained({args.out!r}))")
 
@@ -132,9 +149,8 @@ def cmd_eval(args) -> None:
         raise UserError(f"unknown protocol {args.protocol!r}; choose from {', '.join(evaluation.PROTOCOLS)}")
     for task in tasks:  # data problems (no network, bad files) surface before the model loads
         evaluation.load_items(task, 1, args.truthfulqa_file)
-    model, tokenizer = models.load(args.model, dtype=args.dtype)
-    if tokenizer is None:
-        raise UserError(f"{args.model}: the checkpoint has no tokenizer files; add them to the directory")
+    build, _, tokenizer = _open_model(args)
+    model = build()
     results = evaluation.evaluate(model, tokenizer, tasks, args.protocol, args.limit, args.truthfulqa_file,
                                   batch_size=args.batch_size)
     summary = {t: {k: v for k, v in r.items() if k != "items"} for t, r in results.items() if t in tasks}
@@ -143,6 +159,23 @@ def cmd_eval(args) -> None:
         subsets = ", ".join(f"{k} {v['accuracy']:.3f} (n={v['n']})" for k, v in r.items() if isinstance(v, dict))
         print(f"{task:16s} {r['accuracy']:.4f} (n={r['n']}, {args.protocol})" + (f"; {subsets}" if subsets else ""))
     print(f"wrote {args.out}")
+
+
+def cmd_run(args) -> None:
+    from soft_jax import bootstrap
+    from soft_jax import config as config_lib
+
+    overrides, rest = [], list(args.overrides)
+    while rest:
+        item = rest.pop(0)
+        if not item.startswith("--config."):
+            raise UserError(f"unrecognized argument {item!r}; `run` takes --config FILE, --workdir DIR and "
+                            "--config.key=value overrides")
+        if "=" not in item and rest and not rest[0].startswith("--"):  # --config.key value
+            item += "=" + rest.pop(0)
+        overrides.append(item[len("--config."):])
+    config = config_lib.load(args.config, overrides)
+    bootstrap.run(config, args.workdir)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.set_defaults(fn=cmd_train)
 
+    p = sub.add_parser("run", help="run or resume SOFT / SOFT+ rounds from a config (see configs/)")
+    p.add_argument("--config", required=True, help="config file, optionally with an argument: configs/soft.py[:ARG]")
+    p.add_argument("--workdir", required=True, help="work dir; rerunning the same command resumes the run")
+    p.set_defaults(fn=cmd_run, overrides=[])
+
     p = sub.add_parser("export", help="write an HF checkpoint directory that transformers loads")
     _add_model(p)
     p.add_argument("--out", required=True, help="output directory")
@@ -208,7 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args, rest = build_parser().parse_known_args(argv)
+        if rest and args.command != "run":
+            raise UserError(f"unrecognized arguments: {' '.join(rest)} (see `soft-jax {args.command} --help`)")
+        args.overrides = rest
         args.fn(args)
     except UserError as e:
         print(f"soft-jax: error: {e}", file=sys.stderr)

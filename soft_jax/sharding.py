@@ -70,3 +70,14 @@ def named_sharding(axes, shape, mesh: Mesh | None, rules=DEFAULT_RULES):
     if mesh is None:
         return jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
+
+
+def shard_model(model, mesh: Mesh | None, rules=DEFAULT_RULES):
+    """Moves every parameter of an NNX model onto its sharding (in place); returns the model."""
+    from flax import nnx
+
+    for _, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Param):
+            var.set_value(jax.device_put(var[...], named_sharding(var.get_metadata().get("axes", ()), var.shape,
+                                                                  mesh, rules)))
+    return model

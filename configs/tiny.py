@@ -1,0 +1,25 @@
+"""The smoke run: SOFT+ on a tiny random model with the built-in data, 2 rounds, under a minute on CPU.
+
+    soft-jax run --config configs/tiny.py --workdir runs/tiny
+
+The tests' base config. A random model writes no "Assistant:" marker, so require_marker is off and
+every completion counts as an answer; the numbers mean nothing, the artifacts and the flow are real.
+"""
+
+from soft_jax.config import base
+
+
+def get_config(arg=None):
+    c = base()
+    c.model.name = "tiny"
+    c.rounds = 2
+    c.prompts.per_round = 8
+    c.exemplars.k = 1
+    c.sampling.update(max_new_tokens=16, batch_size=4)
+    c.filters.update(require_marker=False, min_words=1)
+    c.curriculum.update(order="easy_to_hard", across_rounds="prompt_ppl", batch_size=8)
+    c.train.update(learning_rate=1e-3, batch_size=2, max_prompt_len=64, max_response_len=32, checkpoint_every=1,
+                   warmup_ratio=0.0)
+    c.validation.update(batch_size=8)
+    c.open_ended.update(limit=2, max_new_tokens=8)
+    return c

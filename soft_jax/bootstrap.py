@@ -1,0 +1,510 @@
+"""The SOFT / SOFT+ round loop (METHOD.md): generate -> filter -> score -> order -> train -> eval -> save.
+
+Every phase leaves a durable artifact in the work dir before the next starts, so a rerun of the same
+command skips what is finished and resumes inside a phase where that is possible:
+
+    DIR/config.json                    the run's config (a rerun with a changed config is checked against it)
+    DIR/state.json                     finished rounds, validation scores, best round, why the run stopped
+    DIR/metrics.jsonl                  one object per event: round, phase, numbers (deduplicated on resume)
+    DIR/curriculum.json                per-prompt difficulty of the pool (across-rounds curriculum only)
+    DIR/rounds/NNN/prompts.jsonl       the round's prompt slice
+    DIR/rounds/NNN/generations.jsonl   raw self-aligned outputs, exemplar ids, parsed answer, filter verdict
+    DIR/rounds/NNN/train.jsonl         kept (prompt, response) pairs in training order, with difficulty
+    DIR/rounds/NNN/eval.json           validation score, eval tasks, open-ended answers file
+    DIR/checkpoints/rounds/N           Orbax: the parameters after round N
+    DIR/checkpoints/train/NNN          Orbax: training-step checkpoints of the round in progress
+
+Generation resumes at batch granularity (each finished batch is one line of a partial file; a torn last
+line is dropped), training at step granularity. Random draws are keyed by (seed, round, batch), never by
+a running stream, so a resumed round samples exactly what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from typing import Callable
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from soft_jax import config as config_lib
+from soft_jax import curriculum, data, evaluation, faults, sampling, training
+from soft_jax import sharding as shd
+from soft_jax.checkpoints import StepCheckpointer
+from soft_jax.data import filters, templates
+from soft_jax.errors import UserError
+from soft_jax.io_utils import write_atomic, write_jsonl
+from soft_jax.models import presets
+
+STATE, CONFIG, METRICS = "state.json", "config.json", "metrics.jsonl"
+HIGHER_IS_BETTER = set(evaluation.TASKS)
+
+
+def round_dir(workdir: str, t: int) -> str:
+    return os.path.join(workdir, "rounds", f"{t:03d}")
+
+
+# --- small durable files ------------------------------------------------------------------------
+
+
+def read_json(path: str, default=None):
+    if not os.path.exists(path):
+        return default
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_json(path: str, obj) -> None:
+    write_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+
+
+def read_lines(path: str) -> list[dict]:
+    """JSON lines of an append-only file; a torn last line (a kill mid-write) is dropped."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break  # the last write never finished
+            rows.append(json.loads(line))
+    return rows
+
+
+def append_line(path: str, row: dict) -> None:
+    """Appends one JSON line and syncs it; a kill mid-write leaves a line without newline (read_lines drops it)."""
+    if os.path.exists(path) and os.path.getsize(path):
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+        if torn:  # drop the torn line first, so this row never glues onto it
+            write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in read_lines(path)))
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class Metrics:
+    """metrics.jsonl: one object per event keyed by (round, phase, step); a resumed event replaces, never repeats."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.rows = {self._key(r): r for r in read_lines(path)}
+        self._rewrite()
+
+    @staticmethod
+    def _key(row: dict) -> tuple:
+        return row.get("round"), row.get("phase"), row.get("step")
+
+    def _rewrite(self) -> None:
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.rows.values()))
+
+    def add(self, row: dict) -> None:
+        key = self._key(row)
+        seen = key in self.rows
+        self.rows[key] = row
+        if seen:
+            self._rewrite()
+        else:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Inputs:
+    """Everything a run reads besides the model, loaded and checked before any weights."""
+
+    principles: str
+    exemplars: list[data.Exemplar]
+    pool: list[dict]
+    validation: list[dict]
+    sizes: list[int]
+    open_ended: list[dict]
+
+
+def load_inputs(c: ml_collections.ConfigDict) -> Inputs:
+    exemplars = data.load_exemplars(c.exemplars.path)
+    if c.exemplars.k > len(exemplars):
+        raise UserError(f"exemplars.k = {c.exemplars.k} but the exemplar pool has {len(exemplars)}; lower "
+                        "exemplars.k or add exemplars")
+    pool = data.load_prompts(c.prompts.path)
+    sizes = data.round_sizes(c.prompts.per_round, c.rounds)
+    if sum(sizes) > len(pool):
+        raise UserError(f"{c.rounds} rounds of {c.prompts.per_round} prompts need {sum(sizes)} prompts but the "
+                        f"prompt pool ({c.prompts.path or 'built-in'}) has {len(pool)}; lower rounds or "
+                        "prompts.per_round, or give a larger pool")
+    validation = data.load_pairs(c.validation.path) if c.validation.metric == "valid_nll" else []
+    open_ended = data.load_prompts(c.open_ended.path or data.asset("questions.jsonl")) if c.open_ended.limit else []
+    return Inputs(data.load_principles(c.principles), exemplars, pool, validation, sizes,
+                  open_ended[:c.open_ended.limit])
+
+
+def check_workdir(workdir: str, c: ml_collections.ConfigDict) -> None:
+    """Writes config.json on a new run; on a rerun refuses config changes that invalidate finished rounds."""
+    path = os.path.join(workdir, CONFIG)
+    new = config_lib.to_dict(c)
+    old = read_json(path)
+    if old is None:
+        if os.path.isdir(workdir) and os.listdir(workdir):
+            raise UserError(f"{workdir}: the directory is not empty and holds no soft-jax run ({CONFIG} missing); "
+                            "give a new or empty work dir")
+        write_json(path, new)
+        return
+    changed = config_lib.diff(old, new)
+    state = read_json(os.path.join(workdir, STATE), {"finished": []})
+    done = len(state["finished"])
+    bad = [k for k in changed if k not in config_lib.RESUMABLE_CHANGES]
+    per_old, per_new = old["prompts"]["per_round"], new["prompts"]["per_round"]
+    if isinstance(per_old, list) or isinstance(per_new, list):
+        sizes_old = per_old if isinstance(per_old, list) else [per_old] * old["rounds"]
+        sizes_new = per_new if isinstance(per_new, list) else [per_new] * new["rounds"]
+        if sizes_old[:done + 1] != sizes_new[:done + 1]:
+            bad.append("prompts.per_round")
+    elif per_old != per_new:
+        bad.append("prompts.per_round")
+    if bad:
+        raise UserError(f"{workdir} holds a run with another config (changed: {', '.join(sorted(set(bad)))}); "
+                        "use a new --workdir, or rerun with the config in its config.json")
+    if changed:
+        write_json(path, new)
+
+
+class Run:
+    """One work dir's run; `run()` executes or resumes it."""
+
+    def __init__(self, c: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = print):
+        self.c, self.workdir, self.log = c, workdir, log
+        self.progress = bool(c.progress)
+        presets.check(c.model.name, c.model.path, c.model.dtype, c.model.param_dtype)
+        self.inputs = load_inputs(c)
+        os.makedirs(workdir, exist_ok=True)
+        check_workdir(workdir, c)
+        self.state = read_json(os.path.join(workdir, STATE), {"finished": [], "scores": {}, "best_round": None,
+                                                              "stopped": None})
+        self.metrics = Metrics(os.path.join(workdir, METRICS))
+        self.mesh = shd.make_mesh((c.mesh.data, c.mesh.fsdp, c.mesh.tensor)) if jax.device_count() > 1 else None
+        self.filter_cfg = filters.FilterConfig(**c.filters.to_dict())
+        self.rounds_ckpt = StepCheckpointer(os.path.join(workdir, "checkpoints", "rounds"), every=0, keep=None)
+
+    # -- models --
+
+    def load_base(self):
+        m = self.c.model
+        return presets.load(m.name, m.path, m.dtype, m.param_dtype, mesh=self.mesh, seed=self.c.seed,
+                            progress=self.progress)
+
+    def restore_round(self, template, t: int):
+        graphdef, state = nnx.split(template)
+        restored, _ = self.rounds_ckpt.restore(t, state)
+        return nnx.merge(graphdef, restored)
+
+    def save_round(self, model, t: int, meta: dict) -> None:
+        self.rounds_ckpt.save(t, nnx.state(model), meta)
+
+    # -- phases --
+
+    def round_prompts(self, t: int, base, tokenizer) -> list[dict]:
+        path = os.path.join(round_dir(self.workdir, t), "prompts.jsonl")
+        if not os.path.exists(path):
+            slices = data.split_rounds(self.inputs.pool, self.inputs.sizes, self.c.seed,
+                                       self.pool_difficulty(base, tokenizer))
+            write_jsonl(path, [{**row, "round": t} for row in slices[t - 1]])
+        return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+    def pool_difficulty(self, base, tokenizer) -> list[float] | None:
+        kind = self.c.curriculum.across_rounds
+        if kind == "none":
+            return None
+        path = os.path.join(self.workdir, "curriculum.json")
+        cached = read_json(path)
+        if cached is None:
+            pairs = [(templates.user_turn(p["prompt"], p["input"]), "") for p in self.inputs.pool]
+            score = "prompt_ppl" if kind == "prompt_ppl" else "prompt_length"
+            values = (curriculum.difficulty("prompt_ppl", base, tokenizer, pairs, self.c.curriculum.batch_size,
+                                            self.mesh) if score == "prompt_ppl"
+                      else [float(len(tokenizer(p, add_special_tokens=False)["input_ids"])) for p, _ in pairs])
+            cached = {"score": kind, "difficulty": {p["prompt_id"]: v for p, v in zip(self.inputs.pool, values)}}
+            write_json(path, cached)
+        return [cached["difficulty"][p["prompt_id"]] for p in self.inputs.pool]
+
+    def generate(self, t: int, generator, tokenizer, prompts: list[dict]) -> list[dict]:
+        """Self-aligned generations for the round's prompts, resumable per batch."""
+        rdir = round_dir(self.workdir, t)
+        final = os.path.join(rdir, "generations.jsonl")
+        if os.path.exists(final):
+            return [json.loads(line) for line in open(final, encoding="utf-8")]
+        partial = os.path.join(rdir, "generations.partial.jsonl")
+        done = {b["batch"]: b["rows"] for b in read_lines(partial)}
+        s = self.c.sampling
+        cfg = sampling.SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                                      top_k=s.top_k, batch_size=s.batch_size, stop_strings=templates.STOP_STRINGS)
+        ctx = filters.Context(self.inputs.exemplars, self.inputs.principles, self.filter_cfg)
+        n_batches = math.ceil(len(prompts) / s.batch_size)
+        bar = tqdm(total=len(prompts), desc=f"round {t} generating", unit="prompt", disable=not self.progress)
+        bar.update(sum(len(r) for r in done.values()))
+        t0, new_tokens = time.perf_counter(), 0
+        for b in range(n_batches):
+            if b in done:
+                continue
+            batch = prompts[b * s.batch_size:(b + 1) * s.batch_size]
+            shots = [self.exemplars_for(t, b, p) for p in batch]
+            texts = [templates.self_align_prompt(self.inputs.principles, ex, p["prompt"], p["input"])
+                     for p, ex in zip(batch, shots)]
+            outs = sampling.generate(generator, tokenizer, texts, cfg, progress=False, mesh=self.mesh,
+                                     seed=int(np.random.default_rng([self.c.seed, t, b]).integers(2**31)))
+            rows = []
+            for p, ex, raw in zip(batch, shots, outs):
+                thoughts, answer = templates.parse(raw)
+                if answer is None and not self.filter_cfg.require_marker:
+                    thoughts, answer = "", templates.parse("\n" + templates.ANSWER + raw)[1]
+                reason = filters.verdict(answer, p["prompt"], ctx)
+                rows.append({"prompt_id": p["prompt_id"], "prompt": p["prompt"], "input": p["input"],
+                             "exemplar_ids": [e.id for e in ex], "raw": raw, "thoughts": thoughts,
+                             "answer": answer, "kept": reason is None, "dropped_by": reason})
+                new_tokens += len(tokenizer(raw, add_special_tokens=False)["input_ids"])
+            append_line(partial, {"batch": b, "rows": rows})
+            done[b] = rows
+            bar.update(len(rows))
+            bar.set_postfix(tok_per_s=f"{new_tokens / (time.perf_counter() - t0):.1f}")
+            faults.point(f"generate_r{t}_b{b}")
+        bar.close()
+        rows = [r for b in range(n_batches) for r in done[b]]
+        write_jsonl(final, rows)
+        os.remove(partial)
+        seconds = time.perf_counter() - t0
+        self.metrics.add({"round": t, "phase": "generate", "prompts": len(rows), "seconds": seconds,
+                          "new_tokens_per_s": new_tokens / max(seconds, 1e-9),
+                          **filters.counts([r["dropped_by"] for r in rows])})
+        faults.point(f"generated_r{t}")
+        return rows
+
+    def exemplars_for(self, t: int, b: int, prompt: dict) -> list[data.Exemplar]:
+        e = self.c.exemplars
+        if e.granularity == "batch":  # one draw per batch: the batch shares its whole prefix
+            key = [self.c.seed, t, b]
+        else:
+            key = [self.c.seed, t, int(data.prompt_id(prompt["prompt_id"])[1:], 16)]
+        return data.sample_exemplars(self.inputs.exemplars, e.k, e.strategy, key)
+
+    def build_train_set(self, t: int, model, tokenizer, generations: list[dict]) -> list[dict]:
+        """Kept pairs, scored for difficulty under the current model and put in the curriculum's order."""
+        path = os.path.join(round_dir(self.workdir, t), "train.jsonl")
+        if os.path.exists(path):
+            return [json.loads(line) for line in open(path, encoding="utf-8")]
+        kept = [g for g in generations if g["kept"]]
+        pairs = [(templates.user_turn(g["prompt"], g["input"]), g["answer"]) for g in kept]
+        cur, tr = self.c.curriculum, self.c.train
+        scores = curriculum.difficulty(cur.score, model, tokenizer, pairs, cur.batch_size, self.mesh,
+                                       (tr.max_prompt_len, tr.max_response_len))
+        idx = curriculum.order(scores, cur.order, [self.c.seed, t, 0xC0])
+        rows = [{"prompt_id": kept[i]["prompt_id"], "prompt": pairs[i][0], "response": pairs[i][1],
+                 "difficulty": scores[i], "position": n} for n, i in enumerate(idx)]
+        write_jsonl(path, rows)
+        self.metrics.add({"round": t, "phase": "curriculum", "examples": len(rows), "score": cur.score,
+                          "order": cur.order, "mean_difficulty": float(np.mean(scores)) if scores else None})
+        faults.point(f"scored_r{t}")
+        return rows
+
+    def train(self, t: int, start, tokenizer, rows: list[dict]):
+        tr = self.c.train
+        cfg = training.TrainConfig(
+            max_prompt_len=tr.max_prompt_len, max_response_len=tr.max_response_len, pack=tr.pack, order="given",
+            batch_size=tr.batch_size, grad_accum=tr.grad_accum, epochs=tr.epochs, learning_rate=tr.learning_rate,
+            warmup_ratio=tr.warmup_ratio, max_grad_norm=tr.max_grad_norm, weight_decay=tr.weight_decay,
+            seed=self.c.seed + t, checkpoint_every=tr.checkpoint_every, remat=tr.remat)
+        ckpt_dir = os.path.join(self.workdir, "checkpoints", "train", f"{t:03d}")
+
+        def log(record):
+            self.metrics.add({"round": t, "phase": "train", **record})
+
+        pairs = [(r["prompt"], r["response"]) for r in rows]
+        if not pairs:
+            raise UserError(f"round {t}: every generation was filtered out, so there is nothing to train on; see "
+                            f"{round_dir(self.workdir, t)}/generations.jsonl (dropped_by) and relax the filters or "
+                            "sample more tokens")
+        model, result = training.train(start, tokenizer, pairs, cfg, mesh=self.mesh, checkpoint_dir=ckpt_dir,
+                                       progress=self.progress, log=log)
+        summary = {"round": t, "phase": "train_done", "steps": result.steps, "examples": result.examples,
+                   "tokens": result.tokens, "truncated_prompts": result.truncated_prompts,
+                   "truncated_responses": result.truncated_responses}
+        return model, summary, ckpt_dir
+
+    def evaluate(self, t: int, model, tokenizer) -> dict:
+        """Validation score, eval tasks and open-ended answers of the model after round t (0: the base)."""
+        path = os.path.join(round_dir(self.workdir, t), "eval.json")
+        found = read_json(path)
+        if found is not None:
+            return found
+        c, out = self.c, {"round": t}
+        v = c.validation
+        if v.metric == "valid_nll":
+            pairs = [(p["prompt"], p["response"]) for p in self.inputs.validation]
+            logps = curriculum.response_logps(model, tokenizer, pairs, v.batch_size, self.mesh,
+                                              (c.train.max_prompt_len, c.train.max_response_len))
+            out["validation"] = {"metric": "valid_nll", "value": float(-np.concatenate(logps).mean()),
+                                 "n": len(pairs)}
+        else:
+            res = evaluation.evaluate(model, tokenizer, [v.metric], c.eval.protocol, v.limit or None,
+                                      mesh=self.mesh, progress=False)
+            out["validation"] = {"metric": v.metric, "value": res[v.metric]["accuracy"], "n": res[v.metric]["n"]}
+        if c.eval.tasks:
+            res = evaluation.evaluate(model, tokenizer, evaluation.parse_tasks(c.eval.tasks), c.eval.protocol,
+                                      c.eval.limit or None, truthfulqa_file=c.eval.truthfulqa_file or None,
+                                      batch_size=c.eval.batch_size, mesh=self.mesh, progress=self.progress)
+            out["protocol"] = res.pop("protocol")
+            out["tasks"] = res
+        if self.inputs.open_ended:
+            answers = self.open_ended(model, tokenizer)
+            name = "open_ended.jsonl"
+            write_jsonl(os.path.join(round_dir(self.workdir, t), name), answers)
+            out["open_ended"] = {"file": name, "n": len(answers)}
+        write_json(path, out)
+        summary = {"round": t, "phase": "eval", c.validation.metric: out["validation"]["value"]}
+        for task, r in out.get("tasks", {}).items():
+            summary[task] = r["accuracy"]
+        self.metrics.add(summary)
+        faults.point(f"evaluated_r{t}")
+        return out
+
+    def open_ended(self, model, tokenizer) -> list[dict]:
+        qs = self.inputs.open_ended
+        heads = [training.engraving_parts(tokenizer, q["prompt"], "")[0] for q in qs]
+        templated = bool(tokenizer.chat_template)
+        outs = sampling.generate(model, tokenizer, heads, sampling.SamplingConfig(
+            max_new_tokens=self.c.open_ended.max_new_tokens, batch_size=self.c.sampling.batch_size),
+            add_special_tokens=not templated, progress=False, mesh=self.mesh)
+        return [{"prompt_id": q["prompt_id"], "prompt": q["prompt"], "answer": a} for q, a in zip(qs, outs)]
+
+    def guard(self, t: int, value: float) -> None:
+        """Collapse guard: tracks the best round; stops after `patience` rounds worse than it by > tolerance."""
+        v, st = self.c.validation, self.state
+        st["scores"][str(t)] = value
+        sign = 1.0 if v.metric in HIGHER_IS_BETTER else -1.0
+        best = st["best_round"]
+        if best is None or sign * (value - st["scores"][str(best)]) > 0:
+            st["best_round"] = t
+        worse = 0
+        for r in sorted(int(k) for k in st["scores"]):  # consecutive rounds since the best, beyond tolerance
+            if r > st["best_round"] and sign * (st["scores"][str(st["best_round"])] - st["scores"][str(r)]) > v.tolerance:
+                worse += 1
+        if t > 0 and worse >= v.patience:
+            st["stopped"] = (f"collapse guard: validation {v.metric} worse than round {st['best_round']} for "
+                             f"{worse} round(s); keeping round {st['best_round']}")
+
+    # -- the loop --
+
+    def run(self) -> dict:
+        c = self.c
+        t_start = time.perf_counter()
+        base, tokenizer = self.load_base()
+        self.log(f"[run] {self.workdir}: {c.rounds} round(s), prompts per round {self.inputs.sizes}, "
+                 f"model {c.model.path or c.model.name}, {jax.device_count()} device(s)")
+        if "0" not in self.state["scores"]:
+            ev = self.evaluate(0, base, tokenizer)
+            self.guard(0, ev["validation"]["value"])
+            write_json(os.path.join(self.workdir, STATE), self.state)
+        finished = self.state["finished"]
+        model = self.restore_round(base, finished[-1]) if finished else base
+        for t in range(len(finished) + 1, c.rounds + 1):
+            if self.state["stopped"]:
+                break
+            model = self.one_round(t, model, base, tokenizer)
+        self.log(self.table())
+        if self.state["stopped"]:
+            self.log(f"[run] stopped early: {self.state['stopped']}")
+        self.log(f"[run] done in {time.perf_counter() - t_start:.0f} s; best round {self.state['best_round']} "
+                 f"(load it with --model {self.workdir})")
+        self.rounds_ckpt.close()
+        return self.state
+
+    def one_round(self, t: int, model, base, tokenizer):
+        c = self.c
+        t0 = time.perf_counter()
+        prompts = self.round_prompts(t, base, tokenizer)
+        generator = model if c.generator == "previous" else base
+        gens = self.generate(t, generator, tokenizer, prompts)
+        kept = sum(g["kept"] for g in gens)
+        self.log(f"[round {t}] generate: {len(gens)} prompts, {kept} kept, "
+                 f"{len(gens) - kept} dropped ({self.dropped_text(gens)})")
+        rows = self.build_train_set(t, model, tokenizer, gens)
+        if t in (self.rounds_ckpt.manager.all_steps() or []):
+            trained = self.restore_round(base, t)
+        else:
+            start = model if c.sft_start == "continue" else base
+            trained, summary, ckpt_dir = self.train(t, start, tokenizer, rows)
+            self.save_round(trained, t, {"round": t, "generator": c.generator, "sft_start": c.sft_start})
+            self.metrics.add(summary)
+            faults.point(f"trained_r{t}")
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        ev = self.evaluate(t, trained, tokenizer)
+        self.guard(t, ev["validation"]["value"])
+        self.state["finished"].append(t)
+        write_json(os.path.join(self.workdir, STATE), self.state)
+        self.metrics.add({"round": t, "phase": "round", "seconds": time.perf_counter() - t0})
+        self.log(f"[round {t}] done: validation {c.validation.metric} {ev['validation']['value']:.4f}, "
+                 f"best round {self.state['best_round']}")
+        faults.point(f"round_done_r{t}")
+        return trained
+
+    @staticmethod
+    def dropped_text(gens: list[dict]) -> str:
+        counts = filters.counts([g["dropped_by"] for g in gens])
+        return ", ".join(f"{k} {v}" for k, v in counts.items() if k != "kept" and v) or "none"
+
+    def table(self) -> str:
+        """One line per finished round: prompts, kept/dropped, difficulty, loss, validation, eval numbers."""
+        by = {}
+        for r in self.metrics.rows.values():
+            by.setdefault(r.get("round"), {}).setdefault(r.get("phase"), []).append(r)
+        tasks = evaluation.parse_tasks(self.c.eval.tasks) if self.c.eval.tasks else []
+        head = ["round", "prompts", "kept", "dropped", "difficulty", "train loss", self.c.validation.metric, *tasks]
+        lines = [" | ".join(head), " | ".join("---" for _ in head)]
+        for t in sorted(k for k in by if k is not None):
+            ph = by[t]
+            gen, cur = (ph.get("generate") or [{}])[0], (ph.get("curriculum") or [{}])[0]
+            losses = [r["loss"] for r in ph.get("train", [])]
+            ev = (ph.get("eval") or [{}])[0]
+            cells = [str(t), str(gen.get("prompts", "-")), str(gen.get("kept", "-")),
+                     str(gen["prompts"] - gen["kept"]) if gen else "-",
+                     f"{cur['mean_difficulty']:.3g}" if cur.get("mean_difficulty") is not None else "-",
+                     f"{np.mean(losses[-max(1, len(losses) // 4):]):.4f}" if losses else "-",
+                     f"{ev[self.c.validation.metric]:.4f}" if self.c.validation.metric in ev else "-",
+                     *(f"{ev[k]:.4f}" if k in ev else "-" for k in tasks)]
+            lines.append(" | ".join(cells))
+        return "\n".join(lines)
+
+
+def run(c: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = print) -> dict:
+    return Run(c, workdir, log).run()
+
+
+def best_model(workdir: str, dtype: str | None = None):
+    """(model, tokenizer) of a work dir's best round (or its base model when round 0 scored best)."""
+    cfg = read_json(os.path.join(workdir, CONFIG))
+    state = read_json(os.path.join(workdir, STATE))
+    if cfg is None or state is None:
+        raise UserError(f"{workdir}: not a soft-jax run work dir (no {CONFIG} / {STATE}); run `soft-jax run` first")
+    c = ml_collections.ConfigDict(cfg)
+    m = c.model
+    model, tokenizer = presets.load(m.name, m.path, dtype or m.dtype, m.param_dtype, seed=c.seed, progress=False)
+    best = state.get("best_round")
+    if best:
+        ckpt = StepCheckpointer(os.path.join(workdir, "checkpoints", "rounds"), every=0, keep=None)
+        graphdef, params = nnx.split(model)
+        restored, _ = ckpt.restore(best, params)
+        ckpt.close()
+        model = nnx.merge(graphdef, restored)
+    return model, tokenizer

