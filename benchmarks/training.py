@@ -41,7 +41,7 @@ def time_ours(rows, steps, remat):
     model, _ = models.load("smollm2-135m", progress=False)
     config = training.TrainConfig(batch_size=rows["inputs"].shape[0], learning_rate=1e-5, warmup_steps=0,
                                   remat=remat)
-    trainer = training.Trainer(model, training.make_optimizer(config, 100), config)
+    trainer = training.Trainer(model, config, 100)
     def step():
         return float(trainer.step(rows)["loss"])
 

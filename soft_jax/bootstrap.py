@@ -48,6 +48,12 @@ STATE, CONFIG, METRICS = "state.json", "config.json", "metrics.jsonl"
 HIGHER_IS_BETTER = set(evaluation.TASKS)
 
 
+def checksum(model) -> float:
+    """A cheap fingerprint of a model's parameters (recorded so a run shows which model did what)."""
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    return float(sum(jax.device_get(jax.numpy.sum(jax.numpy.abs(x.astype(jax.numpy.float32)))) for x in leaves))
+
+
 def round_dir(workdir: str, t: int) -> str:
     return os.path.join(workdir, "rounds", f"{t:03d}")
 
@@ -141,9 +147,10 @@ def load_inputs(c: ml_collections.ConfigDict) -> Inputs:
         raise UserError(f"exemplars.k = {c.exemplars.k} but the exemplar pool has {len(exemplars)}; lower "
                         "exemplars.k or add exemplars")
     pool = data.load_prompts(c.prompts.path)
-    sizes = data.round_sizes(c.prompts.per_round, c.rounds)
+    per_round = c.prompts.per_round or len(pool) // c.rounds  # 0: the whole pool, split evenly
+    sizes = data.round_sizes(per_round, c.rounds)
     if sum(sizes) > len(pool):
-        raise UserError(f"{c.rounds} rounds of {c.prompts.per_round} prompts need {sum(sizes)} prompts but the "
+        raise UserError(f"{c.rounds} rounds of {per_round} prompts need {sum(sizes)} prompts but the "
                         f"prompt pool ({c.prompts.path or 'built-in'}) has {len(pool)}; lower rounds or "
                         "prompts.per_round, or give a larger pool")
     validation = data.load_pairs(c.validation.path) if c.validation.metric == "valid_nll" else []
@@ -240,7 +247,7 @@ class Run:
             write_json(path, cached)
         return [cached["difficulty"][p["prompt_id"]] for p in self.inputs.pool]
 
-    def generate(self, t: int, generator, tokenizer, prompts: list[dict]) -> list[dict]:
+    def generate(self, t: int, generator, tokenizer, prompts: list[dict], label: str = "") -> list[dict]:
         """Self-aligned generations for the round's prompts, resumable per batch."""
         rdir = round_dir(self.workdir, t)
         final = os.path.join(rdir, "generations.jsonl")
@@ -285,7 +292,8 @@ class Run:
         write_jsonl(final, rows)
         os.remove(partial)
         seconds = time.perf_counter() - t0
-        self.metrics.add({"round": t, "phase": "generate", "prompts": len(rows), "seconds": seconds,
+        self.metrics.add({"round": t, "phase": "generate", "generator": label, "generator_checksum": checksum(generator),
+                          "prompts": len(rows), "seconds": seconds,
                           "new_tokens_per_s": new_tokens / max(seconds, 1e-9),
                           **filters.counts([r["dropped_by"] for r in rows])})
         faults.point(f"generated_r{t}")
@@ -434,17 +442,20 @@ class Run:
         c = self.c
         t0 = time.perf_counter()
         prompts = self.round_prompts(t, base, tokenizer)
-        generator = model if c.generator == "previous" else base
-        gens = self.generate(t, generator, tokenizer, prompts)
+        previous = f"round {t - 1}" if t > 1 else "base"
+        generator, label = (model, previous) if c.generator == "previous" else (base, "base")
+        gens = self.generate(t, generator, tokenizer, prompts, label)
         kept = sum(g["kept"] for g in gens)
         self.log(f"[round {t}] generate: {len(gens)} prompts, {kept} kept, "
                  f"{len(gens) - kept} dropped ({self.dropped_text(gens)})")
         rows = self.build_train_set(t, model, tokenizer, gens)
         if t in (self.rounds_ckpt.manager.all_steps() or []):
             trained = self.restore_round(base, t)
+            shutil.rmtree(os.path.join(self.workdir, "checkpoints", "train", f"{t:03d}"), ignore_errors=True)
         else:
-            start = model if c.sft_start == "continue" else base
+            start, label = (model, previous) if c.sft_start == "continue" else (base, "base")
             trained, summary, ckpt_dir = self.train(t, start, tokenizer, rows)
+            summary.update(start=label, start_checksum=checksum(start))
             self.save_round(trained, t, {"round": t, "generator": c.generator, "sft_start": c.sft_start})
             self.metrics.add(summary)
             faults.point(f"trained_r{t}")

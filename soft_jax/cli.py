@@ -121,7 +121,7 @@ def cmd_train(args) -> None:
     build, cfg, tokenizer = _open_model(args, args.param_dtype)
     pairs = [(r["prompt"], r["response"]) for r in rows]
     prepared = training.prepare(tokenizer, pairs, config)  # format, length and schedule problems
-    training.make_optimizer(config, training.total_steps(prepared[1], config))  # surface before weights load
+    training.make_schedule(config, training.total_steps(prepared[1], config))  # surface before weights load
     model = build()
     trained, result = training.train(model, tokenizer, pairs, config, checkpoint_dir=args.checkpoint_dir,
                                      prepared=prepared)

@@ -35,7 +35,8 @@ def base() -> ml_collections.ConfigDict:
     c.model = dict(name="smollm2-135m", path="", dtype="float32", param_dtype="")
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.rounds = 3
-    c.prompts = dict(path="", per_round=64)  # path: JSONL; "" = the built-in pool; per_round: int or list
+    # path: JSONL ("" = the built-in pool); per_round: int, list (one per round), or 0 = the pool split evenly
+    c.prompts = dict(path="", per_round=64)
     c.principles = ""  # text file; "" = the built-in principles
     # strategy: fixed | random; granularity: prompt | batch (a batch shares exemplars, so its prefix is reused)
     c.exemplars = dict(path="", k=2, strategy="random", granularity="batch")
@@ -96,6 +97,11 @@ def override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
         raise UserError(f"--config.{key}: unknown config key; keys here: {near}")
     with node.unlocked():
         node[leaf] = _parse_value(text, node[leaf], key)
+
+
+def sibling(config_file: str, name: str, arg=None) -> ml_collections.ConfigDict:
+    """get_config(arg) of another config file in the same directory (ablations build on soft/soft_plus)."""
+    return load_file(os.path.join(os.path.dirname(os.path.abspath(config_file)), name) + (f":{arg}" if arg else ""))
 
 
 def load_file(spec: str) -> ml_collections.ConfigDict:

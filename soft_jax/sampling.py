@@ -346,84 +346,167 @@ def generate(model: Llama, tokenizer, prompts: Sequence[str], config: SamplingCo
 
 
 # --- log-likelihood scoring ---------------------------------------------------------------------
+#
+# Requests become unique rows: a context whose next token is read at its end (single-token continuations
+# of one context share it), or a context + continuation read at every continuation token. Rows are sorted
+# so that rows sharing a prefix are neighbours, and split into groups. Stage 1 runs each group's common
+# prefix once (one cache row per group; what all groups of a chunk share runs once, at batch 1). Stage 2
+# runs each row's remainder on a copy of its group's cache row, rows of similar length together. Lengths
+# and row counts are bucketed, so a long request list compiles a handful of programs.
+
+GROUP_OVERHEAD = 16  # tokens a group costs beyond its prefix (padding, its cache row): the grouping's cost model
+GROUP_WINDOW = 8  # rows on each side whose common prefix a group's chunk is expected to run once for all
+MAX_GROUP = 64  # rows per group, and groups per chunk, at most
+PASS_TOKENS = 8192  # rows x (cached + new) length of one forward pass at most (bounds the KV rows it holds)
+LOGIT_TOKENS = 2048  # rows x length whose full-vocabulary logits one pass keeps at most
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _score_batch(graphdef, state, ids, positions, seg, targets, cache):
-    """Log-probability of each `targets` token (-1 = not scored) given everything before it."""
-    logits, _ = nnx.merge(graphdef, state)(ids, positions=positions, segment_ids=seg, cache=cache)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    picked = jnp.take_along_axis(logp, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
-    return jnp.where(targets >= 0, picked, 0.0)
+def bucket_length(n: int) -> int:
+    """Powers of two (at least MIN_BUCKET) up to 512, then multiples of 256."""
+    return bucket(n) if n <= 512 else -(-n // 256) * 256
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _score_last(graphdef, state, ids, positions, seg, picks, cache):
-    """Log-probabilities of the `picks` tokens [B, E] as the next token after each row (last column only)."""
-    logits, _ = nnx.merge(graphdef, state)(ids, positions=positions, segment_ids=seg, cache=cache, last_only=True)
-    return jnp.take_along_axis(jax.nn.log_softmax(logits[:, -1], axis=-1), picks, axis=-1)
+def _pass_rows(n: int, multiple: int) -> int:
+    """Rows of a pass holding n: the next power of two, rounded up to a multiple of the mesh's data axes."""
+    return -(-bucket(n, 1) // multiple) * multiple
 
 
-def _batched_rows(model, rows, last_ctx_lens, batch_size, mesh, bar):
-    """Yields (indices, ids, seg, positions, cache, length) per batch of token rows (left-padded), with the
-    batch's common prefix prefilled once; last_ctx_lens bounds the shared part so every row keeps its
-    last context token (whose logits score the first continuation token)."""
-    graphdef, state = nnx.split(model)
-    batcher = _Batcher(mesh, batch_size)
-    for lo in range(0, len(rows), batch_size):
-        idx = list(range(lo, min(lo + batch_size, len(rows))))
-        batch = [rows[i] for i in idx] + [rows[idx[0]]] * (batch_size - len(idx))
-        cap = min(last_ctx_lens[i] for i in idx) - 1
-        shared = _shared_len(batch, True, cap=cap)
-        own = [r[shared:] for r in batch]
-        length = bucket(max(map(len, own)))
-        cache = _prefill_shared(graphdef, state, model, batch[0][:shared], batch_size, length, batcher)
-        ids, seg, positions = _left_pad(own, length)
-        yield idx, graphdef, state, batcher, (ids, positions + shared, seg), cache, length
-        bar.update(len(idx))
+def _lcp(a, b) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _group(seqs, bounds) -> list[tuple[int, list[int]]]:
+    """Splits sorted rows into runs [(prefix length, row indices)] that minimise the tokens run.
+
+    A group runs its common prefix (at most each row's bound) once, less what its neighbourhood shares
+    (its chunk runs that once), and each row its remainder; dynamic programming over the split points."""
+    n = len(seqs)
+    lcp = [0] + [_lcp(seqs[i - 1], seqs[i]) for i in range(1, n)]
+    near = [min(lcp[max(1, i - GROUP_WINDOW + 1):i + GROUP_WINDOW + 1], default=0) for i in range(n)]
+    best, start = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        p, shared, total = bounds[j - 1], near[j - 1], 0
+        for i in range(j - 1, max(-1, j - 1 - MAX_GROUP), -1):
+            if i < j - 1:
+                p, shared = min(p, bounds[i], lcp[i + 1]), min(shared, near[i])
+            total += len(seqs[i])
+            cost = best[i] + max(0, p - shared) + total - (j - i) * p + GROUP_OVERHEAD
+            if cost < best[j]:
+                best[j], start[j] = cost, i
+    groups, j = [], n
+    while j:
+        i = start[j]
+        groups.append((min(bounds[i:j] + lcp[i + 1:j]), list(range(i, j))))
+        j = i
+    return groups[::-1]
+
+
+def _chunks(groups):
+    """Runs of groups whose prefixes have the same length bucket, at most PASS_TOKENS of prefixes each."""
+    chunks: list = []
+    for g in sorted(groups, key=lambda g: bucket_length(g[0])):  # stable: neighbours stay together
+        size = bucket_length(g[0])
+        if chunks and bucket_length(chunks[-1][0][0]) == size and len(chunks[-1]) < min(MAX_GROUP,
+                                                                                        PASS_TOKENS // size):
+            chunks[-1].append(g)
+        else:
+            chunks.append([g])
+    return chunks
+
+
+@functools.partial(jax.jit, static_argnums=(0, 8))
+def _score_rows(graphdef, state, heads, which, ids, positions, seg, picks, last_only):
+    """Log-probabilities read after each row's tokens; row b continues cache row `which[b]` of `heads`.
+
+    last_only: picks [B, E] are tokens read as the next token after the last column; else picks [B, T]
+    are the tokens read at every column (-1: not read, 0 returned)."""
+    new = ids.shape[1]
+    take = lambda x: jnp.pad(x[which], [(0, 0), (0, new)] + [(0, 0)] * (x.ndim - 2))
+    cache = KVCache(k=tuple(map(take, heads.k)), v=tuple(map(take, heads.v)), positions=take(heads.positions),
+                    segment_ids=take(heads.segment_ids), index=heads.index, prefix=heads.prefix)
+    logits, _ = nnx.merge(graphdef, state)(ids, positions=positions, segment_ids=seg, cache=cache,
+                                           last_only=last_only)
+    norm = jax.nn.logsumexp(logits, axis=-1)
+    if last_only:
+        return jnp.take_along_axis(logits[:, -1], picks, axis=-1) - norm[:, -1:]
+    picked = jnp.take_along_axis(logits, jnp.maximum(picks, 0)[..., None], axis=-1)[..., 0] - norm
+    return jnp.where(picks >= 0, picked, 0.0)
+
+
+def _prefill_groups(graphdef, state, model, heads, multiple, mesh):
+    """Stage 1: a cache with one row per group prefix in `heads` (their common part as a shared prefix)."""
+    shared = _shared_len(heads, True, cap=min(map(len, heads)))
+    length = bucket_length(max(map(len, heads)) - shared)
+    n = _pass_rows(len(heads), multiple)
+    batcher = _Batcher(mesh, n)
+    cache = _prefill_shared(graphdef, state, model, heads[0][:shared], n, length, batcher)
+    ids, seg, positions = _left_pad([h[shared:] for h in heads] + [()] * (n - len(heads)), length)
+    return _prefill(graphdef, state, *batcher.put((ids, positions + shared, seg)), cache)[1], length
 
 
 def score_tokens(model: Llama, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
                  batch_size: int = 16, mesh=None, progress: bool = False) -> list[np.ndarray]:
     """Per-token log-probabilities of each continuation given its context (token lists).
 
-    Single-token continuations of the same context (" true" / " false", " A" / " B") share one forward
-    pass over the context; longer ones get a row each.
+    Each distinct token sequence runs once, and a prefix several share runs once for all of them (see the
+    section comment). batch_size: rows per forward pass at most (fewer for long rows; with a mesh, a
+    multiple of its data axes).
     """
-    out: list[np.ndarray | None] = [None] * len(contexts)
-    singles: dict[tuple, list[int]] = {}
-    multi = []
+    multiple = 1
+    if mesh is not None:
+        multiple = mesh.shape["data"] * mesh.shape["fsdp"]
+        _Batcher(mesh, batch_size)  # refuses a batch size the data axes do not divide
+    limit = max(multiple, 1 << (max(1, batch_size).bit_length() - 1))
+    out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(contexts)
+    # Unique rows: (tokens, last_only) -> request indices. A last_only row is a context, read at its end; any
+    # other is a context + continuation, run without its last token and read from its bound on.
+    rows: dict[tuple, list[int]] = {}
     for i, (c, k) in enumerate(zip(contexts, continuations)):
-        if len(k) == 1:
-            singles.setdefault(tuple(c), []).append(i)
-        else:
-            multi.append(i)
-    bar = tqdm(total=len(singles) + len(multi), desc="scoring", unit="row", disable=not progress)
-    # Rows whose continuations are all one token: the context alone; read every asked token at its end.
-    uniq = list(singles)
-    asked = [sorted({continuations[i][0] for i in singles[c]}) for c in uniq]
-    width = max((len(a) for a in asked), default=0)
-    for idx, graphdef, state, batcher, (ids, positions, seg), cache, length in _batched_rows(
-            model, [list(c) for c in uniq], [len(c) for c in uniq], batch_size, mesh, bar):
-        picks = np.zeros((batch_size, width), np.int32)
-        for row, u in enumerate(idx):
-            picks[row, :len(asked[u])] = asked[u]
-        logps = np.asarray(_score_last(graphdef, state, *batcher.put((ids, positions, seg, picks)), cache))
-        for row, u in enumerate(idx):
-            for i in singles[uniq[u]]:
-                out[i] = logps[row, asked[u].index(continuations[i][0])][None]
-    rows = [list(contexts[i]) + list(continuations[i]) for i in multi]
-    for idx, graphdef, state, batcher, (ids, positions, seg), cache, length in _batched_rows(
-            model, rows, [len(contexts[i]) for i in multi], batch_size, mesh, bar):
-        targets = np.full((batch_size, length), -1, np.int32)
-        for row, r in enumerate(idx):
-            k = continuations[multi[r]]
-            # Column j predicts token j + 1; the continuation occupies the row's last len(k) tokens.
-            targets[row, length - len(k) - 1:length - 1] = k
-        logp = np.asarray(_score_batch(graphdef, state, *batcher.put((ids, positions, seg, targets)), cache))
-        for row, r in enumerate(idx):
-            k = continuations[multi[r]]
-            out[multi[r]] = logp[row, length - len(k) - 1:length - 1]
+        if not len(c):
+            raise UserError(f"context {i} is empty; every context needs at least one token")
+        if len(k):
+            rows.setdefault((tuple(c), True) if len(k) == 1 else (tuple(c) + tuple(k), False), []).append(i)
+    keys = sorted(rows)
+    seqs = [s if last else s[:-1] for s, last in keys]
+    bounds = [min(len(contexts[i]) for i in rows[key]) - 1 for key in keys]
+    asked = {key: sorted({continuations[i][0] for i in rows[key]}) for key in keys if key[1]}
+    width = max(map(len, asked.values()), default=1)
+    graphdef, state = nnx.split(model)
+    bar = tqdm(total=len(keys), desc="scoring", unit="row", disable=not progress)
+    for chunk in _chunks(_group(seqs, bounds)):
+        heads, length = _prefill_groups(graphdef, state, model, [seqs[rs[0]][:p] for p, rs in chunk], multiple,
+                                        mesh)
+        # Stage 2: (last_only, remainder length, row, group, prefix length), passes from the longest down.
+        todo = sorted((keys[r][1], len(seqs[r]) - p, r, g, p) for g, (p, rs) in enumerate(chunk) for r in rs)
+        while todo:
+            last_only, tail = todo[-1][0], bucket_length(todo[-1][1])
+            most = min(limit, max(1, PASS_TOKENS // (length + tail)), max(1, LOGIT_TOKENS // tail))
+            most = max(multiple, 1 << (most.bit_length() - 1))
+            batch = [t for t in todo[-most:] if t[0] == last_only]
+            todo = todo[:len(todo) - len(batch)]
+            n = _pass_rows(len(batch), multiple)
+            ids, seg, positions = _left_pad([seqs[r][p:] for _, _, r, _, p in batch] + [()] * (n - len(batch)),
+                                            tail)
+            positions += np.asarray([t[4] for t in batch] + [0] * (n - len(batch)))[:, None]
+            which = np.asarray([t[3] for t in batch] + [0] * (n - len(batch)), np.int32)
+            picks = np.zeros((n, width), np.int32) if last_only else np.full((n, tail), -1, np.int32)
+            for row, (_, _, r, _, _) in enumerate(batch):
+                if last_only:
+                    picks[row, :len(asked[keys[r]])] = asked[keys[r]]
+                else:  # the bound's next token on: the row's own continuation and its longest one
+                    read = keys[r][0][bounds[r] + 1:]
+                    picks[row, tail - len(read):] = read
+            logp = np.asarray(_score_rows(graphdef, state, heads, *_Batcher(mesh, n).put(
+                (which, ids, positions, seg, picks)), last_only))
+            for row, (_, _, r, _, _) in enumerate(batch):
+                for i in rows[keys[r]]:
+                    k = continuations[i]
+                    out[i] = logp[row, asked[keys[r]].index(k[0])][None] if last_only else logp[row, tail - len(k):]
+            bar.update(len(batch))
     bar.close()
     return out
 

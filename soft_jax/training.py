@@ -174,33 +174,50 @@ def loss_sums(model: Llama, batch, remat: bool = False) -> tuple[jax.Array, jax.
     return jnp.sum(nll * batch["weights"]), jnp.sum(batch["weights"])
 
 
-def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+def make_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
+    """Learning rate per optimizer step (0-based): linear warmup from 0, then cosine decay."""
     warmup = config.warmup_steps if config.warmup_steps is not None else math.ceil(config.warmup_ratio * total_steps)
     if warmup > total_steps or (warmup == total_steps and total_steps > 0 and config.warmup_steps is not None):
         raise UserError(f"the learning-rate schedule has {total_steps} steps but warmup_steps is {warmup}; "
                         "lower warmup_steps, or train on more data / epochs")
-    schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, max(total_steps, warmup + 1),
-                                                  config.learning_rate * config.end_lr_ratio)
-    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
-                       optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
-                                   weight_decay=config.weight_decay))
+    return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, max(total_steps, warmup + 1),
+                                              config.learning_rate * config.end_lr_ratio)
+
+
+@functools.lru_cache(maxsize=None)
+def _direction(max_grad_norm: float, b1: float, b2: float, eps: float, weight_decay: float):
+    """AdamW without its learning rate (clip, Adam moments, decoupled decay). The learning rate is an
+    argument of the step, so one compiled step serves every schedule (every round of a run)."""
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+                       optax.add_decayed_weights(weight_decay))
+
+
+def make_optimizer(config: TrainConfig):
+    return _direction(config.max_grad_norm, config.b1, config.b2, config.eps, config.weight_decay)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_step(graphdef, tx, remat: bool):
+    return jax.jit(functools.partial(_train_step, graphdef, tx, remat), donate_argnums=(0, 1))
 
 
 class Trainer:
     """Owns the jitted, sharded train step for one model and optimizer."""
 
-    def __init__(self, model: Llama, tx: optax.GradientTransformation, config: TrainConfig, mesh=None):
-        self.config, self.mesh, self.tx = config, mesh, tx
+    def __init__(self, model: Llama, config: TrainConfig, total_steps: int, mesh=None):
+        self.config, self.mesh = config, mesh
+        self.schedule = make_schedule(config, total_steps)
+        self.tx = make_optimizer(config)
         self.graphdef, params = nnx.split(model)
         self.params = jax.tree.map(lambda x: x.copy(), params)  # steps donate these; the caller keeps `model`
-        self.opt_state = jax.jit(tx.init)(self.params)  # jit keeps each moment on its parameter's sharding
+        self.opt_state = jax.jit(self.tx.init)(self.params)  # jit keeps each moment on its parameter's sharding
         if mesh is not None:
             data = mesh.shape["data"] * mesh.shape["fsdp"]
             micro = config.batch_size // config.grad_accum
             if micro % data:
                 raise UserError(f"micro-batch {micro} (batch_size / grad_accum) is not divisible by the mesh's data "
                                 f"axes (data x fsdp = {data})")
-        self._step = jax.jit(functools.partial(_train_step, self.graphdef, tx, config.remat), donate_argnums=(0, 1))
+        self._step = _compiled_step(self.graphdef, self.tx, config.remat)
 
     def put_batch(self, batch: dict[str, np.ndarray]):
         """[batch, len] host arrays -> [grad_accum, micro, len] device arrays, micro split over data axes."""
@@ -211,15 +228,17 @@ class Trainer:
         sharding = NamedSharding(self.mesh, PartitionSpec(None, ("data", "fsdp")))
         return jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
 
-    def step(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
-        self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, self.put_batch(batch))
+    def step(self, batch: dict[str, np.ndarray], index: int = 0) -> dict[str, float]:
+        """Optimizer step number `index` (0-based; it picks the learning rate)."""
+        lr = jnp.float32(self.schedule(index))
+        self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, self.put_batch(batch), lr)
         return metrics
 
     def model(self) -> Llama:
         return nnx.merge(self.graphdef, self.params)
 
 
-def _train_step(graphdef, tx, remat, params, opt_state, batch):
+def _train_step(graphdef, tx, remat, params, opt_state, batch, lr):
     """One optimizer step over grad_accum micro-batches; the loss is the mean over all response tokens."""
     total = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
 
@@ -237,7 +256,7 @@ def _train_step(graphdef, tx, remat, params, opt_state, batch):
     else:
         grads, losses = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, params), batch)
     updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), params, updates)
     return params, opt_state, {"loss": jnp.sum(losses), "grad_norm": optax.tree.norm(grads), "tokens": total}
 
 
@@ -312,7 +331,7 @@ def train(model: Llama, tokenizer, pairs: Sequence[tuple[str, str]], config: Tra
     """
     examples, epochs, (cut_p, cut_r) = prepared or prepare(tokenizer, pairs, config)
     total = total_steps(epochs, config)
-    trainer = Trainer(model, make_optimizer(config, total), config, mesh)
+    trainer = Trainer(model, config, total, mesh)
     ckpt, start, print_ = None, 0, fingerprint(pairs, config, model)
     if checkpoint_dir and config.checkpoint_every:
         from soft_jax.checkpoints import StepCheckpointer
@@ -330,7 +349,7 @@ def train(model: Llama, tokenizer, pairs: Sequence[tuple[str, str]], config: Tra
     for step in range(start + 1, total + 1):
         batch = next(stream)
         t0 = time.perf_counter()
-        metrics = jax.device_get(trainer.step(batch))
+        metrics = jax.device_get(trainer.step(batch, step - 1))
         seconds = time.perf_counter() - t0
         tokens = int(np.sum(batch["segment_ids"] > 0))
         record = {"step": step, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),

@@ -158,7 +158,7 @@ def _prompt_rows(jsonl_path: str, name: str) -> list[dict]:
 
     rows, seen = [], {}
     for n, row in enumerate(read_jsonl(jsonl_path, required=("prompt",)), 1):
-        where = f"{jsonl_path}:{n}"
+        where = f"{jsonl_path}: row {n}"
         for key in ("prompt", "input"):
             if not isinstance(row.get(key, ""), str):
                 raise UserError(f"{where}: `{key}` must be a string, got {type(row[key]).__name__}")
@@ -166,7 +166,7 @@ def _prompt_rows(jsonl_path: str, name: str) -> list[dict]:
             raise UserError(f"{where}: `prompt` is empty; remove the row or fill it in")
         rid = str(row["id"]) if row.get("id") not in (None, "") else f"{name}/train/{n - 1}"
         if rid in seen:
-            raise UserError(f"{where}: id {rid!r} repeats line {seen[rid]}; ids must be unique")
+            raise UserError(f"{where}: id {rid!r} repeats row {seen[rid]}; ids must be unique")
         seen[rid] = n
         rows.append({"prompt": row["prompt"], "id": rid, "input": row.get("input") or ""})
     return rows
@@ -210,7 +210,7 @@ def _builder(name: str, data_dir: str | None, how_to_build: str):
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         raise UserError(f"no TFDS dataset {name!r} in {where}; {how_to_build}") from None
-    except Exception as e:  # a catalog builder that cannot be constructed here (bad name/version, imports)
+    except (ValueError, AssertionError, ImportError, OSError) as e:  # e.g. a version that is not there
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UserError(f"cannot open TFDS dataset {name!r} in {where} ({type(e).__name__}: {first}); "
                         f"{how_to_build}") from None

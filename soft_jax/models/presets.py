@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from soft_jax.errors import UserError
 from soft_jax.models.config import ModelConfig
 
@@ -20,6 +22,14 @@ def tiny_config(tokenizer, dtype: str = "float32", param_dtype: str = "float32")
                        num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position_embeddings=4096,
                        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id, dtype=dtype, param_dtype=param_dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def _smollm2_tokenizer():
+    from soft_jax import models
+    from soft_jax.models.checkpoint import open_source
+
+    return open_source(models.SMOLLM2).tokenizer()
 
 
 def resolve(name: str, path: str = "") -> str:
@@ -43,10 +53,9 @@ def load(name: str, path: str = "", dtype: str = "float32", param_dtype: str = "
     param_dtype = param_dtype or dtype
     if target == "tiny":
         from soft_jax import sharding as shd
-        from soft_jax.models.checkpoint import open_source
         from soft_jax.models.llama import init_random
 
-        tokenizer = open_source(models.SMOLLM2).tokenizer()
+        tokenizer = _smollm2_tokenizer()
         model = init_random(tiny_config(tokenizer, dtype, param_dtype), seed)
         return shd.shard_model(model, mesh), tokenizer
     model, tokenizer = models.load(target, dtype=dtype, mesh=mesh, param_dtype=param_dtype, progress=progress)

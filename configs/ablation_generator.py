@@ -1,0 +1,13 @@
+"""Ablation: the data of each round is written by the previous round's model (SOFT) or always by the base.
+
+    soft-jax run --config configs/ablation_generator.py:previous --workdir runs/abl_gen_previous
+    soft-jax run --config configs/ablation_generator.py:base --workdir runs/abl_gen_base
+"""
+
+from soft_jax.config import sibling
+
+
+def get_config(arg="previous"):
+    c = sibling(__file__, "soft_plus.py")
+    c.generator = arg or "previous"  # previous | base
+    return c

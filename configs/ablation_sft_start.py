@@ -1,0 +1,13 @@
+"""Ablation: each round fine-tunes the previous model ("continue", step on feet) or the base model ("reinit").
+
+    soft-jax run --config configs/ablation_sft_start.py:continue --workdir runs/abl_start_continue
+    soft-jax run --config configs/ablation_sft_start.py:reinit --workdir runs/abl_start_reinit
+"""
+
+from soft_jax.config import sibling
+
+
+def get_config(arg="continue"):
+    c = sibling(__file__, "soft_plus.py")
+    c.sft_start = arg or "continue"  # continue | reinit
+    return c

@@ -1,0 +1,17 @@
+"""SOFT+: SOFT with an easy-to-hard curriculum, across rounds and within each round.
+
+    soft-jax run --config configs/soft_plus.py --workdir runs/soft_plus
+    soft-jax run --config configs/soft_plus.py:5 --workdir runs/soft_plus5   # 5 rounds
+
+Across rounds the pool is ordered by prompt perplexity under the base model and sliced, so early rounds
+get easy prompts; within a round the kept pairs are trained in order of response perplexity under the
+current model (easy first, no shuffling). Claim 2 of METHOD.md compares this with configs/soft.py.
+"""
+
+from soft_jax.config import sibling
+
+
+def get_config(arg=None):
+    c = sibling(__file__, "soft.py", arg)
+    c.curriculum.update(score="response_ppl", order="easy_to_hard", across_rounds="prompt_ppl")
+    return c

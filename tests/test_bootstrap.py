@@ -1,0 +1,253 @@
+"""The SOFT / SOFT+ loop end to end on a tiny random model: every config, determinism, resume, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from soft_jax import bootstrap
+from soft_jax import config as config_lib
+from soft_jax.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs")
+# The tests' settings on top of any config: the tiny random model, 4 prompts per round, one batch each.
+TINY = ["model.name=tiny", "rounds=2", "prompts.per_round=4", "exemplars.k=1", "sampling.max_new_tokens=8",
+        "sampling.batch_size=4", "filters.require_marker=false", "filters.min_words=1", "train.batch_size=2",
+        "train.max_prompt_len=64", "train.max_response_len=16", "train.learning_rate=1e-3",
+        "train.warmup_ratio=0.0", "train.checkpoint_every=0", "validation.batch_size=8", "progress=false",
+        "curriculum.batch_size=8"]
+
+
+def config(name: str, *extra: str):
+    return config_lib.load(os.path.join(CONFIGS, name), TINY + list(extra))
+
+
+def run(name: str, workdir, *extra: str):
+    bootstrap.run(config(name, *extra), str(workdir), log=lambda _: None)
+    return Workdir(str(workdir))
+
+
+class Workdir:
+    def __init__(self, path):
+        self.path = path
+        self.state = json.load(open(os.path.join(path, "state.json")))
+        self.metrics = [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
+
+    def rows(self, t, name):
+        return [json.loads(line) for line in open(os.path.join(self.path, "rounds", f"{t:03d}", name))]
+
+    def event(self, t, phase):
+        return next(m for m in self.metrics if m["round"] == t and m["phase"] == phase)
+
+    def files(self):
+        """Relative path -> bytes of every artifact but the checkpoints and the timing-bearing metrics."""
+        out = {}
+        for d, _, names in os.walk(self.path):
+            for n in names:
+                rel = os.path.relpath(os.path.join(d, n), self.path)
+                if not rel.startswith("checkpoints") and n != "metrics.jsonl":
+                    out[rel] = open(os.path.join(d, n), "rb").read()
+        return out
+
+
+def round_checksums(w: Workdir, base_model):
+    """checksum of the base and of each saved round's parameters."""
+    from flax import nnx
+
+    from soft_jax.checkpoints import StepCheckpointer
+
+    ckpt = StepCheckpointer(os.path.join(w.path, "checkpoints", "rounds"), every=0, keep=None)
+    graphdef, params = nnx.split(base_model)
+    out = {"base": bootstrap.checksum(base_model)}
+    for t in ckpt.manager.all_steps():
+        out[f"round {t}"] = bootstrap.checksum(nnx.merge(graphdef, ckpt.restore(t, params)[0]))
+    ckpt.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_base():
+    from soft_jax.models import presets
+
+    return presets.load("tiny", seed=0)[0]
+
+
+def check_common(w: Workdir, rounds: int, per_round: int):
+    ids = [[r["prompt_id"] for r in w.rows(t, "prompts.jsonl")] for t in range(1, rounds + 1)]
+    assert all(len(i) == per_round for i in ids)
+    flat = [i for r in ids for i in r]
+    assert len(set(flat)) == len(flat), "round slices overlap"
+    for t in range(1, rounds + 1):  # every prompt answered exactly once, in the slice's order
+        assert [g["prompt_id"] for g in w.rows(t, "generations.jsonl")] == ids[t - 1]
+        kept = [g["prompt_id"] for g in w.rows(t, "generations.jsonl") if g["kept"]]
+        assert sorted(r["prompt_id"] for r in w.rows(t, "train.jsonl")) == sorted(kept)
+        assert json.load(open(os.path.join(w.path, "rounds", f"{t:03d}", "eval.json")))["validation"]["n"] > 0
+    assert w.state["finished"] == list(range(1, rounds + 1))
+
+
+def test_soft_plus_orders_easy_to_hard_and_steps_on_feet(tmp_path, tiny_base):
+    w = run("soft_plus.py", tmp_path / "w")
+    check_common(w, 2, 4)
+    for t in (1, 2):
+        d = [r["difficulty"] for r in w.rows(t, "train.jsonl")]
+        assert d == sorted(d), "within-round order is not easy to hard"
+    pool = json.load(open(os.path.join(w.path, "curriculum.json")))["difficulty"]
+    r1 = [pool[r["prompt_id"]] for r in w.rows(1, "prompts.jsonl")]
+    r2 = [pool[r["prompt_id"]] for r in w.rows(2, "prompts.jsonl")]
+    assert max(r1) <= min(r2), "round 1 prompts are not the easier ones"
+    assert sorted(pool.values())[:4] == sorted(r1)
+    sums = round_checksums(w, tiny_base)
+    assert w.event(1, "generate")["generator_checksum"] == sums["base"]
+    assert w.event(2, "generate")["generator_checksum"] == sums["round 1"]  # the previous model writes the data
+    assert w.event(1, "train_done")["start_checksum"] == sums["base"]
+    assert w.event(2, "train_done")["start_checksum"] == sums["round 1"]  # and is trained further
+    assert sums["round 1"] != sums["round 2"] != sums["base"]
+
+
+@pytest.mark.parametrize("name,extra,check", [
+    ("soft.py", (), "random_order"),
+    ("single_round.py", ("rounds=1", "prompts.per_round=0", "prompts.path=SMALL_POOL"), "single"),
+    ("ablation_exemplars.py:fixed", (), "fixed"),
+    ("ablation_sft_start.py:reinit", (), "reinit"),
+    ("ablation_order.py:hard_to_easy", (), "hard_to_easy"),
+    ("ablation_generator.py:base", (), "generator_base"),
+])
+def test_configs_do_what_they_say(tmp_path, tiny_base, name, extra, check):
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"prompt": f"Question number {i}?"}) + "\n" for i in range(6)))
+    extra = tuple(e.replace("SMALL_POOL", str(pool)) for e in extra)
+    c = config(name, *extra)
+    w = run(name, tmp_path / "w", *extra)
+    if check == "single":
+        assert c.exemplars.strategy == "fixed" and c.rounds == 1
+        check_common(w, 1, 6)  # the whole pool in one round
+    else:
+        check_common(w, 2, 4)
+    sums = round_checksums(w, tiny_base)
+    gens = [g for t in range(1, c.rounds + 1) for g in w.rows(t, "generations.jsonl")]
+    if check == "fixed":
+        assert {tuple(g["exemplar_ids"]) for g in gens} == {("ex01",)}
+    elif check != "single":  # random exemplars: drawn per batch, differ across rounds
+        assert len({tuple(g["exemplar_ids"]) for g in gens}) > 1
+    if check == "reinit":
+        assert w.event(2, "train_done")["start_checksum"] == sums["base"]
+        assert w.event(2, "generate")["generator_checksum"] == sums["round 1"]
+    if check == "generator_base":
+        assert w.event(2, "generate")["generator_checksum"] == sums["base"]
+        assert w.event(2, "train_done")["start_checksum"] == sums["round 1"]
+    if check == "hard_to_easy":
+        for t in (1, 2):
+            d = [r["difficulty"] for r in w.rows(t, "train.jsonl")]
+            assert d == sorted(d, reverse=True)
+        assert not os.path.exists(os.path.join(w.path, "curriculum.json"))
+    if check == "random_order":
+        orders = [[r["difficulty"] for r in w.rows(t, "train.jsonl")] for t in (1, 2)]
+        assert any(o != sorted(o) for o in orders), "random order came out sorted in every round"
+
+
+def test_collapse_guard_stops_and_keeps_the_best_round(tmp_path, tiny_base):
+    # A huge learning rate wrecks the model: the validation loss rises after round 1, the guard stops.
+    w = run("soft_plus.py", tmp_path / "w", "rounds=3", "train.learning_rate=0.5")
+    assert w.state["stopped"] and "collapse guard" in w.state["stopped"]
+    assert w.state["finished"] == [1]
+    assert w.state["best_round"] == 0 and w.state["scores"]["1"] > w.state["scores"]["0"]
+    model, _ = bootstrap.best_model(w.path)
+    assert bootstrap.checksum(model) == bootstrap.checksum(tiny_base)
+
+
+def test_collapse_guard_keeps_a_later_best_round(tmp_path):
+    w = run("soft_plus.py", tmp_path / "w", "validation.patience=2")
+    best = w.state["best_round"]
+    scores = w.state["scores"]
+    assert scores[str(best)] == min(scores.values())
+
+
+def test_same_config_and_seed_give_identical_round_files(tmp_path):
+    a = run("soft_plus.py", tmp_path / "a").files()
+    b = run("soft_plus.py", tmp_path / "b").files()
+    assert a.keys() == b.keys() and len(a) > 10
+    for k in a:
+        if k != "config.json":
+            assert a[k] == b[k], k
+    c = run("soft_plus.py", tmp_path / "c", "seed=1").files()
+    assert c["rounds/001/prompts.jsonl"] != a["rounds/001/prompts.jsonl"] or \
+        c["rounds/001/generations.jsonl"] != a["rounds/001/generations.jsonl"]
+
+
+# --- resume after SIGKILL, in every phase --------------------------------------------------------
+
+RUN = [sys.executable, "-m", "soft_jax.cli", "run", "--config", os.path.join(CONFIGS, "soft_plus.py")]
+
+
+def run_cli(workdir, kill_at=None, extra=()):
+    env = dict(os.environ, SOFT_JAX_KILL_AT=kill_at or "")
+    return subprocess.run(RUN + ["--workdir", str(workdir)] + [f"--config.{o}" for o in TINY + list(extra)],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_killed_in_every_phase_resumes_to_the_same_artifacts(tmp_path, tiny_base):
+    # two generation batches per round (a kill between them); a step checkpoint after every step
+    extra = ("prompts.per_round=8", "train.checkpoint_every=1")
+    ref = run("soft_plus.py", tmp_path / "ref", *extra)
+    w = tmp_path / "killed"
+    points = ["evaluated_r0", "generate_r1_b0", "generated_r1", "scored_r1", "train_step_2", "trained_r1",
+              "evaluated_r1", "round_done_r1", "generate_r2_b1", "train_step_1"]
+    for point in points:
+        p = run_cli(w, kill_at=point, extra=extra)
+        assert p.returncode == -9, f"{point}: expected SIGKILL, got {p.returncode}: {p.stderr[-2000:]}"
+    p = run_cli(w, extra=extra)
+    assert p.returncode == 0, p.stderr[-2000:]
+    done = Workdir(str(w))
+    assert done.files().keys() == ref.files().keys()
+    for k, v in ref.files().items():
+        if k != "config.json":
+            assert done.files()[k] == v, k
+    check_common(done, 2, 8)
+    a, b = round_checksums(done, tiny_base), round_checksums(ref, tiny_base)
+    np.testing.assert_allclose([a[k] for k in sorted(a)], [b[k] for k in sorted(b)], rtol=1e-6)
+    # each event once: the resumed phases replaced, not repeated, their records
+    keys = [(m["round"], m["phase"], m.get("step")) for m in done.metrics]
+    assert len(keys) == len(set(keys))
+    assert [m["step"] for m in done.metrics if m["phase"] == "train" and m["round"] == 1] == \
+        [m["step"] for m in ref.metrics if m["phase"] == "train" and m["round"] == 1]
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+def one_line_error(capsys, argv):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("soft-jax: error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
+    tiny = ["run", "--config", os.path.join(CONFIGS, "tiny.py")]
+    err = one_line_error(capsys, tiny + ["--workdir", str(tmp_path / "a"), "--config.train.lr=1"])
+    assert "unknown config key" in err and "learning_rate" in err
+    err = one_line_error(capsys, tiny + ["--workdir", str(tmp_path / "a"), "--config.rounds=40"])
+    assert "244" in err and "prompts" in err
+    err = one_line_error(capsys, tiny + ["--workdir", str(tmp_path / "a"), "--config.rounds=two"])
+    assert "rounds" in err
+    bad = tmp_path / "ex.jsonl"
+    bad.write_text('{"prompt": "a", "thoughts": "b", "answer": "c"}\n{"prompt": "x", "thoughts": \n')
+    err = one_line_error(capsys, tiny + ["--workdir", str(tmp_path / "a"), f"--config.exemplars.path={bad}"])
+    assert f"{bad}:2" in err
+    assert not os.path.exists(tmp_path / "a"), "a refused run must not create its work dir"
+    err = one_line_error(capsys, ["run", "--config", str(tmp_path / "nope.py"), "--workdir", str(tmp_path / "b")])
+    assert "no such config file" in err
+
+
+def test_workdir_of_another_config_is_refused(tmp_path, capsys):
+    w = tmp_path / "w"
+    run("tiny.py", w, "rounds=1")
+    before = {k: v for k, v in Workdir(str(w)).files().items()}
+    err = one_line_error(capsys, ["run", "--config", os.path.join(CONFIGS, "tiny.py"), "--workdir", str(w),
+                                  *[f"--config.{o}" for o in TINY], "--config.rounds=1", "--config.seed=7"])
+    assert "another config" in err and "seed" in err
+    assert Workdir(str(w)).files() == before
