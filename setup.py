@@ -26,6 +26,11 @@ setup(
         "jinja2>=3.1,<4",
         "gguf>=0.17,<1",
         "tqdm>=4.66,<5",
+        # TFDS datasets (array_record) written and read without TensorFlow: soft_jax.data.tfds (4.9.9 and
+        # older fail with protobuf 7: FieldDescriptor.label)
+        "tensorflow-datasets>=4.9.10,<4.10",
+        # imported by tensorflow-datasets 4.9.x but declared only for python<3.9 (tensorflow/datasets#11212)
+        "importlib-resources>=6,<8",
     ],
     extras_require={
         "test": [
