@@ -146,7 +146,9 @@ def load_inputs(c: ml_collections.ConfigDict) -> Inputs:
     if c.exemplars.k > len(exemplars):
         raise UserError(f"exemplars.k = {c.exemplars.k} but the exemplar pool has {len(exemplars)}; lower "
                         "exemplars.k or add exemplars")
-    pool = data.load_prompts(c.prompts.path)
+    pr = c.prompts
+    pool = (data.load_tfds_prompts(pr.tfds, pr.tfds_split, pr.tfds_data_dir, pr.tfds_prompt_key) if pr.tfds
+            else data.load_prompts(pr.path))
     per_round = c.prompts.per_round or len(pool) // c.rounds  # 0: the whole pool, split evenly
     sizes = data.round_sizes(per_round, c.rounds)
     if sum(sizes) > len(pool):
@@ -270,17 +272,28 @@ class Run:
             shots = [self.exemplars_for(t, b, p) for p in batch]
             texts = [templates.self_align_prompt(self.inputs.principles, ex, p["prompt"], p["input"])
                      for p, ex in zip(batch, shots)]
+            seed = np.random.default_rng([self.c.seed, t, b]).integers(2**31, size=2)
             outs = sampling.generate(generator, tokenizer, texts, cfg, progress=False, mesh=self.mesh,
-                                     seed=int(np.random.default_rng([self.c.seed, t, b]).integers(2**31)))
+                                     seed=int(seed[0]))
+            forced = [False] * len(outs)
+            if s.force_answer:  # thoughts that ended without an answer: write the marker, sample the answer
+                todo = [i for i, o in enumerate(outs) if templates.parse(o)[1] is None
+                        and f"\n{templates.USER}" not in o]
+                if todo:
+                    heads = [texts[i] + templates.with_answer_marker(outs[i]) for i in todo]
+                    answers = sampling.generate(generator, tokenizer, heads, cfg, progress=False, mesh=self.mesh,
+                                                seed=int(seed[1]))
+                    for i, a in zip(todo, answers):
+                        outs[i], forced[i] = templates.with_answer_marker(outs[i]) + a, True
             rows = []
-            for p, ex, raw in zip(batch, shots, outs):
+            for p, ex, raw, f in zip(batch, shots, outs, forced):
                 thoughts, answer = templates.parse(raw)
                 if answer is None and not self.filter_cfg.require_marker:
                     thoughts, answer = "", templates.parse("\n" + templates.ANSWER + raw)[1]
                 reason = filters.verdict(answer, p["prompt"], ctx)
                 rows.append({"prompt_id": p["prompt_id"], "prompt": p["prompt"], "input": p["input"],
                              "exemplar_ids": [e.id for e in ex], "raw": raw, "thoughts": thoughts,
-                             "answer": answer, "kept": reason is None, "dropped_by": reason})
+                             "answer": answer, "forced_answer": f, "kept": reason is None, "dropped_by": reason})
                 new_tokens += len(tokenizer(raw, add_special_tokens=False)["input_ids"])
             append_line(partial, {"batch": b, "rows": rows})
             done[b] = rows

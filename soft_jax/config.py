@@ -36,13 +36,17 @@ def base() -> ml_collections.ConfigDict:
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.rounds = 3
     # path: JSONL ("" = the built-in pool); per_round: int, list (one per round), or 0 = the pool split evenly
-    c.prompts = dict(path="", per_round=64)
+    # tfds: a TFDS dataset name (array_record; read without TensorFlow) instead of path, with its split,
+    # data_dir and feature names; build one from JSONL with soft_jax.data.tfds.build_prompt_dataset
+    c.prompts = dict(path="", per_round=64, tfds="", tfds_split="train", tfds_data_dir="", tfds_prompt_key="prompt")
     c.principles = ""  # text file; "" = the built-in principles
     # strategy: fixed | random; granularity: prompt | batch (a batch shares exemplars, so its prefix is reused)
     c.exemplars = dict(path="", k=2, strategy="random", granularity="batch")
     c.generator = "previous"  # previous (SOFT) | base (ablation: always M0)
     c.sft_start = "continue"  # continue ("step on feet") | reinit (ablation: train M0 on the round's data)
-    c.sampling = dict(temperature=0.7, top_p=0.95, top_k=0, max_new_tokens=512, batch_size=16)
+    # force_answer: when the thoughts end without "Assistant:", append the marker and sample the answer
+    # (small models often stop after their thoughts; Dromedary's 65B did not need this)
+    c.sampling = dict(temperature=0.7, top_p=0.95, top_k=0, max_new_tokens=512, batch_size=16, force_answer=False)
     c.filters = dict(require_marker=True, min_words=5, max_prompt_similarity=0.9, leak_ngram=10, max_repeated_ngram_fraction=0.5,
                      max_line_repeats=3)
     # score: response_ppl | response_length | prompt_ppl; order: easy_to_hard | hard_to_easy | random | none

@@ -251,3 +251,15 @@ def test_workdir_of_another_config_is_refused(tmp_path, capsys):
                                   *[f"--config.{o}" for o in TINY], "--config.rounds=1", "--config.seed=7"])
     assert "another config" in err and "seed" in err
     assert Workdir(str(w)).files() == before
+
+
+def test_prompt_pool_from_a_tfds_dataset(tmp_path):
+    from soft_jax.data import tfds
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Tell me fact {i}."}) + "\n" for i in range(5)))
+    tfds.build_prompt_dataset(str(pool), str(tmp_path / "tfds"), name="my_prompts")
+    w = run("tiny.py", tmp_path / "w", "rounds=1", "prompts.per_round=0", "prompts.tfds=my_prompts",
+            f"prompts.tfds_data_dir={tmp_path / 'tfds'}")
+    assert sorted(r["prompt_id"] for r in w.rows(1, "prompts.jsonl")) == [f"q{i}" for i in range(5)]
+    assert {r["prompt"] for r in w.rows(1, "generations.jsonl")} == {f"Tell me fact {i}." for i in range(5)}

@@ -60,6 +60,14 @@ def load_prompts(path: str = "") -> list[dict]:
     return out
 
 
+def load_tfds_prompts(name: str, split: str = "train", data_dir: str = "", prompt_key: str = "prompt") -> list[dict]:
+    """The pool from a TFDS dataset (array_record), as load_prompts' rows."""
+    from soft_jax.data import tfds
+
+    rows = tfds.load_prompts(name, split, data_dir or None, prompt_key=prompt_key)
+    return [{"prompt_id": r["id"], "prompt": r["prompt"].strip(), "input": r["input"].strip()} for r in rows]
+
+
 def load_principles(path: str = "") -> str:
     path = path or asset("principles.txt")
     if not os.path.isfile(path):

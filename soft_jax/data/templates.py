@@ -50,6 +50,11 @@ def self_align_prompt(principles: str, exemplars: Sequence[Exemplar], prompt: st
     return "\n\n".join(blocks) + f"\n\n{USER} {user_turn(prompt, inp)}\n\n{THOUGHTS}"
 
 
+def with_answer_marker(thoughts: str) -> str:
+    """The model's thoughts followed by the answer marker: the prompt of a forced second stage."""
+    return thoughts.rstrip() + f"\n\n{ANSWER}"
+
+
 def parse(completion: str) -> tuple[str, str | None]:
     """(thoughts, answer) from the text after the prompt; answer is None when no answer marker follows.
 
