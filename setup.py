@@ -26,6 +26,7 @@ setup(
         "jinja2>=3.1,<4",
         "gguf>=0.17,<1",
         "tqdm>=4.66,<5",
+        "matplotlib>=3.9,<4",  # soft-jax report
         # TFDS datasets (array_record) written and read without TensorFlow: soft_jax.data.tfds (4.9.9 and
         # older fail with protobuf 7: FieldDescriptor.label)
         "tensorflow-datasets>=4.9.10,<4.10",

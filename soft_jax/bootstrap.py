@@ -444,6 +444,10 @@ class Run:
                 break
             model = self.one_round(t, model, base, tokenizer)
         self.log(self.table())
+        if jax.process_index() == 0:
+            from soft_jax import report
+
+            self.log(f"[run] report: {report.write(self.workdir)}")
         if self.state["stopped"]:
             self.log(f"[run] stopped early: {self.state['stopped']}")
         self.log(f"[run] done in {time.perf_counter() - t_start:.0f} s; best round {self.state['best_round']} "
@@ -489,26 +493,30 @@ class Run:
         return ", ".join(f"{k} {v}" for k, v in counts.items() if k != "kept" and v) or "none"
 
     def table(self) -> str:
-        """One line per finished round: prompts, kept/dropped, difficulty, loss, validation, eval numbers."""
-        by = {}
-        for r in self.metrics.rows.values():
-            by.setdefault(r.get("round"), {}).setdefault(r.get("phase"), []).append(r)
-        tasks = evaluation.parse_tasks(self.c.eval.tasks) if self.c.eval.tasks else []
-        head = ["round", "prompts", "kept", "dropped", "difficulty", "train loss", self.c.validation.metric, *tasks]
-        lines = [" | ".join(head), " | ".join("---" for _ in head)]
-        for t in sorted(k for k in by if k is not None):
-            ph = by[t]
-            gen, cur = (ph.get("generate") or [{}])[0], (ph.get("curriculum") or [{}])[0]
-            losses = [r["loss"] for r in ph.get("train", [])]
-            ev = (ph.get("eval") or [{}])[0]
-            cells = [str(t), str(gen.get("prompts", "-")), str(gen.get("kept", "-")),
-                     str(gen["prompts"] - gen["kept"]) if gen else "-",
-                     f"{cur['mean_difficulty']:.3g}" if cur.get("mean_difficulty") is not None else "-",
-                     f"{np.mean(losses[-max(1, len(losses) // 4):]):.4f}" if losses else "-",
-                     f"{ev[self.c.validation.metric]:.4f}" if self.c.validation.metric in ev else "-",
-                     *(f"{ev[k]:.4f}" if k in ev else "-" for k in tasks)]
-            lines.append(" | ".join(cells))
-        return "\n".join(lines)
+        return round_table(list(self.metrics.rows.values()), self.c.validation.metric, self.c.eval.tasks)
+
+
+def round_table(metrics: list[dict], metric: str, tasks: str = "") -> str:
+    """Markdown table, one line per round: prompts, kept/dropped, difficulty, loss, validation, eval numbers."""
+    by: dict = {}
+    for r in metrics:
+        by.setdefault(r.get("round"), {}).setdefault(r.get("phase"), []).append(r)
+    names = evaluation.parse_tasks(tasks) if tasks else []
+    head = ["round", "prompts", "kept", "dropped", "difficulty", "train loss", metric, *names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t in sorted(k for k in by if k is not None):
+        ph = by[t]
+        gen, cur = (ph.get("generate") or [{}])[0], (ph.get("curriculum") or [{}])[0]
+        losses = [r["loss"] for r in sorted(ph.get("train", []), key=lambda r: r["step"])]
+        ev = (ph.get("eval") or [{}])[0]
+        cells = [str(t), str(gen.get("prompts", "-")), str(gen.get("kept", "-")),
+                 str(gen["prompts"] - gen["kept"]) if gen else "-",
+                 f"{cur['mean_difficulty']:.3g}" if cur.get("mean_difficulty") is not None else "-",
+                 f"{np.mean(losses[-max(1, len(losses) // 4):]):.4f}" if losses else "-",
+                 f"{ev[metric]:.4f}" if metric in ev else "-",
+                 *(f"{ev[k]:.4f}" if k in ev else "-" for k in names)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def run(c: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = print) -> dict:

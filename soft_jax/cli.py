@@ -1,4 +1,4 @@
-"""The `soft-jax` command line: run | info | generate | train | eval | export.
+"""The `soft-jax` command line: run | report | info | generate | train | eval | export.
 
 Every user mistake ends with exit code 2 and one line on stderr (what is wrong, where, how to mend it).
 """
@@ -178,6 +178,12 @@ def cmd_run(args) -> None:
     bootstrap.run(config, args.workdir)
 
 
+def cmd_report(args) -> None:
+    from soft_jax import report
+
+    print(f"wrote {report.write(args.workdir)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="soft-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -236,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="config file, optionally with an argument: configs/soft.py[:ARG]")
     p.add_argument("--workdir", required=True, help="work dir; rerunning the same command resumes the run")
     p.set_defaults(fn=cmd_run, overrides=[])
+
+    p = sub.add_parser("report", help="plots and a Markdown summary of a run in WORKDIR/report/")
+    p.add_argument("workdir", help="a run's work dir")
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("export", help="write an HF checkpoint directory that transformers loads")
     _add_model(p)

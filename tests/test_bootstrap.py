@@ -44,12 +44,12 @@ class Workdir:
         return next(m for m in self.metrics if m["round"] == t and m["phase"] == phase)
 
     def files(self):
-        """Relative path -> bytes of every artifact but the checkpoints and the timing-bearing metrics."""
+        """Relative path -> bytes of every artifact but checkpoints, report and the timing-bearing metrics."""
         out = {}
         for d, _, names in os.walk(self.path):
             for n in names:
                 rel = os.path.relpath(os.path.join(d, n), self.path)
-                if not rel.startswith("checkpoints") and n != "metrics.jsonl":
+                if not rel.startswith(("checkpoints", "report")) and n != "metrics.jsonl":
                     out[rel] = open(os.path.join(d, n), "rb").read()
         return out
 
@@ -106,6 +106,11 @@ def test_soft_plus_orders_easy_to_hard_and_steps_on_feet(tmp_path, tiny_base):
     assert w.event(1, "train_done")["start_checksum"] == sums["base"]
     assert w.event(2, "train_done")["start_checksum"] == sums["round 1"]  # and is trained further
     assert sums["round 1"] != sums["round 2"] != sums["base"]
+    report = os.path.join(w.path, "report")
+    assert {"summary.md", "eval_per_round.png", "filters_per_round.png", "difficulty_per_round.png",
+            "train_loss.png"} <= set(os.listdir(report))
+    summary = open(os.path.join(report, "summary.md")).read()
+    assert "| 2 | 4 | 4 | 0 |" in summary and "## Round 2: sample kept training pairs" in summary
 
 
 @pytest.mark.parametrize("name,extra,check", [
@@ -184,7 +189,10 @@ RUN = [sys.executable, "-m", "soft_jax.cli", "run", "--config", os.path.join(CON
 
 
 def run_cli(workdir, kill_at=None, extra=()):
-    env = dict(os.environ, SOFT_JAX_KILL_AT=kill_at or "")
+    # restarts reuse compiled programs through JAX's persistent cache (beside the work dir)
+    cache = os.path.join(os.path.dirname(str(workdir)), "jax-cache")
+    env = dict(os.environ, SOFT_JAX_KILL_AT=kill_at or "", JAX_COMPILATION_CACHE_DIR=cache,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return subprocess.run(RUN + ["--workdir", str(workdir)] + [f"--config.{o}" for o in TINY + list(extra)],
                           capture_output=True, text=True, env=env, timeout=600)
 
