@@ -36,7 +36,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from soft_jax import config as config_lib
-from soft_jax import curriculum, data, evaluation, faults, sampling, training
+from soft_jax import curriculum, data, evaluation, faults, preemption, sampling, training
 from soft_jax import sharding as shd
 from soft_jax.checkpoints import StepCheckpointer
 from soft_jax.data import filters, templates
@@ -44,7 +44,7 @@ from soft_jax.errors import UserError
 from soft_jax.io_utils import write_atomic, write_jsonl
 from soft_jax.models import presets
 
-STATE, CONFIG, METRICS = "state.json", "config.json", "metrics.jsonl"
+STATE, CONFIG, METRICS, LOCK = "state.json", "config.json", "metrics.jsonl", ".lock"
 HIGHER_IS_BETTER = set(evaluation.TASKS)
 
 
@@ -161,13 +161,33 @@ def load_inputs(c: ml_collections.ConfigDict) -> Inputs:
                   open_ended[:c.open_ended.limit])
 
 
+def lock_workdir(workdir: str):
+    """An exclusive lock on the work dir for this process's lifetime (the OS drops it when the process dies,
+    even by SIGKILL, so a crashed run never leaves a stale lock)."""
+    import fcntl
+
+    f = open(os.path.join(workdir, LOCK), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        owner = f.read().strip() or "unknown"
+        f.close()
+        raise UserError(f"{workdir}: another soft-jax run (pid {owner}) is using this work dir; wait for it to "
+                        "finish or stop it, or use another --workdir") from None
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
 def check_workdir(workdir: str, c: ml_collections.ConfigDict) -> None:
     """Writes config.json on a new run; on a rerun refuses config changes that invalidate finished rounds."""
     path = os.path.join(workdir, CONFIG)
     new = config_lib.to_dict(c)
     old = read_json(path)
     if old is None:
-        if os.path.isdir(workdir) and os.listdir(workdir):
+        if os.path.isdir(workdir) and set(os.listdir(workdir)) - {LOCK}:
             raise UserError(f"{workdir}: the directory is not empty and holds no soft-jax run ({CONFIG} missing); "
                             "give a new or empty work dir")
         write_json(path, new)
@@ -200,6 +220,7 @@ class Run:
         presets.check(c.model.name, c.model.path, c.model.dtype, c.model.param_dtype)
         self.inputs = load_inputs(c)
         os.makedirs(workdir, exist_ok=True)
+        self.lock = lock_workdir(workdir)
         check_workdir(workdir, c)
         self.state = read_json(os.path.join(workdir, STATE), {"finished": [], "scores": {}, "best_round": None,
                                                               "stopped": None})
@@ -300,6 +321,7 @@ class Run:
             bar.update(len(rows))
             bar.set_postfix(tok_per_s=f"{new_tokens / (time.perf_counter() - t0):.1f}")
             faults.point(f"generate_r{t}_b{b}")
+            preemption.check(f"round {t} generation batch {b + 1} of {n_batches}")
         bar.close()
         rows = [r for b in range(n_batches) for r in done[b]]
         write_jsonl(final, rows)
@@ -310,6 +332,7 @@ class Run:
                           "new_tokens_per_s": new_tokens / max(seconds, 1e-9),
                           **filters.counts([r["dropped_by"] for r in rows])})
         faults.point(f"generated_r{t}")
+        preemption.check(f"round {t} generation")
         return rows
 
     def exemplars_for(self, t: int, b: int, prompt: dict) -> list[data.Exemplar]:
@@ -337,6 +360,7 @@ class Run:
         self.metrics.add({"round": t, "phase": "curriculum", "examples": len(rows), "score": cur.score,
                           "order": cur.order, "mean_difficulty": float(np.mean(scores)) if scores else None})
         faults.point(f"scored_r{t}")
+        preemption.check(f"round {t} scoring")
         return rows
 
     def train(self, t: int, start, tokenizer, rows: list[dict]):
@@ -398,6 +422,7 @@ class Run:
             summary[task] = r["accuracy"]
         self.metrics.add(summary)
         faults.point(f"evaluated_r{t}")
+        preemption.check(f"round {t} evaluation")
         return out
 
     def open_ended(self, model, tokenizer) -> list[dict]:
@@ -453,6 +478,7 @@ class Run:
         self.log(f"[run] done in {time.perf_counter() - t_start:.0f} s; best round {self.state['best_round']} "
                  f"(load it with --model {self.workdir})")
         self.rounds_ckpt.close()
+        self.lock.close()
         return self.state
 
     def one_round(self, t: int, model, base, tokenizer):
@@ -476,6 +502,7 @@ class Run:
             self.save_round(trained, t, {"round": t, "generator": c.generator, "sft_start": c.sft_start})
             self.metrics.add(summary)
             faults.point(f"trained_r{t}")
+            preemption.check(f"round {t} training")
             shutil.rmtree(ckpt_dir, ignore_errors=True)
         ev = self.evaluate(t, trained, tokenizer)
         self.guard(t, ev["validation"]["value"])
@@ -485,6 +512,7 @@ class Run:
         self.log(f"[round {t}] done: validation {c.validation.metric} {ev['validation']['value']:.4f}, "
                  f"best round {self.state['best_round']}")
         faults.point(f"round_done_r{t}")
+        preemption.check(f"round {t}")
         return trained
 
     @staticmethod

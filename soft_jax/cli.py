@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import os
 import sys
 
 from soft_jax.errors import UserError
+from soft_jax.preemption import Preempted
 
 EXIT_USER_ERROR = 2
 
@@ -162,7 +164,7 @@ def cmd_eval(args) -> None:
 
 
 def cmd_run(args) -> None:
-    from soft_jax import bootstrap
+    from soft_jax import bootstrap, preemption
     from soft_jax import config as config_lib
 
     overrides, rest = [], list(args.overrides)
@@ -175,6 +177,7 @@ def cmd_run(args) -> None:
             item += "=" + rest.pop(0)
         overrides.append(item[len("--config."):])
     config = config_lib.load(args.config, overrides)
+    preemption.install()
     bootstrap.run(config, args.workdir)
 
 
@@ -264,6 +267,10 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"soft-jax: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Preempted as e:  # a signal asked `run` to stop; it stopped at a safe point
+        resume = "soft-jax " + shlex.join(sys.argv[1:] if argv is None else argv)
+        print(f"soft-jax: {e}; progress is saved. resume with: {resume}", file=sys.stderr)
+        return 130 if e.signame == "SIGINT" else 143
     except KeyboardInterrupt:
         print("soft-jax: interrupted", file=sys.stderr)
         return 130

@@ -358,12 +358,16 @@ GROUP_OVERHEAD = 16  # tokens a group costs beyond its prefix (padding, its cach
 GROUP_WINDOW = 8  # rows on each side whose common prefix a group's chunk is expected to run once for all
 MAX_GROUP = 64  # rows per group, and groups per chunk, at most
 PASS_TOKENS = 8192  # rows x (cached + new) length of one forward pass at most (bounds the KV rows it holds)
-LOGIT_TOKENS = 2048  # rows x length whose full-vocabulary logits one pass keeps at most
+ROW_TOKENS = 128  # a pass holds batch_size rows of this many tokens (more shorter rows, fewer longer ones)
 
 
 def bucket_length(n: int) -> int:
     """Powers of two (at least MIN_BUCKET) up to 512, then multiples of 256."""
     return bucket(n) if n <= 512 else -(-n // 256) * 256
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
 
 
 def _pass_rows(n: int, multiple: int) -> int:
@@ -405,17 +409,63 @@ def _group(seqs, bounds) -> list[tuple[int, list[int]]]:
     return groups[::-1]
 
 
-def _chunks(groups):
-    """Runs of groups whose prefixes have the same length bucket, at most PASS_TOKENS of prefixes each."""
-    chunks: list = []
-    for g in sorted(groups, key=lambda g: bucket_length(g[0])):  # stable: neighbours stay together
-        size = bucket_length(g[0])
-        if chunks and bucket_length(chunks[-1][0][0]) == size and len(chunks[-1]) < min(MAX_GROUP,
-                                                                                        PASS_TOKENS // size):
-            chunks[-1].append(g)
+def _chunks(groups, seqs):
+    """Runs of groups with the same prefix-length bucket, at most MAX_GROUP and PASS_TOKENS of unshared prefix
+    tokens each; a run also ends where neighbouring prefixes share much less than those around them do
+    (so that a prefix many groups share, run once per chunk, is not lost to a chunk that mixes families)."""
+    order = sorted(groups, key=lambda g: cache_length(g[0]))  # stable: neighbours stay together
+    heads = [seqs[rs[0]][:p] for p, rs in order]
+    lcp = [_lcp(heads[i], heads[i + 1]) for i in range(len(order) - 1)]
+    near = [min(lcp[max(0, i - GROUP_WINDOW):i + GROUP_WINDOW], default=0) for i in range(len(order))]
+    chunks, shared = [[order[0]]] if order else [], 0
+    for i in range(1, len(order)):
+        run = chunks[-1]
+        shared = lcp[i - 1] if len(run) == 1 else min(shared, lcp[i - 1])
+        unshared = max(p for p, _ in run + [order[i]]) - (shared if shared >= MIN_SHARED_PREFIX else 0)
+        if (cache_length(order[i][0]) == cache_length(run[0][0])
+                and lcp[i - 1] >= max(near[i - 1], near[i]) - GROUP_OVERHEAD
+                and len(run) < min(MAX_GROUP, PASS_TOKENS // cache_length(unshared))):
+            run.append(order[i])
         else:
-            chunks.append([g])
+            chunks.append([order[i]])
     return chunks
+
+
+def cache_length(n: int) -> int:
+    """Cache rows a chunk's prefixes are kept in: 64, 256, 1024, then multiples of 1024 (few stage-2 programs)."""
+    return 64 if n <= 64 else 256 if n <= 256 else -(-n // 1024) * 1024
+
+
+@dataclasses.dataclass
+class _Chunk:
+    """Stage 1: group prefixes (`shared` leading tokens common to all, the rest padded to `length`) in cache
+    rows of `cache` slots; stage 2: passes (last_only, padded length, [(row, group, prefix length)])."""
+
+    heads: list
+    shared: int
+    length: int
+    cache: int
+    passes: list
+
+
+def _plan(seqs, bounds, last_only, batch_size: int, multiple: int) -> list[_Chunk]:
+    plan = []
+    for chunk in _chunks(_group(seqs, bounds), seqs):
+        heads = [seqs[rs[0]][:p] for p, rs in chunk]
+        shared = _shared_len(heads, True, cap=min(map(len, heads)))
+        length = bucket_length(max(map(len, heads)) - shared)
+        cache = cache_length(length)
+        todo = sorted((last_only[r], len(seqs[r]) - p, r, g, p) for g, (p, rs) in enumerate(chunk) for r in rs)
+        passes = []
+        while todo:  # from the longest remainder down, as many rows as the pass's length allows
+            last, tail = todo[-1][0], bucket_length(todo[-1][1])
+            most = min(batch_size * ROW_TOKENS // tail, PASS_TOKENS // (cache + tail))
+            most = max(multiple, _pow2_floor(most))
+            batch = [t for t in todo[-most:] if t[0] == last]
+            todo = todo[:len(todo) - len(batch)]
+            passes.append((last, tail, [t[2:] for t in batch]))
+        plan.append(_Chunk(heads, shared, length, cache, passes))
+    return plan
 
 
 @functools.partial(jax.jit, static_argnums=(0, 8))
@@ -437,17 +487,6 @@ def _score_rows(graphdef, state, heads, which, ids, positions, seg, picks, last_
     return jnp.where(picks >= 0, picked, 0.0)
 
 
-def _prefill_groups(graphdef, state, model, heads, multiple, mesh):
-    """Stage 1: a cache with one row per group prefix in `heads` (their common part as a shared prefix)."""
-    shared = _shared_len(heads, True, cap=min(map(len, heads)))
-    length = bucket_length(max(map(len, heads)) - shared)
-    n = _pass_rows(len(heads), multiple)
-    batcher = _Batcher(mesh, n)
-    cache = _prefill_shared(graphdef, state, model, heads[0][:shared], n, length, batcher)
-    ids, seg, positions = _left_pad([h[shared:] for h in heads] + [()] * (n - len(heads)), length)
-    return _prefill(graphdef, state, *batcher.put((ids, positions + shared, seg)), cache)[1], length
-
-
 def score_tokens(model: Llama, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
                  batch_size: int = 16, mesh=None, progress: bool = False) -> list[np.ndarray]:
     """Per-token log-probabilities of each continuation given its context (token lists).
@@ -460,8 +499,6 @@ def score_tokens(model: Llama, contexts: Sequence[Sequence[int]], continuations:
     if mesh is not None:
         multiple = mesh.shape["data"] * mesh.shape["fsdp"]
         _Batcher(mesh, batch_size)  # refuses a batch size the data axes do not divide
-    limit = max(multiple, 1 << (max(1, batch_size).bit_length() - 1))
-    out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(contexts)
     # Unique rows: (tokens, last_only) -> request indices. A last_only row is a context, read at its end; any
     # other is a context + continuation, run without its last token and read from its bound on.
     rows: dict[tuple, list[int]] = {}
@@ -473,39 +510,36 @@ def score_tokens(model: Llama, contexts: Sequence[Sequence[int]], continuations:
     keys = sorted(rows)
     seqs = [s if last else s[:-1] for s, last in keys]
     bounds = [min(len(contexts[i]) for i in rows[key]) - 1 for key in keys]
-    asked = {key: sorted({continuations[i][0] for i in rows[key]}) for key in keys if key[1]}
+    asked = {r: sorted({continuations[i][0] for i in rows[key]}) for r, key in enumerate(keys) if key[1]}
     width = max(map(len, asked.values()), default=1)
     graphdef, state = nnx.split(model)
+    out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(contexts)
     bar = tqdm(total=len(keys), desc="scoring", unit="row", disable=not progress)
-    for chunk in _chunks(_group(seqs, bounds)):
-        heads, length = _prefill_groups(graphdef, state, model, [seqs[rs[0]][:p] for p, rs in chunk], multiple,
-                                        mesh)
-        # Stage 2: (last_only, remainder length, row, group, prefix length), passes from the longest down.
-        todo = sorted((keys[r][1], len(seqs[r]) - p, r, g, p) for g, (p, rs) in enumerate(chunk) for r in rs)
-        while todo:
-            last_only, tail = todo[-1][0], bucket_length(todo[-1][1])
-            most = min(limit, max(1, PASS_TOKENS // (length + tail)), max(1, LOGIT_TOKENS // tail))
-            most = max(multiple, 1 << (most.bit_length() - 1))
-            batch = [t for t in todo[-most:] if t[0] == last_only]
-            todo = todo[:len(todo) - len(batch)]
+    for chunk in _plan(seqs, bounds, [last for _, last in keys], batch_size, multiple):
+        n = _pass_rows(len(chunk.heads), multiple)
+        batcher = _Batcher(mesh, n)
+        cache = _prefill_shared(graphdef, state, model, chunk.heads[0][:chunk.shared], n, chunk.cache, batcher)
+        ids, seg, positions = _left_pad([h[chunk.shared:] for h in chunk.heads] + [()] * (n - len(chunk.heads)),
+                                        chunk.length)
+        _, heads = _prefill(graphdef, state, *batcher.put((ids, positions + chunk.shared, seg)), cache)
+        for last_only, tail, batch in chunk.passes:
             n = _pass_rows(len(batch), multiple)
-            ids, seg, positions = _left_pad([seqs[r][p:] for _, _, r, _, p in batch] + [()] * (n - len(batch)),
-                                            tail)
-            positions += np.asarray([t[4] for t in batch] + [0] * (n - len(batch)))[:, None]
-            which = np.asarray([t[3] for t in batch] + [0] * (n - len(batch)), np.int32)
+            ids, seg, positions = _left_pad([seqs[r][p:] for r, _, p in batch] + [()] * (n - len(batch)), tail)
+            positions += np.asarray([p for *_, p in batch] + [0] * (n - len(batch)))[:, None]
+            which = np.asarray([g for _, g, _ in batch] + [0] * (n - len(batch)), np.int32)
             picks = np.zeros((n, width), np.int32) if last_only else np.full((n, tail), -1, np.int32)
-            for row, (_, _, r, _, _) in enumerate(batch):
+            for row, (r, _, _) in enumerate(batch):
                 if last_only:
-                    picks[row, :len(asked[keys[r]])] = asked[keys[r]]
-                else:  # the bound's next token on: the row's own continuation and its longest one
+                    picks[row, :len(asked[r])] = asked[r]
+                else:  # every token after the bound: each request reads its own continuation's part
                     read = keys[r][0][bounds[r] + 1:]
                     picks[row, tail - len(read):] = read
             logp = np.asarray(_score_rows(graphdef, state, heads, *_Batcher(mesh, n).put(
                 (which, ids, positions, seg, picks)), last_only))
-            for row, (_, _, r, _, _) in enumerate(batch):
+            for row, (r, _, _) in enumerate(batch):
                 for i in rows[keys[r]]:
                     k = continuations[i]
-                    out[i] = logp[row, asked[keys[r]].index(k[0])][None] if last_only else logp[row, tail - len(k):]
+                    out[i] = logp[row, asked[r].index(k[0])][None] if last_only else logp[row, tail - len(k):]
             bar.update(len(batch))
     bar.close()
     return out

@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from soft_jax import faults
+from soft_jax import faults, preemption
 from soft_jax.errors import UserError
 from soft_jax.models.llama import Llama
 
@@ -361,10 +361,14 @@ def train(model: Llama, tokenizer, pairs: Sequence[tuple[str, str]], config: Tra
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         if log:
             log(record)
-        if ckpt and (ckpt.due(step) or step == total):
-            ckpt.save(step, (trainer.params, trainer.opt_state),
-                      {"step": step, "fingerprint": print_})
+        saved = bool(ckpt) and (ckpt.due(step) or step == total)
+        if saved:
+            ckpt.save(step, (trainer.params, trainer.opt_state), {"step": step, "fingerprint": print_})
         faults.point(f"train_step_{step}")
+        if ckpt and preemption.requested() and step < total:  # stop now; this step is kept
+            if not saved:
+                ckpt.save(step, (trainer.params, trainer.opt_state), {"step": step, "fingerprint": print_})
+            preemption.check(f"training step {step}")
     bar.close()
     if ckpt:
         ckpt.close()

@@ -49,7 +49,7 @@ class Workdir:
         for d, _, names in os.walk(self.path):
             for n in names:
                 rel = os.path.relpath(os.path.join(d, n), self.path)
-                if not rel.startswith(("checkpoints", "report")) and n != "metrics.jsonl":
+                if not rel.startswith(("checkpoints", "report")) and n not in ("metrics.jsonl", ".lock"):
                     out[rel] = open(os.path.join(d, n), "rb").read()
         return out
 
@@ -271,3 +271,40 @@ def test_prompt_pool_from_a_tfds_dataset(tmp_path):
             f"prompts.tfds_data_dir={tmp_path / 'tfds'}")
     assert sorted(r["prompt_id"] for r in w.rows(1, "prompts.jsonl")) == [f"q{i}" for i in range(5)]
     assert {r["prompt"] for r in w.rows(1, "generations.jsonl")} == {f"Tell me fact {i}." for i in range(5)}
+
+
+@pytest.mark.parametrize("point", ["generate_r1_b0", "train_step_1"])
+def test_sigterm_stops_cleanly_and_the_rerun_finishes_the_same(tmp_path, point):
+    extra = ("rounds=1", "prompts.per_round=8", "train.checkpoint_every=2")
+    ref = run("soft_plus.py", tmp_path / "ref", *extra)
+    w = tmp_path / "w"
+    env_point = dict(os.environ, SOFT_JAX_TERM_AT=point)
+    cache = str(tmp_path / "jax-cache")
+    env_point.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    argv = RUN + ["--workdir", str(w)] + [f"--config.{o}" for o in TINY + list(extra)]
+    p = subprocess.run(argv, capture_output=True, text=True, env=env_point, timeout=600)
+    assert p.returncode == 143, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("soft-jax: stopped by SIGTERM after ") and "resume with: soft-jax run" in last
+    where = {"generate_r1_b0": "generation batch 1 of 2", "train_step_1": "training step 1"}[point]
+    assert where in last
+    if point == "train_step_1":  # the step was saved although checkpoint_every is 2
+        assert os.listdir(w / "checkpoints" / "train" / "001") == ["1"]
+    p = subprocess.run(argv, capture_output=True, text=True, env=dict(env_point, SOFT_JAX_TERM_AT=""), timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    done = Workdir(str(w)).files()
+    for k, v in ref.files().items():
+        if k != "config.json":
+            assert done[k] == v, k
+
+
+def test_a_second_run_on_the_same_workdir_is_refused(tmp_path, capsys):
+    w = tmp_path / "w"
+    os.makedirs(w)
+    holder = bootstrap.lock_workdir(str(w))
+    try:
+        err = one_line_error(capsys, ["run", "--config", os.path.join(CONFIGS, "tiny.py"), "--workdir", str(w)])
+        assert f"another soft-jax run (pid {os.getpid()})" in err
+    finally:
+        holder.close()
+    assert os.listdir(w) == [".lock"]

@@ -1,0 +1,207 @@
+"""Memory estimates: exact for parameters, Adam state and KV cache (against real arrays), sane for activations
+(against XLA's own buffer assignment), consistent across meshes and knobs, and the one-line refusal."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from soft_jax import config as config_lib
+from soft_jax import memory, training
+from soft_jax.errors import UserError
+from soft_jax.models.config import ModelConfig
+from soft_jax.models.llama import KVCache, init_random
+
+GIB = 1024 ** 3
+
+
+def tiny(tied=True, param_dtype="float32", dtype="float32", **kw) -> ModelConfig:
+    shape = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+                 head_dim=16)
+    return ModelConfig(**{**shape, **kw}, tie_word_embeddings=tied, param_dtype=param_dtype, dtype=dtype)
+
+
+def est(cfg, mesh=(1, 1, 1), **kw):
+    args = dict(train_batch=8, train_seq=64, grad_accum=1, remat=False, sample_batch=4, sample_len=48)
+    return memory.estimate(cfg, mesh_shape=mesh, **{**args, **kw})
+
+
+def nbytes(tree) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+def llama2_7b(param_dtype):
+    return memory.table_model("llama2-7b", param_dtype)
+
+
+def table_estimate(cfg, mesh_name, **settings):
+    return memory.preset_estimate(cfg, mesh_name, {**memory.TABLE_SETTINGS, **settings})
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_params_and_adam_state_match_real_arrays(tied, param_dtype):
+    cfg = tiny(tied, param_dtype, qkv_bias=not tied)
+    params = nnx.state(init_random(cfg), nnx.Param)
+    e = est(cfg)
+    assert e["params"] == nbytes(params) == cfg.num_params * memory.DTYPE_BYTES[param_dtype]
+    opt_state = training.make_optimizer(training.TrainConfig()).init(params)
+    moments = sum(x.nbytes for x in jax.tree.leaves(opt_state) if x.ndim)  # mu and nu; the step count is a scalar
+    assert e["optimizer"] == moments
+    assert {x.dtype for x in jax.tree.leaves(opt_state) if x.ndim} == {jnp.dtype(param_dtype)}  # moments follow params
+    assert nbytes(opt_state) - moments <= 16
+
+
+def test_kv_cache_matches_kvcache_arrays():
+    cfg = tiny(dtype="bfloat16")
+    cache = KVCache.init(cfg, 4, 48)
+    arrays = nbytes((cache.k, cache.v, cache.positions, cache.segment_ids))
+    assert est(cfg, sample_batch=4, sample_len=48)["kv_cache"] == arrays
+    assert arrays == 2 * cfg.num_layers * 4 * 48 * cfg.num_kv_heads * cfg.head_dim * 2 + 2 * 4 * 48 * 4
+    # a shared prefix (principles + exemplars) is held once, beside every row's own slots
+    prefix = KVCache.init(cfg, 1, 32).as_prefix()
+    shared = KVCache.init(cfg, 4, 16, prefix=prefix)
+    arrays = nbytes((shared.k, shared.v, shared.positions, shared.segment_ids, prefix.k, prefix.v, prefix.positions,
+                     prefix.segment_ids))
+    assert est(cfg, sample_batch=4, sample_len=48, sample_prefix=32)["kv_cache"] == arrays
+
+
+def test_training_activations_near_xla_buffer_assignment():
+    """XLA's CPU buffer assignment for the real train step (no remat: the CPU compiler does not exploit remat)."""
+    cfg = tiny(vocab_size=2048, hidden_size=128, intermediate_size=384, num_heads=8, num_kv_heads=4)
+    rows, seq = 2, 128
+    trainer = training.Trainer(init_random(cfg), training.TrainConfig(batch_size=rows, max_prompt_len=64,
+                                                                       max_response_len=64), total_steps=4)
+    z = np.zeros((rows, seq), np.int32)
+    batch = dict(inputs=z, targets=z, segment_ids=z + 1, positions=np.tile(np.arange(seq, dtype=np.int32), (rows, 1)),
+                 weights=np.ones((rows, seq), np.float32))
+    stats = trainer._step.lower(trainer.params, trainer.opt_state, trainer.put_batch(batch),
+                                jnp.float32(0.1)).compile().memory_analysis()
+    e = est(cfg, train_batch=rows, train_seq=seq)
+    assert stats.argument_size_in_bytes - (e["params"] + e["optimizer"]) < 64 * 1024  # + the batch
+    working = e["gradients"] + e["activations"] + e["logits"]
+    assert 0.6 < working / stats.temp_size_in_bytes < 1.8, (working, stats.temp_size_in_bytes)
+
+
+SHARD_SCRIPT = r"""
+import json, jax
+from flax import nnx
+from soft_jax import memory, sharding
+from soft_jax.models.config import ModelConfig
+from soft_jax.models.llama import init_random
+cfg = ModelConfig(vocab_size=160, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+                  head_dim=16, tie_word_embeddings=True)
+out = {}
+for shape in [(1, 8, 1), (2, 4, 1), (1, 4, 2)]:
+    model = sharding.shard_model(init_random(cfg), sharding.make_mesh(shape))
+    dev = jax.devices()[0]
+    real = sum(s.data.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)) for s in x.addressable_shards
+               if s.device == dev)
+    e = memory.estimate(cfg, mesh_shape=shape, train_batch=8, train_seq=8, sample_batch=8, sample_len=8)
+    out[str(shape)] = [real, e["params"]]
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def sharded_params():
+    """{mesh shape: [bytes of device 0's parameter shards, estimate]} from an 8-device CPU process."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", SHARD_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("shape", [
+    "(1, 8, 1)", "(2, 4, 1)",
+    # soft_jax/models/llama.py: `class MLP` rebinds the module constant MLP = "mlp", so the MLP kernels carry the
+    # class as their logical axis and are never split over `tensor`. Remove this mark once that is fixed.
+    pytest.param("(1, 4, 2)", marks=pytest.mark.xfail(strict=True, reason="MLP kernels not tensor-sharded")),
+])
+def test_params_per_device_on_an_8_device_mesh(sharded_params, shape):
+    real, estimated = sharded_params[shape]
+    # only the (replicated) norm scales are not split: a few hundred bytes here
+    assert 0 <= real - estimated <= 5 * 64 * 4, (real, estimated)
+
+
+def test_consistency_across_meshes_and_knobs():
+    cfg = tiny()
+    base = est(cfg)
+    two = est(cfg, mesh=(1, 2, 1))
+    assert two["params"] * 2 == base["params"] and two["optimizer"] * 2 == base["optimizer"]
+    assert est(cfg, mesh={"data": 1, "fsdp": 1, "tensor": 2})["params"] * 2 == base["params"]
+    assert est(cfg, mesh=(2, 1, 1))["params"] == base["params"]  # data parallelism replicates parameters
+    assert est(cfg, mesh=(2, 1, 1))["kv_cache"] * 2 == base["kv_cache"]  # ... and splits the batch
+    assert est(cfg, remat=True)["activations"] < base["activations"]
+    assert est(cfg, grad_accum=4)["activations"] < base["activations"]
+    assert est(cfg, grad_accum=4)["gradients"] == 2 * base["gradients"]  # the accumulator
+    assert est(tiny(param_dtype="bfloat16", dtype="bfloat16"))["params"] * 2 == base["params"]
+    kept = est(cfg, keep_base=True)
+    assert kept["train_total"] - base["train_total"] == base["params"]
+    assert kept["generate_total"] - base["generate_total"] == base["params"]
+    assert base["train_total"] >= 2 * base["params"] + base["optimizer"] + base["gradients"] + base["activations"]
+    big = llama2_7b("bfloat16")
+    assert table_estimate(big, "v5e-64")["train_total"] < table_estimate(big, "tpu-host")["train_total"]
+
+
+def test_7b_refused_on_one_16gib_device_and_fits_sharded_in_bf16():
+    one = table_estimate(llama2_7b("float32"), "gpu")
+    with pytest.raises(UserError) as err:
+        memory.check(one, 16 * GIB)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("training needs about") and "16.0 GiB" in message and "mesh.fsdp" in message
+    assert "train.remat" in message and "bfloat16" in message
+    # one v5e-8 host (16 GiB chips), one packed row per device and micro-batch, round 1 (no separate base)
+    light = dict(rows_per_device=1, keep_base=False)
+    with pytest.raises(UserError, match="^training needs about"):
+        memory.check(table_estimate(llama2_7b("float32"), "tpu-host", **light), 16 * GIB)
+    memory.check(table_estimate(llama2_7b("bfloat16"), "tpu-host", **light), 16 * GIB)  # fits: no error
+    memory.check(one, None)  # unknown device memory (CPU): no check
+
+
+def test_generation_refusal_names_sampling_knobs():
+    e = est(tiny(), sample_batch=64, sample_len=4096)
+    assert e["generate_total"] > e["train_total"]
+    with pytest.raises(UserError, match="^generation needs about .* sampling.batch_size"):
+        memory.check(e, e["generate_total"])
+
+
+def test_bad_arguments_and_presets():
+    with pytest.raises(UserError, match="multiple of grad_accum"):
+        est(tiny(), train_batch=6, grad_accum=4)
+    with pytest.raises(UserError, match="resolve -1"):
+        est(tiny(), mesh=(1, -1, 1))
+    with pytest.raises(UserError, match="sample_prefix"):
+        est(tiny(), sample_len=16, sample_prefix=16, sample_new=4)
+    assert memory.mesh_preset("v4-32") == {"data": 2, "fsdp": 8, "tensor": 1}
+    with pytest.raises(UserError, match="unknown mesh preset"):
+        memory.mesh_preset("v9-9")
+    assert memory.resolve_mesh((1, -1, 1), 8) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert memory.resolve_mesh({"data": -1, "fsdp": 1, "tensor": 1}, 4)["data"] == 4
+
+
+def test_for_run_reads_the_run_config():
+    c = config_lib.base()
+    e = memory.for_run(c, tiny(), (1, 1, 1), prompt_tokens=100, prefix_tokens=60)
+    # sampling pads the shared prefix (60 -> 64) and each row's own part (40 -> 64) to its buckets
+    assert e == memory.estimate(tiny(), mesh_shape=(1, 1, 1), train_batch=c.train.batch_size,
+                                train_seq=c.train.max_prompt_len + c.train.max_response_len,
+                                sample_batch=c.sampling.batch_size, sample_len=64 + 64 + c.sampling.max_new_tokens,
+                                sample_new=c.sampling.max_new_tokens, sample_prefix=64, keep_base=True)
+
+
+def test_tables_and_device_memory():
+    assert memory.table([{"a": 1, "b": "x"}]) == "| a | b |\n|---|---|\n| 1 | x |"
+    text = memory.preset_table()
+    lines = text.splitlines()
+    assert len(lines) == 2 + len(memory.TABLE_MODELS) * 2 * len(memory.TABLE_MESHES)
+    assert lines[0].startswith("| model | params |") and "| llama2-7b | bf16 | tpu-host (1, 8, 1) |" in text
+    if jax.devices()[0].platform == "cpu":
+        assert memory.device_memory() is None
