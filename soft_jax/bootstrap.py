@@ -36,7 +36,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from soft_jax import config as config_lib
-from soft_jax import curriculum, data, evaluation, faults, preemption, sampling, training
+from soft_jax import curriculum, data, evaluation, faults, memory, preemption, sampling, training
 from soft_jax import sharding as shd
 from soft_jax.checkpoints import StepCheckpointer
 from soft_jax.data import filters, templates
@@ -156,6 +156,9 @@ def load_inputs(c: ml_collections.ConfigDict) -> Inputs:
                         f"prompt pool ({c.prompts.path or 'built-in'}) has {len(pool)}; lower rounds or "
                         "prompts.per_round, or give a larger pool")
     validation = data.load_pairs(c.validation.path) if c.validation.metric == "valid_nll" else []
+    tasks = evaluation.parse_tasks(c.eval.tasks) if c.eval.tasks else []
+    for task in set(tasks) | ({c.validation.metric} & set(evaluation.TASKS)):  # no data: fail now, not later
+        evaluation.load_items(task, 1, c.eval.truthfulqa_file or None)
     open_ended = data.load_prompts(c.open_ended.path or data.asset("questions.jsonl")) if c.open_ended.limit else []
     return Inputs(data.load_principles(c.principles), exemplars, pool, validation, sizes,
                   open_ended[:c.open_ended.limit])
@@ -217,17 +220,35 @@ class Run:
     def __init__(self, c: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = print):
         self.c, self.workdir, self.log = c, workdir, log
         self.progress = bool(c.progress)
-        presets.check(c.model.name, c.model.path, c.model.dtype, c.model.param_dtype)
+        # everything a run reads is checked before the work dir is touched or weights are read
+        model_cfg, tokenizer = presets.check(c.model.name, c.model.path, c.model.dtype, c.model.param_dtype)
         self.inputs = load_inputs(c)
+        shape = (c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+        self.mesh = shd.make_mesh(shape) if jax.device_count() > 1 else None
+        self.check_memory(model_cfg, tokenizer, memory.resolve_mesh(shape, jax.device_count()))
         os.makedirs(workdir, exist_ok=True)
         self.lock = lock_workdir(workdir)
         check_workdir(workdir, c)
         self.state = read_json(os.path.join(workdir, STATE), {"finished": [], "scores": {}, "best_round": None,
                                                               "stopped": None})
         self.metrics = Metrics(os.path.join(workdir, METRICS))
-        self.mesh = shd.make_mesh((c.mesh.data, c.mesh.fsdp, c.mesh.tensor)) if jax.device_count() > 1 else None
         self.filter_cfg = filters.FilterConfig(**c.filters.to_dict())
         self.rounds_ckpt = StepCheckpointer(os.path.join(workdir, "checkpoints", "rounds"), every=0, keep=None)
+
+    def check_memory(self, model_cfg, tokenizer, mesh_shape) -> None:
+        """Prints the per-device memory estimate; refuses a run that cannot fit (soft_jax.memory)."""
+        c, inp = self.c, self.inputs
+        count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+        longest = sorted(inp.exemplars, key=lambda e: -len(templates.exemplar_block(e)))[:c.exemplars.k]
+        prefix = count(templates.self_align_prompt(inp.principles, longest, "")) - count(f"{templates.USER}")
+        prompt = prefix + max(count(templates.user_turn(p["prompt"], p["input"])) for p in inp.pool) + 16
+        shared = prefix if c.exemplars.granularity == "batch" else 0
+        est = memory.for_run(c, model_cfg, mesh_shape, prompt, shared)
+        available = memory.device_memory()
+        self.log(f"[memory] estimate per device: training {memory.gib(est['train_total'])} GiB, generation "
+                 f"{memory.gib(est['generate_total'])} GiB" +
+                 (f" of {memory.gib(available)} GiB" if available else " (device memory unknown on CPU)"))
+        memory.check(est, available)
 
     # -- models --
 

@@ -32,7 +32,7 @@ def _is_workdir(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, "state.json"))
 
 
-def _open_model(args, param_dtype=None):
+def _open_model(args, param_dtype=None, need_tokenizer=True, progress=True):
     """(build, config, tokenizer) for --model: checks config and tokenizer before `build()` reads weights.
 
     A run's work dir stands for its best round."""
@@ -44,13 +44,13 @@ def _open_model(args, param_dtype=None):
         model, tokenizer = bootstrap.best_model(args.model, args.dtype)
         return (lambda: model), model.config, tokenizer
     source, cfg, tokenizer = models.inspect(args.model, dtype=args.dtype, param_dtype=param_dtype)
-    if tokenizer is None:
+    if tokenizer is None and need_tokenizer:
         raise UserError(f"{args.model}: the checkpoint has no tokenizer files; add them to the directory")
-    return (lambda: models.build(source, cfg)), cfg, tokenizer
+    return (lambda: models.build(source, cfg, progress=progress)), cfg, tokenizer
 
 
 def cmd_info(args) -> None:
-    build, _, tokenizer = _open_model(args)
+    build, _, tokenizer = _open_model(args, need_tokenizer=False, progress=False)
     model = build()
     cfg = model.config
     from flax import nnx
@@ -136,7 +136,7 @@ def cmd_train(args) -> None:
 def cmd_export(args) -> None:
     from soft_jax import models
 
-    build, _, tokenizer = _open_model(args)
+    build, _, tokenizer = _open_model(args, need_tokenizer=False)
     model = build()
     models.export_hf(model, tokenizer, args.out)
     print(f"exported {args.model} to {os.path.abspath(args.out)} (transformers: from_pretrained({args.out!r}))")

@@ -16,6 +16,9 @@ The numbers follow what soft_jax does today, not an ideal implementation:
   in training and in prefill alike.
 - The KV cache is split over data x fsdp by batch row and replicated over tensor (sampling places it
   with a batch-only sharding); a shared prefix (principles + exemplars) is held once, replicated.
+- Training activations are the residuals jax saves per layer (`_layer_activations`); with remat only
+  each layer's input is kept. XLA's CPU compiler does not exploit remat (its buffers hold every
+  layer's recomputation), so on CPU the no-remat numbers apply.
 """
 
 from __future__ import annotations
@@ -228,8 +231,8 @@ def check(estimate_dict: Mapping[str, int], available: int | None, headroom: flo
     else:
         mend = ("lower sampling.batch_size or sampling.max_new_tokens, share the prompt prefix "
                 "(exemplars.granularity=batch), raise mesh.fsdp/mesh.data, or use model.dtype=bfloat16")
-    raise UserError(f"{phase} needs about {gib(need)} GiB per device (estimate) but a device has {gib(available)} GiB "
-                    f"({headroom:.0%} usable); {mend}")
+    raise UserError(f"{phase} needs about {gib(need)} GiB per device (estimate) but a device has "
+                    f"{gib(available)} GiB ({headroom:.0%} usable); {mend}")
 
 
 # --- tables -------------------------------------------------------------------------------------

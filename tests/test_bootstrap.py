@@ -11,6 +11,7 @@ import pytest
 from soft_jax import bootstrap
 from soft_jax import config as config_lib
 from soft_jax.cli import main
+from soft_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
@@ -308,3 +309,12 @@ def test_a_second_run_on_the_same_workdir_is_refused(tmp_path, capsys):
     finally:
         holder.close()
     assert os.listdir(w) == [".lock"]
+
+
+def test_a_run_that_cannot_fit_is_refused_before_it_starts(tmp_path, monkeypatch):
+    from soft_jax import memory
+
+    monkeypatch.setattr(memory, "device_memory", lambda: 64 * 2**20)  # a 64 MiB device
+    with pytest.raises(UserError, match=r"training needs about .* GiB per device .* raise mesh.fsdp"):
+        bootstrap.Run(config("tiny.py", "train.batch_size=64", "train.max_prompt_len=1024"), str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w")

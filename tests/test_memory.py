@@ -119,10 +119,7 @@ def sharded_params():
 
 
 @pytest.mark.parametrize("shape", [
-    "(1, 8, 1)", "(2, 4, 1)",
-    # soft_jax/models/llama.py: `class MLP` rebinds the module constant MLP = "mlp", so the MLP kernels carry the
-    # class as their logical axis and are never split over `tensor`. Remove this mark once that is fixed.
-    pytest.param("(1, 4, 2)", marks=pytest.mark.xfail(strict=True, reason="MLP kernels not tensor-sharded")),
+    "(1, 8, 1)", "(2, 4, 1)", "(1, 4, 2)",  # (1, 4, 2) caught MLP kernels left unsplit over `tensor` (fixed)
 ])
 def test_params_per_device_on_an_8_device_mesh(sharded_params, shape):
     real, estimated = sharded_params[shape]

@@ -92,10 +92,12 @@ def requests(task: str, items: list[data.MCItem], protocol: str, tokenizer) -> l
 
 
 def decide(task: str, items: list[data.MCItem], protocol: str, logps: np.ndarray) -> list[dict]:
-    """Per-item scores, prediction and correctness (MC2: the true-answer mass) from the scored pairs."""
+    """Per-item scores, prediction and correctness (MC2: the true-answer mass) from the scored pairs, with the
+    item's pairs' log-probabilities (`logps`, in `requests` order)."""
     out, at = [], 0
     for it in items:
         n = len(it.choices)
+        start = at
         if task == "hhh" and protocol == "dromedary":
             a1, b1, a2, b2 = logps[at:at + 4]
             scores, at = [a1 + b2, b1 + a2], at + 4
@@ -105,7 +107,8 @@ def decide(task: str, items: list[data.MCItem], protocol: str, logps: np.ndarray
         else:
             scores, at = list(logps[at:at + n]), at + n
         pred = mc_argmax(scores)
-        row = {"scores": [float(s) for s in scores], "prediction": pred, "correct": float(it.labels[pred] == 1)}
+        row = {"scores": [float(s) for s in scores], "prediction": pred, "correct": float(it.labels[pred] == 1),
+               "logps": [float(x) for x in logps[start:at]]}
         if task == "truthfulqa_mc2":
             p = np.exp(np.asarray(scores, np.float64) - np.max(scores))
             row["correct"] = float(p[np.asarray(it.labels) == 1].sum() / p.sum())
@@ -127,17 +130,21 @@ def evaluate(model, tokenizer, tasks: Sequence[str], protocol: str = "dromedary"
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
     results: dict = {"protocol": protocol}
+    items = {task: load_items(task, limit, truthfulqa_file) for task in tasks}
+    pairs = {task: requests(task, items[task], protocol, tokenizer) for task in tasks}
+    # One scoring call for every task: requests repeated across tasks (MC1's answers are among MC2's) run once.
+    every = [p for task in tasks for p in pairs[task]]
+    logps = np.asarray(sampling.score(model, tokenizer, [c for c, _ in every], [k for _, k in every],
+                                      batch_size=batch_size, mesh=mesh, progress=progress))
+    at = 0
     for task in tasks:
-        items = load_items(task, limit, truthfulqa_file)
-        pairs = requests(task, items, protocol, tokenizer)
-        logps = sampling.score(model, tokenizer, [c for c, _ in pairs], [k for _, k in pairs], batch_size=batch_size,
-                               mesh=mesh, progress=progress)
-        rows = decide(task, items, protocol, np.asarray(logps))
+        rows = decide(task, items[task], protocol, logps[at:at + len(pairs[task])])
+        at += len(pairs[task])
         res = {"accuracy": float(np.mean([r["correct"] for r in rows])), "n": len(rows)}
         if task == "hhh":
             for subset in data.HHH_SUBSETS:
-                sub = [r["correct"] for r, it in zip(rows, items) if it.subset == subset]
+                sub = [r["correct"] for r, it in zip(rows, items[task]) if it.subset == subset]
                 res[subset] = {"accuracy": float(np.mean(sub)) if sub else float("nan"), "n": len(sub)}
-        res["items"] = [{"question": it.question, **r} for it, r in zip(items, rows)]
+        res["items"] = [{"question": it.question, **r} for it, r in zip(items[task], rows)]
         results[task] = res
     return results

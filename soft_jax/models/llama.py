@@ -18,7 +18,7 @@ from flax import struct
 from soft_jax.models.config import ModelConfig, rope_inv_freq
 
 # Logical axis names used by parameters and activations (see soft_jax.sharding for the rules).
-VOCAB, EMBED, HEADS, KV_HEADS, MLP, NORM = "vocab", "embed", "heads", "kv_heads", "mlp", "norm"
+VOCAB, EMBED, HEADS, KV_HEADS, MLP_AXIS, NORM = "vocab", "embed", "heads", "kv_heads", "mlp", "norm"
 
 
 class Linear(nnx.Module):
@@ -171,9 +171,9 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         e, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = Linear(e, f, (EMBED, MLP), bias=False, cfg=cfg, rngs=rngs)
-        self.up_proj = Linear(e, f, (EMBED, MLP), bias=False, cfg=cfg, rngs=rngs)
-        self.down_proj = Linear(f, e, (MLP, EMBED), bias=False, cfg=cfg, rngs=rngs)
+        self.gate_proj = Linear(e, f, (EMBED, MLP_AXIS), bias=False, cfg=cfg, rngs=rngs)
+        self.up_proj = Linear(e, f, (EMBED, MLP_AXIS), bias=False, cfg=cfg, rngs=rngs)
+        self.down_proj = Linear(f, e, (MLP_AXIS, EMBED), bias=False, cfg=cfg, rngs=rngs)
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -65,13 +65,16 @@ def load(name: str, path: str = "", dtype: str = "float32", param_dtype: str = "
     return model, tokenizer
 
 
-def check(name: str, path: str = "", dtype: str = "float32", param_dtype: str = "") -> None:
-    """Fails fast on a bad model before a run starts (reads config and tokenizer only)."""
+def check(name: str, path: str = "", dtype: str = "float32", param_dtype: str = ""):
+    """(config, tokenizer) of a preset without reading weights: a bad model fails before a run starts."""
     from soft_jax import models
 
     target = resolve(name, path)
-    if target != "tiny":
-        _, _, tokenizer = models.inspect(target, dtype, param_dtype or None)
-        if tokenizer is None:
-            raise UserError(f"{target}: the checkpoint ships no tokenizer files; copy tokenizer.json and "
-                            "tokenizer_config.json of the model into it")
+    if target == "tiny":
+        tokenizer = _smollm2_tokenizer()
+        return tiny_config(tokenizer, dtype, param_dtype or dtype), tokenizer
+    _, cfg, tokenizer = models.inspect(target, dtype, param_dtype or None)
+    if tokenizer is None:
+        raise UserError(f"{target}: the checkpoint ships no tokenizer files; copy tokenizer.json and "
+                        "tokenizer_config.json of the model into it")
+    return cfg, tokenizer
