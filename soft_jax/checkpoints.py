@@ -44,16 +44,22 @@ class StepCheckpointer:
                                                                  meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
 
-    def restore_latest(self, like: Any, fingerprint: str) -> tuple[int, Any, dict[str, Any]] | None:
-        """(step, tree, meta) of the newest checkpoint, or None; refuses one written by other settings."""
-        step = self.latest_step()
-        if step is None:
-            return None
-        tree, meta = self.restore(step, like)
-        if meta.get("fingerprint") != fingerprint:
-            raise UserError(f"{self.manager.directory}: checkpoint at step {step} was written with other training "
-                            "settings or data; use a new directory, or remove this one to start over")
-        return step, tree, meta
+    def restore_latest(self, like: Any, fingerprint: str, log=print) -> tuple[int, Any, dict[str, Any]] | None:
+        """(step, tree, meta) of the newest readable checkpoint, or None; refuses one written by other settings.
+
+        A checkpoint that fails to load (corrupted or partial files) is reported and the previous one is used."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                tree, meta = self.restore(step, like)
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back to an older one
+                log(f"[checkpoint] {self.manager.directory}/{step} is unreadable ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200] if str(e) else ''}); falling back to an earlier checkpoint")
+                continue
+            if meta.get("fingerprint") != fingerprint:
+                raise UserError(f"{self.manager.directory}: checkpoint at step {step} was written with other "
+                                "training settings or data; use a new directory, or remove this one to start over")
+            return step, tree, meta
+        return None
 
     def close(self) -> None:
         self.manager.close()
