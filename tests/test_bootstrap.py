@@ -318,3 +318,20 @@ def test_a_run_that_cannot_fit_is_refused_before_it_starts(tmp_path, monkeypatch
     with pytest.raises(UserError, match=r"training needs about .* GiB per device .* raise mesh.fsdp"):
         bootstrap.Run(config("tiny.py", "train.batch_size=64", "train.max_prompt_len=1024"), str(tmp_path / "w"))
     assert not os.path.exists(tmp_path / "w")
+
+
+@pytest.mark.slow  # reads the BIG-bench archive (downloaded once into ~/.cache/soft_jax)
+def test_per_round_eval_tasks_and_open_ended_answers(tmp_path):
+    w = run("tiny.py", tmp_path / "w", "rounds=1", "eval.tasks=hhh,truthfulqa_mc1", "eval.limit=8",
+            "open_ended.limit=3", "validation.metric=truthfulqa_mc2", "validation.limit=4")
+    for t in (0, 1):
+        ev = json.load(open(os.path.join(w.path, "rounds", f"{t:03d}", "eval.json")))
+        assert ev["protocol"] == "dromedary" and ev["validation"]["metric"] == "truthfulqa_mc2"
+        assert ev["validation"]["n"] == 4 and 0 <= ev["validation"]["value"] <= 1
+        assert ev["tasks"]["hhh"]["n"] == 8 and ev["tasks"]["truthfulqa_mc1"]["n"] == 8
+        assert {"harmless", "helpful", "honest", "other"} <= set(ev["tasks"]["hhh"])
+        assert len(w.rows(t, "open_ended.jsonl")) == 3
+        event = w.event(t, "eval")
+        assert event["hhh"] == ev["tasks"]["hhh"]["accuracy"] and event["truthfulqa_mc2"] == ev["validation"]["value"]
+    summary = open(os.path.join(w.path, "report", "summary.md")).read()
+    assert "| truthfulqa_mc2 | hhh | truthfulqa_mc1 |" in summary and "sample open-ended answers" in summary
