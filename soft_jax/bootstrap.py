@@ -36,12 +36,13 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from soft_jax import config as config_lib
-from soft_jax import curriculum, data, evaluation, faults, memory, preemption, sampling, training
+from soft_jax import curriculum, data, distributed, evaluation, faults, memory, preemption, sampling, training
 from soft_jax import sharding as shd
 from soft_jax.checkpoints import StepCheckpointer
 from soft_jax.data import filters, templates
 from soft_jax.errors import UserError
-from soft_jax.io_utils import write_atomic, write_jsonl
+from soft_jax.io_utils import write_atomic
+from soft_jax.io_utils import write_jsonl as _write_jsonl
 from soft_jax.models import presets
 
 STATE, CONFIG, METRICS, LOCK = "state.json", "config.json", "metrics.jsonl", ".lock"
@@ -69,6 +70,9 @@ def read_json(path: str, default=None):
 
 
 def write_json(path: str, obj) -> None:
+    """Atomic JSON write; on a multi-host run only process 0 writes shared files (here and below)."""
+    if not distributed.is_writer():
+        return
     write_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
@@ -85,8 +89,25 @@ def read_lines(path: str) -> list[dict]:
     return rows
 
 
+def write_jsonl(path: str, rows) -> None:
+    if distributed.is_writer():
+        _write_jsonl(path, rows)
+
+
+def remove(path: str) -> None:
+    """Removes a file or directory tree if it exists (writer only)."""
+    if not distributed.is_writer() or not os.path.lexists(path):
+        return
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        os.remove(path)
+
+
 def append_line(path: str, row: dict) -> None:
     """Appends one JSON line and syncs it; a kill mid-write leaves a line without newline (read_lines drops it)."""
+    if not distributed.is_writer():
+        return
     if os.path.exists(path) and os.path.getsize(path):
         with open(path, "rb") as f:
             f.seek(-1, os.SEEK_END)
@@ -112,6 +133,8 @@ class Metrics:
         return row.get("round"), row.get("phase"), row.get("step")
 
     def _rewrite(self) -> None:
+        if not distributed.is_writer():
+            return
         write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.rows.values()))
 
     def add(self, row: dict) -> None:
@@ -120,7 +143,7 @@ class Metrics:
         self.rows[key] = row
         if seen:
             self._rewrite()
-        else:
+        elif distributed.is_writer():
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
                 f.flush()
@@ -218,8 +241,9 @@ class Run:
     """One work dir's run; `run()` executes or resumes it."""
 
     def __init__(self, c: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = print):
-        self.c, self.workdir, self.log = c, workdir, log
-        self.progress = bool(c.progress)
+        self.c, self.workdir = c, workdir
+        self.log = log if distributed.is_writer() else (lambda _: None)
+        self.progress = bool(c.progress) and distributed.is_writer()
         # everything a run reads is checked before the work dir is touched or weights are read
         model_cfg, tokenizer = presets.check(c.model.name, c.model.path, c.model.dtype, c.model.param_dtype)
         self.inputs = load_inputs(c)
@@ -227,8 +251,9 @@ class Run:
         self.mesh = shd.make_mesh(shape) if jax.device_count() > 1 else None
         self.check_memory(model_cfg, tokenizer, memory.resolve_mesh(shape, jax.device_count()))
         os.makedirs(workdir, exist_ok=True)
-        self.lock = lock_workdir(workdir)
+        self.lock = lock_workdir(workdir) if distributed.is_writer() else None
         check_workdir(workdir, c)
+        distributed.barrier("workdir checked")
         self.state = read_json(os.path.join(workdir, STATE), {"finished": [], "scores": {}, "best_round": None,
                                                               "stopped": None})
         self.metrics = Metrics(os.path.join(workdir, METRICS))
@@ -269,11 +294,13 @@ class Run:
 
     def round_prompts(self, t: int, base, tokenizer) -> list[dict]:
         path = os.path.join(round_dir(self.workdir, t), "prompts.jsonl")
-        if not os.path.exists(path):
-            slices = data.split_rounds(self.inputs.pool, self.inputs.sizes, self.c.seed,
-                                       self.pool_difficulty(base, tokenizer))
-            write_jsonl(path, [{**row, "round": t} for row in slices[t - 1]])
-        return [json.loads(line) for line in open(path, encoding="utf-8")]
+        if os.path.exists(path):
+            return [json.loads(line) for line in open(path, encoding="utf-8")]
+        slices = data.split_rounds(self.inputs.pool, self.inputs.sizes, self.c.seed,
+                                   self.pool_difficulty(base, tokenizer))
+        rows = [{**row, "round": t} for row in slices[t - 1]]
+        write_jsonl(path, rows)
+        return rows
 
     def pool_difficulty(self, base, tokenizer) -> list[float] | None:
         kind = self.c.curriculum.across_rounds
@@ -346,7 +373,7 @@ class Run:
         bar.close()
         rows = [r for b in range(n_batches) for r in done[b]]
         write_jsonl(final, rows)
-        os.remove(partial)
+        remove(partial)
         seconds = time.perf_counter() - t0
         self.metrics.add({"round": t, "phase": "generate", "generator": label, "generator_checksum": checksum(generator),
                           "prompts": len(rows), "seconds": seconds,
@@ -490,7 +517,7 @@ class Run:
                 break
             model = self.one_round(t, model, base, tokenizer)
         self.log(self.table())
-        if jax.process_index() == 0:
+        if distributed.is_writer():
             from soft_jax import report
 
             self.log(f"[run] report: {report.write(self.workdir)}")
@@ -499,7 +526,8 @@ class Run:
         self.log(f"[run] done in {time.perf_counter() - t_start:.0f} s; best round {self.state['best_round']} "
                  f"(load it with --model {self.workdir})")
         self.rounds_ckpt.close()
-        self.lock.close()
+        if self.lock:
+            self.lock.close()
         return self.state
 
     def one_round(self, t: int, model, base, tokenizer):
@@ -515,7 +543,7 @@ class Run:
         rows = self.build_train_set(t, model, tokenizer, gens)
         if t in (self.rounds_ckpt.manager.all_steps() or []):
             trained = self.restore_round(base, t)
-            shutil.rmtree(os.path.join(self.workdir, "checkpoints", "train", f"{t:03d}"), ignore_errors=True)
+            remove(os.path.join(self.workdir, "checkpoints", "train", f"{t:03d}"))
         else:
             start, label = (model, previous) if c.sft_start == "continue" else (base, "base")
             trained, summary, ckpt_dir = self.train(t, start, tokenizer, rows)
@@ -524,12 +552,13 @@ class Run:
             self.metrics.add(summary)
             faults.point(f"trained_r{t}")
             preemption.check(f"round {t} training")
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            remove(ckpt_dir)
         ev = self.evaluate(t, trained, tokenizer)
         self.guard(t, ev["validation"]["value"])
         self.state["finished"].append(t)
         write_json(os.path.join(self.workdir, STATE), self.state)
         self.metrics.add({"round": t, "phase": "round", "seconds": time.perf_counter() - t0})
+        distributed.barrier(f"round {t} done")
         self.log(f"[round {t}] done: validation {c.validation.metric} {ev['validation']['value']:.4f}, "
                  f"best round {self.state['best_round']}")
         faults.point(f"round_done_r{t}")

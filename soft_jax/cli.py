@@ -164,7 +164,7 @@ def cmd_eval(args) -> None:
 
 
 def cmd_run(args) -> None:
-    from soft_jax import bootstrap, preemption
+    from soft_jax import bootstrap, distributed, preemption
     from soft_jax import config as config_lib
 
     overrides, rest = [], list(args.overrides)
@@ -177,6 +177,7 @@ def cmd_run(args) -> None:
             item += "=" + rest.pop(0)
         overrides.append(item[len("--config."):])
     config = config_lib.load(args.config, overrides)
+    distributed.initialize()
     preemption.install()
     bootstrap.run(config, args.workdir)
 

@@ -22,6 +22,7 @@ from flax import struct
 from tqdm.auto import tqdm
 
 from soft_jax.errors import UserError
+from soft_jax.distributed import to_host
 from soft_jax.models.llama import KVCache, Llama
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -282,16 +283,16 @@ def generate_tokens(model: Llama, token_rows: Sequence[Sequence[int]], config: S
     while True:
         until = jnp.int32(min(int(ds.step) + chunk, config.max_new_tokens))
         ds = _decode(graphdef, state, ds, next_pos, params, until, config.top_p < 1.0, config.top_k > 0)
-        step, done = int(ds.step), np.array(ds.done)
+        step, done = int(ds.step), to_host(ds.done).copy()
         if step >= config.max_new_tokens or done.all():
             break
-        out = np.asarray(ds.out)
+        out = to_host(ds.out)
         for i in np.flatnonzero(~done):
             text = tokenizer.decode(out[i, :step], skip_special_tokens=True)
             done[i] = any(stop in text for stop in config.stop_strings)
         ds = ds.replace(done=batcher.put(done))
     results = []
-    for row in np.asarray(ds.out)[:n, :int(ds.step)]:
+    for row in to_host(ds.out)[:n, :int(ds.step)]:
         hits = np.flatnonzero(np.isin(row, stops))
         results.append(row[:hits[0]].tolist() if hits.size else row.tolist())
     return results
@@ -534,7 +535,7 @@ def score_tokens(model: Llama, contexts: Sequence[Sequence[int]], continuations:
                 else:  # every token after the bound: each request reads its own continuation's part
                     read = keys[r][0][bounds[r] + 1:]
                     picks[row, tail - len(read):] = read
-            logp = np.asarray(_score_rows(graphdef, state, heads, *_Batcher(mesh, n).put(
+            logp = to_host(_score_rows(graphdef, state, heads, *_Batcher(mesh, n).put(
                 (which, ids, positions, seg, picks)), last_only))
             for row, (r, _, _) in enumerate(batch):
                 for i in rows[keys[r]]:

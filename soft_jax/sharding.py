@@ -78,6 +78,6 @@ def shard_model(model, mesh: Mesh | None, rules=DEFAULT_RULES):
 
     for _, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Param):
-            var.set_value(jax.device_put(var[...], named_sharding(var.get_metadata().get("axes", ()), var.shape,
+            var.set_value(jax.device_put(np.asarray(var[...]), named_sharding(var.get_metadata().get("axes", ()), var.shape,
                                                                   mesh, rules)))
     return model

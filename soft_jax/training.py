@@ -211,7 +211,11 @@ class Trainer:
         self.graphdef, params = nnx.split(model)
         self.params = jax.tree.map(lambda x: x.copy(), params)  # steps donate these; the caller keeps `model`
         self.opt_state = jax.jit(self.tx.init)(self.params)  # jit keeps each moment on its parameter's sharding
-        if mesh is not None:
+        if mesh is not None:  # scalars (Adam's count) replicated over the mesh, so a restored state matches it
+            replicated = NamedSharding(mesh, PartitionSpec())
+            self.opt_state = jax.tree.map(
+                lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(np.asarray(x), replicated),
+                self.opt_state)
             data = mesh.shape["data"] * mesh.shape["fsdp"]
             micro = config.batch_size // config.grad_accum
             if micro % data:

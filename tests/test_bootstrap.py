@@ -189,25 +189,38 @@ def test_same_config_and_seed_give_identical_round_files(tmp_path):
 RUN = [sys.executable, "-m", "soft_jax.cli", "run", "--config", os.path.join(CONFIGS, "soft_plus.py")]
 
 
-def run_cli(workdir, kill_at=None, extra=()):
+def run_cli(workdir, kill_at=None, extra=(), term_at=None):
     # restarts reuse compiled programs through JAX's persistent cache (beside the work dir)
     cache = os.path.join(os.path.dirname(str(workdir)), "jax-cache")
-    env = dict(os.environ, SOFT_JAX_KILL_AT=kill_at or "", JAX_COMPILATION_CACHE_DIR=cache,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env = dict(os.environ, SOFT_JAX_KILL_AT=kill_at or "", SOFT_JAX_TERM_AT=term_at or "",
+               JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return subprocess.run(RUN + ["--workdir", str(workdir)] + [f"--config.{o}" for o in TINY + list(extra)],
                           capture_output=True, text=True, env=env, timeout=600)
 
 
 def test_killed_in_every_phase_resumes_to_the_same_artifacts(tmp_path, tiny_base):
-    # two generation batches per round (a kill between them); a step checkpoint after every step
-    extra = ("prompts.per_round=8", "train.checkpoint_every=1")
+    """SIGKILL in every phase, and SIGTERM (preemption) inside generation and training: same artifacts."""
+    # two generation batches per round (a stop between them); step checkpoints every 2 steps
+    extra = ("prompts.per_round=8", "train.checkpoint_every=2")
     ref = run("soft_plus.py", tmp_path / "ref", *extra)
     w = tmp_path / "killed"
-    points = ["evaluated_r0", "generate_r1_b0", "generated_r1", "scored_r1", "train_step_2", "trained_r1",
-              "evaluated_r1", "round_done_r1", "generate_r2_b1", "train_step_1"]
-    for point in points:
-        p = run_cli(w, kill_at=point, extra=extra)
-        assert p.returncode == -9, f"{point}: expected SIGKILL, got {p.returncode}: {p.stderr[-2000:]}"
+    points = [("kill", "evaluated_r0"), ("term", "generate_r1_b0"), ("kill", "generated_r1"), ("kill", "scored_r1"),
+              ("kill", "train_step_2"), ("term", "train_step_3"), ("kill", "trained_r1"), ("kill", "evaluated_r1"),
+              ("kill", "round_done_r1"), ("kill", "generate_r2_b1"), ("kill", "train_step_1")]
+    for how, point in points:
+        if how == "kill":
+            p = run_cli(w, kill_at=point, extra=extra)
+            assert p.returncode == -9, f"{point}: expected SIGKILL, got {p.returncode}: {p.stderr[-2000:]}"
+            continue
+        p = run_cli(w, term_at=point, extra=extra)
+        assert p.returncode == 143, p.stderr[-2000:]
+        last = p.stderr.strip().splitlines()[-1]
+        assert last.startswith("soft-jax: stopped by SIGTERM after ") and "resume with: soft-jax run" in last
+        assert {"generate_r1_b0": "round 1 generation batch 1 of 2",
+                "train_step_3": "training step 3"}[point] in last
+        if point == "train_step_3":  # saved at the stop although checkpoint_every is 2
+            assert sorted(os.listdir(w / "checkpoints" / "train" / "001")) == ["2", "3"]
     p = run_cli(w, extra=extra)
     assert p.returncode == 0, p.stderr[-2000:]
     done = Workdir(str(w))
@@ -272,31 +285,6 @@ def test_prompt_pool_from_a_tfds_dataset(tmp_path):
             f"prompts.tfds_data_dir={tmp_path / 'tfds'}")
     assert sorted(r["prompt_id"] for r in w.rows(1, "prompts.jsonl")) == [f"q{i}" for i in range(5)]
     assert {r["prompt"] for r in w.rows(1, "generations.jsonl")} == {f"Tell me fact {i}." for i in range(5)}
-
-
-@pytest.mark.parametrize("point", ["generate_r1_b0", "train_step_1"])
-def test_sigterm_stops_cleanly_and_the_rerun_finishes_the_same(tmp_path, point):
-    extra = ("rounds=1", "prompts.per_round=8", "train.checkpoint_every=2")
-    ref = run("soft_plus.py", tmp_path / "ref", *extra)
-    w = tmp_path / "w"
-    env_point = dict(os.environ, SOFT_JAX_TERM_AT=point)
-    cache = str(tmp_path / "jax-cache")
-    env_point.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    argv = RUN + ["--workdir", str(w)] + [f"--config.{o}" for o in TINY + list(extra)]
-    p = subprocess.run(argv, capture_output=True, text=True, env=env_point, timeout=600)
-    assert p.returncode == 143, p.stderr[-2000:]
-    last = p.stderr.strip().splitlines()[-1]
-    assert last.startswith("soft-jax: stopped by SIGTERM after ") and "resume with: soft-jax run" in last
-    where = {"generate_r1_b0": "generation batch 1 of 2", "train_step_1": "training step 1"}[point]
-    assert where in last
-    if point == "train_step_1":  # the step was saved although checkpoint_every is 2
-        assert os.listdir(w / "checkpoints" / "train" / "001") == ["1"]
-    p = subprocess.run(argv, capture_output=True, text=True, env=dict(env_point, SOFT_JAX_TERM_AT=""), timeout=600)
-    assert p.returncode == 0, p.stderr[-2000:]
-    done = Workdir(str(w)).files()
-    for k, v in ref.files().items():
-        if k != "config.json":
-            assert done[k] == v, k
 
 
 def test_a_second_run_on_the_same_workdir_is_refused(tmp_path, capsys):

@@ -1,0 +1,83 @@
+"""Two local processes (jax.distributed over localhost, CPU collectives) run a tiny SOFT round."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from test_bootstrap import CONFIGS, TINY, Workdir, round_checksums, run
+
+# greedy (same generations), and a random model repeats itself under greedy decoding: no repetition filter
+EXTRA = ["rounds=1", "prompts.per_round=8", "sampling.temperature=0.0", "train.checkpoint_every=1",
+         "filters.max_repeated_ngram_fraction=1.0", "filters.max_line_repeats=100000", "filters.min_words=0"]
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def launch(workdir, extra=(), kill_at=None):
+    port = _port()
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, SOFT_JAX_COORDINATOR=f"localhost:{port}", SOFT_JAX_NUM_PROCESSES="2",
+                   SOFT_JAX_PROCESS_ID=str(pid), SOFT_JAX_HEARTBEAT_TIMEOUT="10", JAX_PLATFORMS="cpu",
+                   SOFT_JAX_KILL_AT=(kill_at or "") if pid == 1 else "", XLA_FLAGS="",
+                   JAX_COMPILATION_CACHE_DIR=os.path.join(os.path.dirname(str(workdir)), "jax-cache"),
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+        argv = [sys.executable, "-m", "soft_jax.cli", "run", "--config", os.path.join(CONFIGS, "soft_plus.py"),
+                "--workdir", str(workdir)] + [f"--config.{o}" for o in TINY + EXTRA + list(extra)]
+        procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    return procs
+
+
+def wait(procs, timeout=600):
+    out = []
+    for p in procs:
+        o, e = p.communicate(timeout=timeout)
+        out.append((p.returncode, e))
+    return out
+
+
+def rows(w, name):
+    return w.rows(1, name)
+
+
+def test_two_processes_equal_one_and_a_dead_host_stops_both(tmp_path, tiny_base=None):
+    ref = run("soft_plus.py", tmp_path / "ref", *EXTRA)
+    w = tmp_path / "two"
+    results = wait(launch(w))
+    assert [r for r, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    two = Workdir(str(w))
+    assert rows(two, "prompts.jsonl") == rows(ref, "prompts.jsonl")
+    assert [g["raw"] for g in rows(two, "generations.jsonl")] == [g["raw"] for g in rows(ref, "generations.jsonl")]
+    a, b = rows(two, "train.jsonl"), rows(ref, "train.jsonl")
+    assert [r["prompt_id"] for r in a] == [r["prompt_id"] for r in b]
+    np.testing.assert_allclose([r["difficulty"] for r in a], [r["difficulty"] for r in b], rtol=1e-5)
+    from soft_jax.models import presets
+
+    base = presets.load("tiny", seed=0)[0]
+    sa, sb = round_checksums(two, base), round_checksums(ref, base)
+    np.testing.assert_allclose(sa["round 1"], sb["round 1"], rtol=1e-5)
+    va, vb = (json.load(open(os.path.join(x.path, "rounds", "001", "eval.json")))["validation"]["value"]
+              for x in (two, ref))
+    np.testing.assert_allclose(va, vb, rtol=1e-5)
+
+    # process 1 dies (SIGKILL) after training step 2: process 0 must stop too, and a restart resumes
+    k = tmp_path / "killed"
+    start = time.time()
+    results = wait(launch(k, kill_at="train_step_2"), timeout=300)
+    assert results[1][0] == -signal.SIGKILL and results[0][0] != 0, results[0][1][-2000:]
+    assert time.time() - start < 300
+    results = wait(launch(k))
+    assert [r for r, _ in results] == [0, 0], results[0][1][-3000:]
+    resumed = Workdir(str(k))
+    assert [g["raw"] for g in rows(resumed, "generations.jsonl")] == [g["raw"] for g in rows(two, "generations.jsonl")]
+    np.testing.assert_allclose(round_checksums(resumed, base)["round 1"], sa["round 1"], rtol=1e-5)
