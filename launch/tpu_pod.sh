@@ -98,8 +98,8 @@ fi
 echo "# 3. soft-jax run on every worker"
 args=(run --config "$remote_config" --workdir "$workdir" --config.mesh.data=1 --config.mesh.fsdp=-1
       --config.mesh.tensor=1 "$@")
-entry='import sys, jax; jax.distributed.initialize(); from soft_jax.cli import main; sys.exit(main())'
-remote="cd ~/soft-jax && . $venv/bin/activate && mkdir -p $(q "$workdir") && python -c $(q "$entry")"
+# SOFT_JAX_DISTRIBUTED=auto: `soft-jax run` calls jax.distributed.initialize() (soft_jax/distributed.py)
+remote="cd ~/soft-jax && . $venv/bin/activate && mkdir -p $(q "$workdir") && SOFT_JAX_DISTRIBUTED=auto soft-jax"
 for word in "${args[@]}"; do remote+=" $(q "$word")"; done
 if [[ ${DETACH:-0} == 1 ]]; then
   remote="nohup bash -c $(q "$remote") > ~/soft-jax-run.log 2>&1 < /dev/null & echo started: ~/soft-jax-run.log"
