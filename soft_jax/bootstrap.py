@@ -249,7 +249,14 @@ class Run:
         self.inputs = load_inputs(c)
         shape = (c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
         self.mesh = shd.make_mesh(shape) if jax.device_count() > 1 else None
-        self.check_memory(model_cfg, tokenizer, memory.resolve_mesh(shape, jax.device_count()))
+        sizes = memory.resolve_mesh(shape, jax.device_count())
+        rows = sizes["data"] * sizes["fsdp"]
+        micro = c.train.batch_size // max(c.train.grad_accum, 1)
+        for what, n in (("sampling.batch_size", c.sampling.batch_size), ("train.batch_size / train.grad_accum", micro)):
+            if n % rows:
+                raise UserError(f"config: {what} = {n} is not divisible by the mesh's data x fsdp = {rows}; "
+                                f"make it a multiple of {rows}")
+        self.check_memory(model_cfg, tokenizer, sizes)
         os.makedirs(workdir, exist_ok=True)
         self.lock = lock_workdir(workdir) if distributed.is_writer() else None
         check_workdir(workdir, c)

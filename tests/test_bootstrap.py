@@ -323,3 +323,15 @@ def test_per_round_eval_tasks_and_open_ended_answers(tmp_path):
         assert event["hhh"] == ev["tasks"]["hhh"]["accuracy"] and event["truthfulqa_mc2"] == ev["validation"]["value"]
     summary = open(os.path.join(w.path, "report", "summary.md")).read()
     assert "| truthfulqa_mc2 | hhh | truthfulqa_mc1 |" in summary and "sample open-ended answers" in summary
+
+
+def test_mesh_problems_are_refused_up_front(tmp_path):
+    code = ("import sys; from soft_jax.cli import main; sys.exit(main(sys.argv[1:]))")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    base = [sys.executable, "-c", code, "run", "--config", os.path.join(CONFIGS, "tiny.py")]
+    for extra, needle in ((["--config.mesh.data=3"], "does not divide the 4 devices"),
+                          (["--config.sampling.batch_size=6"], "sampling.batch_size = 6 is not divisible")):
+        p = subprocess.run(base + ["--workdir", str(tmp_path / "w")] + extra, capture_output=True, text=True, env=env,
+                           timeout=300)
+        assert p.returncode == 2 and needle in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert not os.path.exists(tmp_path / "w")
