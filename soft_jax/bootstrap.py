@@ -36,7 +36,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from soft_jax import config as config_lib
-from soft_jax import curriculum, data, distributed, evaluation, faults, memory, preemption, sampling, training
+from soft_jax import curriculum, data, distributed, evaluation, faults, io_utils, memory, preemption, sampling, training
 from soft_jax import sharding as shd
 from soft_jax.checkpoints import StepCheckpointer
 from soft_jax.data import filters, templates
@@ -66,7 +66,11 @@ def read_json(path: str, default=None):
     if not os.path.exists(path):
         return default
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:  # soft-jax writes atomically: something else damaged the file
+            raise UserError(f"{path}: malformed JSON ({e.msg} at line {e.lineno}); the file was damaged outside "
+                            "soft-jax: restore it, or start over with a new --workdir") from None
 
 
 def write_json(path: str, obj) -> None:
@@ -78,15 +82,7 @@ def write_json(path: str, obj) -> None:
 
 def read_lines(path: str) -> list[dict]:
     """JSON lines of an append-only file; a torn last line (a kill mid-write) is dropped."""
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break  # the last write never finished
-            rows.append(json.loads(line))
-    return rows
+    return io_utils.read_appended(path)
 
 
 def write_jsonl(path: str, rows) -> None:
@@ -105,19 +101,8 @@ def remove(path: str) -> None:
 
 
 def append_line(path: str, row: dict) -> None:
-    """Appends one JSON line and syncs it; a kill mid-write leaves a line without newline (read_lines drops it)."""
-    if not distributed.is_writer():
-        return
-    if os.path.exists(path) and os.path.getsize(path):
-        with open(path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            torn = f.read(1) != b"\n"
-        if torn:  # drop the torn line first, so this row never glues onto it
-            write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in read_lines(path)))
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    if distributed.is_writer():
+        io_utils.append_line(path, row)
 
 
 class Metrics:
@@ -135,7 +120,7 @@ class Metrics:
     def _rewrite(self) -> None:
         if not distributed.is_writer():
             return
-        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.rows.values()))
+        write_jsonl(self.path, self.rows.values())
 
     def add(self, row: dict) -> None:
         key = self._key(row)
@@ -143,10 +128,8 @@ class Metrics:
         self.rows[key] = row
         if seen:
             self._rewrite()
-        elif distributed.is_writer():
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-                f.flush()
+        else:
+            append_line(self.path, row)
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -259,6 +242,8 @@ class Run:
         self.check_memory(model_cfg, tokenizer, sizes)
         os.makedirs(workdir, exist_ok=True)
         self.lock = lock_workdir(workdir) if distributed.is_writer() else None
+        if distributed.is_writer() and io_utils.remove_stray_temps(workdir, skip=("checkpoints",)):
+            self.log(f"[run] removed temp files that an interrupted write left in {workdir}")
         check_workdir(workdir, c)
         distributed.barrier("workdir checked")
         self.state = read_json(os.path.join(workdir, STATE), {"finished": [], "scores": {}, "best_round": None,
@@ -293,6 +278,40 @@ class Run:
         graphdef, state = nnx.split(template)
         restored, _ = self.rounds_ckpt.restore(t, state)
         return nnx.merge(graphdef, restored)
+
+    def try_restore_round(self, template, t: int):
+        """Round t's model, or None when its checkpoint is missing or unreadable (a bad one is removed)."""
+        if t not in (self.rounds_ckpt.manager.all_steps() or []):
+            return None
+        try:
+            return self.restore_round(template, t)
+        except Exception as e:  # noqa: BLE001 - corrupted or partial files: redo the round's training instead
+            reason = str(e).splitlines()[0][:200] if str(e) else ""
+            self.log(f"[checkpoint] {self.rounds_ckpt.manager.directory}/{t} is unreadable ({type(e).__name__}: "
+                     f"{reason}); removing it and redoing round {t}'s training from round {t - 1}")
+            distributed.barrier(f"round {t} checkpoint checked")
+            remove(os.path.join(str(self.rounds_ckpt.manager.directory), str(t)))
+            distributed.barrier(f"round {t} checkpoint removed")
+            self.rounds_ckpt.manager.reload()
+            return None
+
+    def resume_model(self, base):
+        """The model after the last finished round. A finished round whose checkpoint cannot be read is
+        reopened: its data files stay, its training is redone (deterministic, so the same model results)."""
+        st = self.state
+        while st["finished"]:
+            t = st["finished"][-1]
+            model = self.try_restore_round(base, t)
+            if model is not None:
+                return model
+            st["finished"].pop()
+            st["scores"].pop(str(t), None)
+            st["stopped"] = None
+            if st["best_round"] == t:  # the first round with the best remaining score, as guard() picks it
+                sign = 1.0 if self.c.validation.metric in HIGHER_IS_BETTER else -1.0
+                st["best_round"] = max(sorted(int(k) for k in st["scores"]), key=lambda r: sign * st["scores"][str(r)])
+            write_json(os.path.join(self.workdir, STATE), st)
+        return base
 
     def save_round(self, model, t: int, meta: dict) -> None:
         self.rounds_ckpt.save(t, nnx.state(model), meta)
@@ -517,9 +536,8 @@ class Run:
             ev = self.evaluate(0, base, tokenizer)
             self.guard(0, ev["validation"]["value"])
             write_json(os.path.join(self.workdir, STATE), self.state)
-        finished = self.state["finished"]
-        model = self.restore_round(base, finished[-1]) if finished else base
-        for t in range(len(finished) + 1, c.rounds + 1):
+        model = self.resume_model(base)
+        for t in range(len(self.state["finished"]) + 1, c.rounds + 1):
             if self.state["stopped"]:
                 break
             model = self.one_round(t, model, base, tokenizer)
@@ -548,8 +566,8 @@ class Run:
         self.log(f"[round {t}] generate: {len(gens)} prompts, {kept} kept, "
                  f"{len(gens) - kept} dropped ({self.dropped_text(gens)})")
         rows = self.build_train_set(t, model, tokenizer, gens)
-        if t in (self.rounds_ckpt.manager.all_steps() or []):
-            trained = self.restore_round(base, t)
+        trained = self.try_restore_round(base, t)  # saved before a stop that came before state.json
+        if trained is not None:
             remove(os.path.join(self.workdir, "checkpoints", "train", f"{t:03d}"))
         else:
             start, label = (model, previous) if c.sft_start == "continue" else (base, "base")
@@ -621,7 +639,12 @@ def best_model(workdir: str, dtype: str | None = None):
     if best:
         ckpt = StepCheckpointer(os.path.join(workdir, "checkpoints", "rounds"), every=0, keep=None)
         graphdef, params = nnx.split(model)
-        restored, _ = ckpt.restore(best, params)
-        ckpt.close()
+        try:
+            restored, _ = ckpt.restore(best, params)
+        except Exception as e:  # noqa: BLE001 - missing or corrupted files
+            raise UserError(f"{ckpt.manager.directory}/{best}: round {best}'s checkpoint is missing or unreadable "
+                            f"({type(e).__name__}); rerun `soft-jax run` on {workdir} to rebuild it") from None
+        finally:
+            ckpt.close()
         model = nnx.merge(graphdef, restored)
     return model, tokenizer

@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from soft_jax import faults
 from soft_jax.errors import UserError
 
 
@@ -29,6 +30,7 @@ class StepCheckpointer:
         return self.every > 0 and step % self.every == 0
 
     def save(self, step: int, tree: Any, meta: dict[str, Any]) -> None:
+        faults.point(f"checkpoint:{os.path.basename(str(self.manager.directory))}/{step}")
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                                         meta=ocp.args.JsonSave(meta)), force=True)
         self.manager.wait_until_finished()

@@ -6,6 +6,7 @@ Every user mistake ends with exit code 2 and one line on stderr (what is wrong, 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import shlex
 import os
@@ -15,6 +16,18 @@ from soft_jax.errors import UserError
 from soft_jax.preemption import Preempted
 
 EXIT_USER_ERROR = 2
+EXIT_DISK_FULL = 1
+
+
+def _disk_full(e: BaseException) -> OSError | None:
+    """The "no space left" OSError behind an exception (libraries such as Orbax wrap it), or None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -275,6 +288,14 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("soft-jax: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - a full disk is the user's to fix; anything else is a bug
+        full = _disk_full(e)
+        if full is None:
+            raise
+        where = f" while writing {full.filename}" if full.filename else ""
+        print(f"soft-jax: error: no space left on device{where}; free some space and rerun the same command: "
+              "finished rounds and saved progress are intact", file=sys.stderr)
+        return EXIT_DISK_FULL
     return 0
 
 

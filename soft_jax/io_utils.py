@@ -7,7 +7,13 @@ import os
 import tempfile
 from typing import Any, Iterable
 
+from soft_jax import faults
 from soft_jax.errors import UserError
+
+
+def cache_dir(*parts: str) -> str:
+    """Where downloads and derived files are cached: $SOFT_JAX_CACHE, else ~/.cache/soft_jax."""
+    return os.path.join(os.environ.get("SOFT_JAX_CACHE", os.path.expanduser("~/.cache/soft_jax")), *parts)
 
 
 def read_jsonl(path: str, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
@@ -36,13 +42,17 @@ def read_jsonl(path: str, required: tuple[str, ...] = ()) -> list[dict[str, Any]
 
 
 def write_atomic(path: str, text: str) -> None:
-    """Writes text to path via a temp file in the same directory and a rename: never a half-written file."""
+    """Writes text to path via a temp file in the same directory and a rename: never a half-written file.
+
+    A kill before the rename leaves the old file (or none) and a stray `.NAME.*.tmp` (remove_stray_temps)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+            f.write(text[:len(text) // 2])
+            faults.point(f"write:{os.path.basename(path)}")
+            f.write(text[len(text) // 2:])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -54,3 +64,48 @@ def write_atomic(path: str, text: str) -> None:
 
 def write_jsonl(path: str, rows: Iterable[dict[str, Any]]) -> None:
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def remove_stray_temps(directory: str, skip: tuple[str, ...] = ()) -> int:
+    """Removes the temp files that writes killed before their rename left under directory (not under its
+    subdirectories named in skip); returns how many."""
+    n = 0
+    for d, subdirs, names in os.walk(directory):
+        subdirs[:] = [s for s in subdirs if not (d == directory and s in skip)]
+        for name in names:
+            if name.startswith(".") and name.endswith(".tmp"):
+                os.remove(os.path.join(d, name))
+                n += 1
+    return n
+
+
+def read_appended(path: str) -> list[dict[str, Any]]:
+    """JSON lines of an append-only file; a torn last line (a kill mid-append) is dropped."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break  # the last append never finished
+            rows.append(json.loads(line))
+    return rows
+
+
+def append_line(path: str, row: dict[str, Any]) -> None:
+    """Appends one JSON line and syncs it. A kill mid-append leaves a line without its newline, which
+    read_appended drops; the next append drops it first, so a row never glues onto a torn one."""
+    if os.path.exists(path) and os.path.getsize(path):
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+        if torn:
+            write_jsonl(path, read_appended(path))
+    line = json.dumps(row, ensure_ascii=False) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line[:len(line) // 2])
+        f.flush()
+        faults.point(f"append:{os.path.basename(path)}")
+        f.write(line[len(line) // 2:])
+        f.flush()
+        os.fsync(f.fileno())

@@ -17,6 +17,7 @@ import re
 import tarfile
 import urllib.request
 
+from soft_jax import io_utils
 from soft_jax.errors import UserError
 
 ARCHIVE = "bigbench-1.0.0.tar.gz"
@@ -36,7 +37,7 @@ HOW_TO_GET = ("fetch it on a machine with PyPI access (soft-jax eval downloads i
 
 
 def cache_dir() -> str:
-    return os.path.join(os.environ.get("SOFT_JAX_CACHE", os.path.expanduser("~/.cache/soft_jax")), "bigbench")
+    return io_utils.cache_dir("bigbench")
 
 
 def _download_archive(path: str) -> None:

@@ -174,9 +174,12 @@ class GGUFSource:
         module = GGUF_LAYER_NAMES.get(".".join(parts[3:-1]))
         return f"blk.{parts[2]}.{module}.{parts[-1]}" if module else None
 
-    def tokenizer(self):
+    def build_tokenizer(self):
         fields = {k: f.contents() for k, f in self.reader.fields.items() if k.startswith("tokenizer.")}
         return tokenizer_lib.from_gguf(self.path, {**self.fields, **fields})
+
+    def tokenizer(self):
+        return tokenizer_lib.cached_gguf(self.path, self.build_tokenizer)
 
 
 def smollm2_path() -> str:

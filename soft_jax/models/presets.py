@@ -26,10 +26,10 @@ def tiny_config(tokenizer, dtype: str = "float32", param_dtype: str = "float32")
 
 @functools.lru_cache(maxsize=1)
 def _smollm2_tokenizer():
-    from soft_jax import models
-    from soft_jax.models.checkpoint import open_source
+    from soft_jax.models import checkpoint, tokenizer
 
-    return open_source(models.SMOLLM2).tokenizer()
+    path = checkpoint.smollm2_path()  # from the cache without parsing the GGUF, when it is there
+    return tokenizer.cached_gguf(path, lambda: checkpoint.GGUFSource(path).build_tokenizer())
 
 
 def resolve(name: str, path: str = "") -> str:
