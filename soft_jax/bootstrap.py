@@ -242,9 +242,13 @@ class Run:
         self.check_memory(model_cfg, tokenizer, sizes)
         os.makedirs(workdir, exist_ok=True)
         self.lock = lock_workdir(workdir) if distributed.is_writer() else None
+        try:
+            check_workdir(workdir, c)
+        except BaseException:
+            self.lock and self.lock.close()
+            raise
         if distributed.is_writer() and io_utils.remove_stray_temps(workdir, skip=("checkpoints",)):
             self.log(f"[run] removed temp files that an interrupted write left in {workdir}")
-        check_workdir(workdir, c)
         distributed.barrier("workdir checked")
         self.state = read_json(os.path.join(workdir, STATE), {"finished": [], "scores": {}, "best_round": None,
                                                               "stopped": None})
@@ -289,10 +293,7 @@ class Run:
             reason = str(e).splitlines()[0][:200] if str(e) else ""
             self.log(f"[checkpoint] {self.rounds_ckpt.manager.directory}/{t} is unreadable ({type(e).__name__}: "
                      f"{reason}); removing it and redoing round {t}'s training from round {t - 1}")
-            distributed.barrier(f"round {t} checkpoint checked")
-            remove(os.path.join(str(self.rounds_ckpt.manager.directory), str(t)))
-            distributed.barrier(f"round {t} checkpoint removed")
-            self.rounds_ckpt.manager.reload()
+            self.rounds_ckpt.discard(t)
             return None
 
     def resume_model(self, base):
@@ -527,6 +528,14 @@ class Run:
     # -- the loop --
 
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:  # also on an error or a stop: a later run in this process can take the work dir
+            self.rounds_ckpt.close()
+            if self.lock:
+                self.lock.close()
+
+    def _run(self) -> dict:
         c = self.c
         t_start = time.perf_counter()
         base, tokenizer = self.load_base()
@@ -550,9 +559,6 @@ class Run:
             self.log(f"[run] stopped early: {self.state['stopped']}")
         self.log(f"[run] done in {time.perf_counter() - t_start:.0f} s; best round {self.state['best_round']} "
                  f"(load it with --model {self.workdir})")
-        self.rounds_ckpt.close()
-        if self.lock:
-            self.lock.close()
         return self.state
 
     def one_round(self, t: int, model, base, tokenizer):

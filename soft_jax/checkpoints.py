@@ -8,6 +8,7 @@ so a run killed mid-save leaves the previous checkpoint as the latest.
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -55,13 +56,25 @@ class StepCheckpointer:
                 tree, meta = self.restore(step, like)
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back to an older one
                 log(f"[checkpoint] {self.manager.directory}/{step} is unreadable ({type(e).__name__}: "
-                    f"{str(e).splitlines()[0][:200] if str(e) else ''}); falling back to an earlier checkpoint")
+                    f"{str(e).splitlines()[0][:200] if str(e) else ''}); removing it and falling back to an "
+                    "earlier checkpoint")
+                self.discard(step)  # the step is trained again and saved anew
                 continue
             if meta.get("fingerprint") != fingerprint:
                 raise UserError(f"{self.manager.directory}: checkpoint at step {step} was written with other "
                                 "training settings or data; use a new directory, or remove this one to start over")
             return step, tree, meta
         return None
+
+    def discard(self, step: int) -> None:
+        """Removes a (damaged) checkpoint; on a multi-host run process 0 removes it once all have read it."""
+        from soft_jax import distributed
+
+        distributed.barrier(f"checkpoint {step} checked")
+        if distributed.is_writer():
+            shutil.rmtree(os.path.join(str(self.manager.directory), str(step)), ignore_errors=True)
+        distributed.barrier(f"checkpoint {step} removed")
+        self.manager.reload()
 
     def close(self) -> None:
         self.manager.close()
