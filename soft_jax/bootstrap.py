@@ -230,8 +230,12 @@ class Run:
         # everything a run reads is checked before the work dir is touched or weights are read
         model_cfg, tokenizer = presets.check(c.model.name, c.model.path, c.model.dtype, c.model.param_dtype)
         self.inputs = load_inputs(c)
+        if os.path.exists(workdir) and not os.path.isdir(workdir):
+            raise UserError(f"--workdir {workdir}: a file is in the way; give a new or existing run directory")
+        training.check_overhead(tokenizer, c.train)  # max lengths that cannot hold the chat format
         shape = (c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
-        self.mesh = shd.make_mesh(shape) if jax.device_count() > 1 else None
+        mesh = shd.make_mesh(shape)  # refuses a mesh that does not divide the devices
+        self.mesh = mesh if jax.device_count() > 1 else None
         sizes = memory.resolve_mesh(shape, jax.device_count())
         rows = sizes["data"] * sizes["fsdp"]
         micro = c.train.batch_size // max(c.train.grad_accum, 1)

@@ -16,6 +16,7 @@ from typing import Sequence
 import ml_collections
 
 from soft_jax.errors import UserError
+from soft_jax.models.config import DTYPES
 
 GENERATORS = ("previous", "base")
 SFT_STARTS = ("continue", "reinit")
@@ -152,6 +153,28 @@ def validate(c: ml_collections.ConfigDict) -> None:
                                                       f"choose {' | '.join(ACROSS_ROUNDS)}"),
         (c.validation.patience >= 1, f"validation.patience must be at least 1 (got {c.validation.patience})"),
     ]
+    s, tr = c.sampling, c.train
+    checks += [(ok, f"{key} = {value!r}: must be {what}") for key, value, ok, what in [
+        ("sampling.temperature", s.temperature, s.temperature >= 0, ">= 0 (0 = greedy)"),
+        ("sampling.top_p", s.top_p, 0 < s.top_p <= 1, "in (0, 1]"),
+        ("sampling.top_k", s.top_k, s.top_k >= 0, ">= 0 (0 = off)"),
+        ("sampling.max_new_tokens", s.max_new_tokens, s.max_new_tokens >= 1, ">= 1"),
+        ("sampling.batch_size", s.batch_size, s.batch_size >= 1, ">= 1"),
+        ("train.batch_size", tr.batch_size, tr.batch_size >= 1, ">= 1"),
+        ("train.grad_accum", tr.grad_accum, tr.grad_accum >= 1 and tr.batch_size % max(tr.grad_accum, 1) == 0,
+         ">= 1 and divide train.batch_size"),
+        ("train.epochs", tr.epochs, tr.epochs >= 1, ">= 1"),
+        ("train.learning_rate", tr.learning_rate, tr.learning_rate > 0, "> 0"),
+        ("train.warmup_ratio", tr.warmup_ratio, 0 <= tr.warmup_ratio < 1, "in [0, 1): a fraction of the steps"),
+        ("train.weight_decay", tr.weight_decay, tr.weight_decay >= 0, ">= 0"),
+        ("train.max_grad_norm", tr.max_grad_norm, tr.max_grad_norm >= 0, ">= 0 (0 = no clipping)"),
+        ("train.max_prompt_len", tr.max_prompt_len, tr.max_prompt_len >= 1, ">= 1"),
+        ("train.max_response_len", tr.max_response_len, tr.max_response_len >= 1, ">= 1"),
+        ("train.checkpoint_every", tr.checkpoint_every, tr.checkpoint_every >= 0, ">= 0 (0 = only when stopped)"),
+        ("model.dtype", c.model.dtype, c.model.dtype in DTYPES, " | ".join(DTYPES)),
+        ("model.param_dtype", c.model.param_dtype, c.model.param_dtype in ("", *DTYPES),
+         " | ".join(DTYPES) + " (empty: model.dtype)"),
+    ]]
     for ok, message in checks:
         if not ok:
             raise UserError(f"config: {message}")
@@ -166,6 +189,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise UserError(f"config: validation.metric {c.validation.metric!r}: choose {' | '.join(metrics)}")
     if c.eval.tasks:
         evaluation.parse_tasks(c.eval.tasks)
+    if c.eval.protocol not in evaluation.PROTOCOLS:
+        raise UserError(f"config: eval.protocol {c.eval.protocol!r}: choose {' | '.join(evaluation.PROTOCOLS)}")
 
 
 def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
