@@ -92,7 +92,7 @@ def cmd_info(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from soft_jax import models, sampling
+    from soft_jax import sampling
     from soft_jax.io_utils import read_jsonl, write_jsonl
 
     if (args.prompt is None) == (args.prompts is None):
@@ -156,7 +156,7 @@ def cmd_export(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from soft_jax import evaluation, models
+    from soft_jax import evaluation
     from soft_jax.io_utils import write_atomic
 
     tasks = evaluation.parse_tasks(args.tasks)

@@ -1,14 +1,29 @@
 """Shared fixtures: tiny random checkpoints written by transformers itself, the embedded SmolLM2."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
 
 # Tests compare float32 numerics with PyTorch; keep XLA's CPU matmuls at full precision.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+
+# The CLI runs that tests start (and kill and restart) share one persistent compilation cache per session.
+SUBPROCESS_JAX_CACHE = os.path.join(tempfile.gettempdir(), f"soft-jax-tests-jax-cache-{os.getpid()}")
+
+
+def subprocess_env(**extra) -> dict:
+    """os.environ for a test's subprocess: the session's compilation cache, then `extra`."""
+    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=SUBPROCESS_JAX_CACHE,
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **extra)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(SUBPROCESS_JAX_CACHE, ignore_errors=True)
 
 TINY = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
@@ -117,3 +132,11 @@ def torch_logits(model, ids, attention_mask=None, position_ids=None):
                     attention_mask=None if attention_mask is None else torch.as_tensor(np.asarray(attention_mask)),
                     position_ids=None if position_ids is None else torch.as_tensor(np.asarray(position_ids)))
     return out.logits.float().numpy()
+
+
+@pytest.fixture(scope="session")
+def tiny_base():
+    """The `tiny` preset's random model (seed 0): what every tiny test run starts from."""
+    from soft_jax.models import presets
+
+    return presets.load("tiny", seed=0)[0]

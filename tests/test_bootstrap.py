@@ -5,8 +5,9 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
+
+from conftest import subprocess_env
 
 from soft_jax import bootstrap
 from soft_jax import config as config_lib
@@ -68,13 +69,6 @@ def round_checksums(w: Workdir, base_model):
         out[f"round {t}"] = bootstrap.checksum(nnx.merge(graphdef, ckpt.restore(t, params)[0]))
     ckpt.close()
     return out
-
-
-@pytest.fixture(scope="module")
-def tiny_base():
-    from soft_jax.models import presets
-
-    return presets.load("tiny", seed=0)[0]
 
 
 def check_common(w: Workdir, rounds: int, per_round: int):
@@ -190,10 +184,7 @@ RUN = [sys.executable, "-m", "soft_jax.cli", "run", "--config", os.path.join(CON
 
 
 def run_cli(workdir, extra=(), env=None):
-    # restarts reuse compiled programs through JAX's persistent cache (beside the work dir)
-    cache = os.path.join(os.path.dirname(str(workdir)), "jax-cache")
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **(env or {}))
+    env = subprocess_env(**(env or {}))  # restarts reuse compiled programs through JAX's persistent cache
     return subprocess.run(RUN + ["--workdir", str(workdir)] + [f"--config.{o}" for o in TINY + list(extra)],
                           capture_output=True, text=True, env=env, timeout=600)
 

@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 
+from conftest import subprocess_env
 from test_bootstrap import CONFIGS, TINY, Workdir, round_checksums, run
 
 # greedy (same generations), and a random model repeats itself under greedy decoding: no repetition filter
@@ -27,11 +28,9 @@ def launch(workdir, extra=(), kill_at=None):
     port = _port()
     procs = []
     for pid in range(2):
-        env = dict(os.environ, SOFT_JAX_COORDINATOR=f"localhost:{port}", SOFT_JAX_NUM_PROCESSES="2",
-                   SOFT_JAX_PROCESS_ID=str(pid), SOFT_JAX_HEARTBEAT_TIMEOUT="10", JAX_PLATFORMS="cpu",
-                   SOFT_JAX_KILL_AT=(kill_at or "") if pid == 1 else "", XLA_FLAGS="",
-                   JAX_COMPILATION_CACHE_DIR=os.path.join(os.path.dirname(str(workdir)), "jax-cache"),
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+        env = subprocess_env(SOFT_JAX_COORDINATOR=f"localhost:{port}", SOFT_JAX_NUM_PROCESSES="2",
+                             SOFT_JAX_PROCESS_ID=str(pid), SOFT_JAX_HEARTBEAT_TIMEOUT="10", JAX_PLATFORMS="cpu",
+                             SOFT_JAX_KILL_AT=(kill_at or "") if pid == 1 else "", XLA_FLAGS="")
         argv = [sys.executable, "-m", "soft_jax.cli", "run", "--config", os.path.join(CONFIGS, "soft_plus.py"),
                 "--workdir", str(workdir)] + [f"--config.{o}" for o in TINY + EXTRA + list(extra)]
         procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
@@ -96,9 +95,7 @@ MESH_RUN = ["rounds=1", "prompts.per_round=8", "sampling.temperature=0.0", "samp
 
 def run_devices(workdir, devices, extra=()):
     """`soft-jax run` of configs/tiny.py in a subprocess that sees `devices` CPU devices."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_COMPILATION_CACHE_DIR=os.path.join(os.path.dirname(str(workdir)), "jax-cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env = subprocess_env(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     argv = [sys.executable, "-m", "soft_jax.cli", "run", "--config", os.path.join(CONFIGS, "tiny.py"),
             "--workdir", str(workdir)] + [f"--config.{o}" for o in MESH_RUN + list(extra)]
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
