@@ -138,6 +138,10 @@ def cmd_train(args) -> None:
     prepared = training.prepare(tokenizer, pairs, config)  # format, length and schedule problems
     training.make_schedule(config, training.total_steps(prepared[1], config))  # surface before weights load
     model = build()
+    if args.checkpoint_dir:  # SIGTERM / Ctrl-C: save the finished step, then stop (resumable)
+        from soft_jax import preemption
+
+        preemption.install()
     trained, result = training.train(model, tokenizer, pairs, config, checkpoint_dir=args.checkpoint_dir,
                                      prepared=prepared)
     models.export_hf(trained, tokenizer, args.out)

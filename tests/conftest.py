@@ -118,10 +118,10 @@ def smollm2_hf():
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
 
 
-def run_cli(*args, timeout=300):
-    """Runs `python -m soft_jax.cli ...`; returns the CompletedProcess (text mode)."""
+def run_cli(*args, timeout=300, env=None):
+    """Runs `python -m soft_jax.cli ...` (env: extra environment variables); returns the CompletedProcess."""
     return subprocess.run([sys.executable, "-m", "soft_jax.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=subprocess_env(**(env or {})))
 
 
 def torch_logits(model, ids, attention_mask=None, position_ids=None):

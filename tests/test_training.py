@@ -217,6 +217,21 @@ def test_train_cli_writes_a_loadable_checkpoint(tiny_chat, tmp_path):
     before, _ = models.load(tiny_chat, progress=False)
     assert tok is not None and not np.allclose(trained.layers[0].mlp.up_proj.kernel[...],
                                                before.layers[0].mlp.up_proj.kernel[...])
+    # preempted (SIGTERM) after step 1 with --checkpoint-dir: saves that step, says how to resume, exits 143;
+    # the same command then finishes with the uninterrupted run's parameters
+    argv = ["train", "--model", tiny_chat, "--data", _pairs_file(tmp_path), "--out", str(tmp_path / "resumed"),
+            "--batch-size", "2", "--epochs", "2", "--lr", "1e-3", "--warmup-steps", "1",
+            "--checkpoint-dir", str(tmp_path / "ckpt")]
+    proc = run_cli(*argv, env={"SOFT_JAX_TERM_AT": "train_step_1"})
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("soft-jax: stopped by SIGTERM after training step 1")
+    assert "resume with: soft-jax train" in proc.stderr and os.listdir(tmp_path / "ckpt") == ["1"]
+    assert not (tmp_path / "resumed").exists()
+    proc = run_cli(*argv)
+    assert proc.returncode == 0 and "trained 2 steps" in proc.stdout, proc.stderr[-2000:]
+    resumed, _ = models.load(str(tmp_path / "resumed"), progress=False)
+    for a, b in zip(jax.tree.leaves(nnx.state(resumed, nnx.Param)), jax.tree.leaves(nnx.state(trained, nnx.Param))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("extra, needle", [
