@@ -365,43 +365,45 @@ class Run:
         bar = tqdm(total=len(prompts), desc=f"round {t} generating", unit="prompt", disable=not self.progress)
         bar.update(sum(len(r) for r in done.values()))
         t0, new_tokens = time.perf_counter(), 0
-        for b in range(n_batches):
-            if b in done:
-                continue
-            batch = prompts[b * s.batch_size:(b + 1) * s.batch_size]
-            shots = [self.exemplars_for(t, b, p) for p in batch]
-            texts = [templates.self_align_prompt(self.inputs.principles, ex, p["prompt"], p["input"])
-                     for p, ex in zip(batch, shots)]
-            seed = np.random.default_rng([self.c.seed, t, b]).integers(2**31, size=2)
-            outs = sampling.generate(generator, tokenizer, texts, cfg, progress=False, mesh=self.mesh,
-                                     seed=int(seed[0]))
-            forced = [False] * len(outs)
-            if s.force_answer:  # thoughts that ended without an answer: write the marker, sample the answer
-                todo = [i for i, o in enumerate(outs) if templates.parse(o)[1] is None
-                        and f"\n{templates.USER}" not in o]
-                if todo:
-                    heads = [texts[i] + templates.with_answer_marker(outs[i]) for i in todo]
-                    answers = sampling.generate(generator, tokenizer, heads, cfg, progress=False, mesh=self.mesh,
-                                                seed=int(seed[1]))
-                    for i, a in zip(todo, answers):
-                        outs[i], forced[i] = templates.with_answer_marker(outs[i]) + a, True
-            rows = []
-            for p, ex, raw, f in zip(batch, shots, outs, forced):
-                thoughts, answer = templates.parse(raw)
-                if answer is None and not self.filter_cfg.require_marker:
-                    thoughts, answer = "", templates.parse("\n" + templates.ANSWER + raw)[1]
-                reason = filters.verdict(answer, p["prompt"], ctx)
-                rows.append({"prompt_id": p["prompt_id"], "prompt": p["prompt"], "input": p["input"],
-                             "exemplar_ids": [e.id for e in ex], "raw": raw, "thoughts": thoughts,
-                             "answer": answer, "forced_answer": f, "kept": reason is None, "dropped_by": reason})
-                new_tokens += len(tokenizer(raw, add_special_tokens=False)["input_ids"])
-            append_line(partial, {"batch": b, "rows": rows})
-            done[b] = rows
-            bar.update(len(rows))
-            bar.set_postfix(tok_per_s=f"{new_tokens / (time.perf_counter() - t0):.1f}")
-            faults.point(f"generate_r{t}_b{b}")
-            preemption.check(f"round {t} generation batch {b + 1} of {n_batches}")
-        bar.close()
+        try:  # a stop or an error closes the bar first, so the message after it starts on its own line
+            for b in range(n_batches):
+                if b in done:
+                    continue
+                batch = prompts[b * s.batch_size:(b + 1) * s.batch_size]
+                shots = [self.exemplars_for(t, b, p) for p in batch]
+                texts = [templates.self_align_prompt(self.inputs.principles, ex, p["prompt"], p["input"])
+                         for p, ex in zip(batch, shots)]
+                seed = np.random.default_rng([self.c.seed, t, b]).integers(2**31, size=2)
+                outs = sampling.generate(generator, tokenizer, texts, cfg, progress=False, mesh=self.mesh,
+                                         seed=int(seed[0]))
+                forced = [False] * len(outs)
+                if s.force_answer:  # thoughts that ended without an answer: write the marker, sample the answer
+                    todo = [i for i, o in enumerate(outs) if templates.parse(o)[1] is None
+                            and f"\n{templates.USER}" not in o]
+                    if todo:
+                        heads = [texts[i] + templates.with_answer_marker(outs[i]) for i in todo]
+                        answers = sampling.generate(generator, tokenizer, heads, cfg, progress=False, mesh=self.mesh,
+                                                    seed=int(seed[1]))
+                        for i, a in zip(todo, answers):
+                            outs[i], forced[i] = templates.with_answer_marker(outs[i]) + a, True
+                rows = []
+                for p, ex, raw, f in zip(batch, shots, outs, forced):
+                    thoughts, answer = templates.parse(raw)
+                    if answer is None and not self.filter_cfg.require_marker:
+                        thoughts, answer = "", templates.parse("\n" + templates.ANSWER + raw)[1]
+                    reason = filters.verdict(answer, p["prompt"], ctx)
+                    rows.append({"prompt_id": p["prompt_id"], "prompt": p["prompt"], "input": p["input"],
+                                 "exemplar_ids": [e.id for e in ex], "raw": raw, "thoughts": thoughts,
+                                 "answer": answer, "forced_answer": f, "kept": reason is None, "dropped_by": reason})
+                    new_tokens += len(tokenizer(raw, add_special_tokens=False)["input_ids"])
+                append_line(partial, {"batch": b, "rows": rows})
+                done[b] = rows
+                bar.update(len(rows))
+                bar.set_postfix(tok_per_s=f"{new_tokens / (time.perf_counter() - t0):.1f}")
+                faults.point(f"generate_r{t}_b{b}")
+                preemption.check(f"round {t} generation batch {b + 1} of {n_batches}")
+        finally:
+            bar.close()
         rows = [r for b in range(n_batches) for r in done[b]]
         write_jsonl(final, rows)
         remove(partial)

@@ -59,7 +59,7 @@ class TrainConfig:
     eps: float = 1e-8
     max_grad_norm: float = 1.0
     seed: int = 0
-    checkpoint_every: int = 0  # steps; 0 = no step checkpoints
+    checkpoint_every: int = 0  # steps; 0 = only at the end and when stopped (with a checkpoint_dir)
     remat: bool = False
 
     @property
@@ -337,7 +337,7 @@ def train(model: Llama, tokenizer, pairs: Sequence[tuple[str, str]], config: Tra
     total = total_steps(epochs, config)
     trainer = Trainer(model, config, total, mesh)
     ckpt, start, print_ = None, 0, fingerprint(pairs, config, model)
-    if checkpoint_dir and config.checkpoint_every:
+    if checkpoint_dir:  # every `checkpoint_every` steps (0: none), at the end, and when a stop is asked for
         from soft_jax.checkpoints import StepCheckpointer
 
         ckpt = StepCheckpointer(checkpoint_dir, config.checkpoint_every)
@@ -350,32 +350,34 @@ def train(model: Llama, tokenizer, pairs: Sequence[tuple[str, str]], config: Tra
     stream = batches(epochs, config.batch_size)
     for _ in range(start):  # the data position is the step: skip what the checkpoint has seen
         next(stream)
-    for step in range(start + 1, total + 1):
-        batch = next(stream)
-        t0 = time.perf_counter()
-        metrics = jax.device_get(trainer.step(batch, step - 1))
-        seconds = time.perf_counter() - t0
-        tokens = int(np.sum(batch["segment_ids"] > 0))
-        record = {"step": step, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
-                  "tokens_per_s": tokens / seconds, "tflops": tokens * fpt / seconds / 1e12}
-        if peak:
-            record["mfu"] = record["tflops"] * 1e12 / (peak * jax.device_count())
-        losses.append(record["loss"])
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if log:
-            log(record)
-        saved = bool(ckpt) and (ckpt.due(step) or step == total)
-        if saved:
-            ckpt.save(step, (trainer.params, trainer.opt_state), {"step": step, "fingerprint": print_})
-        faults.point(f"train_step_{step}")
-        if ckpt and preemption.requested() and step < total:  # stop now; this step is kept
-            if not saved:
+    try:  # a stop or an error closes the bar first, so the message after it starts on its own line
+        for step in range(start + 1, total + 1):
+            batch = next(stream)
+            t0 = time.perf_counter()
+            metrics = jax.device_get(trainer.step(batch, step - 1))
+            seconds = time.perf_counter() - t0
+            tokens = int(np.sum(batch["segment_ids"] > 0))
+            record = {"step": step, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+                      "tokens_per_s": tokens / seconds, "tflops": tokens * fpt / seconds / 1e12}
+            if peak:
+                record["mfu"] = record["tflops"] * 1e12 / (peak * jax.device_count())
+            losses.append(record["loss"])
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if log:
+                log(record)
+            saved = bool(ckpt) and (ckpt.due(step) or step == total)
+            if saved:
                 ckpt.save(step, (trainer.params, trainer.opt_state), {"step": step, "fingerprint": print_})
-            preemption.check(f"training step {step}")
-    bar.close()
-    if ckpt:
-        ckpt.close()
+            faults.point(f"train_step_{step}")
+            if ckpt and preemption.requested() and step < total:  # stop now; this step is kept
+                if not saved:
+                    ckpt.save(step, (trainer.params, trainer.opt_state), {"step": step, "fingerprint": print_})
+                preemption.check(f"training step {step}")
+    finally:
+        bar.close()
+        if ckpt:
+            ckpt.close()
     result = TrainResult(steps=total, losses=losses, examples=len(examples), truncated_prompts=cut_p,
                          truncated_responses=cut_r, tokens=sum(len(e.ids) for e in examples))
     return trainer.model(), result

@@ -224,8 +224,9 @@ def test_train_cli_writes_a_loadable_checkpoint(tiny_chat, tmp_path):
             "--checkpoint-dir", str(tmp_path / "ckpt")]
     proc = run_cli(*argv, env={"SOFT_JAX_TERM_AT": "train_step_1"})
     assert proc.returncode == 143, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith("soft-jax: stopped by SIGTERM after training step 1")
-    assert "resume with: soft-jax train" in proc.stderr and os.listdir(tmp_path / "ckpt") == ["1"]
+    said = [line for line in proc.stderr.splitlines() if "soft-jax:" in line]
+    assert len(said) == 1 and said[0].startswith("soft-jax: stopped by SIGTERM after training step 1"), said
+    assert "resume with: soft-jax train" in said[0] and os.listdir(tmp_path / "ckpt") == ["1"]
     assert not (tmp_path / "resumed").exists()
     proc = run_cli(*argv)
     assert proc.returncode == 0 and "trained 2 steps" in proc.stdout, proc.stderr[-2000:]
