@@ -296,7 +296,7 @@ class Run:
         except Exception as e:  # noqa: BLE001 - corrupted or partial files: redo the round's training instead
             reason = str(e).splitlines()[0][:200] if str(e) else ""
             self.log(f"[checkpoint] {self.rounds_ckpt.manager.directory}/{t} is unreadable ({type(e).__name__}: "
-                     f"{reason}); removing it and redoing round {t}'s training from round {t - 1}")
+                     f"{reason}); removing it and redoing round {t}'s training from its saved data")
             self.rounds_ckpt.discard(t)
             return None
 

@@ -156,7 +156,7 @@ def test_unreadable_round_checkpoint_redoes_that_round(tmp_path, reference, tiny
     how(w / "checkpoints" / "rounds" / "2")
     code, out = run_in_process(w, capsys, monkeypatch=monkeypatch)
     assert code == 0, out.err
-    assert "checkpoints/rounds/2 is unreadable" in out.out and "redoing round 2's training from round 1" in out.out
+    assert "checkpoints/rounds/2 is unreadable" in out.out and "redoing round 2's training from its saved data" in out.out
     same_artifacts(Workdir(str(w)), reference, tiny_base)
 
 
