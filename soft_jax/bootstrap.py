@@ -80,11 +80,6 @@ def write_json(path: str, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
-def read_lines(path: str) -> list[dict]:
-    """JSON lines of an append-only file; a torn last line (a kill mid-write) is dropped."""
-    return io_utils.read_appended(path)
-
-
 def write_jsonl(path: str, rows) -> None:
     if distributed.is_writer():
         _write_jsonl(path, rows)
@@ -110,7 +105,7 @@ class Metrics:
 
     def __init__(self, path: str):
         self.path = path
-        self.rows = {self._key(r): r for r in read_lines(path)}
+        self.rows = {self._key(r): r for r in io_utils.read_appended(path)}
         self._rewrite()
 
     @staticmethod
@@ -249,7 +244,8 @@ class Run:
         try:
             check_workdir(workdir, c)
         except BaseException:
-            self.lock and self.lock.close()
+            if self.lock:
+                self.lock.close()
             raise
         if distributed.is_writer() and io_utils.remove_stray_temps(workdir, skip=("checkpoints",)):
             self.log(f"[run] removed temp files that an interrupted write left in {workdir}")
@@ -356,7 +352,7 @@ class Run:
         if os.path.exists(final):
             return [json.loads(line) for line in open(final, encoding="utf-8")]
         partial = os.path.join(rdir, "generations.partial.jsonl")
-        done = {b["batch"]: b["rows"] for b in read_lines(partial)}
+        done = {b["batch"]: b["rows"] for b in io_utils.read_appended(partial)}
         s = self.c.sampling
         cfg = sampling.SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                                       top_k=s.top_k, batch_size=s.batch_size, stop_strings=templates.STOP_STRINGS)
@@ -370,32 +366,8 @@ class Run:
                 if b in done:
                     continue
                 batch = prompts[b * s.batch_size:(b + 1) * s.batch_size]
-                shots = [self.exemplars_for(t, b, p) for p in batch]
-                texts = [templates.self_align_prompt(self.inputs.principles, ex, p["prompt"], p["input"])
-                         for p, ex in zip(batch, shots)]
-                seed = np.random.default_rng([self.c.seed, t, b]).integers(2**31, size=2)
-                outs = sampling.generate(generator, tokenizer, texts, cfg, progress=False, mesh=self.mesh,
-                                         seed=int(seed[0]))
-                forced = [False] * len(outs)
-                if s.force_answer:  # thoughts that ended without an answer: write the marker, sample the answer
-                    todo = [i for i, o in enumerate(outs) if templates.parse(o)[1] is None
-                            and f"\n{templates.USER}" not in o]
-                    if todo:
-                        heads = [texts[i] + templates.with_answer_marker(outs[i]) for i in todo]
-                        answers = sampling.generate(generator, tokenizer, heads, cfg, progress=False, mesh=self.mesh,
-                                                    seed=int(seed[1]))
-                        for i, a in zip(todo, answers):
-                            outs[i], forced[i] = templates.with_answer_marker(outs[i]) + a, True
-                rows = []
-                for p, ex, raw, f in zip(batch, shots, outs, forced):
-                    thoughts, answer = templates.parse(raw)
-                    if answer is None and not self.filter_cfg.require_marker:
-                        thoughts, answer = "", templates.parse("\n" + templates.ANSWER + raw)[1]
-                    reason = filters.verdict(answer, p["prompt"], ctx)
-                    rows.append({"prompt_id": p["prompt_id"], "prompt": p["prompt"], "input": p["input"],
-                                 "exemplar_ids": [e.id for e in ex], "raw": raw, "thoughts": thoughts,
-                                 "answer": answer, "forced_answer": f, "kept": reason is None, "dropped_by": reason})
-                    new_tokens += len(tokenizer(raw, add_special_tokens=False)["input_ids"])
+                rows = self.generate_batch(t, b, generator, tokenizer, batch, cfg, ctx)
+                new_tokens += sum(len(tokenizer(r["raw"], add_special_tokens=False)["input_ids"]) for r in rows)
                 append_line(partial, {"batch": b, "rows": rows})
                 done[b] = rows
                 bar.update(len(rows))
@@ -414,6 +386,33 @@ class Run:
                           **filters.counts([r["dropped_by"] for r in rows])})
         faults.point(f"generated_r{t}")
         preemption.check(f"round {t} generation")
+        return rows
+
+    def generate_batch(self, t: int, b: int, generator, tokenizer, batch: list[dict], cfg, ctx) -> list[dict]:
+        """Round t's batch b: self-aligned outputs, parsed and judged by the filters (one row per prompt)."""
+        shots = [self.exemplars_for(t, b, p) for p in batch]
+        texts = [templates.self_align_prompt(self.inputs.principles, ex, p["prompt"], p["input"])
+                 for p, ex in zip(batch, shots)]
+        seed = np.random.default_rng([self.c.seed, t, b]).integers(2**31, size=2)
+        outs = sampling.generate(generator, tokenizer, texts, cfg, progress=False, mesh=self.mesh, seed=int(seed[0]))
+        forced = [False] * len(outs)
+        if self.c.sampling.force_answer:  # thoughts that ended without an answer: write the marker, sample it
+            todo = [i for i, o in enumerate(outs) if templates.parse(o)[1] is None and f"\n{templates.USER}" not in o]
+            if todo:
+                heads = [texts[i] + templates.with_answer_marker(outs[i]) for i in todo]
+                answers = sampling.generate(generator, tokenizer, heads, cfg, progress=False, mesh=self.mesh,
+                                            seed=int(seed[1]))
+                for i, a in zip(todo, answers):
+                    outs[i], forced[i] = templates.with_answer_marker(outs[i]) + a, True
+        rows = []
+        for p, ex, raw, f in zip(batch, shots, outs, forced):
+            thoughts, answer = templates.parse(raw)
+            if answer is None and not self.filter_cfg.require_marker:
+                thoughts, answer = "", templates.parse("\n" + templates.ANSWER + raw)[1]
+            reason = filters.verdict(answer, p["prompt"], ctx)
+            rows.append({"prompt_id": p["prompt_id"], "prompt": p["prompt"], "input": p["input"],
+                         "exemplar_ids": [e.id for e in ex], "raw": raw, "thoughts": thoughts,
+                         "answer": answer, "forced_answer": f, "kept": reason is None, "dropped_by": reason})
         return rows
 
     def exemplars_for(self, t: int, b: int, prompt: dict) -> list[data.Exemplar]:

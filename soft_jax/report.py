@@ -14,7 +14,7 @@ import tempfile
 
 import numpy as np
 
-from soft_jax import bootstrap
+from soft_jax import bootstrap, io_utils
 from soft_jax.data import filters
 from soft_jax.errors import UserError
 
@@ -29,7 +29,7 @@ def _load(workdir: str):
     state = bootstrap.read_json(os.path.join(workdir, bootstrap.STATE))
     if state is None:
         raise UserError(f"{workdir}: not a soft-jax run work dir (no {bootstrap.STATE}); give the --workdir of a run")
-    metrics = bootstrap.read_lines(os.path.join(workdir, bootstrap.METRICS))
+    metrics = io_utils.read_appended(os.path.join(workdir, bootstrap.METRICS))
     rounds = sorted(int(d) for d in os.listdir(os.path.join(workdir, "rounds")) if d.isdigit())
     return state, metrics, rounds
 
