@@ -31,10 +31,13 @@ class Linear(nnx.Module):
         self.dtype = jnp.dtype(cfg.dtype)
 
     def __call__(self, x):
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        # One 2-D matmul over the flattened tokens: its weight gradient is then a plain transposed-operand
+        # matmul. With [B, T] kept as two free dims, XLA CPU transposed [B*T, out]-sized gradients (fused
+        # into their elementwise producers) in the backward pass: a SmolLM2 layer's fwd + bwd took 1.3x longer.
+        y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
-        return y
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 class RMSNorm(nnx.Module):
