@@ -253,8 +253,9 @@ class Llama(nnx.Module):
             new_k.append(k)
             new_v.append(v)
         x = self.norm(x[:, -1:] if last_only else x)
-        if self.lm_head is None:
-            logits = jnp.dot(x, self.embed_tokens[...].astype(cfg.dtype).T)
+        if self.lm_head is None:  # a 2-D matmul, as in Linear
+            logits = jnp.dot(x.reshape(-1, x.shape[-1]), self.embed_tokens[...].astype(cfg.dtype).T)
+            logits = logits.reshape(*x.shape[:-1], -1)
         else:
             logits = self.lm_head(x)
         logits = logits.astype(jnp.float32)
