@@ -75,9 +75,10 @@ def task_file(name: str) -> str:
             if member.name in wanted:
                 dest = os.path.join(directory, "tasks", wanted[member.name])
                 os.makedirs(os.path.dirname(dest), exist_ok=True)
-                with open(f"{dest}.tmp", "wb") as f:
+                tmp = f"{dest}.tmp{os.getpid()}"  # per process: two evaluations may extract at once
+                with open(tmp, "wb") as f:
                     f.write(tf.extractfile(member).read())
-                os.replace(f"{dest}.tmp", dest)
+                os.replace(tmp, dest)
     return out
 
 
