@@ -36,6 +36,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=8,<10",
+            "pytest-xdist>=3.6,<4",  # the README runs the tests on 2 workers
             "torch==2.13.0",
             "accelerate>=1.0,<2",
             "safetensors>=0.4,<1",

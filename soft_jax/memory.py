@@ -89,11 +89,12 @@ def _layer_params(cfg: ModelConfig) -> int:
 def _layer_activations(cfg: ModelConfig, rows: int, q_len: int, k_len: int, tp: int, cb: int, *,
                        backward: bool, prefix: bool = False) -> int:
     """Bytes of one decoder layer: what it saves for the backward pass (jax's residuals, as
-    `jax.ad_checkpoint.print_saved_residuals` lists them), or what a forward pass holds at once.
+    `jax.ad_checkpoint.print_saved_residuals` lists them, less what XLA's fusion drops), or what a forward
+    pass holds at once.
 
     rows x q_len tokens attend to k_len keys. Residuals: two RMSNorms (a float32 copy + output), the
-    residual stream twice, q, k, v, the attention output, per head the masked float32 scores, their exp
-    and the probabilities (+ their compute-dtype cast) and the mask, and six [tokens, mlp] tensors of
+    residual stream twice, q, k, v, the attention output, per head the float32 probabilities (+ their
+    compute-dtype cast) and the mask, and six [tokens, mlp] tensors of
     SwiGLU. A forward pass holds the float32 scores and probabilities (+ the concatenation with a shared
     prefix's scores), the cast, the mask and three [tokens, mlp] tensors."""
     tokens = rows * q_len
@@ -102,7 +103,9 @@ def _layer_activations(cfg: ModelConfig, rows: int, q_len: int, k_len: int, tp: 
     norm = 4 + cb + cast
     embed = tokens * cfg.hidden_size * (2 * norm + 2 * cb if backward else norm + 2 * cb)
     attn = tokens * cfg.head_dim * (2 * heads + 2 * kv_heads) * cb
-    per_score = (3 * 4 + cast + 1) if backward else (2 * 4 + 4 * prefix + cast + 1)
+    # jax saves the masked scores, their exp and the probabilities; XLA fuses the softmax and keeps only the
+    # probabilities (+ cast) and the mask for the backward pass (its buffer assignment, tests/test_memory.py)
+    per_score = (4 + cast + 1) if backward else (2 * 4 + 4 * prefix + cast + 1)
     scores = rows * heads * q_len * k_len * per_score
     mlp = tokens * _div(cfg.intermediate_size, tp) * (6 if backward else 3) * cb
     return embed + attn + scores + mlp
