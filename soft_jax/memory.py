@@ -16,9 +16,9 @@ The numbers follow what soft_jax does today, not an ideal implementation:
   in training and in prefill alike.
 - The KV cache is split over data x fsdp by batch row and replicated over tensor (sampling places it
   with a batch-only sharding); a shared prefix (principles + exemplars) is held once, replicated.
-- Training activations are the residuals jax saves per layer (`_layer_activations`); with remat only
-  each layer's input is kept. XLA's CPU compiler does not exploit remat (its buffers hold every
-  layer's recomputation), so on CPU the no-remat numbers apply.
+- Training activations are the residuals jax saves per layer, less the softmax intermediates XLA fuses
+  away (`_layer_activations`); with remat only each layer's input is kept. XLA's CPU compiler does not
+  exploit remat (its buffers hold every layer's recomputation), so on CPU the no-remat numbers apply.
 """
 
 from __future__ import annotations
