@@ -52,7 +52,7 @@ def matmuls():
     x, g = rng.standard_normal((n, d_in), np.float32), rng.standard_normal((n, d_out), np.float32)
     w = rng.standard_normal((d_in, d_out), np.float32)
     tx, tg, tw = map(torch.from_numpy, (x, g, w))
-    options = training.CPU_TRAIN_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+    options = training.compiler_options(jax.default_backend())
     forms = [("matmul y = x W", lambda x, g, w: x @ w, lambda: tx @ tw),
              ("matmul dW = x^T g", lambda x, g, w: x.T @ g, lambda: tx.T @ tg),
              ("matmul dx = g W^T", lambda x, g, w: g @ w.T, lambda: tg @ tw.T)]
@@ -77,7 +77,7 @@ def layers():
     w = rng.standard_normal((BATCH, SEQ, cfg.hidden_size), np.float32)
     positions = np.tile(np.arange(SEQ, dtype=np.int32), (BATCH, 1))
     segments = np.ones((BATCH, SEQ), np.int32)
-    options = training.CPU_TRAIN_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+    options = training.compiler_options(jax.default_backend())
 
     tx, tw = torch.from_numpy(x).requires_grad_(), torch.from_numpy(w)
     tpos = torch.from_numpy(positions).long()

@@ -197,16 +197,20 @@ def make_optimizer(config: TrainConfig):
 
 
 # XLA CPU options for the train step: XNNPACK instead of the default YNNPACK for its GEMMs. Measured on
-# SmolLM2-135M, f32, 8 x 256 (benchmarks/RESULTS.md): the step is ~11% faster, most of it in the backward's
-# weight-gradient matmuls. Other backends compile with their defaults.
+# SmolLM2-135M, f32, 8 x 256 (benchmarks/RESULTS.md): the step is 5-11% faster. Other backends compile
+# with their defaults.
 CPU_TRAIN_COMPILER_OPTIONS = {"xla_cpu_use_xnnpack": True, "xla_cpu_experimental_ynn_fusion_type": ""}
 
 
+def compiler_options(platform: str) -> dict | None:
+    """The XLA options the train step compiles with on `platform` ("cpu", "gpu", "tpu")."""
+    return CPU_TRAIN_COMPILER_OPTIONS if platform == "cpu" else None
+
+
 @functools.lru_cache(maxsize=None)
-def _compiled_step(graphdef, tx, remat: bool, backend: str):
-    options = CPU_TRAIN_COMPILER_OPTIONS if backend == "cpu" else None
+def _compiled_step(graphdef, tx, remat: bool, platform: str):
     return jax.jit(functools.partial(_train_step, graphdef, tx, remat), donate_argnums=(0, 1),
-                   compiler_options=options)
+                   compiler_options=compiler_options(platform))
 
 
 class Trainer:
@@ -229,8 +233,8 @@ class Trainer:
             if micro % data:
                 raise UserError(f"micro-batch {micro} (batch_size / grad_accum) is not divisible by the mesh's data "
                                 f"axes (data x fsdp = {data})")
-        backend = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
-        self._step = _compiled_step(self.graphdef, self.tx, config.remat, backend)
+        platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+        self._step = _compiled_step(self.graphdef, self.tx, config.remat, platform)
 
     def put_batch(self, batch: dict[str, np.ndarray]):
         """[batch, len] host arrays -> [grad_accum, micro, len] device arrays, micro split over data axes."""
