@@ -68,12 +68,12 @@ def decode_only(model, batch, new_tokens, prompt_len=64):
         cache = models.KVCache.init(cfg, batch, prompt_len + new_tokens)
         seg = jnp.ones((batch, prompt_len), jnp.int32)
         pos = jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len))
-        last, cache = sampling._prefill(graphdef, state, jnp.asarray(rows), pos, seg, cache)
+        last, cache = sampling._prefill(graphdef, None, state, jnp.asarray(rows), pos, seg, cache)
         jax.block_until_ready(last)
         ds = sampling.DecodeState(step=jnp.int32(0), cache=cache, logits=last, done=jnp.zeros((batch,), bool),
                                   out=jnp.full((batch, new_tokens), -1, jnp.int32), rng=jax.random.key(0))
         start = time.perf_counter()
-        ds = sampling._decode(graphdef, state, ds, jnp.full((batch,), prompt_len, jnp.int32), params,
+        ds = sampling._decode(graphdef, None, state, ds, jnp.full((batch,), prompt_len, jnp.int32), params,
                               jnp.int32(new_tokens), True, False)
         jax.block_until_ready(ds.out)
         return time.perf_counter() - start

@@ -21,6 +21,7 @@ from flax import nnx
 from flax import struct
 from tqdm.auto import tqdm
 
+from soft_jax import sharding as shd
 from soft_jax.errors import UserError
 from soft_jax.distributed import to_host
 from soft_jax.models.llama import KVCache, Llama
@@ -71,12 +72,17 @@ def stop_ids(tokenizer, model: Llama) -> tuple[int, ...]:
 # --- jitted pieces ------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(5,))
-def _prefill(graphdef, state, ids, positions, segment_ids, cache):
+# The jitted programs take the mesh as a static argument and trace under its activation sharding: batch rows
+# over data x fsdp, heads / vocab over tensor (soft_jax.sharding); mesh None = one device.
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(6,))
+def _prefill(graphdef, mesh, state, ids, positions, segment_ids, cache):
     """Writes `ids` into the cache; returns the last column's logits and the cache."""
-    logits, cache = nnx.merge(graphdef, state)(ids, positions=positions, segment_ids=segment_ids, cache=cache,
-                                               last_only=True)
-    return logits[:, -1], cache
+    with shd.activation_sharding(mesh):
+        logits, cache = nnx.merge(graphdef, state)(ids, positions=positions, segment_ids=segment_ids, cache=cache,
+                                                   last_only=True)
+        return shd.constrain(logits[:, -1], ("batch", "vocab")), cache
 
 
 def _threshold(sorted_desc, log_norm, top_p, top_k, use_top_p: bool, use_top_k: bool):
@@ -153,8 +159,8 @@ class DecodeState:
     rng: jax.Array
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7), donate_argnums=(2,))
-def _decode(graphdef, state, ds: DecodeState, positions, params, until, use_top_p, use_top_k):
+@functools.partial(jax.jit, static_argnums=(0, 1, 7, 8), donate_argnums=(3,))
+def _decode(graphdef, mesh, state, ds: DecodeState, positions, params, until, use_top_p, use_top_k):
     """Samples until step `until` or until every row produced a stop token.
 
     params: (temperature, top_p, top_k, stop_ids [n]) as arrays, so changing them does not recompile;
@@ -162,6 +168,7 @@ def _decode(graphdef, state, ds: DecodeState, positions, params, until, use_top_
     """
     temperature, top_p, top_k, stops = params
     batch = ds.logits.shape[0]
+    context = shd.activation_sharding(mesh)
 
     def cond(ds):
         return (ds.step < until) & ~jnp.all(ds.done)
@@ -170,10 +177,12 @@ def _decode(graphdef, state, ds: DecodeState, positions, params, until, use_top_
         rng, key = jax.random.split(ds.rng)
         token = sample_token(ds.logits, key, temperature, top_p, top_k, use_top_p=use_top_p, use_top_k=use_top_k)
         token = jnp.where(ds.done, stops[0], token)
-        logits, cache = nnx.merge(graphdef, state)(
-            token[:, None], positions=(positions + ds.step)[:, None], segment_ids=jnp.ones((batch, 1), jnp.int32),
-            cache=ds.cache)
-        return DecodeState(step=ds.step + 1, cache=cache, logits=logits[:, -1], out=ds.out.at[:, ds.step].set(token),
+        with shd.activation_sharding(mesh):
+            logits, cache = nnx.merge(graphdef, state)(
+                token[:, None], positions=(positions + ds.step)[:, None],
+                segment_ids=jnp.ones((batch, 1), jnp.int32), cache=ds.cache)
+            logits = shd.constrain(logits[:, -1], ("batch", "vocab"))
+        return DecodeState(step=ds.step + 1, cache=cache, logits=logits, out=ds.out.at[:, ds.step].set(token),
                            done=ds.done | jnp.isin(token, stops), rng=rng)
 
     return jax.lax.while_loop(cond, body, ds)
@@ -223,6 +232,19 @@ class _Batcher:
         return jax.tree.map(lambda x: jax.device_put(
             x, split if np.ndim(x) and np.shape(x)[0] == self.batch_size else replicated), tree)
 
+    def put_cache(self, cache: KVCache) -> KVCache:
+        """A cache on its sharding: rows over data x fsdp, KV heads over tensor (a batch-1 shared prefix: rows
+        replicated)."""
+        if self.mesh is None:
+            return cache
+        return jax.tree.map(lambda x: jax.device_put(x, cache_sharding(x, self.mesh)), cache)
+
+
+def cache_sharding(x, mesh):
+    """A KV-cache array's sharding: [B, S, KV_HEADS, D] keys and values, [B, S] positions, scalar index."""
+    name = "k" if np.ndim(x) == 4 else "positions" if np.ndim(x) == 2 else None
+    return NamedSharding(mesh, PartitionSpec()) if name is None else shd.cache_sharding(name, np.shape(x), mesh)
+
 
 def _shared_len(rows, reuse: bool, cap: int | None = None) -> int:
     """How many leading tokens all rows share and will take from one prefill (0: not worth it).
@@ -247,11 +269,11 @@ def _prefill_shared(graphdef, state, model, prefix, batch, length, batcher):
         ids = np.zeros((1, padded), np.int32)
         seg = np.zeros((1, padded), np.int32)
         ids[0, :len(prefix)], seg[0, :len(prefix)] = prefix, 1
-        one = KVCache.init(model.config, 1, padded)
-        _, one = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(np.arange(padded)[None]), jnp.asarray(seg),
-                          one)
+        one = batcher.put_cache(KVCache.init(model.config, 1, padded))
+        _, one = _prefill(graphdef, batcher.mesh, state, *batcher.put(
+            (ids, np.arange(padded, dtype=np.int32)[None], seg)), one)
         shared = one.as_prefix()
-    return batcher.put(KVCache.init(model.config, batch, length, prefix=shared))
+    return batcher.put_cache(KVCache.init(model.config, batch, length, prefix=shared))
 
 
 def generate_tokens(model: Llama, token_rows: Sequence[Sequence[int]], config: SamplingConfig, stops,
@@ -270,7 +292,7 @@ def generate_tokens(model: Llama, token_rows: Sequence[Sequence[int]], config: S
                             batcher)
     ids, seg, positions = _left_pad([r[shared:] for r in rows], own_len)
     ids, seg, positions = batcher.put((ids, seg, positions + shared))
-    last, cache = _prefill(graphdef, state, ids, positions, seg, cache)
+    last, cache = _prefill(graphdef, mesh, state, ids, positions, seg, cache)
     params = (jnp.float32(config.temperature), jnp.float32(config.top_p), jnp.int32(config.top_k),
               jnp.asarray(stops, jnp.int32))
     next_pos = batcher.put(np.asarray([len(r) for r in rows], np.int32))
@@ -282,7 +304,7 @@ def generate_tokens(model: Llama, token_rows: Sequence[Sequence[int]], config: S
     chunk = STOP_STRING_CHUNK if (config.stop_strings and tokenizer is not None) else config.max_new_tokens
     while True:
         until = jnp.int32(min(int(ds.step) + chunk, config.max_new_tokens))
-        ds = _decode(graphdef, state, ds, next_pos, params, until, config.top_p < 1.0, config.top_k > 0)
+        ds = _decode(graphdef, mesh, state, ds, next_pos, params, until, config.top_p < 1.0, config.top_k > 0)
         step, done = int(ds.step), to_host(ds.done).copy()
         if step >= config.max_new_tokens or done.all():
             break
@@ -469,14 +491,23 @@ def _plan(seqs, bounds, last_only, batch_size: int, multiple: int) -> list[_Chun
     return plan
 
 
-@functools.partial(jax.jit, static_argnums=(0, 8))
-def _score_rows(graphdef, state, heads, which, ids, positions, seg, picks, last_only):
+@functools.partial(jax.jit, static_argnums=(0, 1, 9))
+def _score_rows(graphdef, mesh, state, heads, which, ids, positions, seg, picks, last_only):
     """Log-probabilities read after each row's tokens; row b continues cache row `which[b]` of `heads`.
 
     last_only: picks [B, E] are tokens read as the next token after the last column; else picks [B, T]
     are the tokens read at every column (-1: not read, 0 returned)."""
+    with shd.activation_sharding(mesh):
+        return _score_body(graphdef, state, heads, which, ids, positions, seg, picks, last_only)
+
+
+def _score_body(graphdef, state, heads, which, ids, positions, seg, picks, last_only):
     new = ids.shape[1]
-    take = lambda x: jnp.pad(x[which], [(0, 0), (0, new)] + [(0, 0)] * (x.ndim - 2))
+
+    def take(x):
+        rows = jnp.pad(x[which], [(0, 0), (0, new)] + [(0, 0)] * (x.ndim - 2))
+        return shd.constrain(rows, shd.CACHE_AXES["k" if x.ndim == 4 else "positions"])
+
     cache = KVCache(k=tuple(map(take, heads.k)), v=tuple(map(take, heads.v)), positions=take(heads.positions),
                     segment_ids=take(heads.segment_ids), index=heads.index, prefix=heads.prefix)
     logits, _ = nnx.merge(graphdef, state)(ids, positions=positions, segment_ids=seg, cache=cache,
@@ -522,7 +553,7 @@ def score_tokens(model: Llama, contexts: Sequence[Sequence[int]], continuations:
         cache = _prefill_shared(graphdef, state, model, chunk.heads[0][:chunk.shared], n, chunk.cache, batcher)
         ids, seg, positions = _left_pad([h[chunk.shared:] for h in chunk.heads] + [()] * (n - len(chunk.heads)),
                                         chunk.length)
-        _, heads = _prefill(graphdef, state, *batcher.put((ids, positions + chunk.shared, seg)), cache)
+        _, heads = _prefill(graphdef, mesh, state, *batcher.put((ids, positions + chunk.shared, seg)), cache)
         for last_only, tail, batch in chunk.passes:
             n = _pass_rows(len(batch), multiple)
             ids, seg, positions = _left_pad([seqs[r][p:] for r, _, p in batch] + [()] * (n - len(batch)), tail)
@@ -535,7 +566,7 @@ def score_tokens(model: Llama, contexts: Sequence[Sequence[int]], continuations:
                 else:  # every token after the bound: each request reads its own continuation's part
                     read = keys[r][0][bounds[r] + 1:]
                     picks[row, tail - len(read):] = read
-            logp = to_host(_score_rows(graphdef, state, heads, *_Batcher(mesh, n).put(
+            logp = to_host(_score_rows(graphdef, mesh, state, heads, *_Batcher(mesh, n).put(
                 (which, ids, positions, seg, picks)), last_only))
             for row, (r, _, _) in enumerate(batch):
                 for i in rows[keys[r]]:

@@ -2,10 +2,19 @@
 
 Parameters and activations name their axes logically ("embed", "heads", "batch", ...). A rule table
 maps each logical name to mesh axes, so one config line moves a run between one device and a pod.
+
+Parameters follow DEFAULT_RULES: "embed" over fsdp (FSDP), heads / kv_heads / mlp / vocab over tensor.
+Activations follow ACTIVATION_RULES: batch rows over data x fsdp, heads / mlp / vocab over tensor, and
+their embed dimension whole. Jitted programs enter `activation_sharding(mesh)` while they trace and the
+model calls `constrain` on every activation. Without those constraints XLA is free to split an FSDP step
+by the weights' embed axis and gather the whole batch onto every device: the results stay equal, only the
+compiled per-device shapes show it (tests/test_sharding.py checks them).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Sequence
 
@@ -28,6 +37,20 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("norm", None),
     ("length", None),
 )
+# Activations: the rows of a batch over data x fsdp; a row's hidden state whole on each device.
+ACTIVATION_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", None),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("length", None),
+)
+# Logical axes of the KV cache's arrays (soft_jax.models.llama.KVCache).
+CACHE_AXES = {"k": ("batch", "length", "kv_heads", None), "positions": ("batch", "length")}
+
+_active: contextvars.ContextVar = contextvars.ContextVar("soft_jax_activation_mesh", default=None)
 
 
 def make_mesh(shape: Sequence[int] = (1, 1, -1), devices=None) -> Mesh:
@@ -81,3 +104,56 @@ def shard_model(model, mesh: Mesh | None, rules=DEFAULT_RULES):
             var.set_value(jax.device_put(np.asarray(var[...]), named_sharding(var.get_metadata().get("axes", ()), var.shape,
                                                                   mesh, rules)))
     return model
+
+
+def tree_shardings(tree, mesh: Mesh, rules=DEFAULT_RULES):
+    """The NamedSharding of every array in a tree of NNX variables (parameters, or Adam moments, which keep
+    the parameters' variables and metadata): by each variable's logical `axes`; other leaves (scalars such
+    as Adam's step count) replicated. Returns a tree prefix of `tree`, as jit's in/out_shardings take it."""
+    from flax import nnx
+
+    def one(x):
+        if isinstance(x, nnx.Variable):
+            return named_sharding(x.get_metadata().get("axes", ()), x.shape, mesh, rules)
+        return NamedSharding(mesh, PartitionSpec())
+
+    leaves, treedef = jax.tree.flatten(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return treedef.unflatten([one(x) for x in leaves])
+
+
+def abstract(tree, mesh: Mesh | None, rules=DEFAULT_RULES):
+    """`tree` with each array replaced by a ShapeDtypeStruct carrying its sharding (for lowering without data)."""
+    if mesh is None:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    shardings = tree_shardings(tree, mesh, rules)
+    return jax.tree.map(lambda s, x: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), x),
+                        shardings, tree)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh | None, rules=ACTIVATION_RULES):
+    """While a jitted function traces inside this context, `constrain` pins activations to `mesh`.
+
+    Enter it inside the traced function, with `mesh` a static argument of the jit: the context is then part
+    of what the compiled program was traced with."""
+    token = _active.set(None if mesh is None else (mesh, rules))
+    try:
+        yield
+    finally:
+        _active.reset(token)
+
+
+def constrain(x, axes: Sequence[str | None]):
+    """`x` constrained to the sharding of its logical `axes` under the active activation rules (a no-op
+    outside `activation_sharding`, and on one device)."""
+    active = _active.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)))
+
+
+def cache_sharding(name: str, shape: Sequence[int], mesh: Mesh | None):
+    """Sharding of a KV-cache array: keys / values ("k", "v") or positions / segment ids."""
+    axes = CACHE_AXES["k" if name in ("k", "v") else "positions"]
+    return named_sharding(axes, shape, mesh, ACTIVATION_RULES)

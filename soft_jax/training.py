@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from soft_jax import faults, preemption
+from soft_jax import sharding as shd
 from soft_jax.errors import UserError
 from soft_jax.models.llama import Llama
 
@@ -207,10 +208,28 @@ def compiler_options(platform: str) -> dict | None:
     return CPU_TRAIN_COMPILER_OPTIONS if platform == "cpu" else None
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled_step(graphdef, tx, remat: bool, platform: str):
-    return jax.jit(functools.partial(_train_step, graphdef, tx, remat), donate_argnums=(0, 1),
-                   compiler_options=compiler_options(platform))
+BATCH_SPEC = PartitionSpec(None, ("data", "fsdp"))  # [grad_accum, micro-batch rows, length]
+_steps: dict = {}
+
+
+def compiled_step(graphdef, tx, remat: bool, platform: str, mesh=None, state=None):
+    """The jitted train step (params, opt_state, batch, lr) -> (params, opt_state, metrics).
+
+    On a mesh, parameters and Adam moments go in and come out on their logical shardings, the batch's rows
+    over data x fsdp, and every activation is constrained (soft_jax.sharding). `state`: (params, opt_state)
+    or their abstract shapes, for the shardings; they depend only on the graph and the mesh, so one compiled
+    step serves every Trainer (every round of a run) with the same key."""
+    key = (graphdef, tx, remat, platform, mesh)
+    if key not in _steps:
+        shardings = {}
+        if mesh is not None:
+            state_sh = shd.tree_shardings(state, mesh)
+            replicated = NamedSharding(mesh, PartitionSpec())
+            shardings = dict(in_shardings=(*state_sh, NamedSharding(mesh, BATCH_SPEC), replicated),
+                             out_shardings=(*state_sh, replicated))
+        _steps[key] = jax.jit(functools.partial(_train_step, graphdef, tx, remat, mesh), donate_argnums=(0, 1),
+                              compiler_options=compiler_options(platform), **shardings)
+    return _steps[key]
 
 
 class Trainer:
@@ -222,19 +241,20 @@ class Trainer:
         self.tx = make_optimizer(config)
         self.graphdef, params = nnx.split(model)
         self.params = jax.tree.map(lambda x: x.copy(), params)  # steps donate these; the caller keeps `model`
-        self.opt_state = jax.jit(self.tx.init)(self.params)  # jit keeps each moment on its parameter's sharding
-        if mesh is not None:  # scalars (Adam's count) replicated over the mesh, so a restored state matches it
-            replicated = NamedSharding(mesh, PartitionSpec())
-            self.opt_state = jax.tree.map(
-                lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(np.asarray(x), replicated),
-                self.opt_state)
+        # each moment on its parameter's sharding; scalars (Adam's count) replicated, so a restored state matches
+        init = jax.jit(self.tx.init)
+        if mesh is not None:
+            init = jax.jit(self.tx.init, out_shardings=shd.tree_shardings(jax.eval_shape(self.tx.init, self.params),
+                                                                          mesh))
+        self.opt_state = init(self.params)
+        if mesh is not None:
             data = mesh.shape["data"] * mesh.shape["fsdp"]
             micro = config.batch_size // config.grad_accum
             if micro % data:
                 raise UserError(f"micro-batch {micro} (batch_size / grad_accum) is not divisible by the mesh's data "
                                 f"axes (data x fsdp = {data})")
         platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
-        self._step = _compiled_step(self.graphdef, self.tx, config.remat, platform)
+        self._step = compiled_step(self.graphdef, self.tx, config.remat, platform, mesh, (self.params, self.opt_state))
 
     def put_batch(self, batch: dict[str, np.ndarray]):
         """[batch, len] host arrays -> [grad_accum, micro, len] device arrays, micro split over data axes."""
@@ -242,7 +262,7 @@ class Trainer:
         batch = {k: v.reshape((accum, v.shape[0] // accum) + v.shape[1:]) for k, v in batch.items()}
         if self.mesh is None:
             return jax.tree.map(jnp.asarray, batch)
-        sharding = NamedSharding(self.mesh, PartitionSpec(None, ("data", "fsdp")))
+        sharding = NamedSharding(self.mesh, BATCH_SPEC)
         return jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
 
     def step(self, batch: dict[str, np.ndarray], index: int = 0) -> dict[str, float]:
@@ -255,8 +275,13 @@ class Trainer:
         return nnx.merge(self.graphdef, self.params)
 
 
-def _train_step(graphdef, tx, remat, params, opt_state, batch, lr):
+def _train_step(graphdef, tx, remat, mesh, params, opt_state, batch, lr):
     """One optimizer step over grad_accum micro-batches; the loss is the mean over all response tokens."""
+    with shd.activation_sharding(mesh):
+        return _step_body(graphdef, tx, remat, params, opt_state, batch, lr)
+
+
+def _step_body(graphdef, tx, remat, params, opt_state, batch, lr):
     total = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
 
     def micro_loss(p, mb):

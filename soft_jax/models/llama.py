@@ -16,9 +16,12 @@ from flax import nnx
 from flax import struct
 
 from soft_jax.models.config import ModelConfig, rope_inv_freq
+from soft_jax.sharding import constrain
 
 # Logical axis names used by parameters and activations (see soft_jax.sharding for the rules).
 VOCAB, EMBED, HEADS, KV_HEADS, MLP_AXIS, NORM = "vocab", "embed", "heads", "kv_heads", "mlp", "norm"
+BATCH, LENGTH = "batch", "length"
+ROWS = (BATCH, LENGTH, EMBED)  # the residual stream [B, T, hidden]
 
 
 class Linear(nnx.Module):
@@ -29,6 +32,7 @@ class Linear(nnx.Module):
         self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), jnp.dtype(cfg.param_dtype)), axes=axes)
         self.bias = nnx.Param(jnp.zeros((d_out,), cfg.param_dtype), axes=axes[1:]) if bias else None
         self.dtype = jnp.dtype(cfg.dtype)
+        self.out_axis = axes[1]
 
     def __call__(self, x):
         # One 2-D matmul over the flattened tokens: its weight gradient is then a plain transposed-operand
@@ -37,7 +41,7 @@ class Linear(nnx.Module):
         y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        return constrain(y.reshape(*x.shape[:-1], y.shape[-1]), (BATCH, LENGTH, self.out_axis))
 
 
 class RMSNorm(nnx.Module):
@@ -140,16 +144,18 @@ class Attention(nnx.Module):
         prefix: None, or (k, v, mask [B, T, P]) of a shared batch-1 prefix for this layer."""
         b, t, _ = x.shape
         g = self.num_heads // self.num_kv_heads
-        q = apply_rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), rope)
-        k = apply_rope(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), rope)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        heads = lambda y, n, axis: constrain(y.reshape(b, t, n, self.head_dim), (BATCH, LENGTH, axis, None))
+        q = apply_rope(heads(self.q_proj(x), self.num_heads, HEADS), rope)
+        k = apply_rope(heads(self.k_proj(x), self.num_kv_heads, KV_HEADS), rope)
+        v = heads(self.v_proj(x), self.num_kv_heads, KV_HEADS)
         if kv is None:
             keys, values = k, v
         else:
             k_cache, v_cache, index = kv
             keys = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
             values = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-        q = q.reshape(b, t, self.num_kv_heads, g, self.head_dim)
+            keys, values = (constrain(c, (BATCH, LENGTH, KV_HEADS, None)) for c in (keys, values))
+        q = constrain(q.reshape(b, t, self.num_kv_heads, g, self.head_dim), (BATCH, LENGTH, KV_HEADS, None, None))
         scores = self._scores(q, keys, mask, "bskd")
         if prefix is not None:  # the shared prefix's keys have batch 1: one copy serves every row
             pk, pv, p_mask = prefix
@@ -161,13 +167,13 @@ class Attention(nnx.Module):
             out += jnp.einsum("bkgts,bskd->btkgd", probs[..., n:], values.astype(q.dtype))
         else:
             out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(q.dtype))
-        out = self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
-        return out, (keys, values)
+        out = constrain(out.reshape(b, t, self.num_heads * self.head_dim), (BATCH, LENGTH, HEADS))
+        return self.o_proj(out), (keys, values)
 
     def _scores(self, q, keys, mask, key_layout):
         """Masked float32 attention scores [B, KV_HEADS, G, T, S]."""
         scores = jnp.einsum(f"btkgd,{key_layout}->bkgts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
-        scores = scores * (self.head_dim ** -0.5)
+        scores = constrain(scores * (self.head_dim ** -0.5), (BATCH, KV_HEADS, None, LENGTH, None))
         return jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
 
 
@@ -191,8 +197,8 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, rope, mask, kv=None, prefix=None):
         h, new_kv = self.self_attn(self.input_layernorm(x), rope, mask, kv, prefix)
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), new_kv
+        x = constrain(x + h, ROWS)
+        return constrain(x + self.mlp(self.post_attention_layernorm(x)), ROWS), new_kv
 
 
 class Llama(nnx.Module):
@@ -228,8 +234,12 @@ class Llama(nnx.Module):
         if positions is None:
             positions = default_positions(segment_ids, cache)
         cfg = self.config
-        x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(cfg.dtype)
-        rope = rope_tables(positions, rope_inv_freq(cfg), x.dtype)
+        # The table gathered whole along embed (as FSDP gathers every weight): its lookup's gradient is then a
+        # scatter of batch-split rows, not a re-split of the batch's activations along embed.
+        table = constrain(self.embed_tokens[...], (VOCAB, EMBED))
+        x = constrain(jnp.take(table, input_ids, axis=0).astype(cfg.dtype), ROWS)
+        rope = tuple(constrain(r, (BATCH, LENGTH, None, None))
+                     for r in rope_tables(positions, rope_inv_freq(cfg), x.dtype))
         window = cfg.sliding_window
         new_k, new_v = [], []
         if cache is None:
@@ -238,7 +248,7 @@ class Llama(nnx.Module):
             k_pos = jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32), (0, cache.index))
             k_seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
                                                  (0, cache.index))
-        mask = make_mask(positions, segment_ids, k_pos, k_seg, window)
+        mask = constrain(make_mask(positions, segment_ids, k_pos, k_seg, window), (BATCH, LENGTH, None))
         shared = None if cache is None else cache.prefix
         if shared is not None:
             p_mask = make_mask(positions, segment_ids, jnp.broadcast_to(shared.positions, (b, shared.length)),
@@ -254,8 +264,8 @@ class Llama(nnx.Module):
             new_v.append(v)
         x = self.norm(x[:, -1:] if last_only else x)
         if self.lm_head is None:  # a 2-D matmul, as in Linear
-            logits = jnp.dot(x.reshape(-1, x.shape[-1]), self.embed_tokens[...].astype(cfg.dtype).T)
-            logits = logits.reshape(*x.shape[:-1], -1)
+            logits = jnp.dot(x.reshape(-1, x.shape[-1]), table.astype(cfg.dtype).T)
+            logits = constrain(logits.reshape(*x.shape[:-1], -1), (BATCH, LENGTH, VOCAB))
         else:
             logits = self.lm_head(x)
         logits = logits.astype(jnp.float32)

@@ -1,0 +1,266 @@
+"""Will a run compile and fit? Its own programs, compiled for the target devices from this machine.
+
+`compile_run(c, model_cfg, mesh, ...)` lowers the programs a round runs, on abstract parameters (no weight
+is read) with the run's mesh and shardings, and compiles them for the mesh's devices: real ones, or the
+compile-only devices of a TPU slice or GPU node (soft_jax.topology) that this CPU can compile for. XLA's
+`memory_analysis()` then says what each program needs per device:
+
+- train_step: one optimizer step (grad_accum micro-batches of the config's micro-batch), parameters and
+  Adam moments donated;
+- prefix_prefill: the principles + exemplars a sampling batch shares, prefilled once at batch 1;
+- prefill: the batch's own prompts, after the shared prefix;
+- decode: the sampling loop over the KV cache;
+- score: one scoring pass (difficulty, validation): responses read after their prompts' cached rows.
+
+A program's peak is its arguments + outputs - donated (aliased) buffers + temporaries + code. Parameter
+copies that live beside it (the model the trainer copied its parameters from, the base model kept from
+round 2 on) are added as `resident`. `soft-jax plan` prints the table and exits 2 when a program does not
+fit the device's memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from soft_jax import sampling, training
+from soft_jax import sharding as shd
+from soft_jax.models.config import ModelConfig
+from soft_jax.models.llama import KVCache, Llama, SharedPrefix
+
+GiB = 1024 ** 3
+
+
+@dataclasses.dataclass
+class Program:
+    """One compiled program's memory per device (bytes) and its compile time."""
+
+    name: str
+    shapes: str  # what it was compiled for, in words
+    arguments: int
+    outputs: int
+    aliased: int
+    temporaries: int
+    code: int
+    resident: int  # parameter copies alive beside the program, outside it
+    compile_s: float
+    compiled: object = dataclasses.field(repr=False, default=None)
+
+    @property
+    def total(self) -> int:
+        return self.arguments + self.outputs - self.aliased + self.temporaries + self.code + self.resident
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """The sizes a round's programs are compiled at (all counts global, over every device)."""
+
+    train_rows: int  # micro-batch rows (train.batch_size / grad_accum)
+    grad_accum: int
+    row_len: int
+    remat: bool
+    sample_rows: int
+    prefix_len: int  # shared prefix tokens (0: none)
+    own_len: int  # each row's own prompt tokens (bucketed)
+    new_tokens: int
+    score_rows: int
+    score_context: int  # cached context tokens per scored row
+    score_len: int  # tokens read per scored row
+    keep_base: bool
+
+    @classmethod
+    def of_run(cls, c, prompt_tokens: int, prefix_tokens: int) -> "Shapes":
+        """The shapes `soft-jax run` uses for config `c` (soft_jax.config.base() keys), with sampling's buckets.
+
+        prompt_tokens: the longest self-align prompt; prefix_tokens: what a sampling batch shares (0: none)."""
+        t, s = c.train, c.sampling
+        prefix = sampling.bucket_prefix(prefix_tokens) if prefix_tokens else 0
+        return cls(train_rows=t.batch_size // t.grad_accum, grad_accum=t.grad_accum,
+                   row_len=t.max_prompt_len + t.max_response_len, remat=t.remat, sample_rows=s.batch_size,
+                   prefix_len=prefix, own_len=sampling.bucket(max(1, prompt_tokens - prefix_tokens)),
+                   new_tokens=s.max_new_tokens, score_rows=max(c.curriculum.batch_size, c.validation.batch_size),
+                   score_context=sampling.cache_length(t.max_prompt_len),
+                   score_len=sampling.bucket_length(t.max_response_len), keep_base=c.rounds > 1)
+
+
+def abstract_model(cfg: ModelConfig):
+    """(graphdef, abstract parameter state): shapes and dtypes only, nothing allocated."""
+    return nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
+
+
+def _sds(shape, dtype, sharding):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
+def _rows(mesh, shape, dtype):
+    """An array whose first axis is batch rows: rows over data x fsdp."""
+    return _sds(shape, dtype, NamedSharding(mesh, shd.logical_to_spec(("batch",), shape[:1], mesh)))
+
+
+def _replicated(mesh, shape, dtype):
+    return _sds(shape, dtype, NamedSharding(mesh, PartitionSpec()))
+
+
+def abstract_cache(cfg: ModelConfig, mesh, rows: int, length: int, prefix_len: int = 0) -> KVCache:
+    """A KVCache of ShapeDtypeStructs on the shardings sampling puts caches on."""
+    def place(x):
+        return _sds(x.shape, x.dtype, sampling.cache_sharding(x, mesh))
+
+    shared = None
+    if prefix_len:
+        one = jax.eval_shape(lambda: KVCache.init(cfg, 1, prefix_len))
+        shared = jax.tree.map(place, SharedPrefix(k=one.k, v=one.v, positions=one.positions,
+                                                  segment_ids=one.segment_ids))
+    cache = jax.eval_shape(lambda: KVCache.init(cfg, rows, length))
+    return jax.tree.map(place, cache).replace(prefix=shared)
+
+
+def param_bytes(state, mesh) -> int:
+    """Bytes one device holds of an (abstract) parameter state on its shardings."""
+    shardings = jax.tree.leaves(shd.tree_shardings(state, mesh))
+    arrays = jax.tree.leaves(state)
+    return sum(math.prod(s.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize for s, a in zip(shardings, arrays))
+
+
+def _lowerings(cfg: ModelConfig, shapes: Shapes, mesh, train_config: training.TrainConfig):
+    """(name, what, resident parameter copies, lower()) for each program of a round."""
+    graphdef, state = abstract_model(cfg)
+    params = shd.abstract(state, mesh)
+    platform = mesh.devices.flat[0].platform
+    i32, f32 = jnp.int32, jnp.float32
+    base = int(shapes.keep_base)
+
+    def train():
+        tx = training.make_optimizer(train_config)
+        opt_state = shd.abstract(jax.eval_shape(tx.init, state), mesh)
+        step = training.compiled_step(graphdef, tx, shapes.remat, platform, mesh, (params, opt_state))
+        shape = (shapes.grad_accum, shapes.train_rows, shapes.row_len)
+        batch_sharding = NamedSharding(mesh, training.BATCH_SPEC)
+        batch = {k: _sds(shape, f32 if k == "weights" else i32, batch_sharding)
+                 for k in ("inputs", "targets", "weights", "segment_ids", "positions")}
+        return step.lower(params, opt_state, batch, _replicated(mesh, (), f32))
+
+    rows, own = shapes.sample_rows, shapes.own_len
+
+    def prefix_prefill():
+        length = shapes.prefix_len
+        ids = _replicated(mesh, (1, length), i32)
+        return sampling._prefill.lower(graphdef, mesh, params, ids, ids, ids, abstract_cache(cfg, mesh, 1, length))
+
+    def prefill():
+        ids = _rows(mesh, (rows, own), i32)
+        cache = abstract_cache(cfg, mesh, rows, own + shapes.new_tokens, shapes.prefix_len)
+        return sampling._prefill.lower(graphdef, mesh, params, ids, ids, ids, cache)
+
+    def decode():
+        cache = abstract_cache(cfg, mesh, rows, own + shapes.new_tokens, shapes.prefix_len)
+        key = jax.eval_shape(lambda: jax.random.key(0))
+        ds = sampling.DecodeState(step=_replicated(mesh, (), i32), cache=cache,
+                                  logits=_rows(mesh, (rows, cfg.vocab_size), f32),
+                                  out=_rows(mesh, (rows, shapes.new_tokens), i32), done=_rows(mesh, (rows,), bool),
+                                  rng=_replicated(mesh, key.shape, key.dtype))
+        knobs = (_replicated(mesh, (), f32), _replicated(mesh, (), f32), _replicated(mesh, (), i32),
+                 _replicated(mesh, (2,), i32))
+        return sampling._decode.lower(graphdef, mesh, params, ds, _rows(mesh, (rows,), i32), knobs,
+                                      _replicated(mesh, (), i32), True, False)
+
+    def score():
+        n = shapes.score_rows
+        heads = abstract_cache(cfg, mesh, n, shapes.score_context)
+        ids = _rows(mesh, (n, shapes.score_len), i32)
+        return sampling._score_rows.lower(graphdef, mesh, params, heads, _rows(mesh, (n,), i32), ids, ids, ids, ids,
+                                          False)
+
+    out = [("train_step", f"{shapes.grad_accum} x {shapes.train_rows} rows x {shapes.row_len} tokens"
+            f"{', remat' if shapes.remat else ''}", 1 + base, train)]
+    if shapes.prefix_len:
+        out.append(("prefix_prefill", f"1 x {shapes.prefix_len} shared tokens", base, prefix_prefill))
+    out += [("prefill", f"{rows} rows x {own} tokens" + (f" after the prefix" if shapes.prefix_len else ""), base,
+             prefill),
+            ("decode", f"{rows} rows, cache {own + shapes.new_tokens} slots", base, decode),
+            ("score", f"{shapes.score_rows} rows x {shapes.score_len} tokens after {shapes.score_context}", base,
+             score)]
+    return out, param_bytes(state, mesh)
+
+
+def compile_run(cfg: ModelConfig, shapes: Shapes, mesh, train_config: training.TrainConfig | None = None,
+                only: Sequence[str] | None = None, progress=None) -> list[Program]:
+    """Compiles a round's programs for `mesh` and reads their memory per device (see the module docstring)."""
+    train_config = train_config or training.TrainConfig()
+    lowerings, one_copy = _lowerings(cfg, shapes, mesh, train_config)
+    programs = []
+    for name, what, copies, lower in lowerings:
+        if only is not None and name not in only:
+            continue
+        if progress:
+            progress(name)
+        start = time.perf_counter()
+        compiled = lower().compile()
+        seconds = time.perf_counter() - start
+        m = compiled.memory_analysis()
+        programs.append(Program(name, what, m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes,
+                                m.temp_size_in_bytes, m.generated_code_size_in_bytes, copies * one_copy, seconds,
+                                compiled))
+    return programs
+
+
+_SHAPE = re.compile(r"\b(pred|s8|u8|s32|u32|s64|u64|bf16|f16|f32|f64)\[([\d,]*)\]")
+
+
+def hlo_shapes(compiled) -> set[tuple[str, tuple[int, ...]]]:
+    """(dtype, per-device shape) of every array in a compiled program's optimized HLO."""
+    return {(m.group(1), tuple(int(d) for d in m.group(2).split(",") if d))
+            for m in _SHAPE.finditer(compiled.as_text())}
+
+
+def mlp_tokens(program: Program, cfg: ModelConfig, mesh) -> int:
+    """The most tokens one device runs through the MLP at once in `program`: the leading dimensions of its
+    largest [..., mlp / tensor] activation (weights, [embed, mlp] shaped, left out). Under the activation
+    rules this is the device's share of the batch's rows, not the global batch."""
+    tensor = mesh.shape["tensor"]
+    mlp = cfg.intermediate_size // tensor if cfg.intermediate_size % tensor == 0 else cfg.intermediate_size
+    fsdp = mesh.shape["fsdp"]
+    weights = {(cfg.hidden_size,), (cfg.hidden_size // fsdp,)}
+    return max((math.prod(s[:-1]) for _, s in hlo_shapes(program.compiled)
+                if len(s) > 1 and s[-1] == mlp and s[:-1] not in weights), default=0)
+
+
+def expected_tokens(name: str, shapes: Shapes, mesh) -> int:
+    """The tokens per device `mlp_tokens` should find: the program's rows split over data x fsdp."""
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    share = lambda rows: rows // dp if rows % dp == 0 else rows  # noqa: E731
+    return {"train_step": share(shapes.train_rows) * shapes.row_len, "prefix_prefill": shapes.prefix_len,
+            "prefill": share(shapes.sample_rows) * shapes.own_len, "decode": share(shapes.sample_rows),
+            "score": share(shapes.score_rows) * shapes.score_len}[name]
+
+
+def table(programs: Sequence[Program], device_bytes: int | None) -> str:
+    """Markdown: per program and device, GiB of each part, the total against the device, compile seconds."""
+    g = lambda n: f"{n / GiB:.2f}"  # noqa: E731
+    lines = ["| program | compiled for | arguments | outputs | donated | temporaries | code | resident | total | "
+             "fits | compile s |", "|" + "---|" * 11]
+    for p in programs:
+        fits = "-" if device_bytes is None else ("yes" if p.total <= device_bytes else "**no**")
+        lines.append(f"| {p.name} | {p.shapes} | {g(p.arguments)} | {g(p.outputs)} | {g(p.aliased)} | "
+                     f"{g(p.temporaries)} | {g(p.code)} | {g(p.resident)} | {g(p.total)} | {fits} | "
+                     f"{p.compile_s:.1f} |")
+    return "\n".join(lines)
+
+
+MENDS = {
+    "train_step": "raise mesh.fsdp (split parameters and Adam state over more devices), set train.remat=true, "
+                  "lower the micro-batch (raise train.grad_accum), or use model.param_dtype=bfloat16",
+    "prefix_prefill": "use fewer or shorter exemplars (exemplars.k), or model.dtype=bfloat16",
+    "prefill": "lower sampling.batch_size, raise mesh.fsdp / mesh.data, or use model.dtype=bfloat16",
+    "decode": "lower sampling.batch_size or sampling.max_new_tokens, or raise mesh.fsdp / mesh.data",
+    "score": "lower curriculum.batch_size / validation.batch_size or train.max_prompt_len, or raise mesh.fsdp",
+}
