@@ -33,7 +33,8 @@ def base() -> ml_collections.ConfigDict:
     c.seed = 0
     c.progress = True
     # name: "smollm2-135m", "tiny" (random, for tests) or a preset of soft_jax.models.presets; path overrides it.
-    c.model = dict(name="smollm2-135m", path="", dtype="float32", param_dtype="")
+    # scan_layers: train with the layers as one lax.scan (one compiled layer: a 32-layer 7B compiles in minutes)
+    c.model = dict(name="smollm2-135m", path="", dtype="float32", param_dtype="", scan_layers=False)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.rounds = 3
     # path: JSONL ("" = the built-in pool); per_round: int, list (one per round), or 0 = the pool split evenly
