@@ -40,7 +40,12 @@ setup(
             "torch==2.13.0",
             "accelerate>=1.0,<2",
             "safetensors>=0.4,<1",
+            # libtpu from PyPI: tests compile the programs for TPU slices on this CPU (soft_jax.topology)
+            "jax[tpu]>=0.10,<0.11",
         ],
+        # `soft-jax plan` for TPU slices (libtpu; no TPU needed) and NVIDIA GPUs (jax's CUDA plugin; no GPU needed)
+        "plan-tpu": ["jax[tpu]>=0.10,<0.11"],
+        "plan-gpu": ["jax-cuda12-plugin>=0.10,<0.11", "jax-cuda12-pjrt>=0.10,<0.11"],
     },
     entry_points={"console_scripts": ["soft-jax=soft_jax.cli:main"]},
 )

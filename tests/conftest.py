@@ -11,6 +11,9 @@ import pytest
 
 # Tests compare float32 numerics with PyTorch; keep XLA's CPU matmuls at full precision.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+# libtpu is installed (the TPU compile tests), but tests and their subprocesses run on the CPU: without this
+# every process would load libtpu, print its warnings and contend for its machine-wide lock file.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # The CLI runs that tests start (and kill and restart) share one persistent compilation cache per session.
 SUBPROCESS_JAX_CACHE = os.path.join(tempfile.gettempdir(), f"soft-jax-tests-jax-cache-{os.getpid()}")
