@@ -15,7 +15,11 @@
 # --config.mesh.* to change it. Batch sizes (sampling.batch_size, train.batch_size / train.grad_accum)
 # must be multiples of data x fsdp.
 #
-# Environment: DRY_RUN=1 prints every command and runs none; PROJECT=... (gcloud --project);
+# Before anything is created, `soft-jax plan` compiles the run's programs for ACCELERATOR_TYPE on this machine
+# (compile-only TPU devices from libtpu) and stops the launch when one would not fit a chip's HBM.
+#
+# Environment: DRY_RUN=1 prints every command and runs none; SKIP_PLAN=1 launches without the plan;
+# SOFT_JAX=... the local soft-jax command for the plan (default: soft-jax); PROJECT=... (gcloud --project);
 # RUNTIME_VERSION (default: by accelerator, from the TPU software-versions table); SPOT=1 creates a Spot
 # TPU; SKIP_INSTALL=1 reuses the install already on the workers; DETACH=1 runs in the background on the
 # workers (log: ~/soft-jax-run.log on each) so a dropped ssh connection does not stop the run.
@@ -64,6 +68,14 @@ show() { printf '+'; for word in "$@"; do printf ' %s' "$(q "$word")"; done; pri
 run() { show "$@"; [[ $dry == 1 ]] || "$@"; }
 [[ $dry == 1 ]] || command -v gcloud >/dev/null || die "gcloud is not installed (https://cloud.google.com/sdk)"
 
+# 0. The plan: compile the run's programs for this slice here, before a TPU is paid for; stop when one does not fit.
+mesh=(--config.mesh.data=1 --config.mesh.fsdp=-1 --config.mesh.tensor=1)
+if [[ ${SKIP_PLAN:-0} != 1 ]]; then
+  echo "# 0. soft-jax plan for $accelerator on this machine (needs libtpu here: pip install \".[plan-tpu]\")"
+  run ${SOFT_JAX:-soft-jax} plan --config "$config" --topology "$accelerator" "${mesh[@]}" "$@" \
+    || die "the plan for $accelerator failed (above); change the config, or SKIP_PLAN=1 to launch anyway"
+fi
+
 # 1. The TPU VM: reuse it when it exists, else create it.
 echo "# 1. TPU VM $name ($accelerator, runtime $runtime) in $zone"
 create=("${gcloud_tpu[@]}" create "$name" "${where[@]}" --accelerator-type "$accelerator" --version "$runtime"
@@ -96,8 +108,7 @@ fi
 
 # 3. The run, on every worker at once. jax.distributed.initialize() finds the other hosts by itself on TPU.
 echo "# 3. soft-jax run on every worker"
-args=(run --config "$remote_config" --workdir "$workdir" --config.mesh.data=1 --config.mesh.fsdp=-1
-      --config.mesh.tensor=1 "$@")
+args=(run --config "$remote_config" --workdir "$workdir" "${mesh[@]}" "$@")
 # SOFT_JAX_DISTRIBUTED=auto: `soft-jax run` calls jax.distributed.initialize() (soft_jax/distributed.py)
 remote="cd ~/soft-jax && . $venv/bin/activate && mkdir -p $(q "$workdir") && SOFT_JAX_DISTRIBUTED=auto soft-jax"
 for word in "${args[@]}"; do remote+=" $(q "$word")"; done
