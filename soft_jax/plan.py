@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import time
 from typing import Sequence
@@ -34,6 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from soft_jax import sampling, training
 from soft_jax import sharding as shd
+from soft_jax.errors import UserError
 from soft_jax.models.config import ModelConfig
 from soft_jax.models.llama import KVCache, Llama, SharedPrefix
 
@@ -68,6 +70,7 @@ class Shapes:
     grad_accum: int
     row_len: int
     remat: bool
+    scan_layers: bool
     sample_rows: int
     prefix_len: int  # shared prefix tokens (0: none)
     own_len: int  # each row's own prompt tokens (bucketed)
@@ -85,7 +88,8 @@ class Shapes:
         t, s = c.train, c.sampling
         prefix = sampling.bucket_prefix(prefix_tokens) if prefix_tokens else 0
         return cls(train_rows=t.batch_size // t.grad_accum, grad_accum=t.grad_accum,
-                   row_len=t.max_prompt_len + t.max_response_len, remat=t.remat, sample_rows=s.batch_size,
+                   row_len=t.max_prompt_len + t.max_response_len, remat=t.remat,
+                   scan_layers=c.model.scan_layers, sample_rows=s.batch_size,
                    prefix_len=prefix, own_len=sampling.bucket(max(1, prompt_tokens - prefix_tokens)),
                    new_tokens=s.max_new_tokens, score_rows=max(c.curriculum.batch_size, c.validation.batch_size),
                    score_context=sampling.cache_length(t.max_prompt_len),
@@ -142,7 +146,8 @@ def _lowerings(cfg: ModelConfig, shapes: Shapes, mesh, train_config: training.Tr
     def train():
         tx = training.make_optimizer(train_config)
         opt_state = shd.abstract(jax.eval_shape(tx.init, state), mesh)
-        step = training.compiled_step(graphdef, tx, shapes.remat, platform, mesh, (params, opt_state))
+        step = training.compiled_step(graphdef, tx, shapes.remat, platform, mesh, (params, opt_state),
+                                      shapes.scan_layers)
         shape = (shapes.grad_accum, shapes.train_rows, shapes.row_len)
         batch_sharding = NamedSharding(mesh, training.BATCH_SPEC)
         batch = {k: _sds(shape, f32 if k == "weights" else i32, batch_sharding)
@@ -181,7 +186,7 @@ def _lowerings(cfg: ModelConfig, shapes: Shapes, mesh, train_config: training.Tr
                                           False)
 
     out = [("train_step", f"{shapes.grad_accum} x {shapes.train_rows} rows x {shapes.row_len} tokens"
-            f"{', remat' if shapes.remat else ''}", 1 + base, train)]
+            f"{', remat' if shapes.remat else ''}{', scanned' if shapes.scan_layers else ''}", 1 + base, train)]
     if shapes.prefix_len:
         out.append(("prefix_prefill", f"1 x {shapes.prefix_len} shared tokens", base, prefix_prefill))
     out += [("prefill", f"{rows} rows x {own} tokens" + (f" after the prefix" if shapes.prefix_len else ""), base,
@@ -224,14 +229,18 @@ def hlo_shapes(compiled) -> set[tuple[str, tuple[int, ...]]]:
 
 def mlp_tokens(program: Program, cfg: ModelConfig, mesh) -> int:
     """The most tokens one device runs through the MLP at once in `program`: the leading dimensions of its
-    largest [..., mlp / tensor] activation (weights, [embed, mlp] shaped, left out). Under the activation
-    rules this is the device's share of the batch's rows, not the global batch."""
+    largest [..., mlp / tensor] activation. Weights ([..., embed or its fsdp shard, mlp]: a kernel, its
+    gathered or stacked form) are left out. Under the activation rules this is the device's share of the
+    batch's rows, not the global batch."""
     tensor = mesh.shape["tensor"]
     mlp = cfg.intermediate_size // tensor if cfg.intermediate_size % tensor == 0 else cfg.intermediate_size
-    fsdp = mesh.shape["fsdp"]
-    weights = {(cfg.hidden_size,), (cfg.hidden_size // fsdp,)}
-    return max((math.prod(s[:-1]) for _, s in hlo_shapes(program.compiled)
-                if len(s) > 1 and s[-1] == mlp and s[:-1] not in weights), default=0)
+    weight_rows = {cfg.hidden_size, cfg.hidden_size // mesh.shape["fsdp"]}
+    tokens = 0
+    for _, s in hlo_shapes(program.compiled):
+        lead = [d for d in s[:-1] if d != 1]
+        if len(s) > 1 and s[-1] == mlp and not (lead and lead[-1] in weight_rows):
+            tokens = max(tokens, math.prod(lead))
+    return tokens
 
 
 def expected_tokens(name: str, shapes: Shapes, mesh) -> int:
@@ -264,3 +273,85 @@ MENDS = {
     "decode": "lower sampling.batch_size or sampling.max_new_tokens, or raise mesh.fsdp / mesh.data",
     "score": "lower curriculum.batch_size / validation.batch_size or train.max_prompt_len, or raise mesh.fsdp",
 }
+
+
+@dataclasses.dataclass
+class Target:
+    """Devices to compile for: real ones or compile-only ones, and the memory each has."""
+
+    name: str
+    devices: list
+    device_bytes: int | None
+
+
+def target(tpu: str | None = None, gpu_target: str | None = None, gpus: int = 1,
+           gpu_memory_gib: float | None = None) -> Target:
+    """A TPU slice by name (`v5e-64`), a GPU node by target-config file (or "h100" for the one we ship), or
+    this machine's own devices when neither is given."""
+    from soft_jax import topology
+
+    if tpu and gpu_target:
+        raise UserError("give --topology (a TPU slice) or --gpu-target (GPUs), not both")
+    if tpu:
+        spec = topology.parse(tpu)
+        return Target(f"{spec.name} ({spec.chips} x {spec.device_kind}, {spec.hbm_bytes / GiB:.0f} GiB HBM each, "
+                      f"{spec.hosts} host(s))", topology.devices(spec), spec.hbm_bytes)
+    if gpu_target:
+        path = topology.H100_SXM.target_config if gpu_target == "h100" else gpu_target
+        memory_bytes = (int(gpu_memory_gib * GiB) if gpu_memory_gib else
+                        topology.H100_SXM.hbm_bytes if gpu_target == "h100" else None)
+        if memory_bytes is None:
+            raise UserError("--gpu-target FILE: also give --gpu-memory GIB, the memory of one GPU")
+        label = topology.H100_SXM.name if gpu_target == "h100" else os.path.basename(path)
+        return Target(f"{gpus} x {label} ({memory_bytes / GiB:.0f} GiB each)", topology.gpu_devices(path, gpus),
+                      memory_bytes)
+    from soft_jax import memory
+
+    devices = jax.devices()
+    return Target(f"this machine: {len(devices)} x {devices[0].device_kind}", devices, memory.device_memory())
+
+
+def model_config(c) -> tuple[ModelConfig, object]:
+    """(architecture, tokenizer or None) of a run config's model, without reading weights. A preset that
+    needs a path (llama2-7b, llama3-8b) plans from its known architecture when no path is given."""
+    from soft_jax import memory
+    from soft_jax.models import presets
+
+    m = c.model
+    if not m.path and m.name in memory.TABLE_MODELS:
+        return memory.table_model(m.name, m.param_dtype or m.dtype, m.dtype), None
+    return presets.check(m.name, m.path, m.dtype, m.param_dtype)
+
+
+def plan_run(c, where: Target, log=print) -> list[Program]:
+    """Compiles a run config's programs for `where`, prints the table, and refuses (UserError) a program
+    that does not fit a device."""
+    from soft_jax import bootstrap, memory
+    from soft_jax.models import presets
+
+    cfg, tokenizer = model_config(c)
+    counted = "the model's tokenizer"
+    if tokenizer is None:
+        tokenizer, counted = presets.check("smollm2-135m")[1], "SmolLM2's tokenizer (no model.path given)"
+    prompt, shared = bootstrap.prompt_tokens(c, bootstrap.load_inputs(c), tokenizer)
+    mesh = shd.make_mesh((c.mesh.data, c.mesh.fsdp, c.mesh.tensor), where.devices)
+    sizes = memory.resolve_mesh(dict(mesh.shape), mesh.devices.size)
+    bootstrap.check_batches(c, sizes)
+    shapes = Shapes.of_run(c, prompt, shared)
+    log(f"[plan] {cfg.num_params / 1e9:.2f}B parameters ({cfg.param_dtype} stored, {cfg.dtype} compute) on "
+        f"{where.name}, mesh {dict(mesh.shape)}; prompts of {prompt} tokens ({shared} shared), counted with "
+        f"{counted}")
+    programs = compile_run(cfg, shapes, mesh, training.TrainConfig(**bootstrap.train_kwargs(c)),
+                           progress=lambda name: log(f"[plan] compiling {name} ..."))
+    log(table(programs, where.device_bytes))
+    for p in programs:
+        tokens, share = mlp_tokens(p, cfg, mesh), expected_tokens(p.name, shapes, mesh)
+        if tokens > share:
+            log(f"[plan] warning: {p.name} runs {tokens} tokens per device through its MLP, more than its "
+                f"share of the batch ({share})")
+    over = [p for p in programs if where.device_bytes and p.total > where.device_bytes]
+    if over:
+        worst = max(over, key=lambda p: p.total)
+        raise UserError(f"{worst.name} needs {worst.total / GiB:.2f} GiB per device, more than the "
+                        f"{where.device_bytes / GiB:.2f} GiB a device has; {MENDS[worst.name]}")
+    return programs

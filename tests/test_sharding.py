@@ -1,0 +1,133 @@
+"""Compiled programs split the work: parameters on their logical shardings, activations holding each
+device's share of the batch (not the global batch), on TPU slices (compile-only devices from libtpu) and
+on an 8-device CPU mesh. Results being equal on a mesh (test_sampling, test_training) does not show this:
+XLA may split an FSDP step by the weights' embed axis and gather the whole batch onto every device."""
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from soft_jax import plan, topology
+from soft_jax import sharding as shd
+from soft_jax.models.config import ModelConfig
+
+# Sizes chosen so no two of them meet in one dimension by accident: the MLP width (200, 100 per tensor shard)
+# is no cache length, row length or hidden size, and the hidden size (96) and its fsdp shards (48, 24, 12) are
+# no token count.
+CFG = ModelConfig(vocab_size=1000, hidden_size=96, intermediate_size=200, num_layers=3, num_heads=4, num_kv_heads=2,
+                  head_dim=16, tie_word_embeddings=True)
+SHAPES = plan.Shapes(train_rows=8, grad_accum=2, row_len=64, remat=True, scan_layers=False, sample_rows=8,
+                     prefix_len=64, own_len=32, new_tokens=16, score_rows=8, score_context=64, score_len=32,
+                     keep_base=True)
+
+# What the rules promise per parameter: (path suffix, PartitionSpec) on a (data, fsdp, tensor) mesh.
+EXPECTED_SPECS = {
+    "embed_tokens": P("tensor", "fsdp"),
+    "q_proj/kernel": P("fsdp", "tensor"),
+    "k_proj/kernel": P("fsdp", "tensor"),
+    "o_proj/kernel": P("tensor", "fsdp"),
+    "gate_proj/kernel": P("fsdp", "tensor"),
+    "down_proj/kernel": P("tensor", "fsdp"),
+    "input_layernorm/scale": P(None),
+}
+
+
+def check_programs(programs, mesh) -> dict:
+    """name -> (tokens per device in its MLP, the device's share of the batch)."""
+    return {p.name: (plan.mlp_tokens(p, CFG, mesh), plan.expected_tokens(p.name, SHAPES, mesh)) for p in programs}
+
+
+def train_param_specs(program) -> dict:
+    """Parameter path -> the PartitionSpec the compiled train step takes it with (its first argument)."""
+    import jax
+
+    def name(path):
+        parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        return "/".join(p for p in parts if p != "value")
+
+    return {name(path): s.spec for path, s in jax.tree_util.tree_leaves_with_path(program.compiled.input_shardings[0][0])}
+
+
+def assert_param_specs(specs: dict, mesh) -> None:
+    for suffix, want in EXPECTED_SPECS.items():
+        hits = [k for k in specs if k.endswith(suffix)]
+        assert hits, suffix
+        for k in hits:  # an axis of size 1 is not used; compare on the mesh axes that split
+            got = tuple(a if a is None or mesh.shape[a] > 1 else None for a in tuple(specs[k]) + (None,) * 2)[:2]
+            want_ = tuple(a if a is None or mesh.shape[a] > 1 else None for a in tuple(want) + (None,) * 2)[:2]
+            assert got == want_, (k, specs[k], want)
+
+
+# v5e:2x2 and v4:2x2x1 (v4-8: 4 chips, one device each) under several meshes; an 8-chip slice with scanned layers.
+TPU_CASES = [("v5e-4", (1, 4, 1), False), ("v5e-4", (2, 1, 2), False), ("v4-8", (2, 2, 1), False),
+             ("v4-8", (1, 2, 2), False), ("v5e-8", (2, 2, 2), True)]
+
+
+@pytest.mark.parametrize("slice_name, mesh_shape, scan", TPU_CASES,
+                         ids=[f"{n}-{m}{'-scan' if s else ''}" for n, m, s in TPU_CASES])
+def test_tpu_programs_hold_the_local_batch(slice_name, mesh_shape, scan):
+    devices = topology.devices(slice_name)
+    assert len(devices) == math.prod(mesh_shape)
+    mesh = shd.make_mesh(mesh_shape, devices)
+    programs = plan.compile_run(CFG, dataclasses.replace(SHAPES, scan_layers=scan), mesh)
+    assert [p.name for p in programs] == ["train_step", "prefix_prefill", "prefill", "decode", "score"]
+    for name, (tokens, share) in check_programs(programs, mesh).items():
+        assert tokens == share, f"{name}: a device runs {tokens} tokens through its MLP, its share is {share}"
+    assert_param_specs(train_param_specs(programs[0]), mesh)
+    one_copy = plan.param_bytes(plan.abstract_model(CFG)[1], mesh)  # this device's share of the parameters
+    for p in programs:  # every program takes the parameters; the train step its Adam moments too
+        assert p.arguments >= one_copy * (3 if p.name == "train_step" else 1), p
+
+
+CPU_SCRIPT = r"""
+import json, sys
+import jax
+from soft_jax import plan, sharding as shd
+sys.path.insert(0, sys.argv[2])
+import test_sharding as t
+mesh = shd.make_mesh(tuple(json.loads(sys.argv[1])))
+programs = plan.compile_run(t.CFG, t.SHAPES, mesh)
+specs = {k: tuple(v) for k, v in t.train_param_specs(programs[0]).items()}
+print(json.dumps({"devices": jax.device_count(), "tokens": t.check_programs(programs, mesh), "specs": specs}))
+"""
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (2, 2, 2)])
+def test_cpu_mesh_programs_hold_the_local_batch(mesh_shape):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", CPU_SCRIPT, json.dumps(mesh_shape), os.path.dirname(__file__)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out["devices"] == 8
+    for name, (tokens, share) in out["tokens"].items():
+        assert tokens == share, f"{name}: a device runs {tokens} tokens through its MLP, its share is {share}"
+    mesh = {"data": mesh_shape[0], "fsdp": mesh_shape[1], "tensor": mesh_shape[2]}
+
+    class _Mesh:  # assert_param_specs reads mesh.shape only
+        shape = mesh
+
+    specs = {k: P(*[tuple(a) if isinstance(a, list) else a for a in v]) for k, v in out["specs"].items()}
+    assert_param_specs(specs, _Mesh)
+
+
+def test_tree_shardings_follow_the_variables_axes():
+    """Adam's moments keep their parameters' shardings; scalars (Adam's count) are replicated."""
+    import jax
+    import optax
+
+    mesh = shd.make_mesh((2, 2, 2), topology.devices("v5e-8"))
+    _, state = plan.abstract_model(CFG)
+    count, mu, nu = jax.eval_shape(optax.scale_by_adam().init, state)
+    params = [s.spec for s in jax.tree.leaves(shd.tree_shardings(state, mesh))]
+    assert [s.spec for s in jax.tree.leaves(shd.tree_shardings(mu, mesh))] == params
+    assert [s.spec for s in jax.tree.leaves(shd.tree_shardings(nu, mesh))] == params
+    assert shd.tree_shardings(count, mesh).spec == P()
+    assert P("fsdp", "tensor") in params and P("tensor", "fsdp") in params
