@@ -185,8 +185,9 @@ def lock_workdir(workdir: str):
     return f
 
 
-def check_workdir(workdir: str, c: ml_collections.ConfigDict) -> None:
-    """Writes config.json on a new run; on a rerun refuses config changes that invalidate finished rounds."""
+def check_workdir(workdir: str, c: ml_collections.ConfigDict) -> dict | None:
+    """The config to write to config.json (None: it is up to date); on a rerun refuses config changes that
+    invalidate finished rounds. Reads only, so that every host can check before any host writes."""
     path = os.path.join(workdir, CONFIG)
     new = config_lib.to_dict(c)
     old = read_json(path)
@@ -194,8 +195,7 @@ def check_workdir(workdir: str, c: ml_collections.ConfigDict) -> None:
         if os.path.isdir(workdir) and set(os.listdir(workdir)) - {LOCK}:
             raise UserError(f"{workdir}: the directory is not empty and holds no soft-jax run ({CONFIG} missing); "
                             "give a new or empty work dir")
-        write_json(path, new)
-        return
+        return new
     changed = config_lib.diff(old, new)
     state = read_json(os.path.join(workdir, STATE), {"finished": []})
     done = len(state["finished"])
@@ -211,8 +211,7 @@ def check_workdir(workdir: str, c: ml_collections.ConfigDict) -> None:
     if bad:
         raise UserError(f"{workdir} holds a run with another config (changed: {', '.join(sorted(set(bad)))}); "
                         "use a new --workdir, or rerun with the config in its config.json")
-    if changed:
-        write_json(path, new)
+    return new if changed else None
 
 
 class Run:
@@ -239,17 +238,22 @@ class Run:
                 raise UserError(f"config: {what} = {n} is not divisible by the mesh's data x fsdp = {rows}; "
                                 f"make it a multiple of {rows}")
         self.check_memory(model_cfg, tokenizer, sizes)
-        os.makedirs(workdir, exist_ok=True)
-        self.lock = lock_workdir(workdir) if distributed.is_writer() else None
-        try:
-            check_workdir(workdir, c)
-        except BaseException:
-            if self.lock:
-                self.lock.close()
-            raise
-        if distributed.is_writer() and io_utils.remove_stray_temps(workdir, skip=("checkpoints",)):
-            self.log(f"[run] removed temp files that an interrupted write left in {workdir}")
+        # every host checks before any host writes: a host that checked late would see the writer's files
+        update = check_workdir(workdir, c)
         distributed.barrier("workdir checked")
+        self.lock = None
+        if distributed.is_writer():
+            os.makedirs(workdir, exist_ok=True)
+            self.lock = lock_workdir(workdir)
+            try:
+                if update:
+                    write_json(os.path.join(workdir, CONFIG), update)
+                if io_utils.remove_stray_temps(workdir, skip=("checkpoints",)):
+                    self.log(f"[run] removed temp files that an interrupted write left in {workdir}")
+            except BaseException:
+                self.lock.close()
+                raise
+        distributed.barrier("workdir ready")
         self.state = read_json(os.path.join(workdir, STATE), {"finished": [], "scores": {}, "best_round": None,
                                                               "stopped": None})
         self.metrics = Metrics(os.path.join(workdir, METRICS))

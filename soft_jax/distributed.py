@@ -2,9 +2,11 @@
 
 Every host runs the same program on the same (deterministic) inputs; arrays are sharded over the global
 mesh, so each host computes only its devices' share of every batch (its share of the round's prompts in
-generation, of the rows in training). Shared files are written by process 0 only; Orbax checkpoints are
-written by every process together. A host that dies makes the others fail at their next collective (or
-after the heartbeat timeout): the run stops, and the same command on every host resumes it.
+generation, of the rows in training). Shared files are written by process 0 only, after every host has
+checked the work dir; Orbax checkpoints are written by every process together. A stop (SIGTERM, Ctrl-C)
+that reaches one host is agreed by all at the next safe point (preemption.py). A host that dies makes the
+others fail at their next collective (or after the heartbeat timeout): the run stops, and the same command
+on every host resumes it.
 
 Start-up, from the environment (`soft-jax run` reads it before anything touches a device):
   SOFT_JAX_DISTRIBUTED=auto                 jax.distributed.initialize() with cluster auto-detection (TPU pods)
@@ -19,6 +21,7 @@ import os
 import jax
 import numpy as np
 
+from soft_jax import faults
 from soft_jax.errors import UserError
 
 
@@ -42,6 +45,7 @@ def initialize() -> None:
         jax.distributed.initialize(heartbeat_timeout_seconds=timeout)
     else:
         raise UserError(f"SOFT_JAX_DISTRIBUTED={mode!r}: use 'auto', or set SOFT_JAX_COORDINATOR instead")
+    faults.point("distributed_started")  # tests make one host start late here
 
 
 def is_writer() -> bool:

@@ -1,6 +1,10 @@
 """Clean stops: SIGTERM (what a preempted TPU VM receives) and Ctrl-C ask the run to stop at the next
 safe point (after a finished generation batch or training step, which are saved first); a second Ctrl-C
 stops at once. The CLI then prints how to resume and exits non-zero; rerunning the command continues.
+
+On a multi-process run the signal may reach one host only, and a host that stopped alone would leave the
+others blocked in their next collective. So every safe point asks all hosts (one all-gather of a small
+integer): they all stop after the same step or batch, with the same signal name and exit code.
 """
 
 from __future__ import annotations
@@ -35,10 +39,25 @@ def install() -> None:
 
 
 def requested() -> str | None:
-    return _requested
+    """The signal that asked the run to stop, agreed by every host (None: go on).
+
+    A collective on a multi-process run: every host must call it at the same safe points, in the same order
+    (they run the same program). Any host's request stops all; SIGTERM (a preemption) outranks SIGINT.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return _requested
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    local = signal.Signals[_requested].value if _requested else 0
+    agreed = int(np.max(multihost_utils.process_allgather(np.int32(local))))
+    return signal.Signals(agreed).name if agreed else None
 
 
 def check(where: str) -> None:
-    """Raises Preempted when a stop was asked for; call right after durable progress."""
-    if _requested:
-        raise Preempted(_requested, where)
+    """Raises Preempted when a stop was asked for (on any host); call right after durable progress."""
+    signame = requested()
+    if signame:
+        raise Preempted(signame, where)

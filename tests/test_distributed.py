@@ -9,6 +9,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from conftest import subprocess_env
 from test_bootstrap import CONFIGS, TINY, Workdir, round_checksums, run
@@ -24,37 +25,53 @@ def _port():
         return s.getsockname()[1]
 
 
-def launch(workdir, extra=(), kill_at=None):
+def launch(workdir, extra=(), env=({}, {})):
+    """Starts processes 0 and 1 of a two-process `soft-jax run`; env: extra variables for each one."""
     port = _port()
     procs = []
     for pid in range(2):
-        env = subprocess_env(SOFT_JAX_COORDINATOR=f"localhost:{port}", SOFT_JAX_NUM_PROCESSES="2",
-                             SOFT_JAX_PROCESS_ID=str(pid), SOFT_JAX_HEARTBEAT_TIMEOUT="10", JAX_PLATFORMS="cpu",
-                             SOFT_JAX_KILL_AT=(kill_at or "") if pid == 1 else "", XLA_FLAGS="")
+        penv = subprocess_env(SOFT_JAX_COORDINATOR=f"localhost:{port}", SOFT_JAX_NUM_PROCESSES="2",
+                              SOFT_JAX_PROCESS_ID=str(pid), SOFT_JAX_HEARTBEAT_TIMEOUT="10", JAX_PLATFORMS="cpu",
+                              XLA_FLAGS="", **env[pid])
         argv = [sys.executable, "-m", "soft_jax.cli", "run", "--config", os.path.join(CONFIGS, "soft_plus.py"),
                 "--workdir", str(workdir)] + [f"--config.{o}" for o in TINY + EXTRA + list(extra)]
-        procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+        procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=penv))
     return procs
 
 
 def wait(procs, timeout=600):
-    out = []
+    """(exit code, stderr) of each process; one still running after timeout seconds is killed (exit -9)."""
+    deadline, out = time.time() + timeout, []
     for p in procs:
-        o, e = p.communicate(timeout=timeout)
-        out.append((p.returncode, e))
+        try:
+            err = p.communicate(timeout=max(1.0, deadline - time.time()))[1]
+        except subprocess.TimeoutExpired:
+            p.kill()
+            err = p.communicate()[1] + f"\n[killed: still running after {timeout} s]"
+        out.append((p.returncode, err))
     return out
+
+
+# Process 1 starts 2 s late and process 0 sleeps 6 s halfway through writing config.json: a writer that wrote
+# before every host had checked the work dir would show process 1 its temp file ("not empty ... no soft-jax run").
+SLOW_START = ({"SOFT_JAX_PAUSE_AT": "write:config.json@6"}, {"SOFT_JAX_PAUSE_AT": "distributed_started@2"})
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    """An uninterrupted two-process run, started with the work-dir race widened (SLOW_START)."""
+    w = tmp_path_factory.mktemp("two") / "w"
+    results = wait(launch(w, env=SLOW_START))
+    assert [r for r, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    return Workdir(str(w))
 
 
 def rows(w, name):
     return w.rows(1, name)
 
 
-def test_two_processes_equal_one_and_a_dead_host_stops_both(tmp_path, tiny_base=None):
+def test_two_processes_equal_one_and_a_dead_host_stops_both(tmp_path, two):
     ref = run("soft_plus.py", tmp_path / "ref", *EXTRA)
-    w = tmp_path / "two"
-    results = wait(launch(w))
-    assert [r for r, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
-    two = Workdir(str(w))
     assert rows(two, "prompts.jsonl") == rows(ref, "prompts.jsonl")
     assert [g["raw"] for g in rows(two, "generations.jsonl")] == [g["raw"] for g in rows(ref, "generations.jsonl")]
     a, b = rows(two, "train.jsonl"), rows(ref, "train.jsonl")
@@ -72,7 +89,7 @@ def test_two_processes_equal_one_and_a_dead_host_stops_both(tmp_path, tiny_base=
     # process 1 dies (SIGKILL) after training step 2: process 0 must stop too, and a restart resumes
     k = tmp_path / "killed"
     start = time.time()
-    results = wait(launch(k, kill_at="train_step_2"), timeout=300)
+    results = wait(launch(k, env=({}, {"SOFT_JAX_KILL_AT": "train_step_2"})), timeout=300)
     assert results[1][0] == -signal.SIGKILL and results[0][0] != 0, results[0][1][-2000:]
     assert time.time() - start < 300
     results = wait(launch(k))
@@ -142,3 +159,23 @@ def test_round_on_8_device_mesh_equals_one_device(tmp_path):
     assert min(np.abs(po[k] - base[k]).max() for k in po) > 1e-4  # training moved every tensor
     for key in po:
         np.testing.assert_allclose(pm[key], po[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_a_sigterm_on_one_host_stops_both_after_the_same_step(tmp_path, two):
+    """Only process 1 receives SIGTERM (after training step 2): both agree at that step's safe point, save it,
+    say where they stopped and exit 143; rerunning resumes to the uninterrupted run's parameters."""
+    w = tmp_path / "w"
+    results = wait(launch(w, env=({}, {"SOFT_JAX_TERM_AT": "train_step_2"})), timeout=300)
+    assert [r for r, _ in results] == [143, 143], results[0][1][-2000:] + results[1][1][-2000:]
+    last = [err.strip().splitlines()[-1] for _, err in results]
+    assert last[0] == last[1] and last[0].startswith("soft-jax: stopped by SIGTERM after training step 2;"), last
+    assert os.path.isdir(w / "checkpoints" / "train" / "001" / "2")
+    results = wait(launch(w))
+    assert [r for r, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    resumed = Workdir(str(w))
+    steps = [m["step"] for m in resumed.metrics if m["phase"] == "train"]
+    assert steps == [m["step"] for m in two.metrics if m["phase"] == "train"]  # each step once
+    pr, pt = flat_params(resumed, 1), flat_params(two, 1)
+    assert sorted(pr) == sorted(pt)
+    for key in pt:
+        np.testing.assert_allclose(pr[key], pt[key], rtol=1e-6, atol=1e-7, err_msg=key)
