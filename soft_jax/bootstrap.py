@@ -214,6 +214,36 @@ def check_workdir(workdir: str, c: ml_collections.ConfigDict) -> dict | None:
     return new if changed else None
 
 
+def check_batches(c: ml_collections.ConfigDict, mesh_sizes: dict) -> None:
+    """Refuses batch sizes that the mesh's data axes (data x fsdp) do not divide."""
+    rows = mesh_sizes["data"] * mesh_sizes["fsdp"]
+    micro = c.train.batch_size // max(c.train.grad_accum, 1)
+    for what, n in (("sampling.batch_size", c.sampling.batch_size), ("train.batch_size / train.grad_accum", micro)):
+        if n % rows:
+            raise UserError(f"config: {what} = {n} is not divisible by the mesh's data x fsdp = {rows}; "
+                            f"make it a multiple of {rows}")
+
+
+def prompt_tokens(c: ml_collections.ConfigDict, inputs: Inputs, tokenizer) -> tuple[int, int]:
+    """(the longest self-align prompt, the tokens a sampling batch shares) in tokens: the principles and the k
+    longest exemplars, and the pool's longest prompt."""
+    count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    longest = sorted(inputs.exemplars, key=lambda e: -len(templates.exemplar_block(e)))[:c.exemplars.k]
+    prefix = count(templates.self_align_prompt(inputs.principles, longest, "")) - count(f"{templates.USER}")
+    prompt = prefix + max(count(templates.user_turn(p["prompt"], p["input"])) for p in inputs.pool) + 16
+    return prompt, prefix if c.exemplars.granularity == "batch" else 0
+
+
+def train_config(c: ml_collections.ConfigDict, t: int = 1) -> training.TrainConfig:
+    """Round t's SFT settings: the config's, in the curriculum's order, seeded by the round."""
+    tr = c.train
+    return training.TrainConfig(
+        max_prompt_len=tr.max_prompt_len, max_response_len=tr.max_response_len, pack=tr.pack, order="given",
+        batch_size=tr.batch_size, grad_accum=tr.grad_accum, epochs=tr.epochs, learning_rate=tr.learning_rate,
+        warmup_ratio=tr.warmup_ratio, max_grad_norm=tr.max_grad_norm, weight_decay=tr.weight_decay,
+        seed=c.seed + t, checkpoint_every=tr.checkpoint_every, remat=tr.remat, scan_layers=c.model.scan_layers)
+
+
 class Run:
     """One work dir's run; `run()` executes or resumes it."""
 
@@ -231,12 +261,7 @@ class Run:
         mesh = shd.make_mesh(shape)  # refuses a mesh that does not divide the devices
         self.mesh = mesh if jax.device_count() > 1 else None
         sizes = memory.resolve_mesh(shape, jax.device_count())
-        rows = sizes["data"] * sizes["fsdp"]
-        micro = c.train.batch_size // max(c.train.grad_accum, 1)
-        for what, n in (("sampling.batch_size", c.sampling.batch_size), ("train.batch_size / train.grad_accum", micro)):
-            if n % rows:
-                raise UserError(f"config: {what} = {n} is not divisible by the mesh's data x fsdp = {rows}; "
-                                f"make it a multiple of {rows}")
+        check_batches(c, sizes)
         self.check_memory(model_cfg, tokenizer, sizes)
         # every host checks before any host writes: a host that checked late would see the writer's files
         update = check_workdir(workdir, c)
@@ -262,13 +287,8 @@ class Run:
 
     def check_memory(self, model_cfg, tokenizer, mesh_shape) -> None:
         """Prints the per-device memory estimate; refuses a run that cannot fit (soft_jax.memory)."""
-        c, inp = self.c, self.inputs
-        count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-        longest = sorted(inp.exemplars, key=lambda e: -len(templates.exemplar_block(e)))[:c.exemplars.k]
-        prefix = count(templates.self_align_prompt(inp.principles, longest, "")) - count(f"{templates.USER}")
-        prompt = prefix + max(count(templates.user_turn(p["prompt"], p["input"])) for p in inp.pool) + 16
-        shared = prefix if c.exemplars.granularity == "batch" else 0
-        est = memory.for_run(c, model_cfg, mesh_shape, prompt, shared)
+        c = self.c
+        est = memory.for_run(c, model_cfg, mesh_shape, *prompt_tokens(c, self.inputs, tokenizer))
         available = memory.device_memory()
         self.log(f"[memory] estimate per device: training {memory.gib(est['train_total'])} GiB, generation "
                  f"{memory.gib(est['generate_total'])} GiB" +
@@ -448,12 +468,7 @@ class Run:
         return rows
 
     def train(self, t: int, start, tokenizer, rows: list[dict]):
-        tr = self.c.train
-        cfg = training.TrainConfig(
-            max_prompt_len=tr.max_prompt_len, max_response_len=tr.max_response_len, pack=tr.pack, order="given",
-            batch_size=tr.batch_size, grad_accum=tr.grad_accum, epochs=tr.epochs, learning_rate=tr.learning_rate,
-            warmup_ratio=tr.warmup_ratio, max_grad_norm=tr.max_grad_norm, weight_decay=tr.weight_decay,
-            seed=self.c.seed + t, checkpoint_every=tr.checkpoint_every, remat=tr.remat)
+        cfg = train_config(self.c, t)
         ckpt_dir = os.path.join(self.workdir, "checkpoints", "train", f"{t:03d}")
 
         def log(record):

@@ -1,4 +1,4 @@
-"""The `soft-jax` command line: run | report | info | generate | train | eval | export.
+"""The `soft-jax` command line: run | plan | report | info | generate | train | eval | export.
 
 Every user mistake ends with exit code 2 and one line on stderr (what is wrong, where, how to mend it).
 """
@@ -180,23 +180,39 @@ def cmd_eval(args) -> None:
     print(f"wrote {args.out}")
 
 
-def cmd_run(args) -> None:
-    from soft_jax import bootstrap, distributed, preemption
+def _load_config(args, takes: str):
+    """The run config of --config with the --config.key=value overrides left in args.overrides."""
     from soft_jax import config as config_lib
 
     overrides, rest = [], list(args.overrides)
     while rest:
         item = rest.pop(0)
         if not item.startswith("--config."):
-            raise UserError(f"unrecognized argument {item!r}; `run` takes --config FILE, --workdir DIR and "
+            raise UserError(f"unrecognized argument {item!r}; `{args.command}` takes {takes} and "
                             "--config.key=value overrides")
         if "=" not in item and rest and not rest[0].startswith("--"):  # --config.key value
             item += "=" + rest.pop(0)
         overrides.append(item[len("--config."):])
-    config = config_lib.load(args.config, overrides)
+    return config_lib.load(args.config, overrides)
+
+
+def cmd_run(args) -> None:
+    from soft_jax import bootstrap, distributed, preemption
+
+    config = _load_config(args, "--config FILE, --workdir DIR")
     distributed.initialize()
     preemption.install()
     bootstrap.run(config, args.workdir)
+
+
+def cmd_plan(args) -> None:
+    from soft_jax import plan
+
+    config = _load_config(args, "--config FILE, --topology SLICE or --gpu-target FILE")
+    where = plan.target(args.topology, args.gpu_target, args.gpus, args.gpu_memory)
+    plan.plan_run(config, where)
+    print("[plan] every program fits" if where.device_bytes else
+          "[plan] every program compiled; this device's memory is unknown (CPU), so nothing was compared")
 
 
 def cmd_report(args) -> None:
@@ -264,6 +280,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="work dir; rerunning the same command resumes the run")
     p.set_defaults(fn=cmd_run, overrides=[])
 
+    p = sub.add_parser("plan", help="compile a run's programs for a TPU slice or GPUs from this machine; "
+                                     "memory per device against the device's, without reading weights")
+    p.add_argument("--config", required=True, help="config file, optionally with an argument: configs/soft.py[:ARG]")
+    p.add_argument("--topology", help="a TPU slice: v4-32, v5e-64, v5p-8, v6e-16, ... (needs libtpu: "
+                                      "pip install \"soft-jax[plan-tpu]\")")
+    p.add_argument("--gpu-target", help="'h100' (H100 SXM 80 GB, shipped) or a GpuTargetConfigProto text file "
+                                        "(needs jax's CUDA plugin: pip install \"soft-jax[plan-gpu]\")")
+    p.add_argument("--gpus", type=int, default=1, help="number of GPUs (with --gpu-target)")
+    p.add_argument("--gpu-memory", type=float, help="GiB per GPU (with a --gpu-target file)")
+    p.set_defaults(fn=cmd_plan, overrides=[])
+
     p = sub.add_parser("report", help="plots and a Markdown summary of a run in WORKDIR/report/")
     p.add_argument("workdir", help="a run's work dir")
     p.set_defaults(fn=cmd_report)
@@ -278,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     try:
         args, rest = build_parser().parse_known_args(argv)
-        if rest and args.command != "run":
+        if rest and args.command not in ("run", "plan"):
             raise UserError(f"unrecognized arguments: {' '.join(rest)} (see `soft-jax {args.command} --help`)")
         args.overrides = rest
         args.fn(args)

@@ -56,6 +56,7 @@ class Program:
     resident: int  # parameter copies alive beside the program, outside it
     compile_s: float
     compiled: object = dataclasses.field(repr=False, default=None)
+    refused: str = ""  # the compiler's message when it refused the program (temporaries: what it said it needed)
 
     @property
     def total(self) -> int:
@@ -209,13 +210,27 @@ def compile_run(cfg: ModelConfig, shapes: Shapes, mesh, train_config: training.T
         if progress:
             progress(name)
         start = time.perf_counter()
-        compiled = lower().compile()
+        try:
+            compiled = lower().compile()
+        except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses some programs over HBM
+            need = _refused_bytes(str(e))
+            if need is None:
+                raise
+            programs.append(Program(name, what, 0, 0, 0, need, 0, copies * one_copy, time.perf_counter() - start,
+                                    refused=str(e).splitlines()[0]))
+            continue
         seconds = time.perf_counter() - start
         m = compiled.memory_analysis()
         programs.append(Program(name, what, m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes,
                                 m.temp_size_in_bytes, m.generated_code_size_in_bytes, copies * one_copy, seconds,
                                 compiled))
     return programs
+
+
+def _refused_bytes(message: str) -> int | None:
+    """What a refused compile said it needed: "... HLO temporaries (18.86G) exceeds available HBM ..."."""
+    m = re.search(r"RESOURCE_EXHAUSTED.*?\(([\d.]+)([KMGT])\) exceeds", message)
+    return None if m is None else int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2)))
 
 
 _SHAPE = re.compile(r"\b(pred|s8|u8|s32|u32|s64|u64|bf16|f16|f32|f64)\[([\d,]*)\]")
@@ -232,6 +247,8 @@ def mlp_tokens(program: Program, cfg: ModelConfig, mesh) -> int:
     largest [..., mlp / tensor] activation. Weights ([..., embed or its fsdp shard, mlp]: a kernel, its
     gathered or stacked form) are left out. Under the activation rules this is the device's share of the
     batch's rows, not the global batch."""
+    if program.compiled is None:
+        return 0
     tensor = mesh.shape["tensor"]
     mlp = cfg.intermediate_size // tensor if cfg.intermediate_size % tensor == 0 else cfg.intermediate_size
     weight_rows = {cfg.hidden_size, cfg.hidden_size // mesh.shape["fsdp"]}
@@ -259,6 +276,7 @@ def table(programs: Sequence[Program], device_bytes: int | None) -> str:
              "fits | compile s |", "|" + "---|" * 11]
     for p in programs:
         fits = "-" if device_bytes is None else ("yes" if p.total <= device_bytes else "**no**")
+        fits += " (refused by the compiler)" if p.refused else ""
         lines.append(f"| {p.name} | {p.shapes} | {g(p.arguments)} | {g(p.outputs)} | {g(p.aliased)} | "
                      f"{g(p.temporaries)} | {g(p.code)} | {g(p.resident)} | {g(p.total)} | {fits} | "
                      f"{p.compile_s:.1f} |")
@@ -338,20 +356,77 @@ def plan_run(c, where: Target, log=print) -> list[Program]:
     sizes = memory.resolve_mesh(dict(mesh.shape), mesh.devices.size)
     bootstrap.check_batches(c, sizes)
     shapes = Shapes.of_run(c, prompt, shared)
-    log(f"[plan] {cfg.num_params / 1e9:.2f}B parameters ({cfg.param_dtype} stored, {cfg.dtype} compute) on "
+    log(f"[plan] {cfg.num_params / 1e6:,.0f}M parameters ({cfg.param_dtype} stored, {cfg.dtype} compute) on "
         f"{where.name}, mesh {dict(mesh.shape)}; prompts of {prompt} tokens ({shared} shared), counted with "
         f"{counted}")
-    programs = compile_run(cfg, shapes, mesh, training.TrainConfig(**bootstrap.train_kwargs(c)),
+    programs = compile_run(cfg, shapes, mesh, bootstrap.train_config(c),
                            progress=lambda name: log(f"[plan] compiling {name} ..."))
     log(table(programs, where.device_bytes))
-    for p in programs:
-        tokens, share = mlp_tokens(p, cfg, mesh), expected_tokens(p.name, shapes, mesh)
-        if tokens > share:
-            log(f"[plan] warning: {p.name} runs {tokens} tokens per device through its MLP, more than its "
-                f"share of the batch ({share})")
     over = [p for p in programs if where.device_bytes and p.total > where.device_bytes]
     if over:
         worst = max(over, key=lambda p: p.total)
         raise UserError(f"{worst.name} needs {worst.total / GiB:.2f} GiB per device, more than the "
                         f"{where.device_bytes / GiB:.2f} GiB a device has; {MENDS[worst.name]}")
     return programs
+
+
+# --- the README table: the compiler against soft_jax.memory's estimate ------------------------------------
+
+# (model, target, mesh): FSDP over every device, as launch/tpu_pod.sh runs a slice.
+TABLE_CASES = (("llama2-7b", "v4-32", (1, 16, 1)), ("llama2-7b", "v5e-64", (1, 64, 1)), ("llama2-7b", "v5p-8", (1, 4, 1)),
+               ("llama3-8b", "v4-32", (1, 16, 1)), ("llama3-8b", "v5e-64", (1, 64, 1)), ("llama3-8b", "v5p-8", (1, 4, 1)),
+               ("llama3.2-1b", "h100", (1, 1, 1)))
+GENERATION = ("prefix_prefill", "prefill", "decode")
+
+
+def table_shapes(mesh_shape, settings=None) -> tuple[Shapes, dict]:
+    """soft_jax.memory.TABLE_SETTINGS as Shapes (scanned layers), and the estimate's keyword arguments."""
+    from soft_jax import memory
+
+    s = dict(settings or memory.TABLE_SETTINGS)
+    dp = mesh_shape[0] * mesh_shape[1]
+    micro = s["rows_per_device"] * dp
+    accum = max(1, s["train_batch"] // micro)
+    prefix, new = s["sample_prefix"], s["sample_new"]
+    own = s["sample_len"] - prefix - new
+    shapes = Shapes(train_rows=micro, grad_accum=accum, row_len=s["train_seq"], remat=s["remat"], scan_layers=True,
+                    sample_rows=s["sample_batch"], prefix_len=prefix, own_len=own, new_tokens=new,
+                    score_rows=micro, score_context=sampling.cache_length(s["train_seq"] // 2),
+                    score_len=s["train_seq"] // 2, keep_base=s["keep_base"])
+    estimate = dict(train_batch=accum * micro, train_seq=s["train_seq"], grad_accum=accum, remat=s["remat"],
+                    sample_batch=s["sample_batch"], sample_len=s["sample_len"], sample_new=new,
+                    sample_prefix=prefix, keep_base=s["keep_base"])
+    return shapes, estimate
+
+
+def compare_row(model: str, where: str, mesh_shape, param_dtype="bfloat16", log=None) -> dict:
+    """One row of the README table: compiled GiB per device (training, generation) beside the estimate's."""
+    from soft_jax import memory
+
+    cfg = memory.table_model(model, param_dtype, "bfloat16")
+    tgt = target(gpu_target="h100", gpus=math.prod(mesh_shape)) if where == "h100" else target(tpu=where)
+    mesh = shd.make_mesh(mesh_shape, tgt.devices)
+    shapes, kwargs = table_shapes(mesh_shape)
+    programs = {p.name: p for p in compile_run(cfg, shapes, mesh, progress=log)}
+    est = memory.estimate(cfg, mesh_shape=dict(mesh.shape), **kwargs)
+    train, generate = programs["train_step"].total, max(programs[n].total for n in GENERATION)
+    g = lambda n: f"{n / GiB:.1f}"  # noqa: E731
+    return {"model": model, "params": "bf16" if param_dtype == "bfloat16" else "f32", "target": where,
+            "mesh (data, fsdp, tensor)": str(tuple(mesh_shape)), "device GiB": g(tgt.device_bytes),
+            "train: compiled": g(train), "estimate": g(est["train_total"]),
+            "est / compiled": f"{est['train_total'] / train:.2f}",
+            "generate: compiled": g(generate), "estimate ": g(est["generate_total"]),
+            "est / compiled ": f"{est['generate_total'] / generate:.2f}",
+            "fits": "yes" if max(train, generate) <= tgt.device_bytes else "no",
+            "compile s": f"{sum(p.compile_s for p in programs.values()):.0f}"}
+
+
+if __name__ == "__main__":  # python -m soft_jax.plan [model:target ...]: the README table
+    import sys
+
+    from soft_jax import memory
+
+    wanted = sys.argv[1:]
+    rows = [compare_row(m, w, mesh, log=lambda name: print(f"# {m} {w}: {name}", file=sys.stderr, flush=True))
+            for m, w, mesh in TABLE_CASES if not wanted or f"{m}:{w}" in wanted]
+    print(memory.table(rows))
