@@ -183,8 +183,9 @@ def _lowerings(cfg: ModelConfig, shapes: Shapes, mesh, train_config: training.Tr
         n = shapes.score_rows
         heads = abstract_cache(cfg, mesh, n, shapes.score_context)
         ids = _rows(mesh, (n, shapes.score_len), i32)
-        return sampling._score_rows.lower(graphdef, mesh, params, heads, _rows(mesh, (n,), i32), ids, ids, ids, ids,
-                                          False)
+        local = mesh.shape["data"] * mesh.shape["fsdp"] > 1  # as sampling.score_tokens: rows read their own cache
+        which = None if local else _rows(mesh, (n,), i32)
+        return sampling._score_rows.lower(graphdef, mesh, params, heads, which, ids, ids, ids, ids, False)
 
     out = [("train_step", f"{shapes.grad_accum} x {shapes.train_rows} rows x {shapes.row_len} tokens"
             f"{', remat' if shapes.remat else ''}{', scanned' if shapes.scan_layers else ''}", 1 + base, train)]
@@ -284,8 +285,9 @@ def table(programs: Sequence[Program], device_bytes: int | None) -> str:
 
 
 MENDS = {
-    "train_step": "raise mesh.fsdp (split parameters and Adam state over more devices), set train.remat=true, "
-                  "lower the micro-batch (raise train.grad_accum), or use model.param_dtype=bfloat16",
+    "train_step": "set model.scan_layers=true (one layer's weights gathered at a time) and train.remat=true, raise "
+                  "mesh.fsdp (split parameters and Adam state over more devices), lower the micro-batch (raise "
+                  "train.grad_accum), or use model.param_dtype=bfloat16",
     "prefix_prefill": "use fewer or shorter exemplars (exemplars.k), or model.dtype=bfloat16",
     "prefill": "lower sampling.batch_size, raise mesh.fsdp / mesh.data, or use model.dtype=bfloat16",
     "decode": "lower sampling.batch_size or sampling.max_new_tokens, or raise mesh.fsdp / mesh.data",

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from soft_jax import sharding as shd
 from soft_jax.errors import UserError
 from soft_jax.distributed import to_host
-from soft_jax.models.llama import KVCache, Llama
+from soft_jax.models.llama import KVCache, Llama, SharedPrefix
 from jax.sharding import NamedSharding, PartitionSpec
 
 MIN_BUCKET = 16
@@ -263,6 +263,12 @@ def bucket_prefix(n: int) -> int:
 
 def _prefill_shared(graphdef, state, model, prefix, batch, length, batcher):
     """A cache of `length` own slots per row, after `prefix` (if any) prefilled once at batch 1."""
+    shared = _shared_prefix(graphdef, state, model, prefix, batcher)
+    return batcher.put_cache(KVCache.init(model.config, batch, length, prefix=shared))
+
+
+def _shared_prefix(graphdef, state, model, prefix, batcher) -> SharedPrefix | None:
+    """`prefix` prefilled once at batch 1 (None when empty)."""
     shared = None
     if len(prefix):
         padded = bucket_prefix(len(prefix))
@@ -273,7 +279,7 @@ def _prefill_shared(graphdef, state, model, prefix, batch, length, batcher):
         _, one = _prefill(graphdef, batcher.mesh, state, *batcher.put(
             (ids, np.arange(padded, dtype=np.int32)[None], seg)), one)
         shared = one.as_prefix()
-    return batcher.put_cache(KVCache.init(model.config, batch, length, prefix=shared))
+    return shared
 
 
 def generate_tokens(model: Llama, token_rows: Sequence[Sequence[int]], config: SamplingConfig, stops,
@@ -504,8 +510,8 @@ def _score_rows(graphdef, mesh, state, heads, which, ids, positions, seg, picks,
 def _score_body(graphdef, state, heads, which, ids, positions, seg, picks, last_only):
     new = ids.shape[1]
 
-    def take(x):
-        rows = jnp.pad(x[which], [(0, 0), (0, new)] + [(0, 0)] * (x.ndim - 2))
+    def take(x):  # which None: row b continues cache row b (already on its device)
+        rows = jnp.pad(x if which is None else x[which], [(0, 0), (0, new)] + [(0, 0)] * (x.ndim - 2))
         return shd.constrain(rows, shd.CACHE_AXES["k" if x.ndim == 4 else "positions"])
 
     cache = KVCache(k=tuple(map(take, heads.k)), v=tuple(map(take, heads.v)), positions=take(heads.positions),
@@ -547,15 +553,28 @@ def score_tokens(model: Llama, contexts: Sequence[Sequence[int]], continuations:
     graphdef, state = nnx.split(model)
     out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(contexts)
     bar = tqdm(total=len(keys), desc="scoring", unit="row", disable=not progress)
-    for chunk in _plan(seqs, bounds, [last for _, last in keys], batch_size, multiple):
-        n = _pass_rows(len(chunk.heads), multiple)
+
+    def prefill_heads(chunk, shared, heads):
+        """Cache rows holding `heads` (group prefixes past the chunk's shared tokens), after `shared`."""
+        n = _pass_rows(len(heads), multiple)
         batcher = _Batcher(mesh, n)
-        cache = _prefill_shared(graphdef, state, model, chunk.heads[0][:chunk.shared], n, chunk.cache, batcher)
-        ids, seg, positions = _left_pad([h[chunk.shared:] for h in chunk.heads] + [()] * (n - len(chunk.heads)),
-                                        chunk.length)
-        _, heads = _prefill(graphdef, mesh, state, *batcher.put((ids, positions + chunk.shared, seg)), cache)
+        cache = batcher.put_cache(KVCache.init(model.config, n, chunk.cache, prefix=shared))
+        ids, seg, positions = _left_pad(list(heads) + [()] * (n - len(heads)), chunk.length)
+        return _prefill(graphdef, mesh, state, *batcher.put((ids, positions + chunk.shared, seg)), cache)[1]
+
+    # With batch rows on several devices, a row reading another row's cache would gather every group's cache
+    # onto every device (the whole cache, for each layer). There each pass prefills its own rows' group
+    # prefixes instead, so a row's cache is on its device; the prefix all groups share still runs once.
+    local = multiple > 1
+    for chunk in _plan(seqs, bounds, [last for _, last in keys], batch_size, multiple):
+        shared = _shared_prefix(graphdef, state, model, chunk.heads[0][:chunk.shared], _Batcher(mesh, multiple))
+        if not local:
+            heads = prefill_heads(chunk, shared, [h[chunk.shared:] for h in chunk.heads])
         for last_only, tail, batch in chunk.passes:
             n = _pass_rows(len(batch), multiple)
+            if local:  # the prefill donates its cache, the shared prefix with it: take it back from its output
+                heads = prefill_heads(chunk, shared, [chunk.heads[g][chunk.shared:] for _, g, _ in batch])
+                shared = heads.prefix
             ids, seg, positions = _left_pad([seqs[r][p:] for r, _, p in batch] + [()] * (n - len(batch)), tail)
             positions += np.asarray([p for *_, p in batch] + [0] * (n - len(batch)))[:, None]
             which = np.asarray([g for _, g, _ in batch] + [0] * (n - len(batch)), np.int32)
@@ -567,7 +586,7 @@ def score_tokens(model: Llama, contexts: Sequence[Sequence[int]], continuations:
                     read = keys[r][0][bounds[r] + 1:]
                     picks[row, tail - len(read):] = read
             logp = to_host(_score_rows(graphdef, mesh, state, heads, *_Batcher(mesh, n).put(
-                (which, ids, positions, seg, picks)), last_only))
+                (None if local else which, ids, positions, seg, picks)), last_only))
             for row, (r, _, _) in enumerate(batch):
                 for i in rows[keys[r]]:
                     k = continuations[i]

@@ -150,7 +150,10 @@ mesh = sharding.make_mesh((2, 2, 2)) if sys.argv[3] == "mesh" else None
 model, _ = models.load(sys.argv[1], mesh=mesh, progress=False)
 config = sampling.SamplingConfig(max_new_tokens=12, batch_size=4)
 out = sampling.generate_tokens(model, rows, config, (2,), mesh=mesh)
-scores = sampling.score_tokens(model, rows, [[5, 6, 7]] * len(rows), batch_size=4, mesh=mesh)
+# several continuations per context (groups of rows sharing a cached context), one-token ones too
+contexts = [r for r in rows for _ in range(3)]
+continuations = [[5, 6, 7], [8, 9], [10]] * len(rows)
+scores = sampling.score_tokens(model, contexts, continuations, batch_size=4, mesh=mesh)
 print(json.dumps({"devices": len(jax.devices()), "tokens": out, "scores": [s.tolist() for s in scores]}))
 """
 
@@ -167,7 +170,10 @@ def test_mesh_of_8_cpu_devices_gives_the_same_greedy_outputs(tiny_hf):
         results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
     assert results["mesh"]["devices"] == 8
     assert results["mesh"]["tokens"] == results["single"]["tokens"]
-    np.testing.assert_allclose(results["mesh"]["scores"], results["single"]["scores"], atol=1e-5)
+    assert len(results["mesh"]["scores"]) == len(results["single"]["scores"]) == 12
+    for a, b in zip(results["mesh"]["scores"], results["single"]["scores"]):
+        assert len(a) == len(b) > 0
+        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_mesh_and_batch_that_do_not_divide_are_refused(tiny_llama):
