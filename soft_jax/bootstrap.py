@@ -286,14 +286,24 @@ class Run:
         self.rounds_ckpt = StepCheckpointer(os.path.join(workdir, "checkpoints", "rounds"), every=0, keep=None)
 
     def check_memory(self, model_cfg, tokenizer, mesh_shape) -> None:
-        """Prints the per-device memory estimate; refuses a run that cannot fit (soft_jax.memory)."""
+        """On a GPU or TPU, compiles the round's programs (soft_jax.plan) and refuses a run whose largest one
+        does not fit a device; on CPU, prints soft_jax.memory's estimate."""
         c = self.c
-        est = memory.for_run(c, model_cfg, mesh_shape, *prompt_tokens(c, self.inputs, tokenizer))
+        prompt, shared = prompt_tokens(c, self.inputs, tokenizer)
         available = memory.device_memory()
-        self.log(f"[memory] estimate per device: training {memory.gib(est['train_total'])} GiB, generation "
-                 f"{memory.gib(est['generate_total'])} GiB" +
-                 (f" of {memory.gib(available)} GiB" if available else " (device memory unknown on CPU)"))
-        memory.check(est, available)
+        if available is None:  # CPU: its memory is the host's; the estimate, for the record
+            est = memory.for_run(c, model_cfg, mesh_shape, prompt, shared)
+            self.log(f"[memory] estimate per device: training {memory.gib(est['train_total'])} GiB, generation "
+                     f"{memory.gib(est['generate_total'])} GiB (device memory unknown on CPU)")
+            return
+        # an accelerator: the compiler says what each of the round's programs needs on these devices
+        from soft_jax import plan
+
+        mesh = self.mesh or shd.make_mesh((1, 1, 1), jax.devices()[:1])
+        programs = plan.compile_run(model_cfg, plan.Shapes.of_run(c, prompt, shared), mesh, train_config(c))
+        self.log("[memory] compiled, per device: " + ", ".join(f"{p.name} {memory.gib(p.total)}" for p in programs)
+                 + f" GiB of {memory.gib(available)} GiB")
+        plan.refuse_over(programs, available)
 
     # -- models --
 

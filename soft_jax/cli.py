@@ -210,6 +210,10 @@ def cmd_plan(args) -> None:
 
     config = _load_config(args, "--config FILE, --topology SLICE or --gpu-target FILE")
     where = plan.target(args.topology, args.gpu_target, args.gpus, args.gpu_memory)
+    if args.memory_limit is not None:
+        if args.memory_limit <= 0:
+            raise UserError(f"--memory-limit {args.memory_limit}: give the GiB per device to plan for (> 0)")
+        where.device_bytes = int(args.memory_limit * plan.GiB)
     plan.plan_run(config, where)
     print("[plan] every program fits" if where.device_bytes else
           "[plan] every program compiled; this device's memory is unknown (CPU), so nothing was compared")
@@ -289,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(needs jax's CUDA plugin: pip install \"soft-jax[plan-gpu]\")")
     p.add_argument("--gpus", type=int, default=1, help="number of GPUs (with --gpu-target)")
     p.add_argument("--gpu-memory", type=float, help="GiB per GPU (with a --gpu-target file)")
+    p.add_argument("--memory-limit", type=float, help="GiB per device to plan for instead of the device's memory "
+                                                      "(headroom; jax on a GPU takes 75%% unless told otherwise)")
     p.set_defaults(fn=cmd_plan, overrides=[])
 
     p = sub.add_parser("report", help="plots and a Markdown summary of a run in WORKDIR/report/")

@@ -312,6 +312,8 @@ def target(tpu: str | None = None, gpu_target: str | None = None, gpus: int = 1,
 
     if tpu and gpu_target:
         raise UserError("give --topology (a TPU slice) or --gpu-target (GPUs), not both")
+    if tpu or gpu_target:  # compile-only devices have no client to load executables from the persistent cache
+        jax.config.update("jax_enable_compilation_cache", False)
     if tpu:
         spec = topology.parse(tpu)
         return Target(f"{spec.name} ({spec.chips} x {spec.device_kind}, {spec.hbm_bytes / GiB:.0f} GiB HBM each, "
@@ -364,12 +366,21 @@ def plan_run(c, where: Target, log=print) -> list[Program]:
     programs = compile_run(cfg, shapes, mesh, bootstrap.train_config(c),
                            progress=lambda name: log(f"[plan] compiling {name} ..."))
     log(table(programs, where.device_bytes))
-    over = [p for p in programs if where.device_bytes and p.total > where.device_bytes]
+    refuse_over(programs, where.device_bytes)
+    return programs
+
+
+def refuse_over(programs: Sequence[Program], device_bytes: int | None) -> None:
+    """UserError (one line, with a mend) for the largest program over `device_bytes`; nothing when all fit."""
+    over = [p for p in programs if device_bytes and p.total > device_bytes]
     if over:
         worst = max(over, key=lambda p: p.total)
-        raise UserError(f"{worst.name} needs {worst.total / GiB:.2f} GiB per device, more than the "
-                        f"{where.device_bytes / GiB:.2f} GiB a device has; {MENDS[worst.name]}")
-    return programs
+        raise UserError(f"{worst.name} needs {_size(worst.total)} per device (compiled), more than the "
+                        f"{_size(device_bytes)} a device has; {MENDS[worst.name]}")
+
+
+def _size(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2 ** 20:.1f} MiB"
 
 
 # --- the README table: the compiler against soft_jax.memory's estimate ------------------------------------

@@ -138,3 +138,43 @@ def test_export_cli_writes_loadable_directory(tiny_hf, tmp_path):
     assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors"]
     transformers.AutoModelForCausalLM.from_pretrained(out)
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp dirs left behind
+
+
+PLAN = ["plan", "--config", os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")]
+
+
+def test_plan_compiles_a_run_for_a_tpu_slice():
+    """The tiny run's five programs compiled for a v5e-4 slice (compile-only devices, no TPU): a row each with
+    memory per chip, against the chip's 16 GiB."""
+    proc = run_cli(*PLAN, "--topology", "v5e-4", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
+                   "--config.sampling.batch_size=4", "--config.train.batch_size=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "v5e-4 (4 x TPU v5 lite, 16 GiB HBM each, 1 host(s)), mesh {'data': 1, 'fsdp': 4, 'tensor': 1}" in out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and "GiB" not in line]
+    assert [r[0].strip("| ") for r in rows[1:]] == ["train_step", "prefix_prefill", "prefill", "decode", "score"]
+    assert all(r[-2] == "yes" for r in rows[1:]), out
+    assert out.strip().endswith("[plan] every program fits")
+
+
+def test_plan_refuses_a_run_that_does_not_fit_the_chip():
+    """The same run planned for 1 MiB per chip: the largest program is named, with what to change (exit 2)."""
+    proc = run_cli(*PLAN, "--topology", "v5e-4", "--memory-limit", "0.001", "--config.mesh.data=1",
+                   "--config.mesh.fsdp=-1", "--config.sampling.batch_size=4", "--config.train.batch_size=4")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = [line for line in proc.stderr.splitlines() if line.startswith("soft-jax:")]
+    assert len(err) == 1 and "needs" in err[0] and "more than the 1.0 MiB a device has" in err[0], err
+    assert "Traceback" not in proc.stderr and "| **no** |" in proc.stdout
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--topology", "v5e-3"], "no v5e slice has 3 chips"),
+    (["--topology", "tpu9-8"], "unknown TPU slice 'tpu9-8'"),
+    (["--topology", "v5e-4", "--config.sampling.batch_size=6"],
+     "sampling.batch_size = 6 is not divisible by the mesh's data x fsdp = 4"),
+    (["--topology", "v5e-4", "--gpu-target", "h100"], "give --topology (a TPU slice) or --gpu-target"),
+    (["--gpu-target", "/nonexistent.txtpb"], "also give --gpu-memory"),
+    (["--topology", "v5e-4", "--bogus"], "unrecognized argument '--bogus'"),
+])
+def test_plan_bad_input(extra, needle):
+    assert_user_error(run_cli(*PLAN, *extra), needle)
