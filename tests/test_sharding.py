@@ -44,15 +44,24 @@ def check_programs(programs, mesh) -> dict:
     return {p.name: (plan.mlp_tokens(p, CFG, mesh), plan.expected_tokens(p.name, SHAPES, mesh)) for p in programs}
 
 
+def _name(path) -> str:
+    parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+    return "/".join(p for p in parts if p != "value")
+
+
 def train_param_specs(program) -> dict:
     """Parameter path -> the PartitionSpec the compiled train step takes it with (its first argument)."""
     import jax
 
-    def name(path):
-        parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
-        return "/".join(p for p in parts if p != "value")
+    return {_name(path): s.spec for path, s in jax.tree_util.tree_leaves_with_path(program.compiled.input_shardings[0][0])}
 
-    return {name(path): s.spec for path, s in jax.tree_util.tree_leaves_with_path(program.compiled.input_shardings[0][0])}
+
+def rule_specs(mesh) -> dict:
+    """Parameter path -> the PartitionSpec its logical axes map to under soft_jax.sharding's rules."""
+    import jax
+
+    _, state = plan.abstract_model(CFG)
+    return {_name(path): s.spec for path, s in jax.tree_util.tree_leaves_with_path(shd.tree_shardings(state, mesh))}
 
 
 def assert_param_specs(specs: dict, mesh) -> None:
@@ -80,7 +89,12 @@ def test_tpu_programs_hold_the_local_batch(slice_name, mesh_shape, scan):
     assert [p.name for p in programs] == ["train_step", "prefix_prefill", "prefill", "decode", "score"]
     for name, (tokens, share) in check_programs(programs, mesh).items():
         assert tokens == share, f"{name}: a device runs {tokens} tokens through its MLP, its share is {share}"
-    assert_param_specs(train_param_specs(programs[0]), mesh)
+    specs = train_param_specs(programs[0])
+    assert_param_specs(specs, mesh)
+    # every parameter as the rules place it: none that the rules split is replicated in the compiled step
+    assert specs == rule_specs(mesh)
+    split = [k for k, v in specs.items() if any(a is not None for a in v)]
+    assert len(split) >= 7 * CFG.num_layers, specs
     one_copy = plan.param_bytes(plan.abstract_model(CFG)[1], mesh)  # this device's share of the parameters
     for p in programs:  # every program takes the parameters; the train step its Adam moments too
         assert p.arguments >= one_copy * (3 if p.name == "train_step" else 1), p
