@@ -14,8 +14,8 @@ The numbers follow what soft_jax does today, not an ideal implementation:
   round 2 on (the current model and the base are then different arrays).
 - Attention is not fused: the float32 scores [batch, heads, query, key] of a layer are materialised,
   in training and in prefill alike.
-- The KV cache is split over data x fsdp by batch row and replicated over tensor (sampling places it
-  with a batch-only sharding); a shared prefix (principles + exemplars) is held once, replicated.
+- The KV cache is split over data x fsdp by batch row and over tensor by KV head (sampling.cache_sharding);
+  a shared prefix (principles + exemplars) is held once, its rows replicated.
 - Training activations are the residuals jax saves per layer, less the softmax intermediates XLA fuses
   away (`_layer_activations`); with remat only each layer's input is kept. XLA's CPU compiler does not
   exploit remat (its buffers hold every layer's recomputation), so on CPU the no-remat numbers apply.
@@ -164,7 +164,7 @@ def estimate(model_cfg: ModelConfig, *, mesh_shape: Mapping[str, int] | Sequence
 
     sample_rows = _div(sample_batch, dp)
     own_slots = sample_len - sample_prefix
-    per_token = 2 * layers * cfg.num_kv_heads * cfg.head_dim * cb
+    per_token = 2 * layers * _div(cfg.num_kv_heads, tp) * cfg.head_dim * cb
     kv_cache = sample_rows * own_slots * (per_token + 2 * 4) + sample_prefix * (per_token + 2 * 4)
     prompt = sample_len - sample_prefix - sample_new if sample_new else own_slots
     # the own prompt attends to its cache slots and to the shared prefix

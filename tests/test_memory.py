@@ -72,6 +72,25 @@ def test_kv_cache_matches_kvcache_arrays():
     assert est(cfg, sample_batch=4, sample_len=48, sample_prefix=32)["kv_cache"] == arrays
 
 
+@pytest.mark.parametrize("mesh_shape", [(1, 2, 2), (2, 1, 2), (1, 4, 1)])
+def test_kv_cache_per_device_matches_its_sharded_arrays(mesh_shape):
+    """Per device: rows split over data x fsdp, KV heads over tensor, the shared prefix's one row replicated;
+    measured on the shardings sampling places a cache with (a v5e-4 slice's compile-only devices)."""
+    import math
+
+    import numpy as np
+
+    from soft_jax import plan, topology
+    from soft_jax import sharding as shd
+
+    cfg = tiny(dtype="bfloat16")
+    mesh = shd.make_mesh(mesh_shape, topology.devices("v5e-4"))
+    cache = plan.abstract_cache(cfg, mesh, 4, 16, prefix_len=32)
+    arrays = [x for x in jax.tree.leaves(cache) if x.ndim]  # the scalar write index is not counted
+    per_device = sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in arrays)
+    assert est(cfg, mesh=mesh_shape, sample_batch=4, sample_len=48, sample_prefix=32)["kv_cache"] == per_device
+
+
 def test_training_activations_near_xla_buffer_assignment():
     """XLA's CPU buffer assignment for the real train step (no remat: the CPU compiler does not exploit remat)."""
     cfg = tiny(vocab_size=2048, hidden_size=128, intermediate_size=384, num_heads=8, num_kv_heads=4)
