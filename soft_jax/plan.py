@@ -24,6 +24,7 @@ import dataclasses
 import math
 import os
 import re
+import sys
 import time
 from typing import Sequence
 
@@ -386,9 +387,9 @@ def _size(n: int) -> str:
 # --- the README table: the compiler against soft_jax.memory's estimate ------------------------------------
 
 # (model, target, mesh): FSDP over every device, as launch/tpu_pod.sh runs a slice.
-TABLE_CASES = (("llama2-7b", "v4-32", (1, 16, 1)), ("llama2-7b", "v5e-64", (1, 64, 1)), ("llama2-7b", "v5p-8", (1, 4, 1)),
-               ("llama3-8b", "v4-32", (1, 16, 1)), ("llama3-8b", "v5e-64", (1, 64, 1)), ("llama3-8b", "v5p-8", (1, 4, 1)),
-               ("llama3.2-1b", "h100", (1, 1, 1)))
+TABLE_CASES = tuple((model, where, mesh) for model in ("llama2-7b", "llama3-8b")
+                    for where, mesh in (("v4-32", (1, 16, 1)), ("v5e-64", (1, 64, 1)), ("v5p-8", (1, 4, 1)))
+                    ) + (("llama3.2-1b", "h100", (1, 1, 1)),)
 GENERATION = ("prefix_prefill", "prefill", "decode")
 
 
@@ -434,12 +435,30 @@ def compare_row(model: str, where: str, mesh_shape, param_dtype="bfloat16", log=
             "compile s": f"{sum(p.compile_s for p in programs.values()):.0f}"}
 
 
-if __name__ == "__main__":  # python -m soft_jax.plan [model:target ...]: the README table
-    import sys
+def _row_in_child(case, queue) -> None:
+    model, where, mesh = case
+    log = lambda name: print(f"# {model} {where}: {name}", file=sys.stderr, flush=True)  # noqa: E731
+    queue.put(compare_row(model, where, mesh, log=log))
+
+
+if __name__ == "__main__":  # python -m soft_jax.plan [model:target ...]: the README table, a row at a time
+    import multiprocessing
 
     from soft_jax import memory
 
     wanted = sys.argv[1:]
-    rows = [compare_row(m, w, mesh, log=lambda name: print(f"# {m} {w}: {name}", file=sys.stderr, flush=True))
-            for m, w, mesh in TABLE_CASES if not wanted or f"{m}:{w}" in wanted]
+    context = multiprocessing.get_context("spawn")  # each row in a fresh process: compiled 7B programs add up
+    rows = []
+    for case in TABLE_CASES:
+        if wanted and f"{case[0]}:{case[1]}" not in wanted:
+            continue
+        queue = context.Queue()
+        child = context.Process(target=_row_in_child, args=(case, queue))
+        child.start()
+        child.join()
+        if child.exitcode:  # killed (out of memory) or failed: say which row, keep the others
+            print(f"# {case[0]} {case[1]}: the compile process ended with exit code {child.exitcode}", file=sys.stderr)
+            continue
+        rows.append(queue.get())
+        print(memory.table(rows[-1:]), flush=True)
     print(memory.table(rows))
