@@ -1,7 +1,8 @@
 """Will a run compile and fit? Its own programs, compiled for the target devices from this machine.
 
-`compile_run(c, model_cfg, mesh, ...)` lowers the programs a round runs, on abstract parameters (no weight
-is read) with the run's mesh and shardings, and compiles them for the mesh's devices: real ones, or the
+`compile_run(model_cfg, shapes, mesh, train_config)` lowers the programs a round runs at the sizes `Shapes`
+gives (`Shapes.of_run(config, ...)` for a run config), on abstract parameters (no weight is read), with the
+run's mesh and shardings, and compiles them for the mesh's devices: real ones, or the
 compile-only devices of a TPU slice or GPU node (soft_jax.topology) that this CPU can compile for. XLA's
 `memory_analysis()` then says what each program needs per device:
 
@@ -192,7 +193,7 @@ def _lowerings(cfg: ModelConfig, shapes: Shapes, mesh, train_config: training.Tr
             f"{', remat' if shapes.remat else ''}{', scanned' if shapes.scan_layers else ''}", 1 + base, train)]
     if shapes.prefix_len:
         out.append(("prefix_prefill", f"1 x {shapes.prefix_len} shared tokens", base, prefix_prefill))
-    out += [("prefill", f"{rows} rows x {own} tokens" + (f" after the prefix" if shapes.prefix_len else ""), base,
+    out += [("prefill", f"{rows} rows x {own} tokens" + (" after the prefix" if shapes.prefix_len else ""), base,
              prefill),
             ("decode", f"{rows} rows, cache {own + shapes.new_tokens} slots", base, decode),
             ("score", f"{shapes.score_rows} rows x {shapes.score_len} tokens after {shapes.score_context}", base,

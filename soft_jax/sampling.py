@@ -168,7 +168,6 @@ def _decode(graphdef, mesh, state, ds: DecodeState, positions, params, until, us
     """
     temperature, top_p, top_k, stops = params
     batch = ds.logits.shape[0]
-    context = shd.activation_sharding(mesh)
 
     def cond(ds):
         return (ds.step < until) & ~jnp.all(ds.done)

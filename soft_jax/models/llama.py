@@ -278,7 +278,6 @@ class Llama(nnx.Module):
         return logits, KVCache(k=tuple(new_k), v=tuple(new_v), positions=k_pos, segment_ids=k_seg,
                                index=cache.index + t, prefix=cache.prefix)
 
-
     def _scanned_layers(self, x, rope, mask, remat):
         """The decoder layers as one scan over their parameters, stacked in the compute dtype (what every
         layer casts its weights to anyway): one more copy of the layers' weights per device, in exchange for
