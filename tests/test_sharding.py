@@ -53,7 +53,8 @@ def train_param_specs(program) -> dict:
     """Parameter path -> the PartitionSpec the compiled train step takes it with (its first argument)."""
     import jax
 
-    return {_name(path): s.spec for path, s in jax.tree_util.tree_leaves_with_path(program.compiled.input_shardings[0][0])}
+    params = program.compiled.input_shardings[0][0]
+    return {_name(path): s.spec for path, s in jax.tree_util.tree_leaves_with_path(params)}
 
 
 def rule_specs(mesh) -> dict:
