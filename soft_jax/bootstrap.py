@@ -36,7 +36,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from soft_jax import config as config_lib
-from soft_jax import curriculum, data, distributed, evaluation, faults, io_utils, memory, preemption, sampling, training
+from soft_jax import curriculum, data, distributed, evaluation, faults, guard, io_utils, memory, preemption, sampling
+from soft_jax import signals, training
 from soft_jax import sharding as shd
 from soft_jax.checkpoints import StepCheckpointer
 from soft_jax.data import filters, templates
@@ -46,7 +47,6 @@ from soft_jax.io_utils import write_jsonl as _write_jsonl
 from soft_jax.models import presets
 
 STATE, CONFIG, METRICS, LOCK = "state.json", "config.json", "metrics.jsonl", ".lock"
-HIGHER_IS_BETTER = set(evaluation.TASKS)
 
 
 def checksum(model) -> float:
@@ -147,6 +147,8 @@ def load_inputs(c: ml_collections.ConfigDict) -> Inputs:
     if c.exemplars.k > len(exemplars):
         raise UserError(f"exemplars.k = {c.exemplars.k} but the exemplar pool has {len(exemplars)}; lower "
                         "exemplars.k or add exemplars")
+    if c.exemplars.strategy == "fixed" and c.exemplars.fixed_ids:
+        data.sample_exemplars(exemplars, c.exemplars.k, "fixed", [], c.exemplars.fixed_ids)  # refuses unknown ids
     pr = c.prompts
     pool = (data.load_tfds_prompts(pr.tfds, pr.tfds_split, pr.tfds_data_dir, pr.tfds_prompt_key) if pr.tfds
             else data.load_prompts(pr.path))
@@ -163,6 +165,15 @@ def load_inputs(c: ml_collections.ConfigDict) -> Inputs:
     open_ended = data.load_prompts(c.open_ended.path or data.asset("questions.jsonl")) if c.open_ended.limit else []
     return Inputs(data.load_principles(c.principles), exemplars, pool, validation, sizes,
                   open_ended[:c.open_ended.limit])
+
+
+def resolve_fixed_exemplars(c: ml_collections.ConfigDict, inputs: Inputs) -> None:
+    """The fixed strategy's exemplars, when the config names none: k covering as many principles as k random
+    draws do on average (data.choose_fixed), written into the config so config.json records them."""
+    e = c.exemplars
+    if e.strategy == "fixed" and not e.fixed_ids:
+        covers = [filters.cited_principles(x.thoughts) for x in inputs.exemplars]
+        e.fixed_ids = data.choose_fixed(inputs.exemplars, e.k, covers)
 
 
 def lock_workdir(workdir: str):
@@ -257,6 +268,7 @@ class Run:
         if os.path.exists(workdir) and not os.path.isdir(workdir):
             raise UserError(f"--workdir {workdir}: a file is in the way; give a new or existing run directory")
         training.check_overhead(tokenizer, c.train)  # max lengths that cannot hold the chat format
+        resolve_fixed_exemplars(c, self.inputs)  # before config.json is compared or written: it records them
         shape = (c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
         mesh = shd.make_mesh(shape)  # refuses a mesh that does not divide the devices
         self.mesh = mesh if jax.device_count() > 1 else None
@@ -340,11 +352,7 @@ class Run:
             if model is not None:
                 return model
             st["finished"].pop()
-            st["scores"].pop(str(t), None)
-            st["stopped"] = None
-            if st["best_round"] == t:  # the first round with the best remaining score, as guard() picks it
-                sign = 1.0 if self.c.validation.metric in HIGHER_IS_BETTER else -1.0
-                st["best_round"] = max(sorted(int(k) for k in st["scores"]), key=lambda r: sign * st["scores"][str(r)])
+            self.update_guard()
             write_json(os.path.join(self.workdir, STATE), st)
         return base
 
@@ -358,7 +366,8 @@ class Run:
         if os.path.exists(path):
             return [json.loads(line) for line in open(path, encoding="utf-8")]
         slices = data.split_rounds(self.inputs.pool, self.inputs.sizes, self.c.seed,
-                                   self.pool_difficulty(base, tokenizer))
+                                   self.pool_difficulty(base, tokenizer),
+                                   hardest_first=self.c.curriculum.order == "hard_to_easy")
         rows = [{**row, "round": t} for row in slices[t - 1]]
         write_jsonl(path, rows)
         return rows
@@ -416,7 +425,8 @@ class Run:
         seconds = time.perf_counter() - t0
         self.metrics.add({"round": t, "phase": "generate", "generator": label, "generator_checksum": checksum(generator),
                           "prompts": len(rows), "seconds": seconds,
-                          "new_tokens_per_s": new_tokens / max(seconds, 1e-9),
+                          "new_tokens_per_s": new_tokens / max(seconds, 1e-9), **self.shown(rows),
+                          "truncated_generations": sum(r["finish"] == "length" for r in rows),
                           **filters.counts([r["dropped_by"] for r in rows])})
         faults.point(f"generated_r{t}")
         preemption.check(f"round {t} generation")
@@ -428,26 +438,39 @@ class Run:
         texts = [templates.self_align_prompt(self.inputs.principles, ex, p["prompt"], p["input"])
                  for p, ex in zip(batch, shots)]
         seed = np.random.default_rng([self.c.seed, t, b]).integers(2**31, size=2)
-        outs = sampling.generate(generator, tokenizer, texts, cfg, progress=False, mesh=self.mesh, seed=int(seed[0]))
+        outs, finish = sampling.generate(generator, tokenizer, texts, cfg, progress=False, mesh=self.mesh,
+                                         seed=int(seed[0]), return_finish=True)
         forced = [False] * len(outs)
         if self.c.sampling.force_answer:  # thoughts that ended without an answer: write the marker, sample it
             todo = [i for i, o in enumerate(outs) if templates.parse(o)[1] is None and f"\n{templates.USER}" not in o]
             if todo:
                 heads = [texts[i] + templates.with_answer_marker(outs[i]) for i in todo]
-                answers = sampling.generate(generator, tokenizer, heads, cfg, progress=False, mesh=self.mesh,
-                                            seed=int(seed[1]))
-                for i, a in zip(todo, answers):
-                    outs[i], forced[i] = templates.with_answer_marker(outs[i]) + a, True
+                answers, ends = sampling.generate(generator, tokenizer, heads, cfg, progress=False, mesh=self.mesh,
+                                                  seed=int(seed[1]), return_finish=True)
+                for i, a, end in zip(todo, answers, ends):  # the answer's own stop reason is the row's
+                    outs[i], forced[i], finish[i] = templates.with_answer_marker(outs[i]) + a, True, end
         rows = []
-        for p, ex, raw, f in zip(batch, shots, outs, forced):
+        for p, ex, raw, f, end in zip(batch, shots, outs, forced, finish):
             thoughts, answer = templates.parse(raw)
             if answer is None and not self.filter_cfg.require_marker:
                 thoughts, answer = "", templates.parse("\n" + templates.ANSWER + raw)[1]
-            reason = filters.verdict(answer, p["prompt"], ctx)
+            if answer is not None:
+                answer = filters.cut_repeated_sentence(answer)
+            reason = filters.verdict(answer, p["prompt"], ctx, thoughts, end)
             rows.append({"prompt_id": p["prompt_id"], "prompt": p["prompt"], "input": p["input"],
-                         "exemplar_ids": [e.id for e in ex], "raw": raw, "thoughts": thoughts,
-                         "answer": answer, "forced_answer": f, "kept": reason is None, "dropped_by": reason})
+                         "category": p.get("category", ""), "exemplar_ids": [e.id for e in ex], "raw": raw,
+                         "finish": end, "thoughts": thoughts, "answer": answer, "forced_answer": f,
+                         "kept": reason is None, "dropped_by": reason})
         return rows
+
+    def shown(self, rows: list[dict]) -> dict:
+        """How many distinct exemplars the round's prompts saw, the principles their thoughts cite, and the
+        principles one prompt's exemplars cite on average (equal for the fixed and random strategies)."""
+        cites = {e.id: filters.cited_principles(e.thoughts) for e in self.inputs.exemplars}
+        per_row = [set().union(*(cites[i] for i in r["exemplar_ids"])) for r in rows]
+        return {"exemplars_shown": len({i for r in rows for i in r["exemplar_ids"]}),
+                "principles_shown": len(set().union(*per_row)) if per_row else 0,
+                "principles_per_prompt": float(np.mean([len(s) for s in per_row])) if per_row else 0.0}
 
     def exemplars_for(self, t: int, b: int, prompt: dict) -> list[data.Exemplar]:
         e = self.c.exemplars
@@ -455,7 +478,7 @@ class Run:
             key = [self.c.seed, t, b]
         else:
             key = [self.c.seed, t, int(data.prompt_id(prompt["prompt_id"])[1:], 16)]
-        return data.sample_exemplars(self.inputs.exemplars, e.k, e.strategy, key)
+        return data.sample_exemplars(self.inputs.exemplars, e.k, e.strategy, key, e.fixed_ids)
 
     def build_train_set(self, t: int, model, tokenizer, generations: list[dict]) -> list[dict]:
         """Kept pairs, scored for difficulty under the current model and put in the curriculum's order."""
@@ -463,13 +486,15 @@ class Run:
         if os.path.exists(path):
             return [json.loads(line) for line in open(path, encoding="utf-8")]
         kept = [g for g in generations if g["kept"]]
-        pairs = [(templates.user_turn(g["prompt"], g["input"]), g["answer"]) for g in kept]
+        pairs = [(templates.user_turn(g["prompt"], g["input"]), g["answer"], g.get("finish") != "length")
+                 for g in kept]
         cur, tr = self.c.curriculum, self.c.train
         scores = curriculum.difficulty(cur.score, model, tokenizer, pairs, cur.batch_size, self.mesh,
                                        (tr.max_prompt_len, tr.max_response_len))
         idx = curriculum.order(scores, cur.order, [self.c.seed, t, 0xC0])
         rows = [{"prompt_id": kept[i]["prompt_id"], "prompt": pairs[i][0], "response": pairs[i][1],
-                 "difficulty": scores[i], "position": n} for n, i in enumerate(idx)]
+                 "finished": pairs[i][2], "difficulty": scores[i], "position": n}
+                for n, i in enumerate(idx)]
         write_jsonl(path, rows)
         self.metrics.add({"round": t, "phase": "curriculum", "examples": len(rows), "score": cur.score,
                           "order": cur.order, "mean_difficulty": float(np.mean(scores)) if scores else None})
@@ -484,7 +509,7 @@ class Run:
         def log(record):
             self.metrics.add({"round": t, "phase": "train", **record})
 
-        pairs = [(r["prompt"], r["response"]) for r in rows]
+        pairs = [(r["prompt"], r["response"], r.get("finished", True)) for r in rows]  # unfinished: no end of turn
         if not pairs:
             raise UserError(f"round {t}: every generation was filtered out, so there is nothing to train on; see "
                             f"{round_dir(self.workdir, t)}/generations.jsonl (dropped_by) and relax the filters or "
@@ -497,67 +522,71 @@ class Run:
         return model, summary, ckpt_dir
 
     def evaluate(self, t: int, model, tokenizer) -> dict:
-        """Validation score, eval tasks and open-ended answers of the model after round t (0: the base)."""
+        """Validation score (with per-item scores for the guard), eval tasks, open-ended answers and their
+        degeneracy signals of the model after round t (0: the base)."""
         path = os.path.join(round_dir(self.workdir, t), "eval.json")
         found = read_json(path)
         if found is not None:
             return found
         c, out = self.c, {"round": t}
         v = c.validation
+        if self.inputs.open_ended:
+            answers = self.open_ended(model, tokenizer)
+            name = "open_ended.jsonl"
+            write_jsonl(os.path.join(round_dir(self.workdir, t), name), answers)
+            out["open_ended"] = {"file": name, "n": len(answers),
+                                 "signals": signals.summary([a["answer"] for a in answers],
+                                                            [a["finish"] for a in answers])}
         if v.metric == "valid_nll":
             pairs = [(p["prompt"], p["response"]) for p in self.inputs.validation]
             logps = curriculum.response_logps(model, tokenizer, pairs, v.batch_size, self.mesh,
                                               (c.train.max_prompt_len, c.train.max_response_len))
-            out["validation"] = {"metric": "valid_nll", "value": float(-np.concatenate(logps).mean()),
-                                 "n": len(pairs)}
+            items = [float(-np.mean(lp)) for lp in logps]
+        elif v.metric in signals.SIGNALS:
+            key = signals.SIGNALS[v.metric][0]
+            items = [a["signals"][key] for a in answers]
         else:
             res = evaluation.evaluate(model, tokenizer, [v.metric], c.eval.protocol, v.limit or None,
                                       mesh=self.mesh, progress=False)
-            out["validation"] = {"metric": v.metric, "value": res[v.metric]["accuracy"], "n": res[v.metric]["n"]}
+            items = [r["correct"] for r in res[v.metric]["items"]]
+        out["validation"] = {"metric": v.metric, "value": float(np.mean(items)), "n": len(items), "items": items}
         if c.eval.tasks:
             res = evaluation.evaluate(model, tokenizer, evaluation.parse_tasks(c.eval.tasks), c.eval.protocol,
                                       c.eval.limit or None, truthfulqa_file=c.eval.truthfulqa_file or None,
                                       batch_size=c.eval.batch_size, mesh=self.mesh, progress=self.progress)
             out["protocol"] = res.pop("protocol")
             out["tasks"] = res
-        if self.inputs.open_ended:
-            answers = self.open_ended(model, tokenizer)
-            name = "open_ended.jsonl"
-            write_jsonl(os.path.join(round_dir(self.workdir, t), name), answers)
-            out["open_ended"] = {"file": name, "n": len(answers)}
         write_json(path, out)
         summary = {"round": t, "phase": "eval", c.validation.metric: out["validation"]["value"]}
         for task, r in out.get("tasks", {}).items():
             summary[task] = r["accuracy"]
+        for k in ("distinct_2", "repeated_ngram_rate", "length", "truncation_rate"):
+            if "open_ended" in out:
+                summary[f"open_{k}"] = out["open_ended"]["signals"][k]
         self.metrics.add(summary)
         faults.point(f"evaluated_r{t}")
         preemption.check(f"round {t} evaluation")
         return out
 
     def open_ended(self, model, tokenizer) -> list[dict]:
+        """Answers to the open-ended questions in the engraving format, with why each stopped and its signals."""
         qs = self.inputs.open_ended
         heads = [training.engraving_parts(tokenizer, q["prompt"], "")[0] for q in qs]
         templated = bool(tokenizer.chat_template)
-        outs = sampling.generate(model, tokenizer, heads, sampling.SamplingConfig(
+        outs, finish = sampling.generate(model, tokenizer, heads, sampling.SamplingConfig(
             max_new_tokens=self.c.open_ended.max_new_tokens, batch_size=self.c.sampling.batch_size),
-            add_special_tokens=not templated, progress=False, mesh=self.mesh)
-        return [{"prompt_id": q["prompt_id"], "prompt": q["prompt"], "answer": a} for q, a in zip(qs, outs)]
+            add_special_tokens=not templated, progress=False, mesh=self.mesh, return_finish=True)
+        return [{"prompt_id": q["prompt_id"], "prompt": q["prompt"], "answer": a, "finish": f,
+                 "signals": signals.per_answer(a, f)} for q, a, f in zip(qs, outs, finish)]
 
-    def guard(self, t: int, value: float) -> None:
-        """Collapse guard: tracks the best round; stops after `patience` rounds worse than it by > tolerance."""
+    def update_guard(self) -> None:
+        """The collapse guard's decision over every evaluated round (guard.decide), into state."""
         v, st = self.c.validation, self.state
-        st["scores"][str(t)] = value
-        sign = 1.0 if v.metric in HIGHER_IS_BETTER else -1.0
-        best = st["best_round"]
-        if best is None or sign * (value - st["scores"][str(best)]) > 0:
-            st["best_round"] = t
-        worse = 0
-        for r in sorted(int(k) for k in st["scores"]):  # consecutive rounds since the best, beyond tolerance
-            if r > st["best_round"] and sign * (st["scores"][str(st["best_round"])] - st["scores"][str(r)]) > v.tolerance:
-                worse += 1
-        if t > 0 and worse >= v.patience:
-            st["stopped"] = (f"collapse guard: validation {v.metric} worse than round {st['best_round']} for "
-                             f"{worse} round(s); keeping round {st['best_round']}")
+        evals = [read_json(os.path.join(round_dir(self.workdir, t), "eval.json")) for t in [0, *st["finished"]]]
+        evals = [e for e in evals if e is not None]
+        st["scores"] = {str(e["round"]): e["validation"]["value"] for e in evals}
+        st.update(guard.decide([{"round": e["round"], "items": e["validation"]["items"]} for e in evals], v.metric,
+                               v.patience, v.confidence, v.tolerance, v.resamples, self.c.seed))
 
     # -- the loop --
 
@@ -576,8 +605,8 @@ class Run:
         self.log(f"[run] {self.workdir}: {c.rounds} round(s), prompts per round {self.inputs.sizes}, "
                  f"model {c.model.path or c.model.name}, {jax.device_count()} device(s)")
         if "0" not in self.state["scores"]:
-            ev = self.evaluate(0, base, tokenizer)
-            self.guard(0, ev["validation"]["value"])
+            self.evaluate(0, base, tokenizer)
+            self.update_guard()
             write_json(os.path.join(self.workdir, STATE), self.state)
         model = self.resume_model(base)
         for t in range(len(self.state["finished"]) + 1, c.rounds + 1):
@@ -619,13 +648,13 @@ class Run:
             preemption.check(f"round {t} training")
             remove(ckpt_dir)
         ev = self.evaluate(t, trained, tokenizer)
-        self.guard(t, ev["validation"]["value"])
         self.state["finished"].append(t)
+        self.update_guard()
         write_json(os.path.join(self.workdir, STATE), self.state)
         self.metrics.add({"round": t, "phase": "round", "seconds": time.perf_counter() - t0})
         distributed.barrier(f"round {t} done")
-        self.log(f"[round {t}] done: validation {c.validation.metric} {ev['validation']['value']:.4f}, "
-                 f"best round {self.state['best_round']}")
+        self.log(f"[round {t}] done: validation {c.validation.metric} {ev['validation']['value']:.4f} "
+                 f"({guard.describe(self.state['comparisons'].get(str(t)))}), best round {self.state['best_round']}")
         faults.point(f"round_done_r{t}")
         preemption.check(f"round {t}")
         return trained
@@ -636,28 +665,42 @@ class Run:
         return ", ".join(f"{k} {v}" for k, v in counts.items() if k != "kept" and v) or "none"
 
     def table(self) -> str:
-        return round_table(list(self.metrics.rows.values()), self.c.validation.metric, self.c.eval.tasks)
+        return round_table(list(self.metrics.rows.values()), self.c.validation.metric, self.c.eval.tasks,
+                           self.state.get("comparisons", {}), self.c.eval.protocol)
 
 
-def round_table(metrics: list[dict], metric: str, tasks: str = "") -> str:
-    """Markdown table, one line per round: prompts, kept/dropped, difficulty, loss, validation, eval numbers."""
+def round_table(metrics: list[dict], metric: str, tasks: str = "", comparisons: dict | None = None,
+                protocol: str = "") -> str:
+    """Markdown table, one line per round: prompts, kept/dropped, truncated generations, exemplars shown,
+    difficulty, loss, validation with the guard's paired comparison, eval numbers, open-ended signals."""
     by: dict = {}
     for r in metrics:
         by.setdefault(r.get("round"), {}).setdefault(r.get("phase"), []).append(r)
     names = evaluation.parse_tasks(tasks) if tasks else []
-    head = ["round", "prompts", "kept", "dropped", "difficulty", "train loss", metric, *names]
+    opens = [("open_distinct_2", "distinct-2"), ("open_repeated_ngram_rate", "repeated 4-grams"),
+             ("open_truncation_rate", "truncated answers")]
+    opens = [(k, h) for k, h in opens if any(k in r for r in metrics)]
+    shown = [r for r in metrics if r.get("phase") == "generate" and "exemplars_shown" in r]
+    head = ["round", "prompts", "kept", "dropped", "cut by length", *(["exemplars / principles shown"] if shown else []),
+            "difficulty", "train loss", metric, "vs best [interval]" if comparisons is not None else None,
+            *(f"{k} ({protocol})" if protocol else k for k in names), *(h for _, h in opens)]
+    head = [h for h in head if h is not None]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    num = lambda row, k: f"{row[k]:.4f}" if k in row else "-"  # noqa: E731
     for t in sorted(k for k in by if k is not None):
         ph = by[t]
         gen, cur = (ph.get("generate") or [{}])[0], (ph.get("curriculum") or [{}])[0]
         losses = [r["loss"] for r in sorted(ph.get("train", []), key=lambda r: r["step"])]
         ev = (ph.get("eval") or [{}])[0]
         cells = [str(t), str(gen.get("prompts", "-")), str(gen.get("kept", "-")),
-                 str(gen["prompts"] - gen["kept"]) if gen else "-",
-                 f"{cur['mean_difficulty']:.3g}" if cur.get("mean_difficulty") is not None else "-",
-                 f"{np.mean(losses[-max(1, len(losses) // 4):]):.4f}" if losses else "-",
-                 f"{ev[metric]:.4f}" if metric in ev else "-",
-                 *(f"{ev[k]:.4f}" if k in ev else "-" for k in names)]
+                 str(gen["prompts"] - gen["kept"]) if gen else "-", str(gen.get("truncated_generations", "-"))]
+        if shown:
+            cells.append(f"{gen['exemplars_shown']} / {gen['principles_shown']}" if "exemplars_shown" in gen else "-")
+        cells += [f"{cur['mean_difficulty']:.3g}" if cur.get("mean_difficulty") is not None else "-",
+                  f"{np.mean(losses[-max(1, len(losses) // 4):]):.4f}" if losses else "-", num(ev, metric)]
+        if comparisons is not None:
+            cells.append(guard.describe(comparisons.get(str(t))))
+        cells += [num(ev, k) for k in names] + [num(ev, k) for k, _ in opens]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

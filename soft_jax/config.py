@@ -8,6 +8,7 @@ overrides (typed by the default they replace; unknown keys are refused) and vali
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import json
 import os
@@ -15,6 +16,7 @@ from typing import Sequence
 
 import ml_collections
 
+from soft_jax.data.filters import FilterConfig
 from soft_jax.errors import UserError
 from soft_jax.models.config import DTYPES
 
@@ -24,7 +26,10 @@ STRATEGIES = ("fixed", "random")
 GRANULARITIES = ("prompt", "batch")
 ACROSS_ROUNDS = ("none", "prompt_ppl", "prompt_length")
 # Keys a resumed run may change without invalidating finished rounds (checked in bootstrap).
-RESUMABLE_CHANGES = ("rounds", "validation.patience", "validation.tolerance", "progress", "prompts.per_round")
+RESUMABLE_CHANGES = ("rounds", "validation.patience", "validation.tolerance", "validation.confidence",
+                     "validation.resamples", "progress", "prompts.per_round")
+# The paper's benchmarks, run every round (round 0, the base model, included) by the paper configs.
+PAPER_TASKS = "hhh,truthfulqa_mc1,truthfulqa_mc2"
 
 
 def base() -> ml_collections.ConfigDict:
@@ -42,24 +47,30 @@ def base() -> ml_collections.ConfigDict:
     # data_dir and feature names; build one from JSONL with soft_jax.data.tfds.build_prompt_dataset
     c.prompts = dict(path="", per_round=64, tfds="", tfds_split="train", tfds_data_dir="", tfds_prompt_key="prompt")
     c.principles = ""  # text file; "" = the built-in principles
-    # strategy: fixed | random; granularity: prompt | batch (a batch shares exemplars, so its prefix is reused)
-    c.exemplars = dict(path="", k=2, strategy="random", granularity="batch")
+    # strategy: fixed | random; granularity: prompt (each prompt draws its own k) | batch (a batch shares one
+    # draw). fixed_ids: the fixed set; empty = k exemplars covering as many principles as k random ones do on
+    # average (data.choose_fixed), resolved when the run starts and recorded in config.json
+    c.exemplars = dict(path="", k=2, strategy="random", granularity="prompt", fixed_ids=[])
     c.generator = "previous"  # previous (SOFT) | base (ablation: always M0)
     c.sft_start = "continue"  # continue ("step on feet") | reinit (ablation: train M0 on the round's data)
     # force_answer: when the thoughts end without "Assistant:", append the marker and sample the answer
     # (small models often stop after their thoughts; Dromedary's 65B did not need this)
     c.sampling = dict(temperature=0.7, top_p=0.95, top_k=0, max_new_tokens=512, batch_size=16, force_answer=False)
-    c.filters = dict(require_marker=True, min_words=5, max_prompt_similarity=0.9, leak_ngram=10, max_repeated_ngram_fraction=0.5,
-                     max_line_repeats=3)
+    c.filters = dataclasses.asdict(FilterConfig())  # soft_jax.data.filters.FilterConfig documents each
     # score: response_ppl | response_length | prompt_ppl; order: easy_to_hard | hard_to_easy | random | none
-    # across_rounds: none (seeded shuffle) | prompt_ppl | prompt_length (easy prompts feed early rounds)
+    # across_rounds: none (seeded shuffle) | prompt_ppl | prompt_length: prompts go easy to hard across rounds
+    # within each category (hard to easy when order is hard_to_easy); every round keeps the pool's category mix
     c.curriculum = dict(score="response_ppl", order="random", across_rounds="none", batch_size=8)
     c.train = dict(learning_rate=2e-5, batch_size=8, grad_accum=1, epochs=1, max_prompt_len=256,
                    max_response_len=256, warmup_ratio=0.03, max_grad_norm=1.0, weight_decay=0.0, pack=True,
                    remat=False, checkpoint_every=20)
-    # metric: valid_nll (mean response NLL of held-out pairs, lower is better) or an eval task's accuracy
-    # (hhh | truthfulqa_mc1 | truthfulqa_mc2, higher is better, on the first `limit` items)
-    c.validation = dict(path="", metric="valid_nll", patience=1, tolerance=0.0, limit=0, batch_size=8)
+    # metric: valid_nll (mean response NLL per held-out pair, lower is better), an eval task's accuracy
+    # (hhh | truthfulqa_mc1 | truthfulqa_mc2, higher is better, on the first `limit` items) or a degeneracy signal
+    # of the open-ended answers (distinct_2 | repeated_ngram_rate | truncation_rate; needs open_ended.limit).
+    # A round is worse (or better) than the best only when the paired bootstrap interval of the per-item
+    # difference, at `confidence`, lies beyond `tolerance` (confidence 0: the point estimate decides)
+    c.validation = dict(path="", metric="valid_nll", patience=1, tolerance=0.0, confidence=0.95, resamples=2000,
+                        limit=0, batch_size=8)
     c.eval = dict(tasks="", protocol="dromedary", limit=0, batch_size=16, truthfulqa_file="")
     c.open_ended = dict(path="", limit=0, max_new_tokens=256)  # limit 0: no open-ended answers
     return c
@@ -153,6 +164,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         (c.curriculum.across_rounds in ACROSS_ROUNDS, f"curriculum.across_rounds {c.curriculum.across_rounds!r}: "
                                                       f"choose {' | '.join(ACROSS_ROUNDS)}"),
         (c.validation.patience >= 1, f"validation.patience must be at least 1 (got {c.validation.patience})"),
+        (0 <= c.validation.confidence < 1, f"validation.confidence must be in [0, 1) (got {c.validation.confidence})"),
+        (c.validation.resamples >= 100, f"validation.resamples must be at least 100 (got {c.validation.resamples})"),
     ]
     s, tr = c.sampling, c.train
     checks += [(ok, f"{key} = {value!r}: must be {what}") for key, value, ok, what in [
@@ -179,15 +192,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(f"config: {message}")
-    from soft_jax import curriculum, evaluation
+    from soft_jax import curriculum, evaluation, guard, signals
 
     if c.curriculum.order not in curriculum.ORDERS:
         raise UserError(f"config: curriculum.order {c.curriculum.order!r}: choose {' | '.join(curriculum.ORDERS)}")
     if c.curriculum.score not in curriculum.SCORES:
         raise UserError(f"config: curriculum.score {c.curriculum.score!r}: choose {' | '.join(curriculum.SCORES)}")
-    metrics = ("valid_nll", *evaluation.TASKS)
-    if c.validation.metric not in metrics:
-        raise UserError(f"config: validation.metric {c.validation.metric!r}: choose {' | '.join(metrics)}")
+    if c.validation.metric not in guard.METRICS:
+        raise UserError(f"config: validation.metric {c.validation.metric!r}: choose {' | '.join(guard.METRICS)}")
+    if c.validation.metric in signals.SIGNALS and not c.open_ended.limit:
+        raise UserError(f"config: validation.metric {c.validation.metric} is a signal of the open-ended answers; set "
+                        "open_ended.limit to the number of questions to answer each round")
     if c.eval.tasks:
         evaluation.parse_tasks(c.eval.tasks)
     if c.eval.protocol not in evaluation.PROTOCOLS:

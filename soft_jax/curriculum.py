@@ -19,8 +19,8 @@ from soft_jax.training import engraving_parts
 ORDERS = ("easy_to_hard", "hard_to_easy", "random", "none")
 
 
-def _engraved(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    head, tail, templated = engraving_parts(tokenizer, prompt, response)
+def _engraved(tokenizer, prompt: str, response: str, finished: bool = True) -> tuple[list[int], list[int]]:
+    head, tail, templated = engraving_parts(tokenizer, prompt, response, finished)
     return (tokenizer(head, add_special_tokens=not templated)["input_ids"],
             tokenizer(tail, add_special_tokens=False)["input_ids"])
 
@@ -33,8 +33,9 @@ def _perplexity(model, contexts, continuations, batch_size, mesh) -> list[float]
 def response_logps(model, tokenizer, pairs, batch_size=8, mesh=None, max_len=None) -> list[np.ndarray]:
     """Per-token log-probs of each response given its prompt, both in the engraving format.
 
-    max_len (prompt, response) truncates as training does: the prompt on the left, the response on the right."""
-    parts = [_engraved(tokenizer, p, r) for p, r in pairs]
+    pairs: (prompt, response) or (prompt, response, finished), as training takes them; max_len (prompt,
+    response) truncates as training does: the prompt on the left, the response on the right."""
+    parts = [_engraved(tokenizer, *pair) for pair in pairs]
     if max_len:
         parts = [(h[-max_len[0]:], t[:max_len[1]]) for h, t in parts]
     return sampling.score_tokens(model, [h for h, _ in parts], [t for _, t in parts], batch_size=batch_size,
@@ -46,12 +47,12 @@ def response_perplexity(model, tokenizer, pairs, batch_size=8, mesh=None, max_le
 
 
 def response_length(model, tokenizer, pairs, batch_size=8, mesh=None, max_len=None) -> list[float]:
-    return [float(len(_engraved(tokenizer, p, r)[1])) for p, r in pairs]
+    return [float(len(_engraved(tokenizer, *pair)[1])) for pair in pairs]
 
 
 def prompt_perplexity(model, tokenizer, pairs, batch_size=8, mesh=None, max_len=None) -> list[float]:
     """Perplexity of the prompt's tokens under the model, given BOS (or, without one, the first token)."""
-    rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p, _ in pairs]
+    rows = [tokenizer(pair[0], add_special_tokens=False)["input_ids"] for pair in pairs]
     if max_len:
         rows = [r[:max_len[0]] for r in rows]
     bos = tokenizer.bos_token_id

@@ -96,7 +96,8 @@ def _plots(out: str, workdir: str, state: dict, metrics: list[dict], rounds: lis
 def _summary(workdir: str, state: dict, metrics: list[dict], rounds: list[int], plots: list[str]) -> str:
     config = bootstrap.read_json(os.path.join(workdir, bootstrap.CONFIG), {})
     table = bootstrap.round_table(metrics, config.get("validation", {}).get("metric", "valid_nll"),
-                                  config.get("eval", {}).get("tasks", ""))
+                                  config.get("eval", {}).get("tasks", ""), state.get("comparisons", {}),
+                                  config.get("eval", {}).get("protocol", ""))
     lines = [f"# soft-jax run: {os.path.abspath(workdir)}", "",
              f"Model {config.get('model', {}).get('path') or config.get('model', {}).get('name')}; "
              f"{config.get('rounds')} round(s) configured, finished {state['finished']}; best round "

@@ -287,6 +287,12 @@ def generate_tokens(model: Llama, token_rows: Sequence[Sequence[int]], config: S
 
     With config.stop_strings and a tokenizer, rows stop early once their text contains a stop string
     (checked every STOP_STRING_CHUNK tokens; the caller cuts the text at the stop string)."""
+    return _generate_batch(model, token_rows, config, stops, rng, mesh, tokenizer)[0]
+
+
+def _generate_batch(model: Llama, token_rows, config: SamplingConfig, stops, rng=None, mesh=None, tokenizer=None
+                    ) -> tuple[list[list[int]], list[bool]]:
+    """generate_tokens' rows, and for each whether it ended with a stop token."""
     graphdef, state = nnx.split(model)
     batcher = _Batcher(mesh, config.batch_size)
     n = len(token_rows)
@@ -318,11 +324,12 @@ def generate_tokens(model: Llama, token_rows: Sequence[Sequence[int]], config: S
             text = tokenizer.decode(out[i, :step], skip_special_tokens=True)
             done[i] = any(stop in text for stop in config.stop_strings)
         ds = ds.replace(done=batcher.put(done))
-    results = []
+    results, ended = [], []
     for row in to_host(ds.out)[:n, :int(ds.step)]:
         hits = np.flatnonzero(np.isin(row, stops))
         results.append(row[:hits[0]].tolist() if hits.size else row.tolist())
-    return results
+        ended.append(bool(hits.size))
+    return results, ended
 
 
 def _cut_at_stop_strings(text: str, stop_strings) -> str:
@@ -341,11 +348,17 @@ def check_lengths(token_rows, extra: int, context: int, what: str = "prompt") ->
                             f"{context}; shorten it" + (" or lower max_new_tokens" if extra else ""))
 
 
+FINISH_REASONS = ("eos", "stop", "length")  # a stop token, a stop string, the max_new_tokens limit
+
+
 def generate(model: Llama, tokenizer, prompts: Sequence[str], config: SamplingConfig | None = None,
-             add_special_tokens: bool = True, progress: bool = True, mesh=None, **overrides) -> list[str]:
+             add_special_tokens: bool = True, progress: bool = True, mesh=None, return_finish: bool = False,
+             **overrides):
     """Completions (strings) for `prompts`, in order. Settings from `config`, overridden by keywords.
 
     Prompts are processed in batches of config.batch_size; a batch's common token prefix is prefilled once.
+    With return_finish, returns (completions, why each stopped: one of FINISH_REASONS); "length" marks a
+    completion cut by max_new_tokens, not finished by the model.
     """
     config = dataclasses.replace(config or SamplingConfig(), **overrides)
     stops = config.stop_token_ids or stop_ids(tokenizer, model)
@@ -356,21 +369,24 @@ def generate(model: Llama, tokenizer, prompts: Sequence[str], config: SamplingCo
     if mesh is None:  # no padding rows for short lists; a mesh keeps the divisible batch size
         config = dataclasses.replace(config, batch_size=min(config.batch_size, len(token_rows)))
     outputs: list[str] = []
+    finishes: list[str] = []
     key = jax.random.key(config.seed)
     new_tokens, start = 0, time.perf_counter()
     bar = tqdm(total=len(prompts), desc="generating", unit="prompt", disable=not progress)
     for lo in range(0, len(prompts), config.batch_size):
         key, sub = jax.random.split(key)
-        rows = generate_tokens(model, token_rows[lo:lo + config.batch_size], config, stops, rng=sub, mesh=mesh,
-                               tokenizer=tokenizer)
-        for r in rows:
+        rows, ended = _generate_batch(model, token_rows[lo:lo + config.batch_size], config, stops, rng=sub,
+                                      mesh=mesh, tokenizer=tokenizer)
+        for r, eos in zip(rows, ended):
             text = tokenizer.decode(r, skip_special_tokens=True)
-            outputs.append(_cut_at_stop_strings(text, config.stop_strings) if config.stop_strings else text)
+            cut = _cut_at_stop_strings(text, config.stop_strings) if config.stop_strings else text
+            outputs.append(cut)
+            finishes.append("stop" if len(cut) < len(text) else "eos" if eos else "length")
             new_tokens += len(r)
         bar.update(len(rows))
         bar.set_postfix(tok_per_s=f"{new_tokens / (time.perf_counter() - start):.1f}")
     bar.close()
-    return outputs
+    return (outputs, finishes) if return_finish else outputs
 
 
 # --- log-likelihood scoring ---------------------------------------------------------------------

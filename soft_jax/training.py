@@ -99,20 +99,27 @@ class TrainResult:
 # --- rendering ----------------------------------------------------------------------------------
 
 
-def engraving_parts(tokenizer, prompt: str, response: str) -> tuple[str, str, bool]:
-    """(prompt text, response text, whether the texts carry their own special tokens)."""
+def engraving_parts(tokenizer, prompt: str, response: str, finished: bool = True) -> tuple[str, str, bool]:
+    """(prompt text, response text, whether the texts carry their own special tokens).
+
+    finished=False: a response cut by the token limit, which must not learn to end there: the response text
+    stops after the response, without the end-of-turn token(s) (Dromedary trains truncated answers so)."""
     if tokenizer.chat_template:
         user = [{"role": "user", "content": prompt}]
         head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
         tail = full[len(head):] if full.startswith(head) else response + (tokenizer.eos_token or "")
+        at = tail.rfind(response) if response else -1
+        if not finished and at >= 0:
+            tail = tail[:at + len(response)]
         return head, tail, True
-    return PLAIN_PROMPT.format(prompt=prompt), response + (tokenizer.eos_token or ""), False
+    return PLAIN_PROMPT.format(prompt=prompt), response + ((tokenizer.eos_token or "") if finished else ""), False
 
 
-def render(tokenizer, prompt: str, response: str, config: TrainConfig) -> tuple[Example, bool, bool]:
+def render(tokenizer, prompt: str, response: str, config: TrainConfig, finished: bool = True
+           ) -> tuple[Example, bool, bool]:
     """(example, prompt truncated?, response truncated?): prompt cut on the left, response on the right."""
-    head, tail, templated = engraving_parts(tokenizer, prompt, response)
+    head, tail, templated = engraving_parts(tokenizer, prompt, response, finished)
     p = tokenizer(head, add_special_tokens=not templated)["input_ids"]
     r = tokenizer(tail, add_special_tokens=False)["input_ids"]
     cut_p, cut_r = len(p) > config.max_prompt_len, len(r) > config.max_response_len
@@ -329,13 +336,15 @@ def epoch_order(n: int, config: TrainConfig, epoch: int) -> np.ndarray:
     return np.random.default_rng([config.seed, epoch]).permutation(n)
 
 
-def prepare(tokenizer, pairs: Sequence[tuple[str, str]], config: TrainConfig):
-    """Rendered examples and the per-epoch packed rows; counts truncation."""
+def prepare(tokenizer, pairs: Sequence[tuple], config: TrainConfig):
+    """Rendered examples and the per-epoch packed rows; counts truncation.
+
+    pairs: (prompt, response) or (prompt, response, finished); finished=False trains no end of turn."""
     if not pairs:
         raise UserError("the training set is empty (every example was filtered out); check the filters' counts "
                         "or feed more prompts")
     check_overhead(tokenizer, config)
-    rendered = [render(tokenizer, p, r, config) for p, r in pairs]
+    rendered = [render(tokenizer, p, r, config, *finished) for p, r, *finished in pairs]
     examples = [e for e, _, _ in rendered]
     stats = (sum(c for _, c, _ in rendered), sum(c for _, _, c in rendered))
     epochs = [pack([examples[i] for i in epoch_order(len(examples), config, e)], config.row_len, config.pack)
@@ -363,15 +372,15 @@ def batches(epochs: list[dict[str, np.ndarray]], batch_size: int):
 def fingerprint(pairs, config: TrainConfig, model: Llama) -> str:
     h = hashlib.sha256(json.dumps([dataclasses.asdict(config), dataclasses.asdict(model.config)],
                                   sort_keys=True, default=str).encode())
-    for p, r in pairs:
-        h.update(p.encode() + b"\x00" + r.encode() + b"\x01")
+    for p, r, *finished in pairs:
+        h.update(p.encode() + b"\x00" + r.encode() + (b"\x02" if finished == [False] else b"\x01"))
     return h.hexdigest()[:16]
 
 
-def train(model: Llama, tokenizer, pairs: Sequence[tuple[str, str]], config: TrainConfig, mesh=None,
+def train(model: Llama, tokenizer, pairs: Sequence[tuple], config: TrainConfig, mesh=None,
           checkpoint_dir: str | None = None, progress: bool = True,
           log: Callable[[dict], None] | None = None, prepared=None) -> tuple[Llama, TrainResult]:
-    """Fine-tunes on (prompt, response) pairs; resumes from checkpoint_dir's latest step checkpoint.
+    """Fine-tunes on (prompt, response[, finished]) pairs (see prepare); resumes from checkpoint_dir's latest step checkpoint.
 
     prepared: prepare()'s result for these pairs, when the caller already has it.
     `log` receives one dict per step: step, loss, grad_norm, lr-free throughput (tokens/s, TFLOP/s, MFU).

@@ -1,0 +1,55 @@
+"""The collapse guard (METHOD.md, claim 3): which round is best, and when to stop.
+
+Rounds are compared on the same validation items: the per-item scores of a round and of the best round so
+far give a paired bootstrap interval of the mean difference (soft_jax.stats). A round replaces the best
+only when it is better beyond noise, and counts as worse only when it is worse beyond noise; after
+`patience` worse rounds since the best, the run stops and keeps the best. With confidence 0 the point
+estimate decides (the interval has no width).
+
+The decision is a pure function of every evaluated round's per-item scores, so a resumed run (or one
+whose last round is redone) recomputes it from the rounds' eval.json files instead of patching state.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from soft_jax import signals, stats
+
+# metric -> higher is better. valid_nll: mean response NLL per held-out pair; the tasks: per-item accuracy
+# (MC2: the true-answer mass); the degeneracy signals of each open-ended answer (soft_jax.signals).
+METRICS = {"valid_nll": False, "hhh": True, "truthfulqa_mc1": True, "truthfulqa_mc2": True,
+           **{name: higher for name, (_, higher) in signals.SIGNALS.items()}}
+
+
+def decide(rounds: Sequence[dict], metric: str, patience: int, confidence: float = 0.95, tolerance: float = 0.0,
+           resamples: int = 2000, seed: int = 0) -> dict:
+    """{"best_round", "comparisons": {round: interval vs the best before it, with "vs" and "verdict"},
+    "worse": worse rounds since the best, "stopped": why the run stops, or None}.
+
+    rounds: {"round": t, "items": per-item scores} in round order, round 0 (the base model) first."""
+    higher = METRICS[metric]
+    best, worse, comparisons, stopped = None, 0, {}, None
+    for r in rounds:
+        t = r["round"]
+        if best is None:
+            best, best_items = t, r["items"]
+            continue
+        ci = stats.paired_bootstrap(best_items, r["items"], confidence, resamples, seed=[seed, t])
+        verdict = stats.verdict(ci, higher, tolerance)
+        comparisons[str(t)] = {"vs": best, "verdict": verdict, **ci}
+        if verdict == "better":
+            best, best_items, worse = t, r["items"], 0
+        elif verdict == "worse":
+            worse += 1
+        if worse >= patience and stopped is None:
+            stopped = (f"collapse guard: validation {metric} worse than round {best} beyond noise "
+                       f"({confidence:.0%} paired bootstrap) in {worse} round(s); keeping round {best}")
+    return {"best_round": best, "comparisons": comparisons, "worse": worse, "stopped": stopped}
+
+
+def describe(c: dict | None) -> str:
+    """One table cell: the difference to the best round before it, with its interval and verdict."""
+    if not c:
+        return "-"
+    return f"{c['diff']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}] vs r{c['vs']}: {c['verdict']}"
