@@ -1,4 +1,4 @@
-"""Shipped assets, the self-align template and its parsing, the filters, round slices, curriculum orders."""
+"""Shipped assets, the self-align template and its parsing, round slices, curriculum orders."""
 
 import json
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from soft_jax import curriculum, data
-from soft_jax.data import filters, templates
+from soft_jax.data import templates
 from soft_jax.errors import UserError
 
 
@@ -25,10 +25,6 @@ def test_shipped_assets_meet_the_method():
     everything = [p["prompt"] for p in prompts + questions] + [e.prompt for e in exemplars] + \
         [v["prompt"] for v in validation]
     assert len(set(everything)) == len(everything), "held-out sets overlap the prompt pool or the exemplars"
-    ctx = filters.Context(exemplars, principles, filters.FilterConfig())
-    for e in exemplars:  # the exemplars themselves pass every filter but the leak check (they are the source)
-        assert not filters.too_short(e.answer, e.prompt, ctx) and not filters.repetitive(e.answer, e.prompt, ctx)
-        assert filters.verdict(e.answer, e.prompt, ctx) == "leaked_exemplar_or_marker"
 
 
 def test_self_align_prompt_shares_its_prefix_and_parses_back():
@@ -45,35 +41,6 @@ def test_self_align_prompt_shares_its_prefix_and_parses_back():
     assert templates.parse(" just thoughts, no answer") == ("just thoughts, no answer", None)
     forced = templates.with_answer_marker(" thoughts \n") + " The answer."
     assert templates.parse(forced) == ("thoughts", "The answer.")
-
-
-@pytest.mark.parametrize("answer,reason", [
-    (None, "no_answer_marker"),
-    ("Yes.", "too_short"),
-    ("What is the capital city of France?", "copies_prompt"),
-    ("Sure. User: and another question", "leaked_exemplar_or_marker"),
-    ("The answer is " + "very very very " * 10, "repetition"),
-    ("line one here\nline one here\nline one here\nsomething else", "repetition"),
-    ("Paris is the capital of France, and it has been for a long time.", None),
-])
-def test_each_filter_drops_what_it_targets(answer, reason):
-    ex = [data.Exemplar("e1", "Q?", "T.", "Water boils at one hundred degrees Celsius at sea level, which "
-                                       "is a standard fact taught in school")]
-    ctx = filters.Context(ex, "1 (ethical). The assistant is kind and honest in everything it says.",
-                          filters.FilterConfig())
-    assert filters.verdict(answer, "What is the capital city of France?", ctx) == reason
-
-
-def test_leaked_exemplar_text_and_principles_are_dropped():
-    ex = [data.Exemplar("e1", "Q?", "T.", "Water boils at one hundred degrees Celsius at sea level, which "
-                                       "is a standard fact taught in school")]
-    principle = "1 (ethical). The assistant is kind and honest in everything it says."
-    ctx = filters.Context(ex, principle, filters.FilterConfig())
-    leak = "Well, water boils at one hundred degrees Celsius at sea level, which is a standard fact indeed."
-    assert filters.verdict(leak, "q", ctx) == "leaked_exemplar_or_marker"
-    assert filters.verdict("As I was told: " + principle, "q", ctx) == "leaked_exemplar_or_marker"
-    counts = filters.counts([None, "too_short", "too_short", "no_answer_marker"])
-    assert counts["kept"] == 1 and counts["too_short"] == 2 and sum(counts.values()) == 4
 
 
 def test_round_slices_are_disjoint_seeded_and_curriculum_ordered():
