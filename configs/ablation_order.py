@@ -4,8 +4,9 @@
     soft-jax run --config configs/ablation_order.py:hard_to_easy --workdir runs/abl_order_h2e
     soft-jax run --config configs/ablation_order.py:random --workdir runs/abl_order_random
 
-hard_to_easy reverses the within-round order; across rounds, prompts still go easy to hard only for
-easy_to_hard (the others slice a seeded shuffle of the pool), so the orders differ in both places.
+easy_to_hard and hard_to_easy differ only in curriculum.order: the across-rounds slices (by prompt
+perplexity within each category) follow the same direction as the within-round order. random shuffles
+both (across_rounds none): each round is still a stratified sample of the pool's categories.
 """
 
 from soft_jax.config import sibling
@@ -15,5 +16,5 @@ def get_config(arg="easy_to_hard"):
     arg = arg or "easy_to_hard"
     c = sibling(__file__, "soft_plus.py")
     c.curriculum.order = arg  # easy_to_hard | hard_to_easy | random
-    c.curriculum.across_rounds = "prompt_ppl" if arg == "easy_to_hard" else "none"
+    c.curriculum.across_rounds = "none" if arg == "random" else "prompt_ppl"
     return c

@@ -2,14 +2,15 @@
 
     soft-jax run --config configs/demo.py --workdir runs/demo
 
-Built-in principles, exemplars and prompts; 24 prompts per round; validation loss on the built-in
-held-out pairs; a few open-ended answers per round for a judge. A 135M model often ends its internal
-thoughts without writing "Assistant:", so the answer marker is forced (sampling.force_answer). Minutes on a 2-core CPU (README has the
-measured time). The curriculum orders the pool by prompt perplexity (easy prompts feed round 1) and
-each round's data by response perplexity, easy to hard.
+Built-in principles, exemplars and prompts; 24 prompts per round, each with its own 2 exemplars; the
+collapse guard on the built-in held-out pairs; a limited HHH / TruthfulQA MC1 / MC2 (24 items each) and 8
+open-ended answers with their degeneracy signals every round, round 0 included. A 135M model often ends
+its internal thoughts without writing "Assistant:", so the answer marker is forced (sampling.force_answer).
+Minutes on a 2-core CPU (README has the measured time). Prompts go easy to hard by prompt perplexity within
+each category across rounds, and each round's data by response perplexity, easy to hard.
 """
 
-from soft_jax.config import base
+from soft_jax.config import PAPER_TASKS, base
 
 
 def get_config(arg=None):
@@ -17,11 +18,12 @@ def get_config(arg=None):
     c.model.name = "smollm2-135m"
     c.rounds = 2
     c.prompts.per_round = 24
-    c.exemplars.update(k=2, strategy="random", granularity="batch")
+    c.exemplars.update(k=2, strategy="random", granularity="prompt")
     c.sampling.update(temperature=0.7, top_p=0.95, max_new_tokens=128, batch_size=8, force_answer=True)
     c.curriculum.update(score="response_ppl", order="easy_to_hard", across_rounds="prompt_ppl", batch_size=8)
     c.train.update(learning_rate=5e-5, batch_size=2, epochs=2, max_prompt_len=192, max_response_len=192,
                    checkpoint_every=4, warmup_ratio=0.0)
-    c.validation.update(metric="valid_nll", patience=1, tolerance=0.0)
-    c.open_ended.update(limit=4, max_new_tokens=96)
+    c.validation.update(metric="valid_nll", patience=1, tolerance=0.0, confidence=0.95)
+    c.eval.update(tasks=PAPER_TASKS, limit=24)  # the first 24 items of each (HHH: 6 per subset), every round
+    c.open_ended.update(limit=8, max_new_tokens=96)
     return c

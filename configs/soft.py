@@ -4,20 +4,23 @@
     soft-jax run --config configs/soft.py:5 --workdir runs/soft5         # 5 rounds (prompts split evenly)
 
 Each round the previous round's model writes the data and is fine-tuned further ("step on feet").
-The validation loss guards against late-round collapse and the best round is kept.
+Each round's prompts keep the pool's category mix. The validation loss guards against late-round collapse:
+a round is worse than the best only when a paired bootstrap over the validation pairs says so, and the best
+round is kept. HHH and TruthfulQA MC1/MC2 are evaluated every round, round 0 included.
 """
 
-from soft_jax.config import base
+from soft_jax.config import PAPER_TASKS, base
 
 
 def get_config(arg=None):
     c = base()
     c.rounds = int(arg) if arg else 3
     c.prompts.per_round = 0  # the pool split evenly over the rounds
-    c.exemplars.update(k=3, strategy="random", granularity="batch")
+    c.exemplars.update(k=3, strategy="random", granularity="prompt")  # each prompt draws its own 3
     c.generator = "previous"
     c.sft_start = "continue"
     c.curriculum.update(order="random", across_rounds="none")
     c.train.update(epochs=1, max_grad_norm=0.3)
-    c.validation.update(metric="valid_nll", patience=1, tolerance=0.0)
+    c.validation.update(metric="valid_nll", patience=1, tolerance=0.0, confidence=0.95)
+    c.eval.tasks = PAPER_TASKS  # every round, round 0 (the base model) included
     return c

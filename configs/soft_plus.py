@@ -3,9 +3,11 @@
     soft-jax run --config configs/soft_plus.py --workdir runs/soft_plus
     soft-jax run --config configs/soft_plus.py:5 --workdir runs/soft_plus5   # 5 rounds
 
-Across rounds the pool is ordered by prompt perplexity under the base model and sliced, so early rounds
-get easy prompts; within a round the kept pairs are trained in order of response perplexity under the
-current model (easy first, no shuffling). Claim 2 of METHOD.md compares this with configs/soft.py.
+Across rounds, prompts go easy to hard by their perplexity under the base model *within each category*
+(every round keeps the pool's category mix, so the order is not a topic order); within a round the kept
+pairs are trained in order of response perplexity under the current model (easy first, no shuffling).
+Claim 2 of METHOD.md compares this with configs/soft.py: the two differ only in curriculum.order and
+curriculum.across_rounds (tests/test_configs.py checks it).
 """
 
 from soft_jax.config import sibling

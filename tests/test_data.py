@@ -62,7 +62,10 @@ def test_round_slices_are_disjoint_seeded_and_curriculum_ordered():
 
 def test_exemplar_sampling():
     pool = data.load_exemplars()
-    assert [e.id for e in data.sample_exemplars(pool, 3, "fixed", [0])] == [e.id for e in pool[:3]]
+    ids = [pool[5].id, pool[0].id, pool[9].id]
+    assert [e.id for e in data.sample_exemplars(pool, 3, "fixed", [0], ids)] == ids  # the recorded set, in order
+    with pytest.raises(UserError, match="fixed_ids"):
+        data.sample_exemplars(pool, 3, "fixed", [0], ["ex01", "nope", "ex02"])
     draws = {tuple(e.id for e in data.sample_exemplars(pool, 3, "random", [0, 1, b])) for b in range(20)}
     assert len(draws) > 10
     one = data.sample_exemplars(pool, 3, "random", [0, 1, 2])

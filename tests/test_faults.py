@@ -301,7 +301,7 @@ CASES = {  # id: (argv, a phrase the one line must hold)
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A finished one-round tiny run: the work dir that bad reruns and commands must leave untouched."""
-    w = run("tiny.py", tmp_path_factory.mktemp("finished") / "w", "rounds=1")
+    w = run("tiny.py", tmp_path_factory.mktemp("finished") / "w", "rounds=1", "validation.confidence=0")
     assert w.state["best_round"] == 1  # so that --model WORKDIR reads round 1's checkpoint
     return w.path
 
