@@ -530,6 +530,7 @@ class Run:
             return found
         c, out = self.c, {"round": t}
         v = c.validation
+        t0 = time.perf_counter()
         if self.inputs.open_ended:
             answers = self.open_ended(model, tokenizer)
             name = "open_ended.jsonl"
@@ -554,10 +555,11 @@ class Run:
             res = evaluation.evaluate(model, tokenizer, evaluation.parse_tasks(c.eval.tasks), c.eval.protocol,
                                       c.eval.limit or None, truthfulqa_file=c.eval.truthfulqa_file or None,
                                       batch_size=c.eval.batch_size, mesh=self.mesh, progress=self.progress)
-            out["protocol"] = res.pop("protocol")
+            out["protocol"], out["protocol_description"] = res.pop("protocol"), res.pop("protocol_description")
             out["tasks"] = res
         write_json(path, out)
-        summary = {"round": t, "phase": "eval", c.validation.metric: out["validation"]["value"]}
+        summary = {"round": t, "phase": "eval", "seconds": time.perf_counter() - t0,
+                   c.validation.metric: out["validation"]["value"]}
         for task, r in out.get("tasks", {}).items():
             summary[task] = r["accuracy"]
         for k in ("distinct_2", "repeated_ngram_rate", "length", "truncation_rate"):
@@ -604,6 +606,14 @@ class Run:
         base, tokenizer = self.load_base()
         self.log(f"[run] {self.workdir}: {c.rounds} round(s), prompts per round {self.inputs.sizes}, "
                  f"model {c.model.path or c.model.name}, {jax.device_count()} device(s)")
+        if c.eval.tasks:
+            self.log(f"[run] every round (0 = the base model) evaluates {c.eval.tasks} under the {c.eval.protocol} "
+                     f"protocol: {evaluation.DESCRIPTIONS[c.eval.protocol]}"
+                     + ("; its truthfulqa_mc2 is soft-jax's own construction" if c.eval.protocol == "dromedary"
+                        and "truthfulqa_mc2" in c.eval.tasks else ""))
+        v = c.validation
+        self.log(f"[run] collapse guard: validation {v.metric}, a round is better or worse than the best only beyond "
+                 f"noise ({v.confidence:.0%} paired bootstrap interval, tolerance {v.tolerance}), patience {v.patience}")
         if "0" not in self.state["scores"]:
             self.evaluate(0, base, tokenizer)
             self.update_guard()

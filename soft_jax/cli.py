@@ -174,9 +174,11 @@ def cmd_eval(args) -> None:
                                   batch_size=args.batch_size)
     summary = {t: {k: v for k, v in r.items() if k != "items"} for t, r in results.items() if t in tasks}
     write_atomic(args.out, json.dumps(results, indent=1) + "\n")
+    print(f"protocol {args.protocol}: {results['protocol_description']}")
     for task, r in summary.items():
         subsets = ", ".join(f"{k} {v['accuracy']:.3f} (n={v['n']})" for k, v in r.items() if isinstance(v, dict))
-        print(f"{task:16s} {r['accuracy']:.4f} (n={r['n']}, {args.protocol})" + (f"; {subsets}" if subsets else ""))
+        print(f"{task:16s} {r['accuracy']:.4f} (n={r['n']}, {args.protocol})" + (f"; {subsets}" if subsets else "")
+              + (" [soft-jax's own MC2 construction, not the published MC2]" if "construction" in r else ""))
     print(f"wrote {args.out}")
 
 

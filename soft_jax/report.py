@@ -49,7 +49,7 @@ def _plots(out: str, workdir: str, state: dict, metrics: list[dict], rounds: lis
         made.append(name)
 
     evals = {m["round"]: m for m in metrics if m["phase"] == "eval"}
-    keys = sorted({k for m in evals.values() for k in m if k not in ("round", "phase")})
+    keys = sorted({k for m in evals.values() for k in m if k not in ("round", "phase", "seconds")})
     if evals:
         fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
         for ax, k in zip(axes[0], keys):

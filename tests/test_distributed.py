@@ -16,7 +16,8 @@ from test_bootstrap import CONFIGS, TINY, Workdir, round_checksums, run
 
 # greedy (same generations), and a random model repeats itself under greedy decoding: no repetition filter
 EXTRA = ["rounds=1", "prompts.per_round=8", "sampling.temperature=0.0", "train.checkpoint_every=1",
-         "filters.max_repeated_ngram_fraction=1.0", "filters.max_line_repeats=100000", "filters.min_words=0"]
+         "filters.max_repeated_ngram_fraction=1.0", "filters.max_line_repeats=100000", "filters.min_words=0",
+         "filters.max_compression_ratio=1e9"]
 
 
 def _port():
@@ -107,7 +108,8 @@ def test_two_processes_equal_one_and_a_dead_host_stops_both(tmp_path, two):
 MESH_RUN = ["rounds=1", "prompts.per_round=8", "sampling.temperature=0.0", "sampling.batch_size=4",
             "sampling.max_new_tokens=8", "train.batch_size=4", "train.epochs=2", "train.warmup_ratio=0.25",
             "train.checkpoint_every=0", "open_ended.limit=0", "validation.batch_size=8", "progress=false",
-            "filters.max_repeated_ngram_fraction=1.0", "filters.max_line_repeats=100000", "filters.min_words=0"]
+            "filters.max_repeated_ngram_fraction=1.0", "filters.max_line_repeats=100000", "filters.min_words=0",
+         "filters.max_compression_ratio=1e9"]
 
 
 def run_devices(workdir, devices, extra=()):

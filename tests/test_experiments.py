@@ -201,3 +201,15 @@ def test_the_default_filters_drop_truncated_answers_and_the_option_keeps_them():
     assert filters.verdict(answer, "q", keep, thoughts, "length") is None
     assert filters.verdict(answer, "q", drop, thoughts, "eos") is None
     assert config_lib.load(os.path.join(CONFIGS, "soft.py")).filters.keep_truncated is False
+
+
+def test_the_guard_can_read_a_degeneracy_signal_of_the_open_ended_answers(tmp_path):
+    with pytest.raises(config_lib.UserError, match="open_ended.limit"):
+        config_lib.load(os.path.join(CONFIGS, "tiny.py"), ["validation.metric=distinct_2", "open_ended.limit=0"])
+    w = run("tiny.py", tmp_path / "w", "rounds=1", "validation.metric=repeated_ngram_rate", "open_ended.limit=3")
+    for t in (0, 1):
+        ev = json.load(open(os.path.join(w.path, "rounds", f"{t:03d}", "eval.json")))
+        answers = w.rows(t, "open_ended.jsonl")
+        assert ev["validation"]["items"] == [a["signals"]["repeated_ngram_rate"] for a in answers]
+        assert len(answers) == 3 and all(a["finish"] in sampling.FINISH_REASONS for a in answers)
+    assert w.state["comparisons"]["1"]["n"] == 3
