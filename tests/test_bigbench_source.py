@@ -1,0 +1,179 @@
+"""Where the BIG-bench archive comes from: pip's configured index, relative simple-page links, a local archive
+named by $SOFT_JAX_BIGBENCH_ARCHIVE (no network), and no package registry's host written in the sources.
+
+No network: urlopen is replaced by a fake that serves a fake simple page and a small fake archive."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+
+import soft_jax
+from soft_jax.errors import UserError
+from soft_jax.evaluation import data
+
+MIRROR = "https://mirror.example/team/simple"
+
+
+def fake_archive(path) -> str:
+    """A small tar.gz holding every task file under the archive's layout; returns its sha256."""
+    with tarfile.open(path, "w:gz") as tf:
+        for name, member in data.TASK_FILES.items():
+            body = json.dumps({"examples": [], "task": name}).encode()
+            info = tarfile.TarInfo(f"bigbench-1.0.0/{member}")
+            info.size = len(body)
+            tf.addfile(info, io.BytesIO(body))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class FakeIndex:
+    """urlopen's stand-in: serves `pages` (url -> html) and the archive at `archive_url`; records requests."""
+
+    def __init__(self, pages: dict[str, str], archive_url: str, archive_bytes: bytes):
+        self.pages, self.archive_url, self.archive_bytes = pages, archive_url, archive_bytes
+        self.requested: list[str] = []
+
+    def __call__(self, url, timeout=None):
+        url = getattr(url, "full_url", url)
+        self.requested.append(url)
+        if url in self.pages:
+            return io.BytesIO(self.pages[url].encode())
+        if url == self.archive_url:
+            return io.BytesIO(self.archive_bytes)
+        raise urllib.error.URLError(f"fake index has no {url}")
+
+
+def no_network(*args, **kwargs):
+    raise AssertionError(f"the network (or pip) was asked: {args}")
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    """A tmp cache, the fake archive's digest as the expected one, and no local archive configured."""
+    monkeypatch.setenv("SOFT_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(data.ARCHIVE_ENV, raising=False)
+    archive = tmp_path / data.ARCHIVE
+    monkeypatch.setattr(data, "ARCHIVE_SHA256", fake_archive(archive))
+    return archive
+
+
+def serve(monkeypatch, page_url: str, href: str, archive_url: str, archive) -> FakeIndex:
+    page = f'<html><body><a href="{href}">{data.ARCHIVE}</a></body></html>'
+    index = FakeIndex({page_url: page}, archive_url, archive.read_bytes())
+    monkeypatch.setattr(urllib.request, "urlopen", index)
+    return index
+
+
+@pytest.mark.parametrize("configured", [MIRROR, MIRROR + "/"])
+def test_index_comes_from_pip_index_url(fake, monkeypatch, configured):
+    monkeypatch.setenv("PIP_INDEX_URL", configured)
+    monkeypatch.setattr(data.subprocess, "run", no_network)  # $PIP_INDEX_URL wins: pip is not asked
+    archive_url = "https://files.example/bigbench-1.0.0.tar.gz"
+    index = serve(monkeypatch, MIRROR + "/bigbench/", archive_url, archive_url, fake)
+    out = data.task_file("hhh/honest")
+    assert index.requested == [MIRROR + "/bigbench/", archive_url]
+    assert json.load(open(out))["task"] == "hhh/honest"
+
+
+@pytest.mark.parametrize("href, resolved", [
+    ("../../packages/ab/cd/bigbench-1.0.0.tar.gz#sha256=00ff", "https://mirror.example/team/packages/ab/cd/"),
+    ("/files/bigbench-1.0.0.tar.gz", "https://mirror.example/files/"),
+    ("bigbench-1.0.0.tar.gz", MIRROR + "/bigbench/"),
+    ("https://other.example/x/bigbench-1.0.0.tar.gz", "https://other.example/x/"),
+])
+def test_relative_links_are_resolved_against_the_page(fake, monkeypatch, href, resolved):
+    monkeypatch.setenv("PIP_INDEX_URL", MIRROR)
+    index = serve(monkeypatch, MIRROR + "/bigbench/", href, resolved + data.ARCHIVE, fake)
+    data.task_file("truthfulqa/mc")
+    assert index.requested == [MIRROR + "/bigbench/", resolved + data.ARCHIVE]
+    assert (fake.parent / "cache" / "bigbench" / data.ARCHIVE).is_file()  # cached for the next extraction
+
+
+def test_index_from_pip_config_when_no_env_var(fake, monkeypatch, tmp_path):
+    config = tmp_path / "pip.conf"
+    config.write_text("[global]\nindex-url = https://global.example/simple\n"
+                      "[install]\nindex-url = https://install.example/simple/\n")
+    monkeypatch.delenv("PIP_INDEX_URL", raising=False)
+    monkeypatch.setenv("PIP_CONFIG_FILE", str(config))
+    monkeypatch.setenv("HOME", str(tmp_path))  # a user's own pip.conf would override PIP_CONFIG_FILE
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    assert data.index_url() == "https://install.example/simple/"  # `install.` overrides `global.`, as in pip
+
+
+def test_pip_default_index_when_nothing_is_configured(monkeypatch):
+    monkeypatch.delenv("PIP_INDEX_URL", raising=False)
+    monkeypatch.setattr(data, "_configured_index", lambda: "")
+    url = data.index_url()
+    assert urllib.parse.urlsplit(url).netloc in registry_hosts() and url.rstrip("/").endswith("/simple")
+
+
+def test_local_archive_is_used_without_the_network(fake, monkeypatch):
+    monkeypatch.setenv(data.ARCHIVE_ENV, str(fake))
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(data.subprocess, "run", no_network)
+    out = data.task_file("hhh/harmless")
+    assert json.load(open(out))["task"] == "hhh/harmless"
+    assert not (fake.parent / "cache" / "bigbench" / data.ARCHIVE).exists()  # read in place, not copied
+
+
+def test_wrong_local_archive_is_refused_in_one_line(fake, monkeypatch, tmp_path):
+    wrong = tmp_path / "elsewhere" / data.ARCHIVE
+    wrong.parent.mkdir()
+    wrong.write_bytes(b"not the archive")
+    monkeypatch.setenv(data.ARCHIVE_ENV, str(wrong))
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    with pytest.raises(UserError) as e:
+        data.task_file("hhh/helpful")
+    line = str(e.value)
+    assert len(line.splitlines()) == 1 and str(wrong) in line and data.ARCHIVE_ENV in line
+    assert hashlib.sha256(b"not the archive").hexdigest() in line and data.ARCHIVE_SHA256 in line
+    assert not (tmp_path / "cache" / "bigbench" / "tasks").exists()
+
+
+def test_wrong_archive_in_the_cache_is_refused(fake, monkeypatch, tmp_path):
+    cached = tmp_path / "cache" / "bigbench" / data.ARCHIVE
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"truncated")
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    with pytest.raises(UserError, match="delete it"):
+        data.task_file("hhh/other")
+
+
+def test_how_to_get_names_the_env_var():
+    assert data.ARCHIVE_ENV in data.HOW_TO_GET and data.ARCHIVE in data.HOW_TO_GET
+
+
+def registry_hosts() -> set[str]:
+    """pip's own registry hosts (asked of pip in a subprocess, so that none is written in this file)."""
+    code = ("from pip._internal.models.index import PyPI, TestPyPI\n"
+            "for i in (PyPI, TestPyPI): print(i.netloc); print(i.file_storage_domain)")
+    hosts = set(data._ask_pip("-c", code).split())
+    assert len(hosts) == 4, hosts
+    return hosts
+
+
+def test_no_registry_host_in_the_sources():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    files = [os.path.join(root, "README.md")]
+    for top in (os.path.dirname(soft_jax.__file__), os.path.join(root, "tests")):
+        for d, subdirs, names in os.walk(top):
+            subdirs[:] = [s for s in subdirs if s != "__pycache__"]
+            files += [os.path.join(d, n) for n in names]
+    hosts = registry_hosts()
+    any_registry_url = re.compile(r"https?://[^\s/\"'<>]*(pypi|pythonhosted)", re.I)
+    found = []
+    for path in files:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8", errors="ignore")
+        found += [f"{path}: {h}" for h in hosts if h in text]
+        found += [f"{path}: {m.group(0)}" for m in any_registry_url.finditer(text)]
+    assert len(files) > 30 and not found, found
