@@ -91,21 +91,42 @@ def test_kv_cache_per_device_matches_its_sharded_arrays(mesh_shape):
     assert est(cfg, mesh=mesh_shape, sample_batch=4, sample_len=48, sample_prefix=32)["kv_cache"] == per_device
 
 
-def test_training_activations_near_xla_buffer_assignment():
-    """XLA's CPU buffer assignment for the real train step (no remat: the CPU compiler does not exploit remat)."""
-    cfg = tiny(vocab_size=2048, hidden_size=128, intermediate_size=384, num_heads=8, num_kv_heads=4)
-    rows, seq = 2, 128
-    trainer = training.Trainer(init_random(cfg), training.TrainConfig(batch_size=rows, max_prompt_len=64,
-                                                                       max_response_len=64), total_steps=4)
+# Four training shapes, each weighting another part of the estimate: the residual stream and MLP (the first),
+# the float32 attention scores (long rows, small vocabulary), the logits (large vocabulary, short rows), and more
+# untied layers with a wider MLP and fewer KV heads. Measured estimate / XLA temporaries: 1.47, 1.24, 1.24, 1.58.
+# The bound: never below 1 (an estimate under what XLA allocates would pass runs that then run out of memory; the
+# old lower bound, 0.6, let an estimate that dropped the scores, the logits or all but one layer pass), at most 1.8.
+ACTIVATION_SHAPES = {
+    "residual": dict(rows=2, seq=128, model=dict()),
+    "attention": dict(rows=1, seq=256, model=dict(vocab_size=512)),
+    "logits": dict(rows=4, seq=32, model=dict(vocab_size=8192)),
+    "untied-4-layers": dict(rows=2, seq=64,
+                            model=dict(tied=False, num_layers=4, intermediate_size=768, num_kv_heads=2)),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(ACTIVATION_SHAPES))
+def test_training_activations_near_xla_buffer_assignment(shape):
+    """XLA's buffer assignment for the real train step (no remat: the CPU compiler does not exploit remat):
+    its arguments are the parameters + Adam moments (+ the batch), and the estimate's gradients + activations +
+    logits are 1-1.8x its temporaries, for four shapes."""
+    spec = ACTIVATION_SHAPES[shape]
+    cfg = tiny(**{**dict(vocab_size=2048, hidden_size=128, intermediate_size=384, num_heads=8, num_kv_heads=4),
+                  **spec["model"]})
+    rows, seq = spec["rows"], spec["seq"]
+    trainer = training.Trainer(init_random(cfg), training.TrainConfig(batch_size=rows, max_prompt_len=seq // 2,
+                                                                       max_response_len=seq // 2), total_steps=4)
     z = np.zeros((rows, seq), np.int32)
     batch = dict(inputs=z, targets=z, segment_ids=z + 1, positions=np.tile(np.arange(seq, dtype=np.int32), (rows, 1)),
                  weights=np.ones((rows, seq), np.float32))
     stats = trainer._step.lower(trainer.params, trainer.opt_state, trainer.put_batch(batch),
                                 jnp.float32(0.1)).compile().memory_analysis()
+    assert stats is not None, "the compiled train step gives no memory analysis on " + jax.devices()[0].platform
     e = est(cfg, train_batch=rows, train_seq=seq)
-    assert stats.argument_size_in_bytes - (e["params"] + e["optimizer"]) < 64 * 1024  # + the batch
+    scalars = stats.argument_size_in_bytes - (e["params"] + e["optimizer"] + nbytes(batch))
+    assert 0 <= scalars <= 16, (stats.argument_size_in_bytes, e["params"], e["optimizer"])  # Adam's count, the lr
     working = e["gradients"] + e["activations"] + e["logits"]
-    assert 0.6 < working / stats.temp_size_in_bytes < 1.8, (working, stats.temp_size_in_bytes)
+    assert 1.0 <= working / stats.temp_size_in_bytes < 1.8, (working, stats.temp_size_in_bytes)
 
 
 SHARD_SCRIPT = r"""
@@ -213,11 +234,43 @@ def test_for_run_reads_the_run_config():
                                 sample_new=c.sampling.max_new_tokens, sample_prefix=64, keep_base=True)
 
 
-def test_tables_and_device_memory():
+def test_tables():
     assert memory.table([{"a": 1, "b": "x"}]) == "| a | b |\n|---|---|\n| 1 | x |"
     text = memory.preset_table()
     lines = text.splitlines()
     assert len(lines) == 2 + len(memory.TABLE_MODELS) * 2 * len(memory.TABLE_MESHES)
     assert lines[0].startswith("| model | params |") and "| llama2-7b | bf16 | tpu-host (1, 8, 1) |" in text
-    if jax.devices()[0].platform == "cpu":
-        assert memory.device_memory() is None
+
+
+class FakeDevice:
+    def __init__(self, platform, stats=None, error=None):
+        self.platform, self._stats, self._error = platform, stats, error
+
+    def memory_stats(self):
+        if self._error:
+            raise self._error
+        return self._stats
+
+
+@pytest.mark.parametrize("device, expected", [
+    (FakeDevice("cpu", {"bytes_limit": 64 * GIB}), None),  # host RAM is not checked, whatever jax says
+    (FakeDevice("gpu", {"bytes_limit": 80 * GIB, "bytes_in_use": 3 * GIB}), 80 * GIB),
+    (FakeDevice("tpu", {"bytes_limit": 16 * GIB}), 16 * GIB),
+    (FakeDevice("gpu", {"bytes_in_use": GIB}), None),  # no limit reported
+    (FakeDevice("gpu", None), None),  # memory_stats() gives None
+    (FakeDevice("tpu", error=NotImplementedError("no memory_stats")), None),
+], ids=["cpu", "gpu", "tpu", "no-limit", "no-stats", "stats-raise"])
+def test_device_memory_is_device_0s_bytes_limit(monkeypatch, device, expected):
+    """device_memory() on each kind of device, whatever this machine's platform is."""
+    monkeypatch.setattr(jax, "devices", lambda *backend: [device, FakeDevice("gpu", {"bytes_limit": 1})])
+    assert memory.device_memory() == expected
+
+
+def test_device_memory_of_this_machine():
+    device = jax.devices()[0]
+    got = memory.device_memory()
+    if device.platform == "cpu":
+        assert got is None
+    else:  # GPU/TPU: jax's own figure for device 0 (its allocator's limit), a positive number of bytes
+        limit = (device.memory_stats() or {}).get("bytes_limit")
+        assert got == limit and (limit is None or limit > 0), (got, limit)
