@@ -5,12 +5,14 @@ import os
 import subprocess
 import sys
 
+# Hard dependencies (setup.py's install_requires: tensorflow-datasets, which requires array_record): imported
+# plainly, so a broken install fails here instead of skipping the file.
+import array_record.python.array_record_data_source  # noqa: F401  (what tfds reads array_record files with)
 import pytest
+import tensorflow_datasets  # noqa: F401
 
-pytest.importorskip("tensorflow_datasets")
-
-from soft_jax.data import tfds as T  # noqa: E402
-from soft_jax.errors import UserError  # noqa: E402
+from soft_jax.data import tfds as T
+from soft_jax.errors import UserError
 
 ROWS = [{"prompt": f"Prompt {i}: ünïcode ✓", "id": f"q{i}", **({"input": f"ctx {i}"} if i % 3 == 0 else {})}
         for i in range(25)]  # > 10 rows: a string sort of the keys would reorder them
