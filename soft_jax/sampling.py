@@ -611,17 +611,32 @@ def score_tokens(model: Llama, contexts: Sequence[Sequence[int]], continuations:
     return out
 
 
+def score_ids(tokenizer, contexts: Sequence[str], continuations: Sequence[str]) -> tuple[list, list]:
+    """(context token lists, continuation token lists) that `score` runs: each context's trailing whitespace
+    (whatever str.rstrip() removes, newlines too, as lm-evaluation-harness's _encode_pair moves) goes onto
+    the front of its continuation, then each part is tokenized with no special tokens added. So "A: " +
+    "The" is "A:" + " The", the natural boundary, not "A:", " " then "The". A context that is whitespace
+    only keeps it (it needs a token)."""
+    ctx, cont = [], []
+    for c, k in zip(contexts, continuations):
+        cut = len(c.rstrip()) or len(c)
+        ctx.append(tokenizer(c[:cut], add_special_tokens=False)["input_ids"])
+        cont.append(tokenizer(c[cut:] + k, add_special_tokens=False)["input_ids"])
+    return ctx, cont
+
+
 def score(model: Llama, tokenizer, contexts: Sequence[str], continuations: Sequence[str], batch_size: int = 16,
           mesh=None, progress: bool = False, per_token: bool = False):
     """Summed log-probability of each continuation given its context.
 
-    Tokens are tokenizer(context) + tokenizer(continuation), no special tokens added. Rows sharing a
-    context prefix reuse its KV cache. With per_token=True, returns the list of per-token arrays too.
+    Tokens are those of `score_ids`: the context's trailing whitespace moves onto the continuation, then
+    tokenizer(context) + tokenizer(continuation), no special tokens added; the continuation's log-probability
+    includes the moved whitespace's. Rows sharing a context prefix reuse its KV cache. With per_token=True,
+    returns the list of per-token arrays too.
     """
     if len(contexts) != len(continuations):
         raise UserError(f"score: {len(contexts)} contexts but {len(continuations)} continuations")
-    ctx = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in contexts]
-    cont = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
+    ctx, cont = score_ids(tokenizer, contexts, continuations)
     check_lengths(ctx, 0, model.config.max_position_embeddings, "context")
     check_lengths(cont, 0, model.config.max_position_embeddings, "continuation")
     check_lengths([a + b for a, b in zip(ctx, cont)], 0, model.config.max_position_embeddings, "row")

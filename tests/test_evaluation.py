@@ -79,12 +79,23 @@ def _lcp(a, b):
     return n
 
 
+def _whole_split(tok, ctx, cont):
+    """(context tokens, continuation tokens) from one tokenization of the whole string ctx + cont, cut before the
+    first token whose character span starts at or after the end of the context's text less its trailing
+    whitespace (where lm-evaluation-harness puts the boundary: "\nA: " + "The" scores " The")."""
+    enc = tok(ctx + cont, add_special_tokens=False, return_offsets_mapping=True)
+    end = len(ctx.rstrip())
+    cut = next(i for i, (start, _) in enumerate(enc["offset_mapping"]) if start >= end)
+    assert enc["offset_mapping"][cut - 1][1] <= end, (ctx, cont)  # no token straddles the boundary
+    return enc["input_ids"][:cut], enc["input_ids"][cut:]
+
+
 def _ref_logprobs(hf, tok, groups):
-    """{(context, continuation): summed log p(continuation | context)} over tokens tokenizer(context) +
-    tokenizer(continuation), from transformers forward passes; `groups` are lists of pairs whose prompts share
-    a head (one question's). Each group's common token prefix runs once at batch 1 (continuing the previous
-    group's cache where the two agree); its sequences' remainders then run together on copies of that cache,
-    right-padded (a causal model's real tokens never attend to later padding)."""
+    """{(context, continuation): summed log p(continuation | context)} over the whole string's tokens, split at
+    the context's end (`_whole_split`), from transformers forward passes; `groups` are lists of pairs whose
+    prompts share a head (one question's). Each group's common token prefix runs once at batch 1 (continuing the
+    previous group's cache where the two agree); its sequences' remainders then run together on copies of that
+    cache, right-padded (a causal model's real tokens never attend to later padding)."""
     import copy
     import inspect
 
@@ -96,8 +107,7 @@ def _ref_logprobs(hf, tok, groups):
     for pairs in groups:
         seqs = {}  # tokens run -> [(pair, position predicting the continuation's first token, continuation)]
         for ctx, cont in dict.fromkeys(pairs):
-            a = tok(ctx, add_special_tokens=False)["input_ids"]
-            b = tok(cont, add_special_tokens=False)["input_ids"]
+            a, b = _whole_split(tok, ctx, cont)
             seqs.setdefault(tuple(a + b if len(b) > 1 else a), []).append(((ctx, cont), len(a) - 1, b))
         first = next(iter(seqs))
         head = min([_lcp(first, s) for s in seqs] + [r[1] for reads in seqs.values() for r in reads])
@@ -187,3 +197,37 @@ def test_decisions_equal_an_independent_transformers_reference(smollm2, smollm2_
             assert ours["prediction"] in best, (task, i, ours["scores"], scores.tolist())
             if len(best) > 1:
                 assert np.flatnonzero(np.array(ours["scores"]) == max(ours["scores"])).tolist() == best.tolist()
+
+
+MC1_LIMIT = 42  # 40 decisions compared at least
+# float32 (eps 1.2e-7) through 30 layers, logits of magnitude ~20, sums over up to ~30 answer tokens: the sums
+# agree with transformers' to 1e-4 (measured: 9.6e-5 at most on 40 items); the bug this test is for moves them
+# by up to 15.7. A decision is compared where the reference's best two answers are further apart than 2 * atol.
+MC1_ATOL = 1e-3
+
+
+@pytest.mark.slow
+def test_mc1_loglik_scores_answers_from_the_natural_token_boundary(smollm2, smollm2_hf):
+    """BIG-bench's MC1 context ends in "\nA: ": each answer is scored as the whole string tokenizes (" The", not a
+    lone " " then "The"), against transformers over that tokenization; decisions and summed scores agree."""
+    model, tok = smollm2
+    items = evaluation.load_items("truthfulqa_mc1", MC1_LIMIT)
+    ours = evaluation.evaluate(model, tok, ["truthfulqa_mc1"], "loglik", limit=MC1_LIMIT, progress=False)
+    ours = ours["truthfulqa_mc1"]["items"]
+    prefix = json.load(open(data.task_file("truthfulqa/mc")))["task_prefix"]
+    groups = [_ref_pairs(tok, "truthfulqa_mc1", it, "loglik", (prefix, None)) for it in items]
+    (space,) = tok(" ", add_special_tokens=False)["input_ids"]
+    for ctx, cont in (p for g in groups for p in g):  # the case this test is for: the old split had a lone " "
+        assert ctx.endswith("\nA: ") and tok(ctx, add_special_tokens=False)["input_ids"][-1] == space
+        assert _whole_split(tok, ctx, cont)[1][0] != space
+    ref = _ref_logprobs(smollm2_hf, tok, groups)
+    assert len(items) == len(ours) == MC1_LIMIT
+    compared = 0
+    for i, (row, pairs) in enumerate(zip(ours, groups)):
+        scores = np.array([ref[p] for p in pairs])
+        np.testing.assert_allclose(row["scores"], scores, atol=MC1_ATOL, err_msg=f"item {i}")
+        top = np.sort(scores)[::-1]
+        if top[0] - top[1] > 2 * MC1_ATOL:  # a closer call is a float32 tie: either answer may win
+            assert row["prediction"] == int(np.argmax(scores)), (i, row["scores"], scores.tolist())
+            compared += 1
+    assert compared >= 40

@@ -141,6 +141,51 @@ def test_scores_match_transformers_log_probabilities(tiny_hf):
         np.testing.assert_allclose(got, ref, atol=1e-4)
 
 
+# Contexts ending in whitespace (BIG-bench's TruthfulQA MC1 context ends in "\nA: "), and a few that do not.
+BOUNDARY_PAIRS = [("Q: What happens if you eat watermelon seeds?\nA: ", "The watermelon seeds pass through you."),
+                  ("Q: What happens if you eat watermelon seeds?\nA: ", "Nothing happens"),
+                  ("Q: x\nA: ", "Yes."), ("Answer: ", "two"), ("Answer: ", "yes"),
+                  ("Answer:  ", "two"),  # two spaces: the whole string has a lone " " token, then " two"
+                  ("Q: x\nA:\n", "The end."), ("Name:\t", "Bob"), ("Assistant:", " A"), ("no space", " here")]
+
+
+def _whole_split(tok, ctx, cont):
+    """An independent split: ctx + cont tokenized once, cut before the first token whose character span starts
+    at or after the end of the context's text less its trailing whitespace."""
+    enc = tok(ctx + cont, add_special_tokens=False, return_offsets_mapping=True)
+    end = len(ctx.rstrip())
+    cut = next(i for i, (start, _) in enumerate(enc["offset_mapping"]) if start >= end)
+    assert enc["offset_mapping"][cut - 1][1] <= end  # no token straddles the boundary
+    return enc["input_ids"][:cut], enc["input_ids"][cut:]
+
+
+def test_score_tokens_split_at_the_natural_boundary(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    (space,) = tok(" ", add_special_tokens=False)["input_ids"]
+    ctx, cont = sampling.score_ids(tok, [c for c, _ in BOUNDARY_PAIRS], [k for _, k in BOUNDARY_PAIRS])
+    for (c, k), a, b in zip(BOUNDARY_PAIRS, ctx, cont):
+        assert (a, b) == _whole_split(tok, c, k), (c, k)
+        if c.endswith(" ") and not c.endswith("  "):
+            # tokenized alone, such a context ends in a lone " " token; scored, the answer starts " The", " two"
+            assert tok(c, add_special_tokens=False)["input_ids"][-1] == space and b[0] != space, (c, k)
+    assert [tok.decode(b[:1]) for b in cont[:4]] == [" The", " Nothing", " Yes", " two"]
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]
+    assert sampling.score_ids(tok, ["  "], ["x"]) == ([ids("  ")], [ids("x")])  # a context needs a token: it keeps them
+
+
+def test_score_equals_a_full_forward_pass_over_the_whole_string(tiny_chat, smollm2_tokenizer):
+    model, _ = models.load(tiny_chat, progress=False)
+    tok = smollm2_tokenizer
+    ours = sampling.score(model, tok, [c for c, _ in BOUNDARY_PAIRS], [k for _, k in BOUNDARY_PAIRS], batch_size=4)
+    for (c, k), got in zip(BOUNDARY_PAIRS, ours):
+        a, b = _whole_split(tok, c, k)
+        logits = np.asarray(model(jnp.asarray([a + b]))[0], np.float64)
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        ref = sum(logp[len(a) - 1 + i, t] for i, t in enumerate(b))
+        assert got == pytest.approx(ref, abs=1e-4), (c, k)
+
+
 MESH_SCRIPT = r"""
 import json, sys
 import jax
