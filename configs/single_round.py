@@ -23,4 +23,5 @@ def get_config(arg=None):
     c.curriculum.update(order="random", across_rounds="none")
     c.train.update(epochs=1, max_grad_norm=0.3)
     c.eval.tasks = PAPER_TASKS
+    c.open_ended.limit = 45  # the built-in questions: answers for a judge, and their degeneracy signals
     return c

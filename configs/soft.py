@@ -23,4 +23,5 @@ def get_config(arg=None):
     c.train.update(epochs=1, max_grad_norm=0.3)
     c.validation.update(metric="valid_nll", patience=1, tolerance=0.0, confidence=0.95)
     c.eval.tasks = PAPER_TASKS  # every round, round 0 (the base model) included
+    c.open_ended.limit = 45  # the built-in questions: answers for a judge, and the rounds' degeneracy signals
     return c

@@ -12,6 +12,7 @@ import shlex
 import os
 import sys
 
+from soft_jax import settings
 from soft_jax.errors import UserError
 from soft_jax.preemption import Preempted
 
@@ -240,12 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="one prompt")
     p.add_argument("--prompts", help="JSONL file, one {\"prompt\": ..., \"id\": ...} per line")
     p.add_argument("--out", help="output JSONL (default: print to stdout)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
+    s = settings.SamplingConfig()  # the flags' defaults are the API's
+    p.add_argument("--max-new-tokens", type=int, default=s.max_new_tokens)
+    p.add_argument("--temperature", type=float, default=s.temperature, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=s.top_p)
+    p.add_argument("--top-k", type=int, default=s.top_k)
+    p.add_argument("--seed", type=int, default=s.seed)
+    p.add_argument("--batch-size", type=int, default=s.batch_size)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); cut before it")
     p.add_argument("--chat", dest="chat", action="store_true", default=None,
                    help="wrap prompts in the model's chat template (default when it has one)")
@@ -267,18 +269,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="JSONL, one {\"prompt\": ..., \"response\": ...} per line")
     p.add_argument("--out", required=True, help="output HF checkpoint directory")
     p.add_argument("--param-dtype", default=None, help="parameter dtype (default: --dtype); float32 for bf16 compute")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=2e-5)
-    p.add_argument("--warmup-steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--max-prompt-len", type=int, default=256)
-    p.add_argument("--max-response-len", type=int, default=256)
-    p.add_argument("--order", default="shuffle", help="shuffle | given")
-    p.add_argument("--seed", type=int, default=0)
+    t = settings.TrainConfig()
+    p.add_argument("--epochs", type=int, default=t.epochs)
+    p.add_argument("--lr", type=float, default=t.learning_rate)
+    p.add_argument("--warmup-steps", type=int, default=t.warmup_steps, help=f"default: {t.warmup_ratio} of the steps")
+    p.add_argument("--batch-size", type=int, default=t.batch_size)
+    p.add_argument("--grad-accum", type=int, default=t.grad_accum)
+    p.add_argument("--max-prompt-len", type=int, default=t.max_prompt_len)
+    p.add_argument("--max-response-len", type=int, default=t.max_response_len)
+    p.add_argument("--order", default=t.order, help=" | ".join(settings.TRAIN_ORDERS))
+    p.add_argument("--seed", type=int, default=t.seed)
     p.add_argument("--remat", action="store_true")
     p.add_argument("--checkpoint-dir", help="Orbax step checkpoints; a rerun resumes from the latest")
-    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every)
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("run", help="run or resume SOFT / SOFT+ rounds from a config (see configs/)")

@@ -16,9 +16,9 @@ from typing import Sequence
 
 import ml_collections
 
+from soft_jax import settings
 from soft_jax.data.filters import FilterConfig
 from soft_jax.errors import UserError
-from soft_jax.models.config import DTYPES
 
 GENERATORS = ("previous", "base")
 SFT_STARTS = ("continue", "reinit")
@@ -55,15 +55,17 @@ def base() -> ml_collections.ConfigDict:
     c.sft_start = "continue"  # continue ("step on feet") | reinit (ablation: train M0 on the round's data)
     # force_answer: when the thoughts end without "Assistant:", append the marker and sample the answer
     # (small models often stop after their thoughts; Dromedary's 65B did not need this)
-    c.sampling = dict(temperature=0.7, top_p=0.95, top_k=0, max_new_tokens=512, batch_size=16, force_answer=False)
+    c.sampling = settings.defaults(settings.SamplingConfig, "top_k batch_size", temperature=0.7, top_p=0.95,
+                                   max_new_tokens=512, force_answer=False)
     c.filters = dataclasses.asdict(FilterConfig())  # soft_jax.data.filters.FilterConfig documents each
     # score: response_ppl | response_length | prompt_ppl; order: easy_to_hard | hard_to_easy | random | none
     # across_rounds: none (seeded shuffle) | prompt_ppl | prompt_length: prompts go easy to hard across rounds
     # within each category (hard to easy when order is hard_to_easy); every round keeps the pool's category mix
     c.curriculum = dict(score="response_ppl", order="random", across_rounds="none", batch_size=8)
-    c.train = dict(learning_rate=2e-5, batch_size=8, grad_accum=1, epochs=1, max_prompt_len=256,
-                   max_response_len=256, warmup_ratio=0.03, max_grad_norm=1.0, weight_decay=0.0, pack=True,
-                   remat=False, checkpoint_every=20)
+    # SFT: TrainConfig's defaults (soft_jax.settings documents each), with step checkpoints every 20 steps
+    c.train = settings.defaults(settings.TrainConfig, "learning_rate batch_size grad_accum epochs max_prompt_len "
+                                "max_response_len warmup_ratio max_grad_norm weight_decay pack remat",
+                                checkpoint_every=20)
     # metric: valid_nll (mean response NLL per held-out pair, lower is better), an eval task's accuracy
     # (hhh | truthfulqa_mc1 | truthfulqa_mc2, higher is better, on the first `limit` items) or a degeneracy signal
     # of the open-ended answers (distinct_2 | repeated_ngram_rate | truncation_rate; needs open_ended.limit).
@@ -167,46 +169,36 @@ def validate(c: ml_collections.ConfigDict) -> None:
         (0 <= c.validation.confidence < 1, f"validation.confidence must be in [0, 1) (got {c.validation.confidence})"),
         (c.validation.resamples >= 100, f"validation.resamples must be at least 100 (got {c.validation.resamples})"),
     ]
-    s, tr = c.sampling, c.train
     checks += [(ok, f"{key} = {value!r}: must be {what}") for key, value, ok, what in [
-        ("sampling.temperature", s.temperature, s.temperature >= 0, ">= 0 (0 = greedy)"),
-        ("sampling.top_p", s.top_p, 0 < s.top_p <= 1, "in (0, 1]"),
-        ("sampling.top_k", s.top_k, s.top_k >= 0, ">= 0 (0 = off)"),
-        ("sampling.max_new_tokens", s.max_new_tokens, s.max_new_tokens >= 1, ">= 1"),
-        ("sampling.batch_size", s.batch_size, s.batch_size >= 1, ">= 1"),
-        ("train.batch_size", tr.batch_size, tr.batch_size >= 1, ">= 1"),
-        ("train.grad_accum", tr.grad_accum, tr.grad_accum >= 1 and tr.batch_size % max(tr.grad_accum, 1) == 0,
-         ">= 1 and divide train.batch_size"),
-        ("train.epochs", tr.epochs, tr.epochs >= 1, ">= 1"),
-        ("train.learning_rate", tr.learning_rate, tr.learning_rate > 0, "> 0"),
-        ("train.warmup_ratio", tr.warmup_ratio, 0 <= tr.warmup_ratio < 1, "in [0, 1): a fraction of the steps"),
-        ("train.weight_decay", tr.weight_decay, tr.weight_decay >= 0, ">= 0"),
-        ("train.max_grad_norm", tr.max_grad_norm, tr.max_grad_norm >= 0, ">= 0 (0 = no clipping)"),
-        ("train.max_prompt_len", tr.max_prompt_len, tr.max_prompt_len >= 1, ">= 1"),
-        ("train.max_response_len", tr.max_response_len, tr.max_response_len >= 1, ">= 1"),
-        ("train.checkpoint_every", tr.checkpoint_every, tr.checkpoint_every >= 0, ">= 0 (0 = only when stopped)"),
-        ("model.dtype", c.model.dtype, c.model.dtype in DTYPES, " | ".join(DTYPES)),
-        ("model.param_dtype", c.model.param_dtype, c.model.param_dtype in ("", *DTYPES),
-         " | ".join(DTYPES) + " (empty: model.dtype)"),
+        ("model.dtype", c.model.dtype, c.model.dtype in settings.DTYPES, " | ".join(settings.DTYPES)),
+        ("model.param_dtype", c.model.param_dtype, c.model.param_dtype in ("", *settings.DTYPES),
+         " | ".join(settings.DTYPES) + " (empty: model.dtype)"),
     ]]
     for ok, message in checks:
         if not ok:
             raise UserError(f"config: {message}")
-    from soft_jax import curriculum, evaluation, guard, signals
+    for name, cls in (("train", settings.TrainConfig), ("sampling", settings.SamplingConfig)):
+        try:  # the settings check themselves (soft_jax.settings): one set of rules for runs, commands and API
+            cls(**settings.fields(cls, c[name]))
+        except UserError as e:
+            raise UserError(f"config: {name}.{e}") from None
+    from soft_jax import guard, signals
 
-    if c.curriculum.order not in curriculum.ORDERS:
-        raise UserError(f"config: curriculum.order {c.curriculum.order!r}: choose {' | '.join(curriculum.ORDERS)}")
-    if c.curriculum.score not in curriculum.SCORES:
-        raise UserError(f"config: curriculum.score {c.curriculum.score!r}: choose {' | '.join(curriculum.SCORES)}")
+    if c.curriculum.order not in settings.CURRICULUM_ORDERS:
+        raise UserError(f"config: curriculum.order {c.curriculum.order!r}: choose "
+                        f"{' | '.join(settings.CURRICULUM_ORDERS)}")
+    if c.curriculum.score not in settings.DIFFICULTY_SCORES:
+        raise UserError(f"config: curriculum.score {c.curriculum.score!r}: choose "
+                        f"{' | '.join(settings.DIFFICULTY_SCORES)}")
     if c.validation.metric not in guard.METRICS:
         raise UserError(f"config: validation.metric {c.validation.metric!r}: choose {' | '.join(guard.METRICS)}")
     if c.validation.metric in signals.SIGNALS and not c.open_ended.limit:
         raise UserError(f"config: validation.metric {c.validation.metric} is a signal of the open-ended answers; set "
                         "open_ended.limit to the number of questions to answer each round")
     if c.eval.tasks:
-        evaluation.parse_tasks(c.eval.tasks)
-    if c.eval.protocol not in evaluation.PROTOCOLS:
-        raise UserError(f"config: eval.protocol {c.eval.protocol!r}: choose {' | '.join(evaluation.PROTOCOLS)}")
+        settings.parse_tasks(c.eval.tasks)
+    if c.eval.protocol not in settings.PROTOCOLS:
+        raise UserError(f"config: eval.protocol {c.eval.protocol!r}: choose {' | '.join(settings.PROTOCOLS)}")
 
 
 def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:

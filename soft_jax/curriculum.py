@@ -12,11 +12,11 @@ from typing import Sequence
 
 import numpy as np
 
-from soft_jax import sampling
+from soft_jax import sampling, settings
 from soft_jax.errors import UserError
-from soft_jax.training import engraving_parts
+from soft_jax.data.templates import engraving_parts
 
-ORDERS = ("easy_to_hard", "hard_to_easy", "random", "none")
+ORDERS = settings.CURRICULUM_ORDERS
 
 
 def _engraved(tokenizer, prompt: str, response: str, finished: bool = True) -> tuple[list[int], list[int]]:
@@ -64,6 +64,7 @@ def prompt_perplexity(model, tokenizer, pairs, batch_size=8, mesh=None, max_len=
 
 
 SCORES = {"response_ppl": response_perplexity, "response_length": response_length, "prompt_ppl": prompt_perplexity}
+assert tuple(SCORES) == settings.DIFFICULTY_SCORES
 
 
 def difficulty(kind: str, model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 8, mesh=None,

@@ -350,22 +350,22 @@ def model_config(c) -> tuple[ModelConfig, object]:
 def plan_run(c, where: Target, log=print) -> list[Program]:
     """Compiles a run config's programs for `where`, prints the table, and refuses (UserError) a program
     that does not fit a device."""
-    from soft_jax import bootstrap, memory
+    from soft_jax import inputs, memory
     from soft_jax.models import presets
 
     cfg, tokenizer = model_config(c)
     counted = "the model's tokenizer"
     if tokenizer is None:
         tokenizer, counted = presets.check("smollm2-135m")[1], "SmolLM2's tokenizer (no model.path given)"
-    prompt, shared = bootstrap.prompt_tokens(c, bootstrap.load_inputs(c), tokenizer)
+    prompt, shared = inputs.prompt_tokens(c, inputs.load(c), tokenizer)
     mesh = shd.make_mesh((c.mesh.data, c.mesh.fsdp, c.mesh.tensor), where.devices)
     sizes = memory.resolve_mesh(dict(mesh.shape), mesh.devices.size)
-    bootstrap.check_batches(c, sizes)
+    inputs.check_batches(c, sizes)
     shapes = Shapes.of_run(c, prompt, shared)
     log(f"[plan] {cfg.num_params / 1e6:,.0f}M parameters ({cfg.param_dtype} stored, {cfg.dtype} compute) on "
         f"{where.name}, mesh {dict(mesh.shape)}; prompts of {prompt} tokens ({shared} shared), counted with "
         f"{counted}")
-    programs = compile_run(cfg, shapes, mesh, bootstrap.train_config(c),
+    programs = compile_run(cfg, shapes, mesh, inputs.train_config(c),
                            progress=lambda name: log(f"[plan] compiling {name} ..."))
     log(table(programs, where.device_bytes))
     refuse_over(programs, where.device_bytes)

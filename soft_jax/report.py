@@ -14,9 +14,10 @@ import tempfile
 
 import numpy as np
 
-from soft_jax import bootstrap, io_utils
+from soft_jax import evaluation, guard, io_utils
 from soft_jax.data import filters
 from soft_jax.errors import UserError
+from soft_jax.workdir import CONFIG, METRICS, STATE, WorkDir, read_json
 
 SAMPLES_PER_ROUND = 3
 
@@ -26,10 +27,10 @@ def _rows(path: str) -> list[dict]:
 
 
 def _load(workdir: str):
-    state = bootstrap.read_json(os.path.join(workdir, bootstrap.STATE))
+    state = read_json(os.path.join(workdir, STATE))
     if state is None:
-        raise UserError(f"{workdir}: not a soft-jax run work dir (no {bootstrap.STATE}); give the --workdir of a run")
-    metrics = io_utils.read_appended(os.path.join(workdir, bootstrap.METRICS))
+        raise UserError(f"{workdir}: not a soft-jax run work dir (no {STATE}); give the --workdir of a run")
+    metrics = io_utils.read_appended(os.path.join(workdir, METRICS))
     rounds = sorted(int(d) for d in os.listdir(os.path.join(workdir, "rounds")) if d.isdigit())
     return state, metrics, rounds
 
@@ -73,7 +74,7 @@ def _plots(out: str, workdir: str, state: dict, metrics: list[dict], rounds: lis
         ax.set(title="generations kept and dropped per filter", xlabel="round", ylabel="prompts")
         ax.legend(fontsize=7)
         save(fig, "filters_per_round.png")
-    diffs = {t: [r["difficulty"] for r in _rows(os.path.join(bootstrap.round_dir(workdir, t), "train.jsonl"))]
+    diffs = {t: [r["difficulty"] for r in _rows(WorkDir(workdir).round_file(t, "train.jsonl"))]
              for t in rounds}
     diffs = {t: d for t, d in diffs.items() if d}
     if diffs:
@@ -94,8 +95,8 @@ def _plots(out: str, workdir: str, state: dict, metrics: list[dict], rounds: lis
 
 
 def _summary(workdir: str, state: dict, metrics: list[dict], rounds: list[int], plots: list[str]) -> str:
-    config = bootstrap.read_json(os.path.join(workdir, bootstrap.CONFIG), {})
-    table = bootstrap.round_table(metrics, config.get("validation", {}).get("metric", "valid_nll"),
+    config = read_json(os.path.join(workdir, CONFIG), {})
+    table = round_table(metrics, config.get("validation", {}).get("metric", "valid_nll"),
                                   config.get("eval", {}).get("tasks", ""), state.get("comparisons", {}),
                                   config.get("eval", {}).get("protocol", ""))
     lines = [f"# soft-jax run: {os.path.abspath(workdir)}", "",
@@ -105,7 +106,7 @@ def _summary(workdir: str, state: dict, metrics: list[dict], rounds: list[int], 
              "", table, ""]
     lines += [f"![{p}]({p})" for p in plots] + [""]
     for t in rounds:
-        rdir = bootstrap.round_dir(workdir, t)
+        rdir = WorkDir(workdir).round_dir(t)
         answers = _rows(os.path.join(rdir, "open_ended.jsonl"))
         pairs = answers or [{"prompt": r["prompt"], "answer": r["response"]}
                             for r in _rows(os.path.join(rdir, "train.jsonl"))]
@@ -116,6 +117,42 @@ def _summary(workdir: str, state: dict, metrics: list[dict], rounds: list[int], 
         for p in pairs[:SAMPLES_PER_ROUND]:
             lines += [f"**Prompt:** {p['prompt']}", "", "> " + p["answer"].strip().replace("\n", "\n> "), ""]
     return "\n".join(lines) + "\n"
+
+
+def round_table(metrics: list[dict], metric: str, tasks: str = "", comparisons: dict | None = None,
+                protocol: str = "") -> str:
+    """Markdown table, one line per round: prompts, kept/dropped, truncated generations, exemplars shown,
+    difficulty, loss, validation with the guard's paired comparison, eval numbers, open-ended signals."""
+    by: dict = {}
+    for r in metrics:
+        by.setdefault(r.get("round"), {}).setdefault(r.get("phase"), []).append(r)
+    names = evaluation.parse_tasks(tasks) if tasks else []
+    opens = [("open_distinct_2", "distinct-2"), ("open_repeated_ngram_rate", "repeated 4-grams"),
+             ("open_truncation_rate", "truncated answers")]
+    opens = [(k, h) for k, h in opens if any(k in r for r in metrics)]
+    shown = [r for r in metrics if r.get("phase") == "generate" and "exemplars_shown" in r]
+    head = ["round", "prompts", "kept", "dropped", "cut by length", *(["exemplars / principles shown"] if shown else []),
+            "difficulty", "train loss", metric, "vs best [interval]" if comparisons is not None else None,
+            *(f"{k} ({protocol})" if protocol else k for k in names), *(h for _, h in opens)]
+    head = [h for h in head if h is not None]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    num = lambda row, k: f"{row[k]:.4f}" if k in row else "-"  # noqa: E731
+    for t in sorted(k for k in by if k is not None):
+        ph = by[t]
+        gen, cur = (ph.get("generate") or [{}])[0], (ph.get("curriculum") or [{}])[0]
+        losses = [r["loss"] for r in sorted(ph.get("train", []), key=lambda r: r["step"])]
+        ev = (ph.get("eval") or [{}])[0]
+        cells = [str(t), str(gen.get("prompts", "-")), str(gen.get("kept", "-")),
+                 str(gen["prompts"] - gen["kept"]) if gen else "-", str(gen.get("truncated_generations", "-"))]
+        if shown:
+            cells.append(f"{gen['exemplars_shown']} / {gen['principles_shown']}" if "exemplars_shown" in gen else "-")
+        cells += [f"{cur['mean_difficulty']:.3g}" if cur.get("mean_difficulty") is not None else "-",
+                  f"{np.mean(losses[-max(1, len(losses) // 4):]):.4f}" if losses else "-", num(ev, metric)]
+        if comparisons is not None:
+            cells.append(guard.describe(comparisons.get(str(t))))
+        cells += [num(ev, k) for k in names] + [num(ev, k) for k, _ in opens]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def write(workdir: str) -> str:

@@ -25,34 +25,13 @@ from soft_jax import sharding as shd
 from soft_jax.errors import UserError
 from soft_jax.distributed import to_host
 from soft_jax.models.llama import KVCache, Llama, SharedPrefix
+from soft_jax.settings import SamplingConfig  # noqa: F401 - soft_jax.sampling.SamplingConfig is the API
 from jax.sharding import NamedSharding, PartitionSpec
 
 MIN_BUCKET = 16
 MIN_SHARED_PREFIX = 32  # shorter common prefixes are not worth a separate prefill
 STOP_STRING_CHUNK = 32  # decode steps between host checks for stop strings
 CANDIDATES = 256  # top-k / top-p thresholds are searched among this many largest logits first
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """How to sample. temperature 0 means greedy."""
-
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    stop_token_ids: tuple[int, ...] | None = None  # None: the tokenizer's / model's end-of-sequence ids
-    stop_strings: tuple[str, ...] = ()
-    seed: int = 0
-    batch_size: int = 16
-    reuse_prefix: bool = True
-
-    def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens})")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.batch_size < 1:
-            raise UserError(f"invalid sampling settings: temperature {self.temperature} (>= 0), top_p {self.top_p} "
-                            f"(in (0, 1]), top_k {self.top_k} (>= 0), batch_size {self.batch_size} (>= 1)")
 
 
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
@@ -218,10 +197,7 @@ class _Batcher:
     def __init__(self, mesh, batch_size: int):
         self.mesh, self.batch_size = mesh, batch_size
         if mesh is not None:
-            data = mesh.shape["data"] * mesh.shape["fsdp"]
-            if batch_size % data:
-                raise UserError(f"batch size {batch_size} is not divisible by the mesh's data axes "
-                                f"(data x fsdp = {data}); use a multiple of {data}")
+            shd.check_rows(batch_size, mesh, "the batch size")
 
     def put(self, tree):
         if self.mesh is None:
@@ -614,14 +590,19 @@ def score_tokens(model: Llama, contexts: Sequence[Sequence[int]], continuations:
 def score_ids(tokenizer, contexts: Sequence[str], continuations: Sequence[str]) -> tuple[list, list]:
     """(context token lists, continuation token lists) that `score` runs: each context's trailing whitespace
     (whatever str.rstrip() removes, newlines too, as lm-evaluation-harness's _encode_pair moves) goes onto
-    the front of its continuation, then each part is tokenized with no special tokens added. So "A: " +
-    "The" is "A:" + " The", the natural boundary, not "A:", " " then "The". A context that is whitespace
-    only keeps it (it needs a token)."""
+    the front of its continuation. So "A: " + "The" is "A:" + " The", the natural boundary, not "A:", " "
+    then "The". As the harness does, the continuation's tokens are those of the whole string after the
+    context's (a SentencePiece tokenizer would give a continuation tokenized alone a word-start marker it
+    does not have in the text); where the whole string's tokens do not start with the context's, the
+    continuation is tokenized alone. No special tokens are added. A whitespace-only context keeps it."""
     ctx, cont = [], []
     for c, k in zip(contexts, continuations):
         cut = len(c.rstrip()) or len(c)
-        ctx.append(tokenizer(c[:cut], add_special_tokens=False)["input_ids"])
-        cont.append(tokenizer(c[cut:] + k, add_special_tokens=False)["input_ids"])
+        head = tokenizer(c[:cut], add_special_tokens=False)["input_ids"]
+        whole = tokenizer(c + k, add_special_tokens=False)["input_ids"]
+        natural = whole[:len(head)] == head and len(whole) > len(head)
+        ctx.append(head)
+        cont.append(whole[len(head):] if natural else tokenizer(c[cut:] + k, add_special_tokens=False)["input_ids"])
     return ctx, cont
 
 

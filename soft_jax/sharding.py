@@ -53,6 +53,15 @@ CACHE_AXES = {"k": ("batch", "length", "kv_heads", None), "positions": ("batch",
 _active: contextvars.ContextVar = contextvars.ContextVar("soft_jax_activation_mesh", default=None)
 
 
+def check_rows(n: int, sizes, what: str) -> None:
+    """Refuses a batch of n rows that the mesh's data axes (data x fsdp; `sizes`: a mesh or its axis sizes) do
+    not split evenly: every device must get the same number of rows."""
+    rows = sizes["data"] * sizes["fsdp"] if isinstance(sizes, dict) else sizes.shape["data"] * sizes.shape["fsdp"]
+    if n % rows:
+        raise UserError(f"{what} = {n} is not divisible by the mesh's data x fsdp = {rows}; make it a multiple of "
+                        f"{rows}")
+
+
 def make_mesh(shape: Sequence[int] = (1, 1, -1), devices=None) -> Mesh:
     """A (data, fsdp, tensor) mesh; one entry may be -1 for "the rest of the devices"."""
     devices = list(devices if devices is not None else jax.devices())

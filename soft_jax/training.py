@@ -29,53 +29,12 @@ from soft_jax import faults, preemption
 from soft_jax import sharding as shd
 from soft_jax.errors import UserError
 from soft_jax.models.llama import Llama
+from soft_jax.data.templates import engraving_parts
+from soft_jax.settings import TrainConfig  # noqa: F401 - soft_jax.training.TrainConfig is the API
 
-PLAIN_PROMPT = "User: {prompt}\n\nAssistant: "
-ORDERS = ("shuffle", "given")
 # Peak dense bf16 FLOP/s per chip, by a substring of jax's device_kind (for MFU).
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12,
               "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """SFT settings. batch_size counts packed rows per optimizer step (all devices together)."""
-
-    max_prompt_len: int = 256
-    max_response_len: int = 256
-    seq_len: int | None = None  # packed row length; default max_prompt_len + max_response_len
-    pack: bool = True
-    order: str = "shuffle"  # or "given": exactly the order of the examples (the curriculum's)
-    batch_size: int = 8
-    grad_accum: int = 1
-    epochs: int = 1
-    max_steps: int | None = None
-    learning_rate: float = 2e-5
-    warmup_steps: int | None = None  # default: warmup_ratio of the steps
-    warmup_ratio: float = 0.03
-    end_lr_ratio: float = 0.0
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    checkpoint_every: int = 0  # steps; 0 = only at the end and when stopped (with a checkpoint_dir)
-    remat: bool = False
-    scan_layers: bool = False  # one lax.scan over the layers: one compiled layer (soft_jax.models.llama)
-
-    @property
-    def row_len(self) -> int:
-        return self.seq_len or self.max_prompt_len + self.max_response_len
-
-    def __post_init__(self):
-        if self.order not in ORDERS:
-            raise UserError(f"training order {self.order!r} is unknown; use one of {', '.join(ORDERS)}")
-        if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
-            raise UserError(f"batch_size {self.batch_size} must be a positive multiple of grad_accum {self.grad_accum}")
-        if self.row_len < self.max_prompt_len + self.max_response_len:
-            raise UserError(f"seq_len {self.row_len} is shorter than max_prompt_len + max_response_len "
-                            f"({self.max_prompt_len + self.max_response_len}); raise seq_len or lower the maxima")
 
 
 @dataclasses.dataclass
@@ -97,23 +56,6 @@ class TrainResult:
 
 
 # --- rendering ----------------------------------------------------------------------------------
-
-
-def engraving_parts(tokenizer, prompt: str, response: str, finished: bool = True) -> tuple[str, str, bool]:
-    """(prompt text, response text, whether the texts carry their own special tokens).
-
-    finished=False: a response cut by the token limit, which must not learn to end there: the response text
-    stops after the response, without the end-of-turn token(s) (Dromedary trains truncated answers so)."""
-    if tokenizer.chat_template:
-        user = [{"role": "user", "content": prompt}]
-        head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
-        tail = full[len(head):] if full.startswith(head) else response + (tokenizer.eos_token or "")
-        at = tail.rfind(response) if response else -1
-        if not finished and at >= 0:
-            tail = tail[:at + len(response)]
-        return head, tail, True
-    return PLAIN_PROMPT.format(prompt=prompt), response + ((tokenizer.eos_token or "") if finished else ""), False
 
 
 def render(tokenizer, prompt: str, response: str, config: TrainConfig, finished: bool = True
@@ -257,11 +199,7 @@ class Trainer:
                                                                           mesh))
         self.opt_state = init(self.params)
         if mesh is not None:
-            data = mesh.shape["data"] * mesh.shape["fsdp"]
-            micro = config.batch_size // config.grad_accum
-            if micro % data:
-                raise UserError(f"micro-batch {micro} (batch_size / grad_accum) is not divisible by the mesh's data "
-                                f"axes (data x fsdp = {data})")
+            shd.check_rows(config.batch_size // config.grad_accum, mesh, "the micro-batch (batch_size / grad_accum)")
         platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
         self._step = compiled_step(self.graphdef, self.tx, config.remat, platform, mesh, (self.params, self.opt_state),
                                    config.scan_layers)

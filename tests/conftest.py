@@ -143,3 +143,30 @@ def tiny_base():
     from soft_jax.models import presets
 
     return presets.load("tiny", seed=0)[0]
+
+
+def assert_params_close(a, b, rtol: float = 0.0, atol: float = 0.0, what: str = "") -> None:
+    """Two parameter trees (models, nnx states or pytrees) equal leaf by leaf within rtol/atol (0, 0: exactly);
+    a failure names the leaf's path."""
+    import jax
+    from flax import nnx
+
+    def leaves(tree):
+        tree = nnx.state(tree, nnx.Param) if isinstance(tree, nnx.Module) else tree
+        return [(jax.tree_util.keystr(p), np.asarray(jax.device_get(x)))
+                for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+
+    la, lb = leaves(a), leaves(b)
+    assert [p for p, _ in la] == [p for p, _ in lb], f"{what}: the two trees have different leaves"
+    for (path, x), (_, y) in zip(la, lb):
+        assert x.shape == y.shape and x.dtype == y.dtype, f"{what}{path}: {x.shape} {x.dtype} vs {y.shape} {y.dtype}"
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=f"{what}{path}")
+
+
+def params_differ(a, b) -> bool:
+    """Whether any parameter array of a differs from b's."""
+    try:
+        assert_params_close(a, b)
+    except AssertionError:
+        return True
+    return False

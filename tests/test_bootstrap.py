@@ -7,9 +7,11 @@ import sys
 
 import pytest
 
-from conftest import subprocess_env
+import jax
+from conftest import assert_params_close, params_differ, subprocess_env
+from flax import nnx
 
-from soft_jax import bootstrap
+from soft_jax import bootstrap, selfalign, training, workdir
 from soft_jax import config as config_lib
 from soft_jax.cli import main
 from soft_jax.errors import UserError
@@ -20,7 +22,8 @@ CONFIGS = os.path.join(ROOT, "configs")
 # answers cite no principle and run to the token limit (kept, trained without end of turn); no benchmarks.
 TINY = ["model.name=tiny", "rounds=2", "prompts.per_round=4", "exemplars.k=1", "sampling.max_new_tokens=8",
         "sampling.batch_size=4", "filters.require_marker=false", "filters.min_words=1",
-        "filters.min_cited_principles=0", "filters.keep_truncated=true", "eval.tasks=", "train.batch_size=2",
+        "filters.min_cited_principles=0", "filters.keep_truncated=true", "eval.tasks=", "open_ended.limit=0",
+        "open_ended.max_new_tokens=8", "train.batch_size=2",
         "train.max_prompt_len=64", "train.max_response_len=16", "train.learning_rate=1e-3",
         "train.warmup_ratio=0.0", "train.checkpoint_every=0", "validation.batch_size=8", "progress=false",
         "curriculum.batch_size=8"]
@@ -59,19 +62,37 @@ class Workdir:
         return out
 
 
-def round_checksums(w: Workdir, base_model):
-    """checksum of the base and of each saved round's parameters."""
-    from flax import nnx
-
+def round_params(w: Workdir, base_model) -> dict:
+    """The parameters of the base model and of each saved round, to compare array by array."""
     from soft_jax.checkpoints import StepCheckpointer
 
     ckpt = StepCheckpointer(os.path.join(w.path, "checkpoints", "rounds"), every=0, keep=None)
     graphdef, params = nnx.split(base_model)
-    out = {"base": bootstrap.checksum(base_model)}
+    out = {"base": nnx.state(base_model, nnx.Param)}
     for t in ckpt.manager.all_steps():
-        out[f"round {t}"] = bootstrap.checksum(nnx.merge(graphdef, ckpt.restore(t, params)[0]))
+        out[f"round {t}"] = nnx.state(nnx.merge(graphdef, ckpt.restore(t, params)[0]), nnx.Param)
     ckpt.close()
     return out
+
+
+@pytest.fixture
+def models_used(monkeypatch):
+    """{"generator": [...], "start": [...]}: the parameters of the model each round generated with and trained
+    from, in round order, captured as the run hands them over."""
+    used = {"generator": [], "start": []}
+    generate, train = selfalign.generate, training.train
+
+    def spy_generate(run, t, generator, *args, **kwargs):
+        used["generator"].append(jax.device_get(nnx.state(generator, nnx.Param)))
+        return generate(run, t, generator, *args, **kwargs)
+
+    def spy_train(model, *args, **kwargs):
+        used["start"].append(jax.device_get(nnx.state(model, nnx.Param)))
+        return train(model, *args, **kwargs)
+
+    monkeypatch.setattr(selfalign, "generate", spy_generate)
+    monkeypatch.setattr(training, "train", spy_train)
+    return used
 
 
 def by_category(w: Workdir, t: int) -> dict:
@@ -105,24 +126,25 @@ def check_common(w: Workdir, rounds: int, per_round: int):
     assert w.state["finished"] == list(range(1, rounds + 1))
 
 
-def test_soft_plus_orders_easy_to_hard_and_steps_on_feet(tmp_path, tiny_base):
-    w = run("soft_plus.py", tmp_path / "w")
-    check_common(w, 2, 4)
+def test_soft_plus_orders_easy_to_hard_and_steps_on_feet(tmp_path, tiny_base, models_used):
+    w = run("soft_plus.py", tmp_path / "w", "prompts.per_round=16")  # 2 of each of the 8 categories a round
+    check_common(w, 2, 16)
     for t in (1, 2):
         d = [r["difficulty"] for r in w.rows(t, "train.jsonl")]
         assert d == sorted(d), "within-round order is not easy to hard"
     assert_easy_to_hard_within_categories(w)
-    sums = round_checksums(w, tiny_base)
-    assert w.event(1, "generate")["generator_checksum"] == sums["base"]
-    assert w.event(2, "generate")["generator_checksum"] == sums["round 1"]  # the previous model writes the data
-    assert w.event(1, "train_done")["start_checksum"] == sums["base"]
-    assert w.event(2, "train_done")["start_checksum"] == sums["round 1"]  # and is trained further
-    assert sums["round 1"] != sums["round 2"] != sums["base"]
+    p = round_params(w, tiny_base)
+    assert_params_close(models_used["generator"][0], p["base"], what="round 1's generator")
+    assert_params_close(models_used["generator"][1], p["round 1"], what="round 2's generator")  # the previous model
+    assert_params_close(models_used["start"][0], p["base"], what="round 1's start")
+    assert_params_close(models_used["start"][1], p["round 1"], what="round 2's start")  # is trained further
+    assert params_differ(p["round 1"], p["base"]) and params_differ(p["round 2"], p["round 1"])
+    assert params_differ(p["round 2"], p["base"])
     report = os.path.join(w.path, "report")
     assert {"summary.md", "eval_per_round.png", "filters_per_round.png", "difficulty_per_round.png",
             "train_loss.png"} <= set(os.listdir(report))
     summary = open(os.path.join(report, "summary.md")).read()
-    assert "| 2 | 4 | 4 | 0 |" in summary and "## Round 2: sample kept training pairs" in summary
+    assert "| 2 | 16 | 16 | 0 |" in summary and "## Round 2: sample kept training pairs" in summary
 
 
 @pytest.mark.parametrize("name,extra,check", [
@@ -130,10 +152,10 @@ def test_soft_plus_orders_easy_to_hard_and_steps_on_feet(tmp_path, tiny_base):
     ("single_round.py", ("rounds=1", "prompts.per_round=0", "prompts.path=SMALL_POOL"), "single"),
     ("ablation_exemplars.py:fixed", (), "fixed"),
     ("ablation_sft_start.py:reinit", (), "reinit"),
-    ("ablation_order.py:hard_to_easy", (), "hard_to_easy"),
+    ("ablation_order.py:hard_to_easy", ("prompts.per_round=16",), "hard_to_easy"),
     ("ablation_generator.py:base", (), "generator_base"),
 ])
-def test_configs_do_what_they_say(tmp_path, tiny_base, name, extra, check):
+def test_configs_do_what_they_say(tmp_path, tiny_base, models_used, name, extra, check):
     pool = tmp_path / "pool.jsonl"
     pool.write_text("".join(json.dumps({"prompt": f"Question number {i}?"}) + "\n" for i in range(6)))
     extra = tuple(e.replace("SMALL_POOL", str(pool)) for e in extra)
@@ -143,8 +165,8 @@ def test_configs_do_what_they_say(tmp_path, tiny_base, name, extra, check):
         assert c.exemplars.strategy == "fixed" and c.rounds == 1
         check_common(w, 1, 6)  # the whole pool in one round
     else:
-        check_common(w, 2, 4)
-    sums = round_checksums(w, tiny_base)
+        check_common(w, 2, c.prompts.per_round)
+    p = round_params(w, tiny_base)
     gens = [g for t in range(1, c.rounds + 1) for g in w.rows(t, "generations.jsonl")]
     if check in ("fixed", "single"):  # the set config.json records, chosen by principle coverage
         assert {tuple(g["exemplar_ids"]) for g in gens} == {tuple(w.config["exemplars"]["fixed_ids"])}
@@ -153,11 +175,11 @@ def test_configs_do_what_they_say(tmp_path, tiny_base, name, extra, check):
         for t in range(1, c.rounds + 1):
             assert len({tuple(g["exemplar_ids"]) for g in w.rows(t, "generations.jsonl")}) > 1
     if check == "reinit":
-        assert w.event(2, "train_done")["start_checksum"] == sums["base"]
-        assert w.event(2, "generate")["generator_checksum"] == sums["round 1"]
+        assert_params_close(models_used["start"][1], p["base"], what="round 2's start")
+        assert_params_close(models_used["generator"][1], p["round 1"], what="round 2's generator")
     if check == "generator_base":
-        assert w.event(2, "generate")["generator_checksum"] == sums["base"]
-        assert w.event(2, "train_done")["start_checksum"] == sums["round 1"]
+        assert_params_close(models_used["generator"][1], p["base"], what="round 2's generator")
+        assert_params_close(models_used["start"][1], p["round 1"], what="round 2's start")
     if check == "hard_to_easy":
         for t in (1, 2):
             d = [r["difficulty"] for r in w.rows(t, "train.jsonl")]
@@ -175,7 +197,7 @@ def test_collapse_guard_stops_and_keeps_the_best_round(tmp_path, tiny_base):
     assert w.state["finished"] == [1]
     assert w.state["best_round"] == 0 and w.state["scores"]["1"] > w.state["scores"]["0"]
     model, _ = bootstrap.best_model(w.path)
-    assert bootstrap.checksum(model) == bootstrap.checksum(tiny_base)
+    assert_params_close(model, tiny_base, what="the kept model (round 0, the base)")
 
 
 def test_collapse_guard_keeps_a_later_best_round(tmp_path):
@@ -262,7 +284,7 @@ def test_prompt_pool_from_a_tfds_dataset(tmp_path):
 def test_a_second_run_on_the_same_workdir_is_refused(tmp_path, capsys):
     w = tmp_path / "w"
     os.makedirs(w)
-    holder = bootstrap.lock_workdir(str(w))
+    holder = workdir.lock(str(w))
     try:
         err = one_line_error(capsys, ["run", "--config", os.path.join(CONFIGS, "tiny.py"), "--workdir", str(w)])
         assert f"another soft-jax run (pid {os.getpid()})" in err
@@ -295,7 +317,8 @@ def test_per_round_eval_tasks_and_open_ended_answers(tmp_path):
         event = w.event(t, "eval")
         assert event["hhh"] == ev["tasks"]["hhh"]["accuracy"] and event["truthfulqa_mc2"] == ev["validation"]["value"]
     summary = open(os.path.join(w.path, "report", "summary.md")).read()
-    assert "| truthfulqa_mc2 | hhh | truthfulqa_mc1 |" in summary and "sample open-ended answers" in summary
+    assert "| truthfulqa_mc2 | vs best [interval] | hhh (dromedary) | truthfulqa_mc1 (dromedary) |" in summary
+    assert "sample open-ended answers" in summary
 
 
 def test_mesh_problems_are_refused_up_front(tmp_path):

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import subprocess_env
-from test_bootstrap import CONFIGS, TINY, Workdir, round_checksums, run
+from conftest import assert_params_close
+from test_bootstrap import CONFIGS, TINY, Workdir, round_params, run
 
 # greedy (same generations), and a random model repeats itself under greedy decoding: no repetition filter
 EXTRA = ["rounds=1", "prompts.per_round=8", "sampling.temperature=0.0", "train.checkpoint_every=1",
@@ -81,8 +82,9 @@ def test_two_processes_equal_one_and_a_dead_host_stops_both(tmp_path, two):
     from soft_jax.models import presets
 
     base = presets.load("tiny", seed=0)[0]
-    sa, sb = round_checksums(two, base), round_checksums(ref, base)
-    np.testing.assert_allclose(sa["round 1"], sb["round 1"], rtol=1e-5)
+    # two processes vs one: float32 reductions in another order, nothing more
+    pa, pb = round_params(two, base), round_params(ref, base)
+    assert_params_close(pa["round 1"], pb["round 1"], rtol=1e-5, atol=1e-6, what="round 1, two processes vs one: ")
     va, vb = (json.load(open(os.path.join(x.path, "rounds", "001", "eval.json")))["validation"]["value"]
               for x in (two, ref))
     np.testing.assert_allclose(va, vb, rtol=1e-5)
@@ -97,7 +99,8 @@ def test_two_processes_equal_one_and_a_dead_host_stops_both(tmp_path, two):
     assert [r for r, _ in results] == [0, 0], results[0][1][-3000:]
     resumed = Workdir(str(k))
     assert [g["raw"] for g in rows(resumed, "generations.jsonl")] == [g["raw"] for g in rows(two, "generations.jsonl")]
-    np.testing.assert_allclose(round_checksums(resumed, base)["round 1"], sa["round 1"], rtol=1e-5)
+    assert_params_close(round_params(resumed, base)["round 1"], pa["round 1"], rtol=1e-5, atol=1e-6,
+                        what="round 1, resumed after a dead host: ")
 
 
 # One SOFT round on the tiny model, greedy; the generation and train batches divide data x fsdp = 4.
@@ -109,7 +112,7 @@ MESH_RUN = ["rounds=1", "prompts.per_round=8", "sampling.temperature=0.0", "samp
             "sampling.max_new_tokens=8", "train.batch_size=4", "train.epochs=2", "train.warmup_ratio=0.25",
             "train.checkpoint_every=0", "open_ended.limit=0", "validation.batch_size=8", "progress=false",
             "filters.max_repeated_ngram_fraction=1.0", "filters.max_line_repeats=100000", "filters.min_words=0",
-         "filters.max_compression_ratio=1e9"]
+            "filters.max_compression_ratio=1e9"]
 
 
 def run_devices(workdir, devices, extra=()):

@@ -12,7 +12,7 @@ import pytest
 
 from test_bootstrap import CONFIGS, run
 
-from soft_jax import bootstrap, data, guard, sampling, training
+from soft_jax import data, guard, inputs, sampling, training
 from soft_jax import config as config_lib
 from soft_jax.data import filters
 from soft_jax.models import load
@@ -22,7 +22,7 @@ from soft_jax.training import TrainConfig
 def resolved(spec: str, *overrides: str) -> dict:
     """A config as a run records it in config.json: loaded, overridden and with its fixed exemplars chosen."""
     c = config_lib.load(os.path.join(CONFIGS, spec), list(overrides))
-    bootstrap.resolve_fixed_exemplars(c, types.SimpleNamespace(exemplars=data.load_exemplars(c.exemplars.path)))
+    inputs.resolve_fixed_exemplars(c, types.SimpleNamespace(exemplars=data.load_exemplars(c.exemplars.path)))
     return config_lib.to_dict(c)
 
 
@@ -47,6 +47,7 @@ def test_paper_configs_compare_at_equal_k_and_evaluate_the_benchmarks_every_roun
     cs = {n: resolved(n) for n in names}
     assert {c["exemplars"]["k"] for c in cs.values()} == {3}
     assert all(c["eval"]["tasks"] == config_lib.PAPER_TASKS for c in cs.values())
+    assert all(c["open_ended"]["limit"] > 0 for c in cs.values())  # the degeneracy signals, every round
     assert cs["single_round.py"]["exemplars"]["fixed_ids"] == cs["ablation_exemplars.py:fixed"]["exemplars"]["fixed_ids"]
 
 
@@ -96,7 +97,7 @@ def test_every_round_keeps_the_pools_category_mix(across, sizes):
 
 
 def test_soft_plus_run_keeps_the_category_mix_and_records_what_it_showed(tmp_path):
-    w = run("soft_plus.py", tmp_path / "w", "prompts.per_round=24", "sampling.batch_size=8")
+    w = run("soft_plus.py", tmp_path / "w", "prompts.per_round=24", "sampling.batch_size=8", "open_ended.limit=3")
     pool = data.load_prompts()
     _histogram_within_one([w.rows(t, "prompts.jsonl") for t in (1, 2)], pool)
     for t in (1, 2):

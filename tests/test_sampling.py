@@ -232,7 +232,7 @@ def test_mesh_and_batch_that_do_not_divide_are_refused(tiny_llama):
     assert sampling.generate_tokens(model, [[5, 6]], SamplingConfig(max_new_tokens=2, batch_size=1), (2,), mesh=mesh)
     with pytest.raises(UserError, match="does not divide the 1 devices"):
         sharding.make_mesh((2, 1, 1))
-    with pytest.raises(UserError, match="batch size 3 is not divisible by the mesh's data axes"):
+    with pytest.raises(UserError, match="the batch size = 3 is not divisible by the mesh.s data x fsdp"):
         sampling._Batcher(types.SimpleNamespace(shape={"data": 2, "fsdp": 1, "tensor": 1}), 3)
 
 

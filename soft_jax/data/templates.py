@@ -1,4 +1,5 @@
-"""The self-align prompt (principles + exemplars + the user turn) and parsing of what the model wrote.
+"""The self-align prompt (principles + exemplars + the user turn), parsing of what the model wrote, and the
+engraving format (prompt and answer only) that SFT, scoring and evaluation use.
 
 A self-align prompt is plain text, the same for every model (the base model may have no chat template):
 
@@ -18,7 +19,7 @@ A self-align prompt is plain text, the same for every model (the base model may 
     Assistant (internal thoughts):
 
 The model continues with its thoughts, then "Assistant:" and its answer; generation stops at the next
-user turn. Only the answer is kept, and it is trained in the engraving format (training.engraving_parts):
+user turn. Only the answer is kept, and it is trained in the engraving format (engraving_parts below):
 no principles, no exemplars, no thoughts.
 """
 
@@ -31,6 +32,8 @@ from soft_jax.data import Exemplar
 INTRO = ("Below are conversations between a user and an AI assistant. Before each answer the assistant "
          "writes its internal thoughts: which principles apply and how.")
 USER, THOUGHTS, ANSWER = "User:", "Assistant (internal thoughts):", "Assistant:"
+# The engraving format without a chat template (with one, the tokenizer's template is the format).
+PLAIN_PROMPT = "User: {prompt}\n\nAssistant: "
 # Generation stops once the model starts another user turn.
 STOP_STRINGS = ("\nUser:",)
 
@@ -43,11 +46,15 @@ def exemplar_block(ex: Exemplar) -> str:
     return f"{USER} {ex.prompt}\n\n{THOUGHTS} {ex.thoughts}\n\n{ANSWER} {ex.answer}"
 
 
+def prefix(principles: str, exemplars: Sequence[Exemplar]) -> str:
+    """Everything before the user turn: the principles, the intro and the exemplars."""
+    return "\n\n".join([principles.strip(), INTRO, *(exemplar_block(e) for e in exemplars)]) + "\n\n"
+
+
 def self_align_prompt(principles: str, exemplars: Sequence[Exemplar], prompt: str, inp: str = "") -> str:
-    """The generation prompt. Everything before the user turn depends only on the exemplars, so prompts
-    that share exemplars share a token prefix (the sampler prefills it once per batch)."""
-    blocks = [principles.strip(), INTRO, *(exemplar_block(e) for e in exemplars)]
-    return "\n\n".join(blocks) + f"\n\n{USER} {user_turn(prompt, inp)}\n\n{THOUGHTS}"
+    """The generation prompt. The principles part is the same for every prompt, and prompts that share
+    exemplars share a longer token prefix: the sampler prefills a batch's common prefix once."""
+    return prefix(principles, exemplars) + f"{USER} {user_turn(prompt, inp)}\n\n{THOUGHTS}"
 
 
 def with_answer_marker(thoughts: str) -> str:
@@ -67,3 +74,20 @@ def parse(completion: str) -> tuple[str, str | None]:
     if cut >= 0:
         answer = answer[:cut]
     return thoughts.strip(), answer.strip()
+
+
+def engraving_parts(tokenizer, prompt: str, response: str, finished: bool = True) -> tuple[str, str, bool]:
+    """(prompt text, response text, whether the texts carry their own special tokens).
+
+    finished=False: a response cut by the token limit, which must not learn to end there: the response text
+    stops after the response, without the end-of-turn token(s) (Dromedary trains truncated answers so)."""
+    if tokenizer.chat_template:
+        user = [{"role": "user", "content": prompt}]
+        head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
+        tail = full[len(head):] if full.startswith(head) else response + (tokenizer.eos_token or "")
+        at = tail.rfind(response) if response else -1
+        if not finished and at >= 0:
+            tail = tail[:at + len(response)]
+        return head, tail, True
+    return PLAIN_PROMPT.format(prompt=prompt), response + ((tokenizer.eos_token or "") if finished else ""), False

@@ -18,13 +18,12 @@ from typing import Sequence
 
 import numpy as np
 
-from soft_jax import sampling
+from soft_jax import sampling, settings
 from soft_jax.errors import UserError
 from soft_jax.evaluation import data
-from soft_jax.training import engraving_parts
+from soft_jax.data.templates import engraving_parts
 
-TASKS = ("hhh", "truthfulqa_mc1", "truthfulqa_mc2")
-PROTOCOLS = ("dromedary", "loglik")
+TASKS, PROTOCOLS, parse_tasks = settings.TASKS, settings.PROTOCOLS, settings.parse_tasks
 # What each protocol's numbers are, written into every result (MC2 under "dromedary" is not published anywhere).
 DESCRIPTIONS = {
     "dromedary": "Dromedary's mc_evaluation: true/false (TruthfulQA) and A/B in both orders (HHH) in the model's "
@@ -47,14 +46,6 @@ def mc_argmax(scores: Sequence[float]) -> int:
     array = np.asarray(scores, np.float64)
     best = np.flatnonzero(array == array.max())
     return int(best[int(hashlib.sha256(array.tobytes()).hexdigest(), 16) % len(best)])
-
-
-def parse_tasks(text: str) -> list[str]:
-    tasks = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown or not tasks:
-        raise UserError(f"unknown task(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(TASKS)}")
-    return tasks
 
 
 def _bos(tokenizer) -> str:

@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from soft_jax.errors import UserError
+from soft_jax.settings import DTYPES  # noqa: F401 - soft_jax.models.config.DTYPES: one list, configs check it too
 
 # model_type -> (HF architecture class name, q/k/v bias, output-projection bias)
 ARCHITECTURES = {
@@ -15,7 +16,6 @@ ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
 }
 ROPE_TYPES = ("default", "linear", "llama3")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)

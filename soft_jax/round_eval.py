@@ -1,0 +1,67 @@
+"""What a round's model is worth: the validation score with its per-item scores (the collapse guard compares
+rounds on them), the eval tasks, and the open-ended answers with their degeneracy signals."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from soft_jax import curriculum, evaluation, sampling, signals
+from soft_jax.data import templates
+from soft_jax.workdir import write_jsonl
+
+OPEN_ENDED = "open_ended.jsonl"
+
+
+def open_ended(run, model, tokenizer) -> list[dict]:
+    """Answers to the open-ended questions in the engraving format, with why each stopped and its signals."""
+    qs = run.inputs.open_ended
+    heads = [templates.engraving_parts(tokenizer, q["prompt"], "")[0] for q in qs]
+    outs, finish = sampling.generate(model, tokenizer, heads, sampling.SamplingConfig(
+        max_new_tokens=run.c.open_ended.max_new_tokens, batch_size=run.c.sampling.batch_size),
+        add_special_tokens=not tokenizer.chat_template, progress=False, mesh=run.mesh, return_finish=True)
+    return [{"prompt_id": q["prompt_id"], "prompt": q["prompt"], "answer": a, "finish": f,
+             "signals": signals.per_answer(a, f)} for q, a, f in zip(qs, outs, finish)]
+
+
+def validation_items(run, model, tokenizer, answers: list[dict]) -> list[float]:
+    """Per-item validation scores: each held-out pair's mean response NLL, an eval task's per-item score, or an
+    open-ended answer's signal."""
+    c, v = run.c, run.c.validation
+    if v.metric == "valid_nll":
+        pairs = [(p["prompt"], p["response"]) for p in run.inputs.validation]
+        logps = curriculum.response_logps(model, tokenizer, pairs, v.batch_size, run.mesh,
+                                          (c.train.max_prompt_len, c.train.max_response_len))
+        return [float(-np.mean(lp)) for lp in logps]
+    if v.metric in signals.SIGNALS:
+        return [a["signals"][signals.SIGNALS[v.metric][0]] for a in answers]
+    res = evaluation.evaluate(model, tokenizer, [v.metric], c.eval.protocol, v.limit or None, mesh=run.mesh,
+                              progress=False)
+    return [r["correct"] for r in res[v.metric]["items"]]
+
+
+def evaluate(run, t: int, model, tokenizer) -> tuple[dict, dict]:
+    """(eval.json's content, metrics event) of the model after round t (0: the base model)."""
+    c, out, t0 = run.c, {"round": t}, time.perf_counter()
+    answers = open_ended(run, model, tokenizer) if run.inputs.open_ended else []
+    if answers:
+        write_jsonl(run.wd.round_file(t, OPEN_ENDED), answers)
+        out["open_ended"] = {"file": OPEN_ENDED, "n": len(answers), "signals": signals.summary(
+            [a["answer"] for a in answers], [a["finish"] for a in answers])}
+    items = validation_items(run, model, tokenizer, answers)
+    out["validation"] = {"metric": c.validation.metric, "value": float(np.mean(items)), "n": len(items),
+                         "items": items}
+    if c.eval.tasks:
+        res = evaluation.evaluate(model, tokenizer, evaluation.parse_tasks(c.eval.tasks), c.eval.protocol,
+                                  c.eval.limit or None, truthfulqa_file=c.eval.truthfulqa_file or None,
+                                  batch_size=c.eval.batch_size, mesh=run.mesh, progress=run.progress)
+        out["protocol"], out["protocol_description"] = res.pop("protocol"), res.pop("protocol_description")
+        out["tasks"] = res
+    event = {"round": t, "phase": "eval", "seconds": time.perf_counter() - t0,
+             c.validation.metric: out["validation"]["value"],
+             **{task: r["accuracy"] for task, r in out.get("tasks", {}).items()}}
+    if answers:
+        event.update({f"open_{k}": out["open_ended"]["signals"][k]
+                      for k in ("distinct_2", "repeated_ngram_rate", "length", "truncation_rate")})
+    return out, event

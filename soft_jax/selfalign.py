@@ -1,0 +1,108 @@
+"""A round's self-aligned generation (METHOD.md): self-align prompts -> samples -> parsed, cut and filtered.
+
+Each prompt gets its own k exemplars (or a batch shares one draw, or the fixed set); the principles are one
+shared prefix per batch, prefilled once by the sampler. Generation resumes at batch granularity: each finished
+batch is one line of a partial file (a torn last line is dropped). Random draws are keyed by (seed, round,
+batch or prompt), never by a running stream, so a resumed round samples exactly what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from soft_jax import data, faults, io_utils, preemption, sampling, settings
+from soft_jax.data import filters, templates
+from soft_jax.workdir import append_line
+
+PARTIAL = "generations.partial.jsonl"  # one line per finished batch of a round's generation in progress
+
+
+def exemplars_for(run, t: int, b: int, prompt: dict) -> list[data.Exemplar]:
+    e = run.c.exemplars
+    if e.granularity == "batch":  # one draw per batch: the batch shares its whole prefix
+        key = [run.c.seed, t, b]
+    else:
+        key = [run.c.seed, t, int(data.prompt_id(prompt["prompt_id"])[1:], 16)]
+    return data.sample_exemplars(run.inputs.exemplars, e.k, e.strategy, key, e.fixed_ids)
+
+
+def shown(rows: list[dict], exemplars: list[data.Exemplar]) -> dict:
+    """How many distinct exemplars the round's prompts saw, the principles their thoughts cite, and the
+    principles one prompt's exemplars cite on average (equal for the fixed and random strategies)."""
+    cites = {e.id: filters.cited_principles(e.thoughts) for e in exemplars}
+    per_row = [set().union(*(cites[i] for i in r["exemplar_ids"])) for r in rows]
+    return {"exemplars_shown": len({i for r in rows for i in r["exemplar_ids"]}),
+            "principles_shown": len(set().union(*per_row)) if per_row else 0,
+            "principles_per_prompt": float(np.mean([len(s) for s in per_row])) if per_row else 0.0}
+
+
+def generate_batch(run, t: int, b: int, generator, tokenizer, batch: list[dict], cfg, ctx) -> list[dict]:
+    """Round t's batch b: self-aligned outputs, parsed and judged by the filters (one row per prompt)."""
+    shots = [exemplars_for(run, t, b, p) for p in batch]
+    texts = [templates.self_align_prompt(run.inputs.principles, ex, p["prompt"], p["input"])
+             for p, ex in zip(batch, shots)]
+    seed = np.random.default_rng([run.c.seed, t, b]).integers(2**31, size=2)
+    outs, finish = sampling.generate(generator, tokenizer, texts, cfg, progress=False, mesh=run.mesh,
+                                     seed=int(seed[0]), return_finish=True)
+    forced = [False] * len(outs)
+    if run.c.sampling.force_answer:  # thoughts that ended without an answer: write the marker, sample it
+        todo = [i for i, o in enumerate(outs) if templates.parse(o)[1] is None and f"\n{templates.USER}" not in o]
+        if todo:
+            heads = [texts[i] + templates.with_answer_marker(outs[i]) for i in todo]
+            answers, ends = sampling.generate(generator, tokenizer, heads, cfg, progress=False, mesh=run.mesh,
+                                              seed=int(seed[1]), return_finish=True)
+            for i, a, end in zip(todo, answers, ends):  # the answer's own stop reason is the row's
+                outs[i], forced[i], finish[i] = templates.with_answer_marker(outs[i]) + a, True, end
+    rows = []
+    for p, ex, raw, f, end in zip(batch, shots, outs, forced, finish):
+        thoughts, answer = templates.parse(raw)
+        if answer is None and not ctx.config.require_marker:
+            thoughts, answer = "", templates.parse("\n" + templates.ANSWER + raw)[1]
+        if answer is not None:
+            answer = filters.cut_repeated_sentence(answer)
+        reason = filters.verdict(answer, p["prompt"], ctx, thoughts, end)
+        rows.append({"prompt_id": p["prompt_id"], "prompt": p["prompt"], "input": p["input"],
+                     "category": p.get("category", ""), "exemplar_ids": [e.id for e in ex], "raw": raw,
+                     "finish": end, "thoughts": thoughts, "answer": answer, "forced_answer": f,
+                     "kept": reason is None, "dropped_by": reason})
+    return rows
+
+
+def generate(run, t: int, generator, tokenizer, prompts: list[dict], about: dict) -> tuple[list[dict], dict]:
+    """(rows, metrics event) of round t's generation, resuming from its partial file (PARTIAL; the caller
+    removes it once the rows are written). `about`: what the event records of the generator."""
+    partial = run.wd.round_file(t, PARTIAL)
+    done = {b["batch"]: b["rows"] for b in io_utils.read_appended(partial)}
+    s = run.c.sampling
+    cfg = settings.SamplingConfig(**settings.fields(settings.SamplingConfig, s), stop_strings=templates.STOP_STRINGS)
+    ctx = filters.Context(run.inputs.exemplars, run.inputs.principles, filters.FilterConfig(**run.c.filters.to_dict()))
+    n_batches = math.ceil(len(prompts) / s.batch_size)
+    bar = tqdm(total=len(prompts), desc=f"round {t} generating", unit="prompt", disable=not run.progress)
+    bar.update(sum(len(r) for r in done.values()))
+    t0, new_tokens = time.perf_counter(), 0
+    try:  # a stop or an error closes the bar first, so the message after it starts on its own line
+        for b in range(n_batches):
+            if b in done:
+                continue
+            batch = prompts[b * s.batch_size:(b + 1) * s.batch_size]
+            rows = generate_batch(run, t, b, generator, tokenizer, batch, cfg, ctx)
+            new_tokens += sum(len(tokenizer(r["raw"], add_special_tokens=False)["input_ids"]) for r in rows)
+            append_line(partial, {"batch": b, "rows": rows})
+            done[b] = rows
+            bar.update(len(rows))
+            bar.set_postfix(tok_per_s=f"{new_tokens / (time.perf_counter() - t0):.1f}")
+            faults.point(f"generate_r{t}_b{b}")
+            preemption.check(f"round {t} generation batch {b + 1} of {n_batches}")
+    finally:
+        bar.close()
+    rows = [r for b in range(n_batches) for r in done[b]]
+    seconds = time.perf_counter() - t0
+    event = {"round": t, "phase": "generate", **about, "prompts": len(rows), "seconds": seconds,
+             "new_tokens_per_s": new_tokens / max(seconds, 1e-9), **shown(rows, run.inputs.exemplars),
+             "truncated_generations": sum(r["finish"] == "length" for r in rows),
+             **filters.counts([r["dropped_by"] for r in rows])}
+    return rows, event

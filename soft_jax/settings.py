@@ -1,0 +1,132 @@
+"""The one source of settings and their defaults: SFT (TrainConfig) and sampling (SamplingConfig) settings,
+checked where they are made, and the names a run config chooses from. No jax here: configs load without it.
+
+A run config's `train` and `sampling` sections hold these dataclasses' fields (config.base() takes its
+defaults from them, changing only what METHOD.md sets for a run), and the `generate` / `train` commands take
+their flags' defaults from them too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from soft_jax.errors import UserError
+
+TRAIN_ORDERS = ("shuffle", "given")  # SFT example order: shuffled per epoch, or exactly as given (a curriculum)
+CURRICULUM_ORDERS = ("easy_to_hard", "hard_to_easy", "random", "none")
+DIFFICULTY_SCORES = ("response_ppl", "response_length", "prompt_ppl")
+TASKS = ("hhh", "truthfulqa_mc1", "truthfulqa_mc2")
+PROTOCOLS = ("dromedary", "loglik")
+DTYPES = ("float32", "bfloat16", "float16")  # parameter and compute dtypes of a model
+
+
+def parse_tasks(text: str) -> list[str]:
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise UserError(f"unknown task(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(TASKS)}")
+    return tasks
+
+
+Rule = tuple[str, Callable[[object], bool], str]  # field, test, what the value must be
+
+
+def check(obj, rules: list[Rule]) -> None:
+    """Raises UserError "FIELD = VALUE: must be WHAT" for the first field that fails its rule."""
+    for name, ok, what in rules:
+        value = getattr(obj, name)
+        if not ok(value):
+            raise UserError(f"{name} = {value!r}: must be {what}")
+
+
+def defaults(cls, names: str, **changed) -> dict:
+    """The named fields' defaults of a settings dataclass, with `changed` ones replaced (a config section)."""
+    out = {f.name: f.default for f in dataclasses.fields(cls) if f.name in names.split()}
+    return {**out, **changed}
+
+
+def fields(cls, section) -> dict:
+    """The entries of a config section that are the dataclass's fields."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: section[k] for k in section.keys() if k in names}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """SFT settings. batch_size counts packed rows per optimizer step (all devices together)."""
+
+    max_prompt_len: int = 256
+    max_response_len: int = 256
+    seq_len: int | None = None  # packed row length; default max_prompt_len + max_response_len
+    pack: bool = True
+    order: str = "shuffle"  # or "given": exactly the order of the examples (the curriculum's)
+    batch_size: int = 8
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: int | None = None
+    learning_rate: float = 2e-5
+    warmup_steps: int | None = None  # default: warmup_ratio of the steps
+    warmup_ratio: float = 0.03
+    end_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    seed: int = 0
+    checkpoint_every: int = 0  # steps; 0 = only at the end and when stopped (with a checkpoint_dir)
+    remat: bool = False
+    scan_layers: bool = False  # one lax.scan over the layers: one compiled layer (soft_jax.models.llama)
+
+    RULES = [
+        ("order", lambda v: v in TRAIN_ORDERS, " | ".join(TRAIN_ORDERS)),
+        ("batch_size", lambda v: v >= 1, ">= 1"),
+        ("epochs", lambda v: v >= 1, ">= 1"),
+        ("learning_rate", lambda v: v > 0, "> 0"),
+        ("warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1): a fraction of the steps"),
+        ("weight_decay", lambda v: v >= 0, ">= 0"),
+        ("max_grad_norm", lambda v: v >= 0, ">= 0 (0 = no clipping)"),
+        ("max_prompt_len", lambda v: v >= 1, ">= 1"),
+        ("max_response_len", lambda v: v >= 1, ">= 1"),
+        ("checkpoint_every", lambda v: v >= 0, ">= 0 (0 = only when stopped)"),
+    ]
+
+    @property
+    def row_len(self) -> int:
+        return self.seq_len or self.max_prompt_len + self.max_response_len
+
+    def __post_init__(self):
+        check(self, self.RULES)
+        if self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise UserError(f"grad_accum = {self.grad_accum!r}: must be >= 1 and divide batch_size "
+                            f"({self.batch_size})")
+        if self.row_len < self.max_prompt_len + self.max_response_len:
+            raise UserError(f"seq_len = {self.row_len}: must be at least max_prompt_len + max_response_len "
+                            f"({self.max_prompt_len + self.max_response_len}); raise seq_len or lower the maxima")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample. temperature 0 means greedy."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_token_ids: tuple[int, ...] | None = None  # None: the tokenizer's / model's end-of-sequence ids
+    stop_strings: tuple[str, ...] = ()
+    seed: int = 0
+    batch_size: int = 16
+    reuse_prefix: bool = True
+
+    RULES = [
+        ("max_new_tokens", lambda v: v >= 1, ">= 1"),
+        ("temperature", lambda v: v >= 0, ">= 0 (0 = greedy)"),
+        ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+        ("top_k", lambda v: v >= 0, ">= 0 (0 = off)"),
+        ("batch_size", lambda v: v >= 1, ">= 1"),
+    ]
+
+    def __post_init__(self):
+        check(self, self.RULES)

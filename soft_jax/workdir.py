@@ -1,0 +1,209 @@
+"""A run's work dir: where each artifact lives, process-0 writes, the lock, metrics, and the phase runner.
+
+    DIR/config.json                    the run's config (a rerun with a changed config is checked against it)
+    DIR/state.json                     finished rounds, validation scores, the guard's comparisons, best round, stop
+    DIR/metrics.jsonl                  one object per event: round, phase, numbers (deduplicated on resume)
+    DIR/curriculum.json                per-prompt difficulty of the pool (across-rounds curriculum only)
+    DIR/rounds/NNN/prompts.jsonl       the round's prompt slice
+    DIR/rounds/NNN/generations.jsonl   raw self-aligned outputs, exemplar ids, finish reason, answer, filter verdict
+    DIR/rounds/NNN/train.jsonl         kept (prompt, response) pairs in training order, with difficulty
+    DIR/rounds/NNN/eval.json           validation score with per-item scores, eval tasks, open-ended signals
+    DIR/checkpoints/rounds/N           Orbax: the parameters after round N
+    DIR/checkpoints/train/NNN          Orbax: training-step checkpoints of the round in progress
+
+On a multi-host run every host reads; only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Callable
+
+import ml_collections
+
+from soft_jax import config as config_lib
+from soft_jax import distributed, faults, io_utils, preemption
+from soft_jax.errors import UserError
+
+CONFIG, STATE, METRICS, LOCK, CURRICULUM = "config.json", "state.json", "metrics.jsonl", ".lock", "curriculum.json"
+NEW_STATE = {"finished": [], "scores": {}, "comparisons": {}, "best_round": None, "stopped": None}
+
+
+def read_json(path: str, default=None):
+    if not os.path.exists(path):
+        return default
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:  # soft-jax writes atomically: something else damaged the file
+            raise UserError(f"{path}: malformed JSON ({e.msg} at line {e.lineno}); the file was damaged outside "
+                            "soft-jax: restore it, or start over with a new --workdir") from None
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def write_json(path: str, obj) -> None:
+    """Atomic JSON write (process 0 only, as every write below)."""
+    if distributed.is_writer():
+        io_utils.write_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path: str, rows) -> None:
+    if distributed.is_writer():
+        io_utils.write_jsonl(path, rows)
+
+
+def append_line(path: str, row: dict) -> None:
+    if distributed.is_writer():
+        io_utils.append_line(path, row)
+
+
+def remove(path: str) -> None:
+    """Removes a file or directory tree if it exists."""
+    if not distributed.is_writer() or not os.path.lexists(path):
+        return
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        os.remove(path)
+
+
+class Metrics:
+    """metrics.jsonl: one object per event keyed by (round, phase, step); a resumed event replaces, never repeats."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.rows = {self._key(r): r for r in io_utils.read_appended(path)}
+        write_jsonl(self.path, self.rows.values())
+
+    @staticmethod
+    def _key(row: dict) -> tuple:
+        return row.get("round"), row.get("phase"), row.get("step")
+
+    def add(self, row: dict) -> None:
+        key = self._key(row)
+        seen = key in self.rows
+        self.rows[key] = row
+        if seen:
+            write_jsonl(self.path, self.rows.values())
+        else:
+            append_line(self.path, row)
+
+
+def lock(path: str):
+    """An exclusive lock on the work dir for this process's lifetime (the OS drops it when the process dies,
+    even by SIGKILL, so a crashed run never leaves a stale lock)."""
+    import fcntl
+
+    f = open(os.path.join(path, LOCK), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        owner = f.read().strip() or "unknown"
+        f.close()
+        raise UserError(f"{path}: another soft-jax run (pid {owner}) is using this work dir; wait for it to "
+                        "finish or stop it, or use another --workdir") from None
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def check(path: str, c: ml_collections.ConfigDict) -> dict | None:
+    """The config to write to config.json (None: it is up to date); on a rerun refuses config changes that
+    invalidate finished rounds. Reads only, so that every host can check before any host writes."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--workdir {path}: a file is in the way; give a new or existing run directory")
+    new = config_lib.to_dict(c)
+    old = read_json(os.path.join(path, CONFIG))
+    if old is None:
+        if os.path.isdir(path) and set(os.listdir(path)) - {LOCK}:
+            raise UserError(f"{path}: the directory is not empty and holds no soft-jax run ({CONFIG} missing); "
+                            "give a new or empty work dir")
+        return new
+    changed = config_lib.diff(old, new)
+    done = len(read_json(os.path.join(path, STATE), NEW_STATE)["finished"])
+    bad = [k for k in changed if k not in config_lib.RESUMABLE_CHANGES]
+    per_old, per_new = old["prompts"]["per_round"], new["prompts"]["per_round"]
+    if isinstance(per_old, list) or isinstance(per_new, list):
+        sizes_old = per_old if isinstance(per_old, list) else [per_old] * old["rounds"]
+        sizes_new = per_new if isinstance(per_new, list) else [per_new] * new["rounds"]
+        if sizes_old[:done + 1] != sizes_new[:done + 1]:
+            bad.append("prompts.per_round")
+    elif per_old != per_new:
+        bad.append("prompts.per_round")
+    if bad:
+        raise UserError(f"{path} holds a run with another config (changed: {', '.join(sorted(set(bad)))}); "
+                        "use a new --workdir, or rerun with the config in its config.json")
+    return new if changed else None
+
+
+class WorkDir:
+    """One run's directory. `open()` checks it on every host, then process 0 creates it, takes the lock and
+    writes config.json; `close()` releases the lock."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.handle = None
+        self.metrics: Metrics | None = None
+
+    def file(self, *parts: str) -> str:
+        return os.path.join(self.path, *parts)
+
+    def round_dir(self, t: int) -> str:
+        return self.file("rounds", f"{t:03d}")
+
+    def round_file(self, t: int, name: str) -> str:
+        return os.path.join(self.round_dir(t), name)
+
+    def train_checkpoints(self, t: int) -> str:
+        return self.file("checkpoints", "train", f"{t:03d}")
+
+    def open(self, c: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> dict:
+        """Checks, creates and locks the work dir; returns its state (a new one when the run starts)."""
+        update = check(self.path, c)  # every host checks before any host writes: a late one would see new files
+        distributed.barrier("workdir checked")
+        if distributed.is_writer():
+            os.makedirs(self.path, exist_ok=True)
+            self.handle = lock(self.path)
+            try:
+                if update:
+                    write_json(self.file(CONFIG), update)
+                if io_utils.remove_stray_temps(self.path, skip=("checkpoints",)):
+                    log(f"[run] removed temp files that an interrupted write left in {self.path}")
+            except BaseException:
+                self.close()
+                raise
+        distributed.barrier("workdir ready")
+        self.metrics = Metrics(self.file(METRICS))
+        return {**NEW_STATE, **read_json(self.file(STATE), {})}
+
+    def close(self) -> None:
+        if self.handle:
+            self.handle.close()
+            self.handle = None
+
+    def save_state(self, state: dict) -> None:
+        write_json(self.file(STATE), state)
+
+    def phase(self, path: str, compute: Callable[[], tuple], point: str = "", stop: str = ""):
+        """One durable phase: the artifact at `path` when an earlier run finished it; else `compute()` ->
+        (value, metrics event or None), written (JSON, or JSONL for a list), the event recorded, then the fault
+        point and the stop check (a stop after this point resumes past the phase)."""
+        if os.path.exists(path):
+            return read_jsonl(path) if path.endswith(".jsonl") else read_json(path)
+        value, event = compute()
+        (write_jsonl if path.endswith(".jsonl") else write_json)(path, value)
+        if event:
+            self.metrics.add(event)
+        if point:
+            faults.point(point)
+        if stop:
+            preemption.check(stop)
+        return value
