@@ -229,7 +229,9 @@ def test_mesh_and_batch_that_do_not_divide_are_refused(tiny_llama):
 
     model, _ = models.load(tiny_llama, progress=False)
     mesh = sharding.make_mesh((1, 1, -1))
-    assert sampling.generate_tokens(model, [[5, 6]], SamplingConfig(max_new_tokens=2, batch_size=1), (2,), mesh=mesh)
+    config = SamplingConfig(max_new_tokens=4, batch_size=1)  # greedy: the one-device mesh gives the plain result
+    on_mesh = sampling.generate_tokens(model, [[5, 6]], config, (-1,), mesh=mesh)
+    assert on_mesh == sampling.generate_tokens(model, [[5, 6]], config, (-1,)) and len(on_mesh[0]) == 4
     with pytest.raises(UserError, match="does not divide the 1 devices"):
         sharding.make_mesh((2, 1, 1))
     with pytest.raises(UserError, match="the batch size = 3 is not divisible by the mesh.s data x fsdp"):
