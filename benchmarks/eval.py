@@ -4,7 +4,7 @@ SmolLM2-135M (the embedded GGUF), float32, CPU. The requests are the Dromedary p
 continuation) pairs of the first N HHH items and N TruthfulQA MC1 items (MC2's are a superset of MC1's).
 The reference scores them the way log-likelihood harnesses do with transformers: every request is one
 row (context + continuation), rows sorted by length and batched, one forward pass per batch. soft-jax
-runs each distinct sequence once and a prefix that rows share once (`sampling.score`). Prints both
+runs each distinct sequence once and a prefix that rows share once (`scoring.score`). Prints both
 throughputs (requests/s), the ratio with and without soft-jax's compile time, and the largest difference
 between the two sets of log-probabilities.
 
@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from soft_jax import evaluation, models, sampling
+from soft_jax import evaluation, models, scoring
 from soft_jax.models.checkpoint import smollm2_path
 
 
@@ -64,10 +64,10 @@ def main():
           f"{tokens} tokens if each is run whole")
 
     start = time.perf_counter()
-    sampling.score(model, tok, contexts, continuations, batch_size=args.batch)
+    scoring.score(model, tok, contexts, continuations, batch_size=args.batch)
     cold = time.perf_counter() - start
     start = time.perf_counter()
-    ours = np.asarray(sampling.score(model, tok, contexts, continuations, batch_size=args.batch), np.float64)
+    ours = np.asarray(scoring.score(model, tok, contexts, continuations, batch_size=args.batch), np.float64)
     warm = time.perf_counter() - start
 
     path = smollm2_path()

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from soft_jax import sampling, settings
+from soft_jax import scoring, settings
 from soft_jax.errors import UserError
 from soft_jax.data.templates import engraving_parts
 
@@ -26,7 +26,7 @@ def _engraved(tokenizer, prompt: str, response: str, finished: bool = True) -> t
 
 
 def _perplexity(model, contexts, continuations, batch_size, mesh) -> list[float]:
-    per = sampling.score_tokens(model, contexts, continuations, batch_size=batch_size, mesh=mesh)
+    per = scoring.score_tokens(model, contexts, continuations, batch_size=batch_size, mesh=mesh)
     return [float(np.exp(-np.mean(p))) for p in per]
 
 
@@ -38,7 +38,7 @@ def response_logps(model, tokenizer, pairs, batch_size=8, mesh=None, max_len=Non
     parts = [_engraved(tokenizer, *pair) for pair in pairs]
     if max_len:
         parts = [(h[-max_len[0]:], t[:max_len[1]]) for h, t in parts]
-    return sampling.score_tokens(model, [h for h, _ in parts], [t for _, t in parts], batch_size=batch_size,
+    return scoring.score_tokens(model, [h for h, _ in parts], [t for _, t in parts], batch_size=batch_size,
                                  mesh=mesh)
 
 

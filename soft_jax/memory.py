@@ -193,7 +193,7 @@ def for_run(c, model_cfg: ModelConfig, mesh_shape: Mapping[str, int] | Sequence[
     from soft_jax import sampling
 
     t, s = c.train, c.sampling
-    prefix = sampling.bucket_prefix(prefix_tokens) if prefix_tokens else 0
+    prefix = sampling.bucket(prefix_tokens, "prefix") if prefix_tokens else 0
     own = sampling.bucket(max(1, prompt_tokens - prefix_tokens))
     return estimate(model_cfg, mesh_shape=mesh_shape, train_batch=t.batch_size,
                     train_seq=t.max_prompt_len + t.max_response_len, grad_accum=t.grad_accum, remat=t.remat,

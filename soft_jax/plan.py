@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from soft_jax import sampling, training
+from soft_jax import sampling, scoring, training
 from soft_jax import sharding as shd
 from soft_jax.errors import UserError
 from soft_jax.models.config import ModelConfig
@@ -89,14 +89,14 @@ class Shapes:
 
         prompt_tokens: the longest self-align prompt; prefix_tokens: what a sampling batch shares (0: none)."""
         t, s = c.train, c.sampling
-        prefix = sampling.bucket_prefix(prefix_tokens) if prefix_tokens else 0
+        prefix = sampling.bucket(prefix_tokens, "prefix") if prefix_tokens else 0
         return cls(train_rows=t.batch_size // t.grad_accum, grad_accum=t.grad_accum,
                    row_len=t.max_prompt_len + t.max_response_len, remat=t.remat,
                    scan_layers=c.model.scan_layers, sample_rows=s.batch_size,
                    prefix_len=prefix, own_len=sampling.bucket(max(1, prompt_tokens - prefix_tokens)),
                    new_tokens=s.max_new_tokens, score_rows=max(c.curriculum.batch_size, c.validation.batch_size),
-                   score_context=sampling.cache_length(t.max_prompt_len),
-                   score_len=sampling.bucket_length(t.max_response_len), keep_base=c.rounds > 1)
+                   score_context=sampling.bucket(t.max_prompt_len, "cache"),
+                   score_len=sampling.bucket(t.max_response_len, "length"), keep_base=c.rounds > 1)
 
 
 def abstract_model(cfg: ModelConfig):
@@ -185,9 +185,9 @@ def _lowerings(cfg: ModelConfig, shapes: Shapes, mesh, train_config: training.Tr
         n = shapes.score_rows
         heads = abstract_cache(cfg, mesh, n, shapes.score_context)
         ids = _rows(mesh, (n, shapes.score_len), i32)
-        local = mesh.shape["data"] * mesh.shape["fsdp"] > 1  # as sampling.score_tokens: rows read their own cache
+        local = mesh.shape["data"] * mesh.shape["fsdp"] > 1  # as scoring.score_tokens: rows read their own cache
         which = None if local else _rows(mesh, (n,), i32)
-        return sampling._score_rows.lower(graphdef, mesh, params, heads, which, ids, ids, ids, ids, False)
+        return scoring._score_rows.lower(graphdef, mesh, params, heads, which, ids, ids, ids, ids, False)
 
     out = [("train_step", f"{shapes.grad_accum} x {shapes.train_rows} rows x {shapes.row_len} tokens"
             f"{', remat' if shapes.remat else ''}{', scanned' if shapes.scan_layers else ''}", 1 + base, train)]
@@ -406,7 +406,7 @@ def table_shapes(mesh_shape, settings=None) -> tuple[Shapes, dict]:
     own = s["sample_len"] - prefix - new
     shapes = Shapes(train_rows=micro, grad_accum=accum, row_len=s["train_seq"], remat=s["remat"], scan_layers=True,
                     sample_rows=s["sample_batch"], prefix_len=prefix, own_len=own, new_tokens=new,
-                    score_rows=micro, score_context=sampling.cache_length(s["train_seq"] // 2),
+                    score_rows=micro, score_context=sampling.bucket(s["train_seq"] // 2, "cache"),
                     score_len=s["train_seq"] // 2, keep_base=s["keep_base"])
     estimate = dict(train_batch=accum * micro, train_seq=s["train_seq"], grad_accum=accum, remat=s["remat"],
                     sample_batch=s["sample_batch"], sample_len=s["sample_len"], sample_new=new,

@@ -1,0 +1,253 @@
+"""Log-likelihood scoring on one jitted model, on sampling's prefill and KV-cache machinery.
+
+Requests become unique rows: a context whose next token is read at its end (single-token continuations
+of one context share it), or a context + continuation read at every continuation token. Rows are sorted
+so that rows sharing a prefix are neighbours, and split into groups. Stage 1 runs each group's common
+prefix once (one cache row per group; what all groups of a chunk share runs once, at batch 1). Stage 2
+runs each row's remainder on a copy of its group's cache row, rows of similar length together. Lengths
+and row counts are bucketed, so a long request list compiles a handful of programs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from soft_jax import sharding as shd
+from soft_jax.distributed import to_host
+from soft_jax.errors import UserError
+from soft_jax.models.llama import KVCache, Llama
+from soft_jax.sampling import (MIN_SHARED_PREFIX, _Batcher, _common_prefix, _left_pad, _prefill, _shared_len,
+                               _shared_prefix, bucket, check_lengths)
+
+GROUP_OVERHEAD = 16  # tokens a group costs beyond its prefix (padding, its cache row): the grouping's cost model
+GROUP_WINDOW = 8  # rows on each side whose common prefix a group's chunk is expected to run once for all
+MAX_GROUP = 64  # rows per group, and groups per chunk, at most
+PASS_TOKENS = 8192  # rows x (cached + new) length of one forward pass at most (bounds the KV rows it holds)
+ROW_TOKENS = 128  # a pass holds batch_size rows of this many tokens (more shorter rows, fewer longer ones)
+
+
+def _group(seqs, bounds) -> list[tuple[int, list[int]]]:
+    """Splits sorted rows into runs [(prefix length, row indices)] that minimise the tokens run.
+
+    A group runs its common prefix (at most each row's bound) once, less what its neighbourhood shares
+    (its chunk runs that once), and each row its remainder; dynamic programming over the split points."""
+    n = len(seqs)
+    lcp = [0] + [_common_prefix((seqs[i - 1], seqs[i])) for i in range(1, n)]
+    near = [min(lcp[max(1, i - GROUP_WINDOW + 1):i + GROUP_WINDOW + 1], default=0) for i in range(n)]
+    best, start = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        p, shared, total = bounds[j - 1], near[j - 1], 0
+        for i in range(j - 1, max(-1, j - 1 - MAX_GROUP), -1):
+            if i < j - 1:
+                p, shared = min(p, bounds[i], lcp[i + 1]), min(shared, near[i])
+            total += len(seqs[i])
+            cost = best[i] + max(0, p - shared) + total - (j - i) * p + GROUP_OVERHEAD
+            if cost < best[j]:
+                best[j], start[j] = cost, i
+    groups, j = [], n
+    while j:
+        i = start[j]
+        groups.append((min(bounds[i:j] + lcp[i + 1:j]), list(range(i, j))))
+        j = i
+    return groups[::-1]
+
+
+def _chunks(groups, seqs):
+    """Runs of groups with the same prefix-length bucket, at most MAX_GROUP and PASS_TOKENS of unshared prefix
+    tokens each; a run also ends where neighbouring prefixes share much less than those around them do
+    (so that a prefix many groups share, run once per chunk, is not lost to a chunk that mixes families)."""
+    order = sorted(groups, key=lambda g: bucket(g[0], "cache"))  # stable: neighbours stay together
+    heads = [seqs[rs[0]][:p] for p, rs in order]
+    lcp = [_common_prefix(heads[i:i + 2]) for i in range(len(order) - 1)]
+    near = [min(lcp[max(0, i - GROUP_WINDOW):i + GROUP_WINDOW], default=0) for i in range(len(order))]
+    chunks, shared = [[order[0]]] if order else [], 0
+    for i in range(1, len(order)):
+        run = chunks[-1]
+        shared = lcp[i - 1] if len(run) == 1 else min(shared, lcp[i - 1])
+        unshared = max(p for p, _ in run + [order[i]]) - (shared if shared >= MIN_SHARED_PREFIX else 0)
+        if (bucket(order[i][0], "cache") == bucket(run[0][0], "cache")
+                and lcp[i - 1] >= max(near[i - 1], near[i]) - GROUP_OVERHEAD
+                and len(run) < min(MAX_GROUP, PASS_TOKENS // bucket(unshared, "cache"))):
+            run.append(order[i])
+        else:
+            chunks.append([order[i]])
+    return chunks
+
+
+@dataclasses.dataclass
+class _Chunk:
+    """Stage 1: group prefixes (`shared` leading tokens common to all, the rest padded to `length`) in cache
+    rows of `cache` slots; stage 2: passes (last_only, padded length, [(row, group, prefix length)])."""
+
+    heads: list
+    shared: int
+    length: int
+    cache: int
+    passes: list
+
+
+def _plan(seqs, bounds, last_only, batch_size: int, multiple: int) -> list[_Chunk]:
+    plan = []
+    for chunk in _chunks(_group(seqs, bounds), seqs):
+        heads = [seqs[rs[0]][:p] for p, rs in chunk]
+        shared = _shared_len(heads, True, cap=min(map(len, heads)))
+        length = bucket(max(map(len, heads)) - shared, "length")
+        cache = bucket(length, "cache")
+        todo = sorted((last_only[r], len(seqs[r]) - p, r, g, p) for g, (p, rs) in enumerate(chunk) for r in rs)
+        passes = []
+        while todo:  # from the longest remainder down, as many rows as the pass's length allows
+            last, tail = todo[-1][0], bucket(todo[-1][1], "length")
+            most = min(batch_size * ROW_TOKENS // tail, PASS_TOKENS // (cache + tail))
+            most = max(multiple, 1 << (max(1, most).bit_length() - 1))  # a power of two
+            batch = [t for t in todo[-most:] if t[0] == last]
+            todo = todo[:len(todo) - len(batch)]
+            passes.append((last, tail, [t[2:] for t in batch]))
+        plan.append(_Chunk(heads, shared, length, cache, passes))
+    return plan
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 9))
+def _score_rows(graphdef, mesh, state, heads, which, ids, positions, seg, picks, last_only):
+    """Log-probabilities read after each row's tokens; row b continues cache row `which[b]` of `heads`.
+
+    last_only: picks [B, E] are tokens read as the next token after the last column; else picks [B, T]
+    are the tokens read at every column (-1: not read, 0 returned)."""
+    with shd.activation_sharding(mesh):
+        return _score_body(graphdef, state, heads, which, ids, positions, seg, picks, last_only)
+
+
+def _score_body(graphdef, state, heads, which, ids, positions, seg, picks, last_only):
+    new = ids.shape[1]
+
+    def take(x):  # which None: row b continues cache row b (already on its device)
+        rows = jnp.pad(x if which is None else x[which], [(0, 0), (0, new)] + [(0, 0)] * (x.ndim - 2))
+        return shd.constrain(rows, shd.CACHE_AXES["k" if x.ndim == 4 else "positions"])
+
+    cache = KVCache(k=tuple(map(take, heads.k)), v=tuple(map(take, heads.v)), positions=take(heads.positions),
+                    segment_ids=take(heads.segment_ids), index=heads.index, prefix=heads.prefix)
+    logits, _ = nnx.merge(graphdef, state)(ids, positions=positions, segment_ids=seg, cache=cache,
+                                           last_only=last_only)
+    norm = jax.nn.logsumexp(logits, axis=-1)
+    if last_only:
+        return jnp.take_along_axis(logits[:, -1], picks, axis=-1) - norm[:, -1:]
+    picked = jnp.take_along_axis(logits, jnp.maximum(picks, 0)[..., None], axis=-1)[..., 0] - norm
+    return jnp.where(picks >= 0, picked, 0.0)
+
+
+def score_tokens(model: Llama, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
+                 batch_size: int = 16, mesh=None, progress: bool = False) -> list[np.ndarray]:
+    """Per-token log-probabilities of each continuation given its context (token lists).
+
+    Each distinct token sequence runs once, and a prefix several share runs once for all of them (see the
+    section comment). batch_size: rows per forward pass at most (fewer for long rows; with a mesh, a
+    multiple of its data axes).
+    """
+    multiple = 1
+    if mesh is not None:
+        multiple = mesh.shape["data"] * mesh.shape["fsdp"]
+        _Batcher(mesh, batch_size)  # refuses a batch size the data axes do not divide
+    # Unique rows: (tokens, last_only) -> request indices. A last_only row is a context, read at its end; any
+    # other is a context + continuation, run without its last token and read from its bound on.
+    rows: dict[tuple, list[int]] = {}
+    for i, (c, k) in enumerate(zip(contexts, continuations)):
+        if not len(c):
+            raise UserError(f"context {i} is empty; every context needs at least one token")
+        if len(k):
+            rows.setdefault((tuple(c), True) if len(k) == 1 else (tuple(c) + tuple(k), False), []).append(i)
+    keys = sorted(rows)
+    seqs = [s if last else s[:-1] for s, last in keys]
+    bounds = [min(len(contexts[i]) for i in rows[key]) - 1 for key in keys]
+    asked = {r: sorted({continuations[i][0] for i in rows[key]}) for r, key in enumerate(keys) if key[1]}
+    width = max(map(len, asked.values()), default=1)
+    graphdef, state = nnx.split(model)
+    out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(contexts)
+    bar = tqdm(total=len(keys), desc="scoring", unit="row", disable=not progress)
+
+    def prefill_heads(chunk, shared, heads):
+        """Cache rows holding `heads` (group prefixes past the chunk's shared tokens), after `shared`."""
+        n = bucket(len(heads), "rows", multiple)
+        batcher = _Batcher(mesh, n)
+        cache = batcher.put_cache(KVCache.init(model.config, n, chunk.cache, prefix=shared))
+        ids, seg, positions = _left_pad(list(heads) + [()] * (n - len(heads)), chunk.length)
+        return _prefill(graphdef, mesh, state, *batcher.put((ids, positions + chunk.shared, seg)), cache)[1]
+
+    # With batch rows on several devices, a row reading another row's cache would gather every group's cache
+    # onto every device (the whole cache, for each layer). There each pass prefills its own rows' group
+    # prefixes instead, so a row's cache is on its device; the prefix all groups share still runs once.
+    local = multiple > 1
+    for chunk in _plan(seqs, bounds, [last for _, last in keys], batch_size, multiple):
+        shared = _shared_prefix(graphdef, state, model, chunk.heads[0][:chunk.shared], _Batcher(mesh, multiple))
+        if not local:
+            heads = prefill_heads(chunk, shared, [h[chunk.shared:] for h in chunk.heads])
+        for last_only, tail, batch in chunk.passes:
+            n = bucket(len(batch), "rows", multiple)
+            if local:  # the prefill donates its cache, the shared prefix with it: take it back from its output
+                heads = prefill_heads(chunk, shared, [chunk.heads[g][chunk.shared:] for _, g, _ in batch])
+                shared = heads.prefix
+            ids, seg, positions = _left_pad([seqs[r][p:] for r, _, p in batch] + [()] * (n - len(batch)), tail)
+            positions += np.asarray([p for *_, p in batch] + [0] * (n - len(batch)))[:, None]
+            which = np.asarray([g for _, g, _ in batch] + [0] * (n - len(batch)), np.int32)
+            picks = np.zeros((n, width), np.int32) if last_only else np.full((n, tail), -1, np.int32)
+            for row, (r, _, _) in enumerate(batch):
+                if last_only:
+                    picks[row, :len(asked[r])] = asked[r]
+                else:  # every token after the bound: each request reads its own continuation's part
+                    read = keys[r][0][bounds[r] + 1:]
+                    picks[row, tail - len(read):] = read
+            logp = to_host(_score_rows(graphdef, mesh, state, heads, *_Batcher(mesh, n).put(
+                (None if local else which, ids, positions, seg, picks)), last_only))
+            for row, (r, _, _) in enumerate(batch):
+                for i in rows[keys[r]]:
+                    k = continuations[i]
+                    out[i] = logp[row, asked[r].index(k[0])][None] if last_only else logp[row, tail - len(k):]
+            bar.update(len(batch))
+    bar.close()
+    return out
+
+
+def score_ids(tokenizer, contexts: Sequence[str], continuations: Sequence[str]) -> tuple[list, list]:
+    """(context token lists, continuation token lists) that `score` runs: each context's trailing whitespace
+    (whatever str.rstrip() removes, newlines too, as lm-evaluation-harness's _encode_pair moves) goes onto
+    the front of its continuation. So "A: " + "The" is "A:" + " The", the natural boundary, not "A:", " "
+    then "The". As the harness does, the continuation's tokens are those of the whole string after the
+    context's (a SentencePiece tokenizer would give a continuation tokenized alone a word-start marker it
+    does not have in the text); where the whole string's tokens do not start with the context's, the
+    continuation is tokenized alone. No special tokens are added. A whitespace-only context keeps it."""
+    ctx, cont = [], []
+    for c, k in zip(contexts, continuations):
+        cut = len(c.rstrip()) or len(c)
+        head = tokenizer(c[:cut], add_special_tokens=False)["input_ids"]
+        whole = tokenizer(c + k, add_special_tokens=False)["input_ids"]
+        natural = whole[:len(head)] == head and len(whole) > len(head)
+        ctx.append(head)
+        cont.append(whole[len(head):] if natural else tokenizer(c[cut:] + k, add_special_tokens=False)["input_ids"])
+    return ctx, cont
+
+
+def score(model: Llama, tokenizer, contexts: Sequence[str], continuations: Sequence[str], batch_size: int = 16,
+          mesh=None, progress: bool = False, per_token: bool = False):
+    """Summed log-probability of each continuation given its context.
+
+    Tokens are those of `score_ids`: the context's trailing whitespace moves onto the continuation, then
+    tokenizer(context) + tokenizer(continuation), no special tokens added; the continuation's log-probability
+    includes the moved whitespace's. Rows sharing a context prefix reuse its KV cache. With per_token=True,
+    returns the list of per-token arrays too.
+    """
+    if len(contexts) != len(continuations):
+        raise UserError(f"score: {len(contexts)} contexts but {len(continuations)} continuations")
+    ctx, cont = score_ids(tokenizer, contexts, continuations)
+    check_lengths(ctx, 0, model.config.max_position_embeddings, "context")
+    check_lengths(cont, 0, model.config.max_position_embeddings, "continuation")
+    check_lengths([a + b for a, b in zip(ctx, cont)], 0, model.config.max_position_embeddings, "row")
+    batch_size = batch_size if mesh is not None else min(batch_size, len(ctx))
+    per = score_tokens(model, ctx, cont, batch_size=batch_size, mesh=mesh, progress=progress)
+    sums = np.asarray([p.sum() for p in per], np.float32)
+    return (sums, per) if per_token else sums
