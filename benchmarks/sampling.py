@@ -4,7 +4,17 @@ SmolLM2-135M, float32, CPU; 16 prompts sharing a ~1,000-token principles + exemp
 tokens each (stop tokens ignored so both do the same work); temperature 0.7, top-p 0.95.
 Prints tokens/s of both and the ratio, then soft-jax decode-only tokens/s at batch 1 and 16.
 
+With --exemplars, then (same process, same model): a batch of real self-align prompts built from the shipped
+assets (load_principles, load_exemplars, the first --batch prompts of load_prompts) for k = 2 and 3, once with
+one exemplar draw shared by the batch ("per batch": the whole principles + exemplars text is one shared token
+prefix) and once with each prompt's own seeded draw ("per prompt", exemplars.granularity="prompt": only the
+principles are shared, the exemplars follow in each row's own part). Each shape is compiled once, then timed
+--repeats times, alternating the two cases; prints the median tokens/s of both, the ratio per-prompt /
+per-batch, the shared-prefix length `generate_tokens` took (sampling._shared_len) and the rows' own
+lengths (unpadded range, and the bucket they are left-padded to).
+
     python benchmarks/sampling.py [--new-tokens 64] [--batch 16] [--prefix-tokens 1000]
+    python benchmarks/sampling.py --skip-hf --exemplars [--k 2 3] [--repeats 3]
 """
 
 import argparse
@@ -82,12 +92,70 @@ def decode_only(model, batch, new_tokens, prompt_len=64):
     return batch * new_tokens / run()
 
 
+def self_align_rows(tok, batch, k, per_prompt, seed=0, rnd=1):
+    """Token rows of `batch` self-align prompts with k exemplars: one draw for the batch, or one per prompt
+    (keyed as soft_jax.selfalign.exemplars_for keys them)."""
+    from soft_jax import data
+    from soft_jax.data import templates
+
+    principles, pool, prompts = data.load_principles(), data.load_exemplars(), data.load_prompts()[:batch]
+    texts = []
+    for p in prompts:
+        key = [seed, rnd, int(data.prompt_id(p["prompt_id"])[1:], 16)] if per_prompt else [seed, rnd, 0]
+        shots = data.sample_exemplars(pool, k, "random", key)
+        texts.append(templates.self_align_prompt(principles, shots, p["prompt"], p["input"]))
+    return [tok(t)["input_ids"] for t in texts]
+
+
+def _gen_config(rows, new_tokens):
+    return sampling.SamplingConfig(max_new_tokens=new_tokens, temperature=0.7, top_p=0.95, batch_size=len(rows),
+                                   stop_token_ids=NEVER)
+
+
+def _timed(model, rows, new_tokens, i):
+    start = time.perf_counter()
+    out = sampling.generate_tokens(model, rows, _gen_config(rows, new_tokens), NEVER, rng=jax.random.key(1 + i))
+    seconds = time.perf_counter() - start
+    assert all(len(r) == new_tokens for r in out)
+    return seconds
+
+
+def exemplar_granularity(model, tok, batch, ks, new_tokens, repeats):
+    """Per-batch vs per-prompt exemplar draws: both compiled first, then timed alternately (so a load
+    change on a shared machine hits both), median of `repeats`."""
+    print(f"\nexemplars per batch vs per prompt: {batch} shipped prompts, {new_tokens} new tokens each, "
+          f"median of {repeats} (alternating)")
+    for k in ks:
+        cases = {name: self_align_rows(tok, batch, k, per_prompt)
+                 for name, per_prompt in (("per batch", False), ("per prompt", True))}
+        for rows in cases.values():
+            sampling.generate_tokens(model, rows, _gen_config(rows, new_tokens), NEVER)  # compile
+        times = {name: [] for name in cases}
+        for i in range(repeats):
+            for name, rows in cases.items():
+                times[name].append(_timed(model, rows, new_tokens, i))
+        speed = {}
+        for name, rows in cases.items():
+            shared = sampling._shared_len(rows, True)
+            own = [len(r) - shared for r in rows]
+            speed[name] = len(rows) * new_tokens / float(np.median(times[name]))
+            print(f"k={k} {name:10s} {speed[name]:8.1f} tokens/s  (runs {', '.join(f'{t:.2f}' for t in times[name])} "
+                  f"s); rows {min(map(len, rows))}-{max(map(len, rows))} tokens, common prefix "
+                  f"{sampling._common_prefix(rows)}, shared prefix {shared} (prefilled as "
+                  f"{sampling.bucket(shared, 'prefix') if shared else 0}), own {min(own)}-{max(own)} "
+                  f"(bucket {sampling.bucket(max(own))})")
+        print(f"k={k} ratio per prompt / per batch: {speed['per prompt'] / speed['per batch']:.2f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--prefix-tokens", type=int, default=1000)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--exemplars", action="store_true", help="also time per-batch vs per-prompt exemplars")
+    parser.add_argument("--k", type=int, nargs="+", default=[2, 3])
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
     model, tok = models.load("smollm2-135m", progress=False)
@@ -104,6 +172,8 @@ def main():
         print(f"ratio soft-jax / transformers: {ours / ref:.2f}x")
     for b in (1, args.batch):
         print(f"soft-jax decode only, batch {b:2d}: {decode_only(model, b, args.new_tokens):8.1f} tokens/s")
+    if args.exemplars:
+        exemplar_granularity(model, tok, args.batch, args.k, args.new_tokens, args.repeats)
 
 
 if __name__ == "__main__":
