@@ -141,9 +141,9 @@ class Run:
         return [cached["difficulty"][p["prompt_id"]] for p in self.inputs.pool]
 
     def generate(self, t: int, generator, tokenizer, prompts: list[dict], label: str) -> list[dict]:
-        about = {"generator": label, "generator_checksum": checksum(generator)}
+        about = lambda: {"generator": label, "generator_checksum": checksum(generator)}  # noqa: E731 - when run
         rows = self.wd.phase(self.wd.round_file(t, "generations.jsonl"),
-                             lambda: selfalign.generate(self, t, generator, tokenizer, prompts, about),
+                             lambda: selfalign.generate(self, t, generator, tokenizer, prompts, about()),
                              f"generated_r{t}", f"round {t} generation")
         remove(self.wd.round_file(t, selfalign.PARTIAL))  # only once the whole round's rows are written
         return rows
