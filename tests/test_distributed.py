@@ -82,9 +82,13 @@ def test_two_processes_equal_one_and_a_dead_host_stops_both(tmp_path, two):
     from soft_jax.models import presets
 
     base = presets.load("tiny", seed=0)[0]
-    # two processes vs one: float32 reductions in another order, nothing more
+    # two processes vs one: float32 reductions in another order, nothing more. Where a gradient entry is near
+    # Adam's eps its first update g / (|g| + eps) amplifies that order (tests/test_training.py measures it): a
+    # few elements (at most 0.1% of a leaf) may differ by up to lr / 4; a lost, repeated or wrong step moves
+    # nearly every element by ~lr (1e-3 here)
+    FEW = dict(rtol=1e-5, atol=1e-6, few=1e-3, few_atol=2.5e-4)
     pa, pb = round_params(two, base), round_params(ref, base)
-    assert_params_close(pa["round 1"], pb["round 1"], rtol=1e-5, atol=1e-6, what="round 1, two processes vs one: ")
+    assert_params_close(pa["round 1"], pb["round 1"], what="round 1, two processes vs one: ", **FEW)
     va, vb = (json.load(open(os.path.join(x.path, "rounds", "001", "eval.json")))["validation"]["value"]
               for x in (two, ref))
     np.testing.assert_allclose(va, vb, rtol=1e-5)
@@ -99,8 +103,8 @@ def test_two_processes_equal_one_and_a_dead_host_stops_both(tmp_path, two):
     assert [r for r, _ in results] == [0, 0], results[0][1][-3000:]
     resumed = Workdir(str(k))
     assert [g["raw"] for g in rows(resumed, "generations.jsonl")] == [g["raw"] for g in rows(two, "generations.jsonl")]
-    assert_params_close(round_params(resumed, base)["round 1"], pa["round 1"], rtol=1e-5, atol=1e-6,
-                        what="round 1, resumed after a dead host: ")
+    assert_params_close(round_params(resumed, base)["round 1"], pa["round 1"], what="round 1, resumed after a dead "
+                        "host: ", **FEW)
 
 
 # One SOFT round on the tiny model, greedy; the generation and train batches divide data x fsdp = 4.
