@@ -1,4 +1,4 @@
-"""The `soft-jax` command line: run | plan | report | info | generate | train | eval | export.
+"""The `soft-jax` command line: run | plan | report | info | generate | train | eval | export | data.
 
 Every user mistake ends with exit code 2 and one line on stderr (what is wrong, where, how to mend it).
 """
@@ -18,6 +18,7 @@ from soft_jax.preemption import Preempted
 
 EXIT_USER_ERROR = 2
 EXIT_DISK_FULL = 1
+EXIT_CONTAMINATED = 1  # `data check --strict` found shared n-grams
 
 
 def _disk_full(e: BaseException) -> OSError | None:
@@ -228,6 +229,37 @@ def cmd_report(args) -> None:
     print(f"wrote {report.write(args.workdir)}")
 
 
+def cmd_data_import(args) -> None:
+    from soft_jax.data import pool
+
+    if not args.tfds_name and not args.out.endswith(".jsonl"):  # before reading: a typo costs no parse
+        raise UserError(f"--out {args.out}: give a .jsonl file, or --tfds-name NAME to write a TFDS dataset "
+                        "under the directory OUT")
+    rows, counts = pool.import_pool(args.inputs, args.format, field=args.field, category_field=args.category_field,
+                                    category=args.category, max_chars=args.max_chars)
+    print("\n".join(pool.describe(counts, args.max_chars, args.format)))
+    print(f"wrote {pool.write_pool(rows, args.out, args.tfds_name)}")
+
+
+def cmd_data_check(args) -> None:
+    from soft_jax.data import contamination
+    from soft_jax.io_utils import write_atomic
+
+    report = contamination.check(args.pool, args.exemplars, args.validation, truthfulqa_file=args.truthfulqa_file)
+    print("\n".join(contamination.describe(report)))
+    if args.out:
+        write_atomic(args.out, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+        print(f"wrote {args.out}")
+    if report["clean"]:
+        print(f"clean: no word {' or '.join(f'{n}-gram' for n in report['ngram_sizes'])} shared with the evaluation sets")
+        return
+    pairs = {(o["train"], o["train_id"]) for o in report["overlaps"]}
+    print(f"soft-jax: warning: {len(pairs)} training-side items share word n-grams with the evaluation sets "
+          "(listed above); reword or drop them", file=sys.stderr)
+    if args.strict:
+        sys.exit(EXIT_CONTAMINATED)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="soft-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -310,7 +342,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("data", help="bring your own prompts: import a dataset as a prompt pool; check for "
+                                    "benchmark contamination")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="{import,check}", parser_class=_Parser)
+    p = data_sub.add_parser("import", help="the first user turn of each conversation -> a JSONL prompt pool "
+                                           "(deduplicated, counted)")
+    p.add_argument("--format", required=True, choices=["sharegpt", "dolly", "oasst", "alpaca", "jsonl"])
+    p.add_argument("inputs", nargs="+", metavar="IN", help="input files (JSON list or JSONL)")
+    p.add_argument("--out", required=True, help="output pool (.jsonl), or with --tfds-name a TFDS data directory")
+    p.add_argument("--tfds-name", default="", help="also write an array_record TFDS dataset NAME under --out "
+                                                   "(prompts.tfds; it keeps ids, prompts and inputs)")
+    p.add_argument("--field", default="prompt", help="the prompt key of --format jsonl rows")
+    p.add_argument("--category-field", help="the record key holding each prompt's category (default: "
+                                            "`category` for dolly and jsonl, none otherwise; oasst: e.g. lang)")
+    p.add_argument("--category", default="", help="the category of prompts without one (default: none)")
+    p.add_argument("--max-chars", type=int, default=2000, help="drop prompts whose prompt + input is longer")
+    p.set_defaults(fn=cmd_data_import)
+    p = data_sub.add_parser("check", help="word 13- and 8-grams that the pool, exemplars and validation set share "
+                                          "with HHH, TruthfulQA and the open-ended questions")
+    p.add_argument("pool", nargs="?", default="", help="a JSONL prompt pool (default: the built-in one)")
+    p.add_argument("--exemplars", default="", help="exemplar JSONL (default: the built-in pool)")
+    p.add_argument("--validation", default="", help="validation pairs JSONL (default: the built-in set)")
+    p.add_argument("--truthfulqa-file", help="the full 817-question multiple_choice set instead of BIG-bench's 299")
+    p.add_argument("--out", help="write the report as JSON")
+    p.add_argument("--strict", action="store_true", help="exit 1 when anything is shared (default: warn, exit 0)")
+    p.set_defaults(fn=cmd_data_check)
     return parser
+
+
+def _again(argv) -> str:
+    """The command line that resumes this run."""
+    return "soft-jax " + shlex.join(sys.argv[1:] if argv is None else argv)
 
 
 def main(argv=None) -> int:
@@ -324,11 +387,13 @@ def main(argv=None) -> int:
         print(f"soft-jax: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Preempted as e:  # a signal asked `run` to stop; it stopped at a safe point
-        resume = "soft-jax " + shlex.join(sys.argv[1:] if argv is None else argv)
-        print(f"soft-jax: {e}; progress is saved. resume with: {resume}", file=sys.stderr)
+        print(f"soft-jax: {e}; progress is saved. resume with: {_again(argv)}", file=sys.stderr)
         return 130 if e.signame == "SIGINT" else 143
-    except KeyboardInterrupt:
-        print("soft-jax: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # a second Ctrl-C during `run` (the first anywhere else): stopped where it was
+        words = sys.argv[1:] if argv is None else argv
+        hint = (f"; the step or batch in progress is lost, what was saved before it is kept. resume with: "
+                f"{_again(argv)}") if words[:1] == ["run"] else ""
+        print(f"soft-jax: interrupted{hint}", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - a full disk is the user's to fix; anything else is a bug
         full = _disk_full(e)

@@ -4,11 +4,14 @@ checkpoints, torn writes, and a catalogue of bad inputs (exit 2, one line, the w
 import json
 import os
 import shutil
+import signal
+import subprocess
+import time
 
 import numpy as np
 import pytest
-from conftest import assert_params_close
-from test_bootstrap import CONFIGS, TINY, Workdir, check_common, round_params, run, run_cli
+from conftest import assert_params_close, subprocess_env
+from test_bootstrap import CONFIGS, RUN, TINY, Workdir, check_common, round_params, run, run_cli
 
 from soft_jax import bootstrap, io_utils, round_eval, workdir
 from soft_jax.cli import main
@@ -87,6 +90,45 @@ def test_stopped_at_random_points_resumes_to_the_same_artifacts(tmp_path, refere
     print("stops:", stops)
     assert len(stops) >= 22 and {phase(at) for _, at in stops} >= set(PHASES), stops  # stops in every phase
     assert {at.split(":")[0] for _, at in stops} >= {"write", "append", "checkpoint"}  # and inside writes
+    same_artifacts(Workdir(str(w)), reference, tiny_base)
+
+
+def test_ctrl_c_once_stops_at_a_saved_point_twice_stops_at_once(tmp_path, reference, tiny_base):
+    """Ctrl-C once: the run finishes the step it is in, saves it and stops (exit 130). Ctrl-C twice while a
+    training step is still in progress (held there by SOFT_JAX_PAUSE_AT for 300 s): it stops at once, without
+    saving that step, says so and how to resume (exit 130). The rerun ends with the uninterrupted run's
+    artifacts."""
+    w, trace = tmp_path / "w", tmp_path / "trace"
+    argv = RUN + ["--workdir", str(w)] + [f"--config.{o}" for o in TINY + list(EXTRA)]
+
+    def interrupt(point, pause, times):
+        """Starts the run held `pause` s at `point`, sends `times` SIGINTs once it is there; (code, stderr)."""
+        trace.write_text("")
+        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env=subprocess_env(SOFT_JAX_PAUSE_AT=f"{point}@{pause}", SOFT_JAX_TRACE=str(trace)))
+        while point not in trace.read_text().split():
+            assert p.poll() is None, f"ended before {point}: {p.stderr.read()[-2000:]}"
+            time.sleep(0.1)
+        for _ in range(times):
+            p.send_signal(signal.SIGINT)
+            time.sleep(0.5)
+        try:  # well before the pause would end
+            err = p.communicate(timeout=120)[1]
+        except subprocess.TimeoutExpired:
+            p.kill()
+            pytest.fail(f"still running 120 s after {times} Ctrl-C at {point}: it waited for the step")
+        return p.returncode, err.strip().splitlines()[-1]
+
+    code, last = interrupt("train_step_1", 2, 1)  # checkpoints are due every 2 steps: the stop saves step 1
+    assert code == 130 and last.startswith("soft-jax: stopped by SIGINT after training step 1; progress is saved"), last
+    assert sorted(os.listdir(w / "checkpoints" / "train" / "001")) == ["1"]
+    code, last = interrupt("train_step_3", 300, 2)  # step 2 saved (due), step 3 done but not saved
+    assert code == 130, last
+    assert last.startswith("soft-jax: interrupted; the step or batch in progress is lost") and \
+        "resume with: soft-jax run --config" in last, last
+    assert "3" not in os.listdir(w / "checkpoints" / "train" / "001")
+    p = run_cli(w, EXTRA)
+    assert p.returncode == 0, p.stderr[-2000:]
     same_artifacts(Workdir(str(w)), reference, tiny_base)
 
 
