@@ -242,6 +242,8 @@ def cmd_data_import(args) -> None:
 
 
 def cmd_data_check(args) -> None:
+    """Exit 0 when clean. Overlaps print a warning and exit 0 (a shared stock phrase can be harmless; the
+    listing says which items to read), or exit 1 with --strict, for scripts that gate a run on it."""
     from soft_jax.data import contamination
     from soft_jax.io_utils import write_atomic
 
@@ -251,7 +253,8 @@ def cmd_data_check(args) -> None:
         write_atomic(args.out, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
         print(f"wrote {args.out}")
     if report["clean"]:
-        print(f"clean: no word {' or '.join(f'{n}-gram' for n in report['ngram_sizes'])} shared with the evaluation sets")
+        sizes = " or ".join(f"{n}-gram" for n in report["ngram_sizes"])
+        print(f"clean: no word {sizes} shared with the evaluation sets")
         return
     pairs = {(o["train"], o["train_id"]) for o in report["overlaps"]}
     print(f"soft-jax: warning: {len(pairs)} training-side items share word n-grams with the evaluation sets "
@@ -350,22 +353,26 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(deduplicated, counted)")
     p.add_argument("--format", required=True, choices=["sharegpt", "dolly", "oasst", "alpaca", "jsonl"])
     p.add_argument("inputs", nargs="+", metavar="IN", help="input files (JSON list or JSONL)")
-    p.add_argument("--out", required=True, help="output pool (.jsonl), or with --tfds-name a TFDS data directory")
-    p.add_argument("--tfds-name", default="", help="also write an array_record TFDS dataset NAME under --out "
-                                                   "(prompts.tfds; it keeps ids, prompts and inputs)")
-    p.add_argument("--field", default="prompt", help="the prompt key of --format jsonl rows")
-    p.add_argument("--category-field", help="the record key holding each prompt's category (default: "
-                                            "`category` for dolly and jsonl, none otherwise; oasst: e.g. lang)")
-    p.add_argument("--category", default="", help="the category of prompts without one (default: none)")
-    p.add_argument("--max-chars", type=int, default=2000, help="drop prompts whose prompt + input is longer")
+    p.add_argument("--out", required=True, metavar="POOL",
+                   help="output pool (.jsonl), or with --tfds-name a TFDS data directory")
+    p.add_argument("--tfds-name", default="", metavar="NAME", help="also write an array_record TFDS dataset NAME "
+                   "under --out (prompts.tfds; it keeps ids, prompts and inputs)")
+    p.add_argument("--field", default="prompt", help="the prompt key of --format jsonl rows (default: prompt)")
+    p.add_argument("--category-field", metavar="FIELD", help="the record key holding each prompt's category "
+                   "(default: `category` for dolly and jsonl, none otherwise; oasst: e.g. lang)")
+    p.add_argument("--category", default="", metavar="NAME", help="the category of prompts without one (default: none)")
+    p.add_argument("--max-chars", type=int, default=2000, metavar="N",
+                   help="drop prompts whose prompt + input is longer (default: 2000 characters)")
     p.set_defaults(fn=cmd_data_import)
     p = data_sub.add_parser("check", help="word 13- and 8-grams that the pool, exemplars and validation set share "
                                           "with HHH, TruthfulQA and the open-ended questions")
     p.add_argument("pool", nargs="?", default="", help="a JSONL prompt pool (default: the built-in one)")
-    p.add_argument("--exemplars", default="", help="exemplar JSONL (default: the built-in pool)")
-    p.add_argument("--validation", default="", help="validation pairs JSONL (default: the built-in set)")
-    p.add_argument("--truthfulqa-file", help="the full 817-question multiple_choice set instead of BIG-bench's 299")
-    p.add_argument("--out", help="write the report as JSON")
+    p.add_argument("--exemplars", default="", metavar="FILE", help="exemplar JSONL (default: the built-in pool)")
+    p.add_argument("--validation", default="", metavar="FILE",
+                   help="validation pairs JSONL (default: the built-in set)")
+    p.add_argument("--truthfulqa-file", metavar="FILE",
+                   help="the full 817-question multiple_choice set instead of BIG-bench's 299")
+    p.add_argument("--out", metavar="FILE", help="write the report as JSON")
     p.add_argument("--strict", action="store_true", help="exit 1 when anything is shared (default: warn, exit 0)")
     p.set_defaults(fn=cmd_data_check)
     return parser
