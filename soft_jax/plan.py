@@ -314,8 +314,6 @@ def target(tpu: str | None = None, gpu_target: str | None = None, gpus: int = 1,
 
     if tpu and gpu_target:
         raise UserError("give --topology (a TPU slice) or --gpu-target (GPUs), not both")
-    if tpu or gpu_target:  # compile-only devices have no client to load executables from the persistent cache
-        jax.config.update("jax_enable_compilation_cache", False)
     if tpu:
         spec = topology.parse(tpu)
         return Target(f"{spec.name} ({spec.chips} x {spec.device_kind}, {spec.hbm_bytes / GiB:.0f} GiB HBM each, "

@@ -113,6 +113,12 @@ def _torus_3d(chips: int) -> tuple[int, int, int] | None:
     return 4 * a, 4 * b, 4 * c
 
 
+def _no_persistent_cache() -> None:
+    """Compile-only devices have no client to load executables from JAX's persistent compilation cache: a
+    process that compiles for them turns it off (its in-memory caches stay)."""
+    jax.config.update("jax_enable_compilation_cache", False)
+
+
 def devices(spec: TpuSpec | str) -> list[jax.Device]:
     """The compile-only jax devices of a TPU slice, one per chip, in libtpu's order."""
     return list(_tpu_devices(parse(spec) if isinstance(spec, str) else spec))
@@ -130,6 +136,7 @@ def _tpu_devices(spec: TpuSpec) -> tuple[jax.Device, ...]:
     # second test worker, a second CLI run); warn that it cannot find the TPU VM's type and hostnames; and
     # write /tmp/tpu_logs. For the length of that load, tell it not to lock and what it would look up.
     no_tpu_here = os.environ.get("TPU_SKIP_MDS_QUERY") == "1"
+    _no_persistent_cache()
     with _environ(ALLOW_MULTIPLE_LIBTPU_LOAD="1", TPU_ACCELERATOR_TYPE="v5litepod-1", TPU_WORKER_HOSTNAMES="localhost",
                   TPU_LOG_DIR="disabled", enabled=no_tpu_here):
         topo = topologies.get_topology_desc(topology_name=spec.topology, platform="tpu",
@@ -172,6 +179,7 @@ def gpu_devices(target_config_path: str = H100_SXM.target_config, count: int = 8
 def _gpu_devices(target_config: str, topology: str, path: str) -> tuple[jax.Device, ...]:
     from jax.experimental import topologies
 
+    _no_persistent_cache()
     version = jax.__version__
     install = f'pip install "jax-cuda12-plugin=={version}" "jax-cuda12-pjrt=={version}"'
     if not _installed("jax_plugins.xla_cuda12"):

@@ -15,18 +15,25 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 # every process would load libtpu, print its warnings and contend for its machine-wide lock file.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# The CLI runs that tests start (and kill and restart) share one persistent compilation cache per session.
-SUBPROCESS_JAX_CACHE = os.path.join(tempfile.gettempdir(), f"soft-jax-tests-jax-cache-{os.getpid()}")
+# One persistent compilation cache for the whole test session: the pytest process, its pytest-xdist workers
+# (they inherit this variable from the controller, which imports this file before it starts them) and every
+# CLI run a test starts, kills and restarts. A program compiled once (the tiny model's train step, prefill,
+# decode, scoring) is read back by every later process instead of compiled again.
+os.environ.setdefault("SOFT_JAX_TEST_SESSION", str(os.getpid()))
+JAX_CACHE = os.path.join(tempfile.gettempdir(), f"soft-jax-tests-jax-cache-{os.environ['SOFT_JAX_TEST_SESSION']}")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", JAX_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 def subprocess_env(**extra) -> dict:
-    """os.environ for a test's subprocess: the session's compilation cache, then `extra`."""
-    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=SUBPROCESS_JAX_CACHE,
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **extra)
+    """os.environ (with the session's compilation cache) for a test's subprocess, then `extra`."""
+    return dict(os.environ, **extra)
 
 
 def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(SUBPROCESS_JAX_CACHE, ignore_errors=True)
+    if not hasattr(session.config, "workerinput"):  # the controller (or a run without workers): after them all
+        shutil.rmtree(JAX_CACHE, ignore_errors=True)
 
 TINY = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
