@@ -1,4 +1,4 @@
-"""The `soft-jax` command line: run | plan | report | info | generate | train | eval | export | data.
+"""The `soft-jax` command line: run | sweep | plan | report | compare | info | generate | train | eval | export | data.
 
 Every user mistake ends with exit code 2 and one line on stderr (what is wrong, where, how to mend it).
 """
@@ -184,10 +184,8 @@ def cmd_eval(args) -> None:
     print(f"wrote {args.out}")
 
 
-def _load_config(args, takes: str):
-    """The run config of --config with the --config.key=value overrides left in args.overrides."""
-    from soft_jax import config as config_lib
-
+def _overrides(args, takes: str) -> list[str]:
+    """The --config.key=value overrides left in args.overrides, as key=value."""
     overrides, rest = [], list(args.overrides)
     while rest:
         item = rest.pop(0)
@@ -197,7 +195,14 @@ def _load_config(args, takes: str):
         if "=" not in item and rest and not rest[0].startswith("--"):  # --config.key value
             item += "=" + rest.pop(0)
         overrides.append(item[len("--config."):])
-    return config_lib.load(args.config, overrides)
+    return overrides
+
+
+def _load_config(args, takes: str):
+    """The run config of --config with the --config.key=value overrides left in args.overrides."""
+    from soft_jax import config as config_lib
+
+    return config_lib.load(args.config, _overrides(args, takes))
 
 
 def cmd_run(args) -> None:
@@ -207,6 +212,17 @@ def cmd_run(args) -> None:
     distributed.initialize()
     preemption.install()
     bootstrap.run(config, args.workdir)
+
+
+def cmd_sweep(args) -> None:
+    from soft_jax import distributed, preemption, sweep
+
+    overrides = _overrides(args, "--config FILE, --workdir DIR, --only A,B")
+    sweep.select(args.config, args.only)  # a config without variants or an unknown --only: before anything starts
+    distributed.initialize()
+    preemption.install()
+    sweep.sweep(args.config, args.workdir, overrides, args.only,
+                log=print if distributed.is_writer() else (lambda _: None))
 
 
 def cmd_plan(args) -> None:
@@ -227,6 +243,17 @@ def cmd_report(args) -> None:
     from soft_jax import report
 
     print(f"wrote {report.write(args.workdir)}")
+
+
+def cmd_compare(args) -> None:
+    from soft_jax import compare
+
+    if not 0 <= args.confidence < 1:
+        raise UserError(f"--confidence {args.confidence}: give a level in [0, 1), e.g. 0.95")
+    if args.resamples < 100:
+        raise UserError(f"--resamples {args.resamples}: give at least 100")
+    out = compare.write(args.workdirs, args.out, args.baseline, args.confidence, args.resamples)
+    print(f"wrote {os.path.join(out, compare.OUTPUT)}")
 
 
 def cmd_data_import(args) -> None:
@@ -324,6 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="work dir; rerunning the same command resumes the run")
     p.set_defaults(fn=cmd_run, overrides=[])
 
+    p = sub.add_parser("sweep", help="run or resume every variant of an ablation config, each into DIR/<variant>/ "
+                                     "(the base model's round 0 is evaluated once)")
+    p.add_argument("--config", required=True, help="an ablation config file that declares VARIANTS, e.g. "
+                                                   "configs/ablation_order.py")
+    p.add_argument("--workdir", required=True, help="sweep dir; rerunning the same command resumes the sweep")
+    p.add_argument("--only", help="comma-separated variants to run (default: all the file declares)")
+    p.set_defaults(fn=cmd_sweep, overrides=[])
+
     p = sub.add_parser("plan", help="compile a run's programs for a TPU slice or GPUs from this machine; "
                                      "memory per device against the device's, without reading weights")
     p.add_argument("--config", required=True, help="config file, optionally with an argument: configs/soft.py[:ARG]")
@@ -340,6 +375,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="plots and a Markdown summary of a run in WORKDIR/report/")
     p.add_argument("workdir", help="a run's work dir")
     p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("compare", help="runs side by side (ablations): a table and plots per metric over rounds, "
+                                       "differences to a baseline run with paired bootstrap intervals")
+    p.add_argument("workdirs", nargs="+", metavar="DIR", help="two or more runs' work dirs; each is named by its "
+                                                              "basename")
+    p.add_argument("--baseline", help="the variant the others are compared with (default: the first DIR)")
+    p.add_argument("--out", help="output directory (default: `compare` next to the first DIR)")
+    p.add_argument("--confidence", type=float, default=0.95, help="paired bootstrap interval level (default 0.95)")
+    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    p.set_defaults(fn=cmd_compare)
 
     p = sub.add_parser("export", help="write an HF checkpoint directory that transformers loads")
     _add_model(p)
@@ -386,7 +431,7 @@ def _again(argv) -> str:
 def main(argv=None) -> int:
     try:
         args, rest = build_parser().parse_known_args(argv)
-        if rest and args.command not in ("run", "plan"):
+        if rest and args.command not in ("run", "sweep", "plan"):
             raise UserError(f"unrecognized arguments: {' '.join(rest)} (see `soft-jax {args.command} --help`)")
         args.overrides = rest
         args.fn(args)
@@ -399,7 +444,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C during `run` (the first anywhere else): stopped where it was
         words = sys.argv[1:] if argv is None else argv
         hint = (f"; the step or batch in progress is lost, what was saved before it is kept. resume with: "
-                f"{_again(argv)}") if words[:1] == ["run"] else ""
+                f"{_again(argv)}") if words[:1] in (["run"], ["sweep"]) else ""
         print(f"soft-jax: interrupted{hint}", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - a full disk is the user's to fix; anything else is a bug

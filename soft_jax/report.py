@@ -14,12 +14,15 @@ import tempfile
 
 import numpy as np
 
-from soft_jax import evaluation, guard, io_utils
+from soft_jax import evaluation, guard, io_utils, plots
 from soft_jax.data import filters
 from soft_jax.errors import UserError
 from soft_jax.workdir import CONFIG, METRICS, STATE, WorkDir, read_json
 
 SAMPLES_PER_ROUND = 3
+# curriculum.score -> the unit of the difficulty axis
+DIFFICULTY_UNITS = {"response_ppl": "response perplexity", "prompt_ppl": "prompt perplexity",
+                    "response_length": "response length (tokens)"}
 
 
 def _rows(path: str) -> list[dict]:
@@ -35,63 +38,108 @@ def _load(workdir: str):
     return state, metrics, rounds
 
 
-def _plots(out: str, workdir: str, state: dict, metrics: list[dict], rounds: list[int]) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    made = []
-
-    def save(fig, name):
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, name), dpi=100)
-        plt.close(fig)
-        made.append(name)
-
+def _figures(workdir: str, state: dict, metrics: list[dict], rounds: list[int], config: dict) -> dict:
+    """{png name: matplotlib figure}: eval metrics per round (with the guard's paired intervals), filter counts,
+    difficulty, training loss. Rounds tick at whole numbers; legends sit outside the axes."""
+    plt = plots.pyplot()
+    figs = {}
     evals = {m["round"]: m for m in metrics if m["phase"] == "eval"}
     keys = sorted({k for m in evals.values() for k in m if k not in ("round", "phase", "seconds")})
     if evals:
-        fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
-        for ax, k in zip(axes[0], keys):
+        metric = config.get("validation", {}).get("metric")
+        comparisons = {int(t): c for t, c in state.get("comparisons", {}).items()}
+        first = [metric, *(["guard"] if comparisons else [])] if metric in keys else []
+        panels = first + [k for k in keys if k != metric]  # the validation metric and its guard lead
+        cols = min(4, len(panels))
+        fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(4.2 * cols, 3.2 * -(-len(panels) // cols)),
+                                 squeeze=False, layout="constrained")
+        best = state.get("best_round")
+        for ax, k in zip(axes.flat, panels):
+            if k == "guard":
+                _guard_panel(ax, metric, comparisons)
+                continue
             xs = sorted(r for r in evals if k in evals[r])
-            ax.plot(xs, [evals[r][k] for r in xs], marker="o")
-            if state.get("best_round") is not None and k in evals.get(state["best_round"], {}):
-                ax.axvline(state["best_round"], color="gray", linestyle="--", label="best round")
-                ax.legend()
-            ax.set(title=k, xlabel="round (0 = base)")
-        save(fig, "eval_per_round.png")
+            ax.plot(xs, [evals[r][k] for r in xs], marker="o", label="value after the round")
+            if k == metric and comparisons:  # the guard's interval of each round, read against its reference
+                ts = sorted(t for t in comparisons if t in evals and comparisons[t]["vs"] in evals)
+                ref = [evals[comparisons[t]["vs"]][k] for t in ts]
+                lo = [evals[t][k] - (r + comparisons[t]["low"]) for t, r in zip(ts, ref)]
+                hi = [(r + comparisons[t]["high"]) - evals[t][k] for t, r in zip(ts, ref)]
+                ax.errorbar(ts, [evals[t][k] for t in ts], yerr=[lo, hi], fmt="none", capsize=4, color="black",
+                            label=f"paired {_confidence(comparisons)} CI vs best earlier round")
+            if best is not None and k in evals.get(best, {}):  # a ring, not a line: it hides no error bar
+                ax.plot([best], [evals[best][k]], "o", markersize=13, markerfacecolor="none", color="tab:red",
+                        label="best round (collapse guard)")
+            plots.round_axis(ax, xs)
+            plots.value_axis(ax, k)
+            ax.set(title=k, ylabel=plots.ylabel(k))
+        for ax in list(axes.flat)[len(panels):]:
+            ax.set_visible(False)
+        plots.figure_legend(fig, axes.flat)
+        figs["eval_per_round.png"] = fig
     gens = {m["round"]: m for m in metrics if m["phase"] == "generate"}
     if gens:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig, ax = plt.subplots(figsize=(6.5, 3.5), layout="constrained")
         xs = sorted(gens)
         bottom = np.zeros(len(xs))
         for name in ("kept", *filters.REASONS):
             vals = np.asarray([gens[r].get(name, 0) for r in xs], float)
             if vals.any():
-                ax.bar(xs, vals, bottom=bottom, label=name)
+                ax.bar(xs, vals, bottom=bottom, label=name, width=0.6)
                 bottom += vals
-        ax.set(title="generations kept and dropped per filter", xlabel="round", ylabel="prompts")
-        ax.legend(fontsize=7)
-        save(fig, "filters_per_round.png")
+        plots.round_axis(ax, xs, "round")
+        plots.count_axis(ax)
+        ax.set(title="generations kept and dropped per filter", ylabel="generations (prompts)")
+        plots.legend_outside(ax, "kept / dropped by")
+        figs["filters_per_round.png"] = fig
     diffs = {t: [r["difficulty"] for r in _rows(WorkDir(workdir).round_file(t, "train.jsonl"))]
              for t in rounds}
     diffs = {t: d for t, d in diffs.items() if d}
     if diffs:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.boxplot([diffs[t] for t in sorted(diffs)], tick_labels=[str(t) for t in sorted(diffs)])
-        ax.set(title="difficulty of the kept pairs", xlabel="round", yscale="log")
-        save(fig, "difficulty_per_round.png")
+        fig, ax = plt.subplots(figsize=(6, 3.5), layout="constrained")
+        ts = sorted(diffs)
+        ax.boxplot([diffs[t] for t in ts], positions=ts, widths=0.5)
+        plots.round_axis(ax, ts, "round")
+        score = config.get("curriculum", {}).get("score", "")
+        ax.set(title="difficulty of the kept pairs", yscale="log", ylabel=DIFFICULTY_UNITS.get(score, score))
+        figs["difficulty_per_round.png"] = fig
     steps = [m for m in metrics if m["phase"] == "train"]
     if steps:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig, ax = plt.subplots(figsize=(6.5, 3.5), layout="constrained")
         for t in sorted({m["round"] for m in steps}):
             s = sorted((m["step"], m["loss"]) for m in steps if m["round"] == t)
-            ax.plot([a for a, _ in s], [b for _, b in s], label=f"round {t}")
-        ax.set(title="training loss", xlabel="step", ylabel="loss")
-        ax.legend()
-        save(fig, "train_loss.png")
-    return made
+            ax.plot([a for a, _ in s], [b for _, b in s], marker="." if len(s) < 30 else None, label=f"round {t}")
+        plots.integer_axis(ax, "x")
+        ax.set(title="training loss", xlabel="optimizer step within the round", ylabel="loss (nats / token)")
+        plots.legend_outside(ax)
+        figs["train_loss.png"] = fig
+    return figs
+
+
+def _confidence(comparisons: dict) -> str:
+    return f"{next(iter(comparisons.values()))['confidence']:.0%}"
+
+
+def _guard_panel(ax, metric: str, comparisons: dict[int, dict]) -> None:
+    """The collapse guard's view: each round minus the best round before it, with its paired interval."""
+    ts = sorted(comparisons)
+    d = [comparisons[t]["diff"] for t in ts]
+    err = [[comparisons[t]["diff"] - comparisons[t]["low"] for t in ts],
+           [comparisons[t]["high"] - comparisons[t]["diff"] for t in ts]]
+    ax.axhline(0.0, color="gray", linewidth=0.8)
+    ax.errorbar(ts, d, yerr=err, fmt="o", capsize=4, color="black")
+    for t, v in zip(ts, d):
+        ax.annotate(comparisons[t]["verdict"] + f" vs r{comparisons[t]['vs']}", (t, v), textcoords="offset points",
+                    xytext=(6, 0), fontsize=7, va="center")
+    plots.round_axis(ax, [*ts, min(c["vs"] for c in comparisons.values())])
+    plots.plain_values(ax)
+    ax.set(title=f"{metric}: round - best earlier ({_confidence(comparisons)} CI)",
+           ylabel=f"difference in {plots.ylabel(metric)}")
+
+
+def _plots(out: str, workdir: str, state: dict, metrics: list[dict], rounds: list[int]) -> list[str]:
+    config = read_json(os.path.join(workdir, CONFIG), {})
+    return [plots.save(fig, out, name) for name, fig in _figures(workdir, state, metrics, rounds, config).items()]
 
 
 def _summary(workdir: str, state: dict, metrics: list[dict], rounds: list[int], plots: list[str]) -> str:

@@ -25,20 +25,23 @@ def open_ended(run, model, tokenizer) -> list[dict]:
              "signals": signals.per_answer(a, f)} for q, a, f in zip(qs, outs, finish)]
 
 
-def validation_items(run, model, tokenizer, answers: list[dict]) -> list[float]:
-    """Per-item validation scores: each held-out pair's mean response NLL, an eval task's per-item score, or an
-    open-ended answer's signal."""
+def validation_items(run, model, tokenizer, answers: list[dict]) -> tuple[list[float], list[str]]:
+    """(per-item validation scores, their ids): each held-out pair's mean response NLL (the pair's id), an eval
+    task's per-item score (evaluation.item_ids) or an open-ended answer's signal (its prompt_id). The ids let
+    `soft-jax compare` pair two runs' items by identity."""
     c, v = run.c, run.c.validation
     if v.metric == "valid_nll":
         pairs = [(p["prompt"], p["response"]) for p in run.inputs.validation]
         logps = curriculum.response_logps(model, tokenizer, pairs, v.batch_size, run.mesh,
                                           (c.train.max_prompt_len, c.train.max_response_len))
-        return [float(-np.mean(lp)) for lp in logps]
+        return [float(-np.mean(lp)) for lp in logps], [p["id"] for p in run.inputs.validation]
     if v.metric in signals.SIGNALS:
-        return [a["signals"][signals.SIGNALS[v.metric][0]] for a in answers]
+        return ([a["signals"][signals.SIGNALS[v.metric][0]] for a in answers],
+                [a["prompt_id"] for a in answers])
     res = evaluation.evaluate(model, tokenizer, [v.metric], c.eval.protocol, v.limit or None, mesh=run.mesh,
                               progress=False)
-    return [r["correct"] for r in res[v.metric]["items"]]
+    rows = res[v.metric]["items"]
+    return [r["correct"] for r in rows], evaluation.item_ids(rows)
 
 
 def evaluate(run, t: int, model, tokenizer) -> tuple[dict, dict]:
@@ -49,9 +52,9 @@ def evaluate(run, t: int, model, tokenizer) -> tuple[dict, dict]:
         write_jsonl(run.wd.round_file(t, OPEN_ENDED), answers)
         out["open_ended"] = {"file": OPEN_ENDED, "n": len(answers), "signals": signals.summary(
             [a["answer"] for a in answers], [a["finish"] for a in answers])}
-    items = validation_items(run, model, tokenizer, answers)
+    items, ids = validation_items(run, model, tokenizer, answers)
     out["validation"] = {"metric": c.validation.metric, "value": float(np.mean(items)), "n": len(items),
-                         "items": items}
+                         "items": items, "ids": ids}
     if c.eval.tasks:
         res = evaluation.evaluate(model, tokenizer, evaluation.parse_tasks(c.eval.tasks), c.eval.protocol,
                                   c.eval.limit or None, truthfulqa_file=c.eval.truthfulqa_file or None,

@@ -116,6 +116,17 @@ def decide(task: str, items: list[data.MCItem], protocol: str, logps: np.ndarray
     return out
 
 
+def item_ids(results: list[dict]) -> list[str]:
+    """Stable ids of a task's per-item results: the question, numbered from its second occurrence on (HHH asks
+    one question with several answer pairs), so two runs' items pair up by identity, not by position."""
+    seen: dict[str, int] = {}
+    out = []
+    for r in results:
+        k = seen[r["question"]] = seen.get(r["question"], 0) + 1
+        out.append(r["question"] if k == 1 else f"{r['question']} #{k}")
+    return out
+
+
 def load_items(task: str, limit: int | None = None, truthfulqa_file: str | None = None) -> list[data.MCItem]:
     if task == "hhh":  # N items spread evenly over the four subsets
         return data.load_hhh(None if limit is None else -(-limit // len(data.HHH_SUBSETS)))
