@@ -10,6 +10,9 @@ covers as many principles as the random draws do on average (data.choose_fixed; 
 
 from soft_jax.config import sibling
 
+# `soft-jax sweep --config FILE --workdir DIR` runs each into DIR/<variant>/ (the first is the default)
+VARIANTS = ("random", "fixed")
+
 
 def get_config(arg="random"):
     arg = arg or "random"

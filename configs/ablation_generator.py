@@ -6,6 +6,9 @@
 
 from soft_jax.config import sibling
 
+# `soft-jax sweep --config FILE --workdir DIR` runs each into DIR/<variant>/ (the first is the default)
+VARIANTS = ("previous", "base")
+
 
 def get_config(arg="previous"):
     c = sibling(__file__, "soft_plus.py")

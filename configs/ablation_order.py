@@ -11,6 +11,9 @@ both (across_rounds none): each round is still a stratified sample of the pool's
 
 from soft_jax.config import sibling
 
+# `soft-jax sweep --config FILE --workdir DIR` runs each into DIR/<variant>/ (the first is the default)
+VARIANTS = ("easy_to_hard", "hard_to_easy", "random")
+
 
 def get_config(arg="easy_to_hard"):
     arg = arg or "easy_to_hard"

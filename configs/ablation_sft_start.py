@@ -6,6 +6,9 @@
 
 from soft_jax.config import sibling
 
+# `soft-jax sweep --config FILE --workdir DIR` runs each into DIR/<variant>/ (the first is the default)
+VARIANTS = ("continue", "reinit")
+
 
 def get_config(arg="continue"):
     c = sibling(__file__, "soft_plus.py")

@@ -8,6 +8,7 @@ The collapse guard (soft_jax.guard) decides the best round and the stop from eve
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable
 
@@ -17,13 +18,13 @@ import numpy as np
 from flax import nnx
 
 from soft_jax import curriculum, data, distributed, evaluation, faults, guard, inputs, memory, preemption
-from soft_jax import report, round_eval, selfalign, training
+from soft_jax import io_utils, report, round_eval, selfalign, training
 from soft_jax import sharding as shd
 from soft_jax.checkpoints import StepCheckpointer
 from soft_jax.data import filters, templates
 from soft_jax.errors import UserError
 from soft_jax.models import presets
-from soft_jax.workdir import CONFIG, CURRICULUM, STATE, WorkDir, read_json, remove
+from soft_jax.workdir import CONFIG, CURRICULUM, METRICS, STATE, WorkDir, read_json, remove
 
 
 def checksum(model) -> float:
@@ -35,8 +36,10 @@ def checksum(model) -> float:
 class Run:
     """One work dir's run; `run()` executes or resumes it."""
 
-    def __init__(self, c: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = print):
+    def __init__(self, c: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = print,
+                 round0_from: str | None = None):
         self.c, self.wd = c, WorkDir(workdir)
+        self.round0_from = round0_from  # a sibling run's work dir whose round 0 this run shares (soft_jax.sweep)
         self.log = log if distributed.is_writer() else (lambda _: None)
         self.progress = bool(c.progress) and distributed.is_writer()
         # everything a run reads is checked before the work dir is touched or weights are read
@@ -188,8 +191,31 @@ class Run:
         return model
 
     def evaluate(self, t: int, model, tokenizer) -> dict:
-        return self.wd.phase(self.wd.round_file(t, "eval.json"), lambda: round_eval.evaluate(self, t, model, tokenizer),
-                             f"evaluated_r{t}", f"round {t} evaluation")
+        compute = ((lambda: self.shared_round0()) if t == 0 and self.round0_from
+                   else (lambda: round_eval.evaluate(self, t, model, tokenizer)))
+        return self.wd.phase(self.wd.round_file(t, "eval.json"), compute, f"evaluated_r{t}", f"round {t} evaluation")
+
+    # -- round 0 shared (soft_jax.sweep): the base model's evaluation, copied from a sibling run --
+
+    def shared_round0(self) -> tuple[dict, dict]:
+        """(eval.json, metrics event) of round 0 taken from the work dir `round0_from`, whose round 0 evaluated
+        the same base model under the same settings (soft_jax.sweep.round0_settings): its eval.json and
+        open-ended answers are copied as they are, and a `round0_shared` event names the run they came from."""
+        src = WorkDir(self.round0_from)
+        ev = read_json(src.round_file(0, "eval.json"))
+        if ev is None:
+            raise UserError(f"{src.round_file(0, 'eval.json')}: missing, so round 0 cannot be shared from "
+                            f"{self.round0_from}; rerun the sweep")
+        answers = src.round_file(0, round_eval.OPEN_ENDED)
+        if os.path.exists(answers) and distributed.is_writer():
+            with open(answers, encoding="utf-8") as f:
+                io_utils.write_atomic(self.wd.round_file(0, round_eval.OPEN_ENDED), f.read())
+        event = next((r for r in io_utils.read_appended(src.file(METRICS))
+                      if r.get("round") == 0 and r.get("phase") == "eval"), None)
+        self.wd.metrics.add({"round": 0, "phase": "round0_shared", "from": os.path.basename(
+            os.path.normpath(self.round0_from)), "path": os.path.abspath(self.round0_from)})
+        self.log(f"[run] round 0 (the base model) shares the evaluation of {self.round0_from}")
+        return ev, event
 
     # -- the loop --
 
@@ -261,8 +287,11 @@ class Run:
         return trained
 
 
-def run(c: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = print) -> dict:
-    return Run(c, workdir, log).run()
+def run(c: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = print,
+        round0_from: str | None = None) -> dict:
+    """Runs or resumes the run in `workdir`. round0_from: the work dir of a run whose round 0 (the base model's
+    evaluation) this run copies instead of evaluating again; the caller vouches that it is the same (a sweep)."""
+    return Run(c, workdir, log, round0_from).run()
 
 
 def best_model(workdir: str, dtype: str | None = None):

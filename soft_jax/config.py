@@ -123,8 +123,8 @@ def sibling(config_file: str, name: str, arg=None) -> ml_collections.ConfigDict:
     return load_file(os.path.join(os.path.dirname(os.path.abspath(config_file)), name) + (f":{arg}" if arg else ""))
 
 
-def load_file(spec: str) -> ml_collections.ConfigDict:
-    path, _, arg = spec.partition(":")
+def _import(path: str):
+    """The config file's module (a missing or broken file is the user's to fix)."""
     if not os.path.isfile(path):
         raise UserError(f"--config {path}: no such config file; give a file like configs/demo.py")
     module_spec = importlib.util.spec_from_file_location(f"soft_jax_config_{abs(hash(path))}", path)
@@ -133,6 +133,31 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
         module_spec.loader.exec_module(module)
     except Exception as e:  # a broken config file is the user's to fix
         raise UserError(f"--config {path}: the file fails to import ({type(e).__name__}: {e})") from None
+    return module
+
+
+def variants(path: str) -> tuple[str, ...]:
+    """The variants an ablation config file declares (a module-level VARIANTS tuple of get_config arguments,
+    the first the default), which `soft-jax sweep` runs one after another."""
+    if ":" in path:
+        raise UserError(f"--config {path}: `sweep` runs every variant of the file; give the file without :ARG "
+                        "(pick variants with --only)")
+    found = getattr(_import(path), "VARIANTS", None)
+    if not found:
+        raise UserError(f"--config {path}: the file declares no variants to sweep; give an ablation config "
+                        "(configs/ablation_*.py) or add VARIANTS = (\"a\", \"b\") naming its get_config arguments")
+    def fit(v) -> bool:  # a get_config argument and a directory name
+        return isinstance(v, str) and ":" not in v and v == os.path.basename(v) and v not in ("", ".", "..")
+
+    if isinstance(found, str) or not all(map(fit, found)) or len(set(found)) != len(found):
+        raise UserError(f"--config {path}: VARIANTS must be a tuple of distinct names, each fit to name a "
+                        f"directory (got {found!r})")
+    return tuple(found)
+
+
+def load_file(spec: str) -> ml_collections.ConfigDict:
+    path, _, arg = spec.partition(":")
+    module = _import(path)
     if not hasattr(module, "get_config"):
         raise UserError(f"--config {path}: the file defines no get_config(arg=None)")
     config = module.get_config(arg or None)
