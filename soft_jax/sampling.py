@@ -38,7 +38,7 @@ CANDIDATES = 256  # top-k / top-p thresholds are searched among this many larges
 # Shape buckets, kind -> (minimum, base, linear_above, step): the next power of `base` >= n, at least `minimum`;
 # past `linear_above`, the next multiple of `step` instead (few compiled shapes, little padding on long inputs).
 BUCKETS = {
-    "own": (MIN_BUCKET, 2, None, 0),  # generation: each row's own prompt tokens
+    "own": (MIN_BUCKET, 2, 256, 128),  # generation: each row's own prompt tokens (per-prompt exemplars: 300-600)
     "prefix": (64, 2, 512, 256),  # a common prefix prefilled once at batch 1
     "length": (MIN_BUCKET, 2, 512, 256),  # scoring: a chunk's group prefixes, a pass's row remainders
     "cache": (64, 4, 256, 1024),  # scoring: cache rows a chunk's prefixes are kept in (64, 256, 1024, 2048, ...)

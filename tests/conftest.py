@@ -51,6 +51,17 @@ TINY_ARCHS = {
 }
 
 
+# The longest files first: with `-n 2 --dist loadfile` a file runs on one worker, in collection order, so a long
+# file collected late (the SmolLM2 evaluation references take about 10 minutes) would finish alone at the end.
+LONGEST_FIRST = ("test_evaluation.py", "test_distributed.py", "test_faults.py", "test_training.py",
+                 "test_sampling.py", "test_bootstrap.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable: a file's order stays
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: loads SmolLM2-135M or downloads data (run in CI too)")
 
