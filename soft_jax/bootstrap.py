@@ -24,7 +24,7 @@ from soft_jax.checkpoints import StepCheckpointer
 from soft_jax.data import filters, templates
 from soft_jax.errors import UserError
 from soft_jax.models import presets
-from soft_jax.workdir import CONFIG, CURRICULUM, METRICS, STATE, WorkDir, read_json, remove
+from soft_jax.workdir import CONFIG, CONTAMINATION, CURRICULUM, METRICS, STATE, WorkDir, read_json, remove, write_json
 
 
 def checksum(model) -> float:
@@ -195,6 +195,33 @@ class Run:
                    else (lambda: round_eval.evaluate(self, t, model, tokenizer)))
         return self.wd.phase(self.wd.round_file(t, "eval.json"), compute, f"evaluated_r{t}", f"round {t} evaluation")
 
+    def check_contamination(self) -> None:
+        """`soft-jax data check` on what this run reads (its pool, exemplars and validation pairs) against HHH,
+        TruthfulQA and the open-ended questions, once per work dir (contamination.json); overlaps are listed in
+        the log, not fatal. Without the benchmark files (offline, no archive) the check is skipped, saying why."""
+        path = self.wd.file(CONTAMINATION)
+        if not self.c.check_contamination or os.path.exists(path) or not distributed.is_writer():
+            return
+        from soft_jax.data import contamination
+
+        try:
+            evals = contamination.eval_sources(self.c.eval.truthfulqa_file or None, self.c.open_ended.path)
+        except UserError as e:
+            self.log(f"[data check] skipped: {e}")
+            write_json(path, {"skipped": str(e)})
+            return
+        i = self.inputs
+        report = contamination.overlaps(contamination.train_items(i.pool, i.exemplars, i.validation), evals)
+        write_json(path, report)
+        if report["clean"]:
+            self.log(f"[data check] clean: the pool, exemplars and validation pairs share no word "
+                     f"{' or '.join(map(str, report['ngram_sizes']))}-gram with the benchmarks ({CONTAMINATION})")
+            return
+        for line in contamination.describe(report, limit=10):
+            self.log(f"[data check] {line}")
+        self.log(f"[data check] warning: inputs share word n-grams with the evaluation sets (all in {path}); "
+                 "reword or drop them, or the benchmarks measure memory")
+
     # -- round 0 shared (soft_jax.sweep): the base model's evaluation, copied from a sibling run --
 
     def shared_round0(self) -> tuple[dict, dict]:
@@ -240,6 +267,7 @@ class Run:
                      + ("; its truthfulqa_mc2 is soft-jax's own construction" if mc2 else ""))
         self.log(f"[run] collapse guard: validation {v.metric}, a round is better or worse than the best only beyond "
                  f"noise ({v.confidence:.0%} paired bootstrap interval, tolerance {v.tolerance}), patience {v.patience}")
+        self.check_contamination()
         if "0" not in self.state["scores"]:
             self.evaluate(0, base, tokenizer)
             self.update_guard()

@@ -26,7 +26,7 @@ STRATEGIES = ("fixed", "random")
 GRANULARITIES = ("prompt", "batch")
 ACROSS_ROUNDS = ("none", "prompt_ppl", "prompt_length")
 # Keys a resumed run may change without invalidating finished rounds (checked in bootstrap).
-RESUMABLE_CHANGES = ("rounds", "validation.patience", "validation.tolerance", "validation.confidence",
+RESUMABLE_CHANGES = ("rounds", "check_contamination", "validation.patience", "validation.tolerance", "validation.confidence",
                      "validation.resamples", "progress", "prompts.per_round")
 # The paper's benchmarks, run every round (round 0, the base model, included) by the paper configs.
 PAPER_TASKS = "hhh,truthfulqa_mc1,truthfulqa_mc2"
@@ -37,6 +37,9 @@ def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.progress = True
+    # `soft-jax data check` on the run's pool, exemplars and validation pairs against the benchmarks and the
+    # open-ended questions when the run starts (contamination.json in the work dir; overlaps are logged, not fatal)
+    c.check_contamination = True
     # name: "smollm2-135m", "tiny" (random, for tests) or a preset of soft_jax.models.presets; path overrides it.
     # scan_layers: train with the layers as one lax.scan (one compiled layer: a 32-layer 7B compiles in minutes)
     c.model = dict(name="smollm2-135m", path="", dtype="float32", param_dtype="", scan_layers=False)

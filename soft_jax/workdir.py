@@ -3,6 +3,7 @@
     DIR/config.json                    the run's config (a rerun with a changed config is checked against it)
     DIR/state.json                     finished rounds, validation scores, the guard's comparisons, best round, stop
     DIR/metrics.jsonl                  one object per event: round, phase, numbers (deduplicated on resume)
+    DIR/tensorboard/                   the same numbers as TensorBoard events (soft_jax.tensorboard_events)
     DIR/curriculum.json                per-prompt difficulty of the pool (across-rounds curriculum only)
     DIR/rounds/NNN/prompts.jsonl       the round's prompt slice
     DIR/rounds/NNN/generations.jsonl   raw self-aligned outputs, exemplar ids, finish reason, answer, filter verdict
@@ -24,10 +25,11 @@ from typing import Callable
 import ml_collections
 
 from soft_jax import config as config_lib
-from soft_jax import distributed, faults, io_utils, preemption
+from soft_jax import distributed, faults, io_utils, preemption, tensorboard_events
 from soft_jax.errors import UserError
 
 CONFIG, STATE, METRICS, LOCK, CURRICULUM = "config.json", "state.json", "metrics.jsonl", ".lock", "curriculum.json"
+CONTAMINATION = "contamination.json"  # `soft-jax data check` of the run's inputs, written when it starts
 NEW_STATE = {"finished": [], "scores": {}, "comparisons": {}, "best_round": None, "stopped": None}
 
 
@@ -74,12 +76,17 @@ def remove(path: str) -> None:
 
 
 class Metrics:
-    """metrics.jsonl: one object per event keyed by (round, phase, step); a resumed event replaces, never repeats."""
+    """metrics.jsonl: one object per event keyed by (round, phase, step); a resumed event replaces, never repeats.
 
-    def __init__(self, path: str):
+    tensorboard: a directory that gets the same numbers as TensorBoard events, kept equal to metrics.jsonl
+    (soft_jax.tensorboard_events; process 0 only); validation: the run's validation metric (its tag section)."""
+
+    def __init__(self, path: str, tensorboard: str | None = None, validation: str = "valid_nll"):
         self.path = path
         self.rows = {self._key(r): r for r in io_utils.read_appended(path)}
         write_jsonl(self.path, self.rows.values())
+        self.events = (tensorboard_events.EventLog(tensorboard, self.rows.items(), validation)
+                       if tensorboard and distributed.is_writer() else None)
 
     @staticmethod
     def _key(row: dict) -> tuple:
@@ -93,6 +100,12 @@ class Metrics:
             write_jsonl(self.path, self.rows.values())
         else:
             append_line(self.path, row)
+        if self.events:
+            self.events.add(key, row, seen)
+
+    def close(self) -> None:
+        if self.events:
+            self.events.close()
 
 
 def lock(path: str):
@@ -181,10 +194,12 @@ class WorkDir:
                 self.close()
                 raise
         distributed.barrier("workdir ready")
-        self.metrics = Metrics(self.file(METRICS))
+        self.metrics = Metrics(self.file(METRICS), self.file(tensorboard_events.DIR), c.validation.metric)
         return {**NEW_STATE, **read_json(self.file(STATE), {})}
 
     def close(self) -> None:
+        if self.metrics:
+            self.metrics.close()
         if self.handle:
             self.handle.close()
             self.handle = None

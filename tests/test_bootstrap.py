@@ -19,8 +19,9 @@ from soft_jax.errors import UserError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
 # The tests' settings on top of any config: the tiny random model, 4 prompts per round, one batch each; its
-# answers cite no principle and run to the token limit (kept, trained without end of turn); no benchmarks.
-TINY = ["model.name=tiny", "rounds=2", "prompts.per_round=4", "exemplars.k=1", "sampling.max_new_tokens=8",
+# answers cite no principle and run to the token limit (kept, trained without end of turn); no benchmarks and
+# no contamination check (tests/test_contamination.py runs one).
+TINY = ["model.name=tiny", "check_contamination=false", "rounds=2", "prompts.per_round=4", "exemplars.k=1", "sampling.max_new_tokens=8",
         "sampling.batch_size=4", "filters.require_marker=false", "filters.min_words=1",
         "filters.min_cited_principles=0", "filters.keep_truncated=true", "eval.tasks=", "open_ended.limit=0",
         "open_ended.max_new_tokens=8", "train.batch_size=2",
@@ -52,12 +53,13 @@ class Workdir:
         return next(m for m in self.metrics if m["round"] == t and m["phase"] == phase)
 
     def files(self):
-        """Relative path -> bytes of every artifact but checkpoints, report and the timing-bearing metrics."""
+        """Relative path -> bytes of every artifact but checkpoints, report and the timing-bearing metrics
+        (metrics.jsonl and its TensorBoard events: tests/test_tensorboard.py)."""
         out = {}
         for d, _, names in os.walk(self.path):
             for n in names:
                 rel = os.path.relpath(os.path.join(d, n), self.path)
-                if not rel.startswith(("checkpoints", "report")) and n not in ("metrics.jsonl", ".lock"):
+                if not rel.startswith(("checkpoints", "report", "tensorboard")) and n not in ("metrics.jsonl", ".lock"):
                     out[rel] = open(os.path.join(d, n), "rb").read()
         return out
 

@@ -84,3 +84,28 @@ def test_the_command_warns_or_with_strict_exits_1(tmp_path, capsys):
 def test_a_bad_pool_exits_2(tmp_path, capsys):
     assert cli.main(["data", "check", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl: no such file" in capsys.readouterr().err
+
+
+def test_a_run_checks_its_inputs_once_when_it_starts(tmp_path):
+    """`soft-jax run` writes the check of its own inputs to contamination.json and logs the verdict; a planted
+    copy of a TruthfulQA question in its pool is listed; the rerun does not check again."""
+    from test_bootstrap import config
+
+    from soft_jax import bootstrap, data
+
+    question = evaluation.load_items("truthfulqa_mc1", 1)[0].question
+    pool = tmp_path / "pool.jsonl"
+    rows = [{"id": p["prompt_id"], "prompt": p["prompt"]} for p in data.load_prompts()[:11]]
+    pool.write_text("".join(json.dumps(r) + "\n" for r in rows + [{"id": "copied", "prompt": question}]))
+    c = config("soft.py", "check_contamination=true", f"prompts.path={pool}", "rounds=1", "prompts.per_round=4")
+    logs = []
+    bootstrap.run(c, str(tmp_path / "w"), log=logs.append)
+    report = json.load(open(tmp_path / "w" / "contamination.json"))
+    assert not report["clean"]
+    assert {(o["train"], o["train_id"], o["eval_id"]) for o in report["overlaps"]} >= {
+        ("pool", "copied", "truthfulqa_mc1/0"), ("pool", "copied", "truthfulqa_mc2/0")}
+    assert {o["train_id"] for o in report["overlaps"] if o["train"] == "pool"} == {"copied"}
+    assert any(line.startswith("[data check] warning: inputs share word n-grams") for line in logs), logs
+    logs.clear()
+    bootstrap.run(c, str(tmp_path / "w"), log=logs.append)
+    assert not any(line.startswith("[data check]") for line in logs), logs

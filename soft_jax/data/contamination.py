@@ -28,13 +28,18 @@ def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
     return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
+def train_items(pool: list[dict], exemplars: list, validation: list[dict]) -> dict[str, list[Item]]:
+    """The training side's items from loaded rows (load_prompts', load_exemplars', load_pairs')."""
+    return {
+        "pool": [(p["prompt_id"], [p["prompt"], p["input"]]) for p in pool],
+        "exemplars": [(e.id, [e.prompt, e.thoughts, e.answer]) for e in exemplars],
+        "validation": [(v["id"], [v["prompt"], v["response"]]) for v in validation],
+    }
+
+
 def train_sources(pool: str = "", exemplars: str = "", validation: str = "") -> dict[str, list[Item]]:
     """The training side's items; "" stands for the built-in asset."""
-    return {
-        "pool": [(p["prompt_id"], [p["prompt"], p["input"]]) for p in data.load_prompts(pool)],
-        "exemplars": [(e.id, [e.prompt, e.thoughts, e.answer]) for e in data.load_exemplars(exemplars)],
-        "validation": [(v["id"], [v["prompt"], v["response"]]) for v in data.load_pairs(validation)],
-    }
+    return train_items(data.load_prompts(pool), data.load_exemplars(exemplars), data.load_pairs(validation))
 
 
 def eval_sources(truthfulqa_file: str | None = None, questions: str = "") -> dict[str, list[Item]]:
