@@ -27,6 +27,7 @@ setup(
         "gguf>=0.17,<1",
         "tqdm>=4.66,<5",
         "matplotlib>=3.9,<4",  # soft-jax report
+        "tensorboardX>=2.6.5,<3",  # WORKDIR/tensorboard/ event files without TensorFlow (soft_jax.tensorboard_events)
         # TFDS datasets (array_record) written and read without TensorFlow: soft_jax.data.tfds (4.9.9 and
         # older fail with protobuf 7: FieldDescriptor.label)
         "tensorflow-datasets>=4.9.10,<4.10",
@@ -40,6 +41,7 @@ setup(
             "torch==2.13.0",
             "accelerate>=1.0,<2",
             "safetensors>=0.4,<1",
+            "tensorboard>=2.21,<3",  # tests/test_tensorboard.py reads the events with TensorBoard's own reader (no TF)
             # libtpu from PyPI: tests compile the programs for TPU slices on this CPU (soft_jax.topology)
             "jax[tpu]>=0.10,<0.11",
         ],

@@ -214,10 +214,10 @@ class Trainer:
         return jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
 
     def step(self, batch: dict[str, np.ndarray], index: int = 0) -> dict[str, float]:
-        """Optimizer step number `index` (0-based; it picks the learning rate)."""
+        """Optimizer step number `index` (0-based; it picks the learning rate): loss, grad_norm and lr."""
         lr = jnp.float32(self.schedule(index))
         self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, self.put_batch(batch), lr)
-        return metrics
+        return {**metrics, "lr": lr}
 
     def model(self) -> Llama:
         return nnx.merge(self.graphdef, self.params)
@@ -321,7 +321,8 @@ def train(model: Llama, tokenizer, pairs: Sequence[tuple], config: TrainConfig, 
     """Fine-tunes on (prompt, response[, finished]) pairs (see prepare); resumes from checkpoint_dir's latest step checkpoint.
 
     prepared: prepare()'s result for these pairs, when the caller already has it.
-    `log` receives one dict per step: step, loss, grad_norm, lr-free throughput (tokens/s, TFLOP/s, MFU).
+    `log` receives one dict per step: step, loss, grad_norm, lr (the learning rate of the step), throughput
+    (tokens/s, TFLOP/s, MFU).
     """
     examples, epochs, (cut_p, cut_r) = prepared or prepare(tokenizer, pairs, config)
     total = total_steps(epochs, config)
@@ -348,7 +349,8 @@ def train(model: Llama, tokenizer, pairs: Sequence[tuple], config: TrainConfig, 
             seconds = time.perf_counter() - t0
             tokens = int(np.sum(batch["segment_ids"] > 0))
             record = {"step": step, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
-                      "tokens_per_s": tokens / seconds, "tflops": tokens * fpt / seconds / 1e12}
+                      "lr": float(metrics["lr"]), "tokens_per_s": tokens / seconds,
+                      "tflops": tokens * fpt / seconds / 1e12}
             if peak:
                 record["mfu"] = record["tflops"] * 1e12 / (peak * jax.device_count())
             losses.append(record["loss"])
