@@ -297,9 +297,9 @@ def _difference_panel(ax, m: dict, result: dict, colors: dict[str, str]) -> None
             continue
         ts = sorted(d)
         ts_all += ts
-        ax.errorbar([t + _shift(i, len(variants)) for t in ts], [d[t]["diff"] for t in ts], color=colors[n],
-                    fmt=MARKERS[i % len(MARKERS)], capsize=4,
-                    yerr=[[d[t]["diff"] - d[t]["low"] for t in ts], [d[t]["high"] - d[t]["diff"] for t in ts]])
+        plots.intervals(ax, [t + _shift(i, len(variants)) for t in ts], [d[t]["diff"] for t in ts],
+                        [d[t]["low"] for t in ts], [d[t]["high"] for t in ts], color=colors[n],
+                        marker=MARKERS[i % len(MARKERS)])
     plots.round_axis(ax, ts_all)
     plots.plain_values(ax)
     ax.set(title=f"difference to {result['baseline']} ({result['confidence']:.0%} paired CI)",

@@ -125,3 +125,13 @@ def save(fig, directory: str, name: str) -> str:
     fig.savefig(os.path.join(directory, name), dpi=100, bbox_inches="tight")
     pyplot().close(fig)
     return name
+
+
+def intervals(ax, xs: list, points: list, lows: list, highs: list, color="black", marker: str = "o",
+              label: str | None = None) -> None:
+    """Points with their intervals drawn as they are, [low, high] with caps: a percentile bootstrap interval need
+    not contain its point estimate, and at confidence 0 it is that point (error-bar lengths could be negative)."""
+    xs = list(xs)
+    ax.vlines(xs, lows, highs, color=color)
+    ax.plot(xs + xs, list(lows) + list(highs), "_", color=color, markersize=10)
+    ax.plot(xs, points, marker, color=color, linestyle="none", label=label)

@@ -63,10 +63,13 @@ def _figures(workdir: str, state: dict, metrics: list[dict], rounds: list[int], 
             if k == metric and comparisons:  # the guard's interval of each round, read against its reference
                 ts = sorted(t for t in comparisons if t in evals and comparisons[t]["vs"] in evals)
                 ref = [evals[comparisons[t]["vs"]][k] for t in ts]
-                lo = [evals[t][k] - (r + comparisons[t]["low"]) for t, r in zip(ts, ref)]
-                hi = [(r + comparisons[t]["high"]) - evals[t][k] for t, r in zip(ts, ref)]
-                ax.errorbar(ts, [evals[t][k] for t in ts], yerr=[lo, hi], fmt="none", capsize=4, color="black",
-                            label=f"paired {_confidence(comparisons)} CI vs best earlier round")
+                # drawn as the interval itself: a percentile interval need not contain the point estimate, and
+                # at confidence 0 it is that point (an error bar's lengths could come out negative)
+                lows = [r + comparisons[t]["low"] for t, r in zip(ts, ref)]
+                highs = [r + comparisons[t]["high"] for t, r in zip(ts, ref)]
+                ax.vlines(ts, lows, highs, color="black", label=f"paired {_confidence(comparisons)} CI vs best "
+                          "earlier round")
+                ax.plot(ts + ts, lows + highs, "_", color="black", markersize=10)  # caps
             if best is not None and k in evals.get(best, {}):  # a ring, not a line: it hides no error bar
                 ax.plot([best], [evals[best][k]], "o", markersize=13, markerfacecolor="none", color="tab:red",
                         label="best round (collapse guard)")
@@ -124,10 +127,8 @@ def _guard_panel(ax, metric: str, comparisons: dict[int, dict]) -> None:
     """The collapse guard's view: each round minus the best round before it, with its paired interval."""
     ts = sorted(comparisons)
     d = [comparisons[t]["diff"] for t in ts]
-    err = [[comparisons[t]["diff"] - comparisons[t]["low"] for t in ts],
-           [comparisons[t]["high"] - comparisons[t]["diff"] for t in ts]]
     ax.axhline(0.0, color="gray", linewidth=0.8)
-    ax.errorbar(ts, d, yerr=err, fmt="o", capsize=4, color="black")
+    plots.intervals(ax, ts, d, [comparisons[t]["low"] for t in ts], [comparisons[t]["high"] for t in ts])
     for t, v in zip(ts, d):
         ax.annotate(comparisons[t]["verdict"] + f" vs r{comparisons[t]['vs']}", (t, v), textcoords="offset points",
                     xytext=(6, 0), fontsize=7, va="center")

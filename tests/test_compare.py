@@ -155,8 +155,10 @@ def test_baseline_choice_and_figures_tick_whole_rounds(runs):
                 assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title(), key
                 assert ax.get_legend() is None, key  # the legend is the figure's, outside the panels
             assert fig.legends, key
-        errorbars = [c for c in figs["hhh"].axes[1].containers]
-        assert errorbars, "the difference panel has no error bars"
+        from matplotlib.collections import LineCollection
+
+        bars = [c for c in figs["hhh"].axes[1].collections if isinstance(c, LineCollection)]
+        assert bars and len(bars[0].get_segments()) > 0, "the difference panel has no interval bars"
     finally:
         plots.pyplot().close("all")
 
@@ -177,7 +179,10 @@ def test_report_plots_tick_whole_rounds_with_labels(runs):
                 if legend is not None:  # outside the axes: anchored right of them
                     assert legend.get_bbox_to_anchor().x0 >= ax.get_window_extent().x1 - 1, name
         eval_axes = figs["eval_per_round.png"].axes
-        assert any(ax.containers for ax in eval_axes), "the guard's intervals are drawn as error bars"
+        from matplotlib.collections import LineCollection
+
+        assert any(isinstance(c, LineCollection) and len(c.get_segments()) for ax in eval_axes
+                   for c in ax.collections), "the guard's intervals are drawn"
     finally:
         plots.pyplot().close("all")
 
