@@ -8,7 +8,6 @@ The collapse guard (soft_jax.guard) decides the best round and the stop from eve
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable
 
@@ -18,13 +17,13 @@ import numpy as np
 from flax import nnx
 
 from soft_jax import curriculum, data, distributed, evaluation, faults, guard, inputs, memory, preemption
-from soft_jax import io_utils, report, round_eval, selfalign, training
+from soft_jax import report, round_eval, selfalign, training
 from soft_jax import sharding as shd
 from soft_jax.checkpoints import StepCheckpointer
-from soft_jax.data import filters, templates
+from soft_jax.data import contamination, filters, templates
 from soft_jax.errors import UserError
 from soft_jax.models import presets
-from soft_jax.workdir import CONFIG, CONTAMINATION, CURRICULUM, METRICS, STATE, WorkDir, read_json, remove, write_json
+from soft_jax.workdir import CONFIG, CONTAMINATION, CURRICULUM, STATE, WorkDir, read_json, remove
 
 
 def checksum(model) -> float:
@@ -191,58 +190,9 @@ class Run:
         return model
 
     def evaluate(self, t: int, model, tokenizer) -> dict:
-        compute = ((lambda: self.shared_round0()) if t == 0 and self.round0_from
+        compute = ((lambda: round_eval.shared_round0(self, self.round0_from)) if t == 0 and self.round0_from
                    else (lambda: round_eval.evaluate(self, t, model, tokenizer)))
         return self.wd.phase(self.wd.round_file(t, "eval.json"), compute, f"evaluated_r{t}", f"round {t} evaluation")
-
-    def check_contamination(self) -> None:
-        """`soft-jax data check` on what this run reads (its pool, exemplars and validation pairs) against HHH,
-        TruthfulQA and the open-ended questions, once per work dir (contamination.json); overlaps are listed in
-        the log, not fatal. Without the benchmark files (offline, no archive) the check is skipped, saying why."""
-        path = self.wd.file(CONTAMINATION)
-        if not self.c.check_contamination or os.path.exists(path) or not distributed.is_writer():
-            return
-        from soft_jax.data import contamination
-
-        try:
-            evals = contamination.eval_sources(self.c.eval.truthfulqa_file or None, self.c.open_ended.path)
-        except UserError as e:
-            self.log(f"[data check] skipped: {e}")
-            write_json(path, {"skipped": str(e)})
-            return
-        i = self.inputs
-        report = contamination.overlaps(contamination.train_items(i.pool, i.exemplars, i.validation), evals)
-        write_json(path, report)
-        if report["clean"]:
-            self.log(f"[data check] clean: the pool, exemplars and validation pairs share no word "
-                     f"{' or '.join(map(str, report['ngram_sizes']))}-gram with the benchmarks ({CONTAMINATION})")
-            return
-        for line in contamination.describe(report, limit=10):
-            self.log(f"[data check] {line}")
-        self.log(f"[data check] warning: inputs share word n-grams with the evaluation sets (all in {path}); "
-                 "reword or drop them, or the benchmarks measure memory")
-
-    # -- round 0 shared (soft_jax.sweep): the base model's evaluation, copied from a sibling run --
-
-    def shared_round0(self) -> tuple[dict, dict]:
-        """(eval.json, metrics event) of round 0 taken from the work dir `round0_from`, whose round 0 evaluated
-        the same base model under the same settings (soft_jax.sweep.round0_settings): its eval.json and
-        open-ended answers are copied as they are, and a `round0_shared` event names the run they came from."""
-        src = WorkDir(self.round0_from)
-        ev = read_json(src.round_file(0, "eval.json"))
-        if ev is None:
-            raise UserError(f"{src.round_file(0, 'eval.json')}: missing, so round 0 cannot be shared from "
-                            f"{self.round0_from}; rerun the sweep")
-        answers = src.round_file(0, round_eval.OPEN_ENDED)
-        if os.path.exists(answers) and distributed.is_writer():
-            with open(answers, encoding="utf-8") as f:
-                io_utils.write_atomic(self.wd.round_file(0, round_eval.OPEN_ENDED), f.read())
-        event = next((r for r in io_utils.read_appended(src.file(METRICS))
-                      if r.get("round") == 0 and r.get("phase") == "eval"), None)
-        self.wd.metrics.add({"round": 0, "phase": "round0_shared", "from": os.path.basename(
-            os.path.normpath(self.round0_from)), "path": os.path.abspath(self.round0_from)})
-        self.log(f"[run] round 0 (the base model) shares the evaluation of {self.round0_from}")
-        return ev, event
 
     # -- the loop --
 
@@ -267,7 +217,9 @@ class Run:
                      + ("; its truthfulqa_mc2 is soft-jax's own construction" if mc2 else ""))
         self.log(f"[run] collapse guard: validation {v.metric}, a round is better or worse than the best only beyond "
                  f"noise ({v.confidence:.0%} paired bootstrap interval, tolerance {v.tolerance}), patience {v.patience}")
-        self.check_contamination()
+        if c.check_contamination and distributed.is_writer():
+            contamination.check_run(self.inputs, self.wd.file(CONTAMINATION), c.eval.truthfulqa_file,
+                                    c.open_ended.path, self.log)
         if "0" not in self.state["scores"]:
             self.evaluate(0, base, tokenizer)
             self.update_guard()

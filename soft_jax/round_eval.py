@@ -3,13 +3,15 @@ rounds on them), the eval tasks, and the open-ended answers with their degenerac
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
 
-from soft_jax import curriculum, evaluation, sampling, signals
+from soft_jax import curriculum, distributed, evaluation, io_utils, sampling, signals
 from soft_jax.data import templates
-from soft_jax.workdir import write_jsonl
+from soft_jax.errors import UserError
+from soft_jax.workdir import METRICS, WorkDir, read_json, write_jsonl
 
 OPEN_ENDED = "open_ended.jsonl"
 
@@ -68,3 +70,24 @@ def evaluate(run, t: int, model, tokenizer) -> tuple[dict, dict]:
         event.update({f"open_{k}": out["open_ended"]["signals"][k]
                       for k in ("distinct_2", "repeated_ngram_rate", "length", "truncation_rate")})
     return out, event
+
+
+def shared_round0(run, source: str) -> tuple[dict, dict]:
+    """(eval.json, metrics event) of round 0 taken from the work dir `source` (soft_jax.sweep), whose round 0
+    evaluated the same base model under the same settings (sweep.round0_settings): its eval.json and open-ended
+    answers are copied as they are, and a `round0_shared` event names the run they came from."""
+    src = WorkDir(source)
+    ev = read_json(src.round_file(0, "eval.json"))
+    if ev is None:
+        raise UserError(f"{src.round_file(0, 'eval.json')}: missing, so round 0 cannot be shared from {source}; "
+                        "rerun the sweep")
+    answers = src.round_file(0, OPEN_ENDED)
+    if os.path.exists(answers) and distributed.is_writer():
+        with open(answers, encoding="utf-8") as f:
+            io_utils.write_atomic(run.wd.round_file(0, OPEN_ENDED), f.read())
+    event = next((r for r in io_utils.read_appended(src.file(METRICS))
+                  if r.get("round") == 0 and r.get("phase") == "eval"), None)
+    run.wd.metrics.add({"round": 0, "phase": "round0_shared", "from": os.path.basename(os.path.normpath(source)),
+                        "path": os.path.abspath(source)})
+    run.log(f"[run] round 0 (the base model) shares the evaluation of {source}")
+    return ev, event

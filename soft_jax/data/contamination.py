@@ -10,10 +10,12 @@ Topics may repeat (a prompt about the 10% brain myth is fine); copied wording ma
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Iterable
+from typing import Callable, Iterable
 
 from soft_jax import data
+from soft_jax.errors import UserError
 
 SIZES = (13, 8)
 TRAIN = ("pool", "exemplars", "validation")
@@ -124,3 +126,31 @@ def describe(report: dict, limit: int = 50) -> list[str]:
     if len(report["overlaps"]) > limit:
         lines.append(f"... and {len(report['overlaps']) - limit} more overlaps (write them all with --out)")
     return lines
+
+
+def check_run(inputs, path: str, truthfulqa_file: str = "", questions: str = "",
+              log: Callable[[str], None] = print) -> None:
+    """A run's check of what it reads (`inputs`: its pool, exemplars and validation pairs) against HHH,
+    TruthfulQA and the open-ended questions, once per work dir: the report goes to `path` (contamination.json);
+    overlaps are listed in the log, not fatal. Without the benchmark files (offline, no archive) it is skipped,
+    saying why."""
+    from soft_jax.workdir import write_json
+
+    if os.path.exists(path):
+        return
+    try:
+        evals = eval_sources(truthfulqa_file or None, questions)
+    except UserError as e:
+        log(f"[data check] skipped: {e}")
+        write_json(path, {"skipped": str(e)})
+        return
+    report = overlaps(train_items(inputs.pool, inputs.exemplars, inputs.validation), evals)
+    write_json(path, report)
+    if report["clean"]:
+        log(f"[data check] clean: the pool, exemplars and validation pairs share no word "
+            f"{' or '.join(map(str, report['ngram_sizes']))}-gram with the benchmarks ({os.path.basename(path)})")
+        return
+    for line in describe(report, limit=10):
+        log(f"[data check] {line}")
+    log(f"[data check] warning: inputs share word n-grams with the evaluation sets (all in {path}); reword or "
+        "drop them, or the benchmarks measure memory")
