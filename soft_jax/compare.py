@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 
@@ -315,10 +313,7 @@ def write(paths: list[str], out: str | None = None, baseline: str | None = None,
     if os.path.exists(out) and not os.path.isfile(os.path.join(out, OUTPUT)) and os.listdir(out):
         raise UserError(f"--out {out}: the directory exists and holds no earlier comparison; give a new or empty "
                         "directory")
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".compare-", dir=parent)
-    try:
+    def fill(tmp: str) -> None:
         titles = {m["key"]: m["title"] for m in result["metrics"]}
         names = {key: plots.save(fig, tmp, titles[key].replace(" ", "_") + ".png")
                  for key, fig in figures(result).items()}
@@ -326,11 +321,7 @@ def write(paths: list[str], out: str | None = None, baseline: str | None = None,
             f.write(markdown(result, names))
         with open(os.path.join(tmp, "compare.json"), "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    io_utils.write_dir(out, fill)
     return out
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from soft_jax import faults
 from soft_jax.errors import UserError
@@ -59,6 +60,22 @@ def write_atomic(path: str, text: str) -> None:
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
+        raise
+
+
+def write_dir(path: str, fill: Callable[[str], None]) -> None:
+    """Writes the directory `path` atomically: `fill(tmp)` fills a fresh temp directory beside it, which then
+    replaces `path` (a failure leaves the old one as it was, and no temp directory)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}-", dir=parent)
+    try:
+        fill(tmp)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 
@@ -208,15 +206,11 @@ def write(workdir: str) -> str:
     """Writes WORKDIR/report/ (plots + summary.md) atomically; returns its path."""
     state, metrics, rounds = _load(workdir)
     out = os.path.join(workdir, "report")
-    tmp = tempfile.mkdtemp(prefix=".report-", dir=workdir)
-    try:
+
+    def fill(tmp: str) -> None:
         plots = _plots(tmp, workdir, state, metrics, rounds)
         with open(os.path.join(tmp, "summary.md"), "w", encoding="utf-8") as f:
             f.write(_summary(workdir, state, metrics, rounds, plots))
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    io_utils.write_dir(out, fill)
     return out

@@ -133,7 +133,7 @@ def test_table_numbers_differences_and_plots(runs, tmp_path, capsys):
     pngs = {p for p in os.listdir(out) if p.endswith(".png")}
     assert {"validation_valid_nll.png", "hhh.png", "generations_kept.png", "open-ended_distinct_2.png"} <= pngs
     assert all(f"]({p})" in md for p in pngs)
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".compare-")]  # no temp dir left
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp dir left
 
 
 def test_baseline_choice_and_figures_tick_whole_rounds(runs):
