@@ -42,18 +42,20 @@ def read_jsonl(path: str, required: tuple[str, ...] = ()) -> list[dict[str, Any]
     return rows
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Writes text to path via a temp file in the same directory and a rename: never a half-written file.
+def write_atomic(path: str, data: str | bytes, fault: bool = True) -> None:
+    """Writes text (UTF-8) or bytes to path via a temp file in the same directory and a rename: never a
+    half-written file. fault: a fault-injection point halfway (`write:NAME`, soft_jax.faults).
 
     A kill before the rename leaves the old file (or none) and a stray `.NAME.*.tmp` (remove_stray_temps)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text[:len(text) // 2])
-            faults.point(f"write:{os.path.basename(path)}")
-            f.write(text[len(text) // 2:])
+        with (os.fdopen(fd, "wb") if isinstance(data, bytes) else os.fdopen(fd, "w", encoding="utf-8")) as f:
+            f.write(data[:len(data) // 2])
+            if fault:
+                faults.point(f"write:{os.path.basename(path)}")
+            f.write(data[len(data) // 2:])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

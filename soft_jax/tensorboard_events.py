@@ -28,9 +28,10 @@ from __future__ import annotations
 import numbers
 import os
 import struct
-import tempfile
 import time
 from typing import Iterable
+
+from soft_jax import io_utils
 
 DIR = "tensorboard"
 PREFIX, SUFFIX = "events.out.tfevents.", ".soft-jax"
@@ -56,8 +57,26 @@ def scalars(row: dict, validation: str = "valid_nll") -> dict[str, float]:
     return out
 
 
+def _tensorboardx():
+    """The tensorboardX package, imported without torch: its package init imports torch when it is installed,
+    only to accept torch tensors, which soft-jax never passes (1.5 s and a second threading runtime in every
+    `run`). An import of torch from anywhere else afterwards works as usual."""
+    import sys
+
+    if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+        sys.modules["torch"] = None  # import torch -> ImportError, which tensorboardX handles
+        try:
+            import tensorboardX  # noqa: F401
+        finally:
+            del sys.modules["torch"]
+    import tensorboardX
+
+    return tensorboardX
+
+
 def _frame(data: bytes) -> bytes:
     """One TFRecord: length, its masked CRC-32C, the data, its masked CRC-32C."""
+    _tensorboardx()
     from tensorboardX.record_writer import masked_crc32c
 
     header = struct.pack("<Q", len(data))
@@ -66,6 +85,7 @@ def _frame(data: bytes) -> bytes:
 
 def read_events(path: str) -> list:
     """The Event protos of one event file; a torn last record (a kill mid-write) is dropped."""
+    _tensorboardx()
     from tensorboardX.proto.event_pb2 import Event
 
     with open(path, "rb") as f:
@@ -133,6 +153,7 @@ class EventLog:
         return int(t)
 
     def _encode(self, row: dict, rebuilt: bool = False) -> bytes:
+        _tensorboardx()
         from tensorboardX.proto.event_pb2 import Event
         from tensorboardX.proto.summary_pb2 import Summary
 
@@ -162,6 +183,7 @@ class EventLog:
 
     def _rewrite(self) -> None:
         """A new event file with every record, written atomically; the older files are removed."""
+        _tensorboardx()
         from tensorboardX.proto.event_pb2 import Event, SessionLog
 
         now = time.time()
@@ -170,17 +192,8 @@ class EventLog:
                                session_log=SessionLog(status=SessionLog.START)).SerializeToString()))
         self.generation += 1
         path = os.path.join(self.directory, f"{PREFIX}{self.generation:06d}{SUFFIX}")
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=self.directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(head + b"".join(self.records.values()))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        # no fault point: the file's name changes with every rewrite, and a stray temp is removed on resume
+        io_utils.write_atomic(path, head + b"".join(self.records.values()), fault=False)
         if self.handle:
             self.handle.close()
         for old in event_files(self.directory):
