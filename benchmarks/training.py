@@ -1,14 +1,33 @@
-"""SFT train step: soft-jax vs a transformers (PyTorch) AdamW step, same model and batch, one process.
+"""SFT: soft-jax vs the PyTorch stack, one process; two levels.
 
+Step level (the default): soft-jax's train step vs a transformers (PyTorch) AdamW step, same model and batch.
 SmolLM2-135M, float32, CPU, batch 8 x 256 tokens, loss on every token; both clip gradients to norm 1.
 Prints the median seconds per step (after two warm-up steps), tokens/s of both, and the ratio (> 1 means
 soft-jax is faster).
 
-    python benchmarks/training.py [--batch 8] [--seq 256] [--steps 3] [--remat]
+Data level (--data): one round's real (prompt, response) pairs, of varying lengths, engraved (SFT in the chat
+format, loss on the responses only) by soft_jax.training.train (packed rows, logits only where the loss is) and
+by TRL's SFTTrainer on a conversational prompt-completion dataset (completion-only loss), with padding and with
+its BFD packing (padding-free), each from the same SmolLM2 weights; same pairs, epochs, learning rate (cosine,
+no warmup), batch (soft-jax and TRL packing: packed rows of max_prompt_len + max_response_len tokens; TRL
+padding: examples), float32, gradient clipping to 1. soft-jax's time includes compiling its step; --warm runs
+it a second time (the compiled step reused, as in a run's later rounds). Prints wall time, tokens/s (the pairs'
+tokens in the chat format, the same count for all) and the ratios. The pairs: --pairs FILE (JSONL rows with
+prompt and response, e.g. a work dir's rounds/001/train.jsonl); by default benchmarks/round.py's cache of
+soft-jax's kept pairs (~/.cache/soft_jax/bench/round_pairs.jsonl), generated here first (one soft-jax round's
+generation: 32 prompts, 128 new tokens) when missing; --pairs exemplars takes benchmarks/common.py's six
+hand-written exemplar answers instead (a smoke test, not the real number).
+
+    python benchmarks/training.py [--batch 8] [--seq 256] [--steps 5] [--remat]
+    JAX_PLATFORMS=cpu python benchmarks/training.py --data [--pairs FILE|exemplars] [--epochs 1] [--lr 5e-5] \
+        [--batch 2] [--max-prompt-len 192] [--max-response-len 192] [--trl padding packing] [--warm]
+Needs TRL for --data (`pip install --no-deps trl` and `datasets`; see the README's benchmark line).
 """
 
 import argparse
+import json
 import os
+import sys
 import time
 
 import jax
@@ -42,8 +61,10 @@ def time_ours(rows, steps, remat):
     config = training.TrainConfig(batch_size=rows["inputs"].shape[0], learning_rate=1e-5, warmup_steps=0,
                                   remat=remat)
     trainer = training.Trainer(model, config, 100)
+    batch = training.loss_rows(rows, rows["inputs"].shape[1])  # loss on every token: logits everywhere
+
     def step():
-        return float(trainer.step(rows)["loss"])
+        return float(trainer.step(batch)["loss"])
 
     return median_time(step, steps)
 
@@ -71,13 +92,182 @@ def time_hf(rows, steps):
     return median_time(step, steps)
 
 
+# --- data level (--data) -------------------------------------------------------------------------
+
+
+def round_bench():
+    """benchmarks/round.py as a module (its reference pipeline, cache path and helpers)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import round as bench  # noqa: E402 - benchmarks/round.py
+
+    return bench
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def read_pairs(path):
+    """(prompt, response, finished) of a JSONL file with `prompt` and `response` (train.jsonl, round.py's cache)."""
+    pairs = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    fail(f"{path}: line {n} is not JSON ({e.msg}); give a JSONL file of {{prompt, response}} rows")
+                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) \
+                        or not isinstance(row.get("response"), str):
+                    fail(f"{path}: line {n} needs string fields `prompt` and `response` (a work dir's "
+                         "rounds/NNN/train.jsonl has them)")
+                pairs.append((row["prompt"], row["response"], bool(row.get("finished", True))))
+    except OSError as e:
+        fail(f"{path}: cannot read it ({e.strerror}); give an existing JSONL file, e.g. a work dir's "
+             "rounds/001/train.jsonl")
+    if not pairs:
+        fail(f"{path}: no pairs in it; give a file with at least one {{prompt, response}} row")
+    return pairs
+
+
+def exemplar_pairs():
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from common import EXEMPLARS  # noqa: E402
+
+    return [(q, a, True) for q, _, a in EXEMPLARS]
+
+
+def generate_pairs(bench, path):
+    """One soft-jax round's kept pairs (benchmarks/round.py's soft-jax generation, 32 prompts), cached at path."""
+    c = bench.round_config(32, 128, 8, 2, "batch")
+    run, prompts = bench.round_setup(c)
+    model, tokenizer = models.load("smollm2-135m", progress=False)
+    start = time.perf_counter()
+    rows = bench.ours_generate(run, model, tokenizer, prompts)
+    pairs = bench.kept_pairs(rows)
+    print(f"generated {len(rows)} prompts in {time.perf_counter() - start:.0f} s, kept {len(pairs)}")
+    if not pairs:
+        fail("the round kept no pairs (every generation was filtered out); run it again or give --pairs FILE")
+    bench.save_pairs(path, pairs, {"source": "benchmarks/training.py", "max_new_tokens": 128})
+    print(f"cached -> {path}")
+    return pairs
+
+
+def data_pairs(bench, source):
+    if source == "exemplars":
+        print("pairs: benchmarks/common.py's 6 hand-written exemplars (a smoke test; the real number needs real "
+              "generations: --pairs FILE or the round cache)")
+        return exemplar_pairs()
+    path = source or bench.PAIRS
+    if source or os.path.isfile(path):
+        pairs = read_pairs(path)
+        print(f"pairs: {len(pairs)} from {path}")
+        return pairs
+    print(f"pairs: no cache at {path}; generating one round's pairs with soft-jax first")
+    return generate_pairs(bench, path)
+
+
+def time_ours_data(model, tokenizer, pairs, config, warm):
+    """[(seconds, TrainResult)] of training.train from `model` (which it leaves as is), once or twice."""
+    runs = []
+    for _ in range(2 if warm else 1):
+        start = time.perf_counter()
+        _, result = training.train(model, tokenizer, pairs, config, progress=False)
+        runs.append((time.perf_counter() - start, result))
+    return runs
+
+
+def time_trl_data(bench, pairs, config, modes):
+    """{mode: (seconds, steps, mean loss)}; every mode starts from the same weights."""
+    import torch
+
+    model, tokenizer = bench.hf_load()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    out = {}
+    for mode in modes:
+        model.load_state_dict(initial)
+        model.train()
+        torch.manual_seed(config.seed)
+        start = time.perf_counter()
+        trainer, result = bench.trl_train(model, tokenizer, pairs, config, mode, config.seed)
+        seconds = time.perf_counter() - start
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        out[mode] = (seconds, result.global_step, float(np.mean(losses)) if losses else float("nan"))
+        print(f"[TRL {mode}] {seconds:.1f} s, load avg {bench.load_avg()}")
+    return out
+
+
+def data_main(args):
+    from soft_jax.errors import UserError
+
+    bench = round_bench()
+    try:
+        import datasets  # noqa: F401
+        import trl
+    except ImportError as e:
+        fail(f"--data needs TRL and datasets ({e}); install them (see the README's benchmark line)")
+    pairs = data_pairs(bench, args.pairs)
+    try:
+        config = training.TrainConfig(batch_size=args.batch or 2, epochs=args.epochs, learning_rate=args.lr,
+                                      warmup_steps=0, max_prompt_len=args.max_prompt_len,
+                                      max_response_len=args.max_response_len)
+    except UserError as e:
+        fail(str(e))
+    import torch
+    import transformers
+
+    model, tokenizer = models.load("smollm2-135m", progress=False)
+    tokens = bench.chat_tokens(tokenizer, pairs)
+    lengths = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for _, r, _ in pairs]
+    print(f"CPU: {bench.cpu_model()}; jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} "
+          f"threads), transformers {transformers.__version__}, trl {trl.__version__}; load avg {bench.load_avg()}")
+    print(f"{len(pairs)} pairs ({sum(not f for _, _, f in pairs)} unfinished), responses {min(lengths)}-"
+          f"{max(lengths)} tokens, {tokens} tokens in the chat format; {config.epochs} epoch(s), lr "
+          f"{config.learning_rate} cosine, batch {config.batch_size}, max prompt/response "
+          f"{config.max_prompt_len}/{config.max_response_len}, float32")
+    ours = time_ours_data(model, tokenizer, pairs, config, args.warm)
+    del model
+    for label, (seconds, result) in zip(("soft-jax (cold: compiles its step)", "soft-jax (warm: step compiled)"), ours):
+        print(f"{label:36s} {seconds:8.2f} s  {tokens * config.epochs / seconds:8.1f} tokens/s  {result.steps} steps "
+              f"of {config.batch_size} packed rows, mean loss {np.mean(result.losses):.3f}")
+    print(f"[soft-jax] load avg {bench.load_avg()}")
+    refs = time_trl_data(bench, pairs, config, args.trl)
+    for mode, (seconds, steps, loss) in refs.items():
+        unit = "examples" if mode == "padding" else "packed rows"
+        print(f"{'TRL SFTTrainer (' + mode + ')':36s} {seconds:8.2f} s  {tokens * config.epochs / seconds:8.1f} "
+              f"tokens/s  {steps} steps of {config.batch_size} {unit}, mean loss {loss:.3f}")
+    for mode, (seconds, _, _) in refs.items():
+        line = f"ratio TRL {mode} / soft-jax (wall time): cold {seconds / ours[0][0]:.2f}x"
+        if args.warm:
+            line += f", warm {seconds / ours[1][0]:.2f}x"
+        print(line)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=None, help="rows per step (default 8; --data: 2)")
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--data", action="store_true", help="engrave one round's real pairs: soft-jax vs TRL")
+    parser.add_argument("--pairs", default="", help="--data: JSONL of {prompt, response} rows, or 'exemplars' "
+                                                    "(default: benchmarks/round.py's cache, generated if missing)")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--max-prompt-len", type=int, default=192)
+    parser.add_argument("--max-response-len", type=int, default=192)
+    parser.add_argument("--trl", nargs="+", choices=("padding", "packing"), default=["padding", "packing"],
+                        help="--data: the TRL modes to time")
+    parser.add_argument("--warm", action="store_true", help="--data: also time soft-jax with its step compiled")
     args = parser.parse_args()
+    if args.batch is not None and args.batch < 1:
+        parser.error(f"--batch must be at least 1, got {args.batch}")
+    if args.data:
+        return data_main(args)
+    args.batch = args.batch or 8
     rows = make_rows(args.batch, args.seq, 49152)
     tokens = args.batch * args.seq
     print(f"device: {jax.devices()[0].device_kind}; SmolLM2-135M float32; batch {args.batch} x {args.seq}; "

@@ -153,8 +153,9 @@ def _lowerings(cfg: ModelConfig, shapes: Shapes, mesh, train_config: training.Tr
                                       shapes.scan_layers)
         shape = (shapes.grad_accum, shapes.train_rows, shapes.row_len)
         batch_sharding = NamedSharding(mesh, training.BATCH_SPEC)
-        batch = {k: _sds(shape, f32 if k == "weights" else i32, batch_sharding)
-                 for k in ("inputs", "targets", "weights", "segment_ids", "positions")}
+        # loss at every position: the widest loss_rows a run can have (a real round's is at most this)
+        batch = {k: _sds(shape, f32 if k == "loss_weights" else i32, batch_sharding)
+                 for k in ("inputs", "segment_ids", "positions", "loss_at", "loss_targets", "loss_weights")}
         return step.lower(params, opt_state, batch, _replicated(mesh, (), f32))
 
     rows, own = shapes.sample_rows, shapes.own_len

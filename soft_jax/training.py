@@ -116,14 +116,41 @@ def pack(examples: Sequence[Example], row_len: int, pack_rows: bool = True) -> d
 # --- the step -----------------------------------------------------------------------------------
 
 
+def loss_width(epochs: list[dict[str, np.ndarray]], row_len: int) -> int:
+    """How many positions per row the step computes logits at: the most loss-carrying positions of any row,
+    rounded up to an eighth of the row (few distinct compiled shapes across rounds), at most the row."""
+    most = max(int(np.count_nonzero(rows["weights"], axis=1).max(initial=0)) for rows in epochs)
+    step = max(8, row_len // 8)
+    return min(row_len, -(-max(most, 1) // step) * step)
+
+
+def loss_rows(rows: dict[str, np.ndarray], width: int) -> dict[str, np.ndarray]:
+    """pack()'s rows as the step takes them: per row the positions with non-zero loss weight (`loss_at`,
+    padded with 0 to `width`), their targets and weights (0 where padded); inputs, segments, positions as is."""
+    n = rows["inputs"].shape[0]
+    out = {k: rows[k] for k in ("inputs", "segment_ids", "positions")}
+    out["loss_at"], out["loss_targets"] = np.zeros((n, width), np.int32), np.zeros((n, width), np.int32)
+    out["loss_weights"] = np.zeros((n, width), np.float32)
+    for i in range(n):
+        at = np.flatnonzero(rows["weights"][i])
+        if len(at) > width:
+            raise ValueError(f"row {i} has {len(at)} loss positions, more than the width {width}")
+        out["loss_at"][i, :len(at)] = at
+        out["loss_targets"][i, :len(at)] = rows["targets"][i, at]
+        out["loss_weights"][i, :len(at)] = rows["weights"][i, at]
+    return out
+
+
 def loss_sums(model: Llama, batch, remat: bool = False, scan: bool = False) -> tuple[jax.Array, jax.Array]:
-    """(sum of response-token NLL, number of response tokens) for one batch of packed rows."""
+    """(sum of response-token NLL, number of response tokens) for one batch of loss_rows().
+
+    The final norm, the vocabulary matmul and the cross-entropy run only at the `loss_at` positions."""
     logits = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"], remat=remat,
-                   scan=scan)
+                   scan=scan, at=batch["loss_at"])
     # logsumexp - target logit: the same NLL as log_softmax, without a second vocabulary-sized tensor.
-    target = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    target = jnp.take_along_axis(logits, batch["loss_targets"][..., None], axis=-1)[..., 0]
     nll = jax.nn.logsumexp(logits, axis=-1) - target
-    return jnp.sum(nll * batch["weights"]), jnp.sum(batch["weights"])
+    return jnp.sum(nll * batch["loss_weights"]), jnp.sum(batch["loss_weights"])
 
 
 def make_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
@@ -232,7 +259,7 @@ def _train_step(graphdef, tx, layers, mesh, params, opt_state, batch, lr):
 
 
 def _step_body(graphdef, tx, layers, params, opt_state, batch, lr):
-    total = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+    total = jnp.maximum(jnp.sum(batch["loss_weights"]), 1.0)
 
     def micro_loss(p, mb):
         nll, count = loss_sums(nnx.merge(graphdef, p), mb, *layers)
@@ -275,7 +302,7 @@ def epoch_order(n: int, config: TrainConfig, epoch: int) -> np.ndarray:
 
 
 def prepare(tokenizer, pairs: Sequence[tuple], config: TrainConfig):
-    """Rendered examples and the per-epoch packed rows; counts truncation.
+    """Rendered examples and the per-epoch packed rows (as loss_rows, one width for all); counts truncation.
 
     pairs: (prompt, response) or (prompt, response, finished); finished=False trains no end of turn."""
     if not pairs:
@@ -287,7 +314,8 @@ def prepare(tokenizer, pairs: Sequence[tuple], config: TrainConfig):
     stats = (sum(c for _, c, _ in rendered), sum(c for _, _, c in rendered))
     epochs = [pack([examples[i] for i in epoch_order(len(examples), config, e)], config.row_len, config.pack)
               for e in range(config.epochs)]
-    return examples, epochs, stats
+    width = loss_width(epochs, config.row_len)
+    return examples, [loss_rows(rows, width) for rows in epochs], stats
 
 
 def total_steps(epochs: list[dict[str, np.ndarray]], config: TrainConfig) -> int:

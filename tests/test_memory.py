@@ -117,8 +117,8 @@ def test_training_activations_near_xla_buffer_assignment(shape):
     trainer = training.Trainer(init_random(cfg), training.TrainConfig(batch_size=rows, max_prompt_len=seq // 2,
                                                                        max_response_len=seq // 2), total_steps=4)
     z = np.zeros((rows, seq), np.int32)
-    batch = dict(inputs=z, targets=z, segment_ids=z + 1, positions=np.tile(np.arange(seq, dtype=np.int32), (rows, 1)),
-                 weights=np.ones((rows, seq), np.float32))
+    batch = training.loss_rows(dict(inputs=z, targets=z, segment_ids=z + 1, weights=np.ones((rows, seq), np.float32),
+                                    positions=np.tile(np.arange(seq, dtype=np.int32), (rows, 1))), seq)
     stats = trainer._step.lower(trainer.params, trainer.opt_state, trainer.put_batch(batch),
                                 jnp.float32(0.1)).compile().memory_analysis()
     assert stats is not None, "the compiled train step gives no memory analysis on " + jax.devices()[0].platform

@@ -49,12 +49,50 @@ def _examples(tok, config=TrainConfig(max_prompt_len=64, max_response_len=64)):
     return [training.render(tok, p, r, config)[0] for p, r in PAIRS]
 
 
+def _step_rows(rows):
+    """pack()'s rows as the train step takes them (loss positions only), at the width prepare() would pick."""
+    return training.loss_rows(rows, training.loss_width([rows], rows["inputs"].shape[1]))
+
+
+def test_loss_only_at_loss_positions_equals_full_logits(tiny_chat, smollm2_tokenizer):
+    """The step computes logits only where the loss weight is non-zero: its loss and every parameter's gradient
+    equal the full-logits cross-entropy weighted over all positions, packed and padded alike."""
+    model, _ = models.load(tiny_chat, progress=False)
+    graphdef, state = nnx.split(model)
+    examples = _examples(smollm2_tokenizer)
+
+    def full(state, rows):  # every position's logits, the loss weighted by the dense weights
+        logits = nnx.merge(graphdef, state)(rows["inputs"], positions=rows["positions"],
+                                            segment_ids=rows["segment_ids"])
+        nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, rows["targets"][..., None], -1)[..., 0]
+        return jnp.sum(nll * rows["weights"]) / jnp.sum(rows["weights"])
+
+    def selected(state, rows):
+        nll, count = training.loss_sums(nnx.merge(graphdef, state), rows)
+        return nll / count
+
+    for pack_rows in (True, False):
+        rows = training.pack(examples, 256, pack_rows)
+        step_rows = _step_rows(rows)
+        width = step_rows["loss_at"].shape[1]
+        assert width < 256 and width >= np.count_nonzero(rows["weights"], axis=1).max()  # fewer logits, none lost
+        a, ga = jax.value_and_grad(full)(state, jax.tree.map(jnp.asarray, rows))
+        b, gb = jax.value_and_grad(selected)(state, jax.tree.map(jnp.asarray, step_rows))
+        np.testing.assert_allclose(b, a, rtol=1e-6)
+        a, b = _leaves(ga), _leaves(gb)
+        assert sorted(a) == sorted(b)
+        for key in a:
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-8 * max(np.abs(a[key]).max(), 1),
+                                       err_msg=f"pack={pack_rows} {key}")
+
+
 def test_packed_loss_and_gradients_equal_unpacked(tiny_chat, smollm2_tokenizer):
     model, _ = models.load(tiny_chat, progress=False)
     examples = _examples(smollm2_tokenizer)
     packed, unpacked = training.pack(examples, 256), training.pack(examples, 256, pack_rows=False)
     assert packed["inputs"].shape[0] == 1 and unpacked["inputs"].shape[0] == 4
     assert set(np.unique(packed["segment_ids"])) == {0, 1, 2, 3, 4}
+    packed, unpacked = _step_rows(packed), _step_rows(unpacked)
     graphdef, state = nnx.split(model)
 
     def mean_loss(state, rows):
@@ -69,7 +107,7 @@ def test_packed_loss_and_gradients_equal_unpacked(tiny_chat, smollm2_tokenizer):
 
 def test_remat_gives_the_same_gradients(tiny_chat, smollm2_tokenizer):
     model, _ = models.load(tiny_chat, progress=False)
-    rows = jax.tree.map(jnp.asarray, training.pack(_examples(smollm2_tokenizer), 256))
+    rows = jax.tree.map(jnp.asarray, _step_rows(training.pack(_examples(smollm2_tokenizer), 256)))
     graphdef, state = nnx.split(model)
     grads = [jax.grad(lambda s: training.loss_sums(nnx.merge(graphdef, s), rows, remat)[0])(state)
              for remat in (False, True)]
@@ -86,7 +124,7 @@ def test_scanned_layers_give_the_same_loss_and_gradients(tiny_chat, smollm2_toke
     """model.scan_layers runs the layers as one lax.scan over stacked weights: same loss, same gradient of every
     parameter (each layer's own, not a stacked one), with and without remat."""
     model, _ = models.load(tiny_chat, progress=False)
-    rows = jax.tree.map(jnp.asarray, training.pack(_examples(smollm2_tokenizer), 256))
+    rows = jax.tree.map(jnp.asarray, _step_rows(training.pack(_examples(smollm2_tokenizer), 256)))
     graphdef, state = nnx.split(model)
     loss, grads = {}, {}
     for scan in (False, True):

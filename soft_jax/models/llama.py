@@ -216,7 +216,7 @@ class Llama(nnx.Module):
             cfg.hidden_size, cfg.vocab_size, (EMBED, VOCAB), bias=False, cfg=cfg, rngs=rngs)
 
     def __call__(self, input_ids, positions=None, segment_ids=None, attention_mask=None, cache=None,
-                 last_only=False, remat=False, scan=False):
+                 last_only=False, remat=False, scan=False, at=None):
         """Logits for `input_ids` [B, T].
 
         positions: [B, T] RoPE positions; default: 0.. for each row, or from `attention_mask`
@@ -225,6 +225,8 @@ class Llama(nnx.Module):
         cache: a KVCache; the new tokens are written at `cache.index` and (logits, new cache) is
           returned instead of logits.
         last_only: compute logits for the last column only (prefill), shape [B, 1, vocab].
+        at: [B, K] int, compute logits only at these columns of each row, shape [B, K, vocab] (training: the
+          positions that carry loss; the final norm and the vocabulary matmul skip the rest).
         remat: recompute each layer's activations in the backward pass instead of storing them.
         scan: run the layers as one `lax.scan` (without a cache): XLA compiles one layer instead of all of
           them, which keeps a 32-layer 7B's compile time in minutes. Same outputs as the python loop.
@@ -266,7 +268,11 @@ class Llama(nnx.Module):
                 x, (k, v) = layer(x, rope, mask, kv, prefix)
             new_k.append(k)
             new_v.append(v)
-        x = self.norm(x[:, -1:] if last_only else x)
+        if last_only:
+            x = x[:, -1:]
+        elif at is not None:
+            x = constrain(jnp.take_along_axis(x, at[..., None], axis=1), ROWS)
+        x = self.norm(x)
         if self.lm_head is None:  # a 2-D matmul, as in Linear
             logits = jnp.dot(x.reshape(-1, x.shape[-1]), table.astype(cfg.dtype).T)
             logits = constrain(logits.reshape(*x.shape[:-1], -1), (BATCH, LENGTH, VOCAB))
