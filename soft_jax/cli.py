@@ -428,12 +428,29 @@ def _again(argv) -> str:
     return "soft-jax " + shlex.join(sys.argv[1:] if argv is None else argv)
 
 
+def _persistent_compile_cache() -> None:
+    """JAX's persistent compilation cache for every command that runs programs: a later `eval`, a resumed `run`
+    or the next run of the same shapes reads back what an earlier process compiled. $JAX_COMPILATION_CACHE_DIR
+    when set, else $SOFT_JAX_CACHE/jax (~/.cache/soft_jax/jax); SOFT_JAX_COMPILE_CACHE=0 turns it off. Programs
+    that compile in under a second are not stored (JAX's default)."""
+    import jax
+
+    if os.environ.get("SOFT_JAX_COMPILE_CACHE", "1") == "0":
+        jax.config.update("jax_enable_compilation_cache", False)
+    elif not jax.config.jax_compilation_cache_dir:
+        from soft_jax.io_utils import cache_dir
+
+        jax.config.update("jax_compilation_cache_dir", cache_dir("jax"))
+
+
 def main(argv=None) -> int:
     try:
         args, rest = build_parser().parse_known_args(argv)
         if rest and args.command not in ("run", "sweep", "plan"):
             raise UserError(f"unrecognized arguments: {' '.join(rest)} (see `soft-jax {args.command} --help`)")
         args.overrides = rest
+        if args.command in ("run", "sweep", "eval", "generate", "train"):
+            _persistent_compile_cache()
         args.fn(args)
     except UserError as e:
         print(f"soft-jax: error: {e}", file=sys.stderr)

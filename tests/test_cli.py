@@ -178,3 +178,17 @@ def test_plan_refuses_a_run_that_does_not_fit_the_chip():
 ])
 def test_plan_bad_input(extra, needle):
     assert_user_error(run_cli(*PLAN, *extra), needle)
+
+
+def test_commands_keep_a_persistent_compilation_cache(tiny_chat, tmp_path):
+    """`generate` (like `run`, `sweep`, `eval`, `train`) stores its compiled programs in $SOFT_JAX_CACHE/jax when
+    JAX_COMPILATION_CACHE_DIR is not set, so the next process reads them back; SOFT_JAX_COMPILE_CACHE=0 stores none."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Hello"}) + "\n")
+    for switch, cache in (("1", tmp_path / "on"), ("0", tmp_path / "off")):
+        proc = run_cli("generate", "--model", tiny_chat, "--prompts", str(prompts), "--out", str(tmp_path / switch),
+                       "--max-new-tokens", "4", env=dict(JAX_COMPILATION_CACHE_DIR="", SOFT_JAX_CACHE=str(cache),
+                                                         SOFT_JAX_COMPILE_CACHE=switch))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        stored = os.listdir(cache / "jax") if (cache / "jax").is_dir() else []
+        assert (len(stored) >= 2) == (switch == "1"), stored  # the prefill and the decode loop at least
