@@ -17,6 +17,7 @@ On a multi-host run every host reads; only process 0 writes.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -195,7 +196,8 @@ class WorkDir:
                 raise
         distributed.barrier("workdir ready")
         self.metrics = Metrics(self.file(METRICS), self.file(tensorboard_events.DIR), c.validation.metric)
-        return {**NEW_STATE, **read_json(self.file(STATE), {})}
+        # a deep copy: a fresh run appends to its own lists, not to NEW_STATE's (a sweep runs several in one process)
+        return {**copy.deepcopy(NEW_STATE), **read_json(self.file(STATE), {})}
 
     def close(self) -> None:
         if self.metrics:

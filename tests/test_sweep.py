@@ -66,9 +66,11 @@ def test_sweep_equals_individual_runs_shares_round_0_and_resumes(tmp_path, calls
     assert "resume with: soft-jax sweep --config" in err.strip().splitlines()[-1]
     assert "variant 1/2 easy_to_hard" in out and "variant 2/2 random" in out
     assert "round 0 shared from easy_to_hard" in out
-    table = dict(line.split()[1:3] for line in out.splitlines()
-                 if line.startswith("[sweep]") and line.split()[1] in ("easy_to_hard", "random"))
-    assert table == {"easy_to_hard": "done", "random": "stopped"}
+    rows = [line.split() for line in out.splitlines()
+            if line.startswith("[sweep]") and line.split()[1] in ("easy_to_hard", "random")]
+    # variant, state, finished rounds: each run's own (a fresh run's state shares no list with an earlier run's)
+    assert {r[1]: r[2:4] for r in rows} == {"easy_to_hard": ["done", "1"], "random": ["stopped", "-"]}
+    assert "redoing" not in out  # the second variant did not take the first one's rounds for its own
     assert calls["eval"] == [0, 1] and calls["train"] == 2  # the second variant's round 0 was not evaluated
 
     # the rerun skips the finished variant and resumes the stopped one past its saved training
