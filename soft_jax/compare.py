@@ -238,7 +238,7 @@ def markdown(result: dict, plot_names: dict[str, str]) -> str:
             cells = []
             for t in rounds:
                 x = m["values"][name].get(t)
-                cell = "-" if x is None else f"{x:.4f}"
+                cell = "-" if x is None else f"{x:.0f}" if m["key"] in ("kept", "dropped") else f"{x:.4f}"
                 if t in m["diffs"].get(name, {}):
                     cell += " (" + describe(m["diffs"][name][t]) + ")"
                 cells.append(cell)
