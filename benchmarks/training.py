@@ -25,7 +25,6 @@ Needs TRL for --data (`pip install --no-deps trl` and `datasets`; see the README
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -110,27 +109,16 @@ def fail(message):
 
 def read_pairs(path):
     """(prompt, response, finished) of a JSONL file with `prompt` and `response` (train.jsonl, round.py's cache)."""
-    pairs = []
+    from soft_jax.errors import UserError
+    from soft_jax.io_utils import read_jsonl
+
     try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    fail(f"{path}: line {n} is not JSON ({e.msg}); give a JSONL file of {{prompt, response}} rows")
-                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) \
-                        or not isinstance(row.get("response"), str):
-                    fail(f"{path}: line {n} needs string fields `prompt` and `response` (a work dir's "
-                         "rounds/NNN/train.jsonl has them)")
-                pairs.append((row["prompt"], row["response"], bool(row.get("finished", True))))
-    except OSError as e:
-        fail(f"{path}: cannot read it ({e.strerror}); give an existing JSONL file, e.g. a work dir's "
-             "rounds/001/train.jsonl")
-    if not pairs:
+        rows = read_jsonl(path, required=("prompt", "response"))
+    except UserError as e:
+        fail(f"{e} (a work dir's rounds/NNN/train.jsonl has the rows this needs)")
+    if not rows:
         fail(f"{path}: no pairs in it; give a file with at least one {{prompt, response}} row")
-    return pairs
+    return [(str(r["prompt"]), str(r["response"]), bool(r.get("finished", True))) for r in rows]
 
 
 def exemplar_pairs():
@@ -186,6 +174,14 @@ def time_trl_data(bench, pairs, config, modes):
 
     model, tokenizer = bench.hf_load()
     initial = {k: v.clone() for k, v in model.state_dict().items()}
+    # torch's first forward + backward in a process can be much slower than the next (one-time kernel and
+    # allocator set-up; once 20 s vs 4 s for 550 tokens here): one untimed, so it does not fall on the first mode
+    start = time.perf_counter()
+    ids = torch.tensor([tokenizer(bench.chat_text(tokenizer, *pairs[0]))["input_ids"]])
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    model.zero_grad(set_to_none=True)
+    print(f"[TRL] untimed torch warm-up step: {time.perf_counter() - start:.1f} s")
     out = {}
     for mode in modes:
         model.load_state_dict(initial)
@@ -219,6 +215,8 @@ def data_main(args):
     import torch
     import transformers
 
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     model, tokenizer = models.load("smollm2-135m", progress=False)
     tokens = bench.chat_tokens(tokenizer, pairs)
     lengths = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for _, r, _ in pairs]
@@ -262,9 +260,13 @@ def main():
     parser.add_argument("--trl", nargs="+", choices=("padding", "packing"), default=["padding", "packing"],
                         help="--data: the TRL modes to time")
     parser.add_argument("--warm", action="store_true", help="--data: also time soft-jax with its step compiled")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="--data: torch's intra-op threads for TRL (default: torch's own choice; on a loaded CPU 1 "
+                             "can be much faster than 2)")
     args = parser.parse_args()
-    if args.batch is not None and args.batch < 1:
-        parser.error(f"--batch must be at least 1, got {args.batch}")
+    for name in ("batch", "torch_threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.data:
         return data_main(args)
     args.batch = args.batch or 8

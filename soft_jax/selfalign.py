@@ -57,19 +57,21 @@ def generate_batch(run, t: int, b: int, generator, tokenizer, batch: list[dict],
                                               seed=int(seed[1]), return_finish=True)
             for i, a, end in zip(todo, answers, ends):  # the answer's own stop reason is the row's
                 outs[i], forced[i], finish[i] = templates.with_answer_marker(outs[i]) + a, True, end
-    rows = []
-    for p, ex, raw, f, end in zip(batch, shots, outs, forced, finish):
-        thoughts, answer = templates.parse(raw)
-        if answer is None and not ctx.config.require_marker:
-            thoughts, answer = "", templates.parse("\n" + templates.ANSWER + raw)[1]
-        if answer is not None:
-            answer = filters.cut_repeated_sentence(answer)
-        reason = filters.verdict(answer, p["prompt"], ctx, thoughts, end)
-        rows.append({"prompt_id": p["prompt_id"], "prompt": p["prompt"], "input": p["input"],
-                     "category": p.get("category", ""), "exemplar_ids": [e.id for e in ex], "raw": raw,
-                     "finish": end, "thoughts": thoughts, "answer": answer, "forced_answer": f,
-                     "kept": reason is None, "dropped_by": reason})
-    return rows
+    return [judge(p, ex, raw, f, end, ctx) for p, ex, raw, f, end in zip(batch, shots, outs, forced, finish)]
+
+
+def judge(p: dict, shots, raw: str, forced: bool, finish: str, ctx) -> dict:
+    """The generation row of prompt `p`: its raw output parsed into thoughts and answer (a repeated last sentence
+    cut) and the filters' verdict. shots: the exemplars it was shown; finish: why sampling stopped."""
+    thoughts, answer = templates.parse(raw)
+    if answer is None and not ctx.config.require_marker:
+        thoughts, answer = "", templates.parse("\n" + templates.ANSWER + raw)[1]
+    if answer is not None:
+        answer = filters.cut_repeated_sentence(answer)
+    reason = filters.verdict(answer, p["prompt"], ctx, thoughts, finish)
+    return {"prompt_id": p["prompt_id"], "prompt": p["prompt"], "input": p["input"], "category": p.get("category", ""),
+            "exemplar_ids": [e.id for e in shots], "raw": raw, "finish": finish, "thoughts": thoughts,
+            "answer": answer, "forced_answer": forced, "kept": reason is None, "dropped_by": reason}
 
 
 def generate(run, t: int, generator, tokenizer, prompts: list[dict], about: dict) -> tuple[list[dict], dict]:
