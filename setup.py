@@ -45,6 +45,8 @@ setup(
             # libtpu from PyPI: tests compile the programs for TPU slices on this CPU (soft_jax.topology)
             "jax[tpu]>=0.10,<0.11",
         ],
+        # benchmarks/: the references soft-jax is timed against (transformers generate, TRL's SFTTrainer)
+        "bench": ["torch==2.13.0", "accelerate>=1.0,<2", "trl==1.16.0", "datasets>=4.7,<6"],
         # `soft-jax plan` for TPU slices (libtpu; no TPU needed) and NVIDIA GPUs (jax's CUDA plugin; no GPU needed)
         "plan-tpu": ["jax[tpu]>=0.10,<0.11"],
         "plan-gpu": ["jax-cuda12-plugin>=0.10,<0.11", "jax-cuda12-pjrt>=0.10,<0.11"],
