@@ -1,4 +1,20 @@
-"""Shared benchmark inputs: a SOFT-style prompt batch (principles + exemplars prefix, then the question)."""
+"""Shared benchmark inputs: a SOFT-style prompt batch (principles + exemplars prefix, then the question); the
+host's CPU model, printed beside every figure."""
+
+import os
+import platform
+import subprocess
+
+
+def cpu_model() -> str:
+    """`lscpu`'s model name and the logical CPU count (figures move between CPUs of the same size)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown CPU"
+    name = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
+    return f"{name}, {os.cpu_count()} logical CPUs"
+
 
 PRINCIPLES = [
     "Ethical: refuse to help with harm, illegal acts or deception, and say why.",

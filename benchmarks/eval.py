@@ -28,8 +28,11 @@ import time
 
 import numpy as np
 
-from soft_jax import evaluation, models, scoring
-from soft_jax.models.checkpoint import smollm2_path
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import cpu_model  # noqa: E402
+
+from soft_jax import evaluation, models, scoring  # noqa: E402
+from soft_jax.models.checkpoint import smollm2_path  # noqa: E402
 
 MIXED = (("hhh", "dromedary"), ("hhh", "loglik"), ("truthfulqa_mc1", "dromedary"), ("truthfulqa_mc2", "dromedary"))
 
@@ -86,14 +89,6 @@ def reference_logps(hf, tok, contexts, continuations, batch):
     return out
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return "unknown CPU"
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--items", type=int, default=50, help="items per task")
@@ -114,7 +109,7 @@ def main():
     pairs = request_set(tok, args.items)
     contexts, continuations = [c for c, _ in pairs], [k for _, k in pairs]
     tokens = sum(len(tok(c + k, add_special_tokens=False)["input_ids"]) for c, k in pairs)
-    print(f"{cpu_model()}, {os.cpu_count()} cores; {len(pairs)} requests (the first {args.items} items of "
+    print(f"{cpu_model()}; {len(pairs)} requests (the first {args.items} items of "
           f"{', '.join(f'{t} ({p})' for t, p in MIXED)}), {tokens} tokens if each is run whole")
 
     with tempfile.TemporaryDirectory() as cache:

@@ -34,13 +34,14 @@ import argparse
 import contextlib
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 import types
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import cpu_model  # noqa: E402,F401 - training.py reaches it through this module
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo.py")
@@ -49,15 +50,6 @@ PAIRS = os.path.join(CACHE, "round_pairs.jsonl")
 
 
 # --- the shared setup ---------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown CPU"
-    name = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
-    return f"{name}, {os.cpu_count()} logical CPUs"
 
 
 def load_avg() -> str:
