@@ -26,6 +26,7 @@ setup(
         "jinja2>=3.1,<4",
         "gguf>=0.17,<1",
         "tqdm>=4.66,<5",
+        "filelock>=3.12,<4",  # JAX's compilation cache size cap (soft_jax.cli) locks the cache with it
         "matplotlib>=3.9,<4",  # soft-jax report
         "tensorboardX>=2.6.5,<3",  # WORKDIR/tensorboard/ event files without TensorFlow (soft_jax.tensorboard_events)
         # TFDS datasets (array_record) written and read without TensorFlow: soft_jax.data.tfds (4.9.9 and

@@ -428,11 +428,15 @@ def _again(argv) -> str:
     return "soft-jax " + shlex.join(sys.argv[1:] if argv is None else argv)
 
 
+COMPILE_CACHE_BYTES = 8 * 2**30  # a 7B model's programs for a pod slice are tens of MB each
+
+
 def _persistent_compile_cache() -> None:
     """JAX's persistent compilation cache for every command that runs programs: a later `eval`, a resumed `run`
     or the next run of the same shapes reads back what an earlier process compiled. $JAX_COMPILATION_CACHE_DIR
-    when set, else $SOFT_JAX_CACHE/jax (~/.cache/soft_jax/jax); SOFT_JAX_COMPILE_CACHE=0 turns it off. Programs
-    that compile in under a second are not stored (JAX's default)."""
+    when set, else $SOFT_JAX_CACHE/jax (~/.cache/soft_jax/jax), which holds at most COMPILE_CACHE_BYTES (the least
+    recently used programs go first; $JAX_COMPILATION_CACHE_MAX_SIZE wins); SOFT_JAX_COMPILE_CACHE=0 turns it
+    off. Programs that compile in under a second are not stored (JAX's default)."""
     import jax
 
     if os.environ.get("SOFT_JAX_COMPILE_CACHE", "1") == "0":
@@ -441,6 +445,8 @@ def _persistent_compile_cache() -> None:
         from soft_jax.io_utils import cache_dir
 
         jax.config.update("jax_compilation_cache_dir", cache_dir("jax"))
+        if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:  # JAX's default keeps every program forever
+            jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_BYTES)
 
 
 def main(argv=None) -> int:

@@ -15,15 +15,47 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 # every process would load libtpu, print its warnings and contend for its machine-wide lock file.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# One persistent compilation cache for the whole test session: the pytest process, its pytest-xdist workers
-# (they inherit this variable from the controller, which imports this file before it starts them) and every
-# CLI run a test starts, kills and restarts. A program compiled once (the tiny model's train step, prefill,
-# decode, scoring) is read back by every later process instead of compiled again.
+# One persistent compilation cache for the test sessions on this machine, kept between them in
+# $SOFT_JAX_CACHE/jax-tests (~/.cache/soft_jax/jax-tests): the pytest process, its pytest-xdist workers (they
+# inherit this variable from the controller, which imports this file before it starts them) and every CLI run a
+# test starts, kills and restarts read back what any earlier process compiled (the tiny model's train step,
+# prefill, decode, scoring) instead of compiling it again. A program's key holds its HLO, compile options, XLA
+# flags and the jax and jaxlib versions: a changed program compiles afresh, never reads another's entry.
+# SOFT_JAX_TEST_COLD_CACHE=1: a fresh cache for this session only, removed at its end (a first run's times).
+# The controller keeps the shared cache under TEST_CACHE_BYTES (prune_compile_cache).
 os.environ.setdefault("SOFT_JAX_TEST_SESSION", str(os.getpid()))
-JAX_CACHE = os.path.join(tempfile.gettempdir(), f"soft-jax-tests-jax-cache-{os.environ['SOFT_JAX_TEST_SESSION']}")
+TEST_CACHE_BYTES = 2 * 2**30
+COLD_CACHE = os.environ.get("SOFT_JAX_TEST_COLD_CACHE", "0") == "1"
+JAX_CACHE = (os.path.join(tempfile.gettempdir(), f"soft-jax-tests-jax-cache-{os.environ['SOFT_JAX_TEST_SESSION']}")
+             if COLD_CACHE else os.path.join(os.environ.get("SOFT_JAX_CACHE", os.path.expanduser("~/.cache/soft_jax")),
+                                             "jax-tests"))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", JAX_CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def prune_compile_cache(directory: str, limit: int) -> int:
+    """Deletes the least recently read entries of a compilation cache directory until it holds at most half of
+    `limit` bytes, if it holds more than `limit`; returns how many it deleted."""
+    try:
+        entries = [e for e in os.scandir(directory) if e.is_file()]
+    except FileNotFoundError:
+        return 0
+    sizes = {e.path: e.stat() for e in entries}
+    total = sum(st.st_size for st in sizes.values())
+    if total <= limit:
+        return 0
+    deleted = 0
+    for path, st in sorted(sizes.items(), key=lambda kv: kv[1].st_atime):
+        if total <= limit // 2:
+            break
+        try:
+            os.remove(path)
+        except OSError:
+            continue
+        total -= st.st_size
+        deleted += 1
+    return deleted
 
 
 def subprocess_env(**extra) -> dict:
@@ -32,7 +64,7 @@ def subprocess_env(**extra) -> dict:
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if not hasattr(session.config, "workerinput"):  # the controller (or a run without workers): after them all
+    if COLD_CACHE and not hasattr(session.config, "workerinput"):  # the controller (or a run without workers)
         shutil.rmtree(JAX_CACHE, ignore_errors=True)
 
 TINY = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -64,6 +96,8 @@ def pytest_collection_modifyitems(session, config, items):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: loads SmolLM2-135M or downloads data (run in CI too)")
+    if os.environ["JAX_COMPILATION_CACHE_DIR"] == JAX_CACHE and not COLD_CACHE and not hasattr(config, "workerinput"):
+        prune_compile_cache(JAX_CACHE, TEST_CACHE_BYTES)  # the controller, before its workers start
 
 
 def make_tiny_hf(kind: str, out_dir: str, seed: int = 0, **overrides):
@@ -102,10 +136,12 @@ def tiny_llama(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
-    """SmolLM2's tokenizer (with its chat template), built from the embedded GGUF's metadata."""
-    from soft_jax.models.checkpoint import open_source
+    """SmolLM2's tokenizer (with its chat template), built from the embedded GGUF's metadata once per machine and
+    read back from its cache, as the `tiny` preset reads it, without parsing the GGUF again (seconds per worker).
+    test_models checks the built and the cached tokenizer against transformers."""
+    from soft_jax.models import presets
 
-    return open_source("smollm2-135m").tokenizer()
+    return presets._smollm2_tokenizer()
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import TINY, run_cli
+from conftest import TINY, prune_compile_cache, run_cli
 
 
 def assert_user_error(proc, *needles):
@@ -180,15 +180,33 @@ def test_plan_bad_input(extra, needle):
     assert_user_error(run_cli(*PLAN, *extra), needle)
 
 
+def test_the_tests_compilation_cache_is_pruned_least_recently_read_first(tmp_path):
+    """conftest.prune_compile_cache: past the limit, the least recently read entries go until half of it is left."""
+    for i in range(6):  # 100 bytes each; read last at 1000 + 5i mod 6: e0 longest ago, then e5, e4, ...
+        (tmp_path / f"e{i}").write_bytes(b"x" * 100)
+        os.utime(tmp_path / f"e{i}", (1000 + (i * 5) % 6, 1000))
+    assert prune_compile_cache(str(tmp_path), 600) == 0 and len(os.listdir(tmp_path)) == 6
+    assert prune_compile_cache(str(tmp_path), 500) == 4  # 600 > 500: down to 250 bytes or less (200)
+    order = sorted(range(6), key=lambda i: (i * 5) % 6)  # by last read
+    assert sorted(os.listdir(tmp_path)) == sorted(f"e{i}" for i in order[4:])
+
+
 def test_commands_keep_a_persistent_compilation_cache(tiny_chat, tmp_path):
     """`generate` (like `run`, `sweep`, `eval`, `train`) stores its compiled programs in $SOFT_JAX_CACHE/jax when
-    JAX_COMPILATION_CACHE_DIR is not set, so the next process reads them back; SOFT_JAX_COMPILE_CACHE=0 stores none."""
+    JAX_COMPILATION_CACHE_DIR is not set, so the next process reads them back, under a size cap (JAX's
+    least-recently-used bookkeeping: an access-time file per program); JAX_COMPILATION_CACHE_MAX_SIZE replaces
+    the cap (1 byte: nothing fits); SOFT_JAX_COMPILE_CACHE=0 stores none."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "Hello"}) + "\n")
-    for switch, cache in (("1", tmp_path / "on"), ("0", tmp_path / "off")):
-        proc = run_cli("generate", "--model", tiny_chat, "--prompts", str(prompts), "--out", str(tmp_path / switch),
-                       "--max-new-tokens", "4", env=dict(JAX_COMPILATION_CACHE_DIR="", SOFT_JAX_CACHE=str(cache),
-                                                         SOFT_JAX_COMPILE_CACHE=switch))
+    for switch, cache, extra in (("1", tmp_path / "on", {}), ("0", tmp_path / "off", {}),
+                                 ("1", tmp_path / "tiny", {"JAX_COMPILATION_CACHE_MAX_SIZE": "1"})):
+        proc = run_cli("generate", "--model", tiny_chat, "--prompts", str(prompts),
+                       "--out", str(tmp_path / f"{cache.name}.jsonl"), "--max-new-tokens", "4", env=dict(JAX_COMPILATION_CACHE_DIR="", SOFT_JAX_CACHE=str(cache),
+                                                         SOFT_JAX_COMPILE_CACHE=switch, **extra))
         assert proc.returncode == 0, proc.stderr[-2000:]
         stored = os.listdir(cache / "jax") if (cache / "jax").is_dir() else []
-        assert (len(stored) >= 2) == (switch == "1"), stored  # the prefill and the decode loop at least
+        programs = [f for f in stored if f.endswith("-cache")]
+        assert (len(programs) >= 2) == (cache.name == "on"), stored  # the prefill and the decode loop at least
+        if cache.name == "on":
+            assert sorted(f.replace("-cache", "-atime") for f in programs) == sorted(f for f in stored if
+                                                                                 f.endswith("-atime"))
