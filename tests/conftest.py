@@ -85,8 +85,9 @@ TINY_ARCHS = {
 
 # The longest files first: with `-n 2 --dist loadfile` a file runs on one worker, in collection order, so a long
 # file collected late (the SmolLM2 evaluation references take about 10 minutes) would finish alone at the end.
-LONGEST_FIRST = ("test_evaluation.py", "test_distributed.py", "test_faults.py", "test_training.py",
-                 "test_sampling.py", "test_bootstrap.py")
+# Order: worker-seconds per file of a default run with a warm compilation cache (2026-12-02), then the slow set.
+LONGEST_FIRST = ("test_evaluation.py", "test_faults.py", "test_bootstrap.py", "test_distributed.py", "test_cli.py",
+                 "test_sampling.py", "test_training.py", "test_sharding.py", "test_experiments.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
