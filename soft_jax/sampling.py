@@ -284,29 +284,60 @@ def generate_tokens(model: Llama, token_rows: Sequence[Sequence[int]], config: S
 def _generate_batch(model: Llama, token_rows, config: SamplingConfig, stops, rng=None, mesh=None, tokenizer=None
                     ) -> tuple[list[list[int]], list[bool]]:
     """generate_tokens' rows, and for each whether it ended with a stop token."""
+    batch = _start(model, token_rows, config, stops, rng, mesh)
+    _sample(batch, config, tokenizer)
+    return _rows(batch, len(token_rows), stops)
+
+
+@dataclasses.dataclass
+class _Batch:
+    """A batch being sampled, its KV cache on the device: rows can go on sampling in it (_continue)."""
+
+    graphdef: object
+    state: object
+    mesh: object
+    batcher: _Batcher
+    params: tuple  # _decode's (temperature, top_p, top_k, stop ids)
+    ds: DecodeState
+    next_pos: object  # [B] on device: the position of each row's first token of this pass
+    first_pos: np.ndarray  # [B] on host: the same
+    own_len: int  # cache slots before the first sampled token
+    passes: int = 1
+
+
+def _start(model: Llama, token_rows, config: SamplingConfig, stops, rng=None, mesh=None, extra_slots: int = 0
+           ) -> _Batch:
+    """The batch's prompts prefilled (a shared prefix once); room for max_new_tokens + extra_slots more tokens."""
     graphdef, state = nnx.split(model)
     batcher = _Batcher(mesh, config.batch_size)
     n = len(token_rows)
     rows = [list(r) for r in token_rows] + [list(token_rows[0])] * (config.batch_size - n)  # fixed shapes
     shared = _shared_len(rows, config.reuse_prefix)
     own_len = bucket(max(len(r) for r in rows) - shared)
-    cache = _prefill_shared(graphdef, state, model, rows[0][:shared], len(rows), own_len + config.max_new_tokens,
-                            batcher)
+    cache = _prefill_shared(graphdef, state, model, rows[0][:shared], len(rows),
+                            own_len + config.max_new_tokens + extra_slots, batcher)
     ids, seg, positions = _left_pad([r[shared:] for r in rows], own_len)
     ids, seg, positions = batcher.put((ids, seg, positions + shared))
     last, cache = _prefill(graphdef, mesh, state, ids, positions, seg, cache)
     params = (jnp.float32(config.temperature), jnp.float32(config.top_p), jnp.int32(config.top_k),
               jnp.asarray(stops, jnp.int32))
-    next_pos = batcher.put(np.asarray([len(r) for r in rows], np.int32))
+    first_pos = np.asarray([len(r) for r in rows], np.int32)
     rng = jax.random.key(config.seed) if rng is None else rng
     b = len(rows)
     ds = DecodeState(step=jnp.int32(0), cache=cache, logits=last, done=batcher.put(np.zeros(b, bool)),
                      out=batcher.put(np.full((b, config.max_new_tokens), stops[0], np.int32)), rng=rng)
-    # Without stop strings one call decodes everything; with them, chunks let the host stop rows early.
+    return _Batch(graphdef, state, mesh, batcher, params, ds, batcher.put(first_pos), first_pos, own_len)
+
+
+def _sample(b: _Batch, config: SamplingConfig, tokenizer=None) -> None:
+    """Decodes until every row stopped (b.ds updated). Without stop strings one call decodes everything; with
+    them, chunks of STOP_STRING_CHUNK steps let the host stop rows early."""
     chunk = STOP_STRING_CHUNK if (config.stop_strings and tokenizer is not None) else config.max_new_tokens
+    ds = b.ds
     while True:
         until = jnp.int32(min(int(ds.step) + chunk, config.max_new_tokens))
-        ds = _decode(graphdef, mesh, state, ds, next_pos, params, until, config.top_p < 1.0, config.top_k > 0)
+        ds = _decode(b.graphdef, b.mesh, b.state, ds, b.next_pos, b.params, until, config.top_p < 1.0,
+                     config.top_k > 0)
         step, done = int(ds.step), to_host(ds.done).copy()
         if step >= config.max_new_tokens or done.all():
             break
@@ -314,13 +345,58 @@ def _generate_batch(model: Llama, token_rows, config: SamplingConfig, stops, rng
         for i in np.flatnonzero(~done):
             text = tokenizer.decode(out[i, :step], skip_special_tokens=True)
             done[i] = any(stop in text for stop in config.stop_strings)
-        ds = ds.replace(done=batcher.put(done))
+        ds = ds.replace(done=b.batcher.put(done))
+    b.ds = ds
+
+
+def _rows(b: _Batch, n: int, stops) -> tuple[list[list[int]], list[bool]]:
+    """The first n rows' new tokens of the last pass (stop token removed), and whether each ended on one."""
     results, ended = [], []
-    for row in to_host(ds.out)[:n, :int(ds.step)]:
+    for row in to_host(b.ds.out)[:n, :int(b.ds.step)]:
         hits = np.flatnonzero(np.isin(row, stops))
         results.append(row[:hits[0]].tolist() if hits.size else row.tolist())
         ended.append(bool(hits.size))
     return results, ended
+
+
+TAIL_SLOTS = 16  # cache slots for a continued row's new head text (after the sampled tokens it keeps)
+
+
+def _continue(b: _Batch, heads: dict, config: SamplingConfig, rng, tokenizer=None) -> None:
+    """Rows in `heads` (row -> (how many of its sampled tokens it keeps, the token ids that follow them, at most
+    TAIL_SLOTS)) sample max_new_tokens more after those, in the same cache; the other rows stay stopped.
+
+    The slots after a continued row's kept tokens (its stop token, the stop ids written once it was done, tokens
+    its new head drops) leave its attention; the tail is prefilled at the next slots, then decoding goes on."""
+    ds, rows = b.ds, b.ds.out.shape[0]
+    slots = ds.cache.segment_ids.shape[1]
+    kept = np.full(rows, slots, np.int32)
+    base = np.zeros(rows, np.int32)
+    tails = [[] for _ in range(rows)]
+    for i, (k, tail) in heads.items():
+        kept[i], base[i], tails[i] = b.own_len + k, b.first_pos[i] + k, list(tail)
+    kept = b.batcher.put(kept)
+    cache = ds.cache.replace(segment_ids=jnp.where(jnp.arange(slots)[None, :] < kept[:, None],
+                                                   ds.cache.segment_ids, 0))
+    ids, seg, positions = _left_pad(tails, TAIL_SLOTS)
+    ids, seg, positions = b.batcher.put((ids, seg, positions + base[:, None]))
+    last, cache = _prefill(b.graphdef, b.mesh, b.state, ids, positions, seg, cache)
+    first_pos = base + np.asarray([len(t) for t in tails], np.int32)
+    done = np.asarray([i not in heads for i in range(rows)])
+    b.ds = DecodeState(step=jnp.int32(0), cache=cache, logits=last, done=b.batcher.put(done),
+                       out=b.batcher.put(np.full(ds.out.shape, int(b.params[3][0]), np.int32)), rng=rng)
+    b.next_pos, b.first_pos, b.passes = b.batcher.put(first_pos), first_pos, b.passes + 1
+    _sample(b, config, tokenizer)
+
+
+def _kept_tokens(tokenizer, tokens, head: str) -> tuple[int, str]:
+    """(k, rest): the most leading `tokens` whose text begins `head` and leaves some of it (the next token's
+    logits come from prefilling that rest), and the text of `head` after them."""
+    for k in range(len(tokens), -1, -1):
+        text = tokenizer.decode(tokens[:k], skip_special_tokens=True)
+        if head.startswith(text) and len(text) < len(head):
+            return k, head[len(text):]
+    return 0, head
 
 
 def _cut_at_stop_strings(text: str, stop_strings) -> str:
@@ -368,16 +444,73 @@ def generate(model: Llama, tokenizer, prompts: Sequence[str], config: SamplingCo
         key, sub = jax.random.split(key)
         rows, ended = _generate_batch(model, token_rows[lo:lo + config.batch_size], config, stops, rng=sub,
                                       mesh=mesh, tokenizer=tokenizer)
-        for r, eos in zip(rows, ended):
-            text = tokenizer.decode(r, skip_special_tokens=True)
-            cut = _cut_at_stop_strings(text, config.stop_strings) if config.stop_strings else text
-            outputs.append(cut)
-            finishes.append("stop" if len(cut) < len(text) else "eos" if eos else "length")
-            new_tokens += len(r)
+        texts, why = _texts(tokenizer, rows, ended, config)
+        outputs += texts
+        finishes += why
+        new_tokens += sum(len(r) for r in rows)
         bar.update(len(rows))
         bar.set_postfix(tok_per_s=f"{new_tokens / (time.perf_counter() - start):.1f}")
     bar.close()
     return (outputs, finishes) if return_finish else outputs
+
+
+def generate_continued(model: Llama, tokenizer, prompts: Sequence[str], config: SamplingConfig, continue_with,
+                       continue_seed: int, mesh=None) -> tuple[list[str], list[str], list[bool]]:
+    """One batch (len(prompts) <= config.batch_size) sampled as generate() samples it; then every row for which
+    continue_with(completion) gives a new head (text the completion becomes) samples max_new_tokens more after
+    that head, in the same KV cache: the sampled tokens the head keeps are not prefilled again, only the head's
+    new text is (SOFT's forced answer: the thoughts, then the answer marker). continue_seed keys the second pass.
+
+    Returns (completions: head + continuation for continued rows, why each stopped (FINISH_REASONS; the
+    continuation's for continued rows), whether each row was continued)."""
+    stops = config.stop_token_ids or stop_ids(tokenizer, model)
+    if not stops:
+        raise UserError("no stop token: the tokenizer has no eos token; pass stop_token_ids")
+    if mesh is None:
+        config = dataclasses.replace(config, batch_size=min(config.batch_size, len(prompts)))
+    token_rows = [tokenizer(p)["input_ids"] for p in prompts]
+    check_lengths(token_rows, 2 * config.max_new_tokens + TAIL_SLOTS, model.config.max_position_embeddings)
+    _, sub = jax.random.split(jax.random.key(config.seed))  # generate()'s key for its first batch
+    batch = _start(model, token_rows, config, stops, sub, mesh, extra_slots=TAIL_SLOTS + config.max_new_tokens)
+    _sample(batch, config, tokenizer)
+    rows, ended = _rows(batch, len(prompts), stops)
+    completions, finishes = _texts(tokenizer, rows, ended, config)
+    heads, again = {}, {}
+    for i, (tokens, text) in enumerate(zip(rows, completions)):
+        head = continue_with(text)
+        if head is None:
+            continue
+        k, rest = _kept_tokens(tokenizer, tokens, head)
+        tail = tokenizer(rest, add_special_tokens=False)["input_ids"] if rest else []
+        if 0 < len(tail) <= TAIL_SLOTS:
+            heads[i] = (k, tail)
+        else:  # a head that rewrites more than the end of the completion: prefilled afresh below
+            again[i] = head
+        completions[i] = head
+    if heads:
+        _continue(batch, heads, config, jax.random.key(continue_seed), tokenizer)
+        more, why = _texts(tokenizer, *_rows(batch, len(prompts), stops), config)
+        for i in heads:
+            completions[i], finishes[i] = completions[i] + more[i], why[i]
+    if again:
+        rows = sorted(again)
+        more, why = generate(model, tokenizer, [prompts[i] + again[i] for i in rows], config, progress=False,
+                             mesh=mesh, return_finish=True, seed=continue_seed)
+        for i, m, w in zip(rows, more, why):
+            completions[i], finishes[i] = completions[i] + m, w
+    continued = [i in heads or i in again for i in range(len(prompts))]
+    return completions, finishes, continued
+
+
+def _texts(tokenizer, rows, ended, config: SamplingConfig) -> tuple[list[str], list[str]]:
+    """Each row's text, cut at the first stop string, and why it stopped (FINISH_REASONS)."""
+    texts, why = [], []
+    for r, eos in zip(rows, ended):
+        text = tokenizer.decode(r, skip_special_tokens=True)
+        cut = _cut_at_stop_strings(text, config.stop_strings) if config.stop_strings else text
+        texts.append(cut)
+        why.append("stop" if len(cut) < len(text) else "eos" if eos else "length")
+    return texts, why
 
 
 # Scoring lives in soft_jax.scoring; soft_jax.sampling.score (and score_tokens, score_ids) stay as the API other

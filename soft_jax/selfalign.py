@@ -8,6 +8,7 @@ batch or prompt), never by a running stream, so a resumed round samples exactly 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -46,18 +47,23 @@ def generate_batch(run, t: int, b: int, generator, tokenizer, batch: list[dict],
     texts = [templates.self_align_prompt(run.inputs.principles, ex, p["prompt"], p["input"])
              for p, ex in zip(batch, shots)]
     seed = np.random.default_rng([run.c.seed, t, b]).integers(2**31, size=2)
-    outs, finish = sampling.generate(generator, tokenizer, texts, cfg, progress=False, mesh=run.mesh,
-                                     seed=int(seed[0]), return_finish=True)
-    forced = [False] * len(outs)
-    if run.c.sampling.force_answer:  # thoughts that ended without an answer: write the marker, sample it
-        todo = [i for i, o in enumerate(outs) if templates.parse(o)[1] is None and f"\n{templates.USER}" not in o]
-        if todo:
-            heads = [texts[i] + templates.with_answer_marker(outs[i]) for i in todo]
-            answers, ends = sampling.generate(generator, tokenizer, heads, cfg, progress=False, mesh=run.mesh,
-                                              seed=int(seed[1]), return_finish=True)
-            for i, a, end in zip(todo, answers, ends):  # the answer's own stop reason is the row's
-                outs[i], forced[i], finish[i] = templates.with_answer_marker(outs[i]) + a, True, end
+    if run.c.sampling.force_answer:  # thoughts that end without an answer: the marker written, the answer sampled
+        outs, finish, forced = sampling.generate_continued(generator, tokenizer, texts,
+                                                           dataclasses.replace(cfg, seed=int(seed[0])), force_answer,
+                                                           continue_seed=int(seed[1]), mesh=run.mesh)
+    else:
+        outs, finish = sampling.generate(generator, tokenizer, texts, cfg, progress=False, mesh=run.mesh,
+                                         seed=int(seed[0]), return_finish=True)
+        forced = [False] * len(outs)
     return [judge(p, ex, raw, f, end, ctx) for p, ex, raw, f, end in zip(batch, shots, outs, forced, finish)]
+
+
+def force_answer(completion: str) -> str | None:
+    """The head a completion goes on from when its thoughts ended without an answer (None: it has one): the
+    thoughts, then the answer marker (templates.with_answer_marker); the sampled answer follows it."""
+    if templates.parse(completion)[1] is None and f"\n{templates.USER}" not in completion:
+        return templates.with_answer_marker(completion)
+    return None
 
 
 def judge(p: dict, shots, raw: str, forced: bool, finish: str, ctx) -> dict:

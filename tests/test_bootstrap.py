@@ -211,6 +211,23 @@ def test_collapse_guard_keeps_a_later_best_round(tmp_path):
     assert [w.state["comparisons"][t]["verdict"] for t in ("1", "2")] == ["better", "better"]
 
 
+def test_forced_answers_follow_the_thoughts_after_the_marker(tmp_path):
+    """sampling.force_answer: thoughts that end without the answer marker get it written after them and an
+    answer sampled in the same KV cache (sampling.generate_continued); the row says so, parses into those
+    thoughts and that answer, and the answer's own stop reason is the row's."""
+    from soft_jax.data import templates
+
+    w = run("soft_plus.py", tmp_path / "w", "rounds=1", "sampling.force_answer=true", "filters.require_marker=true")
+    gens = w.rows(1, "generations.jsonl")
+    forced = [g for g in gens if g["forced_answer"]]
+    assert len(forced) == len(gens) == 4  # a random tiny model does not write the marker itself
+    for g in forced:
+        thoughts, answer = g["raw"].split(f"\n\n{templates.ANSWER}", 1)
+        assert thoughts == thoughts.rstrip() and templates.parse(g["raw"])[0] == thoughts.strip() == g["thoughts"]
+        assert g["answer"] is not None and answer.strip().startswith(g["answer"].strip())
+        assert g["finish"] in ("eos", "stop", "length")
+
+
 def test_same_config_and_seed_give_identical_round_files(tmp_path):
     a = run("soft_plus.py", tmp_path / "a").files()
     b = run("soft_plus.py", tmp_path / "b").files()

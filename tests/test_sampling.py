@@ -43,6 +43,37 @@ def test_greedy_matches_transformers_generate(tiny_hf):
         assert got == hf_greedy(hf, row, 24)
 
 
+def test_continuing_rows_in_their_kv_cache_equals_sampling_after_their_new_heads(tiny_chat):
+    """generate_continued (SOFT's forced answer): a row whose completion gets a new head samples on in the same KV
+    cache, keeping the sampled tokens that begin the head. Greedy, it gives what sampling afresh after the prompt,
+    those kept tokens and the rest of the head gives. The heads drop the second half of the completion (those
+    slots must leave the row's attention); the row not continued keeps its completion."""
+    import dataclasses
+
+    model, tok = models.load(tiny_chat, progress=False)
+    stops = sampling.stop_ids(tok, model)
+    prompts = ["The cat sat on", "Write three words about the sea and the", "Hello"]
+    config = SamplingConfig(max_new_tokens=12, batch_size=3, temperature=0.0)
+    first = sampling.generate(model, tok, prompts, config, progress=False)
+    tokens = sampling.generate_tokens(model, [tok(p)["input_ids"] for p in prompts], config, stops, tokenizer=tok)
+    assert len(set(first)) == 3, first  # the heads below tell the rows apart by their text
+
+    def head(text):
+        return None if text == first[2] else text[:len(text) // 2] + " Answer:"
+
+    got, why, continued = sampling.generate_continued(model, tok, prompts, config, head, continue_seed=0)
+    assert continued == [True, True, False] and got[2] == first[2]
+    dropped = 0
+    for i in (0, 1):
+        k, rest = sampling._kept_tokens(tok, tokens[i], head(first[i]))
+        dropped += len(tokens[i]) - k
+        row = tok(prompts[i])["input_ids"] + tokens[i][:k] + tok(rest, add_special_tokens=False)["input_ids"]
+        again = sampling.generate_tokens(model, [row], dataclasses.replace(config, batch_size=1), stops)[0]
+        assert got[i] == head(first[i]) + tok.decode(again, skip_special_tokens=True), i
+        assert why[i] == ("eos" if len(again) < config.max_new_tokens else "length")
+    assert dropped >= 4  # the continued rows' caches held sampled tokens their heads dropped
+
+
 def test_prefix_reuse_and_batch_do_not_change_greedy_outputs(tiny_hf):
     kind, path, hf = tiny_hf
     model, _ = models.load(path, progress=False)
