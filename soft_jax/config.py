@@ -56,8 +56,8 @@ def base() -> ml_collections.ConfigDict:
     c.exemplars = dict(path="", k=2, strategy="random", granularity="prompt", fixed_ids=[])
     c.generator = "previous"  # previous (SOFT) | base (ablation: always M0)
     c.sft_start = "continue"  # continue ("step on feet") | reinit (ablation: train M0 on the round's data)
-    # force_answer: when the thoughts end without "Assistant:", append the marker and sample the answer
-    # (small models often stop after their thoughts; Dromedary's 65B did not need this)
+    # force_answer: when the thoughts end without "Assistant:", append the marker and sample the answer, in the
+    # thoughts' own KV cache (small models often stop after their thoughts; Dromedary's 65B did not need this)
     c.sampling = settings.defaults(settings.SamplingConfig, "top_k batch_size", temperature=0.7, top_p=0.95,
                                    max_new_tokens=512, force_answer=False)
     c.filters = dataclasses.asdict(FilterConfig())  # soft_jax.data.filters.FilterConfig documents each

@@ -5,7 +5,8 @@ Generation: the batch's longest common token prefix (the principles + exemplars 
 prefilled once and its KV cache broadcast to every row; each row's own suffix is then prefilled
 left-padded to a power-of-two bucket, and a `lax.while_loop` decodes until every row has stopped.
 The cache is preallocated and donated. Shapes are bucketed so a long prompt list compiles a handful
-of programs.
+of programs. generate_continued lets rows go on after a new head in the same cache (SOFT's forced answer:
+the answer marker after the thoughts), prefilling only the head's new text.
 """
 
 from __future__ import annotations
