@@ -25,6 +25,7 @@ pairs `benchmarks/training.py --data` engraves.
 
     JAX_PLATFORMS=cpu python benchmarks/round.py [--prompts 32] [--max-new-tokens 128] [--trl packing|padding]
     JAX_PLATFORMS=cpu python benchmarks/round.py --prompts 4 --max-new-tokens 16   # smoke run
+    JAX_PLATFORMS=cpu python benchmarks/round.py --repeat 2   # a cold round, then a warm one (programs compiled)
 Needs TRL (`pip install --no-deps trl` and `datasets`; see the README's benchmark line).
 """
 
@@ -385,6 +386,10 @@ def parse_args(argv=None):
                         help="keep answers cut by the token limit (smoke runs with few new tokens; soft-jax trains "
                              "them without the end of turn, TRL's chat template adds it)")
     parser.add_argument("--skip-reference", action="store_true", help="time soft-jax's round only")
+    parser.add_argument("--repeat", type=positive, default=1,
+                        help="run each side's round this many times in the process, from a fresh load of the model "
+                             "(TRL trains it in place) and report each: the first is cold (soft-jax compiles), later "
+                             "ones warm, as round 2 of a run or a rerun with the persistent cache (default 1)")
     parser.add_argument("--torch-threads", type=positive, default=None,
                         help="torch's intra-op threads for the reference (default: torch's own choice). On a CPU other "
                              "jobs load, 1 can be several times faster than 2 (OpenMP threads wait on each other)")
@@ -434,26 +439,34 @@ def main(argv=None):
           f"prompt/response {tr.max_prompt_len}/{tr.max_response_len}, loss on responses only; "
           f"reference SFT: TRL {args.trl}")
 
-    t = time.perf_counter()
-    model, tokenizer = models.load("smollm2-135m", progress=False)
-    print(f"[load] soft-jax model {time.perf_counter() - t:.1f} s (not counted)  load avg {load_avg()}")
-    ours = ours_round(run, model, tokenizer, prompts)
-    describe("soft-jax ", ours, len(prompts))
-    print(f"[soft-jax] done, load avg {load_avg()}")
-    if args.save_pairs and ours["pairs"]:
-        save_pairs(args.save_pairs, ours["pairs"], {"source": "benchmarks/round.py",
-                                                    "max_new_tokens": c.sampling.max_new_tokens})
-        print(f"soft-jax's {len(ours['pairs'])} kept pairs -> {args.save_pairs}")
-    del model
-    ref = None
-    if not args.skip_reference:
+    passes = []
+    for rep in range(args.repeat):
+        label = f" (pass {rep + 1} of {args.repeat}: {'cold' if rep == 0 else 'warm'})" if args.repeat > 1 else ""
         t = time.perf_counter()
-        hf, hf_tok = hf_load()
-        print(f"[load] transformers model {time.perf_counter() - t:.1f} s (not counted)  load avg {load_avg()}")
-        ref = reference_round(run, hf, hf_tok, prompts, args.trl)
-        describe("reference", ref, len(prompts))
-        print(f"[reference] done, load avg {load_avg()}")
-    report(ours, ref)
+        model, tokenizer = models.load("smollm2-135m", progress=False)
+        print(f"[load] soft-jax model {time.perf_counter() - t:.1f} s (not counted)  load avg {load_avg()}")
+        ours = ours_round(run, model, tokenizer, prompts)
+        describe("soft-jax " + label, ours, len(prompts))
+        print(f"[soft-jax] done, load avg {load_avg()}")
+        if rep == 0 and args.save_pairs and ours["pairs"]:
+            save_pairs(args.save_pairs, ours["pairs"], {"source": "benchmarks/round.py",
+                                                        "max_new_tokens": c.sampling.max_new_tokens})
+            print(f"soft-jax's {len(ours['pairs'])} kept pairs -> {args.save_pairs}")
+        del model
+        ref = None
+        if not args.skip_reference:
+            t = time.perf_counter()
+            hf, hf_tok = hf_load()
+            print(f"[load] transformers model {time.perf_counter() - t:.1f} s (not counted)  load avg {load_avg()}")
+            ref = reference_round(run, hf, hf_tok, prompts, args.trl)
+            describe("reference" + label, ref, len(prompts))
+            print(f"[reference] done, load avg {load_avg()}")
+            del hf
+        passes.append((label, ours, ref))
+    for label, ours, ref in passes:
+        if label:
+            print(f"\n== {label.strip(' ()')}")
+        report(ours, ref)
 
 
 if __name__ == "__main__":
