@@ -303,7 +303,6 @@ class _Batch:
     next_pos: object  # [B] on device: the position of each row's first token of this pass
     first_pos: np.ndarray  # [B] on host: the same
     own_len: int  # cache slots before the first sampled token
-    passes: int = 1
 
 
 def _start(model: Llama, token_rows, config: SamplingConfig, stops, rng=None, mesh=None, extra_slots: int = 0
@@ -386,7 +385,7 @@ def _continue(b: _Batch, heads: dict, config: SamplingConfig, rng, tokenizer=Non
     done = np.asarray([i not in heads for i in range(rows)])
     b.ds = DecodeState(step=jnp.int32(0), cache=cache, logits=last, done=b.batcher.put(done),
                        out=b.batcher.put(np.full(ds.out.shape, int(b.params[3][0]), np.int32)), rng=rng)
-    b.next_pos, b.first_pos, b.passes = b.batcher.put(first_pos), first_pos, b.passes + 1
+    b.next_pos, b.first_pos = b.batcher.put(first_pos), first_pos
     _sample(b, config, tokenizer)
 
 
