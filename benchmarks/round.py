@@ -168,12 +168,15 @@ def chat_tokens(tokenizer, pairs) -> int:
 
 
 def ours_generate(run, model, tokenizer, prompts):
-    """Round 1's generation as soft_jax.selfalign.generate runs it, batch by batch (no partial file)."""
+    """Round 1's generation as soft_jax.selfalign.generate runs it, sampling.group_batches batches at a time (no
+    partial file)."""
     from soft_jax import selfalign
 
     cfg, ctx, rows = sampling_config(run.c), filter_context(run), []
-    for b, batch in enumerate(batches(prompts, run.c.sampling.batch_size)):
-        rows += selfalign.generate_batch(run, 1, b, model, tokenizer, batch, cfg, ctx)
+    todo, group = batches(prompts, run.c.sampling.batch_size), run.c.sampling.group_batches
+    for first in range(0, len(todo), group):
+        for one in selfalign.generate_batches(run, 1, first, model, tokenizer, todo[first:first + group], cfg, ctx):
+            rows += one
     return rows
 
 

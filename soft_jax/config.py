@@ -57,9 +57,12 @@ def base() -> ml_collections.ConfigDict:
     c.generator = "previous"  # previous (SOFT) | base (ablation: always M0)
     c.sft_start = "continue"  # continue ("step on feet") | reinit (ablation: train M0 on the round's data)
     # force_answer: when the thoughts end without "Assistant:", append the marker and sample the answer, in the
-    # thoughts' own KV cache (small models often stop after their thoughts; Dromedary's 65B did not need this)
+    # thoughts' own KV cache (small models often stop after their thoughts; Dromedary's 65B did not need this).
+    # group_batches: batches sampled together as one device batch, each with its own exemplars and shared prefix
+    # (what is sampled does not change the method; more rows per decode step is faster where one batch does not
+    # saturate a step: CPU, small models). The random stream is keyed by the group, so it is part of a run's config.
     c.sampling = settings.defaults(settings.SamplingConfig, "top_k batch_size", temperature=0.7, top_p=0.95,
-                                   max_new_tokens=512, force_answer=False)
+                                   max_new_tokens=512, force_answer=False, group_batches=1)
     c.filters = dataclasses.asdict(FilterConfig())  # soft_jax.data.filters.FilterConfig documents each
     # score: response_ppl | response_length | prompt_ppl; order: easy_to_hard | hard_to_easy | random | none
     # across_rounds: none (seeded shuffle) | prompt_ppl | prompt_length: prompts go easy to hard across rounds
@@ -193,6 +196,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         (c.exemplars.k >= 0, f"exemplars.k must be >= 0 (got {c.exemplars.k})"),
         (c.curriculum.across_rounds in ACROSS_ROUNDS, f"curriculum.across_rounds {c.curriculum.across_rounds!r}: "
                                                       f"choose {' | '.join(ACROSS_ROUNDS)}"),
+        (c.sampling.group_batches >= 1, f"sampling.group_batches must be at least 1 (got {c.sampling.group_batches})"),
         (c.validation.patience >= 1, f"validation.patience must be at least 1 (got {c.validation.patience})"),
         (0 <= c.validation.confidence < 1, f"validation.confidence must be in [0, 1) (got {c.validation.confidence})"),
         (c.validation.resamples >= 100, f"validation.resamples must be at least 100 (got {c.validation.resamples})"),

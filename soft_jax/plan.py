@@ -82,6 +82,8 @@ class Shapes:
     score_context: int  # cached context tokens per scored row
     score_len: int  # tokens read per scored row
     keep_base: bool
+    prefix_groups: int = 1  # shared prefixes in a sampling batch (sampling.group_batches)
+    extra_slots: int = 0  # cache slots past the sampled tokens (a forced answer's marker and answer)
 
     @classmethod
     def of_run(cls, c, prompt_tokens: int, prefix_tokens: int) -> "Shapes":
@@ -92,11 +94,13 @@ class Shapes:
         prefix = sampling.bucket(prefix_tokens, "prefix") if prefix_tokens else 0
         return cls(train_rows=t.batch_size // t.grad_accum, grad_accum=t.grad_accum,
                    row_len=t.max_prompt_len + t.max_response_len, remat=t.remat,
-                   scan_layers=c.model.scan_layers, sample_rows=s.batch_size,
+                   scan_layers=c.model.scan_layers, sample_rows=s.batch_size * s.group_batches,
                    prefix_len=prefix, own_len=sampling.bucket(max(1, prompt_tokens - prefix_tokens)),
                    new_tokens=s.max_new_tokens, score_rows=max(c.curriculum.batch_size, c.validation.batch_size),
                    score_context=sampling.bucket(t.max_prompt_len, "cache"),
-                   score_len=sampling.bucket(t.max_response_len, "length"), keep_base=c.rounds > 1)
+                   score_len=sampling.bucket(t.max_response_len, "length"), keep_base=c.rounds > 1,
+                   prefix_groups=s.group_batches,
+                   extra_slots=sampling.TAIL_SLOTS + s.max_new_tokens if s.force_answer else 0)
 
 
 def abstract_model(cfg: ModelConfig):
@@ -117,14 +121,14 @@ def _replicated(mesh, shape, dtype):
     return _sds(shape, dtype, NamedSharding(mesh, PartitionSpec()))
 
 
-def abstract_cache(cfg: ModelConfig, mesh, rows: int, length: int, prefix_len: int = 0) -> KVCache:
-    """A KVCache of ShapeDtypeStructs on the shardings sampling puts caches on."""
+def abstract_cache(cfg: ModelConfig, mesh, rows: int, length: int, prefix_len: int = 0, groups: int = 1) -> KVCache:
+    """A KVCache of ShapeDtypeStructs on the shardings sampling puts caches on (`groups` shared prefixes)."""
     def place(x):
         return _sds(x.shape, x.dtype, sampling.cache_sharding(x, mesh))
 
     shared = None
     if prefix_len:
-        one = jax.eval_shape(lambda: KVCache.init(cfg, 1, prefix_len))
+        one = jax.eval_shape(lambda: KVCache.init(cfg, groups, prefix_len))
         shared = jax.tree.map(place, SharedPrefix(k=one.k, v=one.v, positions=one.positions,
                                                   segment_ids=one.segment_ids))
     cache = jax.eval_shape(lambda: KVCache.init(cfg, rows, length))
@@ -158,20 +162,22 @@ def _lowerings(cfg: ModelConfig, shapes: Shapes, mesh, train_config: training.Tr
                  for k in ("inputs", "segment_ids", "positions", "loss_at", "loss_targets", "loss_weights")}
         return step.lower(params, opt_state, batch, _replicated(mesh, (), f32))
 
-    rows, own = shapes.sample_rows, shapes.own_len
+    rows, own, groups = shapes.sample_rows, shapes.own_len, shapes.prefix_groups
+    slots = own + shapes.new_tokens + shapes.extra_slots
 
     def prefix_prefill():
         length = shapes.prefix_len
-        ids = _replicated(mesh, (1, length), i32)
-        return sampling._prefill.lower(graphdef, mesh, params, ids, ids, ids, abstract_cache(cfg, mesh, 1, length))
+        ids = _replicated(mesh, (groups, length), i32)
+        return sampling._prefill.lower(graphdef, mesh, params, ids, ids, ids,
+                                       abstract_cache(cfg, mesh, groups, length))
 
     def prefill():
         ids = _rows(mesh, (rows, own), i32)
-        cache = abstract_cache(cfg, mesh, rows, own + shapes.new_tokens, shapes.prefix_len)
+        cache = abstract_cache(cfg, mesh, rows, slots, shapes.prefix_len, groups)
         return sampling._prefill.lower(graphdef, mesh, params, ids, ids, ids, cache)
 
     def decode():
-        cache = abstract_cache(cfg, mesh, rows, own + shapes.new_tokens, shapes.prefix_len)
+        cache = abstract_cache(cfg, mesh, rows, slots, shapes.prefix_len, groups)
         key = jax.eval_shape(lambda: jax.random.key(0))
         ds = sampling.DecodeState(step=_replicated(mesh, (), i32), cache=cache,
                                   logits=_rows(mesh, (rows, cfg.vocab_size), f32),
@@ -193,10 +199,10 @@ def _lowerings(cfg: ModelConfig, shapes: Shapes, mesh, train_config: training.Tr
     out = [("train_step", f"{shapes.grad_accum} x {shapes.train_rows} rows x {shapes.row_len} tokens"
             f"{', remat' if shapes.remat else ''}{', scanned' if shapes.scan_layers else ''}", 1 + base, train)]
     if shapes.prefix_len:
-        out.append(("prefix_prefill", f"1 x {shapes.prefix_len} shared tokens", base, prefix_prefill))
+        out.append(("prefix_prefill", f"{groups} x {shapes.prefix_len} shared tokens", base, prefix_prefill))
     out += [("prefill", f"{rows} rows x {own} tokens" + (" after the prefix" if shapes.prefix_len else ""), base,
              prefill),
-            ("decode", f"{rows} rows, cache {own + shapes.new_tokens} slots", base, decode),
+            ("decode", f"{rows} rows, cache {slots} slots", base, decode),
             ("score", f"{shapes.score_rows} rows x {shapes.score_len} tokens after {shapes.score_context}", base,
              score)]
     return out, param_bytes(state, mesh)

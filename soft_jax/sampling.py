@@ -213,11 +213,12 @@ def _left_pad(rows, length):
 
 class _Batcher:
     """Places host arrays on devices: batch-sized arrays split over the mesh's data axes, the rest
-    (a shared prefix, scalars) replicated; without a mesh, on the default device."""
+    (a shared prefix, scalars) replicated; without a mesh, on the default device. batch_size None: every
+    array replicated."""
 
-    def __init__(self, mesh, batch_size: int):
+    def __init__(self, mesh, batch_size: int | None):
         self.mesh, self.batch_size = mesh, batch_size
-        if mesh is not None:
+        if mesh is not None and batch_size is not None:
             shd.check_rows(batch_size, mesh, "the batch size")
 
     def put(self, tree):
@@ -252,30 +253,30 @@ def _shared_len(rows, reuse: bool, cap: int | None = None) -> int:
     return n if n >= MIN_SHARED_PREFIX else 0
 
 
-def _prefill_shared(graphdef, state, model, prefix, batch, length, batcher):
-    """A cache of `length` own slots per row, after `prefix` (if any) prefilled once at batch 1."""
-    shared = _shared_prefix(graphdef, state, model, prefix, batcher)
-    return batcher.put_cache(KVCache.init(model.config, batch, length, prefix=shared))
-
-
-def _shared_prefix(graphdef, state, model, prefix, batcher) -> SharedPrefix | None:
-    """`prefix` prefilled once at batch 1 (None when empty)."""
-    shared = None
-    if len(prefix):
-        padded = bucket(len(prefix), "prefix")
-        ids = np.zeros((1, padded), np.int32)
-        seg = np.zeros((1, padded), np.int32)
-        ids[0, :len(prefix)], seg[0, :len(prefix)] = prefix, 1
-        one = batcher.put_cache(KVCache.init(model.config, 1, padded))
-        _, one = _prefill(graphdef, batcher.mesh, state, *batcher.put(
-            (ids, np.arange(padded, dtype=np.int32)[None], seg)), one)
-        shared = one.as_prefix()
-    return shared
+def _shared_prefix(graphdef, state, model, prefix, batcher, groups: Sequence[Sequence[int]] = ()
+                   ) -> SharedPrefix | None:
+    """`prefix` prefilled once at batch 1 (None when empty); or, given `groups`, each group's prefix (one may be
+    empty) prefilled as one row of a batch of them (None when all are empty)."""
+    prefixes = [list(g) for g in groups] if groups else [list(prefix)]
+    longest = max(map(len, prefixes))
+    if not longest:
+        return None
+    padded = bucket(longest, "prefix")
+    ids = np.zeros((len(prefixes), padded), np.int32)
+    seg = np.zeros((len(prefixes), padded), np.int32)
+    for i, p in enumerate(prefixes):
+        ids[i, :len(p)], seg[i, :len(p)] = p, 1
+    positions = np.broadcast_to(np.arange(padded, dtype=np.int32), ids.shape)
+    rows = _Batcher(batcher.mesh, None)  # replicated: every device holds every group's prefix
+    cache = rows.put_cache(KVCache.init(model.config, len(prefixes), padded))
+    _, cache = _prefill(graphdef, batcher.mesh, state, *rows.put((ids, positions, seg)), cache)
+    return cache.as_prefix()
 
 
 def generate_tokens(model: Llama, token_rows: Sequence[Sequence[int]], config: SamplingConfig, stops,
                     rng=None, mesh=None, tokenizer=None) -> list[list[int]]:
-    """New tokens (stop token removed) for one batch of prompts given as token lists.
+    """New tokens (stop token removed) for prompts given as token lists, sampled as one device batch: in groups of
+    config.batch_size, each group's common prefix prefilled once (_start).
 
     With config.stop_strings and a tokenizer, rows stop early once their text contains a stop string
     (checked every STOP_STRING_CHUNK tokens; the caller cuts the text at the stop string)."""
@@ -287,7 +288,7 @@ def _generate_batch(model: Llama, token_rows, config: SamplingConfig, stops, rng
     """generate_tokens' rows, and for each whether it ended with a stop token."""
     batch = _start(model, token_rows, config, stops, rng, mesh)
     _sample(batch, config, tokenizer)
-    return _rows(batch, len(token_rows), stops)
+    return _rows(batch, stops)
 
 
 @dataclasses.dataclass
@@ -303,21 +304,29 @@ class _Batch:
     next_pos: object  # [B] on device: the position of each row's first token of this pass
     first_pos: np.ndarray  # [B] on host: the same
     own_len: int  # cache slots before the first sampled token
+    index: list  # the batch row of each prompt (groups are padded to the batch size)
 
 
 def _start(model: Llama, token_rows, config: SamplingConfig, stops, rng=None, mesh=None, extra_slots: int = 0
            ) -> _Batch:
-    """The batch's prompts prefilled (a shared prefix once); room for max_new_tokens + extra_slots more tokens."""
+    """The batch's prompts prefilled; room for max_new_tokens + extra_slots more tokens.
+
+    Rows come in groups of config.batch_size (the last may be shorter): each group is padded to batch_size
+    with copies of its first row (fixed shapes), and its common prefix is prefilled once and shared by its rows."""
     graphdef, state = nnx.split(model)
-    batcher = _Batcher(mesh, config.batch_size)
-    n = len(token_rows)
-    rows = [list(r) for r in token_rows] + [list(token_rows[0])] * (config.batch_size - n)  # fixed shapes
-    shared = _shared_len(rows, config.reuse_prefix)
-    own_len = bucket(max(len(r) for r in rows) - shared)
-    cache = _prefill_shared(graphdef, state, model, rows[0][:shared], len(rows),
-                            own_len + config.max_new_tokens + extra_slots, batcher)
-    ids, seg, positions = _left_pad([r[shared:] for r in rows], own_len)
-    ids, seg, positions = batcher.put((ids, seg, positions + shared))
+    size = config.batch_size
+    groups = [[list(r) for r in token_rows[lo:lo + size]] for lo in range(0, len(token_rows), size)]
+    groups = [g + [g[0]] * (size - len(g)) for g in groups]
+    rows = [r for g in groups for r in g]
+    batcher = _Batcher(mesh, len(rows))
+    shared = [_shared_len(g, config.reuse_prefix) for g in groups]
+    own = [r[shared[i // size]:] for i, r in enumerate(rows)]
+    own_len = bucket(max(map(len, own)))
+    prefix = _shared_prefix(graphdef, state, model, (), batcher, [g[0][:n] for g, n in zip(groups, shared)])
+    cache = batcher.put_cache(KVCache.init(model.config, len(rows), own_len + config.max_new_tokens + extra_slots,
+                                           prefix=prefix))
+    ids, seg, positions = _left_pad(own, own_len)
+    ids, seg, positions = batcher.put((ids, seg, positions + np.repeat(shared, size)[:, None]))
     last, cache = _prefill(graphdef, mesh, state, ids, positions, seg, cache)
     params = (jnp.float32(config.temperature), jnp.float32(config.top_p), jnp.int32(config.top_k),
               jnp.asarray(stops, jnp.int32))
@@ -326,7 +335,8 @@ def _start(model: Llama, token_rows, config: SamplingConfig, stops, rng=None, me
     b = len(rows)
     ds = DecodeState(step=jnp.int32(0), cache=cache, logits=last, done=batcher.put(np.zeros(b, bool)),
                      out=batcher.put(np.full((b, config.max_new_tokens), stops[0], np.int32)), rng=rng)
-    return _Batch(graphdef, state, mesh, batcher, params, ds, batcher.put(first_pos), first_pos, own_len)
+    index = [g * size + i for g in range(len(groups)) for i in range(min(size, len(token_rows) - g * size))]
+    return _Batch(graphdef, state, mesh, batcher, params, ds, batcher.put(first_pos), first_pos, own_len, index)
 
 
 def _sample(b: _Batch, config: SamplingConfig, tokenizer=None) -> None:
@@ -349,10 +359,10 @@ def _sample(b: _Batch, config: SamplingConfig, tokenizer=None) -> None:
     b.ds = ds
 
 
-def _rows(b: _Batch, n: int, stops) -> tuple[list[list[int]], list[bool]]:
-    """The first n rows' new tokens of the last pass (stop token removed), and whether each ended on one."""
+def _rows(b: _Batch, stops) -> tuple[list[list[int]], list[bool]]:
+    """Each prompt's new tokens of the last pass (stop token removed), and whether each ended on one."""
     results, ended = [], []
-    for row in to_host(b.ds.out)[:n, :int(b.ds.step)]:
+    for row in to_host(b.ds.out)[b.index, :int(b.ds.step)]:
         hits = np.flatnonzero(np.isin(row, stops))
         results.append(row[:hits[0]].tolist() if hits.size else row.tolist())
         ended.append(bool(hits.size))
@@ -363,8 +373,8 @@ TAIL_SLOTS = 16  # cache slots for a continued row's new head text (after the sa
 
 
 def _continue(b: _Batch, heads: dict, config: SamplingConfig, rng, tokenizer=None) -> None:
-    """Rows in `heads` (row -> (how many of its sampled tokens it keeps, the token ids that follow them, at most
-    TAIL_SLOTS)) sample max_new_tokens more after those, in the same cache; the other rows stay stopped.
+    """Prompts in `heads` (prompt -> (how many of its sampled tokens it keeps, the token ids that follow them, at
+    most TAIL_SLOTS)) sample max_new_tokens more after those, in the same cache; the other rows stay stopped.
 
     The slots after a continued row's kept tokens (its stop token, the stop ids written once it was done, tokens
     its new head drops) leave its attention; the tail is prefilled at the next slots, then decoding goes on."""
@@ -373,6 +383,7 @@ def _continue(b: _Batch, heads: dict, config: SamplingConfig, rng, tokenizer=Non
     kept = np.full(rows, slots, np.int32)
     base = np.zeros(rows, np.int32)
     tails = [[] for _ in range(rows)]
+    heads = {b.index[i]: head for i, head in heads.items()}  # batch row -> head
     for i, (k, tail) in heads.items():
         kept[i], base[i], tails[i] = b.own_len + k, b.first_pos[i] + k, list(tail)
     kept = b.batcher.put(kept)
@@ -456,24 +467,27 @@ def generate(model: Llama, tokenizer, prompts: Sequence[str], config: SamplingCo
 
 def generate_continued(model: Llama, tokenizer, prompts: Sequence[str], config: SamplingConfig, continue_with,
                        continue_seed: int, mesh=None) -> tuple[list[str], list[str], list[bool]]:
-    """One batch (len(prompts) <= config.batch_size) sampled as generate() samples it; then every row for which
-    continue_with(completion) gives a new head (text the completion becomes) samples max_new_tokens more after
-    that head, in the same KV cache: the sampled tokens the head keeps are not prefilled again, only the head's
-    new text is (SOFT's forced answer: the thoughts, then the answer marker). continue_seed keys the second pass.
+    """`prompts` sampled as one device batch: in groups of config.batch_size (a SOFT round's batches, each sharing
+    its principles + exemplars), each group's common prefix prefilled once; one group is sampled as generate()
+    samples it. Then every row for which continue_with(completion) gives a new head (text the completion
+    becomes) samples max_new_tokens more after that head, in the same KV cache: the sampled tokens the head keeps
+    are not prefilled again, only the head's new text is (SOFT's forced answer: the thoughts, then the answer
+    marker). continue_seed keys the second pass. Several groups in one batch decode more rows per step, which is
+    faster where a step is not saturated by one group (CPU, small models).
 
     Returns (completions: head + continuation for continued rows, why each stopped (FINISH_REASONS; the
     continuation's for continued rows), whether each row was continued)."""
     stops = config.stop_token_ids or stop_ids(tokenizer, model)
     if not stops:
         raise UserError("no stop token: the tokenizer has no eos token; pass stop_token_ids")
-    if mesh is None:
-        config = dataclasses.replace(config, batch_size=min(config.batch_size, len(prompts)))
+    if mesh is None and len(prompts) <= config.batch_size:
+        config = dataclasses.replace(config, batch_size=len(prompts))
     token_rows = [tokenizer(p)["input_ids"] for p in prompts]
     check_lengths(token_rows, 2 * config.max_new_tokens + TAIL_SLOTS, model.config.max_position_embeddings)
     _, sub = jax.random.split(jax.random.key(config.seed))  # generate()'s key for its first batch
     batch = _start(model, token_rows, config, stops, sub, mesh, extra_slots=TAIL_SLOTS + config.max_new_tokens)
     _sample(batch, config, tokenizer)
-    rows, ended = _rows(batch, len(prompts), stops)
+    rows, ended = _rows(batch, stops)
     completions, finishes = _texts(tokenizer, rows, ended, config)
     heads, again = {}, {}
     for i, (tokens, text) in enumerate(zip(rows, completions)):
@@ -489,7 +503,7 @@ def generate_continued(model: Llama, tokenizer, prompts: Sequence[str], config: 
         completions[i] = head
     if heads:
         _continue(batch, heads, config, jax.random.key(continue_seed), tokenizer)
-        more, why = _texts(tokenizer, *_rows(batch, len(prompts), stops), config)
+        more, why = _texts(tokenizer, *_rows(batch, stops), config)
         for i in heads:
             completions[i], finishes[i] = completions[i] + more[i], why[i]
     if again:

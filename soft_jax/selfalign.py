@@ -1,9 +1,12 @@
 """A round's self-aligned generation (METHOD.md): self-align prompts -> samples -> parsed, cut and filtered.
 
 Each prompt gets its own k exemplars (or a batch shares one draw, or the fixed set); the principles are one
-shared prefix per batch, prefilled once by the sampler. Generation resumes at batch granularity: each finished
-batch is one line of a partial file (a torn last line is dropped). Random draws are keyed by (seed, round,
-batch or prompt), never by a running stream, so a resumed round samples exactly what an uninterrupted one does.
+shared prefix per batch, prefilled once by the sampler. sampling.group_batches batches are sampled together as
+one device batch (each with its own shared prefix): more rows per decode step. Generation resumes at the
+granularity of such a group: each finished batch is one line of a partial file (a torn last line is dropped),
+and a group with a batch missing is sampled again whole. Random draws are keyed by (seed, round, batch or
+prompt; the group's first batch for sampling), never by a running stream, so a resumed round samples exactly
+what an uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -43,7 +46,15 @@ def shown(rows: list[dict], exemplars: list[data.Exemplar]) -> dict:
 
 def generate_batch(run, t: int, b: int, generator, tokenizer, batch: list[dict], cfg, ctx) -> list[dict]:
     """Round t's batch b: self-aligned outputs, parsed and judged by the filters (one row per prompt)."""
-    shots = [exemplars_for(run, t, b, p) for p in batch]
+    return generate_batches(run, t, b, generator, tokenizer, [batch], cfg, ctx)[0]
+
+
+def generate_batches(run, t: int, b: int, generator, tokenizer, batches: list[list[dict]], cfg, ctx
+                     ) -> list[list[dict]]:
+    """Round t's batches b, b + 1, ... sampled together as one device batch (each with its own exemplars and
+    shared prefix; every batch but the last has cfg.batch_size prompts): each batch's generation rows."""
+    shots = [exemplars_for(run, t, b + i, p) for i, batch in enumerate(batches) for p in batch]
+    batch = [p for one in batches for p in one]
     texts = [templates.self_align_prompt(run.inputs.principles, ex, p["prompt"], p["input"])
              for p, ex in zip(batch, shots)]
     seed = np.random.default_rng([run.c.seed, t, b]).integers(2**31, size=2)
@@ -55,7 +66,9 @@ def generate_batch(run, t: int, b: int, generator, tokenizer, batch: list[dict],
         outs, finish = sampling.generate(generator, tokenizer, texts, cfg, progress=False, mesh=run.mesh,
                                          seed=int(seed[0]), return_finish=True)
         forced = [False] * len(outs)
-    return [judge(p, ex, raw, f, end, ctx) for p, ex, raw, f, end in zip(batch, shots, outs, forced, finish)]
+    rows = [judge(p, ex, raw, f, end, ctx) for p, ex, raw, f, end in zip(batch, shots, outs, forced, finish)]
+    starts = np.cumsum([0] + [len(one) for one in batches])
+    return [rows[lo:hi] for lo, hi in zip(starts[:-1], starts[1:])]
 
 
 def force_answer(completion: str) -> str | None:
@@ -89,22 +102,24 @@ def generate(run, t: int, generator, tokenizer, prompts: list[dict], about: dict
     cfg = settings.SamplingConfig(**settings.fields(settings.SamplingConfig, s), stop_strings=templates.STOP_STRINGS)
     ctx = filters.Context(run.inputs.exemplars, run.inputs.principles, filters.FilterConfig(**run.c.filters.to_dict()))
     n_batches = math.ceil(len(prompts) / s.batch_size)
+    group = s.group_batches
     bar = tqdm(total=len(prompts), desc=f"round {t} generating", unit="prompt", disable=not run.progress)
-    bar.update(sum(len(r) for r in done.values()))
     t0, new_tokens = time.perf_counter(), 0
     try:  # a stop or an error closes the bar first, so the message after it starts on its own line
-        for b in range(n_batches):
-            if b in done:
+        for first in range(0, n_batches, group):
+            ids = range(first, min(first + group, n_batches))
+            batches = [prompts[b * s.batch_size:(b + 1) * s.batch_size] for b in ids]
+            if all(b in done for b in ids):
+                bar.update(sum(map(len, batches)))
                 continue
-            batch = prompts[b * s.batch_size:(b + 1) * s.batch_size]
-            rows = generate_batch(run, t, b, generator, tokenizer, batch, cfg, ctx)
-            new_tokens += sum(len(tokenizer(r["raw"], add_special_tokens=False)["input_ids"]) for r in rows)
-            append_line(partial, {"batch": b, "rows": rows})
-            done[b] = rows
-            bar.update(len(rows))
+            for b, rows in zip(ids, generate_batches(run, t, first, generator, tokenizer, batches, cfg, ctx)):
+                new_tokens += sum(len(tokenizer(r["raw"], add_special_tokens=False)["input_ids"]) for r in rows)
+                append_line(partial, {"batch": b, "rows": rows})
+                done[b] = rows
+                bar.update(len(rows))
             bar.set_postfix(tok_per_s=f"{new_tokens / (time.perf_counter() - t0):.1f}")
-            faults.point(f"generate_r{t}_b{b}")
-            preemption.check(f"round {t} generation batch {b + 1} of {n_batches}")
+            faults.point(f"generate_r{t}_b{ids[-1]}")
+            preemption.check(f"round {t} generation batch {ids[-1] + 1} of {n_batches}")
     finally:
         bar.close()
     rows = [r for b in range(n_batches) for r in done[b]]

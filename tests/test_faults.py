@@ -144,6 +144,29 @@ def run_in_process(workdir, capsys, *extra, env=None, monkeypatch=None):
     return code, capsys.readouterr()
 
 
+def test_a_group_of_batches_cut_between_its_lines_is_sampled_again_whole(tmp_path, tiny_base):
+    """sampling.group_batches=2: a round's two generation batches are sampled as one device batch and appended as
+    two lines. A kill inside the second line's write leaves the first batch alone in the partial file: the rerun
+    samples the group again whole (its random stream is the group's, not the batch's) and ends with the
+    uninterrupted run's artifacts."""
+    extra = (*EXTRA, "sampling.group_batches=2")
+    ref, trace = tmp_path / "ref", tmp_path / "trace"
+    p = run_cli(ref, extra, {"SOFT_JAX_TRACE": str(trace)})
+    assert p.returncode == 0, p.stderr[-2000:]
+    points = trace.read_text().split()
+    appends = [i for i, name in enumerate(points) if name == "append:generations.partial.jsonl"]
+    assert len(appends) == 4  # two rounds, two batches each, one group per round
+    w = tmp_path / "w"
+    p = run_cli(w, extra, {"SOFT_JAX_KILL_AFTER": str(appends[1] + 1)})
+    assert p.returncode == -9, p.stderr[-2000:]
+    partial = [json.loads(line) for line in open(w / "rounds" / "001" / "generations.partial.jsonl")
+               if line.endswith("\n")]
+    assert [b["batch"] for b in partial] == [0]
+    p = run_cli(w, extra)
+    assert p.returncode == 0, p.stderr[-2000:]
+    same_artifacts(Workdir(str(w)), Workdir(str(ref)), tiny_base)
+
+
 def test_disk_full_stops_cleanly_and_a_rerun_finishes(tmp_path, reference, tiny_base, capsys, monkeypatch):
     """"No space left on device" while writing a generation batch, a round checkpoint and the run state: each
     time one line and exit 1, the finished work intact; rerun with space, the run finishes as if nothing

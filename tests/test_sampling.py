@@ -43,7 +43,8 @@ def test_greedy_matches_transformers_generate(tiny_hf):
         assert got == hf_greedy(hf, row, 24)
 
 
-def test_continuing_rows_in_their_kv_cache_equals_sampling_after_their_new_heads(tiny_chat):
+@pytest.mark.parametrize("batch_size", [3, 2])  # 2: the prompts decode as two groups, the second padded
+def test_continuing_rows_in_their_kv_cache_equals_sampling_after_their_new_heads(tiny_chat, batch_size):
     """generate_continued (SOFT's forced answer): a row whose completion gets a new head samples on in the same KV
     cache, keeping the sampled tokens that begin the head. Greedy, it gives what sampling afresh after the prompt,
     those kept tokens and the rest of the head gives. The heads drop the second half of the completion (those
@@ -53,7 +54,7 @@ def test_continuing_rows_in_their_kv_cache_equals_sampling_after_their_new_heads
     model, tok = models.load(tiny_chat, progress=False)
     stops = sampling.stop_ids(tok, model)
     prompts = ["The cat sat on", "Write three words about the sea and the", "Hello"]
-    config = SamplingConfig(max_new_tokens=12, batch_size=3, temperature=0.0)
+    config = SamplingConfig(max_new_tokens=12, batch_size=batch_size, temperature=0.0)
     first = sampling.generate(model, tok, prompts, config, progress=False)
     tokens = sampling.generate_tokens(model, [tok(p)["input_ids"] for p in prompts], config, stops, tokenizer=tok)
     assert len(set(first)) == 3, first  # the heads below tell the rows apart by their text
@@ -85,6 +86,26 @@ def test_prefix_reuse_and_batch_do_not_change_greedy_outputs(tiny_hf):
     alone = [sampling.generate_tokens(model, [r], SamplingConfig(max_new_tokens=16, batch_size=1), (EOS,))[0]
              for r in rows]
     assert reused == plain == alone
+
+
+def test_groups_with_their_own_prefixes_decode_together_as_each_row_alone(tiny_hf):
+    """A device batch of several groups (a SOFT round's batches, each with its own exemplars): each group's common
+    prefix is prefilled once and only its own rows attend to it. Greedy, every row gives what it gives alone."""
+    kind, path, hf = tiny_hf
+    model, _ = models.load(path, progress=False)
+    vocab = hf.config.vocab_size
+    groups = [prompts_with_shared_prefix(vocab, n=3, prefix=40, seed=1),
+              prompts_with_shared_prefix(vocab, n=3, prefix=70, seed=2),
+              prompts_with_shared_prefix(vocab, n=1, prefix=5, seed=3)]  # short: padded, nothing shared
+    rows = [r for g in groups for r in g]
+    config = SamplingConfig(max_new_tokens=16, batch_size=3)
+    batch = sampling._start(model, rows, config, (EOS,))
+    shared = np.asarray(batch.ds.cache.prefix.segment_ids).sum(axis=1)
+    assert shared.tolist() == [40, 70, 0] and batch.index == [0, 1, 2, 3, 4, 5, 6]
+    together = sampling.generate_tokens(model, rows, config, (EOS,))
+    alone = [sampling.generate_tokens(model, [r], SamplingConfig(max_new_tokens=16, batch_size=1), (EOS,))[0]
+             for r in rows]
+    assert together == alone
 
 
 def test_cached_decoding_equals_full_forward(tiny_hf):

@@ -73,10 +73,11 @@ def apply_rope(x, rope):
 
 @struct.dataclass
 class SharedPrefix:
-    """Keys and values of a prefix every row shares (the principles + exemplars), stored once.
+    """Keys and values of a prefix rows share (the principles + exemplars), stored once per group of rows.
 
-    k, v: per layer [1, P, KV_HEADS, D]; positions, segment_ids: [1, P] (segment 0 = padding).
-    Every row attends to it as if it were its own first P tokens, without P x batch copies in memory.
+    k, v: per layer [G, P, KV_HEADS, D]; positions, segment_ids: [G, P] (segment 0 = padding). G groups of
+    consecutive rows (B / G each; G = 1: the whole batch): every row attends to its group's prefix as if it were
+    its own first P tokens, without P x rows copies in memory.
     """
 
     k: tuple
@@ -87,6 +88,14 @@ class SharedPrefix:
     @property
     def length(self) -> int:
         return self.positions.shape[1]
+
+    @property
+    def groups(self) -> int:
+        return self.positions.shape[0]
+
+    def per_row(self, x, rows: int):
+        """A per-group array [G, ...] repeated for each of `rows` rows [rows, ...]."""
+        return jnp.repeat(x, rows // self.groups, axis=0)
 
 
 @struct.dataclass
@@ -116,7 +125,7 @@ class KVCache:
                    prefix=prefix)
 
     def as_prefix(self) -> SharedPrefix:
-        """This (batch-1) cache's filled slots as a SharedPrefix."""
+        """This cache's filled slots as a SharedPrefix (a row per group)."""
         return SharedPrefix(k=self.k, v=self.v, positions=self.positions, segment_ids=self.segment_ids)
 
 
@@ -141,7 +150,7 @@ class Attention(nnx.Module):
     def __call__(self, x, rope, mask, kv=None, prefix=None):
         """rope: (cos, sin); mask: [B, T, S] over the keys (this call's tokens, or the whole cache);
         kv: None, or (k_cache, v_cache, index) of this layer's cache, written at index;
-        prefix: None, or (k, v, mask [B, T, P]) of a shared batch-1 prefix for this layer."""
+        prefix: None, or (k, v, mask [B, T, P]) of this layer's shared prefix, a row per group of rows."""
         b, t, _ = x.shape
         g = self.num_heads // self.num_kv_heads
         heads = lambda y, n, axis: constrain(y.reshape(b, t, n, self.head_dim), (BATCH, LENGTH, axis, None))
@@ -156,23 +165,28 @@ class Attention(nnx.Module):
             values = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
             keys, values = (constrain(c, (BATCH, LENGTH, KV_HEADS, None)) for c in (keys, values))
         q = constrain(q.reshape(b, t, self.num_kv_heads, g, self.head_dim), (BATCH, LENGTH, KV_HEADS, None, None))
-        scores = self._scores(q, keys, mask, "bskd")
-        if prefix is not None:  # the shared prefix's keys have batch 1: one copy serves every row
+        scores = self._masked(jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(q.dtype),
+                                         preferred_element_type=jnp.float32), mask)
+        if prefix is not None:  # one copy of a group's prefix keys serves each of its rows
             pk, pv, p_mask = prefix
-            scores = jnp.concatenate([self._scores(q, pk[0], p_mask, "skd"), scores], axis=-1)
+            groups, n = pk.shape[:2]
+            grouped = lambda y: y.reshape(groups, b // groups, *y.shape[1:])
+            p_scores = jnp.einsum("grtkhd,gskd->grkhts", grouped(q), pk.astype(q.dtype),
+                                  preferred_element_type=jnp.float32)
+            scores = jnp.concatenate([self._masked(p_scores.reshape(b, *scores.shape[1:-1], n), p_mask), scores],
+                                     axis=-1)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         if prefix is not None:
-            n = pk.shape[1]
-            out = jnp.einsum("bkgts,skd->btkgd", probs[..., :n], pv[0].astype(q.dtype))
+            out = jnp.einsum("grkhts,gskd->grtkhd", grouped(probs[..., :n]), pv.astype(q.dtype)).reshape(
+                b, t, self.num_kv_heads, g, self.head_dim)
             out += jnp.einsum("bkgts,bskd->btkgd", probs[..., n:], values.astype(q.dtype))
         else:
             out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(q.dtype))
         out = constrain(out.reshape(b, t, self.num_heads * self.head_dim), (BATCH, LENGTH, HEADS))
         return self.o_proj(out), (keys, values)
 
-    def _scores(self, q, keys, mask, key_layout):
-        """Masked float32 attention scores [B, KV_HEADS, G, T, S]."""
-        scores = jnp.einsum(f"btkgd,{key_layout}->bkgts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
+    def _masked(self, scores, mask):
+        """Float32 attention scores [B, KV_HEADS, G, T, S] scaled, -inf-like where `mask` [B, T, S] is False."""
         scores = constrain(scores * (self.head_dim ** -0.5), (BATCH, KV_HEADS, None, LENGTH, None))
         return jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
 
@@ -255,8 +269,8 @@ class Llama(nnx.Module):
         mask = constrain(make_mask(positions, segment_ids, k_pos, k_seg, window), (BATCH, LENGTH, None))
         shared = None if cache is None else cache.prefix
         if shared is not None:
-            p_mask = make_mask(positions, segment_ids, jnp.broadcast_to(shared.positions, (b, shared.length)),
-                                    jnp.broadcast_to(shared.segment_ids, (b, shared.length)), window)
+            p_mask = make_mask(positions, segment_ids, shared.per_row(shared.positions, b),
+                               shared.per_row(shared.segment_ids, b), window)
         if scan and cache is None:
             x = self._scanned_layers(x, rope, mask, remat)
         for i, layer in enumerate(() if scan and cache is None else self.layers):
@@ -307,7 +321,9 @@ def default_positions(segment_ids, cache=None):
     if cache is not None:
         positions = positions + jnp.sum(cache.segment_ids != 0, axis=1, keepdims=True)
         if cache.prefix is not None:
-            positions = positions + jnp.sum(cache.prefix.segment_ids != 0, axis=1, keepdims=True)
+            prefix = cache.prefix
+            positions = positions + prefix.per_row(jnp.sum(prefix.segment_ids != 0, axis=1, keepdims=True),
+                                                   positions.shape[0])
     return positions
 
 
