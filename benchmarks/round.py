@@ -58,7 +58,7 @@ def load_avg() -> str:
 
 
 def round_config(prompts: int, max_new_tokens: int, batch_size: int, k: int, granularity: str,
-                 keep_truncated: bool = False):
+                 keep_truncated: bool = False, group_batches: int | None = None):
     """configs/demo.py for one round of `prompts` prompts, SFT for 1 epoch, nothing evaluated."""
     from soft_jax import config
 
@@ -66,6 +66,8 @@ def round_config(prompts: int, max_new_tokens: int, batch_size: int, k: int, gra
                  f"sampling.batch_size={batch_size}", f"exemplars.k={k}", f"exemplars.granularity={granularity}",
                  "train.epochs=1", "eval.tasks=", "open_ended.limit=0", "check_contamination=false",
                  "curriculum.across_rounds=none", "progress=false", f"filters.keep_truncated={keep_truncated}"]
+    if group_batches is not None:  # else the demo's
+        overrides.append(f"sampling.group_batches={group_batches}")
     return config.load(DEMO, overrides)
 
 
@@ -242,12 +244,14 @@ def hf_generate(model, tokenizer, texts, s, stop_strings):
     return texts_out, finish
 
 
-def hf_generate_batch(run, model, tokenizer, b, batch, s, ctx, clock):
-    """soft_jax.selfalign.generate_batch's work with transformers generate; parsing and filters are soft_jax's."""
+def hf_generate_batches(run, model, tokenizer, first, batches, s, ctx, clock):
+    """soft_jax.selfalign.generate_batches' work with transformers generate (the batches as one `generate` batch,
+    left-padded); parsing and filters are soft_jax's."""
     from soft_jax import selfalign
     from soft_jax.data import templates
 
-    shots = [selfalign.exemplars_for(run, 1, b, p) for p in batch]
+    shots = [selfalign.exemplars_for(run, 1, first + i, p) for i, one in enumerate(batches) for p in one]
+    batch = [p for one in batches for p in one]
     texts = [templates.self_align_prompt(run.inputs.principles, ex, p["prompt"], p["input"])
              for p, ex in zip(batch, shots)]
     outs, finish = hf_generate(model, tokenizer, texts, s, templates.STOP_STRINGS)
@@ -304,9 +308,9 @@ def reference_round(run, model, tokenizer, prompts, mode: str) -> dict:
     s, ctx, clock = sampling_config(run.c), filter_context(run), Clock()
     torch.manual_seed(run.c.seed)
     t0 = time.perf_counter()
-    rows = []
-    for b, batch in enumerate(batches(prompts, run.c.sampling.batch_size)):
-        rows += hf_generate_batch(run, model, tokenizer, b, batch, s, ctx, clock)
+    rows, todo, group = [], batches(prompts, run.c.sampling.batch_size), run.c.sampling.group_batches
+    for first in range(0, len(todo), group):
+        rows += hf_generate_batches(run, model, tokenizer, first, todo[first:first + group], s, ctx, clock)
     gen_filter = time.perf_counter() - t0
     pairs = kept_pairs(rows)
     t1 = time.perf_counter()
@@ -384,6 +388,8 @@ def parse_args(argv=None):
     parser.add_argument("--k", type=int, default=2, help="exemplars per self-align prompt (default 2)")
     parser.add_argument("--exemplars", choices=("batch", "prompt"), default="batch",
                         help="one exemplar draw per batch (configs/demo.py) or per prompt (the paper configs)")
+    parser.add_argument("--group-batches", type=positive, default=None,
+                        help="batches generated together as one batch, on both sides (default: configs/demo.py's, 4)")
     parser.add_argument("--trl", choices=("packing", "padding"), default="packing", help="the reference's SFT mode")
     parser.add_argument("--keep-truncated", action="store_true",
                         help="keep answers cut by the token limit (smoke runs with few new tokens; soft-jax trains "
@@ -410,7 +416,7 @@ def main(argv=None):
 
     try:
         c = round_config(args.prompts, args.max_new_tokens, args.batch_size, args.k, args.exemplars,
-                         args.keep_truncated)
+                         args.keep_truncated, args.group_batches)
         run, prompts = round_setup(c)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -437,7 +443,8 @@ def main(argv=None):
           + ("" if args.skip_reference else f", trl {sys.modules['trl'].__version__}") + f"; load avg {load_avg()}")
     print(f"round: {len(prompts)} prompts of the built-in pool; k={c.exemplars.k} exemplars per "
           f"{c.exemplars.granularity}; sampling T={c.sampling.temperature} top-p={c.sampling.top_p}, "
-          f"{c.sampling.max_new_tokens} new tokens, batch {c.sampling.batch_size}, force_answer "
+          f"{c.sampling.max_new_tokens} new tokens, batch {c.sampling.batch_size} ({c.sampling.group_batches} "
+          f"batches a device batch on both sides), force_answer "
           f"{c.sampling.force_answer}; SFT {tr.epochs} epoch, lr {tr.learning_rate}, batch {tr.batch_size}, max "
           f"prompt/response {tr.max_prompt_len}/{tr.max_response_len}, loss on responses only; "
           f"reference SFT: TRL {args.trl}")

@@ -274,7 +274,8 @@ def expected_tokens(name: str, shapes: Shapes, mesh) -> int:
     """The tokens per device `mlp_tokens` should find: the program's rows split over data x fsdp."""
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     share = lambda rows: rows // dp if rows % dp == 0 else rows  # noqa: E731
-    return {"train_step": share(shapes.train_rows) * shapes.row_len, "prefix_prefill": shapes.prefix_len,
+    return {"train_step": share(shapes.train_rows) * shapes.row_len,
+            "prefix_prefill": share(shapes.prefix_groups) * shapes.prefix_len,
             "prefill": share(shapes.sample_rows) * shapes.own_len, "decode": share(shapes.sample_rows),
             "score": share(shapes.score_rows) * shapes.score_len}[name]
 

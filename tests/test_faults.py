@@ -13,7 +13,7 @@ import pytest
 from conftest import assert_params_close, subprocess_env
 from test_bootstrap import CONFIGS, RUN, TINY, Workdir, check_common, round_params, run, run_cli
 
-from soft_jax import bootstrap, io_utils, round_eval, workdir
+from soft_jax import io_utils, round_eval, workdir
 from soft_jax.cli import main
 
 # two generation batches per round, training-step checkpoints every 2 steps: stops land inside phases too

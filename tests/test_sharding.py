@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -39,9 +38,9 @@ EXPECTED_SPECS = {
 }
 
 
-def check_programs(programs, mesh) -> dict:
+def check_programs(programs, mesh, shapes=SHAPES) -> dict:
     """name -> (tokens per device in its MLP, the device's share of the batch)."""
-    return {p.name: (plan.mlp_tokens(p, CFG, mesh), plan.expected_tokens(p.name, SHAPES, mesh)) for p in programs}
+    return {p.name: (plan.mlp_tokens(p, CFG, mesh), plan.expected_tokens(p.name, shapes, mesh)) for p in programs}
 
 
 def _name(path) -> str:
@@ -75,20 +74,24 @@ def assert_param_specs(specs: dict, mesh) -> None:
             assert got == want_, (k, specs[k], want)
 
 
-# v5e:2x2 and v4:2x2x1 (v4-8: 4 chips, one device each) under several meshes; an 8-chip slice with scanned layers.
-TPU_CASES = [("v5e-4", (1, 4, 1), False), ("v5e-4", (2, 1, 2), False), ("v4-8", (2, 2, 1), False),
-             ("v4-8", (1, 2, 2), False), ("v5e-8", (2, 2, 2), True)]
+# v5e:2x2 and v4:2x2x1 (v4-8: 4 chips, one device each) under several meshes; an 8-chip slice with scanned layers;
+# one case samples 2 batches as one (sampling.group_batches: 2 shared prefixes, a forced answer's cache slots).
+TPU_CASES = [("v5e-4", (1, 4, 1), False, 1), ("v5e-4", (2, 1, 2), False, 1), ("v4-8", (2, 2, 1), False, 2),
+             ("v4-8", (1, 2, 2), False, 1), ("v5e-8", (2, 2, 2), True, 1)]
 
 
-@pytest.mark.parametrize("slice_name, mesh_shape, scan", TPU_CASES,
-                         ids=[f"{n}-{m}{'-scan' if s else ''}" for n, m, s in TPU_CASES])
-def test_tpu_programs_hold_the_local_batch(slice_name, mesh_shape, scan):
+@pytest.mark.parametrize("slice_name, mesh_shape, scan, groups", TPU_CASES,
+                         ids=[f"{n}-{m}{'-scan' if s else ''}{f'-groups{g}' if g > 1 else ''}"
+                              for n, m, s, g in TPU_CASES])
+def test_tpu_programs_hold_the_local_batch(slice_name, mesh_shape, scan, groups):
     devices = topology.devices(slice_name)
     assert len(devices) == math.prod(mesh_shape)
     mesh = shd.make_mesh(mesh_shape, devices)
-    programs = plan.compile_run(CFG, dataclasses.replace(SHAPES, scan_layers=scan), mesh)
+    shapes = dataclasses.replace(SHAPES, scan_layers=scan, prefix_groups=groups,
+                                 extra_slots=0 if groups == 1 else 16 + SHAPES.new_tokens)
+    programs = plan.compile_run(CFG, shapes, mesh)
     assert [p.name for p in programs] == ["train_step", "prefix_prefill", "prefill", "decode", "score"]
-    for name, (tokens, share) in check_programs(programs, mesh).items():
+    for name, (tokens, share) in check_programs(programs, mesh, shapes).items():
         assert tokens == share, f"{name}: a device runs {tokens} tokens through its MLP, its share is {share}"
     specs = train_param_specs(programs[0])
     assert_param_specs(specs, mesh)
