@@ -253,11 +253,9 @@ def _shared_len(rows, reuse: bool, cap: int | None = None) -> int:
     return n if n >= MIN_SHARED_PREFIX else 0
 
 
-def _shared_prefix(graphdef, state, model, prefix, batcher, groups: Sequence[Sequence[int]] = ()
-                   ) -> SharedPrefix | None:
-    """`prefix` prefilled once at batch 1 (None when empty); or, given `groups`, each group's prefix (one may be
-    empty) prefilled as one row of a batch of them (None when all are empty)."""
-    prefixes = [list(g) for g in groups] if groups else [list(prefix)]
+def _shared_prefix(graphdef, state, model, prefixes: Sequence[Sequence[int]], mesh) -> SharedPrefix | None:
+    """Each group's prefix (one may be empty) prefilled once, as one row of a batch of them (None when all are
+    empty)."""
     longest = max(map(len, prefixes))
     if not longest:
         return None
@@ -267,9 +265,9 @@ def _shared_prefix(graphdef, state, model, prefix, batcher, groups: Sequence[Seq
     for i, p in enumerate(prefixes):
         ids[i, :len(p)], seg[i, :len(p)] = p, 1
     positions = np.broadcast_to(np.arange(padded, dtype=np.int32), ids.shape)
-    rows = _Batcher(batcher.mesh, None)  # replicated: every device holds every group's prefix
+    rows = _Batcher(mesh, None)  # the ids on every device; the cache's rows split as cache rows are
     cache = rows.put_cache(KVCache.init(model.config, len(prefixes), padded))
-    _, cache = _prefill(graphdef, batcher.mesh, state, *rows.put((ids, positions, seg)), cache)
+    _, cache = _prefill(graphdef, mesh, state, *rows.put((ids, positions, seg)), cache)
     return cache.as_prefix()
 
 
@@ -322,7 +320,7 @@ def _start(model: Llama, token_rows, config: SamplingConfig, stops, rng=None, me
     shared = [_shared_len(g, config.reuse_prefix) for g in groups]
     own = [r[shared[i // size]:] for i, r in enumerate(rows)]
     own_len = bucket(max(map(len, own)))
-    prefix = _shared_prefix(graphdef, state, model, (), batcher, [g[0][:n] for g, n in zip(groups, shared)])
+    prefix = _shared_prefix(graphdef, state, model, [g[0][:n] for g, n in zip(groups, shared)], mesh)
     cache = batcher.put_cache(KVCache.init(model.config, len(rows), own_len + config.max_new_tokens + extra_slots,
                                            prefix=prefix))
     ids, seg, positions = _left_pad(own, own_len)

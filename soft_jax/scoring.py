@@ -184,7 +184,7 @@ def score_tokens(model: Llama, contexts: Sequence[Sequence[int]], continuations:
     # prefixes instead, so a row's cache is on its device; the prefix all groups share still runs once.
     local = multiple > 1
     for chunk in _plan(seqs, bounds, [last for _, last in keys], batch_size, multiple):
-        shared = _shared_prefix(graphdef, state, model, chunk.heads[0][:chunk.shared], _Batcher(mesh, multiple))
+        shared = _shared_prefix(graphdef, state, model, [chunk.heads[0][:chunk.shared]], mesh)
         if not local:
             heads = prefill_heads(chunk, shared, [h[chunk.shared:] for h in chunk.heads])
         for last_only, tail, batch in chunk.passes:
