@@ -447,6 +447,18 @@ def _persistent_compile_cache() -> None:
         jax.config.update("jax_compilation_cache_dir", cache_dir("jax"))
         if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:  # JAX's default keeps every program forever
             jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_BYTES)
+            _adopt_uncapped_entries(cache_dir("jax"))
+
+
+def _adopt_uncapped_entries(directory: str) -> None:
+    """Gives each program an uncapped process stored (an older soft-jax, JAX_COMPILATION_CACHE_MAX_SIZE=-1) the
+    access-time file JAX's capped cache keeps beside it, from its modification time: the capped cache reads every
+    entry's access time before it stores a program, and one missing file makes every store fail."""
+    for name in os.listdir(directory) if os.path.isdir(directory) else ():
+        atime = os.path.join(directory, name.removesuffix("-cache") + "-atime")
+        if name.endswith("-cache") and not os.path.exists(atime):
+            with open(atime, "wb") as f:  # JAX's format: nanoseconds, 8 bytes little-endian
+                f.write(os.stat(os.path.join(directory, name)).st_mtime_ns.to_bytes(8, "little"))
 
 
 def main(argv=None) -> int:

@@ -195,9 +195,12 @@ def test_commands_keep_a_persistent_compilation_cache(tiny_chat, tmp_path):
     """`generate` (like `run`, `sweep`, `eval`, `train`) stores its compiled programs in $SOFT_JAX_CACHE/jax when
     JAX_COMPILATION_CACHE_DIR is not set, so the next process reads them back, under a size cap (JAX's
     least-recently-used bookkeeping: an access-time file per program); JAX_COMPILATION_CACHE_MAX_SIZE replaces
-    the cap (1 byte: nothing fits); SOFT_JAX_COMPILE_CACHE=0 stores none."""
+    the cap (1 byte: nothing fits); SOFT_JAX_COMPILE_CACHE=0 stores none. A program an uncapped process stored
+    (no access-time file) gets one, so the capped cache can still store programs beside it."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "Hello"}) + "\n")
+    (tmp_path / "on" / "jax").mkdir(parents=True)
+    (tmp_path / "on" / "jax" / "jit_old-0123-cache").write_bytes(b"stored by an uncapped process")
     for switch, cache, extra in (("1", tmp_path / "on", {}), ("0", tmp_path / "off", {}),
                                  ("1", tmp_path / "tiny", {"JAX_COMPILATION_CACHE_MAX_SIZE": "1"})):
         proc = run_cli("generate", "--model", tiny_chat, "--prompts", str(prompts),
