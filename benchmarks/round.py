@@ -9,7 +9,8 @@ round configs/demo.py describes (its sampling, exemplars, filters and SFT settin
 - the same parsing and filters (soft_jax.data.templates / filters), then SFT on the kept (prompt, answer) pairs
   in the engraving format (the chat template; no principles, exemplars or thoughts), loss on the answer only.
 
-soft-jax: soft_jax.selfalign.generate_batch (what `soft-jax run` does per batch) and soft_jax.training.train.
+soft-jax: soft_jax.selfalign.generate_batches (what `soft-jax run` does per group of batches) and
+soft_jax.training.train.
 Reference: transformers `generate` (batched, left padding, `stop_strings`), soft_jax's parsing and filters, then
 TRL's SFTTrainer on a conversational prompt-completion dataset (loss on the completion only), with TRL's BFD
 packing (padding-free; on CPU its attention mask comes from transformers' packed-sequence detection) or with
@@ -102,7 +103,7 @@ def batches(prompts, size):
 
 
 class Clock:
-    """Seconds spent inside the wrapped functions (the filtering inside soft-jax's generate_batch)."""
+    """Seconds spent inside the wrapped functions (the filtering inside soft-jax's generate_batches)."""
 
     def __init__(self):
         self.seconds = 0.0

@@ -44,15 +44,11 @@ def shown(rows: list[dict], exemplars: list[data.Exemplar]) -> dict:
             "principles_per_prompt": float(np.mean([len(s) for s in per_row])) if per_row else 0.0}
 
 
-def generate_batch(run, t: int, b: int, generator, tokenizer, batch: list[dict], cfg, ctx) -> list[dict]:
-    """Round t's batch b: self-aligned outputs, parsed and judged by the filters (one row per prompt)."""
-    return generate_batches(run, t, b, generator, tokenizer, [batch], cfg, ctx)[0]
-
-
 def generate_batches(run, t: int, b: int, generator, tokenizer, batches: list[list[dict]], cfg, ctx
                      ) -> list[list[dict]]:
     """Round t's batches b, b + 1, ... sampled together as one device batch (each with its own exemplars and
-    shared prefix; every batch but the last has cfg.batch_size prompts): each batch's generation rows."""
+    shared prefix; every batch but the last has cfg.batch_size prompts): each batch's self-aligned outputs,
+    parsed and judged by the filters (one row per prompt)."""
     shots = [exemplars_for(run, t, b + i, p) for i, batch in enumerate(batches) for p in batch]
     batch = [p for one in batches for p in one]
     texts = [templates.self_align_prompt(run.inputs.principles, ex, p["prompt"], p["input"])
