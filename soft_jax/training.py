@@ -225,6 +225,9 @@ class Trainer:
             init = jax.jit(self.tx.init, out_shardings=shd.tree_shardings(jax.eval_shape(self.tx.init, self.params),
                                                                           mesh))
         self.opt_state = init(self.params)
+        if mesh is None:  # committed, as a step's outputs are: jit keys its programs on that, so uncommitted
+            # inputs would compile the step a second time at step 2
+            self.params, self.opt_state = jax.device_put((self.params, self.opt_state), jax.devices()[0])
         if mesh is not None:
             shd.check_rows(config.batch_size // config.grad_accum, mesh, "the micro-batch (batch_size / grad_accum)")
         platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform

@@ -152,6 +152,19 @@ def test_training_with_scanned_layers_equals_the_loop(tiny_chat):
         np.testing.assert_allclose(trained[True][key], trained[False][key], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
+def test_a_run_compiles_its_train_step_once(tiny_chat, caplog):
+    """Every step of a run has the same shapes, so the step compiles at step 1 and never again (an
+    uncommitted input at step 1 once made step 2 compile it a second time: 10 s of a cold SmolLM2 round)."""
+    model, tok = models.load(tiny_chat, progress=False)
+    # a row length no other test uses, so the step's programs are not in jit's cache already
+    config = TrainConfig(max_prompt_len=40, max_response_len=72, batch_size=2, epochs=2, learning_rate=1e-3,
+                         warmup_steps=0, order="given", pack=False)
+    with caplog.at_level("WARNING"), jax.log_compiles():
+        _, result = training.train(model, tok, PAIRS, config, progress=False)
+    compiles = [r for r in caplog.records if r.getMessage().startswith("Compiling jit(_train_step)")]
+    assert result.steps == 4 and len(compiles) == 1, [r.getMessage()[:200] for r in compiles]
+
+
 def test_given_order_is_kept_and_shuffle_is_seeded():
     config = TrainConfig(order="given")
     np.testing.assert_array_equal(training.epoch_order(10, config, 0), np.arange(10))
