@@ -222,8 +222,10 @@ class _Batcher:
             shd.check_rows(batch_size, mesh, "the batch size")
 
     def put(self, tree):
+        """Committed to their devices, as a program's outputs are: jit keys its programs on that, so a decode
+        state that mixed uncommitted inputs with a chunk's outputs would compile the decode loop twice."""
         if self.mesh is None:
-            return jax.tree.map(jnp.asarray, tree)
+            return jax.device_put(tree, jax.devices()[0])
         split = NamedSharding(self.mesh, PartitionSpec(("data", "fsdp")))
         replicated = NamedSharding(self.mesh, PartitionSpec())
         return jax.tree.map(lambda x: jax.device_put(
@@ -331,8 +333,9 @@ def _start(model: Llama, token_rows, config: SamplingConfig, stops, rng=None, me
     first_pos = np.asarray([len(r) for r in rows], np.int32)
     rng = jax.random.key(config.seed) if rng is None else rng
     b = len(rows)
-    ds = DecodeState(step=jnp.int32(0), cache=cache, logits=last, done=batcher.put(np.zeros(b, bool)),
-                     out=batcher.put(np.full((b, config.max_new_tokens), stops[0], np.int32)), rng=rng)
+    step, done, out = batcher.put((np.int32(0), np.zeros(b, bool), np.full((b, config.max_new_tokens), stops[0],
+                                                                         np.int32)))
+    ds = DecodeState(step=step, cache=cache, logits=last, done=done, out=out, rng=batcher.put(rng))
     index = [g * size + i for g in range(len(groups)) for i in range(min(size, len(token_rows) - g * size))]
     return _Batch(graphdef, state, mesh, batcher, params, ds, batcher.put(first_pos), first_pos, own_len, index)
 
@@ -392,8 +395,8 @@ def _continue(b: _Batch, heads: dict, config: SamplingConfig, rng, tokenizer=Non
     last, cache = _prefill(b.graphdef, b.mesh, b.state, ids, positions, seg, cache)
     first_pos = base + np.asarray([len(t) for t in tails], np.int32)
     done = np.asarray([i not in heads for i in range(rows)])
-    b.ds = DecodeState(step=jnp.int32(0), cache=cache, logits=last, done=b.batcher.put(done),
-                       out=b.batcher.put(np.full(ds.out.shape, int(b.params[3][0]), np.int32)), rng=rng)
+    step, done, out = b.batcher.put((np.int32(0), done, np.full(ds.out.shape, int(b.params[3][0]), np.int32)))
+    b.ds = DecodeState(step=step, cache=cache, logits=last, done=done, out=out, rng=b.batcher.put(rng))
     b.next_pos, b.first_pos = b.batcher.put(first_pos), first_pos
     _sample(b, config, tokenizer)
 
