@@ -138,11 +138,21 @@ def filter_logits(logits, temperature, top_p, top_k, *, use_top_p: bool, use_top
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
+def argmax(x):
+    """jnp.argmax over the last axis (the first index of the maximum) as a max and a min over indices: XLA:CPU
+    runs the two plain reductions 1.2x faster than argmax's (value, index) one, and 8x faster where the input is
+    computed in the same fusion (a draw's noise + logits: 17 ms of a 32-row SmolLM2 decode step)."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(x == top, index, x.shape[-1]), axis=-1)
+
+
 def sample_token(logits, key, temperature, top_p, top_k, *, use_top_p: bool, use_top_k: bool):
-    """One token per row: argmax when temperature is 0, else a draw from the filtered distribution."""
-    greedy = jnp.argmax(logits, axis=-1)
+    """One token per row: argmax when temperature is 0, else a draw from the filtered distribution (the
+    Gumbel-max draw of jax.random.categorical: the same tokens for the same key)."""
+    greedy = argmax(logits)
     filtered = filter_logits(logits, temperature, top_p, top_k, use_top_p=use_top_p, use_top_k=use_top_k)
-    sampled = jax.random.categorical(key, filtered, axis=-1)
+    sampled = argmax(filtered + jax.random.gumbel(key, filtered.shape, filtered.dtype))
     return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 

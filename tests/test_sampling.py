@@ -182,6 +182,20 @@ def test_sampling_frequencies_match_the_renormalised_distribution():
     assert int(greedy[0]) == 0
 
 
+def test_argmax_and_draws_equal_jax_argmax_and_categorical():
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(16, 3000)).astype(np.float32)
+    logits[3, [7, 900, 2999]] = 50.0  # ties: the first index wins, as in jnp.argmax
+    logits[4, :] = -np.inf
+    logits[4, 1234] = 0.0  # one finite entry (what top-k 1 leaves)
+    np.testing.assert_array_equal(np.asarray(sampling.argmax(jnp.asarray(logits))), np.argmax(logits, axis=-1))
+    assert int(sampling.argmax(jnp.asarray(logits))[3]) == 7
+    for seed in range(3):  # the same tokens as jax.random.categorical for the same key
+        key = jax.random.key(seed)
+        ours = sampling.sample_token(jnp.asarray(logits), key, 1.0, 1.0, 0, use_top_p=False, use_top_k=False)
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(jax.random.categorical(key, logits, axis=-1)))
+
+
 def test_seeded_sampling_is_reproducible(tiny_hf):
     kind, path, hf = tiny_hf
     model, _ = models.load(path, progress=False)
