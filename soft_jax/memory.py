@@ -15,7 +15,8 @@ The numbers follow what soft_jax does today, not an ideal implementation:
 - Attention is not fused: the float32 scores [batch, heads, query, key] of a layer are materialised,
   in training and in prefill alike.
 - The KV cache is split over data x fsdp by batch row and over tensor by KV head (sampling.cache_sharding);
-  a shared prefix (principles + exemplars) is held once, its rows replicated.
+  a shared prefix (principles + exemplars) is held once per group of rows (sampling.group_batches), the
+  groups split over data x fsdp when those divide them, else replicated.
 - Training activations are the residuals jax saves per layer, less the softmax intermediates XLA fuses
   away (`_layer_activations`); with remat only each layer's input is kept. XLA's CPU compiler does not
   exploit remat (its buffers hold every layer's recomputation), so on CPU the no-remat numbers apply.
@@ -113,14 +114,16 @@ def _layer_activations(cfg: ModelConfig, rows: int, q_len: int, k_len: int, tp: 
 
 def estimate(model_cfg: ModelConfig, *, mesh_shape: Mapping[str, int] | Sequence[int], train_batch: int,
              train_seq: int, grad_accum: int = 1, remat: bool = False, sample_batch: int, sample_len: int,
-             sample_new: int = 0, sample_prefix: int = 0, keep_base: bool = False,
-             optimizer_dtype: str | None = None) -> dict[str, int]:
+             sample_new: int = 0, sample_prefix: int = 0, sample_groups: int = 1, sample_extra: int = 0,
+             keep_base: bool = False, optimizer_dtype: str | None = None) -> dict[str, int]:
     """Bytes per device of each part of a round, and the total of each phase.
 
     train_batch rows of train_seq tokens per optimizer step, in grad_accum micro-batches.
-    sample_batch rows of sample_len tokens (prompt + sample_new new tokens); the first sample_prefix
-    tokens are shared by every row and held once (sampling's prefix reuse); the own prompt
+    sample_batch rows of sample_len tokens (prompt + sample_new new tokens); the rows come in sample_groups
+    groups (sampling.group_batches), each group's first sample_prefix tokens shared by its rows and held once
+    (sampling's prefix reuse; the groups' prefixes are prefilled as one batch); the own prompt
     (sample_len - sample_prefix - sample_new tokens; all of it when sample_new is 0) is prefilled in one pass.
+    sample_extra: cache slots past the sampled tokens (a forced answer's marker and answer).
     keep_base: the base model stays in memory beside the current one (bootstrap from round 2 on).
     optimizer_dtype: dtype of Adam's moments; None = the parameters' dtype (what soft_jax.training does).
 
@@ -131,9 +134,9 @@ def estimate(model_cfg: ModelConfig, *, mesh_shape: Mapping[str, int] | Sequence
     mesh = _mesh(mesh_shape)
     if train_batch < 1 or grad_accum < 1 or train_batch % grad_accum:
         raise UserError(f"train batch {train_batch} must be a positive multiple of grad_accum {grad_accum}")
-    if sample_prefix + sample_new > sample_len or min(train_seq, sample_batch, sample_len) < 1:
+    if sample_prefix + sample_new > sample_len or min(train_seq, sample_batch, sample_len, sample_groups) < 1:
         raise UserError(f"sample_len {sample_len} must hold sample_prefix {sample_prefix} + sample_new "
-                        f"{sample_new}, and batch sizes and lengths must be positive")
+                        f"{sample_new}, and batch sizes, groups and lengths must be positive")
     cfg = model_cfg
     pb, cb = _bytes(cfg.param_dtype), _bytes(cfg.dtype)
     ob = _bytes(optimizer_dtype or cfg.param_dtype)
@@ -163,14 +166,16 @@ def estimate(model_cfg: ModelConfig, *, mesh_shape: Mapping[str, int] | Sequence
     logits = micro_rows * train_seq * vocab * (2 * 4 + (cb if cb != 4 else 0))
 
     sample_rows = _div(sample_batch, dp)
-    own_slots = sample_len - sample_prefix
+    own_slots = sample_len - sample_prefix + sample_extra
     per_token = 2 * layers * _div(cfg.num_kv_heads, tp) * cfg.head_dim * cb
-    kv_cache = sample_rows * own_slots * (per_token + 2 * 4) + sample_prefix * (per_token + 2 * 4)
+    # the groups' prefixes split over data x fsdp like rows when those divide them, else replicated
+    prefix_groups = sample_groups // dp if sample_groups % dp == 0 else sample_groups
+    kv_cache = (sample_rows * own_slots + prefix_groups * sample_prefix) * (per_token + 2 * 4)
     prompt = sample_len - sample_prefix - sample_new if sample_new else own_slots
     # the own prompt attends to its cache slots and to the shared prefix
     own_pass = _layer_activations(cfg, sample_rows, max(prompt, 1), own_slots + sample_prefix, tp, cb,
                                   backward=False, prefix=sample_prefix > 0)
-    prefix_pass = (_layer_activations(cfg, 1, sample_prefix, sample_prefix, tp, cb, backward=False)
+    prefix_pass = (_layer_activations(cfg, prefix_groups, sample_prefix, sample_prefix, tp, cb, backward=False)
                    if sample_prefix else 0)
     decode = sample_rows * vocab * 4 * 4  # logits, their sort fallback and filtering, per step
     prefill = max(own_pass, prefix_pass, decode)
@@ -197,8 +202,10 @@ def for_run(c, model_cfg: ModelConfig, mesh_shape: Mapping[str, int] | Sequence[
     own = sampling.bucket(max(1, prompt_tokens - prefix_tokens))
     return estimate(model_cfg, mesh_shape=mesh_shape, train_batch=t.batch_size,
                     train_seq=t.max_prompt_len + t.max_response_len, grad_accum=t.grad_accum, remat=t.remat,
-                    sample_batch=s.batch_size, sample_len=prefix + own + s.max_new_tokens,
-                    sample_new=s.max_new_tokens, sample_prefix=prefix, keep_base=c.rounds > 1)
+                    sample_batch=s.batch_size * s.group_batches, sample_len=prefix + own + s.max_new_tokens,
+                    sample_new=s.max_new_tokens, sample_prefix=prefix, sample_groups=s.group_batches,
+                    sample_extra=sampling.TAIL_SLOTS + s.max_new_tokens if s.force_answer else 0,
+                    keep_base=c.rounds > 1)
 
 
 def device_memory() -> int | None:

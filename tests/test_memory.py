@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from soft_jax import config as config_lib
-from soft_jax import memory, training
+from soft_jax import memory, sampling, training
 from soft_jax.errors import UserError
 from soft_jax.models.config import ModelConfig
 from soft_jax.models.llama import KVCache, init_random
@@ -70,11 +70,19 @@ def test_kv_cache_matches_kvcache_arrays():
     arrays = nbytes((shared.k, shared.v, shared.positions, shared.segment_ids, prefix.k, prefix.v, prefix.positions,
                      prefix.segment_ids))
     assert est(cfg, sample_batch=4, sample_len=48, sample_prefix=32)["kv_cache"] == arrays
+    # two groups of rows (sampling.group_batches), each with its prefix; 10 slots past the sampled tokens
+    prefixes = KVCache.init(cfg, 2, 32).as_prefix()
+    grouped = KVCache.init(cfg, 8, 16 + 10, prefix=prefixes)
+    arrays = nbytes((grouped.k, grouped.v, grouped.positions, grouped.segment_ids, prefixes.k, prefixes.v,
+                     prefixes.positions, prefixes.segment_ids))
+    assert est(cfg, sample_batch=8, sample_len=48, sample_prefix=32, sample_groups=2,
+               sample_extra=10)["kv_cache"] == arrays
 
 
 @pytest.mark.parametrize("mesh_shape", [(1, 2, 2), (2, 1, 2), (1, 4, 1)])
 def test_kv_cache_per_device_matches_its_sharded_arrays(mesh_shape):
-    """Per device: rows split over data x fsdp, KV heads over tensor, the shared prefix's one row replicated;
+    """Per device: rows split over data x fsdp, KV heads over tensor, each group's prefix split like rows where
+    data x fsdp divide the groups, else replicated;
     measured on the shardings sampling places a cache with (a v5e-4 slice's compile-only devices)."""
     import math
 
@@ -85,10 +93,12 @@ def test_kv_cache_per_device_matches_its_sharded_arrays(mesh_shape):
 
     cfg = tiny(dtype="bfloat16")
     mesh = shd.make_mesh(mesh_shape, topology.devices("v5e-4"))
-    cache = plan.abstract_cache(cfg, mesh, 4, 16, prefix_len=32)
-    arrays = [x for x in jax.tree.leaves(cache) if x.ndim]  # the scalar write index is not counted
-    per_device = sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in arrays)
-    assert est(cfg, mesh=mesh_shape, sample_batch=4, sample_len=48, sample_prefix=32)["kv_cache"] == per_device
+    for groups in (1, 2, 3):  # a prefix per group: split over data x fsdp where it divides them
+        cache = plan.abstract_cache(cfg, mesh, 4 * groups, 16, prefix_len=32, groups=groups)
+        arrays = [x for x in jax.tree.leaves(cache) if x.ndim]  # the scalar write index is not counted
+        per_device = sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in arrays)
+        assert est(cfg, mesh=mesh_shape, sample_batch=4 * groups, sample_len=48, sample_prefix=32,
+                   sample_groups=groups)["kv_cache"] == per_device
 
 
 # Four training shapes, each weighting another part of the estimate: the residual stream and MLP (the first),
@@ -232,6 +242,14 @@ def test_for_run_reads_the_run_config():
                                 train_seq=c.train.max_prompt_len + c.train.max_response_len,
                                 sample_batch=c.sampling.batch_size, sample_len=64 + 64 + c.sampling.max_new_tokens,
                                 sample_new=c.sampling.max_new_tokens, sample_prefix=64, keep_base=True)
+    # several batches as one device batch, each with its prefix, and a forced answer's slots
+    c.sampling.update(group_batches=3, force_answer=True)
+    e = memory.for_run(c, tiny(), (1, 1, 1), prompt_tokens=100, prefix_tokens=60)
+    assert e == memory.estimate(tiny(), mesh_shape=(1, 1, 1), train_batch=c.train.batch_size,
+                                train_seq=c.train.max_prompt_len + c.train.max_response_len,
+                                sample_batch=3 * c.sampling.batch_size, sample_len=64 + 64 + c.sampling.max_new_tokens,
+                                sample_new=c.sampling.max_new_tokens, sample_prefix=64, sample_groups=3,
+                                sample_extra=sampling.TAIL_SLOTS + c.sampling.max_new_tokens, keep_base=True)
 
 
 def test_tables():
