@@ -102,11 +102,14 @@ def _threshold(sorted_desc, log_norm, top_p, top_k, use_top_p: bool, use_top_k: 
     return threshold
 
 
-def filter_logits(logits, temperature, top_p, top_k, *, use_top_p: bool, use_top_k: bool):
+def filter_logits(logits, temperature, top_p, top_k, *, use_top_p: bool, use_top_k: bool, ignore=None):
     """Temperature, then top-k, then nucleus (top-p) filtering; filtered entries become -inf.
 
     Exact, but fast: the threshold is found among the CANDIDATES largest logits (`lax.top_k`), and
     only when the top-k or the nucleus reaches past them does it fall back to sorting the vocabulary.
+    ignore: [B] bool, rows whose draw is thrown away (rows that already stopped): they never send the batch
+    to the sort (their filtering is then not exact; a stopped row's flat distribution would otherwise sort
+    the vocabulary at every step until the batch ends).
     """
     logits = logits / jnp.maximum(temperature, 1e-6)
     if not (use_top_p or use_top_k):
@@ -123,7 +126,8 @@ def filter_logits(logits, temperature, top_p, top_k, *, use_top_p: bool, use_top
     if use_top_k:
         covered &= top_k <= top.shape[-1]
     if use_top_p:
-        covered &= jnp.all(jnp.sum(jnp.exp(top - log_norm), axis=-1) >= top_p)
+        mass = jnp.sum(jnp.exp(top - log_norm), axis=-1)
+        covered &= jnp.all((mass >= top_p) | (False if ignore is None else ignore))
 
     def full_sort():
         ranked = jnp.sort(logits, axis=-1)[:, ::-1]
@@ -147,11 +151,12 @@ def argmax(x):
     return jnp.min(jnp.where(x == top, index, x.shape[-1]), axis=-1)
 
 
-def sample_token(logits, key, temperature, top_p, top_k, *, use_top_p: bool, use_top_k: bool):
+def sample_token(logits, key, temperature, top_p, top_k, *, use_top_p: bool, use_top_k: bool, ignore=None):
     """One token per row: argmax when temperature is 0, else a draw from the filtered distribution (the
     Gumbel-max draw of jax.random.categorical: the same tokens for the same key)."""
     greedy = argmax(logits)
-    filtered = filter_logits(logits, temperature, top_p, top_k, use_top_p=use_top_p, use_top_k=use_top_k)
+    filtered = filter_logits(logits, temperature, top_p, top_k, use_top_p=use_top_p, use_top_k=use_top_k,
+                             ignore=ignore)
     sampled = argmax(filtered + jax.random.gumbel(key, filtered.shape, filtered.dtype))
     return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
@@ -183,7 +188,8 @@ def _decode(graphdef, mesh, state, ds: DecodeState, positions, params, until, us
 
     def body(ds):
         rng, key = jax.random.split(ds.rng)
-        token = sample_token(ds.logits, key, temperature, top_p, top_k, use_top_p=use_top_p, use_top_k=use_top_k)
+        token = sample_token(ds.logits, key, temperature, top_p, top_k, use_top_p=use_top_p, use_top_k=use_top_k,
+                             ignore=ds.done)
         token = jnp.where(ds.done, stops[0], token)
         with shd.activation_sharding(mesh):
             logits, cache = nnx.merge(graphdef, state)(

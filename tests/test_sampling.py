@@ -158,6 +158,23 @@ def test_top_k_and_top_p_keep_exactly_the_right_tokens(vocab, scale):
             assert set(np.flatnonzero(kept[row])) == set(order[row, :n].tolist())
 
 
+def test_rows_that_stopped_do_not_send_the_batch_to_the_sort():
+    """A stopped row's draw is thrown away: its flat distribution (a nucleus far past the CANDIDATES largest
+    logits) must not make the live rows' filtering sort the vocabulary, and the live rows stay exact."""
+    vocab = 3000
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(4, vocab)).astype(np.float32) * 6.0
+    logits[2] = rng.normal(size=vocab) * 0.01  # near flat: the 0.9 nucleus holds about 2,700 tokens
+    exact = np.isfinite(np.asarray(sampling.filter_logits(jnp.asarray(logits), 0.7, 0.9, 0, use_top_p=True,
+                                                          use_top_k=False)))
+    assert exact[2].sum() > 2000  # the sort ran: row 2 exact too
+    ignore = jnp.asarray([False, False, True, False])
+    fast = np.isfinite(np.asarray(sampling.filter_logits(jnp.asarray(logits), 0.7, 0.9, 0, use_top_p=True,
+                                                         use_top_k=False, ignore=ignore)))
+    np.testing.assert_array_equal(fast[[0, 1, 3]], exact[[0, 1, 3]])
+    assert fast[2].sum() <= sampling.CANDIDATES  # no sort: the stopped row's threshold came from the candidates
+
+
 def test_sampling_frequencies_match_the_renormalised_distribution():
     logits = jnp.asarray([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0]])
     temperature, top_p, top_k = 0.7, 0.9, 6
