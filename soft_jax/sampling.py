@@ -247,6 +247,13 @@ class _Batcher:
         return jax.tree.map(lambda x: jax.device_put(
             x, split if np.ndim(x) and np.shape(x)[0] == self.batch_size else replicated), tree)
 
+    def put_key(self, key):
+        """A PRNG key committed as the decode loop's outputs are: on the default device, or replicated over the
+        mesh (a jit places it: jax.device_put cannot put an array on other processes' devices)."""
+        if self.mesh is None:
+            return jax.device_put(key, jax.devices()[0])
+        return jax.jit(lambda k: k, out_shardings=NamedSharding(self.mesh, PartitionSpec()))(key)
+
     def put_cache(self, cache: KVCache) -> KVCache:
         """A cache on its sharding: rows over data x fsdp, KV heads over tensor (a batch-1 shared prefix: rows
         replicated)."""
@@ -351,7 +358,7 @@ def _start(model: Llama, token_rows, config: SamplingConfig, stops, rng=None, me
     b = len(rows)
     step, done, out = batcher.put((np.int32(0), np.zeros(b, bool), np.full((b, config.max_new_tokens), stops[0],
                                                                          np.int32)))
-    ds = DecodeState(step=step, cache=cache, logits=last, done=done, out=out, rng=batcher.put(rng))
+    ds = DecodeState(step=step, cache=cache, logits=last, done=done, out=out, rng=batcher.put_key(rng))
     index = [g * size + i for g in range(len(groups)) for i in range(min(size, len(token_rows) - g * size))]
     return _Batch(graphdef, state, mesh, batcher, params, ds, batcher.put(first_pos), first_pos, own_len, index)
 
@@ -412,7 +419,7 @@ def _continue(b: _Batch, heads: dict, config: SamplingConfig, rng, tokenizer=Non
     first_pos = base + np.asarray([len(t) for t in tails], np.int32)
     done = np.asarray([i not in heads for i in range(rows)])
     step, done, out = b.batcher.put((np.int32(0), done, np.full(ds.out.shape, int(b.params[3][0]), np.int32)))
-    b.ds = DecodeState(step=step, cache=cache, logits=last, done=done, out=out, rng=b.batcher.put(rng))
+    b.ds = DecodeState(step=step, cache=cache, logits=last, done=done, out=out, rng=b.batcher.put_key(rng))
     b.next_pos, b.first_pos = b.batcher.put(first_pos), first_pos
     _sample(b, config, tokenizer)
 

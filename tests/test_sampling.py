@@ -108,17 +108,21 @@ def test_groups_with_their_own_prefixes_decode_together_as_each_row_alone(tiny_h
     assert together == alone
 
 
-def test_decoding_in_chunks_compiles_the_decode_loop_once(tiny_chat, caplog):
+@pytest.mark.parametrize("on_mesh", [False, True])
+def test_decoding_in_chunks_compiles_the_decode_loop_once(tiny_chat, caplog, on_mesh):
     """Stop strings decode in chunks of STOP_STRING_CHUNK steps, each chunk a call with the last one's state:
     the decode loop compiles for the first and never again (inputs placed uncommitted once made the second
-    chunk compile it a second time: seconds of every cold round)."""
-    model, tok = models.load(tiny_chat, progress=False)
+    chunk compile it a second time: seconds of every cold round), without a mesh and on one."""
+    from soft_jax import sharding
+
+    mesh = sharding.make_mesh((1, 1, -1)) if on_mesh else None
+    model, tok = models.load(tiny_chat, mesh=mesh, progress=False)
     rows = prompts_with_shared_prefix(len(tok), n=2, seed=3)
     # 3 chunks, and a shape no other test compiles (a cached program would not be compiled either way)
-    config = SamplingConfig(max_new_tokens=3 * sampling.STOP_STRING_CHUNK, batch_size=2, temperature=0.7,
-                            stop_strings=("never in the text \u2603",))
+    config = SamplingConfig(max_new_tokens=3 * sampling.STOP_STRING_CHUNK + 2 * on_mesh, batch_size=2,
+                            temperature=0.7, stop_strings=("never in the text \u2603",))
     with caplog.at_level("WARNING"), jax.log_compiles():
-        out = sampling.generate_tokens(model, rows, config, (-1,), tokenizer=tok)
+        out = sampling.generate_tokens(model, rows, config, (-1,), tokenizer=tok, mesh=mesh)
     assert [len(o) for o in out] == [config.max_new_tokens] * 2  # every chunk ran
     compiles = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling jit(_decode)")]
     assert len(compiles) == 1, [c[:200] for c in compiles]
