@@ -228,7 +228,7 @@ class Trainer:
         if mesh is None:  # committed, as a step's outputs are: jit keys its programs on that, so uncommitted
             # inputs would compile the step a second time at step 2
             self.params, self.opt_state = jax.device_put((self.params, self.opt_state), jax.devices()[0])
-        if mesh is not None:
+        else:
             shd.check_rows(config.batch_size // config.grad_accum, mesh, "the micro-batch (batch_size / grad_accum)")
         platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
         self._step = compiled_step(self.graphdef, self.tx, config.remat, platform, mesh, (self.params, self.opt_state),
