@@ -3,7 +3,7 @@
     soft-jax run --config configs/ablation_exemplars.py:fixed --workdir runs/abl_exemplars_fixed
     soft-jax run --config configs/ablation_exemplars.py:random --workdir runs/abl_exemplars_random
 
-METHOD.md: with a fixed exemplar set, bootstrapping degrades quickly; with sampled ones it improves.
+Claim 1 (docs/method.md): with a fixed exemplar set, bootstrapping degrades quickly; with sampled ones it improves.
 The two differ only in the exemplar strategy (and the fixed set it implies): the same k, and the fixed set
 covers as many principles as the random draws do on average (data.choose_fixed; config.json records it).
 """

@@ -9,7 +9,8 @@ are evaluated before (round 0) and after the round.
     soft-jax run --config configs/single_round.py --workdir runs/sr7b --config.model.name=llama2-7b \\
         --config.model.path=/ckpt/Llama-2-7b-hf --config.prompts.path=prompts.jsonl
 
-The reference point of claim 1 (METHOD.md): SOFT's rounds must beat this on the same prompts.
+The reference point of claim 1 (docs/method.md, "The claims and the configs that test them"): SOFT's rounds must
+beat this on the same prompts.
 """
 
 from soft_jax.config import PAPER_TASKS, base

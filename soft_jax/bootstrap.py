@@ -1,4 +1,7 @@
-"""The SOFT / SOFT+ round loop (METHOD.md): slice -> generate -> filter -> score -> order -> train -> eval.
+"""The SOFT / SOFT+ round loop: slice -> generate -> filter -> score -> order -> train -> eval.
+
+The method is docs/method.md ("A run, round by round"); the phases, their files and the modules they call are
+docs/architecture.md ("The data flow of a round").
 
 Every phase leaves a durable artifact in the work dir (soft_jax.workdir lists them) before the next starts,
 so a rerun of the same command skips what is finished and resumes inside a phase where that is possible:

@@ -1,4 +1,4 @@
-"""The collapse guard (METHOD.md, claim 3): which round is best, and when to stop.
+"""The collapse guard (claim 3; docs/method.md, "The collapse guard"): which round is best, and when to stop.
 
 Rounds are compared on the same validation items: the per-item scores of a round and of the best round so
 far give a paired bootstrap interval of the mean difference (soft_jax.stats). A round replaces the best

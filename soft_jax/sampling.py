@@ -3,7 +3,7 @@
 
 Generation: the batch's longest common token prefix (the principles + exemplars of a SOFT round) is
 prefilled once and its KV cache broadcast to every row; each row's own suffix is then prefilled
-left-padded to a power-of-two bucket, and a `lax.while_loop` decodes until every row has stopped.
+left-padded to a length bucket (BUCKETS), and a `lax.while_loop` decodes until every row has stopped.
 The cache is preallocated and donated. Shapes are bucketed so a long prompt list compiles a handful
 of programs. generate_continued lets rows go on after a new head in the same cache (SOFT's forced answer:
 the answer marker after the thoughts), prefilling only the head's new text.
@@ -144,8 +144,8 @@ def filter_logits(logits, temperature, top_p, top_k, *, use_top_p: bool, use_top
 
 def argmax(x):
     """jnp.argmax over the last axis (the first index of the maximum) as a max and a min over indices: XLA:CPU
-    runs the two plain reductions faster than argmax's (value, index) one (benchmarks/RESULTS.md: a draw over
-    [32, 49,152], Gumbel noise + this argmax, 10.2 ms against jax.random.categorical's 26.6 ms)."""
+    runs the two plain reductions faster than argmax's (value, index) one, and every decode step draws over the
+    whole vocabulary (benchmarks/RESULTS.md, "Each program compiled once, and a cheaper draw")."""
     top = jnp.max(x, axis=-1, keepdims=True)
     index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
     return jnp.min(jnp.where(x == top, index, x.shape[-1]), axis=-1)
@@ -552,7 +552,7 @@ def _texts(tokenizer, rows, ended, config: SamplingConfig) -> tuple[list[str], l
 
 
 # Scoring lives in soft_jax.scoring; soft_jax.sampling.score (and score_tokens, score_ids) stay as the API other
-# tools call (DESIGN.md), forwarding to it.
+# tools call (docs/architecture.md, "Contracts"), forwarding to it.
 
 
 def score_tokens(*args, **kwargs):

@@ -1,4 +1,4 @@
-"""A round's self-aligned generation (METHOD.md): self-align prompts -> samples -> parsed, cut and filtered.
+"""A round's self-aligned generation (docs/method.md, "The self-align prompt"): prompts -> samples -> filtered.
 
 Each prompt gets its own k exemplars (or a batch shares one draw, or the fixed set); the principles are one
 shared prefix per batch, prefilled once by the sampler. sampling.group_batches batches are sampled together as

@@ -2,8 +2,8 @@
 checked where they are made, and the names a run config chooses from. No jax here: configs load without it.
 
 A run config's `train` and `sampling` sections hold these dataclasses' fields (config.base() takes its
-defaults from them, changing only what METHOD.md sets for a run), and the `generate` / `train` commands take
-their flags' defaults from them too.
+defaults from them, changing only what the method sets for a run: docs/method.md), and the `generate` /
+`train` commands take their flags' defaults from them too.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Degeneracy signals of open-ended answers: distinct-n, repetition, length, truncation.
 
-METHOD.md asks each round to report these on the open-ended answers, since late rounds can collapse into
-sharper, less diverse, looping output. Words are the lowercased `\\w+` tokens of an answer; n-grams never
+Each round reports these on the open-ended answers (docs/method.md, "The collapse guard"): late rounds can
+collapse into sharper, less diverse, looping output. Words are the lowercased `\\w+` tokens of an answer; n-grams never
 cross from one answer into the next.
 
 - `per_answer(text, finish)`: one answer's signals (the per-item scores a paired comparison can use).

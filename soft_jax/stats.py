@@ -1,6 +1,7 @@
 """Paired comparisons of two rounds on the same items, for the collapse guard.
 
-METHOD.md: a round is "worse" only beyond noise, judged by a paired comparison over the validation items.
+docs/method.md ("The collapse guard"): a round is "worse" only beyond noise, judged by a paired comparison
+over the validation items.
 `paired_bootstrap` gives a percentile bootstrap interval of the mean per-item difference (candidate minus
 reference), resampling items so that each resampled item keeps its own pair of scores; `verdict` reads the
 interval as better / worse / tie. numpy only.

@@ -1,4 +1,5 @@
-"""Experiments that mean what they claim (METHOD.md): each claim's configs differ only in its knobs, rounds keep
+"""Experiments that mean what they claim (docs/method.md, "The claims and the configs that test them"): each
+claim's configs differ only in its knobs, rounds keep
 the pool's category mix, the fixed exemplar set matches random draws' principle coverage, truncated answers
 are known and not trained as finished, and the collapse guard reads beyond noise."""
 

@@ -1,7 +1,8 @@
 """The built-in validation set is held out: no text shared with the exemplars, no prompt from the pools.
 
-METHOD.md: "The validation set shares no text with the exemplars". The collapse guard scores the model's NLL on
-these pairs; text copied from the exemplars (which every self-align prompt shows) would reward memorising them.
+docs/method.md ("Terms"): the validation pairs share no text with the exemplars. The collapse guard scores the
+model's NLL on these pairs; text copied from the exemplars (which every self-align prompt shows) would reward
+memorising them.
 `overlaps(path)` lists the problems of any validation file, so the check can be run by hand on another one.
 """
 

@@ -201,7 +201,8 @@ def coverage(covers: Sequence[set], k: int, draws: int = 20000) -> tuple[float, 
 
 def choose_fixed(pool: list[Exemplar], k: int, covers: Sequence[set]) -> list[str]:
     """The fixed exemplar set of the fixed-vs-random ablation: k exemplars covering as many principles as k
-    random ones do on average (METHOD.md), so that the ablation varies diversity, not principle coverage.
+    random ones do on average (docs/method.md, "The claims and the configs that test them"), so that the ablation
+    varies diversity, not principle coverage.
     covers[i]: the principles exemplar i's thoughts cite. Deterministic: the first such subset in pool order."""
     if k == 0:
         return []

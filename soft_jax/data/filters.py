@@ -1,4 +1,4 @@
-"""Filters over self-aligned generations (METHOD.md): each drops what it targets and counts it.
+"""Filters over self-aligned generations (docs/method.md, "Filtering"): each drops what it targets and counts it.
 
 A generation is kept when it has an answer and no filter objects; the first objecting filter (in
 FILTERS order) is recorded as the reason, so the per-filter counts add up to the dropped total.
