@@ -31,6 +31,8 @@ def get_config(arg=None):
     c.train.update(learning_rate=5e-5, batch_size=2, epochs=2, max_prompt_len=192, max_response_len=192,
                    checkpoint_every=4, warmup_ratio=0.0)
     c.validation.update(metric="valid_nll", patience=1, tolerance=0.0, confidence=0.95)
-    c.eval.update(tasks=PAPER_TASKS, limit=16)  # the first 16 items of each (HHH: 4 per subset), every round
+    # the first 16 items of each (HHH: 4 per subset), every round; on a machine without the BIG-bench task files
+    # the demo runs on and shows them as n/a (`soft-jax data tasks` says where they are looked for)
+    c.eval.update(tasks=PAPER_TASKS, limit=16, required=False)
     c.open_ended.update(limit=8, max_new_tokens=96)
     return c

@@ -213,9 +213,14 @@ class Run:
                                        mesh=self.mesh, seed=c.seed, progress=self.progress)
         self.log(f"[run] {self.wd.path}: {c.rounds} round(s), prompts per round {self.inputs.sizes}, "
                  f"model {c.model.path or c.model.name}, {jax.device_count()} device(s)")
-        if c.eval.tasks:
-            mc2 = c.eval.protocol == "dromedary" and "truthfulqa_mc2" in c.eval.tasks
-            self.log(f"[run] every round (0 = the base model) evaluates {c.eval.tasks} under the {c.eval.protocol} "
+        if self.inputs.unavailable:
+            self.log(f"[eval] not evaluated in this run (eval.required=false; shown as n/a): "
+                     f"{', '.join(self.inputs.unavailable)}: {next(iter(self.inputs.unavailable.values()))}")
+        if self.inputs.bigbench is not None:
+            self.log(f"[eval] {self.inputs.bigbench.describe()}")
+        if self.inputs.eval_tasks:
+            mc2 = c.eval.protocol == "dromedary" and "truthfulqa_mc2" in self.inputs.eval_tasks
+            self.log(f"[run] every round (0 = the base model) evaluates {','.join(self.inputs.eval_tasks)} under the {c.eval.protocol} "
                      f"protocol: {evaluation.DESCRIPTIONS[c.eval.protocol]}"
                      + ("; its truthfulqa_mc2 is soft-jax's own construction" if mc2 else ""))
         self.log(f"[run] collapse guard: validation {v.metric}, a round is better or worse than the best only beyond "

@@ -168,8 +168,11 @@ def cmd_eval(args) -> None:
     tasks = evaluation.parse_tasks(args.tasks)
     if args.protocol not in evaluation.PROTOCOLS:
         raise UserError(f"unknown protocol {args.protocol!r}; choose from {', '.join(evaluation.PROTOCOLS)}")
-    for task in tasks:  # data problems (no network, bad files) surface before the model loads
-        evaluation.load_items(task, 1, args.truthfulqa_file)
+    source, unavailable = evaluation.availability(tasks, args.protocol, args.truthfulqa_file)
+    if unavailable:  # data problems (no network, bad files) surface before the model loads
+        raise UserError(next(iter(unavailable.values())))
+    if source is not None:
+        print(source.describe())
     build, _, tokenizer = _open_model(args)
     model = build()
     results = evaluation.evaluate(model, tokenizer, tasks, args.protocol, args.limit, args.truthfulqa_file,
@@ -266,6 +269,12 @@ def cmd_data_import(args) -> None:
                                     category=args.category, max_chars=args.max_chars)
     print("\n".join(pool.describe(counts, args.max_chars, args.format)))
     print(f"wrote {pool.write_pool(rows, args.out, args.tfds_name)}")
+
+
+def cmd_data_tasks(args) -> None:
+    from soft_jax.evaluation import data
+
+    print("\n".join(data.sources()))
 
 
 def cmd_data_check(args) -> None:
@@ -393,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="bring your own prompts: import a dataset as a prompt pool; check for "
                                     "benchmark contamination")
-    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="{import,check}", parser_class=_Parser)
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="{import,check,tasks}", parser_class=_Parser)
     p = data_sub.add_parser("import", help="the first user turn of each conversation -> a JSONL prompt pool "
                                            "(deduplicated, counted)")
     p.add_argument("--format", required=True, choices=["sharegpt", "dolly", "oasst", "alpaca", "jsonl"])
@@ -420,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="write the report as JSON")
     p.add_argument("--strict", action="store_true", help="exit 1 when anything is shared (default: warn, exit 0)")
     p.set_defaults(fn=cmd_data_check)
+    p = data_sub.add_parser("tasks", help="where the BIG-bench task files (HHH, TruthfulQA) are found, in the order "
+                                          "they are looked for, and which tasks are available")
+    p.set_defaults(fn=cmd_data_tasks)
     return parser
 
 

@@ -27,13 +27,13 @@ GRANULARITIES = ("prompt", "batch")
 ACROSS_ROUNDS = ("none", "prompt_ppl", "prompt_length")
 # Keys a resumed run may change without invalidating finished rounds (checked in bootstrap).
 RESUMABLE_CHANGES = ("rounds", "check_contamination", "validation.patience", "validation.tolerance", "validation.confidence",
-                     "validation.resamples", "progress", "prompts.per_round")
+                     "validation.resamples", "progress", "prompts.per_round", "eval.required")
 # The paper's benchmarks, run every round (round 0, the base model, included) by the paper configs.
 PAPER_TASKS = "hhh,truthfulqa_mc1,truthfulqa_mc2"
 
 
 def base() -> ml_collections.ConfigDict:
-    """Every knob of a SOFT run, with METHOD.md's defaults where it gives them."""
+    """Every knob of a SOFT run, with the method's defaults where it gives them (docs/method.md)."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.progress = True
@@ -79,7 +79,9 @@ def base() -> ml_collections.ConfigDict:
     # difference, at `confidence`, lies beyond `tolerance` (confidence 0: the point estimate decides)
     c.validation = dict(path="", metric="valid_nll", patience=1, tolerance=0.0, confidence=0.95, resamples=2000,
                         limit=0, batch_size=8)
-    c.eval = dict(tasks="", protocol="dromedary", limit=0, batch_size=16, truthfulqa_file="")
+    # required: a run whose eval tasks cannot be had (no BIG-bench task files: see `soft-jax data tasks`) stops
+    # before any weights are read; false: it says so once, goes on and shows them as n/a (the demo)
+    c.eval = dict(tasks="", protocol="dromedary", limit=0, batch_size=16, truthfulqa_file="", required=True)
     c.open_ended = dict(path="", limit=0, max_new_tokens=256)  # limit 0: no open-ended answers
     return c
 

@@ -21,9 +21,31 @@ class Inputs:
     validation: list[dict]
     sizes: list[int]  # prompts per round
     open_ended: list[dict]
+    eval_tasks: list[str] = dataclasses.field(default_factory=list)  # the configured tasks that can be evaluated
+    unavailable: dict[str, str] = dataclasses.field(default_factory=dict)  # task -> why it cannot be evaluated
+    bigbench: object = None  # evaluation.data.Source of the BIG-bench task files, when a task reads them
 
 
-def load(c: ml_collections.ConfigDict) -> Inputs:
+def check_eval(c: ml_collections.ConfigDict) -> tuple[list[str], dict[str, str], object]:
+    """(the eval tasks to run, {task: why it cannot be}, the BIG-bench source or None). Tasks without their data
+    stop a run that requires them (eval.required) and never pass silently as a validation metric, since the
+    collapse guard would have nothing to compare."""
+    tasks = evaluation.parse_tasks(c.eval.tasks) if c.eval.tasks else []
+    metric = [c.validation.metric] if c.validation.metric in evaluation.TASKS else []
+    source, unavailable = evaluation.availability(list(dict.fromkeys(tasks + metric)), c.eval.protocol,
+                                                  c.eval.truthfulqa_file or None)
+    if metric and metric[0] in unavailable:
+        raise UserError(f"config: validation.metric {metric[0]} cannot be evaluated: {unavailable[metric[0]]}; or "
+                        "choose another validation.metric (valid_nll needs no benchmark data)")
+    if unavailable and c.eval.required:
+        raise UserError(f"config: eval.tasks {', '.join(unavailable)} cannot be evaluated: "
+                        f"{next(iter(unavailable.values()))}; or set eval.required=false to run without them")
+    return [t for t in tasks if t not in unavailable], unavailable, source
+
+
+def load(c: ml_collections.ConfigDict, evaluating: bool = True) -> Inputs:
+    """Everything the run reads, checked. evaluating=False (`soft-jax plan`): the eval tasks are not looked up, as
+    compiling needs no benchmark item."""
     exemplars = data.load_exemplars(c.exemplars.path)
     if c.exemplars.k > len(exemplars):
         raise UserError(f"exemplars.k = {c.exemplars.k} but the exemplar pool has {len(exemplars)}; lower "
@@ -40,12 +62,10 @@ def load(c: ml_collections.ConfigDict) -> Inputs:
                         f"prompt pool ({c.prompts.path or 'built-in'}) has {len(pool)}; lower rounds or "
                         "prompts.per_round, or give a larger pool")
     validation = data.load_pairs(c.validation.path) if c.validation.metric == "valid_nll" else []
-    tasks = evaluation.parse_tasks(c.eval.tasks) if c.eval.tasks else []
-    for task in set(tasks) | ({c.validation.metric} & set(evaluation.TASKS)):  # no data: fail now, not later
-        evaluation.load_items(task, 1, c.eval.truthfulqa_file or None)
+    eval_tasks, unavailable, source = check_eval(c) if evaluating else ([], {}, None)
     open_ended = data.load_prompts(c.open_ended.path or data.asset("questions.jsonl")) if c.open_ended.limit else []
     return Inputs(data.load_principles(c.principles), exemplars, pool, validation, sizes,
-                  open_ended[:c.open_ended.limit])
+                  open_ended[:c.open_ended.limit], eval_tasks, unavailable, source)
 
 
 def resolve_fixed_exemplars(c: ml_collections.ConfigDict, inputs: Inputs) -> None:

@@ -363,7 +363,7 @@ def plan_run(c, where: Target, log=print) -> list[Program]:
     counted = "the model's tokenizer"
     if tokenizer is None:
         tokenizer, counted = presets.check("smollm2-135m")[1], "SmolLM2's tokenizer (no model.path given)"
-    prompt, shared = inputs.prompt_tokens(c, inputs.load(c), tokenizer)
+    prompt, shared = inputs.prompt_tokens(c, inputs.load(c, evaluating=False), tokenizer)
     mesh = shd.make_mesh((c.mesh.data, c.mesh.fsdp, c.mesh.tensor), where.devices)
     sizes = memory.resolve_mesh(dict(mesh.shape), mesh.devices.size)
     inputs.check_batches(c, sizes)
@@ -391,7 +391,7 @@ def _size(n: int) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2 ** 20:.1f} MiB"
 
 
-# --- the README table: the compiler against soft_jax.memory's estimate ------------------------------------
+# --- the memory table (benchmarks/RESULTS.md): the compiler against soft_jax.memory's estimate -------------
 
 # (model, target, mesh): FSDP over every device, as launch/tpu_pod.sh runs a slice.
 TABLE_CASES = tuple((model, where, mesh) for model in ("llama2-7b", "llama3-8b")
@@ -421,7 +421,7 @@ def table_shapes(mesh_shape, settings=None) -> tuple[Shapes, dict]:
 
 
 def compare_row(model: str, where: str, mesh_shape, param_dtype="bfloat16", log=None) -> dict:
-    """One row of the README table: compiled GiB per device (training, generation) beside the estimate's."""
+    """One row of the memory table: compiled GiB per device (training, generation) beside the estimate's."""
     from soft_jax import memory
 
     cfg = memory.table_model(model, param_dtype, "bfloat16")
@@ -448,7 +448,7 @@ def _row_in_child(case, queue) -> None:
     queue.put(compare_row(model, where, mesh, log=log))
 
 
-if __name__ == "__main__":  # python -m soft_jax.plan [model:target ...]: the README table, a row at a time
+if __name__ == "__main__":  # python -m soft_jax.plan [model:target ...]: the memory table, a row at a time
     import multiprocessing
 
     from soft_jax import memory

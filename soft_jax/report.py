@@ -42,7 +42,7 @@ def _figures(workdir: str, state: dict, metrics: list[dict], rounds: list[int], 
     plt = plots.pyplot()
     figs = {}
     evals = {m["round"]: m for m in metrics if m["phase"] == "eval"}
-    keys = sorted({k for m in evals.values() for k in m if k not in ("round", "phase", "seconds")})
+    keys = sorted({k for m in evals.values() for k in m if k not in ("round", "phase", "seconds", "unavailable")})
     if evals:
         metric = config.get("validation", {}).get("metric")
         comparisons = {int(t): c for t, c in state.get("comparisons", {}).items()}
@@ -183,7 +183,7 @@ def round_table(metrics: list[dict], metric: str, tasks: str = "", comparisons: 
             *(f"{k} ({protocol})" if protocol else k for k in names), *(h for _, h in opens)]
     head = [h for h in head if h is not None]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    num = lambda row, k: f"{row[k]:.4f}" if k in row else "-"  # noqa: E731
+    num = lambda row, k: "n/a" if k in row.get("unavailable", ()) else f"{row[k]:.4f}" if k in row else "-"  # noqa: E731
     for t in sorted(k for k in by if k is not None):
         ph = by[t]
         gen, cur = (ph.get("generate") or [{}])[0], (ph.get("curriculum") or [{}])[0]

@@ -57,15 +57,20 @@ def evaluate(run, t: int, model, tokenizer) -> tuple[dict, dict]:
     items, ids = validation_items(run, model, tokenizer, answers)
     out["validation"] = {"metric": c.validation.metric, "value": float(np.mean(items)), "n": len(items),
                          "items": items, "ids": ids}
-    if c.eval.tasks:
-        res = evaluation.evaluate(model, tokenizer, evaluation.parse_tasks(c.eval.tasks), c.eval.protocol,
+    if run.inputs.eval_tasks:
+        res = evaluation.evaluate(model, tokenizer, run.inputs.eval_tasks, c.eval.protocol,
                                   c.eval.limit or None, truthfulqa_file=c.eval.truthfulqa_file or None,
                                   batch_size=c.eval.batch_size, mesh=run.mesh, progress=run.progress)
         out["protocol"], out["protocol_description"] = res.pop("protocol"), res.pop("protocol_description")
+        if "data" in res:
+            out["data"] = res.pop("data")
         out["tasks"] = res
+    if run.inputs.unavailable:  # eval.required=false: recorded with the reason, shown as n/a, never as 0
+        out["unavailable"] = dict(run.inputs.unavailable)
     event = {"round": t, "phase": "eval", "seconds": time.perf_counter() - t0,
              c.validation.metric: out["validation"]["value"],
-             **{task: r["accuracy"] for task, r in out.get("tasks", {}).items()}}
+             **{task: r["accuracy"] for task, r in out.get("tasks", {}).items()},
+             **({"unavailable": sorted(run.inputs.unavailable)} if run.inputs.unavailable else {})}
     if answers:
         event.update({f"open_{k}": out["open_ended"]["signals"][k]
                       for k in ("distinct_2", "repeated_ngram_rate", "length", "truncation_rate")})

@@ -127,6 +127,26 @@ def item_ids(results: list[dict]) -> list[str]:
     return out
 
 
+def bigbench_tasks(tasks: Sequence[str], protocol: str, truthfulqa_file: str | None = None) -> list[str]:
+    """The tasks that read BIG-bench's files: HHH always; TruthfulQA unless a file of its own is given, and even
+    then under "loglik", whose few-shot prefixes are BIG-bench's."""
+    return [t for t in tasks if t == "hhh" or not truthfulqa_file or protocol == "loglik"]
+
+
+def availability(tasks: Sequence[str], protocol: str, truthfulqa_file: str | None = None
+                 ) -> tuple[data.Source | None, dict[str, str]]:
+    """(where BIG-bench's files are, or None; {task: why it cannot be evaluated} for the tasks that need them
+    when there are none). Each task's items are read once, so a broken file is reported now, not mid-run."""
+    need = bigbench_tasks(tasks, protocol, truthfulqa_file)
+    try:
+        source = data.locate() if need else None
+    except UserError as e:
+        return None, {t: str(e) for t in need}
+    for task in tasks:
+        load_items(task, 1, truthfulqa_file)
+    return source, {}
+
+
 def load_items(task: str, limit: int | None = None, truthfulqa_file: str | None = None) -> list[data.MCItem]:
     if task == "hhh":  # N items spread evenly over the four subsets
         return data.load_hhh(None if limit is None else -(-limit // len(data.HHH_SUBSETS)))
@@ -141,6 +161,8 @@ def evaluate(model, tokenizer, tasks: Sequence[str], protocol: str = "dromedary"
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
     results: dict = {"protocol": protocol, "protocol_description": DESCRIPTIONS[protocol]}
+    if bigbench_tasks(tasks, protocol, truthfulqa_file):
+        results["data"] = data.locate().record()
     items = {task: load_items(task, limit, truthfulqa_file) for task in tasks}
     pairs = {task: requests(task, items[task], protocol, tokenizer) for task in tasks}
     # One scoring call for every task: requests repeated across tasks (MC1's answers are among MC2's) run once.

@@ -1,18 +1,29 @@
-"""Benchmark data: BIG-bench's HHH Eval and TruthfulQA task files, from the `bigbench` 1.0.0 source archive.
+"""Benchmark data: BIG-bench's HHH Eval and TruthfulQA task files, found in one of four places, in this order.
 
-The archive (358 MB) is fetched once from the simple index pip is configured with ($PIP_INDEX_URL, else pip's
-`index-url` setting, else pip's default index), checked against its sha256 and cached under ~/.cache/soft_jax;
-$SOFT_JAX_BIGBENCH_ARCHIVE names a local copy instead (no network). Only the task JSON files are read (the
-package is never installed: its declared dependencies cannot be resolved, which is also why
-`pip download --no-deps bigbench==1.0.0` fails while preparing metadata). A user-supplied full TruthfulQA
-multiple-choice file (817 questions, `mc1_targets` / `mc2_targets`, JSON, JSONL or parquet) replaces the
-299-question BIG-bench version.
+1. $SOFT_JAX_BIGBENCH_ARCHIVE: a local copy of the `bigbench` 1.0.0 source archive, checked against its sha256
+   (never the network). Its task files are extracted once into the cache.
+2. $SOFT_JAX_BIGBENCH_DIR: a BIG-bench git checkout, or any tree holding
+   `bigbench/benchmark_tasks/{hhh_alignment,truthful_qa}/...`. Its files are read in place; their item counts
+   are compared with the 1.0.0 release's and their sha256 digests recorded, since a checkout of another commit
+   may hold other items (usable, but not comparable with published results).
+3. The cache (~/.cache/soft_jax/bigbench/tasks, or $SOFT_JAX_CACHE/bigbench/tasks): files extracted earlier from
+   the sha256-checked archive.
+4. The simple index pip is configured with ($PIP_INDEX_URL, else pip's `index-url` setting, else pip's default
+   index): the archive (358 MB) is downloaded into the cache, checked and extracted. Many indexes no longer
+   serve it.
+
+Only the task JSON files are read (the package is never installed: its declared dependencies cannot be resolved,
+which is also why `pip download --no-deps bigbench==1.0.0` fails while preparing metadata). A user-supplied full
+TruthfulQA multiple-choice file (817 questions, `mc1_targets` / `mc2_targets`, JSON, JSONL or parquet) replaces
+the 299-question BIG-bench version. Only evaluation reads any of this: `locate` is called by the tasks that need
+the files, never at import.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import hashlib
 import html
 import json
@@ -31,6 +42,8 @@ ARCHIVE = "bigbench-1.0.0.tar.gz"
 ARCHIVE_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 PROJECT = "bigbench"
 ARCHIVE_ENV = "SOFT_JAX_BIGBENCH_ARCHIVE"
+DIR_ENV = "SOFT_JAX_BIGBENCH_DIR"
+RELEASE = "bigbench 1.0.0"
 TASK_FILES = {
     "hhh/harmless": "bigbench/benchmark_tasks/hhh_alignment/harmless/task.json",
     "hhh/helpful": "bigbench/benchmark_tasks/hhh_alignment/helpful/task.json",
@@ -39,9 +52,17 @@ TASK_FILES = {
     "truthfulqa/mc": "bigbench/benchmark_tasks/truthful_qa/task_mc.json",
     "truthfulqa/questions": "bigbench/benchmark_tasks/truthful_qa/questions.json",
 }
+# Examples per file in the 1.0.0 release: the published sets (HHH 58 / 59 / 61 / 43, TruthfulQA 299 questions).
+RELEASE_COUNTS = {"hhh/harmless": 58, "hhh/helpful": 59, "hhh/honest": 61, "hhh/other": 43, "truthfulqa/mc": 299,
+                  "truthfulqa/questions": 299}
+# sha256 of each task file as the 1.0.0 release holds it. Not recorded yet: no copy of the release was at hand
+# when the directory source was written (`soft-jax data tasks` prints the digests of whatever it finds, so a
+# machine holding the archive can fill this in). Until then a directory's files are compared by item counts only.
+RELEASE_SHA256: dict[str, str] = {}
 HHH_SUBSETS = ("harmless", "helpful", "honest", "other")
-HOW_TO_GET = ("fetch it on a machine that reaches the index pip is configured with (soft-jax eval downloads it), "
-              f"or set {ARCHIVE_ENV}=/path/to/{ARCHIVE} (sha256 {ARCHIVE_SHA256[:12]}...), or put it in {{cache}}")
+HOW_TO_GET = (f"clone BIG-bench (github.com/google/BIG-bench) and set {DIR_ENV}=/path/to/BIG-bench, "
+              f"or set {ARCHIVE_ENV}=/path/to/{ARCHIVE} (sha256 {ARCHIVE_SHA256[:12]}...), or put the archive in "
+              "{cache}; `soft-jax data tasks` shows what is found")
 PIP_TIMEOUT = 30  # seconds for each question put to pip in a subprocess
 
 
@@ -124,7 +145,8 @@ def _check_archive(path: str, mend: str) -> None:
         raise UserError(f"{path}: sha256 {digest}, expected {ARCHIVE_SHA256} ({ARCHIVE}); {mend}")
 
 
-def _download_archive(path: str) -> None:
+def _download_archive(path: str) -> str:
+    """Downloads the archive from the package index into path, checked; returns its URL."""
     page = "the package index"
     try:
         page = project_page(index_url())
@@ -145,41 +167,191 @@ def _download_archive(path: str) -> None:
         os.remove(tmp)
         raise UserError(f"the downloaded {ARCHIVE} has sha256 {digest.hexdigest()}, expected {ARCHIVE_SHA256}; retry")
     os.replace(tmp, path)
+    return url
 
 
-def _archive(directory: str) -> str:
-    """The archive to read: $SOFT_JAX_BIGBENCH_ARCHIVE (never the network), else the cached or downloaded copy."""
-    local = os.environ.get(ARCHIVE_ENV, "").strip()
-    if local:
-        _check_archive(local, f"point {ARCHIVE_ENV} at the bigbench 1.0.0 source archive, or unset it to download")
-        return local
-    archive = os.path.join(directory, ARCHIVE)
-    if os.path.isfile(archive):
-        _check_archive(archive, "delete it (soft-jax eval downloads it again) or replace it with the right archive")
-    else:
-        _download_archive(archive)
-    return archive
-
-
-def task_file(name: str) -> str:
-    """Path of a cached task JSON file, extracting (and if need be downloading) the archive once."""
-    directory = cache_dir()
-    out = os.path.join(directory, "tasks", TASK_FILES[name])
-    if os.path.isfile(out):
-        return out
-    os.makedirs(directory, exist_ok=True)
-    archive = _archive(directory)
-    wanted = {f"bigbench-1.0.0/{p}": p for p in TASK_FILES.values()}
+def _extract(archive: str, directory: str) -> None:
+    """Writes the archive's task files that `directory` lacks into it (each atomically: two evaluations may
+    extract at once)."""
+    wanted = {f"bigbench-1.0.0/{p}": p for p in TASK_FILES.values()
+              if not os.path.isfile(os.path.join(directory, p))}
+    if not wanted:
+        return
     with tarfile.open(archive, "r:gz") as tf:
         for member in tf:
             if member.name in wanted:
-                dest = os.path.join(directory, "tasks", wanted[member.name])
+                dest = os.path.join(directory, wanted[member.name])
                 os.makedirs(os.path.dirname(dest), exist_ok=True)
-                tmp = f"{dest}.tmp{os.getpid()}"  # per process: two evaluations may extract at once
+                tmp = f"{dest}.tmp{os.getpid()}"
                 with open(tmp, "wb") as f:
                     f.write(tf.extractfile(member).read())
                 os.replace(tmp, dest)
-    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where the task files were found: `kind` (archive | directory | cache | index), `where` (a path or URL)
+    and `root`, the directory holding `bigbench/benchmark_tasks/...`."""
+
+    kind: str
+    where: str
+    root: str
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.root, TASK_FILES[name])
+
+    @functools.cached_property
+    def files(self) -> dict[str, dict]:
+        """{name: {"sha256", "items"}} of every task file (items: the examples it holds)."""
+        return {name: {"sha256": _sha256(self.path(name)), "items": len(_examples(self.path(name)))}
+                for name in TASK_FILES}
+
+    @property
+    def release(self) -> bool:
+        """True when the files are known to be the 1.0.0 release's: extracted from the sha256-checked archive."""
+        return self.kind != "directory"
+
+    def differences(self) -> list[str]:
+        """How the files differ from the 1.0.0 release's, as far as can be told (item counts, recorded digests)."""
+        out = []
+        for name, f in self.files.items():
+            if f["items"] != RELEASE_COUNTS[name]:
+                out.append(f"{TASK_FILES[name]} has {f['items']} items, the release {RELEASE_COUNTS[name]}")
+            elif name in RELEASE_SHA256 and f["sha256"] != RELEASE_SHA256[name]:
+                out.append(f"{TASK_FILES[name]} has sha256 {f['sha256'][:12]}..., the release "
+                           f"{RELEASE_SHA256[name][:12]}...")
+        return out
+
+    def comparable(self) -> bool | None:
+        """True: the release's files; False: they differ from it; None: the counts match but no digest of the
+        release is recorded to compare with."""
+        if self.release:
+            return True
+        if self.differences():
+            return False
+        return True if set(RELEASE_SHA256) == set(TASK_FILES) else None
+
+    def describe(self) -> str:
+        """One line for the log: where the files are and whether results are comparable with published ones."""
+        where = {"archive": f"${ARCHIVE_ENV} = {self.where} (sha256-checked {RELEASE} archive)",
+                 "directory": f"${DIR_ENV} = {self.where}",
+                 "cache": f"the cache {self.where} (extracted from the sha256-checked {RELEASE} archive)",
+                 "index": f"the package index, {self.where} (sha256-checked {RELEASE} archive)"}[self.kind]
+        verdict = {True: "comparable with published results",
+                   False: "NOT comparable with published results: " + "; ".join(self.differences()),
+                   None: f"item counts equal the {RELEASE} release's; no digests of the release are recorded in "
+                         "soft-jax to compare the files with, so equality with it is unchecked"}[self.comparable()]
+        return f"BIG-bench task files from {where}: {verdict}"
+
+    def record(self) -> dict:
+        """What eval.json records of the data: the source, each file's digest and item count, comparability."""
+        return {"source": self.kind, "where": self.where, "files": self.files, "comparable": self.comparable(),
+                "differences": self.differences(), "description": self.describe()}
+
+
+def _examples(path: str) -> list:
+    body = _read_json(path)
+    examples = body.get("examples") if isinstance(body, dict) else None
+    if not isinstance(examples, list) or not examples:
+        raise UserError(f"{path}: no examples; expected a BIG-bench task file with a non-empty \"examples\" list")
+    return examples
+
+
+def _tree_root(directory: str) -> str:
+    """The directory above `bigbench/benchmark_tasks` for a checkout, its `bigbench/` or its `benchmark_tasks/`."""
+    directory = os.path.abspath(os.path.expanduser(directory))
+    for root in (directory, os.path.dirname(directory), os.path.dirname(os.path.dirname(directory))):
+        if os.path.isdir(os.path.join(root, "bigbench", "benchmark_tasks")):
+            return root
+    return directory
+
+
+def _from_directory(directory: str) -> Source:
+    if not os.path.isdir(directory):
+        raise UserError(f"{DIR_ENV}={directory}: no such directory; point it at a BIG-bench checkout (the "
+                        "directory holding bigbench/benchmark_tasks) or unset it")
+    root = _tree_root(directory)
+    missing = [p for p in TASK_FILES.values() if not os.path.isfile(os.path.join(root, p))]
+    if missing:
+        raise UserError(f"{DIR_ENV}={directory}: no {missing[0]} under it; point it at a BIG-bench checkout (the "
+                        "directory holding bigbench/benchmark_tasks) or unset it")
+    source = Source("directory", directory, root)
+    source.files  # noqa: B018 -- reads every file now: a broken one is refused before any weights are read
+    return source
+
+
+def _cached() -> str | None:
+    """The cache's task directory when it holds every task file."""
+    tasks = os.path.join(cache_dir(), "tasks")
+    return tasks if all(os.path.isfile(os.path.join(tasks, p)) for p in TASK_FILES.values()) else None
+
+
+def locate() -> Source:
+    """The task files, from the first source configured or available (see the module docstring); a UserError
+    in one line saying how to get them when there are none. Found once per process and configuration."""
+    return _locate(os.environ.get(ARCHIVE_ENV, "").strip(), os.environ.get(DIR_ENV, "").strip(), cache_dir())
+
+
+@functools.lru_cache(maxsize=8)
+def _locate(archive: str, directory: str, cache: str) -> Source:
+    tasks = os.path.join(cache, "tasks")
+    if archive:
+        _check_archive(archive, f"point {ARCHIVE_ENV} at the {RELEASE} source archive, or unset it")
+        _extract(archive, tasks)
+        return Source("archive", archive, tasks)
+    if directory:
+        return _from_directory(directory)
+    if _cached():
+        return Source("cache", tasks, tasks)
+    os.makedirs(cache, exist_ok=True)
+    path = os.path.join(cache, ARCHIVE)
+    if os.path.isfile(path):
+        _check_archive(path, "delete it (soft-jax downloads it again) or replace it with the right archive")
+        where = path
+    else:
+        where = _download_archive(path)
+    _extract(path, tasks)
+    return Source("index", where, tasks)
+
+
+def _index_has_archive() -> str:
+    """Whether the package index lists the archive, asked without downloading it: one line."""
+    page = "the package index"
+    try:
+        page = project_page(index_url())
+        url = archive_link(urllib.request.urlopen(page, timeout=30).read().decode(), page)
+    except (OSError, LookupError, ValueError, UserError) as e:
+        return f"{page}: not reachable ({type(e).__name__}: {e})"
+    return f"{page}: lists {ARCHIVE} (downloaded on first use)" if url else f"{page}: does not list {ARCHIVE}"
+
+
+def sources() -> list[str]:
+    """Every source in the order `locate` tries them, one line each, then what it finds and each file's digest
+    and item count: the output of `soft-jax data tasks`."""
+    archive, directory, tasks = (os.environ.get(ARCHIVE_ENV, "").strip(), os.environ.get(DIR_ENV, "").strip(),
+                                 os.path.join(cache_dir(), "tasks"))
+    lines = ["BIG-bench task files (HHH Eval, TruthfulQA), looked for in this order:",
+             f"  1. ${ARCHIVE_ENV}: {archive or 'not set'}",
+             f"  2. ${DIR_ENV}: {directory or 'not set'}",
+             f"  3. the cache {tasks}: {'complete' if _cached() else 'does not hold them all'}"]
+    cached = os.path.join(cache_dir(), ARCHIVE)
+    lines.append("  4. " + (f"the archive already downloaded to {cached}" if os.path.isfile(cached)
+                            else _index_has_archive()))
+    try:
+        source = locate()
+    except UserError as e:
+        return lines + [f"unavailable: {e}", "tasks hhh, truthfulqa_mc1, truthfulqa_mc2: unavailable (a run whose "
+                        "config sets eval.required=false goes on without them; a TruthfulQA file of your own "
+                        "serves truthfulqa_mc1 / mc2 under the dromedary protocol)"]
+    lines += [source.describe(), "tasks hhh, truthfulqa_mc1, truthfulqa_mc2: available"]
+    lines += [f"  {TASK_FILES[n]}: {f['items']} items (release {RELEASE_COUNTS[n]}), sha256 {f['sha256']}"
+              for n, f in source.files.items()]
+    return lines
+
+
+def task_file(name: str) -> str:
+    """Path of a task JSON file from the first source that has them (`locate`)."""
+    return locate().path(name)
 
 
 def _read_json(path: str):
@@ -187,7 +359,8 @@ def _read_json(path: str):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e}); delete it to re-extract it from the archive") from None
+        raise UserError(f"{path}: not valid JSON ({e}); replace it (a cached file: delete it, soft-jax extracts it "
+                        "again)") from None
 
 
 @dataclasses.dataclass
