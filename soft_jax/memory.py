@@ -3,7 +3,7 @@
 A round has two phases that do not coexist: generation (params + KV cache + one prefill pass) and SFT
 (params + Adam moments + gradients + one micro-batch's activations and logits). `estimate` gives the
 bytes PER DEVICE of each part on a (data, fsdp, tensor) mesh, `check` refuses a run whose larger phase
-cannot fit, and `preset_table` writes the README's memory table.
+cannot fit, and `preset_table` writes the estimate's side of the memory table in benchmarks/RESULTS.md.
 
 The numbers follow what soft_jax does today, not an ideal implementation:
 - Parameters, gradients and Adam moments are split over fsdp x tensor (soft_jax.sharding shards
@@ -258,7 +258,7 @@ def table(rows: Sequence[Mapping[str, object]]) -> str:
     return "\n".join(lines)
 
 
-# Architectures of the README table (Llama-3.2-1B stands for the 1B class).
+# Architectures of the memory table in benchmarks/RESULTS.md (Llama-3.2-1B stands for the 1B class).
 TABLE_MODELS = {
     "llama3.2-1b": dict(vocab=128256, hidden=2048, inter=8192, layers=16, heads=32, kv=8, head_dim=64, tied=True),
     "llama2-7b": dict(vocab=32000, hidden=4096, inter=11008, layers=32, heads=32, kv=32, head_dim=128),
@@ -293,7 +293,7 @@ def preset_estimate(cfg: ModelConfig, mesh_name: str, settings: Mapping[str, obj
 
 def preset_table(models: Sequence[str] = tuple(TABLE_MODELS), meshes: Sequence[str] = TABLE_MESHES,
                  settings: Mapping[str, object] = TABLE_SETTINGS, headroom: float = 0.9) -> str:
-    """The README memory table: GiB per device for each model x parameter dtype x mesh preset."""
+    """The estimated memory table: GiB per device for each model x parameter dtype x mesh preset."""
     rows = []
     for name in models:
         for param_dtype in ("float32", "bfloat16"):

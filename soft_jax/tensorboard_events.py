@@ -20,7 +20,8 @@ Each rebuild is a new file (sorting after the one it replaces, which is removed)
 START at step 0, TensorBoard's mark for "drop the steps read before"; one file at a time, so a TensorBoard
 started on the directory reads each step once. A TensorBoard left running across a resume keeps what it read
 from the removed file (its watcher does not move on from a deleted file): restart it after a resume.
-Cost per event: about 0.06 ms on top of metrics.jsonl's append (serialise, CRC-32C, write, flush; no fsync).
+Each event adds a serialise, CRC-32C, write and flush (no fsync) to metrics.jsonl's append: cheap next to a step
+(benchmarks/RESULTS.md has the figure).
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ def scalars(row: dict, validation: str = "valid_nll") -> dict[str, float]:
 
 def _tensorboardx():
     """The tensorboardX package, imported without torch: its package init imports torch when it is installed,
-    only to accept torch tensors, which soft-jax never passes (1.5 s and a second threading runtime in every
-    `run`). An import of torch from anywhere else afterwards works as usual."""
+    only to accept torch tensors, which soft-jax never passes (a slow import and a second threading runtime in
+    every `run`; benchmarks/RESULTS.md). An import of torch from anywhere else afterwards works as usual."""
     import sys
 
     if "tensorboardX" not in sys.modules and "torch" not in sys.modules:

@@ -175,9 +175,8 @@ def make_optimizer(config: TrainConfig):
     return _direction(config.max_grad_norm, config.b1, config.b2, config.eps, config.weight_decay)
 
 
-# XLA CPU options for the train step: XNNPACK instead of the default YNNPACK for its GEMMs. Measured on
-# SmolLM2-135M, f32, 8 x 256 (benchmarks/RESULTS.md): the step is 5-11% faster. Other backends compile
-# with their defaults.
+# XLA CPU options for the train step: XNNPACK instead of the default YNNPACK for its GEMMs, which makes the
+# whole step faster on CPU (benchmarks/RESULTS.md, "SFT train step"). Other backends compile with their defaults.
 CPU_TRAIN_COMPILER_OPTIONS = {"xla_cpu_use_xnnpack": True, "xla_cpu_experimental_ynn_fusion_type": ""}
 
 

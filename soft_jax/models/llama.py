@@ -37,7 +37,8 @@ class Linear(nnx.Module):
     def __call__(self, x):
         # One 2-D matmul over the flattened tokens: its weight gradient is then a plain transposed-operand
         # matmul. With [B, T] kept as two free dims, XLA CPU transposed [B*T, out]-sized gradients (fused
-        # into their elementwise producers) in the backward pass: a SmolLM2 layer's fwd + bwd took 1.3x longer.
+        # into their elementwise producers) in the backward pass, a large part of a layer's fwd + bwd time
+        # (benchmarks/RESULTS.md, "SFT train step").
         y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
@@ -243,7 +244,8 @@ class Llama(nnx.Module):
           positions that carry loss; the final norm and the vocabulary matmul skip the rest).
         remat: recompute each layer's activations in the backward pass instead of storing them.
         scan: run the layers as one `lax.scan` (without a cache): XLA compiles one layer instead of all of
-          them, which keeps a 32-layer 7B's compile time in minutes. Same outputs as the python loop.
+          them, so a deep model compiles far faster (benchmarks/RESULTS.md, `soft-jax plan`). Same outputs as
+          the python loop.
         """
         b, t = input_ids.shape
         if segment_ids is None:

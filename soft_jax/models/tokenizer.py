@@ -58,8 +58,8 @@ CACHE_FORMAT = "1"  # bump when from_gguf changes what it builds
 def cached_gguf(path: str, build):
     """The GGUF's tokenizer from the cache (~/.cache/soft_jax/tokenizers), else build() saved there first.
 
-    Building it means parsing every metadata field of the GGUF (seconds for a 49k vocabulary); the saved
-    tokenizer.json loads in a fraction of that. The cache key is the file's path, size and mtime."""
+    Building it means parsing every metadata field of the GGUF (slow for a large vocabulary); the saved
+    tokenizer.json loads much faster. The cache key is the file's path, size and mtime."""
     from transformers import PreTrainedTokenizerFast
 
     from soft_jax import io_utils
