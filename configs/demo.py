@@ -6,7 +6,7 @@ Built-in principles, exemplars and prompts; 24 prompts per round, 2 exemplars dr
 collapse guard on the built-in held-out pairs; a limited HHH / TruthfulQA MC1 / MC2 (16 items each) and 8
 open-ended answers with their degeneracy signals every round, round 0 included. A 135M model often ends
 its internal thoughts without writing "Assistant:", so the answer marker is forced (sampling.force_answer).
-Minutes on a 2-core CPU (README has the measured time). Prompts go easy to hard by prompt perplexity within
+Minutes on a 2-core CPU (benchmarks/RESULTS.md has the measured times). Prompts go easy to hard by prompt perplexity within
 each category across rounds, and each round's data by response perplexity, easy to hard.
 """
 
@@ -19,7 +19,8 @@ def get_config(arg=None):
     c.rounds = 2
     c.prompts.per_round = 24
     # one draw per batch here: with per-prompt draws (the paper configs' default) each row's exemplars are its
-    # own prefill, 4x slower generation on a 2-core CPU (benchmarks/RESULTS.md); the demo stays within minutes
+    # own prefill, several times slower generation on a CPU (benchmarks/RESULTS.md, "Exemplars per batch vs per
+    # prompt"); the demo stays within minutes
     c.exemplars.update(k=2, strategy="random", granularity="batch")
     # its 3 batches of 8 sample together (24 rows a decode step, each batch with its own exemplars): faster on a CPU
     c.sampling.update(temperature=0.7, top_p=0.95, max_new_tokens=128, batch_size=8, force_answer=True,
