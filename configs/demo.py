@@ -6,8 +6,8 @@ Built-in principles, exemplars and prompts; 24 prompts per round, 2 exemplars dr
 collapse guard on the built-in held-out pairs; a limited HHH / TruthfulQA MC1 / MC2 (16 items each) and 8
 open-ended answers with their degeneracy signals every round, round 0 included. A 135M model often ends
 its internal thoughts without writing "Assistant:", so the answer marker is forced (sampling.force_answer).
-Minutes on a 2-core CPU (benchmarks/RESULTS.md has the measured times). Prompts go easy to hard by prompt perplexity within
-each category across rounds, and each round's data by response perplexity, easy to hard.
+Minutes on a 2-core CPU (benchmarks/RESULTS.md has the measured times). Prompts go easy to hard by prompt
+perplexity within each category across rounds, and each round's data by response perplexity, easy to hard.
 """
 
 from soft_jax.config import PAPER_TASKS, base
