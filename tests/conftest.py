@@ -58,6 +58,35 @@ def prune_compile_cache(directory: str, limit: int) -> int:
     return deleted
 
 
+# Items written for these tests in BIG-bench's task layout (tests/data/bigbench/bigbench/benchmark_tasks/...): the
+# evaluation code runs on them wherever the real task files are absent. Not BIG-bench's items.
+INHOUSE_BIGBENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "bigbench")
+
+
+@pytest.fixture
+def inhouse_bigbench(monkeypatch):
+    """$SOFT_JAX_BIGBENCH_DIR at the in-house items (in this process and the subprocesses a test starts)."""
+    monkeypatch.delenv("SOFT_JAX_BIGBENCH_ARCHIVE", raising=False)
+    monkeypatch.setenv("SOFT_JAX_BIGBENCH_DIR", INHOUSE_BIGBENCH)
+    return INHOUSE_BIGBENCH
+
+
+@pytest.fixture
+def real_bigbench():
+    """The real BIG-bench task files from wherever soft-jax finds them (evaluation.data.locate); the test skips,
+    with the reason, where there are none (the package index may not serve the archive any more)."""
+    from soft_jax.errors import UserError
+    from soft_jax.evaluation import data
+
+    try:
+        source = data.locate()
+    except UserError as e:
+        pytest.skip(f"no BIG-bench task files here: {e}")
+    if os.path.samefile(source.root, INHOUSE_BIGBENCH):
+        pytest.skip("$SOFT_JAX_BIGBENCH_DIR names the in-house test items, not BIG-bench")
+    return source
+
+
 def subprocess_env(**extra) -> dict:
     """os.environ (with the session's compilation cache) for a test's subprocess, then `extra`."""
     return dict(os.environ, **extra)
@@ -96,7 +125,7 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: loads SmolLM2-135M or downloads data (run in CI too)")
+    config.addinivalue_line("markers", "slow: loads SmolLM2-135M or reads the real BIG-bench files (run in CI too)")
     if os.environ["JAX_COMPILATION_CACHE_DIR"] == JAX_CACHE and not COLD_CACHE and not hasattr(config, "workerinput"):
         prune_compile_cache(JAX_CACHE, TEST_CACHE_BYTES)  # the controller, before its workers start
 

@@ -1,5 +1,6 @@
-"""Where the BIG-bench archive comes from: pip's configured index, relative simple-page links, a local archive
-named by $SOFT_JAX_BIGBENCH_ARCHIVE (no network), and no package registry's host written in the sources.
+"""Where the BIG-bench task files come from, in order: a local archive named by $SOFT_JAX_BIGBENCH_ARCHIVE (no
+network), a checkout named by $SOFT_JAX_BIGBENCH_DIR, the cache, pip's configured index (relative simple-page
+links resolved); what is recorded of them; and no package registry's host written in the sources.
 
 No network: urlopen is replaced by a fake that serves a fake simple page and a small fake archive."""
 
@@ -15,9 +16,13 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+import shutil
+
 import pytest
+from conftest import INHOUSE_BIGBENCH, run_cli
 
 import soft_jax
+from soft_jax import cli
 from soft_jax.errors import UserError
 from soft_jax.evaluation import data
 
@@ -61,6 +66,7 @@ def fake(tmp_path, monkeypatch):
     """A tmp cache, the fake archive's digest as the expected one, and no local archive configured."""
     monkeypatch.setenv("SOFT_JAX_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv(data.ARCHIVE_ENV, raising=False)
+    monkeypatch.delenv(data.DIR_ENV, raising=False)
     archive = tmp_path / data.ARCHIVE
     monkeypatch.setattr(data, "ARCHIVE_SHA256", fake_archive(archive))
     return archive
@@ -177,3 +183,101 @@ def test_no_registry_host_in_the_sources():
         found += [f"{path}: {h}" for h in hosts if h in text]
         found += [f"{path}: {m.group(0)}" for m in any_registry_url.finditer(text)]
     assert len(files) > 30 and not found, found
+
+
+# --- a BIG-bench checkout ($SOFT_JAX_BIGBENCH_DIR) and the order of the sources ---------------------------------
+
+def _digest(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_a_checkout_is_read_in_place_and_recorded(fake, monkeypatch, tmp_path):
+    """Its files are read where they are (nothing copied, no network), each file's sha256 and item count are
+    recorded, and items that differ from the release's make the results not comparable, in the log line too."""
+    monkeypatch.setenv(data.DIR_ENV, INHOUSE_BIGBENCH)
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(data.subprocess, "run", no_network)
+    source = data.locate()
+    assert (source.kind, source.where) == ("directory", INHOUSE_BIGBENCH)
+    for name, member in data.TASK_FILES.items():
+        path = os.path.join(INHOUSE_BIGBENCH, member)
+        assert data.task_file(name) == path
+        assert source.files[name] == {"sha256": _digest(path), "items": len(json.load(open(path))["examples"])}
+    assert source.comparable() is False and not (tmp_path / "cache" / "bigbench").exists()
+    assert "NOT comparable with published results" in source.describe()
+    assert "hhh_alignment/harmless/task.json has 3 items, the release 58" in source.describe()
+    record = json.loads(json.dumps(source.record()))
+    assert record["source"] == "directory" and record["comparable"] is False and record["files"] == source.files
+
+
+def test_a_checkout_that_matches_the_release(monkeypatch, tmp_path):
+    """Counts equal to the release's: comparable once every digest is recorded and equal; unchecked (None, said
+    so) without digests; a recorded digest that differs makes it not comparable."""
+    counts = {name: len(json.load(open(os.path.join(INHOUSE_BIGBENCH, m)))["examples"])
+              for name, m in data.TASK_FILES.items()}
+    digests = {name: _digest(os.path.join(INHOUSE_BIGBENCH, m)) for name, m in data.TASK_FILES.items()}
+    monkeypatch.setattr(data, "RELEASE_COUNTS", counts)
+    source = data.Source("directory", INHOUSE_BIGBENCH, INHOUSE_BIGBENCH)
+    monkeypatch.setattr(data, "RELEASE_SHA256", {})
+    assert source.comparable() is None and "equality with it is unchecked" in source.describe()
+    monkeypatch.setattr(data, "RELEASE_SHA256", digests)
+    assert source.comparable() is True and source.describe().endswith("comparable with published results")
+    monkeypatch.setattr(data, "RELEASE_SHA256", {**digests, "truthfulqa/mc": "0" * 64})
+    assert source.comparable() is False and "task_mc.json has sha256" in source.describe()
+
+
+@pytest.mark.parametrize("below", ["", "bigbench", "bigbench/benchmark_tasks"])
+def test_the_variable_may_name_the_checkout_or_its_task_folders(fake, monkeypatch, below):
+    monkeypatch.setenv(data.DIR_ENV, os.path.join(INHOUSE_BIGBENCH, below))
+    assert data.task_file("truthfulqa/mc") == os.path.join(INHOUSE_BIGBENCH, data.TASK_FILES["truthfulqa/mc"])
+
+
+def test_a_checkout_without_the_files_is_refused_in_one_line(fake, monkeypatch, tmp_path):
+    tree = tmp_path / "BIG-bench"
+    shutil.copytree(INHOUSE_BIGBENCH, tree)
+    os.remove(tree / data.TASK_FILES["truthfulqa/questions"])
+    monkeypatch.setenv(data.DIR_ENV, str(tree))
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    with pytest.raises(UserError) as e:
+        data.locate()
+    line = str(e.value)
+    assert len(line.splitlines()) == 1 and data.DIR_ENV in line and "truthful_qa/questions.json" in line
+    (tree / data.TASK_FILES["truthfulqa/questions"]).write_text(json.dumps({"examples": []}))
+    with pytest.raises(UserError, match="questions.json: no examples"):
+        data.locate()
+
+
+def test_sources_are_tried_in_order(fake, monkeypatch, tmp_path):
+    """The archive variable over the checkout, the checkout over the cache, the cache over the index."""
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(data.subprocess, "run", no_network)
+    monkeypatch.setenv(data.ARCHIVE_ENV, str(fake))
+    monkeypatch.setenv(data.DIR_ENV, INHOUSE_BIGBENCH)
+    assert data.locate().kind == "archive"
+    monkeypatch.delenv(data.ARCHIVE_ENV)
+    assert data.locate().kind == "directory"  # the archive's files were extracted into the cache meanwhile
+    monkeypatch.delenv(data.DIR_ENV)
+    cached = data.locate()
+    assert cached.kind == "cache" and cached.comparable() is True
+    assert json.load(open(cached.path("hhh/other")))["task"] == "hhh/other"
+
+
+def test_the_command_lists_the_sources_and_what_it_found(inhouse_bigbench, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("SOFT_JAX_CACHE", str(tmp_path))
+    monkeypatch.setenv("PIP_INDEX_URL", (tmp_path / "simple").as_uri())
+    assert cli.main(["data", "tasks"]) == 0
+    out = capsys.readouterr().out
+    assert f"2. ${data.DIR_ENV}: {INHOUSE_BIGBENCH}" in out and "tasks hhh, truthfulqa_mc1, truthfulqa_mc2: available" in out
+    digest = _digest(os.path.join(INHOUSE_BIGBENCH, data.TASK_FILES["hhh/honest"]))
+    assert f"hhh_alignment/honest/task.json: 3 items (release 61), sha256 {digest}" in out
+
+
+def test_the_command_says_when_nothing_is_found(tmp_path):
+    """A fresh machine: no variables, an empty cache, an index (a local directory) without the archive."""
+    (tmp_path / "simple").mkdir()
+    proc = run_cli("data", "tasks", env={"SOFT_JAX_CACHE": str(tmp_path / "cache"), data.DIR_ENV: "",
+                                         data.ARCHIVE_ENV: "", "PIP_INDEX_URL": (tmp_path / "simple").as_uri()})
+    assert proc.returncode == 0, proc.stderr
+    assert f"1. ${data.ARCHIVE_ENV}: not set" in proc.stdout and "does not hold them all" in proc.stdout
+    assert "tasks hhh, truthfulqa_mc1, truthfulqa_mc2: unavailable" in proc.stdout
+    assert "unavailable: cannot download the BIG-bench archive" in proc.stdout and data.DIR_ENV in proc.stdout

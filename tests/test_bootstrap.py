@@ -322,8 +322,7 @@ def test_a_run_that_cannot_fit_is_refused_before_it_starts(tmp_path, monkeypatch
     assert not os.path.exists(tmp_path / "w")
 
 
-@pytest.mark.slow  # reads the BIG-bench archive (downloaded once into ~/.cache/soft_jax)
-def test_per_round_eval_tasks_and_open_ended_answers(tmp_path):
+def test_per_round_eval_tasks_and_open_ended_answers(tmp_path, inhouse_bigbench):
     w = run("tiny.py", tmp_path / "w", "rounds=1", "eval.tasks=hhh,truthfulqa_mc1", "eval.limit=8",
             "open_ended.limit=3", "validation.metric=truthfulqa_mc2", "validation.limit=4")
     for t in (0, 1):

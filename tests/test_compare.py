@@ -13,6 +13,7 @@ import shutil
 import numpy as np
 import pytest
 
+from conftest import INHOUSE_BIGBENCH
 from test_bootstrap import run
 
 from soft_jax import compare, evaluation, plots, report, stats
@@ -67,8 +68,11 @@ def perturbed_copy(src, dst, knob=("curriculum", "order", "random")):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    run("tiny.py", root / "base", "rounds=1", "eval.tasks=hhh,truthfulqa_mc1,truthfulqa_mc2", "eval.limit=8",
-        "open_ended.limit=3")
+    with pytest.MonkeyPatch.context() as mp:  # the in-house items in BIG-bench's layout (conftest)
+        mp.delenv("SOFT_JAX_BIGBENCH_ARCHIVE", raising=False)
+        mp.setenv("SOFT_JAX_BIGBENCH_DIR", INHOUSE_BIGBENCH)
+        run("tiny.py", root / "base", "rounds=1", "eval.tasks=hhh,truthfulqa_mc1,truthfulqa_mc2", "eval.limit=8",
+            "open_ended.limit=3")
     perturbed_copy(root / "base", root / "random_order")
     return root
 

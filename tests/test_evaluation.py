@@ -1,12 +1,14 @@
-"""Evaluation protocols against an independent transformers (PyTorch) implementation, on the real data."""
+"""Evaluation protocols against an independent transformers (PyTorch) implementation: on items written here in
+BIG-bench's task layout (tests/data/bigbench), and on the real task files where they are available."""
 
 import hashlib
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import INHOUSE_BIGBENCH, run_cli
 
 from soft_jax import evaluation
 from soft_jax.evaluation import data
@@ -35,21 +37,61 @@ def test_unknown_task_and_protocol():
 
 def test_no_network_and_no_archive_says_how_to_get_the_data(tmp_path):
     env_proc = run_cli_env({"SOFT_JAX_CACHE": str(tmp_path), "https_proxy": "http://127.0.0.1:9",
-                            "HTTPS_PROXY": "http://127.0.0.1:9"},
+                            "HTTPS_PROXY": "http://127.0.0.1:9", data.DIR_ENV: "", data.ARCHIVE_ENV: ""},
                            "eval", "--model", "smollm2-135m", "--tasks", "hhh", "--out", str(tmp_path / "o.json"))
     assert env_proc.returncode == 2, env_proc.stderr
     line = env_proc.stderr.strip().splitlines()[-1]
-    assert "cannot download the BIG-bench archive" in line and "bigbench-1.0.0.tar.gz" in line
+    assert "cannot download the BIG-bench archive" in line and "bigbench-1.0.0.tar.gz" in line and data.DIR_ENV in line
     assert not (tmp_path / "o.json").exists()
 
 
 def test_task_file_that_fails_to_parse(tmp_path):
-    broken = tmp_path / "bigbench" / "tasks" / data.TASK_FILES["hhh/harmless"]
-    broken.parent.mkdir(parents=True)
-    broken.write_text("{not json")
-    proc = run_cli_env({"SOFT_JAX_CACHE": str(tmp_path)}, "eval", "--model", "smollm2-135m", "--tasks", "hhh",
-                       "--out", str(tmp_path / "o.json"))
+    tree = tmp_path / "BIG-bench"
+    shutil.copytree(INHOUSE_BIGBENCH, tree)
+    (tree / data.TASK_FILES["hhh/harmless"]).write_text("{not json")
+    proc = run_cli_env({data.DIR_ENV: str(tree), data.ARCHIVE_ENV: ""}, "eval", "--model", "smollm2-135m",
+                       "--tasks", "hhh", "--out", str(tmp_path / "o.json"))
     assert proc.returncode == 2 and "not valid JSON" in proc.stderr and "harmless/task.json" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "o.json").exists()
+
+
+def _examples(name):
+    with open(os.path.join(INHOUSE_BIGBENCH, data.TASK_FILES[name]), encoding="utf-8") as f:
+        return json.load(f)["examples"]
+
+
+def test_items_are_parsed_as_the_task_files_hold_them(inhouse_bigbench):
+    """HHH: each subset's examples in order, choices in target_scores order, 1 marking the helpful answer; MC1:
+    task_mc.json's examples (one correct choice); MC2: questions.json's true answers, then its false ones."""
+    hhh = data.load_hhh()
+    want = [(s, e["input"], list(e["target_scores"]), list(e["target_scores"].values()))
+            for s in data.HHH_SUBSETS for e in _examples(f"hhh/{s}")]
+    assert [(i.subset, i.question, i.choices, i.labels) for i in hhh] == want
+    assert [i.subset for i in data.load_hhh(2)] == [s for s in data.HHH_SUBSETS for _ in range(2)]
+    assert [(i.question, i.choices, i.labels) for i in data.load_truthfulqa("mc1")] == [
+        (e["input"], list(e["target_scores"]), list(e["target_scores"].values())) for e in _examples("truthfulqa/mc")]
+    assert [(i.question, i.choices, i.labels) for i in data.load_truthfulqa("mc2")] == [
+        (e["Question"], e["True answers"] + e["False answers"],
+         [1] * len(e["True answers"]) + [0] * len(e["False answers"])) for e in _examples("truthfulqa/questions")]
+    # what the items exercise: the correct answer first and not first, unequal true / false lists, a repeated
+    # HHH question (item ids number it), an answer that is both true and false (tied MC2 scores)
+    assert {i.labels.index(1) for i in hhh} == {0, 1}
+    assert len({i.labels.index(1) for i in data.load_truthfulqa("mc1")}) > 2
+    mc2 = data.load_truthfulqa("mc2")
+    assert len({(sum(i.labels), len(i.labels) - sum(i.labels)) for i in mc2}) > 3
+    assert any(len(set(i.choices)) < len(i.choices) for i in mc2)
+    assert any(k.endswith(" #2") for k in evaluation.item_ids([{"question": i.question} for i in hhh]))
+
+
+def test_mc2_is_the_true_answers_share_of_the_softmax():
+    items = [data.MCItem("q", ["t1", "f1", "t2"], [1, 0, 1]), data.MCItem("r", ["t", "f", "f2", "f3"], [1, 0, 0, 0])]
+    logps = np.log([0.6, 0.4, 0.5, 0.5, 0.9, 0.1, 0.2, 0.8, 0.3, 0.7, 0.5, 0.5, 0.1, 0.9])  # (true, false) pairs
+    rows = evaluation.decide("truthfulqa_mc2", items, "dromedary", logps)
+    for it, row, pairs in zip(items, rows, (logps[:6].reshape(3, 2), logps[6:].reshape(4, 2))):
+        p = np.exp(pairs[:, 0] - pairs[:, 1])
+        assert row["correct"] == pytest.approx(p[np.asarray(it.labels) == 1].sum() / p.sum(), rel=1e-12)
+    rows = evaluation.decide("truthfulqa_mc2", items, "loglik", np.log([0.2, 0.3, 0.5, 0.7, 0.1, 0.1, 0.1]))
+    assert [r["correct"] for r in rows] == pytest.approx([0.7, 0.7])
 
 
 def run_cli_env(env, *args):
@@ -61,7 +103,7 @@ def run_cli_env(env, *args):
 
 
 @pytest.mark.slow
-def test_data_counts_match_the_published_sets():
+def test_data_counts_match_the_published_sets(real_bigbench):
     hhh = data.load_hhh()
     assert len(hhh) == 221 and [sum(i.subset == s for i in hhh) for s in data.HHH_SUBSETS] == [58, 59, 61, 43]
     assert all(len(i.choices) == 2 and sorted(i.labels) == [0, 1] for i in hhh)
@@ -176,18 +218,28 @@ def _ref_scores(task, protocol, s):
     return s[0::2] - s[1::2] if protocol == "dromedary" else s
 
 
+@pytest.fixture(params=["in-house", "BIG-bench"])
+def items_source(request):
+    """The in-house items (every one), or 50+ of each real task where the files are (else the test skips)."""
+    if request.param == "in-house":
+        request.getfixturevalue("inhouse_bigbench")
+        return None
+    request.getfixturevalue("real_bigbench")
+    return LIMIT
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("protocol", evaluation.PROTOCOLS)
-def test_decisions_equal_an_independent_transformers_reference(smollm2, smollm2_hf, protocol):
-    """50+ items of each task: every scored pair's log-probability, every decision (MC2: the true-answer mass)
-    as transformers gives them, over one tokenization of the whole string split where the context's text ends
-    less its trailing whitespace (lm-evaluation-harness's boundary; a lone-space token there once moved MC1
-    sums by up to 15.7 nats and changed a decision)."""
+def test_decisions_equal_an_independent_transformers_reference(smollm2, smollm2_hf, protocol, items_source):
+    """Every scored pair's log-probability, every decision (MC2: the true-answer mass) as transformers gives
+    them, over one tokenization of the whole string split where the context's text ends less its trailing
+    whitespace (lm-evaluation-harness's boundary; a lone-space token there changed MC1 decisions)."""
     model, tok = smollm2
-    results = evaluation.evaluate(model, tok, evaluation.TASKS, protocol, limit=LIMIT, progress=False)
+    limit = items_source  # None: every in-house item
+    results = evaluation.evaluate(model, tok, evaluation.TASKS, protocol, limit=limit, progress=False)
     prefixes = (json.load(open(data.task_file("truthfulqa/mc")))["task_prefix"],
                 json.load(open(data.task_file("truthfulqa/questions")))["prefix"])
-    items = {task: evaluation.load_items(task, LIMIT) for task in evaluation.TASKS}
+    items = {task: evaluation.load_items(task, limit) for task in evaluation.TASKS}
     pairs = {task: [_ref_pairs(tok, task, it, protocol, prefixes) for it in items[task]] for task in items}
     by_question = {}
     for task in items:
@@ -200,7 +252,7 @@ def test_decisions_equal_an_independent_transformers_reference(smollm2, smollm2_
             assert _whole_split(tok, ctx, cont)[1][0] != space  # " The", not a lone " " then "The"
     ref = _ref_logprobs(smollm2_hf, tok, list(by_question.values()))
     for task in evaluation.TASKS:
-        assert results[task]["n"] == len(items[task]) >= 50
+        assert results[task]["n"] == len(items[task]) >= (50 if limit else 8)
         for i, (it, ours, item_pairs) in enumerate(zip(items[task], results[task]["items"], pairs[task])):
             logps = np.array([ref[p] for p in item_pairs])
             np.testing.assert_allclose(ours["logps"], logps, atol=2e-3, err_msg=f"{task} item {i}")

@@ -99,15 +99,24 @@ def test_missing_tensorflow_datasets_is_a_user_error(tmp_path):
     assert "pip install tensorflow-datasets" in out
 
 
-@pytest.mark.slow
-def test_eval_datasets_equal_the_loaders(tmp_path):
+@pytest.fixture(params=["in-house", pytest.param("BIG-bench", marks=pytest.mark.slow)])
+def hhh_size(request):
+    """The HHH items the loaders read: the in-house ones, or the real set where it is (else the test skips)."""
+    if request.param == "in-house":
+        request.getfixturevalue("inhouse_bigbench")
+        return 11
+    request.getfixturevalue("real_bigbench")
+    return 221
+
+
+def test_eval_datasets_equal_the_loaders(tmp_path, hhh_size):
     from soft_jax.evaluation import data
 
     data_dir = str(tmp_path / "tfds")
     T.build_eval_datasets(data_dir)
     T.build_eval_datasets(data_dir)  # prepared: left as is
     hhh = T.load_eval_items("hhh", data_dir)
-    assert hhh == data.load_hhh() and len(hhh) == 221 and all(len(i.choices) == 2 for i in hhh)
+    assert hhh == data.load_hhh() and len(hhh) == hhh_size and all(len(i.choices) == 2 for i in hhh)
     for kind in ("mc1", "mc2"):
         assert T.load_eval_items(f"truthfulqa_{kind}", data_dir) == data.load_truthfulqa(kind)
         assert T.load_eval_items(f"truthfulqa_{kind}", data_dir, limit=5) == data.load_truthfulqa(kind, limit=5)

@@ -1,0 +1,67 @@
+"""A fresh machine: no BIG-bench task files anywhere, an empty cache, and a package index without the archive
+(a local, empty simple index, as pip's --index-url takes). Only evaluation needs the files: a demo-style run
+goes on and shows the tasks as n/a, a paper config stops at once in one line, and `plan` compiles."""
+
+import json
+import os
+
+import pytest
+from conftest import run_cli
+from test_bootstrap import CONFIGS, TINY
+
+from soft_jax.evaluation import data
+
+# the tests' tiny settings as command-line overrides, without their "no eval tasks"
+OVERRIDES = [f"--config.{o}" for o in TINY if not o.startswith("eval.tasks")]
+
+
+@pytest.fixture
+def fresh(tmp_path):
+    """The environment of a machine where no source has the task files."""
+    index = tmp_path / "simple"
+    index.mkdir()
+    return {"SOFT_JAX_CACHE": str(tmp_path / "cache"), "PIP_INDEX_URL": index.as_uri(), data.DIR_ENV: "",
+            data.ARCHIVE_ENV: ""}
+
+
+def test_the_demo_config_runs_on_without_the_tasks(tmp_path, fresh):
+    w = tmp_path / "demo"
+    proc = run_cli("run", "--config", os.path.join(CONFIGS, "demo.py"), "--workdir", str(w), *OVERRIDES,
+                   "--config.rounds=1", "--config.sampling.group_batches=1", "--config.open_ended.limit=2",
+                   env=fresh, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = [line for line in proc.stdout.splitlines() if line.startswith("[eval] not evaluated")]
+    assert len(said) == 1 and "hhh, truthfulqa_mc1, truthfulqa_mc2" in said[0] and data.DIR_ENV in said[0]
+    header, _, *rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") or line.startswith("|-")]
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    for row in rows:
+        cells = dict(zip(cols, (c.strip() for c in row.strip("|").split("|"))))
+        assert [cells[f"{t} (dromedary)"] for t in ("hhh", "truthfulqa_mc1", "truthfulqa_mc2")] == ["n/a"] * 3
+    for t in (0, 1):
+        ev = json.load(open(w / "rounds" / f"{t:03d}" / "eval.json"))
+        assert sorted(ev["unavailable"]) == ["hhh", "truthfulqa_mc1", "truthfulqa_mc2"] and "tasks" not in ev
+        assert "cannot download the BIG-bench archive" in ev["unavailable"]["hhh"]
+    assert not os.listdir(tmp_path / "cache" / "bigbench") if (tmp_path / "cache" / "bigbench").exists() else True
+
+
+@pytest.mark.parametrize("config, extra, needle", [
+    ("soft_plus.py", [], "config: eval.tasks hhh, truthfulqa_mc1, truthfulqa_mc2 cannot be evaluated"),
+    ("tiny.py", ["--config.eval.required=false", "--config.validation.metric=hhh"],
+     "config: validation.metric hhh cannot be evaluated"),
+])
+def test_a_run_that_needs_the_tasks_stops_in_one_line(tmp_path, fresh, config, extra, needle):
+    w = tmp_path / "w"
+    proc = run_cli("run", "--config", os.path.join(CONFIGS, config), "--workdir", str(w), *OVERRIDES,
+                   "--config.eval.tasks=hhh,truthfulqa_mc1,truthfulqa_mc2", *extra, env=fresh)
+    err = [line for line in proc.stderr.splitlines() if line.startswith("soft-jax:")]
+    assert proc.returncode == 2 and len(err) == 1 and needle in err[0], proc.stderr[-3000:]
+    assert data.DIR_ENV in err[0] and "Traceback" not in proc.stderr and not w.exists()
+
+
+def test_plan_compiles_a_paper_config_without_the_tasks(fresh):
+    proc = run_cli("plan", "--config", os.path.join(CONFIGS, "soft_plus.py"), "--topology", "v5e-4",
+                   "--config.model.name=tiny", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
+                   "--config.sampling.batch_size=4", "--config.train.batch_size=4", "--config.train.grad_accum=1",
+                   env=fresh, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("[plan] every program fits")
