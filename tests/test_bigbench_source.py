@@ -267,7 +267,8 @@ def test_the_command_lists_the_sources_and_what_it_found(inhouse_bigbench, capsy
     monkeypatch.setenv("PIP_INDEX_URL", (tmp_path / "simple").as_uri())
     assert cli.main(["data", "tasks"]) == 0
     out = capsys.readouterr().out
-    assert f"2. ${data.DIR_ENV}: {INHOUSE_BIGBENCH}" in out and "tasks hhh, truthfulqa_mc1, truthfulqa_mc2: available" in out
+    assert f"2. ${data.DIR_ENV}: {INHOUSE_BIGBENCH}" in out
+    assert "tasks hhh, truthfulqa_mc1, truthfulqa_mc2: available" in out
     digest = _digest(os.path.join(INHOUSE_BIGBENCH, data.TASK_FILES["hhh/honest"]))
     assert f"hhh_alignment/honest/task.json: 3 items (release 61), sha256 {digest}" in out
 
