@@ -21,6 +21,7 @@ from flax import nnx
 
 from soft_jax import curriculum, data, distributed, evaluation, faults, guard, inputs, memory, preemption
 from soft_jax import report, round_eval, selfalign, training
+from soft_jax import config as config_lib
 from soft_jax import sharding as shd
 from soft_jax.checkpoints import StepCheckpointer
 from soft_jax.data import contamination, filters, templates
@@ -53,7 +54,15 @@ class Run:
         mesh = shd.make_mesh(shape)  # refuses a mesh that does not divide the devices
         self.mesh = mesh if jax.device_count() > 1 else None
         sizes = memory.resolve_mesh(shape, jax.device_count())
-        inputs.check_batches(c, sizes)
+        gen_shape = config_lib.generation_mesh_shape(c)
+        # generation and scoring: their own mesh over the same devices in the same order (reshard copies
+        # between them device to device), or the training mesh
+        self.gen_mesh = self.mesh if gen_shape is None or self.mesh is None else shd.make_mesh(gen_shape)
+        if self.gen_mesh is not None and dict(self.gen_mesh.shape) == dict(self.mesh.shape):
+            self.gen_mesh = self.mesh
+        inputs.check_batches(c, sizes, None if gen_shape is None else
+                             memory.resolve_mesh(gen_shape, jax.device_count()))
+        self._generation_copy = None  # (the model, its copy on gen_mesh)
         self.check_memory(model_cfg, tokenizer, sizes)
         self.state = self.wd.open(c, self.log)
         self.rounds_ckpt = StepCheckpointer(self.wd.file("checkpoints", "rounds"), every=0, keep=None)
@@ -73,12 +82,23 @@ class Run:
         from soft_jax import plan
 
         mesh = self.mesh or shd.make_mesh((1, 1, 1), jax.devices()[:1])
-        programs = plan.compile_run(model_cfg, plan.Shapes.of_run(c, prompt, shared), mesh, inputs.train_config(c))
+        programs = plan.compile_run(model_cfg, plan.Shapes.of_run(c, prompt, shared), mesh, inputs.train_config(c),
+                                    gen_mesh=None if self.gen_mesh is self.mesh else self.gen_mesh)
         self.log("[memory] compiled, per device: " + ", ".join(f"{p.name} {memory.gib(p.total)}" for p in programs)
                  + f" GiB of {memory.gib(available)} GiB")
         plan.refuse_over(programs, available)
 
     # -- models --
+
+    def on_generation_mesh(self, model):
+        """`model` with its weights on the generation mesh (a copy, made once per model and kept until another
+        model is asked for or training starts), or `model` itself when generation uses the training mesh."""
+        if self.gen_mesh is self.mesh:
+            return model
+        if self._generation_copy is None or self._generation_copy[0] is not model:
+            self._generation_copy = None  # the old copy's memory is free before the new one is made
+            self._generation_copy = (model, shd.reshard(model, self.gen_mesh))
+        return self._generation_copy[1]
 
     def restore_round(self, template, t: int):
         """Round t's model, or None when its checkpoint is missing or unreadable (a bad one is removed)."""
@@ -137,8 +157,9 @@ class Run:
 
         def compute():
             prompts = [templates.user_turn(p["prompt"], p["input"]) for p in self.inputs.pool]
-            values = (curriculum.difficulty("prompt_ppl", base, tokenizer, [(p, "") for p in prompts],
-                                            self.c.curriculum.batch_size, self.mesh) if kind == "prompt_ppl"
+            values = (curriculum.difficulty("prompt_ppl", self.on_generation_mesh(base), tokenizer,
+                                            [(p, "") for p in prompts], self.c.curriculum.batch_size, self.gen_mesh)
+                      if kind == "prompt_ppl"
                       else [float(len(tokenizer(p, add_special_tokens=False)["input_ids"])) for p in prompts])
             return {"score": kind, "difficulty": {p["prompt_id"]: v for p, v in zip(self.inputs.pool, values)}}, None
 
@@ -148,7 +169,8 @@ class Run:
     def generate(self, t: int, generator, tokenizer, prompts: list[dict], label: str) -> list[dict]:
         about = lambda: {"generator": label, "generator_checksum": checksum(generator)}  # noqa: E731 - when run
         rows = self.wd.phase(self.wd.round_file(t, "generations.jsonl"),
-                             lambda: selfalign.generate(self, t, generator, tokenizer, prompts, about()),
+                             lambda: selfalign.generate(self, t, self.on_generation_mesh(generator), tokenizer,
+                                                        prompts, about()),
                              f"generated_r{t}", f"round {t} generation")
         remove(self.wd.round_file(t, selfalign.PARTIAL))  # only once the whole round's rows are written
         return rows
@@ -160,8 +182,8 @@ class Run:
             pairs = [(templates.user_turn(g["prompt"], g["input"]), g["answer"], g["finish"] != "length")
                      for g in kept]
             cur, tr = self.c.curriculum, self.c.train
-            scores = curriculum.difficulty(cur.score, model, tokenizer, pairs, cur.batch_size, self.mesh,
-                                           (tr.max_prompt_len, tr.max_response_len))
+            scores = curriculum.difficulty(cur.score, self.on_generation_mesh(model), tokenizer, pairs,
+                                           cur.batch_size, self.gen_mesh, (tr.max_prompt_len, tr.max_response_len))
             idx = curriculum.order(scores, cur.order, [self.c.seed, t, 0xC0])
             rows = [{"prompt_id": kept[i]["prompt_id"], "prompt": pairs[i][0], "response": pairs[i][1],
                      "finished": pairs[i][2], "difficulty": scores[i], "position": n} for n, i in enumerate(idx)]
@@ -178,6 +200,7 @@ class Run:
                             f"{self.wd.round_file(t, 'generations.jsonl')} (dropped_by) and relax the filters or "
                             "sample more tokens")
         ckpt_dir = self.wd.train_checkpoints(t)
+        self._generation_copy = None  # training needs the memory
         model, result = training.train(start, tokenizer, pairs, inputs.train_config(self.c, t), mesh=self.mesh,
                                        checkpoint_dir=ckpt_dir, progress=self.progress,
                                        log=lambda record: self.wd.metrics.add({"round": t, "phase": "train", **record}))
@@ -194,7 +217,7 @@ class Run:
 
     def evaluate(self, t: int, model, tokenizer) -> dict:
         compute = ((lambda: round_eval.shared_round0(self, self.round0_from)) if t == 0 and self.round0_from
-                   else (lambda: round_eval.evaluate(self, t, model, tokenizer)))
+                   else (lambda: round_eval.evaluate(self, t, self.on_generation_mesh(model), tokenizer)))
         return self.wd.phase(self.wd.round_file(t, "eval.json"), compute, f"evaluated_r{t}", f"round {t} evaluation")
 
     # -- the loop --
@@ -220,7 +243,8 @@ class Run:
             self.log(f"[eval] {self.inputs.bigbench.describe()}")
         if self.inputs.eval_tasks:
             mc2 = c.eval.protocol == "dromedary" and "truthfulqa_mc2" in self.inputs.eval_tasks
-            self.log(f"[run] every round (0 = the base model) evaluates {','.join(self.inputs.eval_tasks)} under the {c.eval.protocol} "
+            self.log(f"[run] every round (0 = the base model) evaluates {','.join(self.inputs.eval_tasks)} under the "
+                     f"{c.eval.protocol} "
                      f"protocol: {evaluation.DESCRIPTIONS[c.eval.protocol]}"
                      + ("; its truthfulqa_mc2 is soft-jax's own construction" if mc2 else ""))
         self.log(f"[run] collapse guard: validation {v.metric}, a round is better or worse than the best only beyond "

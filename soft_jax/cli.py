@@ -231,6 +231,13 @@ def cmd_sweep(args) -> None:
 def cmd_plan(args) -> None:
     from soft_jax import plan
 
+    if args.mesh_generate:
+        sizes = args.mesh_generate.split(",")
+        if len(sizes) != 3 or not all(x.strip().lstrip("-").isdigit() for x in sizes):
+            raise UserError(f"--mesh-generate {args.mesh_generate}: give DATA,FSDP,TENSOR sizes, e.g. 8,1,8 (one may "
+                            "be -1)")
+        args.overrides = list(args.overrides) + [f"--config.mesh_generate.{axis}={int(n)}"
+                                                 for axis, n in zip(("data", "fsdp", "tensor"), sizes)]
     config = _load_config(args, "--config FILE, --topology SLICE or --gpu-target FILE")
     where = plan.target(args.topology, args.gpu_target, args.gpus, args.gpu_memory)
     if args.memory_limit is not None:
@@ -371,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="compile a run's programs for a TPU slice or GPUs from this machine; "
                                      "memory per device against the device's, without reading weights")
     p.add_argument("--config", required=True, help="config file, optionally with an argument: configs/soft.py[:ARG]")
+    p.add_argument("--mesh-generate", metavar="D,F,T", help="the generation mesh (data,fsdp,tensor) to compile "
+                   "generation and scoring for, as the config's mesh_generate (default: the config's)")
     p.add_argument("--topology", help="a TPU slice: v4-32, v5e-64, v5p-8, v6e-16, ... (needs libtpu: "
                                       "pip install \"soft-jax[plan-tpu]\")")
     p.add_argument("--gpu-target", help="'h100' (H100 SXM 80 GB, shipped) or a GpuTargetConfigProto text file "

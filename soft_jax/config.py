@@ -27,7 +27,8 @@ GRANULARITIES = ("prompt", "batch")
 ACROSS_ROUNDS = ("none", "prompt_ppl", "prompt_length")
 # Keys a resumed run may change without invalidating finished rounds (checked in bootstrap).
 RESUMABLE_CHANGES = ("rounds", "check_contamination", "validation.patience", "validation.tolerance", "validation.confidence",
-                     "validation.resamples", "progress", "prompts.per_round", "eval.required")
+                     "validation.resamples", "progress", "prompts.per_round", "eval.required",
+                     "mesh_generate", "mesh_generate.data", "mesh_generate.fsdp", "mesh_generate.tensor")
 # The paper's benchmarks, run every round (round 0, the base model, included) by the paper configs.
 PAPER_TASKS = "hhh,truthfulqa_mc1,truthfulqa_mc2"
 
@@ -45,6 +46,11 @@ def base() -> ml_collections.ConfigDict:
     # compiles far faster; benchmarks/RESULTS.md)
     c.model = dict(name="smollm2-135m", path="", dtype="float32", param_dtype="", scan_layers=False)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    # The mesh of generation and every scoring pass (difficulty, validation, eval): all 0 = the training mesh.
+    # Decoding under an FSDP layout gathers every weight for every token; a tensor-parallel mesh (e.g. data=8,
+    # fsdp=1, tensor=8 on 64 chips) reads each chip's own shard. The weights are resharded device to device at
+    # each phase boundary (sharding.reshard); `soft-jax plan` compares the layouts (docs/architecture.md).
+    c.mesh_generate = dict(data=0, fsdp=0, tensor=0)
     c.rounds = 3
     # path: JSONL ("" = the built-in pool); per_round: int, list (one per round), or 0 = the pool split evenly
     # tfds: a TFDS dataset name (array_record; read without TensorFlow) instead of path, with its split,
@@ -234,6 +240,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
         settings.parse_tasks(c.eval.tasks)
     if c.eval.protocol not in settings.PROTOCOLS:
         raise UserError(f"config: eval.protocol {c.eval.protocol!r}: choose {' | '.join(settings.PROTOCOLS)}")
+    g = generation_mesh_shape(c)
+    if g is not None and (sum(s == -1 for s in g) > 1 or any(s == 0 or s < -1 for s in g)):
+        raise UserError(f"config: mesh_generate = {dict(zip(('data', 'fsdp', 'tensor'), g))}: give all three sizes "
+                        "(one may be -1 for the rest of the devices), or all 0 for the training mesh")
+
+
+def generation_mesh_shape(c: ml_collections.ConfigDict) -> tuple[int, int, int] | None:
+    """(data, fsdp, tensor) of the generation mesh, or None when it is the training mesh (all 0)."""
+    g = (c.mesh_generate.data, c.mesh_generate.fsdp, c.mesh_generate.tensor)
+    return None if g == (0, 0, 0) else g
 
 
 def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:

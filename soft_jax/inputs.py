@@ -77,11 +77,13 @@ def resolve_fixed_exemplars(c: ml_collections.ConfigDict, inputs: Inputs) -> Non
         e.fixed_ids = data.choose_fixed(inputs.exemplars, e.k, covers)
 
 
-def check_batches(c: ml_collections.ConfigDict, mesh_sizes: dict) -> None:
-    """Refuses batch sizes that the mesh's data axes (data x fsdp) do not divide."""
+def check_batches(c: ml_collections.ConfigDict, mesh_sizes: dict, generation_sizes: dict | None = None) -> None:
+    """Refuses batch sizes that the meshes' data axes (data x fsdp) do not divide: the training micro-batch on
+    the training mesh, the sampling batch on the generation mesh (`generation_sizes`; None: the training one)."""
     micro = c.train.batch_size // max(c.train.grad_accum, 1)
-    for what, n in (("sampling.batch_size", c.sampling.batch_size), ("train.batch_size / train.grad_accum", micro)):
-        shd.check_rows(n, mesh_sizes, f"config: {what}")
+    shd.check_rows(c.sampling.batch_size, generation_sizes or mesh_sizes,
+                   "config: sampling.batch_size" + (" (on mesh_generate)" if generation_sizes else ""))
+    shd.check_rows(micro, mesh_sizes, "config: train.batch_size / train.grad_accum")
 
 
 def prompt_tokens(c: ml_collections.ConfigDict, inputs: Inputs, tokenizer) -> tuple[int, int]:

@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from soft_jax import sampling, scoring, training
+from soft_jax import hlo, sampling, scoring, training
 from soft_jax import sharding as shd
 from soft_jax.errors import UserError
 from soft_jax.models.config import ModelConfig
@@ -142,10 +142,13 @@ def param_bytes(state, mesh) -> int:
     return sum(math.prod(s.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize for s, a in zip(shardings, arrays))
 
 
-def _lowerings(cfg: ModelConfig, shapes: Shapes, mesh, train_config: training.TrainConfig):
-    """(name, what, resident parameter copies, lower()) for each program of a round."""
+def _lowerings(cfg: ModelConfig, shapes: Shapes, mesh, train_config: training.TrainConfig, gen_mesh=None):
+    """(name, what, resident bytes of parameter copies, lower()) for each program of a round: the train step on
+    `mesh`, generation and scoring on `gen_mesh` (None: `mesh`)."""
     graphdef, state = abstract_model(cfg)
     params = shd.abstract(state, mesh)
+    gmesh = gen_mesh if gen_mesh is not None else mesh
+    gparams = shd.abstract(state, gmesh)
     platform = mesh.devices.flat[0].platform
     i32, f32 = jnp.int32, jnp.float32
     base = int(shapes.keep_base)
@@ -167,54 +170,60 @@ def _lowerings(cfg: ModelConfig, shapes: Shapes, mesh, train_config: training.Tr
 
     def prefix_prefill():
         length = shapes.prefix_len
-        ids = _replicated(mesh, (groups, length), i32)
-        return sampling._prefill.lower(graphdef, mesh, params, ids, ids, ids,
-                                       abstract_cache(cfg, mesh, groups, length))
+        ids = _replicated(gmesh, (groups, length), i32)
+        return sampling._prefill.lower(graphdef, gmesh, gparams, ids, ids, ids,
+                                       abstract_cache(cfg, gmesh, groups, length))
 
     def prefill():
-        ids = _rows(mesh, (rows, own), i32)
-        cache = abstract_cache(cfg, mesh, rows, slots, shapes.prefix_len, groups)
-        return sampling._prefill.lower(graphdef, mesh, params, ids, ids, ids, cache)
+        ids = _rows(gmesh, (rows, own), i32)
+        cache = abstract_cache(cfg, gmesh, rows, slots, shapes.prefix_len, groups)
+        return sampling._prefill.lower(graphdef, gmesh, gparams, ids, ids, ids, cache)
 
     def decode():
-        cache = abstract_cache(cfg, mesh, rows, slots, shapes.prefix_len, groups)
+        cache = abstract_cache(cfg, gmesh, rows, slots, shapes.prefix_len, groups)
         key = jax.eval_shape(lambda: jax.random.key(0))
-        ds = sampling.DecodeState(step=_replicated(mesh, (), i32), cache=cache,
-                                  logits=_rows(mesh, (rows, cfg.vocab_size), f32),
-                                  out=_rows(mesh, (rows, shapes.new_tokens), i32), done=_rows(mesh, (rows,), bool),
-                                  rng=_replicated(mesh, key.shape, key.dtype))
-        knobs = (_replicated(mesh, (), f32), _replicated(mesh, (), f32), _replicated(mesh, (), i32),
-                 _replicated(mesh, (2,), i32))
-        return sampling._decode.lower(graphdef, mesh, params, ds, _rows(mesh, (rows,), i32), knobs,
-                                      _replicated(mesh, (), i32), True, False)
+        ds = sampling.DecodeState(step=_replicated(gmesh, (), i32), cache=cache,
+                                  logits=_rows(gmesh, (rows, cfg.vocab_size), f32),
+                                  out=_rows(gmesh, (rows, shapes.new_tokens), i32), done=_rows(gmesh, (rows,), bool),
+                                  rng=_replicated(gmesh, key.shape, key.dtype))
+        knobs = (_replicated(gmesh, (), f32), _replicated(gmesh, (), f32), _replicated(gmesh, (), i32),
+                 _replicated(gmesh, (2,), i32))
+        return sampling._decode.lower(graphdef, gmesh, gparams, ds, _rows(gmesh, (rows,), i32), knobs,
+                                      _replicated(gmesh, (), i32), True, False)
 
     def score():
         n = shapes.score_rows
-        heads = abstract_cache(cfg, mesh, n, shapes.score_context)
-        ids = _rows(mesh, (n, shapes.score_len), i32)
-        local = mesh.shape["data"] * mesh.shape["fsdp"] > 1  # as scoring.score_tokens: rows read their own cache
-        which = None if local else _rows(mesh, (n,), i32)
-        return scoring._score_rows.lower(graphdef, mesh, params, heads, which, ids, ids, ids, ids, False)
+        heads = abstract_cache(cfg, gmesh, n, shapes.score_context)
+        ids = _rows(gmesh, (n, shapes.score_len), i32)
+        local = gmesh.shape["data"] * gmesh.shape["fsdp"] > 1  # as scoring.score_tokens: rows read their own cache
+        which = None if local else _rows(gmesh, (n,), i32)
+        return scoring._score_rows.lower(graphdef, gmesh, gparams, heads, which, ids, ids, ids, ids, False)
 
+    one_copy = param_bytes(state, mesh)
+    # beside a generation program: the base model (generator=base) or, on a generation mesh of its own, the
+    # training-layout copies it was resharded from (the model, and the base model)
+    beside = base * one_copy if gmesh is mesh else (1 + base) * one_copy
     out = [("train_step", f"{shapes.grad_accum} x {shapes.train_rows} rows x {shapes.row_len} tokens"
-            f"{', remat' if shapes.remat else ''}{', scanned' if shapes.scan_layers else ''}", 1 + base, train)]
+            f"{', remat' if shapes.remat else ''}{', scanned' if shapes.scan_layers else ''}", (1 + base) * one_copy,
+            train)]
     if shapes.prefix_len:
-        out.append(("prefix_prefill", f"{groups} x {shapes.prefix_len} shared tokens", base, prefix_prefill))
-    out += [("prefill", f"{rows} rows x {own} tokens" + (" after the prefix" if shapes.prefix_len else ""), base,
+        out.append(("prefix_prefill", f"{groups} x {shapes.prefix_len} shared tokens", beside, prefix_prefill))
+    out += [("prefill", f"{rows} rows x {own} tokens" + (" after the prefix" if shapes.prefix_len else ""), beside,
              prefill),
-            ("decode", f"{rows} rows, cache {slots} slots", base, decode),
-            ("score", f"{shapes.score_rows} rows x {shapes.score_len} tokens after {shapes.score_context}", base,
+            ("decode", f"{rows} rows, cache {slots} slots", beside, decode),
+            ("score", f"{shapes.score_rows} rows x {shapes.score_len} tokens after {shapes.score_context}", beside,
              score)]
-    return out, param_bytes(state, mesh)
+    return out
 
 
 def compile_run(cfg: ModelConfig, shapes: Shapes, mesh, train_config: training.TrainConfig | None = None,
-                only: Sequence[str] | None = None, progress=None) -> list[Program]:
-    """Compiles a round's programs for `mesh` and reads their memory per device (see the module docstring)."""
+                only: Sequence[str] | None = None, progress=None, gen_mesh=None) -> list[Program]:
+    """Compiles a round's programs for `mesh` (generation and scoring for `gen_mesh`, when given) and reads
+    their memory per device (see the module docstring)."""
     train_config = train_config or training.TrainConfig()
-    lowerings, one_copy = _lowerings(cfg, shapes, mesh, train_config)
+    lowerings = _lowerings(cfg, shapes, mesh, train_config, gen_mesh)
     programs = []
-    for name, what, copies, lower in lowerings:
+    for name, what, resident, lower in lowerings:
         if only is not None and name not in only:
             continue
         if progress:
@@ -226,13 +235,13 @@ def compile_run(cfg: ModelConfig, shapes: Shapes, mesh, train_config: training.T
             need = _refused_bytes(str(e))
             if need is None:
                 raise
-            programs.append(Program(name, what, 0, 0, 0, need, 0, copies * one_copy, time.perf_counter() - start,
+            programs.append(Program(name, what, 0, 0, 0, need, 0, resident, time.perf_counter() - start,
                                     refused=str(e).splitlines()[0]))
             continue
         seconds = time.perf_counter() - start
         m = compiled.memory_analysis()
         programs.append(Program(name, what, m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes,
-                                m.temp_size_in_bytes, m.generated_code_size_in_bytes, copies * one_copy, seconds,
+                                m.temp_size_in_bytes, m.generated_code_size_in_bytes, resident, seconds,
                                 compiled))
     return programs
 
@@ -280,16 +289,25 @@ def expected_tokens(name: str, shapes: Shapes, mesh) -> int:
             "score": share(shapes.score_rows) * shapes.score_len}[name]
 
 
+def traffic(program: Program) -> hlo.Traffic | None:
+    """The collectives of a compiled program (None when the compiler refused it)."""
+    return None if program.compiled is None else hlo.traffic(program.compiled.as_text())
+
+
 def table(programs: Sequence[Program], device_bytes: int | None) -> str:
-    """Markdown: per program and device, GiB of each part, the total against the device, compile seconds."""
+    """Markdown: per program and device, GiB of each part, the total against the device, the MiB its
+    collectives bring each device per loop iteration (a decode step) and once per call, compile seconds."""
     g = lambda n: f"{n / GiB:.2f}"  # noqa: E731
+    mib = lambda n: f"{n / 2**20:,.1f}"  # noqa: E731
     lines = ["| program | compiled for | arguments | outputs | donated | temporaries | code | resident | total | "
-             "fits | compile s |", "|" + "---|" * 11]
+             "collectives MiB per step | per call | fits | compile s |", "|" + "---|" * 13]
     for p in programs:
         fits = "-" if device_bytes is None else ("yes" if p.total <= device_bytes else "**no**")
         fits += " (refused by the compiler)" if p.refused else ""
+        t = traffic(p)
+        moved = "- | -" if t is None else f"{mib(t.per_step)} | {mib(t.per_call)}"
         lines.append(f"| {p.name} | {p.shapes} | {g(p.arguments)} | {g(p.outputs)} | {g(p.aliased)} | "
-                     f"{g(p.temporaries)} | {g(p.code)} | {g(p.resident)} | {g(p.total)} | {fits} | "
+                     f"{g(p.temporaries)} | {g(p.code)} | {g(p.resident)} | {g(p.total)} | {moved} | {fits} | "
                      f"{p.compile_s:.1f} |")
     return "\n".join(lines)
 
@@ -356,6 +374,7 @@ def model_config(c) -> tuple[ModelConfig, object]:
 def plan_run(c, where: Target, log=print) -> list[Program]:
     """Compiles a run config's programs for `where`, prints the table, and refuses (UserError) a program
     that does not fit a device."""
+    from soft_jax import config as config_lib
     from soft_jax import inputs, memory
     from soft_jax.models import presets
 
@@ -366,13 +385,16 @@ def plan_run(c, where: Target, log=print) -> list[Program]:
     prompt, shared = inputs.prompt_tokens(c, inputs.load(c, evaluating=False), tokenizer)
     mesh = shd.make_mesh((c.mesh.data, c.mesh.fsdp, c.mesh.tensor), where.devices)
     sizes = memory.resolve_mesh(dict(mesh.shape), mesh.devices.size)
-    inputs.check_batches(c, sizes)
+    gen_shape = config_lib.generation_mesh_shape(c)
+    gen_mesh = None if gen_shape is None else shd.make_mesh(gen_shape, where.devices)
+    inputs.check_batches(c, sizes, None if gen_mesh is None else dict(gen_mesh.shape))
     shapes = Shapes.of_run(c, prompt, shared)
     log(f"[plan] {cfg.num_params / 1e6:,.0f}M parameters ({cfg.param_dtype} stored, {cfg.dtype} compute) on "
-        f"{where.name}, mesh {dict(mesh.shape)}; prompts of {prompt} tokens ({shared} shared), counted with "
-        f"{counted}")
+        f"{where.name}, mesh {dict(mesh.shape)}"
+        + (f", generation and scoring on mesh {dict(gen_mesh.shape)}" if gen_mesh is not None else "")
+        + f"; prompts of {prompt} tokens ({shared} shared), counted with {counted}")
     programs = compile_run(cfg, shapes, mesh, inputs.train_config(c),
-                           progress=lambda name: log(f"[plan] compiling {name} ..."))
+                           progress=lambda name: log(f"[plan] compiling {name} ..."), gen_mesh=gen_mesh)
     log(table(programs, where.device_bytes))
     refuse_over(programs, where.device_bytes)
     return programs

@@ -22,7 +22,7 @@ def open_ended(run, model, tokenizer) -> list[dict]:
     heads = [templates.engraving_parts(tokenizer, q["prompt"], "")[0] for q in qs]
     outs, finish = sampling.generate(model, tokenizer, heads, sampling.SamplingConfig(
         max_new_tokens=run.c.open_ended.max_new_tokens, batch_size=run.c.sampling.batch_size),
-        add_special_tokens=not tokenizer.chat_template, progress=False, mesh=run.mesh, return_finish=True)
+        add_special_tokens=not tokenizer.chat_template, progress=False, mesh=run.gen_mesh, return_finish=True)
     return [{"prompt_id": q["prompt_id"], "prompt": q["prompt"], "answer": a, "finish": f,
              "signals": signals.per_answer(a, f)} for q, a, f in zip(qs, outs, finish)]
 
@@ -34,13 +34,13 @@ def validation_items(run, model, tokenizer, answers: list[dict]) -> tuple[list[f
     c, v = run.c, run.c.validation
     if v.metric == "valid_nll":
         pairs = [(p["prompt"], p["response"]) for p in run.inputs.validation]
-        logps = curriculum.response_logps(model, tokenizer, pairs, v.batch_size, run.mesh,
+        logps = curriculum.response_logps(model, tokenizer, pairs, v.batch_size, run.gen_mesh,
                                           (c.train.max_prompt_len, c.train.max_response_len))
         return [float(-np.mean(lp)) for lp in logps], [p["id"] for p in run.inputs.validation]
     if v.metric in signals.SIGNALS:
         return ([a["signals"][signals.SIGNALS[v.metric][0]] for a in answers],
                 [a["prompt_id"] for a in answers])
-    res = evaluation.evaluate(model, tokenizer, [v.metric], c.eval.protocol, v.limit or None, mesh=run.mesh,
+    res = evaluation.evaluate(model, tokenizer, [v.metric], c.eval.protocol, v.limit or None, mesh=run.gen_mesh,
                               progress=False)
     rows = res[v.metric]["items"]
     return [r["correct"] for r in rows], evaluation.item_ids(rows)
@@ -60,7 +60,7 @@ def evaluate(run, t: int, model, tokenizer) -> tuple[dict, dict]:
     if run.inputs.eval_tasks:
         res = evaluation.evaluate(model, tokenizer, run.inputs.eval_tasks, c.eval.protocol,
                                   c.eval.limit or None, truthfulqa_file=c.eval.truthfulqa_file or None,
-                                  batch_size=c.eval.batch_size, mesh=run.mesh, progress=run.progress)
+                                  batch_size=c.eval.batch_size, mesh=run.gen_mesh, progress=run.progress)
         out["protocol"], out["protocol_description"] = res.pop("protocol"), res.pop("protocol_description")
         if "data" in res:
             out["data"] = res.pop("data")

@@ -57,9 +57,9 @@ def generate_batches(run, t: int, b: int, generator, tokenizer, batches: list[li
     if run.c.sampling.force_answer:  # thoughts that end without an answer: the marker written, the answer sampled
         outs, finish, forced = sampling.generate_continued(generator, tokenizer, texts,
                                                            dataclasses.replace(cfg, seed=int(seed[0])), force_answer,
-                                                           continue_seed=int(seed[1]), mesh=run.mesh)
+                                                           continue_seed=int(seed[1]), mesh=run.gen_mesh)
     else:
-        outs, finish = sampling.generate(generator, tokenizer, texts, cfg, progress=False, mesh=run.mesh,
+        outs, finish = sampling.generate(generator, tokenizer, texts, cfg, progress=False, mesh=run.gen_mesh,
                                          seed=int(seed[0]), return_finish=True)
         forced = [False] * len(outs)
     rows = [judge(p, ex, raw, f, end, ctx) for p, ex, raw, f, end in zip(batch, shots, outs, forced, finish)]

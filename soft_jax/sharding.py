@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 from typing import Sequence
 
@@ -113,6 +114,25 @@ def shard_model(model, mesh: Mesh | None, rules=DEFAULT_RULES):
             var.set_value(jax.device_put(np.asarray(var[...]), named_sharding(var.get_metadata().get("axes", ()), var.shape,
                                                                   mesh, rules)))
     return model
+
+
+@functools.lru_cache(maxsize=None)
+def _copy_to(sharding):
+    return jax.jit(lambda x: x, out_shardings=sharding)
+
+
+def reshard(model, mesh: Mesh, rules=DEFAULT_RULES):
+    """A copy of an NNX model with every parameter on `mesh` under the rules; `model` is left as it is.
+
+    The training and generation meshes hold the same devices in the same order, so each array moves device to
+    device in one jitted copy (across processes too: no host round trip). One array at a time: a copy that
+    XLA can only make by gathering the array whole then holds one array, not the whole model, at once."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    shardings = tree_shardings(state, mesh, rules)
+    moved = jax.tree.map(lambda s, x: jax.tree.map(lambda a: _copy_to(s)(a), x), shardings, state)
+    return nnx.merge(graphdef, moved)
 
 
 def tree_shardings(tree, mesh: Mesh, rules=DEFAULT_RULES):

@@ -19,6 +19,9 @@ from test_bootstrap import CONFIGS, TINY, Workdir, round_params, run
 EXTRA = ["rounds=1", "prompts.per_round=8", "sampling.temperature=0.0", "train.checkpoint_every=1",
          "filters.max_repeated_ngram_fraction=1.0", "filters.max_line_repeats=100000", "filters.min_words=0",
          "filters.max_compression_ratio=1e9"]
+# the two-process runs generate and score tensor-parallel over both processes' devices (training is data
+# parallel over them): the weights move between the two layouts across processes at every phase boundary
+TWO_MESHES = ["mesh_generate.data=1", "mesh_generate.fsdp=1", "mesh_generate.tensor=2"]
 
 
 def _port():
@@ -36,7 +39,7 @@ def launch(workdir, extra=(), env=({}, {})):
                               SOFT_JAX_PROCESS_ID=str(pid), SOFT_JAX_HEARTBEAT_TIMEOUT="10", JAX_PLATFORMS="cpu",
                               XLA_FLAGS="", **env[pid])
         argv = [sys.executable, "-m", "soft_jax.cli", "run", "--config", os.path.join(CONFIGS, "soft_plus.py"),
-                "--workdir", str(workdir)] + [f"--config.{o}" for o in TINY + EXTRA + list(extra)]
+                "--workdir", str(workdir)] + [f"--config.{o}" for o in TINY + EXTRA + TWO_MESHES + list(extra)]
         procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=penv))
     return procs
 
@@ -144,11 +147,19 @@ def flat_params(w: Workdir | None, t: int = 0) -> dict:
     return {"/".join(map(str, k)): np.asarray(v) for k, v in nnx.to_flat_state(state)}
 
 
-def test_round_on_8_device_mesh_equals_one_device(tmp_path):
-    """On 8 CPU devices with a (2, 2, 2) mesh (data, fsdp, tensor), a tiny-model SOFT round produces the same
-    greedy generations, training data and validation score, and allclose parameters, as one device."""
-    mesh_proc, mesh = run_devices(tmp_path / "mesh", 8, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
-    one_proc, one = run_devices(tmp_path / "one", 1)
+@pytest.mark.parametrize("meshes", [
+    ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
+    # training FSDP over the 8 devices, generation and scoring tensor-parallel (weights resharded between them);
+    # 4 epochs of one batch of 8: a first warmup step at learning rate 0, as the 2x2x2 run has (see MESH_RUN)
+    ["mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1", "mesh_generate.data=2", "mesh_generate.fsdp=1",
+     "mesh_generate.tensor=4", "train.batch_size=8", "train.epochs=4", "sampling.batch_size=4"],
+], ids=["2x2x2", "train_1x8x1-generate_2x1x4"])
+def test_round_on_8_device_mesh_equals_one_device(tmp_path, meshes):
+    """On 8 CPU devices, a tiny-model SOFT round produces the same greedy generations, training data and
+    validation score, and allclose parameters, as one device: on a (2, 2, 2) mesh (data, fsdp, tensor), and
+    training on (1, 8, 1) while generating and scoring on (2, 1, 4)."""
+    mesh_proc, mesh = run_devices(tmp_path / "mesh", 8, meshes)
+    one_proc, one = run_devices(tmp_path / "one", 1, [o for o in meshes if o.startswith("train.")])
     assert "8 device(s)" in mesh_proc.stdout and "1 device(s)" in one_proc.stdout, mesh_proc.stdout + one_proc.stdout
     assert mesh.rows(1, "prompts.jsonl") == one.rows(1, "prompts.jsonl")
     gm, go = mesh.rows(1, "generations.jsonl"), one.rows(1, "generations.jsonl")
@@ -158,7 +169,7 @@ def test_round_on_8_device_mesh_equals_one_device(tmp_path):
     assert [(r["prompt_id"], r["prompt"], r["response"]) for r in a] == [
         (r["prompt_id"], r["prompt"], r["response"]) for r in b]
     np.testing.assert_allclose([r["difficulty"] for r in a], [r["difficulty"] for r in b], rtol=1e-5)
-    assert mesh.event(1, "train_done")["steps"] == one.event(1, "train_done")["steps"] == 4
+    assert mesh.event(1, "train_done")["steps"] == one.event(1, "train_done")["steps"] > 0
     for t in (0, 1):  # the base model's validation score and round 1's
         va, vb = (json.load(open(os.path.join(x.path, "rounds", f"{t:03d}", "eval.json")))["validation"]["value"]
                   for x in (mesh, one))
@@ -166,6 +177,13 @@ def test_round_on_8_device_mesh_equals_one_device(tmp_path):
     pm, po, base = flat_params(mesh, 1), flat_params(one, 1), flat_params(None)
     assert sorted(pm) == sorted(po) == sorted(base)
     assert min(np.abs(po[k] - base[k]).max() for k in po) > 1e-4  # training moved every tensor
+    if "mesh.fsdp=8" in meshes:
+        # Training FSDP over 8 devices sums each gradient in yet another order; one element of o_proj (rel. 1.2e-4)
+        # lands near Adam's eps and differs by 1.3e-6 after 4 steps. The same run without mesh_generate differs
+        # in that same element by the same amount, so it is training's, not generation's: the few-elements
+        # criterion of the two-process test, for the same reason
+        assert_params_close(pm, po, rtol=1e-5, atol=1e-6, few=1e-3, few_atol=2.5e-4, what="8 devices vs one: ")
+        return
     for key in po:
         np.testing.assert_allclose(pm[key], po[key], rtol=1e-5, atol=1e-6, err_msg=key)
 

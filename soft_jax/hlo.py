@@ -1,0 +1,129 @@
+"""What a compiled program moves between devices, read from its optimized HLO text.
+
+Every collective (all-gather, all-reduce, reduce-scatter, all-to-all, collective-permute) is attributed to the
+code inside a while loop (paid at every iteration: a decode loop's token step) or outside any loop (paid once
+per call), with the bytes of its result per device. An asynchronous collective is counted once, at its `-done`.
+That is what `soft-jax plan` reports per program and what the tests read to prove, for example, that a decode
+step gathers no parameter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+# an HLO computation's header: `%name (params) -> result {` or `ENTRY %name ...{`
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+# an instruction: `%name = <shape> <op>(operands), attributes`
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
+_CALLEES = re.compile(r"(?:calls|to_apply|body|condition|true_computation|false_computation|"
+                      r"called_computations|branch_computations)=\{?([^}\s]+(?:,\s*%[\w.\-]+)*)\}?")
+_ARRAY = re.compile(r"\b(pred|s4|u4|s8|u8|s16|u16|s32|u32|s64|u64|f8e4m3fn|f8e5m2|f8e4m3|f8e5m2fnuz|f8e4m3fnuz|bf16|"
+                    r"f16|f32|f64|c64|c128)\[([\d,]*)\]")
+_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4, "u32": 4, "s64": 8,
+          "u64": 8, "bf16": 2, "f16": 2, "f32": 4, "f64": 8, "c64": 8, "c128": 16}
+
+
+def shape_bytes(shape: str) -> int:
+    """Bytes of an HLO shape string: an array `f32[8,96]{1,0}` or a tuple of them."""
+    total = 0.0
+    for dtype, dims in _ARRAY.findall(shape):
+        total += _BYTES.get(dtype, 1) * math.prod(int(d) for d in dims.split(",") if d)
+    return int(total)
+
+
+def array_dims(shape: str) -> list[tuple[str, tuple[int, ...]]]:
+    """[(dtype, dims)] of the arrays in an HLO shape string."""
+    return [(dtype, tuple(int(d) for d in dims.split(",") if d)) for dtype, dims in _ARRAY.findall(shape)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    kind: str  # one of COLLECTIVES
+    shape: str  # its result's HLO shape
+    bytes: int  # per device
+    in_loop: bool  # inside a while loop's body or condition
+    computation: str
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Traffic:
+    """A program's collectives: the bytes each device receives per loop iteration and per call."""
+
+    collectives: tuple[Collective, ...]
+
+    @property
+    def per_step(self) -> int:
+        return sum(c.bytes for c in self.collectives if c.in_loop)
+
+    @property
+    def per_call(self) -> int:
+        return sum(c.bytes for c in self.collectives if not c.in_loop)
+
+    def in_loop(self, kind: str | None = None) -> list[Collective]:
+        return [c for c in self.collectives if c.in_loop and (kind is None or c.kind == kind)]
+
+
+def _computations(text: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if current is None:
+            m = _HEADER.match(line)
+            if m and "=" not in line.split("(")[0]:
+                current = m.group(1)
+                out[current] = []
+        elif line.strip() == "}":
+            current = None
+        else:
+            out[current].append(line)
+    return out
+
+
+def _callees(line: str) -> list[str]:
+    names = []
+    for group in _CALLEES.findall(line):
+        names += [n.strip().lstrip("%") for n in group.split(",") if n.strip()]
+    return names
+
+
+def traffic(hlo_text: str) -> Traffic:
+    """The collectives of an optimized HLO module (`compiled.as_text()`), each marked in or out of a loop."""
+    comps = _computations(hlo_text)
+    calls = {name: [c for line in lines for c in _callees(line)] for name, lines in comps.items()}
+    loops: set[str] = set()
+    stack = []
+    for lines in comps.values():
+        for line in lines:
+            if " while(" in line:
+                stack += [c.lstrip("%") for c in re.findall(r"(?:body|condition)=%?([\w.\-]+)", line)]
+    while stack:  # everything a loop's body or condition calls runs at every iteration too
+        name = stack.pop()
+        if name in loops:
+            continue
+        loops.add(name)
+        stack += calls.get(name, [])
+    found = []
+    for comp, lines in comps.items():
+        for line in lines:
+            m = _INSTRUCTION.match(line)
+            if not m:
+                continue
+            name, shape, op = m.group(1), m.group(2), m.group(3)
+            kind = op[:-len("-done")] if op.endswith("-done") else op
+            if kind not in COLLECTIVES:
+                continue  # `-start` halves are counted at their `-done`
+            found.append(Collective(kind, shape, shape_bytes(shape), comp in loops, comp, name))
+    return Traffic(tuple(found))
+
+
+def parameter_gathers(t: Traffic, param_shapes, in_loop: bool = True) -> list[Collective]:
+    """The all-gathers whose result has the shape of a whole parameter (`param_shapes`): inside loops only, or
+    anywhere (`in_loop=False`: XLA may hoist a loop-invariant gather out of the loop, holding the gathered
+    weights for the whole call instead)."""
+    shapes = {tuple(s) for s in param_shapes}
+    return [c for c in t.collectives if (c.in_loop or not in_loop) and c.kind == "all-gather"
+            and any(dims in shapes for _, dims in array_dims(c.shape))]

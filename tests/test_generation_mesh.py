@@ -1,0 +1,112 @@
+"""Generation on a mesh of its own (config mesh_generate): the weights are resharded device to device from the
+training layout, equal array by array; the compiled decode step on a tensor-parallel generation mesh gathers no
+parameter (read from its optimized HLO), where the training FSDP layout gathers every weight; and `plan`
+compiles generation and scoring for it. A round on it equals one device's: tests/test_distributed.py."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import run_cli
+
+from soft_jax import hlo
+
+SCRIPT = r"""
+import json, sys
+import jax, numpy as np
+from flax import nnx
+sys.path.insert(0, sys.argv[1])
+import test_sharding as t
+from soft_jax import hlo, plan
+from soft_jax import sharding as shd
+from soft_jax.models.llama import Llama
+
+train, gen = shd.make_mesh((1, 8, 1)), shd.make_mesh((2, 1, 4))
+model = shd.shard_model(Llama(t.CFG, rngs=nnx.Rngs(0)), train)
+moved = shd.reshard(model, gen)
+same, specs = [], []
+for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(moved))):
+    axes = a.get_metadata().get("axes", ())
+    same.append(bool(np.array_equal(np.asarray(a[...]), np.asarray(b[...]))))
+    specs.append([str(b[...].sharding.spec), str(shd.logical_to_spec(axes, a.shape, gen)),
+                  str(a[...].sharding.spec), str(shd.logical_to_spec(axes, a.shape, train))])
+shapes = sorted({tuple(v.shape) for _, v in nnx.to_flat_state(nnx.state(model))})
+gathers = {}
+for name, gen_mesh in (("training layout", None), ("generation mesh", gen)):
+    programs = plan.compile_run(t.CFG, t.SHAPES, train, gen_mesh=gen_mesh, only=["decode", "score"])
+    gathers[name] = {p.name: [c.shape for c in hlo.parameter_gathers(plan.traffic(p), shapes, in_loop=False)]
+                     for p in programs}
+print(json.dumps({"same": same, "specs": specs, "gathers": gathers}))
+"""
+
+
+def test_resharded_weights_are_equal_and_decode_gathers_no_parameter():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, os.path.dirname(__file__)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["same"] and all(out["same"])
+    for moved, want_moved, before, want_before in out["specs"]:
+        assert (moved, before) == (want_moved, want_before)
+    assert any("tensor" in moved for moved, *_ in out["specs"])  # the copy is split over tensor, not fsdp
+    # the check sees FSDP's gathers: every layer's weights, in the decode step and in scoring
+    assert len(out["gathers"]["training layout"]["decode"]) >= 3 * 7
+    assert len(out["gathers"]["training layout"]["score"]) >= 3 * 7
+    assert out["gathers"]["generation mesh"] == {"decode": [], "score": []}
+
+
+HLO = """HloModule m
+
+%body (p: (s32[], f32[8,96])) -> (s32[], f32[8,96]) {
+  %p = (s32[], f32[8,96]{1,0}) parameter(0)
+  %w = f32[12,32]{1,0} get-tuple-element(%p), index=1
+  %ag = f32[96,32]{1,0} all-gather(%w), dimensions={0}
+  %f = f32[8,96]{1,0} fusion(%ag), kind=kLoop, calls=%inner
+  ROOT %t = (s32[], f32[8,96]{1,0}) tuple(%i, %f)
+}
+
+%inner (x: f32[96,32]) -> f32[8,96] {
+  %x = f32[96,32]{1,0} parameter(0)
+  %ars = f32[8,96]{1,0} all-reduce-start(%x), to_apply=%add
+  ROOT %ar = f32[8,96]{1,0} all-reduce-done(%ars)
+}
+
+%cond (p: (s32[], f32[8,96])) -> pred[] {
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main (a: bf16[4,1000]) -> bf16[4,1000] {
+  %a = bf16[4,1000]{1,0} parameter(0)
+  %g = bf16[8,1000]{1,0} all-gather(%a), dimensions={0}
+  %loop = (s32[], f32[8,96]{1,0}) while(%init), condition=%cond, body=%body
+  ROOT %r = bf16[4,1000]{1,0} copy(%a)
+}
+"""
+
+
+def test_collectives_are_attributed_to_loops_and_calls():
+    """A hand-written module: an all-gather in a while body, an async all-reduce in a computation the body
+    calls (counted once, at its -done), an all-gather outside any loop."""
+    t = hlo.traffic(HLO)
+    assert sorted((c.kind, c.in_loop, c.bytes) for c in t.collectives) == [
+        ("all-gather", False, 8 * 1000 * 2), ("all-gather", True, 96 * 32 * 4), ("all-reduce", True, 8 * 96 * 4)]
+    assert t.per_step == 96 * 32 * 4 + 8 * 96 * 4 and t.per_call == 8 * 1000 * 2
+    assert [c.shape.split("{")[0] for c in hlo.parameter_gathers(t, [(96, 32), (1000, 96)])] == ["f32[96,32]"]
+
+
+def test_plan_compiles_generation_for_its_own_mesh():
+    """v5e-8, training FSDP over 8 chips, generation and scoring tensor-parallel (2, 1, 4): every program
+    compiles and fits, the table says which mesh each phase uses and what each program's collectives move."""
+    plan = ["plan", "--config", os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"),
+            "--topology", "v5e-8", "--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.sampling.batch_size=8",
+            "--config.train.batch_size=8"]
+    proc = run_cli(*plan, "--mesh-generate", "2,1,4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "generation and scoring on mesh {'data': 2, 'fsdp': 1, 'tensor': 4}" in proc.stdout
+    head = next(line for line in proc.stdout.splitlines() if line.startswith("| program"))
+    assert "collectives MiB per step | per call" in head
+    assert proc.stdout.strip().endswith("[plan] every program fits")
+    bad = run_cli(*plan, "--mesh-generate", "3,1,4")
+    assert bad.returncode == 2 and "does not divide the 8 devices" in bad.stderr.strip().splitlines()[-1]
