@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from soft_jax import hlo, sampling, scoring, training
+from soft_jax import hlo, sampling, scoring, topology, training
 from soft_jax import sharding as shd
 from soft_jax.errors import UserError
 from soft_jax.models.config import ModelConfig
@@ -289,6 +289,92 @@ def expected_tokens(name: str, shapes: Shapes, mesh) -> int:
             "score": share(shapes.score_rows) * shapes.score_len}[name]
 
 
+def shard_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeBound:
+    """Lower bounds on one decode step per chip, from what it must read (its share of the weights and the KV
+    cache), compute and receive (the compiled program's collectives), against the chip's published limits."""
+
+    weights_read: int  # bytes per step: the weights each chip multiplies by (its tensor shard, whole over fsdp)
+    cache_read: int  # bytes per step: the chip's KV cache
+    flops: float  # per step per chip
+    collectives: float  # bytes per step per chip: in the loop, plus what is moved once per call over its steps
+    step_s: float
+    limited_by: str  # "HBM", "FLOP/s" or "interconnect"
+    tokens_per_s_per_chip: float
+    reshard_s: float | None  # moving the weights into the generation layout, once per phase (None: same mesh)
+    note: str = ""
+
+
+def decode_bound(cfg: ModelConfig, shapes: Shapes, gen_mesh, chip, traffic_: hlo.Traffic | None = None,
+                 train_mesh=None) -> DecodeBound:
+    """The decode step's lower bound on `gen_mesh` for `chip` (soft_jax.topology.chip). traffic_: the compiled
+    decode program's collectives (None: an estimate without them, as for a mesh not compiled)."""
+    n = gen_mesh.devices.size
+    tensor, replicas = gen_mesh.shape["tensor"], gen_mesh.shape["data"] * gen_mesh.shape["fsdp"]
+    graphdef, state = abstract_model(cfg)
+    total = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
+    weights = total / tensor
+    slots = shapes.own_len + shapes.new_tokens + shapes.extra_slots
+    cache = shard_bytes(abstract_cache(cfg, gen_mesh, shapes.sample_rows, slots, shapes.prefix_len,
+                                       shapes.prefix_groups))
+    rows = shapes.sample_rows / replicas if shapes.sample_rows % replicas == 0 else shapes.sample_rows
+    matmul = cfg.num_params - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
+    attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * (slots + shapes.prefix_len)
+    flops = rows * (2 * matmul + attention) / tensor
+    moved = 0.0 if traffic_ is None else traffic_.per_step + traffic_.per_call / max(shapes.new_tokens, 1)
+    times = {"HBM": (weights + cache) / chip.hbm_bandwidth, "FLOP/s": flops / chip.peak_bf16_flops}
+    note = ""
+    if chip.interconnect_bandwidth:
+        times["interconnect"] = moved / chip.interconnect_bandwidth
+    elif moved:
+        note = f"{chip.name}: no published per-chip interconnect bandwidth; collectives not bounded"
+    limited_by = max(times, key=times.get)
+    step = times[limited_by]
+    reshard = None
+    if train_mesh is not None and dict(train_mesh.shape) != dict(gen_mesh.shape) and chip.interconnect_bandwidth:
+        held = param_bytes(state, train_mesh)  # already on the chip before the move (at best all of it useful)
+        reshard = max(param_bytes(state, gen_mesh) - held, 0) / chip.interconnect_bandwidth
+    return DecodeBound(int(weights), cache, flops, moved, step, limited_by, shapes.sample_rows / step / n, reshard,
+                       note)
+
+
+def propose_generation_mesh(cfg: ModelConfig, shapes: Shapes, devices, chip, device_bytes: int | None,
+                            resident: int = 0) -> list[tuple[tuple[int, int, int], DecodeBound, int]]:
+    """Tensor-parallel generation meshes (data, 1, tensor) over `devices`, best decode bound first, that hold
+    their weights, KV cache and `resident` bytes in `device_bytes`: [(shape, bound without collectives, bytes)].
+    The tensor axis divides the KV heads (else the cache is copied on each of its chips); rows split evenly."""
+    n, out = len(devices), []
+    graphdef, state = abstract_model(cfg)
+    for tensor in (t for t in range(1, n + 1) if n % t == 0 and cfg.num_kv_heads % t == 0 and t <= 16):
+        shape = (n // tensor, 1, tensor)
+        if shapes.sample_rows % shape[0]:
+            continue
+        mesh = shd.make_mesh(shape, devices)
+        bound = decode_bound(cfg, shapes, mesh, chip)
+        need = param_bytes(state, mesh) + bound.cache_read + resident
+        if device_bytes is None or need <= device_bytes:
+            out.append((shape, bound, need))
+    return sorted(out, key=lambda x: -x[1].tokens_per_s_per_chip)
+
+
+def bounds_table(rows: Sequence[tuple[str, DecodeBound]]) -> str:
+    """Markdown: per generation layout, what a decode step reads, computes and receives per chip, its bound."""
+    mib = lambda n: f"{n / 2**20:,.0f}"  # noqa: E731
+    lines = ["| decode on | weights read MiB | KV cache MiB | GFLOP | collectives MiB | step >= ms | limited by | "
+             "tokens/s per chip <= | reshard >= s |", "|" + "---|" * 9]
+    for name, b in rows:
+        lines.append(f"| {name} | {mib(b.weights_read)} | {mib(b.cache_read)} | {b.flops / 1e9:,.1f} | "
+                     f"{mib(b.collectives)} | {b.step_s * 1e3:.2f} | {b.limited_by} | "
+                     f"{b.tokens_per_s_per_chip:,.0f} | " + ("-" if b.reshard_s is None else f"{b.reshard_s:.2f}")
+                     + " |")
+    return "\n".join(lines)
+
+
 def traffic(program: Program) -> hlo.Traffic | None:
     """The collectives of a compiled program (None when the compiler refused it)."""
     return None if program.compiled is None else hlo.traffic(program.compiled.as_text())
@@ -382,7 +468,8 @@ def plan_run(c, where: Target, log=print) -> list[Program]:
     counted = "the model's tokenizer"
     if tokenizer is None:
         tokenizer, counted = presets.check("smollm2-135m")[1], "SmolLM2's tokenizer (no model.path given)"
-    prompt, shared = inputs.prompt_tokens(c, inputs.load(c, evaluating=False), tokenizer)
+    run_inputs = inputs.load(c, evaluating=False)
+    prompt, shared = inputs.prompt_tokens(c, run_inputs, tokenizer)
     mesh = shd.make_mesh((c.mesh.data, c.mesh.fsdp, c.mesh.tensor), where.devices)
     sizes = memory.resolve_mesh(dict(mesh.shape), mesh.devices.size)
     gen_shape = config_lib.generation_mesh_shape(c)
@@ -396,8 +483,52 @@ def plan_run(c, where: Target, log=print) -> list[Program]:
     programs = compile_run(cfg, shapes, mesh, inputs.train_config(c),
                            progress=lambda name: log(f"[plan] compiling {name} ..."), gen_mesh=gen_mesh)
     log(table(programs, where.device_bytes))
+    chip = topology.chip(where.devices[0].device_kind)
+    if chip is not None:
+        log_bounds(cfg, shapes, mesh, gen_mesh, programs, chip, where, max(run_inputs.sizes), log)
     refuse_over(programs, where.device_bytes)
     return programs
+
+
+def log_bounds(cfg, shapes, mesh, gen_mesh, programs, chip, where, prompts: int,
+               log=print) -> list[tuple[str, DecodeBound]]:
+    """Logs how fast decoding can be at best: the run's generation layout against the training layout (compiled
+    here for the comparison when they differ), the tensor-parallel meshes that fit, and a round's decode time at
+    the token limit."""
+    decode = next((p for p in programs if p.name == "decode" and p.compiled is not None), None)
+    if decode is None:
+        return []
+    rows = []
+    if gen_mesh is not None and dict(gen_mesh.shape) != dict(mesh.shape):
+        log("[plan] compiling decode in the training layout, for comparison ...")
+        train_decode = compile_run(cfg, shapes, mesh, only=["decode"])[0]
+        if train_decode.compiled is not None:
+            rows.append((f"training mesh {tuple(mesh.shape.values())}",
+                         decode_bound(cfg, shapes, mesh, chip, traffic(train_decode))))
+    used = gen_mesh if gen_mesh is not None else mesh
+    run_bound = decode_bound(cfg, shapes, used, chip, traffic(decode), mesh)
+    rows.append((("generation mesh " if gen_mesh is not None else "training mesh ") + str(tuple(used.shape.values())),
+                 run_bound))
+    log(f"[plan] decode bounds per chip ({chip.name}: {chip.peak_bf16_flops / 1e12:,.0f} TFLOP/s bf16, "
+        f"{chip.hbm_bandwidth / 1e9:,.0f} GB/s HBM, " + (f"{chip.interconnect_bandwidth / 1e9:,.0f} GB/s interconnect"
+        if chip.interconnect_bandwidth else "interconnect not published") + f"; {chip.source}), "
+        f"{shapes.sample_rows} rows a step:")
+    log(bounds_table(rows))
+    for _, b in rows:
+        if b.note:
+            log(f"[plan] {b.note}")
+    batches = -(-prompts // shapes.sample_rows)
+    log(f"[plan] a round's {prompts} prompts: {batches} batch(es) of {shapes.sample_rows} rows; decoding them to the "
+        f"token limit ({shapes.new_tokens}) takes at least {batches * shapes.new_tokens * run_bound.step_s:,.1f} s "
+        "on this layout")
+    resident = (1 + int(shapes.keep_base)) * param_bytes(abstract_model(cfg)[1], mesh)
+    proposals = propose_generation_mesh(cfg, shapes, list(where.devices), chip, where.device_bytes, resident)
+    if proposals:
+        best = ", ".join(f"{','.join(map(str, shape))}: <= {b.tokens_per_s_per_chip:,.0f} tokens/s per chip"
+                         for shape, b, _ in proposals[:3])
+        log(f"[plan] generation meshes that fit, best decode bound first (weights and cache; try one with "
+            f"--mesh-generate D,F,T): {best}")
+    return rows
 
 
 def refuse_over(programs: Sequence[Program], device_bytes: int | None) -> None:

@@ -38,14 +38,42 @@ class _Generation:
     max_chips: int  # one pod
     hbm_bytes: int
     peak_bf16_flops: float
+    hbm_bandwidth: float  # bytes/s
+    ici_bandwidth: float | None  # bytes/s per chip
 
 
-# Cloud TPU's published per-chip figures.
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """A chip's published limits, for lower bounds on a program's time (soft_jax.plan)."""
+
+    name: str
+    peak_bf16_flops: float  # FLOP/s
+    hbm_bandwidth: float  # bytes/s
+    interconnect_bandwidth: float | None  # bytes/s per chip (ICI, NVLink); None: not published
+    source: str
+
+
+def chip(device_kind: str) -> Chip | None:
+    """The published limits of a device kind (a TPU generation or the H100), or None when unknown (a CPU)."""
+    for key, g in _GENERATIONS.items():
+        if g.device_kind == device_kind:
+            return Chip(f"TPU {key}", g.peak_bf16_flops, g.hbm_bandwidth, g.ici_bandwidth,
+                        f"cloud.google.com/tpu/docs/{key}")
+    if "H100" in device_kind:
+        return Chip("H100 SXM", H100_SXM.peak_bf16_flops, H100_SXM.hbm_bandwidth, H100_SXM.nvlink_bandwidth,
+                    "NVIDIA H100 datasheet (SXM: 989.5 TFLOP/s dense bf16, 3.35 TB/s, NVLink 900 GB/s)")
+    return None
+
+
+# Cloud TPU's published per-chip figures (cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e}, "system architecture"):
+# bf16 peak, HBM capacity and bandwidth, and the inter-chip interconnect (ICI) bandwidth per chip, one direction
+# (v5e / v5p: "1600 / 4800 Gbps"; v6e: "800 GBps bidirectional"). v4's page gives no per-chip ICI figure: None,
+# and bounds that need it say so.
 _GENERATIONS = {
-    "v4": _Generation("v4", "TPU v4", 2, 3, 4096, 32 * GiB, 275e12),
-    "v5e": _Generation("v5e", "TPU v5 lite", 1, 2, 256, 16 * GiB, 197e12),
-    "v5p": _Generation("v5", "TPU v5", 2, 3, 8960, 95 * GiB, 459e12),
-    "v6e": _Generation("v6e", "TPU v6 lite", 1, 2, 256, 32 * GiB, 918e12),
+    "v4": _Generation("v4", "TPU v4", 2, 3, 4096, 32 * GiB, 275e12, 1200e9, None),
+    "v5e": _Generation("v5e", "TPU v5 lite", 1, 2, 256, 16 * GiB, 197e12, 819e9, 1600e9 / 8),
+    "v5p": _Generation("v5", "TPU v5", 2, 3, 8960, 95 * GiB, 459e12, 2765e9, 4800e9 / 8),
+    "v6e": _Generation("v6e", "TPU v6 lite", 1, 2, 256, 32 * GiB, 918e12, 1638e9, 800e9 / 2),
 }
 _ALIASES = {"v5litepod": "v5e"}
 _NAMES_THAT_WORK = ("v4-N or v5p-N, N TensorCores = 8, 16, 32, 64 or a multiple of 128 (v4-32, v5p-128); "
@@ -155,10 +183,12 @@ class GpuSpec:
     hbm_bytes: int  # jax on GPU preallocates 75% of this unless XLA_PYTHON_CLIENT_MEM_FRACTION says more
     peak_bf16_flops: float  # dense
     devices_per_host: int
+    hbm_bandwidth: float = 0.0  # bytes/s
+    nvlink_bandwidth: float | None = None  # bytes/s per GPU
 
 
 H100_SXM = GpuSpec("h100-sxm-80gb", os.path.join(_ASSETS, "h100_sxm_80gb.gpu_target.txtpb"), 80 * GiB,
-                   989.5e12, 8)
+                   989.5e12, 8, 3.35e12, 900e9)
 
 
 def gpu_devices(target_config_path: str = H100_SXM.target_config, count: int = 8,

@@ -108,5 +108,45 @@ def test_plan_compiles_generation_for_its_own_mesh():
     head = next(line for line in proc.stdout.splitlines() if line.startswith("| program"))
     assert "collectives MiB per step | per call" in head
     assert proc.stdout.strip().endswith("[plan] every program fits")
+    # the decode bounds: FSDP's step waits on its gathered weights, the tensor-parallel one on HBM, and is faster
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in proc.stdout.splitlines()
+            if line.startswith("| training mesh") or line.startswith("| generation mesh")}
+    train, gen = rows["training mesh (1, 8, 1)"], rows["generation mesh (2, 1, 4)"]
+    assert train[6] == "interconnect" and gen[6] == "HBM"
+    assert float(gen[7].replace(",", "")) > 5 * float(train[7].replace(",", ""))
+    assert "generation meshes that fit, best decode bound first" in proc.stdout
     bad = run_cli(*plan, "--mesh-generate", "3,1,4")
     assert bad.returncode == 2 and "does not divide the 8 devices" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_decode_bound_is_what_a_step_must_read_compute_and_receive():
+    """On one device: the step reads every weight and the whole KV cache, computes 2 FLOPs per weight and row
+    plus attention over every cache slot, receives what the program's collectives move per step plus its
+    per-call collectives spread over the steps; the bound is the slowest of the three at the chip's rates."""
+    import math
+
+    import jax
+    import numpy as np
+    from test_sharding import CFG, SHAPES
+
+    from soft_jax import plan, topology
+    from soft_jax import sharding as shd
+
+    chip = topology.Chip("test chip", peak_bf16_flops=1e12, hbm_bandwidth=1e9, interconnect_bandwidth=1e6, source="-")
+    mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
+    weights = sum(math.prod(x.shape) * 4 for x in jax.tree.leaves(plan.abstract_model(CFG)[1]))
+    slots = SHAPES.own_len + SHAPES.new_tokens + SHAPES.extra_slots
+    # per row and slot: k and v of every layer (float32), a position and a segment id (int32); the step counter
+    per_slot = 2 * CFG.num_layers * CFG.num_kv_heads * CFG.head_dim * 4 + 2 * 4
+    cache = per_slot * (SHAPES.sample_rows * slots + SHAPES.prefix_groups * SHAPES.prefix_len) + 4
+    flops = SHAPES.sample_rows * (2 * CFG.num_params + 4 * CFG.num_layers * CFG.num_heads * CFG.head_dim
+                                  * (slots + SHAPES.prefix_len))
+    b = plan.decode_bound(CFG, SHAPES, mesh, chip)
+    assert (b.weights_read, b.cache_read, b.flops, b.collectives) == (weights, cache, flops, 0)
+    assert b.limited_by == "HBM" and b.step_s == (weights + b.cache_read) / 1e9
+    assert b.tokens_per_s_per_chip == SHAPES.sample_rows / b.step_s and b.reshard_s is None
+    moved = hlo.Traffic((hlo.Collective("all-gather", "", 10**6, True, "body", "a"),
+                         hlo.Collective("all-gather", "", 16 * 10**6, False, "main", "b")))
+    b = plan.decode_bound(CFG, SHAPES, mesh, chip, moved)
+    assert b.collectives == 10**6 + 16 * 10**6 / SHAPES.new_tokens and b.limited_by == "interconnect"
+    np.testing.assert_allclose(b.step_s, b.collectives / 1e6)
