@@ -15,6 +15,7 @@ import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -34,6 +35,13 @@ def checksum(model) -> float:
     """A cheap fingerprint of a model's parameters (recorded so a run shows which model did what)."""
     leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
     return float(sum(jax.device_get(jax.numpy.sum(jax.numpy.abs(x.astype(jax.numpy.float32)))) for x in leaves))
+
+
+def generation_dtype(m) -> str | None:
+    """The dtype of the generation mesh's copy of the weights (config `model` section): the compute dtype when it
+    is narrower than the stored one (float32 master weights, bfloat16 compute), else None (as stored)."""
+    stored = jnp.dtype(m.param_dtype or m.dtype)
+    return m.dtype if jnp.dtype(m.dtype).itemsize < stored.itemsize else None
 
 
 class Run:
@@ -97,7 +105,7 @@ class Run:
             return model
         if self._generation_copy is None or self._generation_copy[0] is not model:
             self._generation_copy = None  # the old copy's memory is free before the new one is made
-            self._generation_copy = (model, shd.reshard(model, self.gen_mesh))
+            self._generation_copy = (model, shd.reshard(model, self.gen_mesh, dtype=generation_dtype(self.c.model)))
         return self._generation_copy[1]
 
     def restore_round(self, template, t: int):

@@ -142,13 +142,23 @@ def param_bytes(state, mesh) -> int:
     return sum(math.prod(s.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize for s, a in zip(shardings, arrays))
 
 
+def generation_state(cfg: ModelConfig, state):
+    """The abstract parameters of a generation mesh's copy: in the compute dtype when it is narrower than the
+    stored one (bootstrap.generation_dtype), as `sharding.reshard` makes them."""
+    stored, compute = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+    if compute.itemsize >= stored.itemsize:
+        return state
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, compute if jnp.issubdtype(x.dtype, jnp.floating)
+                                                       else x.dtype), state)
+
+
 def _lowerings(cfg: ModelConfig, shapes: Shapes, mesh, train_config: training.TrainConfig, gen_mesh=None):
     """(name, what, resident bytes of parameter copies, lower()) for each program of a round: the train step on
     `mesh`, generation and scoring on `gen_mesh` (None: `mesh`)."""
     graphdef, state = abstract_model(cfg)
     params = shd.abstract(state, mesh)
     gmesh = gen_mesh if gen_mesh is not None else mesh
-    gparams = shd.abstract(state, gmesh)
+    gparams = shd.abstract(generation_state(cfg, state) if gmesh is not mesh else state, gmesh)
     platform = mesh.devices.flat[0].platform
     i32, f32 = jnp.int32, jnp.float32
     base = int(shapes.keep_base)
@@ -317,7 +327,9 @@ def decode_bound(cfg: ModelConfig, shapes: Shapes, gen_mesh, chip, traffic_: hlo
     n = gen_mesh.devices.size
     tensor, replicas = gen_mesh.shape["tensor"], gen_mesh.shape["data"] * gen_mesh.shape["fsdp"]
     graphdef, state = abstract_model(cfg)
-    total = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
+    own_copy = train_mesh is not None and dict(train_mesh.shape) != dict(gen_mesh.shape)
+    copy = generation_state(cfg, state) if own_copy else state
+    total = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(copy))
     weights = total / tensor
     slots = shapes.own_len + shapes.new_tokens + shapes.extra_slots
     cache = shard_bytes(abstract_cache(cfg, gen_mesh, shapes.sample_rows, slots, shapes.prefix_len,
@@ -336,27 +348,27 @@ def decode_bound(cfg: ModelConfig, shapes: Shapes, gen_mesh, chip, traffic_: hlo
     limited_by = max(times, key=times.get)
     step = times[limited_by]
     reshard = None
-    if train_mesh is not None and dict(train_mesh.shape) != dict(gen_mesh.shape) and chip.interconnect_bandwidth:
+    if own_copy and chip.interconnect_bandwidth:
         held = param_bytes(state, train_mesh)  # already on the chip before the move (at best all of it useful)
-        reshard = max(param_bytes(state, gen_mesh) - held, 0) / chip.interconnect_bandwidth
+        reshard = max(param_bytes(copy, gen_mesh) - held, 0) / chip.interconnect_bandwidth
     return DecodeBound(int(weights), cache, flops, moved, step, limited_by, shapes.sample_rows / step / n, reshard,
                        note)
 
 
 def propose_generation_mesh(cfg: ModelConfig, shapes: Shapes, devices, chip, device_bytes: int | None,
-                            resident: int = 0) -> list[tuple[tuple[int, int, int], DecodeBound, int]]:
+                            resident: int = 0, train_mesh=None) -> list[tuple[tuple[int, int, int], DecodeBound, int]]:
     """Tensor-parallel generation meshes (data, 1, tensor) over `devices`, best decode bound first, that hold
     their weights, KV cache and `resident` bytes in `device_bytes`: [(shape, bound without collectives, bytes)].
     The tensor axis divides the KV heads (else the cache is copied on each of its chips); rows split evenly."""
     n, out = len(devices), []
-    graphdef, state = abstract_model(cfg)
+    copy = generation_state(cfg, abstract_model(cfg)[1])
     for tensor in (t for t in range(1, n + 1) if n % t == 0 and cfg.num_kv_heads % t == 0 and t <= 16):
         shape = (n // tensor, 1, tensor)
         if shapes.sample_rows % shape[0]:
             continue
         mesh = shd.make_mesh(shape, devices)
-        bound = decode_bound(cfg, shapes, mesh, chip)
-        need = param_bytes(state, mesh) + bound.cache_read + resident
+        bound = decode_bound(cfg, shapes, mesh, chip, train_mesh=train_mesh)
+        need = param_bytes(copy, mesh) + bound.cache_read + resident
         if device_bytes is None or need <= device_bytes:
             out.append((shape, bound, need))
     return sorted(out, key=lambda x: -x[1].tokens_per_s_per_chip)
@@ -522,7 +534,7 @@ def log_bounds(cfg, shapes, mesh, gen_mesh, programs, chip, where, prompts: int,
         f"token limit ({shapes.new_tokens}) takes at least {batches * shapes.new_tokens * run_bound.step_s:,.1f} s "
         "on this layout")
     resident = (1 + int(shapes.keep_base)) * param_bytes(abstract_model(cfg)[1], mesh)
-    proposals = propose_generation_mesh(cfg, shapes, list(where.devices), chip, where.device_bytes, resident)
+    proposals = propose_generation_mesh(cfg, shapes, list(where.devices), chip, where.device_bytes, resident, mesh)
     if proposals:
         best = ", ".join(f"{','.join(map(str, shape))}: <= {b.tokens_per_s_per_chip:,.0f} tokens/s per chip"
                          for shape, b, _ in proposals[:3])
