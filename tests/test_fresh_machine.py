@@ -1,6 +1,7 @@
 """A fresh machine: no BIG-bench task files anywhere, an empty cache, and a package index without the archive
 (a local, empty simple index, as pip's --index-url takes). Only evaluation needs the files: a demo-style run
-goes on and shows the tasks as n/a, a paper config stops at once in one line, and `plan` compiles."""
+goes on and shows the tasks as n/a, and a paper config stops at once in one line. `plan` compiles a paper config
+there too: tests/test_generation_mesh.py runs it in this environment (`fresh_environment`)."""
 
 import json
 import os
@@ -15,13 +16,18 @@ from soft_jax.evaluation import data
 OVERRIDES = [f"--config.{o}" for o in TINY if not o.startswith("eval.tasks")]
 
 
-@pytest.fixture
-def fresh(tmp_path):
-    """The environment of a machine where no source has the task files."""
+def fresh_environment(tmp_path) -> dict:
+    """The environment of a machine where no source has the task files: no variables, an empty cache, an index
+    (a local directory) without the archive."""
     index = tmp_path / "simple"
-    index.mkdir()
+    index.mkdir(exist_ok=True)
     return {"SOFT_JAX_CACHE": str(tmp_path / "cache"), "PIP_INDEX_URL": index.as_uri(), data.DIR_ENV: "",
             data.ARCHIVE_ENV: ""}
+
+
+@pytest.fixture
+def fresh(tmp_path):
+    return fresh_environment(tmp_path)
 
 
 def test_the_demo_config_runs_on_without_the_tasks(tmp_path, fresh):
@@ -56,12 +62,3 @@ def test_a_run_that_needs_the_tasks_stops_in_one_line(tmp_path, fresh, config, e
     err = [line for line in proc.stderr.splitlines() if line.startswith("soft-jax:")]
     assert proc.returncode == 2 and len(err) == 1 and needle in err[0], proc.stderr[-3000:]
     assert data.DIR_ENV in err[0] and "Traceback" not in proc.stderr and not w.exists()
-
-
-def test_plan_compiles_a_paper_config_without_the_tasks(fresh):
-    proc = run_cli("plan", "--config", os.path.join(CONFIGS, "soft_plus.py"), "--topology", "v5e-4",
-                   "--config.model.name=tiny", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
-                   "--config.sampling.batch_size=4", "--config.train.batch_size=4", "--config.train.grad_accum=1",
-                   env=fresh, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().endswith("[plan] every program fits")
