@@ -63,6 +63,8 @@ class Run:
         self.mesh = mesh if jax.device_count() > 1 else None
         sizes = memory.resolve_mesh(shape, jax.device_count())
         gen_shape = config_lib.generation_mesh_shape(c)
+        if gen_shape is None and self.mesh is not None:
+            gen_shape = self.proposed_generation_mesh(c, model_cfg, tokenizer, mesh)
         # generation and scoring: their own mesh over the same devices in the same order (reshard copies
         # between them device to device), or the training mesh
         self.gen_mesh = self.mesh if gen_shape is None or self.mesh is None else shd.make_mesh(gen_shape)
@@ -74,6 +76,27 @@ class Run:
         self.check_memory(model_cfg, tokenizer, sizes)
         self.state = self.wd.open(c, self.log)
         self.rounds_ckpt = StepCheckpointer(self.wd.file("checkpoints", "rounds"), every=0, keep=None)
+
+    def proposed_generation_mesh(self, c, model_cfg, tokenizer, mesh) -> tuple[int, int, int] | None:
+        """mesh_generate all 0 on TPUs and H100s: the tensor-parallel mesh with the best decode bound that holds
+        the weights and KV cache (soft_jax.plan, as `soft-jax plan` lists them), or None (the training mesh)
+        on devices whose limits are not published (CPUs) or when none fits."""
+        from soft_jax import plan, topology
+
+        chip = topology.chip(jax.devices()[0].device_kind)
+        if chip is None:
+            return None
+        shapes = plan.Shapes.of_run(c, *inputs.prompt_tokens(c, self.inputs, tokenizer))
+        resident = (1 + int(shapes.keep_base)) * plan.param_bytes(plan.abstract_model(model_cfg)[1], mesh)
+        found = plan.propose_generation_mesh(model_cfg, shapes, jax.devices(), chip, memory.device_memory(),
+                                             resident, mesh)
+        if not found or found[0][0] == tuple(mesh.shape.values()):
+            return None
+        shape, bound, _ = found[0]
+        self.log(f"[mesh] generation and scoring on mesh {dict(zip(shd.MESH_AXES, shape))}, the one plan's decode "
+                 f"bound ranks first on {chip.name} (<= {bound.tokens_per_s_per_chip:,.0f} tokens/s per chip); "
+                 "set mesh_generate to choose another (the training mesh's sizes: generate in its layout)")
+        return shape
 
     def check_memory(self, model_cfg, tokenizer, mesh_shape) -> None:
         """On a GPU or TPU, compiles the round's programs (soft_jax.plan) and refuses a run whose largest one

@@ -46,7 +46,9 @@ def base() -> ml_collections.ConfigDict:
     # compiles far faster; benchmarks/RESULTS.md)
     c.model = dict(name="smollm2-135m", path="", dtype="float32", param_dtype="", scan_layers=False)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
-    # The mesh of generation and every scoring pass (difficulty, validation, eval): all 0 = the training mesh.
+    # The mesh of generation and every scoring pass (difficulty, validation, eval). All 0: on TPUs and H100s the
+    # tensor-parallel mesh whose decode bound `soft-jax plan` ranks first among those that fit, elsewhere (CPUs)
+    # the training mesh.
     # Decoding under an FSDP layout gathers every weight for every token; a tensor-parallel mesh (e.g. data=8,
     # fsdp=1, tensor=8 on 64 chips) reads each chip's own shard. The weights are resharded device to device at
     # each phase boundary (sharding.reshard); `soft-jax plan` compares the layouts (docs/architecture.md).

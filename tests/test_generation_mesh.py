@@ -190,3 +190,37 @@ def test_a_generation_copy_in_the_compute_dtype_computes_the_same():
     scores = [scoring.score_tokens(m, rows, [[3, 4], [5], [6, 7, 8], [9]], batch_size=4) for m in (model, copy)]
     for a, b in zip(*scores):
         assert np.array_equal(a, b)
+
+
+AUTO = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import jax
+from test_bootstrap import config
+from soft_jax import bootstrap, topology
+
+if sys.argv[3] == "tpu-like":  # the CPU devices given a chip's published limits, as a TPU's are
+    topology.chip = lambda kind: topology.Chip("a chip", 1e12, 1e9, 1e8, "-")
+c = config("tiny.py", "mesh.data=1", "mesh.fsdp=8", "sampling.batch_size=8", "train.batch_size=8")
+logs = []
+run = bootstrap.Run(c, sys.argv[2], log=logs.append)
+print(json.dumps({"train": dict(run.mesh.shape), "generate": dict(run.gen_mesh.shape),
+                  "said": [line for line in logs if line.startswith("[mesh]")]}))
+"""
+
+
+def test_the_default_generation_mesh_is_plans_first_on_chips_with_published_limits(tmp_path):
+    """mesh_generate all 0: where the chip's limits are known, the tensor-parallel mesh that plan ranks first
+    (the tiny model's 2 KV heads allow tensor 2: (4, 1, 2), half the weights read per chip), said once; on
+    a CPU, the training mesh."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    out = {}
+    for kind in ("tpu-like", "cpu"):
+        proc = subprocess.run([sys.executable, "-c", AUTO, os.path.dirname(__file__), str(tmp_path / kind), kind],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[kind] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["tpu-like"]["generate"] == {"data": 4, "fsdp": 1, "tensor": 2}
+    assert len(out["tpu-like"]["said"]) == 1 and "plan's decode bound ranks first" in out["tpu-like"]["said"][0]
+    assert out["cpu"]["generate"] == out["cpu"]["train"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert out["cpu"]["said"] == []
