@@ -224,3 +224,17 @@ def test_the_default_generation_mesh_is_plans_first_on_chips_with_published_limi
     assert len(out["tpu-like"]["said"]) == 1 and "plan's decode bound ranks first" in out["tpu-like"]["said"][0]
     assert out["cpu"]["generate"] == out["cpu"]["train"] == {"data": 1, "fsdp": 8, "tensor": 1}
     assert out["cpu"]["said"] == []
+
+
+def test_a_partial_generation_mesh_is_refused_in_one_line():
+    import pytest
+    from test_bootstrap import config
+
+    from soft_jax.errors import UserError
+
+    for sizes in (("mesh_generate.tensor=4",), ("mesh_generate.data=-1", "mesh_generate.fsdp=-1",
+                                                 "mesh_generate.tensor=2")):
+        with pytest.raises(UserError) as e:
+            config("tiny.py", *sizes)
+        assert str(e.value).startswith("config: mesh_generate = {") and "all 0 for the training mesh" in str(e.value)
+    assert config("tiny.py", "mesh_generate.data=-1", "mesh_generate.fsdp=1", "mesh_generate.tensor=2")
