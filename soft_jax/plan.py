@@ -347,6 +347,8 @@ def decode_bound(cfg: ModelConfig, shapes: Shapes, gen_mesh, chip, traffic_: hlo
         note = f"{chip.name}: no published per-chip interconnect bandwidth; collectives not bounded"
     limited_by = max(times, key=times.get)
     step = times[limited_by]
+    if note:
+        limited_by += " (collectives unbounded)"
     reshard = None
     if own_copy and chip.interconnect_bandwidth:
         held = param_bytes(state, train_mesh)  # already on the chip before the move (at best all of it useful)
