@@ -151,7 +151,10 @@ def test_plan_compiles_a_run_for_a_tpu_slice():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "v5e-4 (4 x TPU v5 lite, 16 GiB HBM each, 1 host(s)), mesh {'data': 1, 'fsdp': 4, 'tensor': 1}" in out
-    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and "GiB" not in line]
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| program |"))
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+    rows = [line.split(" | ") for line in lines[start:end] if not line.startswith("|---")]  # the memory table
     assert [r[0].strip("| ") for r in rows[1:]] == ["train_step", "prefix_prefill", "prefill", "decode", "score"]
     assert all(r[-2] == "yes" for r in rows[1:]), out
     assert out.strip().endswith("[plan] every program fits")
