@@ -67,3 +67,25 @@ def soft_prompts(n: int = 16, target_prefix_tokens: int = 1000, tokenizer=None) 
         prefix += blocks[i % len(blocks)]
         i += 1
     return [f"{prefix}User: {q}\nAssistant internal thoughts:" for q in (QUESTIONS * (n // len(QUESTIONS) + 1))[:n]]
+
+
+def in_fresh_processes(cases, fn):
+    """Yields (case, fn(*case)) for each case, each computed in a freshly spawned process (compiled 7-8B
+    programs add up in one process's memory); a case whose process dies is reported on stderr and skipped."""
+    import multiprocessing
+    import sys
+
+    context = multiprocessing.get_context("spawn")
+    for case in cases:
+        queue = context.Queue()
+        child = context.Process(target=_run_into, args=(fn, case, queue))
+        child.start()
+        child.join()
+        if child.exitcode:  # killed (out of memory) or failed: say which, keep the others
+            print(f"# {' '.join(map(str, case))}: the process ended with exit code {child.exitcode}", file=sys.stderr)
+            continue
+        yield case, queue.get()
+
+
+def _run_into(fn, case, queue) -> None:
+    queue.put(fn(*case))

@@ -10,17 +10,19 @@ Llama-2-7B decode on v5e-8 (3,975 output tokens/s, about 497 per chip), the figu
     pip install ".[plan-tpu]"
     python benchmarks/decode_bounds.py [llama2-7b:v5e-64 ...]
 
-Each case compiles in a fresh process (compiled 7B programs add up in memory).
+Each case compiles in a fresh process (benchmarks.common.in_fresh_processes).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # soft_jax from a checkout
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py
+
+from common import in_fresh_processes  # noqa: E402
 
 CASES = tuple((model, where) for model in ("llama2-7b", "llama3-8b") for where in ("v5e-64", "v4-32", "v5p-8"))
 ROWS_PER_REPLICA = 64
@@ -81,10 +83,6 @@ def case(model: str, where: str) -> list[dict]:
     return rows
 
 
-def _child(c, queue) -> None:
-    queue.put(case(*c))
-
-
 def table(rows: list[dict]) -> str:
     head = list(rows[0])
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -93,19 +91,9 @@ def table(rows: list[dict]) -> str:
 
 if __name__ == "__main__":
     wanted = sys.argv[1:]
-    context = multiprocessing.get_context("spawn")
     rows = []
-    for c in CASES:
-        if wanted and f"{c[0]}:{c[1]}" not in wanted:
-            continue
-        queue = context.Queue()
-        child = context.Process(target=_child, args=(c, queue))
-        child.start()
-        child.join()
-        if child.exitcode:
-            print(f"# {c[0]} {c[1]}: the compile process ended with exit code {child.exitcode}", file=sys.stderr)
-            continue
-        rows += queue.get()
-        print(table(rows[-2:]), flush=True)
+    for _, found in in_fresh_processes([c for c in CASES if not wanted or f"{c[0]}:{c[1]}" in wanted], case):
+        rows += found
+        print(table(found), flush=True)
     if rows:
         print(table(rows))

@@ -558,14 +558,7 @@ def _size(n: int) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2 ** 20:.1f} MiB"
 
 
-# --- the memory table (benchmarks/RESULTS.md): the compiler against soft_jax.memory's estimate -------------
-
-# (model, target, mesh): FSDP over every device, as launch/tpu_pod.sh runs a slice.
-TABLE_CASES = tuple((model, where, mesh) for model in ("llama2-7b", "llama3-8b")
-                    for where, mesh in (("v4-32", (1, 16, 1)), ("v5e-64", (1, 64, 1)), ("v5p-8", (1, 4, 1)))
-                    ) + (("llama3.2-1b", "h100", (1, 1, 1)),)
-GENERATION = ("prefix_prefill", "prefill", "decode")
-
+# --- the sizes of the scale-up tables (benchmarks/memory_table.py, benchmarks/decode_bounds.py) ---------------
 
 def table_shapes(mesh_shape, settings=None) -> tuple[Shapes, dict]:
     """soft_jax.memory.TABLE_SETTINGS as Shapes (scanned layers), and the estimate's keyword arguments."""
@@ -585,54 +578,3 @@ def table_shapes(mesh_shape, settings=None) -> tuple[Shapes, dict]:
                     sample_batch=s["sample_batch"], sample_len=s["sample_len"], sample_new=new,
                     sample_prefix=prefix, keep_base=s["keep_base"])
     return shapes, estimate
-
-
-def compare_row(model: str, where: str, mesh_shape, param_dtype="bfloat16", log=None) -> dict:
-    """One row of the memory table: compiled GiB per device (training, generation) beside the estimate's."""
-    from soft_jax import memory
-
-    cfg = memory.table_model(model, param_dtype, "bfloat16")
-    tgt = target(gpu_target="h100", gpus=math.prod(mesh_shape)) if where == "h100" else target(tpu=where)
-    mesh = shd.make_mesh(mesh_shape, tgt.devices)
-    shapes, kwargs = table_shapes(mesh_shape)
-    programs = {p.name: p for p in compile_run(cfg, shapes, mesh, progress=log)}
-    est = memory.estimate(cfg, mesh_shape=dict(mesh.shape), **kwargs)
-    train, generate = programs["train_step"].total, max(programs[n].total for n in GENERATION)
-    g = lambda n: f"{n / GiB:.1f}"  # noqa: E731
-    return {"model": model, "params": "bf16" if param_dtype == "bfloat16" else "f32", "target": where,
-            "mesh (data, fsdp, tensor)": str(tuple(mesh_shape)), "device GiB": g(tgt.device_bytes),
-            "train: compiled": g(train), "estimate": g(est["train_total"]),
-            "est / compiled": f"{est['train_total'] / train:.2f}",
-            "generate: compiled": g(generate), "estimate ": g(est["generate_total"]),
-            "est / compiled ": f"{est['generate_total'] / generate:.2f}",
-            "fits": "yes" if max(train, generate) <= tgt.device_bytes else "no",
-            "compile s": f"{sum(p.compile_s for p in programs.values()):.0f}"}
-
-
-def _row_in_child(case, queue) -> None:
-    model, where, mesh = case
-    log = lambda name: print(f"# {model} {where}: {name}", file=sys.stderr, flush=True)  # noqa: E731
-    queue.put(compare_row(model, where, mesh, log=log))
-
-
-if __name__ == "__main__":  # python -m soft_jax.plan [model:target ...]: the memory table, a row at a time
-    import multiprocessing
-
-    from soft_jax import memory
-
-    wanted = sys.argv[1:]
-    context = multiprocessing.get_context("spawn")  # each row in a fresh process: compiled 7B programs add up
-    rows = []
-    for case in TABLE_CASES:
-        if wanted and f"{case[0]}:{case[1]}" not in wanted:
-            continue
-        queue = context.Queue()
-        child = context.Process(target=_row_in_child, args=(case, queue))
-        child.start()
-        child.join()
-        if child.exitcode:  # killed (out of memory) or failed: say which row, keep the others
-            print(f"# {case[0]} {case[1]}: the compile process ended with exit code {child.exitcode}", file=sys.stderr)
-            continue
-        rows.append(queue.get())
-        print(memory.table(rows[-1:]), flush=True)
-    print(memory.table(rows))
