@@ -264,7 +264,8 @@ class Run:
         c, v = self.c, self.c.validation
         t_start = time.perf_counter()
         base, tokenizer = presets.load(c.model.name, c.model.path, c.model.dtype, c.model.param_dtype,
-                                       mesh=self.mesh, seed=c.seed, progress=self.progress)
+                                       mesh=self.mesh, seed=c.seed, progress=self.progress,
+                                       scan_layers=c.model.scan_layers)
         self.log(f"[run] {self.wd.path}: {c.rounds} round(s), prompts per round {self.inputs.sizes}, "
                  f"model {c.model.path or c.model.name}, {jax.device_count()} device(s)")
         if self.inputs.unavailable:
@@ -344,7 +345,8 @@ def best_model(workdir: str, dtype: str | None = None):
     if cfg is None or state is None:
         raise UserError(f"{workdir}: not a soft-jax run work dir (no {CONFIG} / {STATE}); run `soft-jax run` first")
     m = ml_collections.ConfigDict(cfg).model
-    model, tokenizer = presets.load(m.name, m.path, dtype or m.dtype, m.param_dtype, seed=cfg["seed"], progress=False)
+    model, tokenizer = presets.load(m.name, m.path, dtype or m.dtype, m.param_dtype, seed=cfg["seed"], progress=False,
+                                    scan_layers=m.get("scan_layers", False))
     best = state.get("best_round")
     if best:
         ckpt = StepCheckpointer(wd.file("checkpoints", "rounds"), every=0, keep=None)

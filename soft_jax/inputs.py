@@ -101,5 +101,4 @@ def prompt_tokens(c: ml_collections.ConfigDict, inputs: Inputs, tokenizer) -> tu
 
 def train_config(c: ml_collections.ConfigDict, t: int = 1) -> settings.TrainConfig:
     """Round t's SFT settings: the config's, in the curriculum's order, seeded by the round."""
-    return settings.TrainConfig(**settings.fields(settings.TrainConfig, c.train), order="given", seed=c.seed + t,
-                                scan_layers=c.model.scan_layers)
+    return settings.TrainConfig(**settings.fields(settings.TrainConfig, c.train), order="given", seed=c.seed + t)

@@ -124,7 +124,7 @@ def _replicated(mesh, shape, dtype):
 def abstract_cache(cfg: ModelConfig, mesh, rows: int, length: int, prefix_len: int = 0, groups: int = 1) -> KVCache:
     """A KVCache of ShapeDtypeStructs on the shardings sampling puts caches on (`groups` shared prefixes)."""
     def place(x):
-        return _sds(x.shape, x.dtype, sampling.cache_sharding(x, mesh))
+        return _sds(x.shape, x.dtype, shd.cache_sharding(x.shape, mesh))
 
     shared = None
     if prefix_len:
@@ -155,6 +155,7 @@ def generation_state(cfg: ModelConfig, state):
 def _lowerings(cfg: ModelConfig, shapes: Shapes, mesh, train_config: training.TrainConfig, gen_mesh=None):
     """(name, what, resident bytes of parameter copies, lower()) for each program of a round: the train step on
     `mesh`, generation and scoring on `gen_mesh` (None: `mesh`)."""
+    cfg = dataclasses.replace(cfg, scan_layers=shapes.scan_layers)
     graphdef, state = abstract_model(cfg)
     params = shd.abstract(state, mesh)
     gmesh = gen_mesh if gen_mesh is not None else mesh
@@ -166,8 +167,7 @@ def _lowerings(cfg: ModelConfig, shapes: Shapes, mesh, train_config: training.Tr
     def train():
         tx = training.make_optimizer(train_config)
         opt_state = shd.abstract(jax.eval_shape(tx.init, state), mesh)
-        step = training.compiled_step(graphdef, tx, shapes.remat, platform, mesh, (params, opt_state),
-                                      shapes.scan_layers)
+        step = training.compiled_step(graphdef, tx, shapes.remat, platform, mesh, (params, opt_state))
         shape = (shapes.grad_accum, shapes.train_rows, shapes.row_len)
         batch_sharding = NamedSharding(mesh, training.BATCH_SPEC)
         # loss at every position: the widest loss_rows a run can have (a real round's is at most this)

@@ -259,13 +259,7 @@ class _Batcher:
         replicated)."""
         if self.mesh is None:
             return cache
-        return jax.tree.map(lambda x: jax.device_put(x, cache_sharding(x, self.mesh)), cache)
-
-
-def cache_sharding(x, mesh):
-    """A KV-cache array's sharding: [B, S, KV_HEADS, D] keys and values, [B, S] positions, scalar index."""
-    name = "k" if np.ndim(x) == 4 else "positions" if np.ndim(x) == 2 else None
-    return NamedSharding(mesh, PartitionSpec()) if name is None else shd.cache_sharding(name, np.shape(x), mesh)
+        return jax.tree.map(lambda x: jax.device_put(x, shd.cache_sharding(np.shape(x), self.mesh)), cache)
 
 
 def _shared_len(rows, reuse: bool, cap: int | None = None) -> int:

@@ -127,11 +127,14 @@ def _score_rows(graphdef, mesh, state, heads, which, ids, positions, seg, picks,
 def _score_body(graphdef, state, heads, which, ids, positions, seg, picks, last_only):
     new = ids.shape[1]
 
-    def take(x):  # which None: row b continues cache row b (already on its device)
-        rows = jnp.pad(x if which is None else x[which], [(0, 0), (0, new)] + [(0, 0)] * (x.ndim - 2))
-        return shd.constrain(rows, shd.CACHE_AXES["k" if x.ndim == 4 else "positions"])
+    def take(x, axis=0):  # which None: row b continues cache row b (already on its device)
+        rows = x if which is None else jnp.take(x, which, axis=axis)
+        pad = [(0, 0)] * x.ndim
+        pad[axis + 1] = (0, new)
+        return shd.constrain(jnp.pad(rows, pad), shd.CACHE_AXES[x.ndim])
 
-    cache = KVCache(k=tuple(map(take, heads.k)), v=tuple(map(take, heads.v)), positions=take(heads.positions),
+    stacked = lambda x: take(x, axis=1 if x.ndim == 5 else 0)  # stacked layers' caches: rows are axis 1
+    cache = KVCache(k=jax.tree.map(stacked, heads.k), v=jax.tree.map(stacked, heads.v), positions=take(heads.positions),
                     segment_ids=take(heads.segment_ids), index=heads.index, prefix=heads.prefix)
     logits, _ = nnx.merge(graphdef, state)(ids, positions=positions, segment_ids=seg, cache=cache,
                                            last_only=last_only)

@@ -77,7 +77,6 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0  # steps; 0 = only at the end and when stopped (with a checkpoint_dir)
     remat: bool = False
-    scan_layers: bool = False  # one lax.scan over the layers: one compiled layer (soft_jax.models.llama)
 
     RULES = [
         ("order", lambda v: v in TRAIN_ORDERS, " | ".join(TRAIN_ORDERS)),

@@ -38,6 +38,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("norm", None),
     ("length", None),
+    ("layers", None),  # the leading axis of stacked (scanned) layers: every device holds all of its layers
 )
 # Activations: the rows of a batch over data x fsdp; a row's hidden state whole on each device.
 ACTIVATION_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -48,9 +49,12 @@ ACTIVATION_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("length", None),
+    ("layers", None),
 )
-# Logical axes of the KV cache's arrays (soft_jax.models.llama.KVCache).
-CACHE_AXES = {"k": ("batch", "length", "kv_heads", None), "positions": ("batch", "length")}
+# Logical axes of the KV cache's arrays (soft_jax.models.llama.KVCache) by rank: stacked keys / values of scanned
+# layers [layers, B, S, KV_HEADS, D], one layer's [B, S, KV_HEADS, D], positions / segment ids [B, S], the index.
+CACHE_AXES = {5: ("layers", "batch", "length", "kv_heads", None), 4: ("batch", "length", "kv_heads", None),
+              2: ("batch", "length"), 0: ()}
 
 _active: contextvars.ContextVar = contextvars.ContextVar("soft_jax_activation_mesh", default=None)
 
@@ -188,7 +192,6 @@ def constrain(x, axes: Sequence[str | None]):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)))
 
 
-def cache_sharding(name: str, shape: Sequence[int], mesh: Mesh | None):
-    """Sharding of a KV-cache array: keys / values ("k", "v") or positions / segment ids."""
-    axes = CACHE_AXES["k" if name in ("k", "v") else "positions"]
-    return named_sharding(axes, shape, mesh, ACTIVATION_RULES)
+def cache_sharding(shape: Sequence[int], mesh: Mesh | None):
+    """Sharding of a KV-cache array, by its rank (CACHE_AXES): rows over data x fsdp, KV heads over tensor."""
+    return named_sharding(CACHE_AXES[len(shape)], shape, mesh, ACTIVATION_RULES)

@@ -141,12 +141,12 @@ def loss_rows(rows: dict[str, np.ndarray], width: int) -> dict[str, np.ndarray]:
     return out
 
 
-def loss_sums(model: Llama, batch, remat: bool = False, scan: bool = False) -> tuple[jax.Array, jax.Array]:
+def loss_sums(model: Llama, batch, remat: bool = False) -> tuple[jax.Array, jax.Array]:
     """(sum of response-token NLL, number of response tokens) for one batch of loss_rows().
 
     The final norm, the vocabulary matmul and the cross-entropy run only at the `loss_at` positions."""
     logits = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"], remat=remat,
-                   scan=scan, at=batch["loss_at"])
+                   at=batch["loss_at"])
     # logsumexp - target logit: the same NLL as log_softmax, without a second vocabulary-sized tensor.
     target = jnp.take_along_axis(logits, batch["loss_targets"][..., None], axis=-1)[..., 0]
     nll = jax.nn.logsumexp(logits, axis=-1) - target
@@ -189,14 +189,14 @@ BATCH_SPEC = PartitionSpec(None, ("data", "fsdp"))  # [grad_accum, micro-batch r
 _steps: dict = {}
 
 
-def compiled_step(graphdef, tx, remat: bool, platform: str, mesh=None, state=None, scan: bool = False):
+def compiled_step(graphdef, tx, remat: bool, platform: str, mesh=None, state=None):
     """The jitted train step (params, opt_state, batch, lr) -> (params, opt_state, metrics).
 
     On a mesh, parameters and Adam moments go in and come out on their logical shardings, the batch's rows
     over data x fsdp, and every activation is constrained (soft_jax.sharding). `state`: (params, opt_state)
     or their abstract shapes, for the shardings; they depend only on the graph and the mesh, so one compiled
     step serves every Trainer (every round of a run) with the same key."""
-    key = (graphdef, tx, remat, scan, platform, mesh)
+    key = (graphdef, tx, remat, platform, mesh)
     if key not in _steps:
         shardings = {}
         if mesh is not None:
@@ -204,7 +204,7 @@ def compiled_step(graphdef, tx, remat: bool, platform: str, mesh=None, state=Non
             replicated = NamedSharding(mesh, PartitionSpec())
             shardings = dict(in_shardings=(*state_sh, NamedSharding(mesh, BATCH_SPEC), replicated),
                              out_shardings=(*state_sh, replicated))
-        _steps[key] = jax.jit(functools.partial(_train_step, graphdef, tx, (remat, scan), mesh), donate_argnums=(0, 1),
+        _steps[key] = jax.jit(functools.partial(_train_step, graphdef, tx, remat, mesh), donate_argnums=(0, 1),
                               compiler_options=compiler_options(platform), **shardings)
     return _steps[key]
 
@@ -230,8 +230,7 @@ class Trainer:
         else:
             shd.check_rows(config.batch_size // config.grad_accum, mesh, "the micro-batch (batch_size / grad_accum)")
         platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
-        self._step = compiled_step(self.graphdef, self.tx, config.remat, platform, mesh, (self.params, self.opt_state),
-                                   config.scan_layers)
+        self._step = compiled_step(self.graphdef, self.tx, config.remat, platform, mesh, (self.params, self.opt_state))
 
     def put_batch(self, batch: dict[str, np.ndarray]):
         """[batch, len] host arrays -> [grad_accum, micro, len] device arrays, micro split over data axes."""
@@ -252,19 +251,17 @@ class Trainer:
         return nnx.merge(self.graphdef, self.params)
 
 
-def _train_step(graphdef, tx, layers, mesh, params, opt_state, batch, lr):
-    """One optimizer step over grad_accum micro-batches; the loss is the mean over all response tokens.
-
-    layers: (remat, scan), how the model runs its layers."""
+def _train_step(graphdef, tx, remat, mesh, params, opt_state, batch, lr):
+    """One optimizer step over grad_accum micro-batches; the loss is the mean over all response tokens."""
     with shd.activation_sharding(mesh):
-        return _step_body(graphdef, tx, layers, params, opt_state, batch, lr)
+        return _step_body(graphdef, tx, remat, params, opt_state, batch, lr)
 
 
-def _step_body(graphdef, tx, layers, params, opt_state, batch, lr):
+def _step_body(graphdef, tx, remat, params, opt_state, batch, lr):
     total = jnp.maximum(jnp.sum(batch["loss_weights"]), 1.0)
 
     def micro_loss(p, mb):
-        nll, count = loss_sums(nnx.merge(graphdef, p), mb, *layers)
+        nll, count = loss_sums(nnx.merge(graphdef, p), mb, remat)
         return nll / total, count
 
     def accumulate(grads, mb):

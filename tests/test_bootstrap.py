@@ -8,6 +8,7 @@ import sys
 import pytest
 
 import jax
+import numpy as np
 from conftest import assert_params_close, params_differ, subprocess_env
 from flax import nnx
 
@@ -228,13 +229,45 @@ def test_forced_answers_follow_the_thoughts_after_the_marker(tmp_path):
         assert g["finish"] in ("eos", "stop", "length")
 
 
+def assert_numbers_close(got, want, where: str, rel: float = 1e-6, abs_: float = 1e-5):
+    """Equal JSON trees, floats to `rel` or `abs_`: the scores are mean NLLs of about 10 nats, which float32
+    carries to about 1e-6 (its epsilon x 10), so a difference of two of them is only that close absolutely."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), where
+        for k in want:
+            assert_numbers_close(got[k], want[k], f"{where}/{k}", rel, abs_)
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_numbers_close(g, w, f"{where}[{i}]", rel, abs_)
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=rel, abs=abs_), where
+    else:
+        assert got == want, where
+
+
 def test_same_config_and_seed_give_identical_round_files(tmp_path):
+    """Run b stores its layers stacked and runs them as one scan (model.scan_layers): prefill, decode, scoring
+    and training all scanned, round checkpoints in that layout. It writes the same prompts, tokens, draws and
+    kept data; the scores of a trained model (validation, the guard's state) and its best round's weights, layer
+    by layer, equal a's to float32 rounding: the scan sums in another order."""
+    from soft_jax.models import checkpoint
+
     a = run("soft_plus.py", tmp_path / "a").files()
-    b = run("soft_plus.py", tmp_path / "b").files()
+    b = run("soft_plus.py", tmp_path / "b", "model.scan_layers=true").files()
     assert a.keys() == b.keys() and len(a) > 10
+    scores = {"state.json"} | {k for k in a if k.startswith("rounds/") and k.endswith("eval.json")}
     for k in a:
-        if k != "config.json":
+        if k in scores:
+            assert_numbers_close(json.loads(b[k]), json.loads(a[k]), k)
+        elif k != "config.json":
             assert a[k] == b[k], k
+    best = [bootstrap.best_model(str(tmp_path / w))[0] for w in "ab"]
+    assert isinstance(best[1].layers, nnx.List) is False and json.loads(a["state.json"])["best_round"]
+    want, got = (checkpoint.hf_tensors(m) for m in best)
+    assert sorted(want) == sorted(got)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
     c = run("soft_plus.py", tmp_path / "c", "seed=1").files()
     assert c["rounds/001/prompts.jsonl"] != a["rounds/001/prompts.jsonl"] or \
         c["rounds/001/generations.jsonl"] != a["rounds/001/generations.jsonl"]

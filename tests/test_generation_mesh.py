@@ -8,13 +8,15 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import run_cli
 from test_fresh_machine import fresh_environment
 
 from soft_jax import hlo
 
 SCRIPT = r"""
-import json, sys
+import dataclasses, json, sys
 import jax, numpy as np
 from flax import nnx
 sys.path.insert(0, sys.argv[1])
@@ -23,8 +25,10 @@ from soft_jax import hlo, plan
 from soft_jax import sharding as shd
 from soft_jax.models.llama import Llama
 
+scan = sys.argv[2] == "scanned"
+cfg, sizes = dataclasses.replace(t.CFG, scan_layers=scan), dataclasses.replace(t.SHAPES, scan_layers=scan)
 train, gen = shd.make_mesh((1, 8, 1)), shd.make_mesh((2, 1, 4))
-model = shd.shard_model(Llama(t.CFG, rngs=nnx.Rngs(0)), train)
+model = shd.shard_model(Llama(cfg, rngs=nnx.Rngs(0)), train)
 moved = shd.reshard(model, gen)
 same, specs = [], []
 for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(moved))):
@@ -32,29 +36,34 @@ for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_st
     same.append(bool(np.array_equal(np.asarray(a[...]), np.asarray(b[...]))))
     specs.append([str(b[...].sharding.spec), str(shd.logical_to_spec(axes, a.shape, gen)),
                   str(a[...].sharding.spec), str(shd.logical_to_spec(axes, a.shape, train))])
-shapes = sorted({tuple(v.shape) for _, v in nnx.to_flat_state(nnx.state(model))})
+# a whole parameter, or (stacked layers) one layer of it: what a scanned layer gathers
+shapes = sorted({s for _, v in nnx.to_flat_state(nnx.state(model))
+                 for s in ([tuple(v.shape)] + ([tuple(v.shape[1:])] if scan and len(v.shape) > 1 else []))})
 gathers = {}
 for name, gen_mesh in (("training layout", None), ("generation mesh", gen)):
-    programs = plan.compile_run(t.CFG, t.SHAPES, train, gen_mesh=gen_mesh, only=["decode", "score"])
+    programs = plan.compile_run(cfg, sizes, train, gen_mesh=gen_mesh, only=["decode", "score"])
     gathers[name] = {p.name: [c.shape for c in hlo.parameter_gathers(plan.traffic(p), shapes, in_loop=False)]
                      for p in programs}
 print(json.dumps({"same": same, "specs": specs, "gathers": gathers}))
 """
 
 
-def test_resharded_weights_are_equal_and_decode_gathers_no_parameter():
+@pytest.mark.parametrize("layers", ["loop", "scanned"])
+def test_resharded_weights_are_equal_and_decode_gathers_no_parameter(layers):
+    """Also with stacked layers: decode and scoring then scan one layer, whose weights FSDP gathers per step."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, os.path.dirname(__file__)], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, os.path.dirname(__file__), layers], env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["same"] and all(out["same"])
     for moved, want_moved, before, want_before in out["specs"]:
         assert (moved, before) == (want_moved, want_before)
     assert any("tensor" in moved for moved, *_ in out["specs"])  # the copy is split over tensor, not fsdp
-    # the check sees FSDP's gathers: every layer's weights, in the decode step and in scoring
-    assert len(out["gathers"]["training layout"]["decode"]) >= 3 * 7
-    assert len(out["gathers"]["training layout"]["score"]) >= 3 * 7
+    # the check sees FSDP's gathers: every layer's weights (once in the scanned layer), in decode and in scoring
+    per_layer = 1 if layers == "scanned" else 3
+    assert len(out["gathers"]["training layout"]["decode"]) >= per_layer * 7
+    assert len(out["gathers"]["training layout"]["score"]) >= per_layer * 7
     assert out["gathers"]["generation mesh"] == {"decode": [], "score": []}
 
 

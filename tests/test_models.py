@@ -32,9 +32,11 @@ def assert_same_logits(ours, ref, mask=None, atol=ATOL):
     assert np.abs(ours - ref).max() < atol, np.abs(ours - ref).max()
 
 
-def test_logits_match_transformers(tiny_hf):
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["loop", "scanned"])
+def test_logits_match_transformers(tiny_hf, scan_layers):
     kind, path, hf = tiny_hf
-    model, tokenizer = models.load(path, progress=False)
+    model, tokenizer = models.load(path, progress=False, scan_layers=scan_layers)
+    assert isinstance(model.layers, nnx.List) != scan_layers
     assert tokenizer is None and model.config.model_type == {"llama3": "llama"}.get(kind, kind)
     ids = np.random.default_rng(0).integers(0, hf.config.vocab_size, size=(2, 40))
     assert_same_logits(model(jnp.asarray(ids)), torch_logits(hf, ids))
@@ -78,18 +80,31 @@ def test_packed_segments_equal_separate_rows(tiny_hf):
     assert_same_logits(out[:, 10:], model(jnp.asarray(b[None])))
 
 
-def test_export_round_trip_loads_in_transformers(tiny_hf, tmp_path):
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["loop", "scanned"])
+def test_export_round_trip_loads_in_transformers(tiny_hf, tmp_path, scan_layers):
+    """Exported (stacked layers split back into HF's per-layer tensors), the model loads in transformers with
+    our logits, and back in soft-jax, in the other layer layout, with the same tensors and logits."""
     import transformers
 
+    from soft_jax.models import checkpoint
+
     kind, path, hf = tiny_hf
-    model, _ = models.load(path, progress=False)
+    model, _ = models.load(path, progress=False, scan_layers=scan_layers)
     out = str(tmp_path / "export")
     models.export_hf(model, None, out)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").float().eval()
     ids = np.random.default_rng(4).integers(0, hf.config.vocab_size, size=(2, 30))
     assert_same_logits(model(jnp.asarray(ids)), torch_logits(reloaded, ids))
-    ours_again, _ = models.load(out, progress=False)
-    np.testing.assert_array_equal(np.asarray(ours_again(jnp.asarray(ids))), np.asarray(model(jnp.asarray(ids))))
+    hf_state = {k: v.numpy() for k, v in reloaded.state_dict().items() if "rotary" not in k}
+    ours = checkpoint.hf_tensors(model)
+    assert sorted(ours) == sorted(set(hf_state) - ({"lm_head.weight"} if hf.config.tie_word_embeddings else set()))
+    for name, array in ours.items():
+        np.testing.assert_array_equal(array, hf_state[name], err_msg=name)
+    ours_again, _ = models.load(out, progress=False, scan_layers=not scan_layers)
+    for name, array in checkpoint.hf_tensors(ours_again).items():
+        np.testing.assert_array_equal(array, ours[name], err_msg=name)
+    np.testing.assert_allclose(np.asarray(ours_again(jnp.asarray(ids))), np.asarray(model(jnp.asarray(ids))),
+                               rtol=0, atol=1e-6)
 
 
 # bfloat16 keeps 8 significant bits: machine epsilon 2^-7. Its weights and every activation are rounded to that, so

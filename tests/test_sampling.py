@@ -34,9 +34,12 @@ def hf_greedy(hf, row, max_new_tokens):
     return new[:new.index(EOS)] if EOS in new else new
 
 
-def test_greedy_matches_transformers_generate(tiny_hf):
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["loop", "scanned"])
+def test_greedy_matches_transformers_generate(tiny_hf, scan_layers):
+    """Greedy tokens equal transformers', with the layers as a loop or as one scan over stacked weights and a
+    stacked KV cache (the shared prefix's too)."""
     kind, path, hf = tiny_hf
-    model, _ = models.load(path, progress=False)
+    model, _ = models.load(path, progress=False, scan_layers=scan_layers)
     rows = prompts_with_shared_prefix(hf.config.vocab_size) + [[5, 6, 7]]
     ours = sampling.generate_tokens(model, rows, SamplingConfig(max_new_tokens=24, batch_size=4), (EOS,))
     for row, got in zip(rows, ours):
@@ -228,11 +231,12 @@ def test_seeded_sampling_is_reproducible(tiny_hf):
     assert a == b and a != c
 
 
-def test_scores_match_transformers_log_probabilities(tiny_hf):
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["loop", "scanned"])
+def test_scores_match_transformers_log_probabilities(tiny_hf, scan_layers):
     import torch
 
     kind, path, hf = tiny_hf
-    model, _ = models.load(path, progress=False)
+    model, _ = models.load(path, progress=False, scan_layers=scan_layers)
     rng = np.random.default_rng(5)
     question = rng.integers(3, hf.config.vocab_size, size=45).tolist()
     contexts = [question, question, question, rng.integers(3, hf.config.vocab_size, size=7).tolist()]

@@ -56,11 +56,11 @@ def train_param_specs(program) -> dict:
     return {_name(path): s.spec for path, s in jax.tree_util.tree_leaves_with_path(params)}
 
 
-def rule_specs(mesh) -> dict:
+def rule_specs(mesh, scan_layers: bool = False) -> dict:
     """Parameter path -> the PartitionSpec its logical axes map to under soft_jax.sharding's rules."""
     import jax
 
-    _, state = plan.abstract_model(CFG)
+    _, state = plan.abstract_model(dataclasses.replace(CFG, scan_layers=scan_layers))
     return {_name(path): s.spec for path, s in jax.tree_util.tree_leaves_with_path(shd.tree_shardings(state, mesh))}
 
 
@@ -69,7 +69,11 @@ def assert_param_specs(specs: dict, mesh) -> None:
         hits = [k for k in specs if k.endswith(suffix)]
         assert hits, suffix
         for k in hits:  # an axis of size 1 is not used; compare on the mesh axes that split
-            got = tuple(a if a is None or mesh.shape[a] > 1 else None for a in tuple(specs[k]) + (None,) * 2)[:2]
+            spec = tuple(specs[k])
+            if k.startswith("layers/") and not k.split("/")[1].isdigit():  # stacked layers: every device has them all
+                assert spec[:1] in ((), (None,)), (k, spec)
+                spec = spec[1:]
+            got = tuple(a if a is None or mesh.shape[a] > 1 else None for a in spec + (None,) * 2)[:2]
             want_ = tuple(a if a is None or mesh.shape[a] > 1 else None for a in tuple(want) + (None,) * 2)[:2]
             assert got == want_, (k, specs[k], want)
 
@@ -96,9 +100,9 @@ def test_tpu_programs_hold_the_local_batch(slice_name, mesh_shape, scan, groups)
     specs = train_param_specs(programs[0])
     assert_param_specs(specs, mesh)
     # every parameter as the rules place it: none that the rules split is replicated in the compiled step
-    assert specs == rule_specs(mesh)
+    assert specs == rule_specs(mesh, scan)
     split = [k for k, v in specs.items() if any(a is not None for a in v)]
-    assert len(split) >= 7 * CFG.num_layers, specs
+    assert len(split) >= 7 * (1 if scan else CFG.num_layers), specs
     one_copy = plan.param_bytes(plan.abstract_model(CFG)[1], mesh)  # this device's share of the parameters
     for p in programs:  # every program takes the parameters; the train step its Adam moments too
         assert p.arguments >= one_copy * (3 if p.name == "train_step" else 1), p

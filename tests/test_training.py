@@ -13,6 +13,7 @@ from flax import nnx
 from jax.extend import core as jcore
 
 from soft_jax import models, training
+from soft_jax.models import checkpoint
 from soft_jax.errors import UserError
 from soft_jax.training import TrainConfig
 
@@ -121,18 +122,21 @@ def _leaves(tree) -> dict:
 
 @pytest.mark.parametrize("remat", [False, True])
 def test_scanned_layers_give_the_same_loss_and_gradients(tiny_chat, smollm2_tokenizer, remat):
-    """model.scan_layers runs the layers as one lax.scan over stacked weights: same loss, same gradient of every
-    parameter (each layer's own, not a stacked one), with and without remat."""
-    model, _ = models.load(tiny_chat, progress=False)
+    """model.scan_layers stores the layers stacked and runs them as one lax.scan: same loss, same gradient of every
+    parameter, compared layer by layer under the HF names (the stacked gradient split per layer), with and
+    without remat."""
     rows = jax.tree.map(jnp.asarray, _step_rows(training.pack(_examples(smollm2_tokenizer), 256)))
-    graphdef, state = nnx.split(model)
     loss, grads = {}, {}
     for scan in (False, True):
-        fn = jax.jit(jax.value_and_grad(lambda s: training.loss_sums(nnx.merge(graphdef, s), rows, remat, scan)[0]))
-        loss[scan], grads[scan] = fn(state)
+        model, _ = models.load(tiny_chat, progress=False, scan_layers=scan)
+        assert isinstance(model.layers, nnx.List) != scan
+        graphdef, state = nnx.split(model)
+        fn = jax.jit(jax.value_and_grad(lambda s: training.loss_sums(nnx.merge(graphdef, s), rows, remat)[0]))
+        loss[scan], g = fn(state)
+        grads[scan] = checkpoint.hf_tensors(nnx.merge(graphdef, g))
     np.testing.assert_allclose(loss[True], loss[False], rtol=1e-6)
-    a, b = _leaves(grads[False]), _leaves(grads[True])
-    assert sorted(a) == sorted(b) and any("layers'][1]" in k for k in a)
+    a, b = grads[False], grads[True]
+    assert sorted(a) == sorted(b) and "model.layers.1.mlp.down_proj.weight" in a
     for key in a:  # float32 sums in another order: differences of ~1e-7 of the tensor's largest entry
         scale = np.abs(a[key]).max()
         assert scale > 0, key
@@ -140,13 +144,13 @@ def test_scanned_layers_give_the_same_loss_and_gradients(tiny_chat, smollm2_toke
 
 
 def test_training_with_scanned_layers_equals_the_loop(tiny_chat):
-    model, tok = models.load(tiny_chat, progress=False)
     trained = {}
+    config = TrainConfig(max_prompt_len=64, max_response_len=64, batch_size=2, epochs=2, learning_rate=1e-3,
+                         warmup_steps=0, order="given", pack=False)
     for scan in (False, True):
-        config = TrainConfig(max_prompt_len=64, max_response_len=64, batch_size=2, epochs=2, learning_rate=1e-3,
-                             warmup_steps=0, order="given", pack=False, scan_layers=scan)
-        trained[scan] = _leaves(nnx.state(training.train(model, tok, PAIRS, config, progress=False)[0], nnx.Param))
-    before = _leaves(nnx.state(model, nnx.Param))
+        model, tok = models.load(tiny_chat, progress=False, scan_layers=scan)
+        trained[scan] = checkpoint.hf_tensors(training.train(model, tok, PAIRS, config, progress=False)[0])
+    before = checkpoint.hf_tensors(model)
     for key in before:
         assert np.abs(trained[False][key] - before[key]).max() > 1e-4, key  # training moved every tensor
         np.testing.assert_allclose(trained[True][key], trained[False][key], rtol=1e-5, atol=1e-6, err_msg=key)

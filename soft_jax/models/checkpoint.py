@@ -2,7 +2,9 @@
 
 Every source is presented as HF tensor names -> lazily read numpy arrays in HF layout ([out, in]
 linear weights). Parameters are placed one at a time, each straight onto its sharding, reading only
-the slice each device needs, so host memory never holds a second copy of the model.
+the slice each device needs, so host memory never holds a second copy of the model. A model with stacked
+layers (ModelConfig.scan_layers) converts here, at the edge: each stacked parameter is read from, and
+written to, the HF checkpoint's per-layer tensors.
 """
 
 from __future__ import annotations
@@ -48,6 +50,28 @@ def hf_name(path: tuple) -> tuple[str, bool]:
     if name == "embed_tokens":
         name = "embed_tokens.weight"
     return (name if name.startswith("lm_head") else "model." + name), transpose
+
+
+def hf_names(path: tuple, cfg: ModelConfig) -> tuple[list[str], bool, bool]:
+    """(HF tensor names, transposed, stacked) of one of our parameters: a stacked layer parameter
+    ("layers", "self_attn", ...) is the HF tensors of every layer, in order."""
+    if cfg.scan_layers and path[0] == "layers":
+        names = [hf_name(("layers", i, *path[1:])) for i in range(cfg.num_layers)]
+        return [n for n, _ in names], names[0][1], True
+    name, transpose = hf_name(path)
+    return [name], transpose, False
+
+
+class _Stacked:
+    """Per-layer (memory-mapped) host arrays seen as one [layers, ...] array: indexing reads only the layers and
+    the slice asked for."""
+
+    def __init__(self, arrays):
+        self.arrays = arrays
+        self.shape = (len(arrays), *arrays[0].shape)
+
+    def __getitem__(self, idx):
+        return np.stack([np.asarray(a[tuple(idx[1:])]) for a in self.arrays[idx[0]]])
 
 
 # --- sources ------------------------------------------------------------------------------------
@@ -221,22 +245,40 @@ def build(source, cfg: ModelConfig, mesh=None, rules=shd.DEFAULT_RULES, progress
     params = [(p, v) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)]
     where = getattr(source, "path", "checkpoint")
     for path, var in tqdm(params, desc="loading weights", unit="tensor", disable=not progress, leave=False):
-        name, transpose = hf_name(path)
-        array = source.get(name)
-        if array is None:
-            raise UserError(f"{where}: tensor {name} is missing; the checkpoint does not match its config "
-                            f"({cfg.model_type}, {cfg.num_layers} layers)")
-        if transpose:
-            array = array.T
-        if tuple(array.shape) != tuple(var.shape):
-            raise UserError(f"{where}: tensor {name} has shape {tuple(array.shape)} (after layout change), "
-                            f"config.json implies {tuple(var.shape)}; the weights and config.json disagree")
+        names, transpose, stacked = hf_names(path, cfg)
+        arrays = []
+        for name in names:
+            array = source.get(name)
+            if array is None:
+                raise UserError(f"{where}: tensor {name} is missing; the checkpoint does not match its config "
+                                f"({cfg.model_type}, {cfg.num_layers} layers)")
+            array = array.T if transpose else array
+            want = tuple(var.shape[1:] if stacked else var.shape)
+            if tuple(array.shape) != want:
+                raise UserError(f"{where}: tensor {name} has shape {tuple(array.shape)} (after layout change), "
+                                f"config.json implies {want}; the weights and config.json disagree")
+            arrays.append(array)
+        array = _Stacked(arrays) if stacked else arrays[0]
         sharding = shd.named_sharding(var.get_metadata().get("axes", ()), var.shape, mesh, rules)
         var.set_value(_place(array, var.shape, cfg.param_dtype, sharding))
     return model
 
 
 # --- export -------------------------------------------------------------------------------------
+
+
+def hf_tensors(model: Llama) -> dict[str, np.ndarray]:
+    """Every parameter as host arrays under its HF tensor names, in HF layout: stacked layers are split into
+    per-layer tensors, so models with and without stacked layers compare name by name. `model` may also be a
+    merge of the model's graph with a gradient or optimizer-moment state."""
+    tensors = {}
+    for path, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Param):
+            names, transpose, stacked = hf_names(path, model.config)
+            array = np.asarray(jax.device_get(var[...]))
+            for name, one in zip(names, array if stacked else [array]):
+                tensors[name] = one.T if transpose else one
+    return tensors
 
 
 def export_hf(model: Llama, tokenizer, out_dir: str) -> str:
@@ -246,13 +288,7 @@ def export_hf(model: Llama, tokenizer, out_dir: str) -> str:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
-        tensors = {}
-        for path, var in nnx.iter_graph(model):
-            if isinstance(var, nnx.Param):
-                name, transpose = hf_name(path)
-                array = np.asarray(jax.device_get(var[...]))
-                tensors[name] = array.T if transpose else array
-        safetensors_io.write(os.path.join(tmp, "model.safetensors"), tensors, {"format": "pt"})
+        safetensors_io.write(os.path.join(tmp, "model.safetensors"), hf_tensors(model), {"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(cfg.to_hf(), f, indent=2)
         with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:

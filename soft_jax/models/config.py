@@ -44,6 +44,9 @@ class ModelConfig:
     # Storage dtype of parameters and dtype of activations/matmuls.
     param_dtype: str = "float32"
     dtype: str = "float32"
+    # How soft-jax stores and runs the layers, not part of the checkpoint: stacked [layers, ...] parameters run as
+    # one lax.scan (soft_jax.models.llama). HF config.json never carries it.
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.model_type not in ARCHITECTURES:

@@ -6,6 +6,11 @@ the key's position is not after the query's (and, for Mistral, within the slidin
 use one segment per example; padded rows use segment 1 for real tokens and 0 for padding.
 
 Parameters carry logical axis names in their `axes` metadata; `soft_jax.sharding` maps them to a mesh.
+
+With `ModelConfig.scan_layers` the decoder layers are stored stacked: `model.layers` is one DecoderLayer whose
+every parameter has a leading "layers" axis, and every call (training, prefill, decode, scoring) runs them as one
+`lax.scan`, with a stacked KV cache the scan writes in place. XLA then compiles one layer instead of all of them,
+and no call stacks the weights. Checkpoints in HF layout convert at the edge (soft_jax.models.checkpoint).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from soft_jax.sharding import constrain
 
 # Logical axis names used by parameters and activations (see soft_jax.sharding for the rules).
 VOCAB, EMBED, HEADS, KV_HEADS, MLP_AXIS, NORM = "vocab", "embed", "heads", "kv_heads", "mlp", "norm"
-BATCH, LENGTH = "batch", "length"
+BATCH, LENGTH, LAYERS = "batch", "length", "layers"
 ROWS = (BATCH, LENGTH, EMBED)  # the residual stream [B, T, hidden]
 
 
@@ -76,7 +81,7 @@ def apply_rope(x, rope):
 class SharedPrefix:
     """Keys and values of a prefix rows share (the principles + exemplars), stored once per group of rows.
 
-    k, v: per layer [G, P, KV_HEADS, D]; positions, segment_ids: [G, P] (segment 0 = padding). G groups of
+    k, v: as KVCache's, with G rows; positions, segment_ids: [G, P] (segment 0 = padding). G groups of
     consecutive rows (B / G each; G = 1: the whole batch): every row attends to its group's prefix as if it were
     its own first P tokens, without P x rows copies in memory.
     """
@@ -103,7 +108,8 @@ class SharedPrefix:
 class KVCache:
     """Preallocated keys and values for every layer, plus each slot's position and segment.
 
-    k, v: per layer [B, S, KV_HEADS, D]; positions, segment_ids: [B, S] (segment 0 = empty slot);
+    k, v: a tuple of per-layer [B, S, KV_HEADS, D] arrays, or one stacked [layers, B, S, KV_HEADS, D] array when
+    the model's layers are scanned (ModelConfig.scan_layers); positions, segment_ids: [B, S] (segment 0 = empty slot);
     index: the next slot to write (a scalar, the same for every row); prefix: an optional SharedPrefix
     that precedes every row's own slots.
     """
@@ -119,8 +125,11 @@ class KVCache:
     def init(cls, cfg: ModelConfig, batch: int, length: int, dtype=None, prefix: SharedPrefix | None = None):
         dtype = jnp.dtype(dtype or cfg.dtype)
         shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
-        return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-                   v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+        if cfg.scan_layers:
+            k, v = (jnp.zeros((cfg.num_layers, *shape), dtype) for _ in range(2))
+        else:
+            k, v = (tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)) for _ in range(2))
+        return cls(k=k, v=v,
                    positions=jnp.zeros((batch, length), jnp.int32),
                    segment_ids=jnp.zeros((batch, length), jnp.int32), index=jnp.zeros((), jnp.int32),
                    prefix=prefix)
@@ -150,7 +159,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x, rope, mask, kv=None, prefix=None):
         """rope: (cos, sin); mask: [B, T, S] over the keys (this call's tokens, or the whole cache);
-        kv: None, or (k_cache, v_cache, index) of this layer's cache, written at index;
+        kv: None, or (k_cache, v_cache, index, layer): this layer's cache [B, S, KV_HEADS, D] (layer None), or the
+          stacked cache [layers, B, S, KV_HEADS, D] of which this is layer `layer` (a traced index); the new keys
+          and values are written at slot `index`, in place, and the updated caches returned;
         prefix: None, or (k, v, mask [B, T, P]) of this layer's shared prefix, a row per group of rows."""
         b, t, _ = x.shape
         g = self.num_heads // self.num_kv_heads
@@ -159,12 +170,12 @@ class Attention(nnx.Module):
         k = apply_rope(heads(self.k_proj(x), self.num_kv_heads, KV_HEADS), rope)
         v = heads(self.v_proj(x), self.num_kv_heads, KV_HEADS)
         if kv is None:
-            keys, values = k, v
+            keys, values = stored = k, v
         else:
-            k_cache, v_cache, index = kv
-            keys = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-            values = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-            keys, values = (constrain(c, (BATCH, LENGTH, KV_HEADS, None)) for c in (keys, values))
+            k_cache, v_cache, index, layer = kv
+            (k_cache, keys), (v_cache, values) = (write_cache(c, new, index, layer)
+                                                  for c, new in ((k_cache, k), (v_cache, v)))
+            stored = k_cache, v_cache
         q = constrain(q.reshape(b, t, self.num_kv_heads, g, self.head_dim), (BATCH, LENGTH, KV_HEADS, None, None))
         scores = self._masked(jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(q.dtype),
                                          preferred_element_type=jnp.float32), mask)
@@ -184,12 +195,27 @@ class Attention(nnx.Module):
         else:
             out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(q.dtype))
         out = constrain(out.reshape(b, t, self.num_heads * self.head_dim), (BATCH, LENGTH, HEADS))
-        return self.o_proj(out), (keys, values)
+        return self.o_proj(out), stored
 
     def _masked(self, scores, mask):
         """Float32 attention scores [B, KV_HEADS, G, T, S] scaled, -inf-like where `mask` [B, T, S] is False."""
         scores = constrain(scores * (self.head_dim ** -0.5), (BATCH, KV_HEADS, None, LENGTH, None))
         return jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+
+
+CACHE_LAYER = (BATCH, LENGTH, KV_HEADS, None)
+
+
+def write_cache(cache, new, index, layer=None):
+    """(updated cache, this layer's keys or values [B, S, KV_HEADS, D]): `new` [B, T, KV_HEADS, D] written at slot
+    `index` of a layer's cache, or of layer `layer` of a stacked cache. Only the T new slots are written: inside
+    the decode loop the cache is a loop carry, updated in place."""
+    new = new.astype(cache.dtype)
+    if layer is None:
+        cache = constrain(jax.lax.dynamic_update_slice(cache, new, (0, index, 0, 0)), CACHE_LAYER)
+        return cache, cache
+    cache = constrain(jax.lax.dynamic_update_slice(cache, new[None], (layer, 0, index, 0, 0)), (LAYERS, *CACHE_LAYER))
+    return cache, constrain(jax.lax.dynamic_index_in_dim(cache, layer, keepdims=False), CACHE_LAYER)
 
 
 class MLP(nnx.Module):
@@ -225,13 +251,14 @@ class Llama(nnx.Module):
         self.embed_tokens = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.hidden_size),
                                            jnp.dtype(cfg.param_dtype)),
                                       axes=(VOCAB, EMBED))
-        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        layers = [DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)]
+        self.layers = stack_layers(layers) if cfg.scan_layers else nnx.List(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg=cfg)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, cfg.vocab_size, (EMBED, VOCAB), bias=False, cfg=cfg, rngs=rngs)
 
     def __call__(self, input_ids, positions=None, segment_ids=None, attention_mask=None, cache=None,
-                 last_only=False, remat=False, scan=False, at=None):
+                 last_only=False, remat=False, at=None):
         """Logits for `input_ids` [B, T].
 
         positions: [B, T] RoPE positions; default: 0.. for each row, or from `attention_mask`
@@ -243,9 +270,8 @@ class Llama(nnx.Module):
         at: [B, K] int, compute logits only at these columns of each row, shape [B, K, vocab] (training: the
           positions that carry loss; the final norm and the vocabulary matmul skip the rest).
         remat: recompute each layer's activations in the backward pass instead of storing them.
-        scan: run the layers as one `lax.scan` (without a cache): XLA compiles one layer instead of all of
-          them, so a deep model compiles far faster (benchmarks/RESULTS.md, `soft-jax plan`). Same outputs as
-          the python loop.
+        The layers run as a python loop, or, when they are stored stacked (ModelConfig.scan_layers), as one
+        `lax.scan`: the same outputs, with one compiled layer instead of all of them.
         """
         b, t = input_ids.shape
         if segment_ids is None:
@@ -261,7 +287,6 @@ class Llama(nnx.Module):
         rope = tuple(constrain(r, (BATCH, LENGTH, None, None))
                      for r in rope_tables(positions, rope_inv_freq(cfg), x.dtype))
         window = cfg.sliding_window
-        new_k, new_v = [], []
         if cache is None:
             k_pos, k_seg = positions, segment_ids
         else:
@@ -270,20 +295,10 @@ class Llama(nnx.Module):
                                                  (0, cache.index))
         mask = constrain(make_mask(positions, segment_ids, k_pos, k_seg, window), (BATCH, LENGTH, None))
         shared = None if cache is None else cache.prefix
-        if shared is not None:
-            p_mask = make_mask(positions, segment_ids, shared.per_row(shared.positions, b),
-                               shared.per_row(shared.segment_ids, b), window)
-        if scan and cache is None:
-            x = self._scanned_layers(x, rope, mask, remat)
-        for i, layer in enumerate(() if scan and cache is None else self.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i], cache.index)
-            prefix = None if shared is None else (shared.k[i], shared.v[i], p_mask)
-            if remat and cache is None:
-                x, (k, v) = nnx.remat(lambda lyr, h, r, m: lyr(h, r, m))(layer, x, rope, mask)
-            else:
-                x, (k, v) = layer(x, rope, mask, kv, prefix)
-            new_k.append(k)
-            new_v.append(v)
+        p_mask = None if shared is None else make_mask(positions, segment_ids, shared.per_row(shared.positions, b),
+                                                       shared.per_row(shared.segment_ids, b), window)
+        run = self._scanned_layers if cfg.scan_layers else self._layer_loop
+        x, new_k, new_v = run(x, rope, mask, cache, p_mask, remat)
         if last_only:
             x = x[:, -1:]
         elif at is not None:
@@ -297,23 +312,71 @@ class Llama(nnx.Module):
         logits = logits.astype(jnp.float32)
         if cache is None:
             return logits
-        return logits, KVCache(k=tuple(new_k), v=tuple(new_v), positions=k_pos, segment_ids=k_seg,
+        return logits, KVCache(k=new_k, v=new_v, positions=k_pos, segment_ids=k_seg,
                                index=cache.index + t, prefix=cache.prefix)
 
-    def _scanned_layers(self, x, rope, mask, remat):
-        """The decoder layers as one scan over their parameters, stacked in the compute dtype (what every
-        layer casts its weights to anyway): one more copy of the layers' weights per device, in exchange for
-        one compiled layer."""
-        graphdef = nnx.graphdef(self.layers[0])
-        dtype = jnp.dtype(self.config.dtype)
-        stacked = jax.tree.map(lambda *xs: jnp.stack([v.astype(dtype) for v in xs]),
-                               *[nnx.state(layer) for layer in self.layers])
+    def _layer_loop(self, x, rope, mask, cache, p_mask, remat):
+        """The layers one after another: (x, the caches' new keys, values: per-layer tuples, or None)."""
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            if cache is None:
+                run = nnx.remat(lambda lyr, h, r, m: lyr(h, r, m)) if remat else lambda lyr, h, r, m: lyr(h, r, m)
+                x, _ = run(layer, x, rope, mask)
+                continue
+            shared = cache.prefix
+            prefix = None if shared is None else (shared.k[i], shared.v[i], p_mask)
+            x, (k, v) = layer(x, rope, mask, (cache.k[i], cache.v[i], cache.index, None), prefix)
+            new_k.append(k)
+            new_v.append(v)
+        return x, tuple(new_k), tuple(new_v)
 
-        def body(h, state):
-            return nnx.merge(graphdef, state)(h, rope, mask)[0], None
+    def _scanned_layers(self, x, rope, mask, cache, p_mask, remat):
+        """The stacked layers as one `lax.scan` over their parameters: (x, the stacked caches' new keys, values,
+        or None). The caches ride in the scan's carry, so each layer writes only its new slots, in place; a
+        shared prefix's stacked keys and values are scanned over with the parameters."""
+        graphdef, state = nnx.split(self.layers)
+        if cache is None:
+            def body(h, params):
+                return nnx.merge(graphdef, params)(h, rope, mask)[0], None
 
-        x, _ = jax.lax.scan(jax.checkpoint(body) if remat else body, x, stacked)
-        return x
+            x, _ = jax.lax.scan(jax.checkpoint(body) if remat else body, x, state)
+            return x, None, None
+        shared = cache.prefix
+        prefixes = None if shared is None else (shared.k, shared.v)
+
+        def body(carry, xs):
+            h, k_all, v_all = carry
+            params, layer, prefix_kv = xs
+            prefix = None if prefix_kv is None else (*prefix_kv, p_mask)
+            h, (k_all, v_all) = nnx.merge(graphdef, params)(h, rope, mask, (k_all, v_all, cache.index, layer), prefix)
+            return (h, k_all, v_all), None
+
+        layers = jnp.arange(self.config.num_layers, dtype=jnp.int32)
+        (x, k, v), _ = jax.lax.scan(body, (x, cache.k, cache.v), (state, layers, prefixes))
+        return x, k, v
+
+
+def stack_layers(layers) -> DecoderLayer:
+    """One DecoderLayer holding `layers`' parameters stacked along a new leading "layers" axis (each parameter's
+    logical axes gain LAYERS in front)."""
+    graphdef = nnx.graphdef(layers[0])
+    stacked = nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(lyr) for lyr in layers]))
+    for _, var in nnx.iter_graph(stacked):
+        if isinstance(var, nnx.Param):
+            var.set_metadata("axes", (LAYERS, *var.get_metadata().get("axes", ())))
+    return stacked
+
+
+def unstack_layers(stacked: DecoderLayer) -> list[DecoderLayer]:
+    """The inverse of stack_layers: one DecoderLayer per index of the leading axis (copies)."""
+    graphdef, state = nnx.split(stacked)
+    n = jax.tree.leaves(state)[0].shape[0]
+    layers = [nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state)) for i in range(n)]
+    for layer in layers:
+        for _, var in nnx.iter_graph(layer):
+            if isinstance(var, nnx.Param):
+                var.set_metadata("axes", tuple(var.get_metadata().get("axes", ()))[1:])
+    return layers
 
 
 def default_positions(segment_ids, cache=None):
