@@ -63,61 +63,63 @@ class Run:
         self.mesh = mesh if jax.device_count() > 1 else None
         sizes = memory.resolve_mesh(shape, jax.device_count())
         gen_shape = config_lib.generation_mesh_shape(c)
-        if gen_shape is None and self.mesh is not None:
-            gen_shape = self.proposed_generation_mesh(c, model_cfg, tokenizer, mesh)
+        inputs.check_batches(c, sizes, None if gen_shape is None else
+                             memory.resolve_mesh(gen_shape, jax.device_count()))
         # generation and scoring: their own mesh over the same devices in the same order (reshard copies
         # between them device to device), or the training mesh
         self.gen_mesh = self.mesh if gen_shape is None or self.mesh is None else shd.make_mesh(gen_shape)
         if self.gen_mesh is not None and dict(self.gen_mesh.shape) == dict(self.mesh.shape):
             self.gen_mesh = self.mesh
-        inputs.check_batches(c, sizes, None if gen_shape is None else
-                             memory.resolve_mesh(gen_shape, jax.device_count()))
         self._generation_copy = None  # (the model, its copy on gen_mesh)
-        self.check_memory(model_cfg, tokenizer, sizes)
+        self.check_memory(model_cfg, tokenizer, sizes, auto_generation_mesh=gen_shape is None)
         self.state = self.wd.open(c, self.log)
         self.rounds_ckpt = StepCheckpointer(self.wd.file("checkpoints", "rounds"), every=0, keep=None)
 
-    def proposed_generation_mesh(self, c, model_cfg, tokenizer, mesh) -> tuple[int, int, int] | None:
-        """mesh_generate all 0 on TPUs and H100s: the tensor-parallel mesh with the best decode bound that holds
-        the weights and KV cache (soft_jax.plan, as `soft-jax plan` lists them), or None (the training mesh)
-        on devices whose limits are not published (CPUs) or when none fits."""
+    def check_memory(self, model_cfg, tokenizer, mesh_shape, auto_generation_mesh: bool) -> None:
+        """On a GPU or TPU, compiles the round's programs (soft_jax.plan) and refuses a run whose largest one
+        does not fit a device; on CPU, prints soft_jax.memory's estimate.
+
+        auto_generation_mesh (mesh_generate all 0) on chips whose limits are published (TPUs, H100s): generation
+        and scoring move to the tensor-parallel mesh with the best decode bound whose programs fit as compiled,
+        as `soft-jax plan` chooses it; elsewhere (CPUs) they stay on the training mesh."""
         from soft_jax import plan, topology
 
-        chip = topology.chip(jax.devices()[0].device_kind)
-        if chip is None:
-            return None
-        shapes = plan.Shapes.of_run(c, *inputs.prompt_tokens(c, self.inputs, tokenizer))
-        resident = (1 + int(shapes.keep_base)) * plan.param_bytes(plan.abstract_model(model_cfg)[1], mesh)
-        found = plan.propose_generation_mesh(model_cfg, shapes, jax.devices(), chip, memory.device_memory(),
-                                             resident, mesh)
-        if not found or found[0][0] == tuple(mesh.shape.values()):
-            return None
-        shape, bound, _ = found[0]
-        self.log(f"[mesh] generation and scoring on mesh {dict(zip(shd.MESH_AXES, shape))}, the one plan's decode "
-                 f"bound ranks first on {chip.name} (<= {bound.tokens_per_s_per_chip:,.0f} tokens/s per chip); "
-                 "set mesh_generate to choose another (the training mesh's sizes: generate in its layout)")
-        return shape
-
-    def check_memory(self, model_cfg, tokenizer, mesh_shape) -> None:
-        """On a GPU or TPU, compiles the round's programs (soft_jax.plan) and refuses a run whose largest one
-        does not fit a device; on CPU, prints soft_jax.memory's estimate."""
         c = self.c
         prompt, shared = inputs.prompt_tokens(c, self.inputs, tokenizer)
+        shapes = plan.Shapes.of_run(c, prompt, shared)
         available = memory.device_memory()
+        chip = topology.chip(jax.devices()[0].device_kind)
+        candidates = []
+        if auto_generation_mesh and self.mesh is not None:
+            candidates = plan.generation_candidates(c, model_cfg, shapes, self.mesh, chip, available)
         if available is None:  # CPU: its memory is the host's; the estimate, for the record
+            if candidates:
+                self.use_generation_mesh(candidates[0], chip, first=True)
             est = memory.for_run(c, model_cfg, mesh_shape, prompt, shared)
             self.log(f"[memory] estimate per device: training {memory.gib(est['train_total'])} GiB, generation "
                      f"{memory.gib(est['generate_total'])} GiB (device memory unknown on CPU)")
             return
         # an accelerator: the compiler says what each of the round's programs needs on these devices
-        from soft_jax import plan
-
         mesh = self.mesh or shd.make_mesh((1, 1, 1), jax.devices()[:1])
-        programs = plan.compile_run(model_cfg, plan.Shapes.of_run(c, prompt, shared), mesh, inputs.train_config(c),
-                                    gen_mesh=None if self.gen_mesh is self.mesh else self.gen_mesh)
+        if candidates:
+            gen_mesh, programs = plan.fit_generation_mesh(model_cfg, shapes, mesh, candidates, available,
+                                                          inputs.train_config(c), self.log)
+            if gen_mesh is not None:
+                self.use_generation_mesh(tuple(gen_mesh.shape.values()), chip, first=tuple(
+                    gen_mesh.shape.values()) == candidates[0])
+        else:
+            programs = plan.compile_run(model_cfg, shapes, mesh, inputs.train_config(c),
+                                        gen_mesh=None if self.gen_mesh is self.mesh else self.gen_mesh)
         self.log("[memory] compiled, per device: " + ", ".join(f"{p.name} {memory.gib(p.total)}" for p in programs)
                  + f" GiB of {memory.gib(available)} GiB")
         plan.refuse_over(programs, available)
+
+    def use_generation_mesh(self, shape, chip, first: bool) -> None:
+        self.gen_mesh = shd.make_mesh(shape)
+        self.log(f"[mesh] generation and scoring on mesh {dict(self.gen_mesh.shape)}, the one "
+                 + ("plan's decode bound ranks first" if first else "ranked best by plan's decode bound that fits "
+                    "as compiled") + f" on {chip.name}; set mesh_generate to choose another (the training mesh's "
+                 "sizes: generate in its layout)")
 
     # -- models --
 

@@ -42,8 +42,9 @@ def base() -> ml_collections.ConfigDict:
     # open-ended questions when the run starts (contamination.json in the work dir; overlaps are logged, not fatal)
     c.check_contamination = True
     # name: "smollm2-135m", "tiny" (random, for tests) or a preset of soft_jax.models.presets; path overrides it.
-    # scan_layers: train with the layers as one lax.scan (one compiled layer instead of all of them: a deep model
-    # compiles far faster; benchmarks/RESULTS.md)
+    # scan_layers: store the layers stacked ([layers, ...] per weight) and run them as one lax.scan in every program
+    # (training, prefill, decode, scoring): one compiled layer instead of all of them, so a deep model compiles far
+    # faster (benchmarks/RESULTS.md); HF checkpoints convert on load and export
     c.model = dict(name="smollm2-135m", path="", dtype="float32", param_dtype="", scan_layers=False)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     # The mesh of generation and every scoring pass (difficulty, validation, eval). All 0: on TPUs and H100s the

@@ -256,6 +256,54 @@ def compile_run(cfg: ModelConfig, shapes: Shapes, mesh, train_config: training.T
     return programs
 
 
+GENERATION_PROGRAMS = ("prefix_prefill", "prefill", "decode", "score")
+
+
+def generation_candidates(c, cfg: ModelConfig, shapes: Shapes, mesh, chip, device_bytes: int | None
+                          ) -> list[tuple[int, int, int]]:
+    """The generation meshes `mesh_generate` all 0 tries, in order: the tensor-parallel meshes
+    propose_generation_mesh ranks (best decode bound first) whose data axes split the run's batches, up to the
+    training mesh (not tried: it is what is left). Empty where the chip's limits are not published."""
+    from soft_jax import inputs, memory
+
+    if chip is None:
+        return []
+    devices = list(mesh.devices.flat)
+    resident = (1 + int(shapes.keep_base)) * param_bytes(abstract_model(cfg)[1], mesh)
+    sizes = memory.resolve_mesh(dict(mesh.shape), len(devices))
+    out = []
+    for shape, _, _ in propose_generation_mesh(cfg, shapes, devices, chip, device_bytes, resident, mesh):
+        if shape == tuple(mesh.shape.values()):
+            break
+        try:
+            inputs.check_batches(c, sizes, dict(zip(shd.MESH_AXES, shape)))
+        except UserError:
+            continue
+        out.append(shape)
+    return out
+
+
+def fit_generation_mesh(cfg: ModelConfig, shapes: Shapes, mesh, candidates: Sequence[tuple[int, int, int]],
+                        device_bytes: int | None, train_config=None, log=print, progress=None):
+    """(generation mesh, or None for the training mesh; the round's compiled programs): the first of `candidates`
+    whose generation and scoring programs the compiler accepts and a device holds, else the training mesh.
+
+    A candidate is ranked on what its weights and KV cache need; the compiled program also holds temporaries,
+    so the first may still not fit: then the next is compiled, and said."""
+    programs = compile_run(cfg, shapes, mesh, train_config, only=["train_step"], progress=progress)
+    for shape in candidates:
+        gen_mesh = shd.make_mesh(shape, list(mesh.devices.flat))
+        generation = compile_run(cfg, shapes, mesh, train_config, only=GENERATION_PROGRAMS, progress=progress,
+                                 gen_mesh=gen_mesh)
+        over = [p for p in generation if p.refused or (device_bytes and p.total > device_bytes)]
+        if not over:
+            return gen_mesh, programs + generation
+        worst = max(over, key=lambda p: p.total)
+        log(f"[mesh] generation mesh {dict(gen_mesh.shape)}: {worst.name} needs {_size(worst.total)} per device as "
+            f"compiled, more than the {_size(device_bytes)} a device has; trying the next")
+    return None, programs + compile_run(cfg, shapes, mesh, train_config, only=GENERATION_PROGRAMS, progress=progress)
+
+
 def _refused_bytes(message: str) -> int | None:
     """What a refused compile said it needed: "... HLO temporaries (18.86G) exceeds available HBM ..."."""
     m = re.search(r"RESOURCE_EXHAUSTED.*?\(([\d.]+)([KMGT])\) exceeds", message)
@@ -490,14 +538,21 @@ def plan_run(c, where: Target, log=print) -> list[Program]:
     gen_mesh = None if gen_shape is None else shd.make_mesh(gen_shape, where.devices)
     inputs.check_batches(c, sizes, None if gen_mesh is None else dict(gen_mesh.shape))
     shapes = Shapes.of_run(c, prompt, shared)
-    log(f"[plan] {cfg.num_params / 1e6:,.0f}M parameters ({cfg.param_dtype} stored, {cfg.dtype} compute) on "
-        f"{where.name}, mesh {dict(mesh.shape)}"
+    chip = topology.chip(where.devices[0].device_kind)
+    log(f"[plan] {cfg.num_params / 1e6:,.0f}M parameters ({cfg.param_dtype} stored, {cfg.dtype} compute"
+        f"{', layers stacked and scanned' if c.model.scan_layers else ''}) on {where.name}, mesh {dict(mesh.shape)}"
         + (f", generation and scoring on mesh {dict(gen_mesh.shape)}" if gen_mesh is not None else "")
         + f"; prompts of {prompt} tokens ({shared} shared), counted with {counted}")
-    programs = compile_run(cfg, shapes, mesh, inputs.train_config(c),
-                           progress=lambda name: log(f"[plan] compiling {name} ..."), gen_mesh=gen_mesh)
+    progress = lambda name: log(f"[plan] compiling {name} ...")  # noqa: E731
+    if gen_shape is None and chip is not None:  # as a run chooses: plan's best generation mesh that fits
+        gen_mesh, programs = fit_generation_mesh(cfg, shapes, mesh, generation_candidates(
+            c, cfg, shapes, mesh, chip, where.device_bytes), where.device_bytes, inputs.train_config(c), log, progress)
+        log(f"[plan] mesh_generate all 0: generation and scoring on "
+            + (f"mesh {dict(gen_mesh.shape)}, plan's best generation mesh that fits" if gen_mesh is not None else
+               "the training mesh (no tensor-parallel mesh fits)"))
+    else:
+        programs = compile_run(cfg, shapes, mesh, inputs.train_config(c), progress=progress, gen_mesh=gen_mesh)
     log(table(programs, where.device_bytes))
-    chip = topology.chip(where.devices[0].device_kind)
     if chip is not None:
         log_bounds(cfg, shapes, mesh, gen_mesh, programs, chip, where, max(run_inputs.sizes), log)
     refuse_over(programs, where.device_bytes)

@@ -247,3 +247,36 @@ def test_a_partial_generation_mesh_is_refused_in_one_line():
             config("tiny.py", *sizes)
         assert str(e.value).startswith("config: mesh_generate = {") and "all 0 for the training mesh" in str(e.value)
     assert config("tiny.py", "mesh_generate.data=-1", "mesh_generate.fsdp=1", "mesh_generate.tensor=2")
+
+
+def test_a_generation_mesh_that_does_not_fit_as_compiled_falls_back_to_the_next():
+    """plan ranks generation meshes on their weights and KV cache; the compiled programs also hold temporaries.
+    When the first candidate's compiled programs exceed the device, the next is compiled and used, and said;
+    when none fits, generation stays on the training mesh."""
+    import dataclasses
+
+    from test_sharding import CFG, SHAPES
+
+    from soft_jax import plan, topology
+    from soft_jax import sharding as shd
+
+    devices = topology.devices("v5e-8")
+    train = shd.make_mesh((1, 8, 1), devices)
+    shapes = dataclasses.replace(SHAPES, scan_layers=True)
+    need = {}
+    for shape in ((2, 1, 4), (4, 1, 2)):
+        programs = plan.compile_run(CFG, shapes, train, only=plan.GENERATION_PROGRAMS,
+                                    gen_mesh=shd.make_mesh(shape, devices))
+        need[shape] = max(p.total for p in programs)
+    big, small = sorted(need, key=need.get, reverse=True)
+    assert need[big] > need[small]
+    logs = []
+    gen_mesh, programs = plan.fit_generation_mesh(CFG, shapes, train, [big, small], need[small], log=logs.append)
+    assert tuple(gen_mesh.shape.values()) == small
+    assert [p.name for p in programs] == ["train_step", *plan.GENERATION_PROGRAMS]
+    assert all(p.total <= need[small] for p in programs[1:])
+    assert len(logs) == 1 and logs[0].startswith(f"[mesh] generation mesh {dict(zip(shd.MESH_AXES, big))}: ")
+    assert logs[0].endswith("trying the next")
+    gen_mesh, programs = plan.fit_generation_mesh(CFG, shapes, train, [big, small], need[small] - 1,
+                                                  log=logs.append)
+    assert gen_mesh is None and len(logs) == 3 and len(programs) == 5
