@@ -2,7 +2,9 @@
 
 Every collective (all-gather, all-reduce, reduce-scatter, all-to-all, collective-permute) is attributed to the
 code inside a while loop (paid at every iteration: a decode loop's token step) or outside any loop (paid once
-per call), with the bytes of its result per device. An asynchronous collective is counted once, at its `-done`.
+per call), with the bytes of its result per device. A loop nested in a loop's body (the layers scanned inside
+a decode step) runs its body its known trip count times per outer iteration, and its collectives count that
+many times. An asynchronous collective is counted once, at its `-done`.
 That is what `soft-jax plan` reports per program and what the tests read to prove, for example, that a decode
 step gathers no parameter.
 """
@@ -47,6 +49,7 @@ class Collective:
     in_loop: bool  # inside a while loop's body or condition
     computation: str
     name: str
+    repeats: int = 1  # runs per iteration of the outermost loop around it (per call outside loops)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,18 +60,24 @@ class Traffic:
 
     @property
     def per_step(self) -> int:
-        return sum(c.bytes for c in self.collectives if c.in_loop)
+        """Bytes per iteration of the outermost loop (a decode step), nested loops counted by their trip counts."""
+        return sum(c.bytes * c.repeats for c in self.collectives if c.in_loop)
 
     @property
     def per_call(self) -> int:
-        return sum(c.bytes for c in self.collectives if not c.in_loop)
+        return sum(c.bytes * c.repeats for c in self.collectives if not c.in_loop)
 
     def in_loop(self, kind: str | None = None) -> list[Collective]:
         return [c for c in self.collectives if c.in_loop and (kind is None or c.kind == kind)]
 
 
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_LOOP_PARTS = re.compile(r"(?:body|condition)=%?([\w.\-]+)")
+
+
 def _computations(text: str) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
+    """Computation name -> its instruction lines; the entry computation's name is under the key None."""
+    out: dict = {}
     current = None
     for line in text.splitlines():
         if current is None:
@@ -76,6 +85,8 @@ def _computations(text: str) -> dict[str, list[str]]:
             if m and "=" not in line.split("(")[0]:
                 current = m.group(1)
                 out[current] = []
+                if line.startswith("ENTRY"):
+                    out[None] = current
         elif line.strip() == "}":
             current = None
         else:
@@ -90,25 +101,47 @@ def _callees(line: str) -> list[str]:
     return names
 
 
+def _repeats(comps: dict, loops: set[str]) -> dict[str, int]:
+    """How often each computation reached from the entry runs per iteration of the outermost loop around it (per
+    call outside loops): a while loop inside a loop's body multiplies by its known trip count (a loop whose
+    trip count XLA does not know counts once: a lower bound)."""
+    reps: dict[str, int] = {}
+    stack = [(comps[None], 1)] if None in comps else []
+    while stack:
+        name, times = stack.pop()
+        if reps.get(name, 0) >= times:
+            continue
+        reps[name] = times
+        for line in comps.get(name, ()):
+            if " while(" in line:
+                trip = _TRIP_COUNT.search(line)
+                inner = times * int(trip.group(1)) if trip and name in loops else times if name in loops else 1
+                stack += [(c, inner) for c in _LOOP_PARTS.findall(line)]
+            else:
+                stack += [(c, times) for c in _callees(line)]
+    return reps
+
+
 def traffic(hlo_text: str) -> Traffic:
     """The collectives of an optimized HLO module (`compiled.as_text()`), each marked in or out of a loop."""
     comps = _computations(hlo_text)
-    calls = {name: [c for line in lines for c in _callees(line)] for name, lines in comps.items()}
+    calls = {name: [c for line in lines for c in _callees(line)] for name, lines in comps.items() if name}
     loops: set[str] = set()
     stack = []
-    for lines in comps.values():
-        for line in lines:
+    for name, lines in comps.items():
+        for line in lines if name else ():
             if " while(" in line:
-                stack += [c.lstrip("%") for c in re.findall(r"(?:body|condition)=%?([\w.\-]+)", line)]
+                stack += [c.lstrip("%") for c in _LOOP_PARTS.findall(line)]
     while stack:  # everything a loop's body or condition calls runs at every iteration too
         name = stack.pop()
         if name in loops:
             continue
         loops.add(name)
         stack += calls.get(name, [])
+    reps = _repeats(comps, loops)
     found = []
     for comp, lines in comps.items():
-        for line in lines:
+        for line in lines if comp else ():
             m = _INSTRUCTION.match(line)
             if not m:
                 continue
@@ -116,7 +149,7 @@ def traffic(hlo_text: str) -> Traffic:
             kind = op[:-len("-done")] if op.endswith("-done") else op
             if kind not in COLLECTIVES:
                 continue  # `-start` halves are counted at their `-done`
-            found.append(Collective(kind, shape, shape_bytes(shape), comp in loops, comp, name))
+            found.append(Collective(kind, shape, shape_bytes(shape), comp in loops, comp, name, reps.get(comp, 1)))
     return Traffic(tuple(found))
 
 

@@ -106,6 +106,47 @@ def test_collectives_are_attributed_to_loops_and_calls():
     assert [c.shape.split("{")[0] for c in hlo.parameter_gathers(t, [(96, 32), (1000, 96)])] == ["f32[96,32]"]
 
 
+NESTED = """HloModule m
+
+%layer (q: (s32[], f32[8,96])) -> (s32[], f32[8,96]) {
+  %q = (s32[], f32[8,96]{1,0}) parameter(0)
+  %v = f32[12,32]{1,0} get-tuple-element(%q), index=1
+  ROOT %lg = f32[96,32]{1,0} all-gather(%v), dimensions={0}
+}
+
+%prefill_layer (q: (s32[], f32[8,96])) -> (s32[], f32[8,96]) {
+  %q = (s32[], f32[8,96]{1,0}) parameter(0)
+  %v = bf16[12,32]{1,0} get-tuple-element(%q), index=1
+  ROOT %pg = bf16[96,32]{1,0} all-gather(%v), dimensions={0}
+}
+
+%step (p: (s32[], f32[8,96])) -> (s32[], f32[8,96]) {
+  %p = (s32[], f32[8,96]{1,0}) parameter(0)
+  %layers = (s32[], f32[8,96]{1,0}) while(%p), condition=%cond, body=%layer, backend_config={"known_induction_variable":{"tuple_index":"0"},"known_trip_count":{"n":"30"}}
+  ROOT %ar = f32[8,96]{1,0} all-reduce(%x), to_apply=%add
+}
+
+%cond (p: (s32[], f32[8,96])) -> pred[] {
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main (a: f32[8,96]) -> f32[8,96] {
+  %a = f32[8,96]{1,0} parameter(0)
+  %prefill = (s32[], f32[8,96]{1,0}) while(%a), condition=%cond, body=%prefill_layer, backend_config={"known_trip_count":{"n":"30"}}
+  ROOT %decode = (s32[], f32[8,96]{1,0}) while(%a), condition=%cond, body=%step
+}
+"""
+
+
+def test_a_loop_nested_in_a_step_counts_its_trip_count_times():
+    """Layers scanned inside a decode step: the layer loop's all-gather runs 30 times per token step. The same
+    layer loop outside any loop (a prefill) is itself the outermost loop: its body counts once per iteration."""
+    t = hlo.traffic(NESTED)
+    assert t.per_step == 30 * 96 * 32 * 4 + 8 * 96 * 4 + 96 * 32 * 2
+    assert sorted((c.computation, c.repeats) for c in t.collectives) == [("layer", 30), ("prefill_layer", 1),
+                                                                        ("step", 1)]
+
+
 def test_plan_compiles_generation_for_its_own_mesh(tmp_path):
     """A paper config (its eval tasks unavailable: a fresh machine) on v5e-8, training FSDP over 8 chips,
     generation and scoring tensor-parallel (2, 1, 4): every program compiles and fits without benchmark data,
