@@ -101,10 +101,30 @@ def _callees(line: str) -> list[str]:
     return names
 
 
+_CONSTANT = re.compile(r"^\s*%?([\w.\-]+)\s*=\s*s32\[\]\S*\s+constant\((\d+)\)")
+_COMPARE_LT = re.compile(r"^\s*ROOT\s.*\scompare\(%?([\w.\-]+),\s*%?([\w.\-]+)\).*direction=LT")
+
+
+def _trip_count(while_line: str, comps: dict) -> int | None:
+    """A while loop's trip count: XLA's `known_trip_count` annotation (the CPU compiler's), else a condition
+    `i < N` against a constant, as lax.scan lowers (counting from 0 by 1; the TPU compiler keeps no annotation)."""
+    known = _TRIP_COUNT.search(while_line)
+    if known:
+        return int(known.group(1))
+    cond = re.search(r"condition=%?([\w.\-]+)", while_line)
+    lines = comps.get(cond.group(1), ()) if cond else ()
+    constants = {m.group(1): int(m.group(2)) for m in map(_CONSTANT.match, lines) if m}
+    for line in lines:
+        m = _COMPARE_LT.match(line)
+        if m and m.group(2) in constants:
+            return constants[m.group(2)]
+    return None
+
+
 def _repeats(comps: dict, loops: set[str]) -> dict[str, int]:
     """How often each computation reached from the entry runs per iteration of the outermost loop around it (per
-    call outside loops): a while loop inside a loop's body multiplies by its known trip count (a loop whose
-    trip count XLA does not know counts once: a lower bound)."""
+    call outside loops): a while loop inside a loop's body multiplies by its trip count (a loop whose trip count
+    is not found counts once: a lower bound)."""
     reps: dict[str, int] = {}
     stack = [(comps[None], 1)] if None in comps else []
     while stack:
@@ -114,8 +134,8 @@ def _repeats(comps: dict, loops: set[str]) -> dict[str, int]:
         reps[name] = times
         for line in comps.get(name, ()):
             if " while(" in line:
-                trip = _TRIP_COUNT.search(line)
-                inner = times * int(trip.group(1)) if trip and name in loops else times if name in loops else 1
+                trip = _trip_count(line, comps) if name in loops else None
+                inner = times * trip if trip else times if name in loops else 1
                 stack += [(c, inner) for c in _LOOP_PARTS.findall(line)]
             else:
                 stack += [(c, times) for c in _callees(line)]

@@ -122,12 +122,19 @@ NESTED = """HloModule m
 
 %step (p: (s32[], f32[8,96])) -> (s32[], f32[8,96]) {
   %p = (s32[], f32[8,96]{1,0}) parameter(0)
-  %layers = (s32[], f32[8,96]{1,0}) while(%p), condition=%cond, body=%layer, backend_config={"known_induction_variable":{"tuple_index":"0"},"known_trip_count":{"n":"30"}}
+  %layers = (s32[], f32[8,96]{1,0}) while(%p), condition=%LAYERS_COND, body=%layer, LAYERS_CONFIG
   ROOT %ar = f32[8,96]{1,0} all-reduce(%x), to_apply=%add
 }
 
 %cond (p: (s32[], f32[8,96])) -> pred[] {
   ROOT %c = pred[] constant(true)
+}
+
+%layers_left (p: (s32[], f32[8,96])) -> pred[] {
+  %n = s32[]{:T(128)} constant(30)
+  %p = (s32[], f32[8,96]{1,0}) parameter(0)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%i, %n), direction=LT
 }
 
 ENTRY %main (a: f32[8,96]) -> f32[8,96] {
@@ -139,12 +146,15 @@ ENTRY %main (a: f32[8,96]) -> f32[8,96] {
 
 
 def test_a_loop_nested_in_a_step_counts_its_trip_count_times():
-    """Layers scanned inside a decode step: the layer loop's all-gather runs 30 times per token step. The same
+    """Layers scanned inside a decode step: the layer loop's all-gather runs 30 times per token step, its trip
+    count read from XLA's annotation or from its loop condition. The same
     layer loop outside any loop (a prefill) is itself the outermost loop: its body counts once per iteration."""
-    t = hlo.traffic(NESTED)
-    assert t.per_step == 30 * 96 * 32 * 4 + 8 * 96 * 4 + 96 * 32 * 2
-    assert sorted((c.computation, c.repeats) for c in t.collectives) == [("layer", 30), ("prefill_layer", 1),
-                                                                        ("step", 1)]
+    for how, cond, config in (("XLA:CPU's annotation", "cond", 'backend_config={"known_trip_count":{"n":"30"}}'),
+                              ("the TPU compiler's i < N condition", "layers_left", "metadata={}")):
+        t = hlo.traffic(NESTED.replace("LAYERS_COND", cond).replace("LAYERS_CONFIG", config))
+        assert t.per_step == 30 * 96 * 32 * 4 + 8 * 96 * 4 + 96 * 32 * 2, how
+        assert sorted((c.computation, c.repeats) for c in t.collectives) == [("layer", 30), ("prefill_layer", 1),
+                                                                            ("step", 1)], how
 
 
 def test_plan_compiles_generation_for_its_own_mesh(tmp_path):
