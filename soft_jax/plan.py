@@ -437,6 +437,16 @@ def bounds_table(rows: Sequence[tuple[str, DecodeBound]]) -> str:
     return "\n".join(lines)
 
 
+def param_shapes(cfg: ModelConfig) -> list[tuple[int, ...]]:
+    """Every parameter's shape, and with stacked layers one layer's too (what a scanned layer gathers)."""
+    shapes = set()
+    for x in jax.tree.leaves(abstract_model(cfg)[1]):
+        shapes.add(tuple(x.shape))
+        if cfg.scan_layers and x.ndim > 1 and x.shape[0] == cfg.num_layers:
+            shapes.add(tuple(x.shape[1:]))
+    return sorted(shapes)
+
+
 def traffic(program: Program) -> hlo.Traffic | None:
     """The collectives of a compiled program (None when the compiler refused it)."""
     return None if program.compiled is None else hlo.traffic(program.compiled.as_text())
@@ -567,22 +577,28 @@ def log_bounds(cfg, shapes, mesh, gen_mesh, programs, chip, where, prompts: int,
     decode = next((p for p in programs if p.name == "decode" and p.compiled is not None), None)
     if decode is None:
         return []
-    rows = []
+    rows, gathers = [], []
+    scanned = dataclasses.replace(cfg, scan_layers=shapes.scan_layers)
     if gen_mesh is not None and dict(gen_mesh.shape) != dict(mesh.shape):
         log("[plan] compiling decode in the training layout, for comparison ...")
         train_decode = compile_run(cfg, shapes, mesh, only=["decode"])[0]
         if train_decode.compiled is not None:
             rows.append((f"training mesh {tuple(mesh.shape.values())}",
                          decode_bound(cfg, shapes, mesh, chip, traffic(train_decode))))
+            gathers.append((rows[-1][0], sum(c.repeats for c in hlo.parameter_gathers(traffic(train_decode),
+                                                                                    param_shapes(scanned)))))
     used = gen_mesh if gen_mesh is not None else mesh
     run_bound = decode_bound(cfg, shapes, used, chip, traffic(decode), mesh)
     rows.append((("generation mesh " if gen_mesh is not None else "training mesh ") + str(tuple(used.shape.values())),
                  run_bound))
+    gathers.append((rows[-1][0], sum(c.repeats for c in hlo.parameter_gathers(traffic(decode), param_shapes(scanned)))))
     log(f"[plan] decode bounds per chip ({chip.name}: {chip.peak_bf16_flops / 1e12:,.0f} TFLOP/s bf16, "
         f"{chip.hbm_bandwidth / 1e9:,.0f} GB/s HBM, " + (f"{chip.interconnect_bandwidth / 1e9:,.0f} GB/s interconnect"
         if chip.interconnect_bandwidth else "interconnect not published") + f"; {chip.source}), "
         f"{shapes.sample_rows} rows a step:")
     log(bounds_table(rows))
+    log("[plan] all-gathers of a parameter's shape (or one stacked layer's) per decode step, read from the HLO: "
+        + ", ".join(f"{name}: {n}" for name, n in gathers))
     for _, b in rows:
         if b.note:
             log(f"[plan] {b.note}")

@@ -5,6 +5,7 @@ compiles generation and scoring for it. A round on it equals one device's: tests
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -166,7 +167,7 @@ def test_plan_compiles_generation_for_its_own_mesh(tmp_path):
             "--config.model.name=tiny", "--topology", "v5e-8", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
             "--config.sampling.batch_size=8", "--config.train.batch_size=8", "--config.train.grad_accum=1",
             "--config.exemplars.k=1", "--config.sampling.max_new_tokens=16", "--config.train.max_prompt_len=64",
-            "--config.train.max_response_len=32"]
+            "--config.train.max_response_len=32", "--config.model.scan_layers=true"]
     proc = run_cli(*plan, "--mesh-generate", "2,1,4", env=fresh_environment(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "generation and scoring on mesh {'data': 2, 'fsdp': 1, 'tensor': 4}" in proc.stdout
@@ -179,6 +180,10 @@ def test_plan_compiles_generation_for_its_own_mesh(tmp_path):
     train, gen = rows["training mesh (1, 8, 1)"], rows["generation mesh (2, 1, 4)"]
     assert train[6] == "interconnect" and gen[6] == "HBM"
     assert float(gen[7].replace(",", "")) > 5 * float(train[7].replace(",", ""))
+    # FSDP gathers every weight of each scanned layer at every step; the tensor-parallel mesh none
+    said = next(line for line in proc.stdout.splitlines() if "per decode step, read from the HLO" in line)
+    counts = {kind: int(n) for kind, n in re.findall(r"(\w+) mesh \([\d, ]+\): (\d+)", said)}
+    assert counts["generation"] == 0 and counts["training"] >= 7 * 2, said
     assert "generation meshes that fit, best decode bound first" in proc.stdout
     bad = run_cli(*plan, "--mesh-generate", "3,1,4")
     assert bad.returncode == 2 and "does not divide the 8 devices" in bad.stderr.strip().splitlines()[-1]
