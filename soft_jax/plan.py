@@ -167,13 +167,14 @@ def _lowerings(cfg: ModelConfig, shapes: Shapes, mesh, train_config: training.Tr
     def train():
         tx = training.make_optimizer(train_config)
         opt_state = shd.abstract(jax.eval_shape(tx.init, state), mesh)
-        step = training.compiled_step(graphdef, tx, shapes.remat, platform, mesh, (params, opt_state))
+        frozen = nnx.State({})  # full fine-tuning: every parameter trained
+        step = training.compiled_step(graphdef, tx, shapes.remat, platform, mesh, (params, opt_state, frozen))
         shape = (shapes.grad_accum, shapes.train_rows, shapes.row_len)
         batch_sharding = NamedSharding(mesh, training.BATCH_SPEC)
         # loss at every position: the widest loss_rows a run can have (a real round's is at most this)
         batch = {k: _sds(shape, f32 if k == "loss_weights" else i32, batch_sharding)
                  for k in ("inputs", "segment_ids", "positions", "loss_at", "loss_targets", "loss_weights")}
-        return step.lower(params, opt_state, batch, _replicated(mesh, (), f32))
+        return step.lower(params, opt_state, batch, _replicated(mesh, (), f32), frozen)
 
     rows, own, groups = shapes.sample_rows, shapes.own_len, shapes.prefix_groups
     slots = own + shapes.new_tokens + shapes.extra_slots

@@ -77,6 +77,11 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0  # steps; 0 = only at the end and when stopped (with a checkpoint_dir)
     remat: bool = False
+    # LoRA (soft_jax.models.lora): rank 0 = full fine-tuning; else each targeted projection gets an adapter
+    # (x @ A @ B * alpha / rank) and only the adapters train
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
     RULES = [
         ("order", lambda v: v in TRAIN_ORDERS, " | ".join(TRAIN_ORDERS)),
@@ -89,6 +94,8 @@ class TrainConfig:
         ("max_prompt_len", lambda v: v >= 1, ">= 1"),
         ("max_response_len", lambda v: v >= 1, ">= 1"),
         ("checkpoint_every", lambda v: v >= 0, ">= 0 (0 = only when stopped)"),
+        ("lora_rank", lambda v: v >= 0, ">= 0 (0 = full fine-tuning)"),
+        ("lora_alpha", lambda v: v > 0, "> 0"),
     ]
 
     @property

@@ -193,30 +193,37 @@ def compiled_step(graphdef, tx, remat: bool, platform: str, mesh=None, state=Non
     """The jitted train step (params, opt_state, batch, lr) -> (params, opt_state, metrics).
 
     On a mesh, parameters and Adam moments go in and come out on their logical shardings, the batch's rows
-    over data x fsdp, and every activation is constrained (soft_jax.sharding). `state`: (params, opt_state)
-    or their abstract shapes, for the shardings; they depend only on the graph and the mesh, so one compiled
-    step serves every Trainer (every round of a run) with the same key."""
+    over data x fsdp, and every activation is constrained (soft_jax.sharding). `state`: (params, opt_state,
+    frozen) or their abstract shapes, for the shardings; they depend only on the graph and the mesh, so one
+    compiled step serves every Trainer (every round of a run) with the same key. `frozen`: what the step reads
+    but does not train (a LoRA model's base weights; empty in full fine-tuning), neither donated nor returned."""
     key = (graphdef, tx, remat, platform, mesh)
     if key not in _steps:
         shardings = {}
         if mesh is not None:
-            state_sh = shd.tree_shardings(state, mesh)
+            params_sh, opt_sh, frozen_sh = shd.tree_shardings(state, mesh)
             replicated = NamedSharding(mesh, PartitionSpec())
-            shardings = dict(in_shardings=(*state_sh, NamedSharding(mesh, BATCH_SPEC), replicated),
-                             out_shardings=(*state_sh, replicated))
+            shardings = dict(in_shardings=(params_sh, opt_sh, NamedSharding(mesh, BATCH_SPEC), replicated, frozen_sh),
+                             out_shardings=(params_sh, opt_sh, replicated))
         _steps[key] = jax.jit(functools.partial(_train_step, graphdef, tx, remat, mesh), donate_argnums=(0, 1),
                               compiler_options=compiler_options(platform), **shardings)
     return _steps[key]
 
 
 class Trainer:
-    """Owns the jitted, sharded train step for one model and optimizer."""
+    """Owns the jitted, sharded train step for one model and optimizer.
+
+    A model with LoRA adapters trains the adapters only: gradients and Adam moments exist for them alone, and
+    the base weights go into the step as frozen inputs, never changed."""
 
     def __init__(self, model: Llama, config: TrainConfig, total_steps: int, mesh=None):
+        from soft_jax.models import lora
+
         self.config, self.mesh = config, mesh
         self.schedule = make_schedule(config, total_steps)
         self.tx = make_optimizer(config)
-        self.graphdef, params = nnx.split(model)
+        trainable = nnx.LoRAParam if lora.has_adapters(model) else nnx.Param
+        self.graphdef, params, self.frozen = nnx.split(model, trainable, ...)
         self.params = jax.tree.map(lambda x: x.copy(), params)  # steps donate these; the caller keeps `model`
         # each moment on its parameter's sharding; scalars (Adam's count) replicated, so a restored state matches
         init = jax.jit(self.tx.init)
@@ -230,7 +237,8 @@ class Trainer:
         else:
             shd.check_rows(config.batch_size // config.grad_accum, mesh, "the micro-batch (batch_size / grad_accum)")
         platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
-        self._step = compiled_step(self.graphdef, self.tx, config.remat, platform, mesh, (self.params, self.opt_state))
+        self._step = compiled_step(self.graphdef, self.tx, config.remat, platform, mesh,
+                                   (self.params, self.opt_state, self.frozen))
 
     def put_batch(self, batch: dict[str, np.ndarray]):
         """[batch, len] host arrays -> [grad_accum, micro, len] device arrays, micro split over data axes."""
@@ -244,24 +252,25 @@ class Trainer:
     def step(self, batch: dict[str, np.ndarray], index: int = 0) -> dict[str, float]:
         """Optimizer step number `index` (0-based; it picks the learning rate): loss, grad_norm and lr."""
         lr = jnp.float32(self.schedule(index))
-        self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, self.put_batch(batch), lr)
+        self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, self.put_batch(batch), lr,
+                                                          self.frozen)
         return {**metrics, "lr": lr}
 
     def model(self) -> Llama:
-        return nnx.merge(self.graphdef, self.params)
+        return nnx.merge(self.graphdef, self.params, self.frozen)
 
 
-def _train_step(graphdef, tx, remat, mesh, params, opt_state, batch, lr):
+def _train_step(graphdef, tx, remat, mesh, params, opt_state, batch, lr, frozen):
     """One optimizer step over grad_accum micro-batches; the loss is the mean over all response tokens."""
     with shd.activation_sharding(mesh):
-        return _step_body(graphdef, tx, remat, params, opt_state, batch, lr)
+        return _step_body(graphdef, tx, remat, params, opt_state, batch, lr, frozen)
 
 
-def _step_body(graphdef, tx, remat, params, opt_state, batch, lr):
+def _step_body(graphdef, tx, remat, params, opt_state, batch, lr, frozen):
     total = jnp.maximum(jnp.sum(batch["loss_weights"]), 1.0)
 
     def micro_loss(p, mb):
-        nll, count = loss_sums(nnx.merge(graphdef, p), mb, remat)
+        nll, count = loss_sums(nnx.merge(graphdef, p, frozen), mb, remat)
         return nll / total, count
 
     def accumulate(grads, mb):
@@ -348,11 +357,18 @@ def train(model: Llama, tokenizer, pairs: Sequence[tuple], config: TrainConfig, 
     """Fine-tunes on (prompt, response[, finished]) pairs (see prepare); resumes from checkpoint_dir's latest step checkpoint.
 
     prepared: prepare()'s result for these pairs, when the caller already has it.
+    With config.lora_rank, a model without adapters gets fresh ones (soft_jax.models.lora, seeded by
+    config.seed) and only they train; a model that has adapters trains them on. The returned model carries them
+    (lora.merged folds them into the kernels, export_hf does so).
     `log` receives one dict per step: step, loss, grad_norm, lr (the learning rate of the step), throughput
     (tokens/s, TFLOP/s, MFU).
     """
+    from soft_jax.models import lora
+
     examples, epochs, (cut_p, cut_r) = prepared or prepare(tokenizer, pairs, config)
     total = total_steps(epochs, config)
+    if config.lora_rank and not lora.has_adapters(model):  # a model that has adapters trains them on
+        model = lora.add_adapters(model, config.lora_rank, config.lora_alpha, config.lora_targets, config.seed)
     trainer = Trainer(model, config, total, mesh)
     ckpt, start, print_ = None, 0, fingerprint(pairs, config, model)
     if checkpoint_dir:  # every `checkpoint_every` steps (0: none), at the end, and when a stop is asked for

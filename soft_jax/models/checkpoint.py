@@ -273,7 +273,7 @@ def hf_tensors(model: Llama) -> dict[str, np.ndarray]:
     merge of the model's graph with a gradient or optimizer-moment state."""
     tensors = {}
     for path, var in nnx.iter_graph(model):
-        if isinstance(var, nnx.Param):
+        if isinstance(var, nnx.Param) and not isinstance(var, nnx.LoRAParam):  # adapters: lora.merged first
             names, transpose, stacked = hf_names(path, model.config)
             array = np.asarray(jax.device_get(var[...]))
             for name, one in zip(names, array if stacked else [array]):
@@ -282,7 +282,12 @@ def hf_tensors(model: Llama) -> dict[str, np.ndarray]:
 
 
 def export_hf(model: Llama, tokenizer, out_dir: str) -> str:
-    """Writes an HF checkpoint directory (safetensors, config.json, tokenizer) atomically."""
+    """Writes an HF checkpoint directory (safetensors, config.json, tokenizer) atomically; LoRA adapters are
+    merged into their kernels (soft_jax.models.lora.merged)."""
+    from soft_jax.models import lora
+
+    if lora.has_adapters(model):
+        model = lora.merged(model)
     cfg = model.config
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)

@@ -29,22 +29,44 @@ BATCH, LENGTH, LAYERS = "batch", "length", "layers"
 ROWS = (BATCH, LENGTH, EMBED)  # the residual stream [B, T, hidden]
 
 
+class Adapter(nnx.Module):
+    """A LoRA adapter beside a frozen kernel: x @ a @ b * scale, a [in, rank] and b [rank, out] (nnx.LoRAParam; with
+    stacked layers each has the leading "layers" axis). `a` splits like the kernel's input axis, `b` like its
+    output axis. A @ B is never formed: two thin matmuls cost rank x (in + out) per token."""
+
+    def __init__(self, a: nnx.LoRAParam, b: nnx.LoRAParam, scale: float):
+        self.a, self.b, self.scale = a, b, scale
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[-1]
+
+    def __call__(self, x):
+        return jnp.dot(jnp.dot(x, self.a[...].astype(x.dtype)), self.b[...].astype(x.dtype)) * jnp.asarray(
+            self.scale, x.dtype)
+
+
 class Linear(nnx.Module):
-    """y = x @ kernel (+ bias); kernel stored [in, out] with logical axes."""
+    """y = x @ kernel (+ bias) (+ a LoRA adapter's x @ a @ b * scale); kernel stored [in, out] with logical axes."""
 
     def __init__(self, d_in, d_out, axes, *, bias, cfg: ModelConfig, rngs: nnx.Rngs):
         init = nnx.initializers.normal(stddev=0.02)
         self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), jnp.dtype(cfg.param_dtype)), axes=axes)
         self.bias = nnx.Param(jnp.zeros((d_out,), cfg.param_dtype), axes=axes[1:]) if bias else None
         self.dtype = jnp.dtype(cfg.dtype)
+        self.axes = tuple(axes)
         self.out_axis = axes[1]
+        self.lora: Adapter | None = nnx.data(None)  # soft_jax.models.lora.add_adapters
 
     def __call__(self, x):
         # One 2-D matmul over the flattened tokens: its weight gradient is then a plain transposed-operand
         # matmul. With [B, T] kept as two free dims, XLA CPU transposed [B*T, out]-sized gradients (fused
         # into their elementwise producers) in the backward pass, a large part of a layer's fwd + bwd time
         # (benchmarks/RESULTS.md, "SFT train step").
-        y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), self.kernel[...].astype(self.dtype))
+        flat = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+        y = jnp.dot(flat, self.kernel[...].astype(self.dtype))
+        if self.lora is not None:
+            y = y + self.lora(flat)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return constrain(y.reshape(*x.shape[:-1], y.shape[-1]), (BATCH, LENGTH, self.out_axis))

@@ -1,0 +1,149 @@
+"""LoRA adapters on a frozen Llama: added, merged, and written in the HF PEFT format.
+
+    model = lora.add_adapters(model, rank=64, alpha=16, targets=lora.TARGETS, seed=0)
+    # training.train then trains the adapters only: gradients and Adam moments for them alone
+    lora.merged(model)                 # the same model with A @ B * alpha / rank folded into each kernel
+    lora.export_peft(model, "out")     # adapter_config.json + adapter_model.safetensors, which `peft` loads
+
+Each targeted Linear (matched by its module name: q_proj, ..., down_proj) gets `lora = Adapter(a, b, alpha /
+rank)`: `a` [in, rank] drawn as PEFT draws it (uniform, bound 1 / sqrt(in)), `b` [rank, out] zeros, so a new
+adapter leaves the model's outputs unchanged. With stacked layers (ModelConfig.scan_layers) each adapter
+array has the leading "layers" axis and the scan carries it with the layer's weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from soft_jax import sharding as shd
+from soft_jax.errors import UserError
+from soft_jax.models import safetensors_io
+from soft_jax.models.llama import LAYERS, Adapter, Linear, Llama
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PEFT_PREFIX = "base_model.model."
+
+
+def linears(model: Llama):
+    """(path, Linear) of every projection, lm_head aside."""
+    return [(path, m) for path, m in nnx.iter_graph(model) if isinstance(m, Linear) and path[0] != "lm_head"]
+
+
+def has_adapters(model) -> bool:
+    return any(isinstance(v, nnx.LoRAParam) for _, v in nnx.iter_graph(model))
+
+
+def parse_targets(targets) -> tuple[str, ...]:
+    names = tuple(t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets) if t.strip())
+    bad = sorted(set(names) - set(TARGETS))
+    if not names or bad:
+        raise UserError(f"LoRA targets {', '.join(bad) or '(none)'}: give module names among {', '.join(TARGETS)}, "
+                        "comma-separated")
+    return names
+
+
+def add_adapters(model: Llama, rank: int, alpha: float, targets=TARGETS, seed: int = 0) -> Llama:
+    """A copy of `model` (sharing its weight arrays) with a fresh adapter on each targeted projection; `model` is
+    left as it is. Each adapter array is placed on its kernel's mesh by the sharding rules: `a` split like the
+    kernel's input axis, `b` like its output."""
+    if rank < 1:
+        raise UserError(f"LoRA rank {rank}: must be at least 1 (0 means full fine-tuning: add no adapters)")
+    if has_adapters(model):
+        raise UserError("the model already has LoRA adapters; merge them first (lora.merged) to stack another")
+    names = parse_targets(targets)
+    model = nnx.merge(*nnx.split(model), copy=True)
+    cfg = model.config
+    key = jax.random.key(seed)
+    for i, (path, linear) in enumerate(linears(model)):
+        if path[-1] not in names:
+            continue
+        kernel = linear.kernel[...]
+        lead, (d_in, d_out) = kernel.shape[:-2], kernel.shape[-2:]
+        in_axis, out_axis = linear.axes
+        stacked = (LAYERS,) if lead else ()
+        bound = 1.0 / np.sqrt(d_in)  # PEFT's kaiming_uniform_(a=sqrt(5)) on lora_A: U(-1/sqrt(in), 1/sqrt(in))
+        a = jax.random.uniform(jax.random.fold_in(key, i), (*lead, d_in, rank), jnp.float32, -bound, bound)
+        b = jnp.zeros((*lead, rank, d_out), jnp.float32)
+        mesh = getattr(getattr(kernel, "sharding", None), "mesh", None)
+        params = []
+        for value, axes in ((a, (*stacked, in_axis, None)), (b, (*stacked, None, out_axis))):
+            value = value.astype(cfg.param_dtype)
+            if isinstance(mesh, jax.sharding.Mesh):
+                value = jax.device_put(value, shd.named_sharding(axes, value.shape, mesh))
+            params.append(nnx.LoRAParam(value, axes=axes))
+        linear.lora = Adapter(*params, scale=float(alpha) / rank)
+    return model
+
+
+def merged(model: Llama) -> Llama:
+    """A copy of `model` with each adapter folded into its kernel (kernel + a @ b * scale, in float32, stored in
+    the kernel's dtype) and no adapters: what `export_hf` writes. `model` is left as it is."""
+    graphdef, state = nnx.split(model)
+    out = nnx.merge(graphdef, state, copy=True)
+    for _, linear in linears(out):
+        if linear.lora is None:
+            continue
+        k = linear.kernel[...]
+        delta = jnp.matmul(linear.lora.a[...].astype(jnp.float32), linear.lora.b[...].astype(jnp.float32))
+        linear.kernel.set_value((k.astype(jnp.float32) + delta * linear.lora.scale).astype(k.dtype))
+        linear.lora = None
+    return out
+
+
+def peft_tensors(model: Llama) -> dict[str, np.ndarray]:
+    """The adapters under PEFT's names for transformers' Llama (lora_A.weight [rank, in], lora_B.weight [out,
+    rank]), per layer."""
+    cfg = model.config
+    out = {}
+    for path, linear in linears(model):
+        if linear.lora is None:
+            continue
+        a, b = (np.asarray(jax.device_get(p[...]), np.float32) for p in (linear.lora.a, linear.lora.b))
+        layers = [(path[1], a, b)] if not cfg.scan_layers else [(i, a[i], b[i]) for i in range(cfg.num_layers)]
+        module = ".".join(str(p) for p in (path[2:] if not cfg.scan_layers else path[1:]))
+        for i, a_i, b_i in layers:
+            name = f"{PEFT_PREFIX}model.layers.{i}.{module}"
+            out[f"{name}.lora_A.weight"] = np.ascontiguousarray(a_i.T)
+            out[f"{name}.lora_B.weight"] = np.ascontiguousarray(b_i.T)
+    return out
+
+
+def adapter_settings(model: Llama) -> tuple[int, float, tuple[str, ...]]:
+    """(rank, alpha, targeted module names) of the model's adapters."""
+    found = [(path[-1], linear.lora) for path, linear in linears(model) if linear.lora is not None]
+    if not found:
+        raise UserError("the model has no LoRA adapters to export; train with a LoRA rank, or export it whole")
+    rank, scale = found[0][1].rank, found[0][1].scale
+    return rank, scale * rank, tuple(sorted({name for name, _ in found}, key=TARGETS.index))
+
+
+def export_peft(model: Llama, out_dir: str, base_model: str = "") -> str:
+    """Writes the adapters as an HF PEFT LoRA directory (adapter_config.json + adapter_model.safetensors)
+    atomically; `peft.PeftModel.from_pretrained(base, out_dir)` loads it onto the transformers base model."""
+    rank, alpha, targets = adapter_settings(model)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
+              "target_modules": list(targets), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+              "use_rslora": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+              "base_model_name_or_path": base_model or None}
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".adapter-", dir=parent)
+    try:
+        safetensors_io.write(os.path.join(tmp, "adapter_model.safetensors"), peft_tensors(model), {"format": "pt"})
+        with open(os.path.join(tmp, "adapter_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+    return out_dir

@@ -1,0 +1,96 @@
+"""LoRA adapters (soft_jax.models.lora): a new adapter changes nothing, merged equals unmerged, training moves the
+adapters only, and `peft` + transformers load the exported adapter with our logits."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import torch_logits
+from flax import nnx
+from test_models import assert_same_logits
+from test_training import PAIRS
+
+from soft_jax import models, training
+from soft_jax.models import checkpoint, lora
+from soft_jax.training import TrainConfig
+
+LAYOUTS = pytest.mark.parametrize("scan_layers", [False, True], ids=["loop", "scanned"])
+
+
+def random_b(model, seed=1):
+    """The adapters with B drawn at random (a new adapter's B is zero), so that they change the outputs."""
+    key = jax.random.key(seed)
+    for i, (_, linear) in enumerate(lora.linears(model)):
+        if linear.lora is not None:
+            b = linear.lora.b
+            b.set_value(0.05 * jax.random.normal(jax.random.fold_in(key, i), b.shape, b.dtype))
+    return model
+
+
+def adapters(model) -> dict:
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in
+            jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.LoRAParam))}
+
+
+@LAYOUTS
+def test_a_new_adapter_leaves_the_logits_unchanged_and_merged_equals_unmerged(tiny_chat, scan_layers):
+    base, _ = models.load(tiny_chat, progress=False, scan_layers=scan_layers)
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, base.config.vocab_size, size=(2, 24)))
+    tuned = lora.add_adapters(base, rank=4, alpha=8, seed=0)
+    assert not lora.has_adapters(base)  # the base model is left as it is
+    n_layers = base.config.num_layers
+    got = adapters(tuned)
+    assert len(got) == 2 * 7 * (1 if scan_layers else n_layers)
+    if scan_layers:
+        assert all(v.shape[0] == n_layers for v in got.values())
+    np.testing.assert_array_equal(np.asarray(tuned(ids)), np.asarray(base(ids)))  # B = 0: exactly the base
+    random_b(tuned)
+    unmerged = np.asarray(tuned(ids))
+    assert np.abs(unmerged - np.asarray(base(ids))).max() > 1e-3
+    np.testing.assert_allclose(np.asarray(lora.merged(tuned)(ids)), unmerged, rtol=0, atol=1e-5)
+    assert lora.has_adapters(tuned)  # merging made a copy
+
+
+@LAYOUTS
+def test_training_moves_the_adapters_only(tiny_chat, scan_layers):
+    """After training every base array is unchanged, array by array; every adapter moved (B from zero); the
+    optimizer holds moments for the adapters alone."""
+    base, tok = models.load(tiny_chat, progress=False, scan_layers=scan_layers)
+    before = checkpoint.hf_tensors(base)
+    config = TrainConfig(max_prompt_len=64, max_response_len=64, batch_size=2, epochs=2, learning_rate=1e-2,
+                         warmup_steps=0, order="given", pack=False, lora_rank=4, lora_alpha=8)
+    tuned, result = training.train(base, tok, PAIRS, config, progress=False)
+    assert result.steps == 4 and lora.has_adapters(tuned) and not lora.has_adapters(base)
+    after = checkpoint.hf_tensors(tuned)  # the base weights only (adapters are not HF tensors)
+    assert sorted(after) == sorted(before)
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+    fresh = adapters(lora.add_adapters(base, 4, 8, seed=config.seed))
+    moved = adapters(tuned)
+    assert sorted(moved) == sorted(fresh)
+    for name in moved:
+        assert np.abs(moved[name] - fresh[name]).max() > 1e-4, name
+    trainer = training.Trainer(tuned, config, 4)
+    moments = [x for x in jax.tree.leaves(trainer.opt_state) if x.ndim]
+    assert sum(x.size for x in moments) == 2 * sum(v.size for v in moved.values())
+
+
+def test_peft_loads_the_exported_adapter_with_our_logits(tiny_hf, tmp_path):
+    """Exported in the HF PEFT format, the adapter loads with `peft` onto the transformers base model and gives
+    our logits; the merged export loads in transformers alone with the same logits."""
+    import peft
+    import transformers
+
+    kind, path, hf = tiny_hf
+    base, _ = models.load(path, progress=False)
+    tuned = random_b(lora.add_adapters(base, rank=4, alpha=8, seed=0))
+    ids = np.random.default_rng(3).integers(3, hf.config.vocab_size, size=(2, 30))
+    ours = np.asarray(tuned(jnp.asarray(ids)))
+    out = lora.export_peft(tuned, str(tmp_path / "adapter"), base_model=path)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").float().eval()
+    with_adapter = peft.PeftModel.from_pretrained(reference, out).eval()
+    assert_same_logits(ours, torch_logits(with_adapter, ids))
+    models.export_hf(tuned, None, str(tmp_path / "merged"))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"),
+                                                               attn_implementation="eager").float().eval()
+    assert_same_logits(ours, torch_logits(merged, ids))
