@@ -134,7 +134,14 @@ def cmd_train(args) -> None:
     config = training.TrainConfig(
         max_prompt_len=args.max_prompt_len, max_response_len=args.max_response_len, batch_size=args.batch_size,
         grad_accum=args.grad_accum, epochs=args.epochs, learning_rate=args.lr, warmup_steps=args.warmup_steps,
-        order=args.order, seed=args.seed, checkpoint_every=args.checkpoint_every, remat=args.remat)
+        order=args.order, seed=args.seed, checkpoint_every=args.checkpoint_every, remat=args.remat,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets)
+    if args.adapter and not args.lora_rank:
+        raise UserError("--adapter writes LoRA adapters: give --lora-rank R too (or drop --adapter for a full model)")
+    if args.lora_rank:
+        from soft_jax.models import lora
+
+        lora.parse_targets(args.lora_targets)  # a bad name fails before weights load
     build, cfg, tokenizer = _open_model(args, args.param_dtype)
     pairs = [(r["prompt"], r["response"]) for r in rows]
     prepared = training.prepare(tokenizer, pairs, config)  # format, length and schedule problems
@@ -146,10 +153,16 @@ def cmd_train(args) -> None:
         preemption.install()
     trained, result = training.train(model, tokenizer, pairs, config, checkpoint_dir=args.checkpoint_dir,
                                      prepared=prepared)
-    models.export_hf(trained, tokenizer, args.out)
+    if args.adapter:
+        from soft_jax.models import lora
+
+        lora.export_peft(trained, args.out, base_model=args.model)
+    else:
+        models.export_hf(trained, tokenizer, args.out)  # adapters, when trained, merged into the kernels
     print(f"trained {result.steps} steps on {result.examples} examples ({result.tokens} tokens; truncated: "
           f"{result.truncated_prompts} prompts, {result.truncated_responses} responses); final loss "
-          f"{result.losses[-1] if result.losses else float('nan'):.4f}; wrote {args.out}")
+          f"{result.losses[-1] if result.losses else float('nan'):.4f}; wrote {args.out}"
+          + (" (a PEFT LoRA adapter: peft.PeftModel.from_pretrained(base, out))" if args.adapter else ""))
 
 
 def cmd_export(args) -> None:
@@ -360,6 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remat", action="store_true")
     p.add_argument("--checkpoint-dir", help="Orbax step checkpoints; a rerun resumes from the latest")
     p.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every)
+    p.add_argument("--lora-rank", type=int, default=t.lora_rank, help="LoRA adapters of this rank; only they "
+                   "train (0: full fine-tuning)")
+    p.add_argument("--lora-alpha", type=float, default=t.lora_alpha, help="adapter scale alpha / rank")
+    p.add_argument("--lora-targets", default=t.lora_targets, help="comma-separated projections that get adapters")
+    p.add_argument("--adapter", action="store_true", help="write the HF PEFT adapter (adapter_config.json + "
+                   "adapter_model.safetensors) instead of the merged model")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("run", help="run or resume SOFT / SOFT+ rounds from a config (see configs/)")

@@ -94,3 +94,44 @@ def test_peft_loads_the_exported_adapter_with_our_logits(tiny_hf, tmp_path):
     merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"),
                                                                attn_implementation="eager").float().eval()
     assert_same_logits(ours, torch_logits(merged, ids))
+
+
+def _dir_bytes(path) -> int:
+    import os
+
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def test_train_cli_writes_a_peft_adapter_and_resumes_its_steps(tiny_chat, tmp_path):
+    """`soft-jax train --lora-rank 4 --adapter`: a PEFT adapter directory; stopped by SIGTERM after step 1 and
+    rerun, it writes the same adapter tensors as the run that was not stopped. Its step checkpoint holds the
+    adapters and their moments only."""
+    import os
+
+    from conftest import run_cli
+    from test_training import _pairs_file
+
+    from soft_jax.models import safetensors_io
+
+    argv = ["train", "--model", tiny_chat, "--data", _pairs_file(tmp_path), "--batch-size", "2", "--epochs", "2",
+            "--lr", "1e-2", "--warmup-steps", "1", "--lora-rank", "4", "--lora-alpha", "8", "--adapter"]
+    proc = run_cli(*argv, "--out", str(tmp_path / "whole"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path / "whole")) == ["adapter_config.json", "adapter_model.safetensors"]
+    resumable = argv + ["--out", str(tmp_path / "resumed"), "--checkpoint-dir", str(tmp_path / "ckpt")]
+    proc = run_cli(*resumable, env={"SOFT_JAX_TERM_AT": "train_step_1"})
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    base = models.load(tiny_chat, progress=False)[0]
+    full = sum(x.nbytes for x in jax.tree.leaves(nnx.state(base, nnx.Param)))
+    assert _dir_bytes(tmp_path / "ckpt") < 0.05 * 3 * full  # a full step checkpoint: weights and two moments
+    proc = run_cli(*resumable)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    whole, resumed = (safetensors_io.read(str(tmp_path / d / "adapter_model.safetensors")) for d in ("whole",
+                                                                                                        "resumed"))
+    assert sorted(whole) == sorted(resumed) and len(whole) == 2 * 7 * base.config.num_layers
+    for name in whole:
+        np.testing.assert_allclose(np.asarray(resumed[name]), np.asarray(whole[name]), rtol=1e-6, atol=1e-7,
+                                   err_msg=name)
+    proc = run_cli("train", "--model", tiny_chat, "--data", _pairs_file(tmp_path), "--out", str(tmp_path / "x"),
+                   "--lora-rank", "4", "--lora-targets", "q_proj,attention")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("soft-jax: error: LoRA targets")
