@@ -133,13 +133,12 @@ class Run:
             self._generation_copy = (model, shd.reshard(model, self.gen_mesh, dtype=generation_dtype(self.c.model)))
         return self._generation_copy[1]
 
-    def restore_round(self, template, t: int):
+    def restore_round(self, base, t: int):
         """Round t's model, or None when its checkpoint is missing or unreadable (a bad one is removed)."""
         if t not in (self.rounds_ckpt.manager.all_steps() or []):
             return None
-        graphdef, state = nnx.split(template)
         try:
-            return nnx.merge(graphdef, self.rounds_ckpt.restore(t, state)[0])
+            return restore_round_model(self.rounds_ckpt, t, base, self.c.train)
         except Exception as e:  # noqa: BLE001 - corrupted or partial files: redo the round's training instead
             reason = str(e).splitlines()[0][:200] if str(e) else ""
             self.log(f"[checkpoint] {self.rounds_ckpt.manager.directory}/{t} is unreadable ({type(e).__name__}: "
@@ -237,8 +236,8 @@ class Run:
         model, result = training.train(start, tokenizer, pairs, inputs.train_config(self.c, t), mesh=self.mesh,
                                        checkpoint_dir=ckpt_dir, progress=self.progress,
                                        log=lambda record: self.wd.metrics.add({"round": t, "phase": "train", **record}))
-        self.rounds_ckpt.save(t, nnx.state(model), {"round": t, "generator": self.c.generator,
-                                                    "sft_start": self.c.sft_start})
+        self.rounds_ckpt.save(t, round_state(model), {"round": t, "generator": self.c.generator,
+                                                      "sft_start": self.c.sft_start})
         self.wd.metrics.add({"round": t, "phase": "train_done", "steps": result.steps, "examples": result.examples,
                              "tokens": result.tokens, "truncated_prompts": result.truncated_prompts,
                              "truncated_responses": result.truncated_responses, "start": label,
@@ -352,13 +351,32 @@ def best_model(workdir: str, dtype: str | None = None):
     best = state.get("best_round")
     if best:
         ckpt = StepCheckpointer(wd.file("checkpoints", "rounds"), every=0, keep=None)
-        graphdef, params = nnx.split(model)
         try:
-            restored, _ = ckpt.restore(best, params)
+            model = restore_round_model(ckpt, best, model, ml_collections.ConfigDict(cfg).train)
         except Exception as e:  # noqa: BLE001 - missing or corrupted files
             raise UserError(f"{ckpt.manager.directory}/{best}: round {best}'s checkpoint is missing or unreadable "
                             f"({type(e).__name__}); rerun `soft-jax run` on {workdir} to rebuild it") from None
         finally:
             ckpt.close()
-        model = nnx.merge(graphdef, restored)
     return model, tokenizer
+
+
+def round_state(model):
+    """What a round checkpoint holds: the LoRA adapters alone when the model has them (the base is read once,
+    from the model's checkpoint), else every parameter."""
+    from soft_jax.models import lora
+
+    return nnx.state(model, nnx.LoRAParam) if lora.has_adapters(model) else nnx.state(model)
+
+
+def restore_round_model(ckpt: StepCheckpointer, t: int, base, train):
+    """Round t's model from its checkpoint: with LoRA (train.lora_rank), `base` with the round's adapters (the
+    base arrays shared, not copied), else the checkpoint's parameters."""
+    from soft_jax.models import lora
+
+    if train.get("lora_rank", 0):
+        template = lora.add_adapters(base, train.lora_rank, train.lora_alpha, train.lora_targets)
+        graphdef, adapters, rest = nnx.split(template, nnx.LoRAParam, ...)
+        return nnx.merge(graphdef, ckpt.restore(t, adapters)[0], rest)
+    graphdef, state = nnx.split(base)
+    return nnx.merge(graphdef, ckpt.restore(t, state)[0])

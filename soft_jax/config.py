@@ -80,7 +80,8 @@ def base() -> ml_collections.ConfigDict:
     c.curriculum = dict(score="response_ppl", order="random", across_rounds="none", batch_size=8)
     # SFT: TrainConfig's defaults (soft_jax.settings documents each), with step checkpoints every 20 steps
     c.train = settings.defaults(settings.TrainConfig, "learning_rate batch_size grad_accum epochs max_prompt_len "
-                                "max_response_len warmup_ratio max_grad_norm weight_decay pack remat",
+                                "max_response_len warmup_ratio max_grad_norm weight_decay pack remat lora_rank "
+                                "lora_alpha lora_targets",
                                 checkpoint_every=20)
     # metric: valid_nll (mean response NLL per held-out pair, lower is better), an eval task's accuracy
     # (hhh | truthfulqa_mc1 | truthfulqa_mc2, higher is better, on the first `limit` items) or a degeneracy signal

@@ -135,3 +135,52 @@ def test_train_cli_writes_a_peft_adapter_and_resumes_its_steps(tiny_chat, tmp_pa
     proc = run_cli("train", "--model", tiny_chat, "--data", _pairs_file(tmp_path), "--out", str(tmp_path / "x"),
                    "--lora-rank", "4", "--lora-targets", "q_proj,attention")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("soft-jax: error: LoRA targets")
+
+
+def test_a_lora_run_keeps_adapters_per_round_and_resumes_after_sigkill_to_the_same_artifacts(tmp_path):
+    """SOFT+ with train.lora_rank: each round checkpoint holds the round's adapters only (under 5% of the model);
+    a run killed once in round 1's training (its step checkpoint: adapters and moments) and once after round 1's
+    checkpoint resumes to byte-equal artifacts; the best round exports as a merged model and as a PEFT adapter
+    that holds the checkpoint's arrays."""
+    import json
+    import os
+
+    import ml_collections
+    from test_bootstrap import Workdir, run_cli
+
+    from soft_jax import bootstrap
+    from soft_jax.models import safetensors_io
+
+    extra = ["train.lora_rank=4", "train.lora_alpha=8", "train.learning_rate=1e-2", "train.checkpoint_every=1"]
+    whole = tmp_path / "whole"
+    assert run_cli(whole, extra).returncode == 0
+    killed = tmp_path / "killed"
+    for at in ("train_step_2", "trained_r1"):
+        proc = run_cli(killed, extra, {"SOFT_JAX_KILL_AT": at})
+        assert proc.returncode == -9, (at, proc.stderr[-2000:])
+    proc = run_cli(killed, extra)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = Workdir(str(whole)).files(), Workdir(str(killed)).files()
+    assert a.keys() == b.keys() and len(a) > 10
+    for k in a:
+        assert a[k] == b[k], k
+    from soft_jax.checkpoints import StepCheckpointer
+
+    config = json.load(open(os.path.join(str(whole), "config.json")))
+    from soft_jax.models import presets
+
+    base, _ = presets.load("tiny", seed=config["seed"], progress=False)
+    full = sum(x.nbytes for x in jax.tree.leaves(nnx.state(base, nnx.Param)))
+    rounds = os.path.join(str(whole), "checkpoints", "rounds")
+    ckpt = StepCheckpointer(rounds, every=0, keep=None)
+    model = bootstrap.restore_round_model(ckpt, 2, base, ml_collections.ConfigDict(config).train)
+    ckpt.close()
+    assert lora.has_adapters(model) and sorted(os.listdir(rounds)) == ["1", "2"]
+    for t in os.listdir(rounds):
+        assert _dir_bytes(os.path.join(rounds, t)) < 0.05 * full, t
+    out = lora.export_peft(model, str(tmp_path / "adapter"))
+    exported = safetensors_io.read(os.path.join(out, "adapter_model.safetensors"))
+    want = lora.peft_tensors(model)
+    assert sorted(exported) == sorted(want)
+    for name in want:
+        np.testing.assert_array_equal(np.asarray(exported[name]), want[name])
