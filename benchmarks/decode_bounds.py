@@ -48,20 +48,21 @@ def case(model: str, where: str) -> list[dict]:
         found = plan.propose_generation_mesh(cfg, shapes, tgt.devices, chip, tgt.device_bytes, resident, train)
         candidates += [(shapes, shape, bound) for shape, bound, _ in found if shape[2] == tensor]
     candidates.sort(key=lambda x: -x[2].tokens_per_s_per_chip)
-    param_shapes = [x.shape for x in jax.tree.leaves(plan.abstract_model(cfg)[1])]
+    param_shapes = plan.param_shapes(dataclasses.replace(cfg, scan_layers=base.scan_layers))
 
     def row(name, used, shapes, program):
         t = plan.traffic(program)
         head = {"model": model, "slice": where, "decode on": f"{name} {tuple(used.shape.values())}",
                 "rows": shapes.sample_rows}
-        if t is None:  # the compiler refused it: more than the chip's HBM
-            return {**head, "GiB per chip": f"{program.total / 2**30:.2f} (refused)",
-                    **{k: "-" for k in ("param all-gathers in the loop", "collectives MiB/step", "weights+cache MiB/step",
+        if t is None or program.total > tgt.device_bytes:  # refused by the compiler, or more than the chip's HBM
+            why = "refused" if t is None else "over the chip"
+            return {**head, "GiB per chip": f"{program.total / 2**30:.2f} ({why})",
+                    **{k: "-" for k in ("param all-gathers per step", "collectives MiB/step", "weights+cache MiB/step",
                                         "step >= ms", "limited by", "tokens/s per chip <=", "x JetStream",
                                         "reshard >= s")}}
         b = plan.decode_bound(cfg, shapes, used, chip, t, train)
         return {**head, "GiB per chip": f"{program.total / 2**30:.2f}",
-                "param all-gathers in the loop": len(hlo.parameter_gathers(t, param_shapes)),
+                "param all-gathers per step": sum(c.repeats for c in hlo.parameter_gathers(t, param_shapes)),
                 "collectives MiB/step": f"{b.collectives / 2**20:,.1f}",
                 "weights+cache MiB/step": f"{(b.weights_read + b.cache_read) / 2**20:,.0f}",
                 "step >= ms": f"{b.step_s * 1e3:.2f}", "limited by": b.limited_by,
@@ -75,7 +76,7 @@ def case(model: str, where: str) -> list[dict]:
         print(f"# {model} {where}: compiling decode on {gen_shape}", file=sys.stderr, flush=True)
         program = plan.compile_run(cfg, shapes, train, gen_mesh=gen, only=["decode"])[0]
         rows.append(row("generation mesh", gen, shapes, program))
-        if program.compiled is not None:
+        if program.compiled is not None and program.total <= tgt.device_bytes:
             break
     print(f"# {model} {where}: compiling decode in the training layout", file=sys.stderr, flush=True)
     program = plan.compile_run(cfg, shapes, train, only=["decode"])[0]

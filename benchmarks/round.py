@@ -286,8 +286,9 @@ def trl_config(train, mode: str, out_dir: str, seed: int):
                      logging_steps=1, disable_tqdm=True, seed=seed)
 
 
-def trl_train(model, tokenizer, pairs, train, mode: str, seed: int = 0):
-    """TRL SFTTrainer on conversational prompt-completion rows: its own chat templating and completion mask."""
+def trl_train(model, tokenizer, pairs, train, mode: str, seed: int = 0, peft_config=None):
+    """TRL SFTTrainer on conversational prompt-completion rows: its own chat templating and completion mask;
+    with `peft_config`, PEFT LoRA adapters on `model` (which PEFT changes in place)."""
     import tempfile
 
     from datasets import Dataset
@@ -297,7 +298,8 @@ def trl_train(model, tokenizer, pairs, train, mode: str, seed: int = 0):
             for p, r, _ in pairs]
     with tempfile.TemporaryDirectory() as out_dir:
         trainer = SFTTrainer(model=model, args=trl_config(train, mode, out_dir, seed),
-                             train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+                             train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                             peft_config=peft_config)
         result = trainer.train()
     return trainer, result
 

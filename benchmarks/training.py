@@ -10,7 +10,8 @@ format, loss on the responses only) by soft_jax.training.train (packed rows, log
 by TRL's SFTTrainer on a conversational prompt-completion dataset (completion-only loss), with padding and with
 its BFD packing (padding-free), each from the same SmolLM2 weights; same pairs, epochs, learning rate (cosine,
 no warmup), batch (soft-jax and TRL packing: packed rows of max_prompt_len + max_response_len tokens; TRL
-padding: examples), float32, gradient clipping to 1. soft-jax's time includes compiling its step; --warm runs
+padding: examples), float32, gradient clipping to 1. --lora R engraves LoRA adapters of rank R instead (soft-jax's
+train.lora_rank; TRL with PEFT's LoraConfig: the same rank, alpha, targets q/k/v/o/gate/up/down, no dropout). soft-jax's time includes compiling its step; --warm runs
 it a second time (the compiled step reused, as in a run's later rounds). Prints wall time, tokens/s (the pairs'
 tokens in the chat format, the same count for all) and the ratios. The pairs: --pairs FILE (JSONL rows with
 prompt and response, e.g. a work dir's rounds/001/train.jsonl); by default benchmarks/round.py's cache of
@@ -20,7 +21,8 @@ hand-written exemplar answers instead (a smoke test, not the real number).
 
     python benchmarks/training.py [--batch 8] [--seq 256] [--steps 5] [--remat]
     JAX_PLATFORMS=cpu python benchmarks/training.py --data [--pairs FILE|exemplars] [--epochs 1] [--lr 5e-5] \
-        [--batch 2] [--max-prompt-len 192] [--max-response-len 192] [--trl padding packing] [--warm]
+        [--batch 2] [--max-prompt-len 192] [--max-response-len 192] [--trl padding packing] [--warm] \
+        [--lora 64 --lora-alpha 16]
 Needs TRL for --data (`pip install --no-deps trl` and `datasets`; see the README's benchmark line).
 """
 
@@ -168,6 +170,16 @@ def time_ours_data(model, tokenizer, pairs, config, warm):
     return runs
 
 
+def peft_config(config):
+    """PEFT's LoraConfig with soft-jax's LoRA settings (None for full fine-tuning)."""
+    if not config.lora_rank:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0, bias="none",
+                      target_modules=config.lora_targets.split(","), task_type="CAUSAL_LM")
+
+
 def time_trl_data(bench, pairs, config, modes):
     """{mode: (seconds, steps, mean loss)}; every mode starts from the same weights."""
     import torch
@@ -184,11 +196,14 @@ def time_trl_data(bench, pairs, config, modes):
     print(f"[TRL] untimed torch warm-up step: {time.perf_counter() - start:.1f} s")
     out = {}
     for mode in modes:
-        model.load_state_dict(initial)
+        if config.lora_rank:  # PEFT put adapters into the last mode's model: start from a fresh one
+            model, tokenizer = bench.hf_load()
+        else:
+            model.load_state_dict(initial)
         model.train()
         torch.manual_seed(config.seed)
         start = time.perf_counter()
-        trainer, result = bench.trl_train(model, tokenizer, pairs, config, mode, config.seed)
+        trainer, result = bench.trl_train(model, tokenizer, pairs, config, mode, config.seed, peft_config(config))
         seconds = time.perf_counter() - start
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         out[mode] = (seconds, result.global_step, float(np.mean(losses)) if losses else float("nan"))
@@ -209,7 +224,8 @@ def data_main(args):
     try:
         config = training.TrainConfig(batch_size=args.batch or 2, epochs=args.epochs, learning_rate=args.lr,
                                       warmup_steps=0, max_prompt_len=args.max_prompt_len,
-                                      max_response_len=args.max_response_len)
+                                      max_response_len=args.max_response_len, lora_rank=args.lora,
+                                      lora_alpha=args.lora_alpha)
     except UserError as e:
         fail(str(e))
     import torch
@@ -225,7 +241,9 @@ def data_main(args):
     print(f"{len(pairs)} pairs ({sum(not f for _, _, f in pairs)} unfinished), responses {min(lengths)}-"
           f"{max(lengths)} tokens, {tokens} tokens in the chat format; {config.epochs} epoch(s), lr "
           f"{config.learning_rate} cosine, batch {config.batch_size}, max prompt/response "
-          f"{config.max_prompt_len}/{config.max_response_len}, float32")
+          f"{config.max_prompt_len}/{config.max_response_len}, float32"
+          + (f"; LoRA rank {config.lora_rank}, alpha {config.lora_alpha}, {config.lora_targets}" if config.lora_rank
+             else "; full fine-tuning"))
     ours = time_ours_data(model, tokenizer, pairs, config, args.warm)
     del model
     for label, (seconds, result) in zip(("soft-jax (cold: compiles its step)", "soft-jax (warm: step compiled)"), ours):
@@ -260,6 +278,8 @@ def main():
     parser.add_argument("--trl", nargs="+", choices=("padding", "packing"), default=["padding", "packing"],
                         help="--data: the TRL modes to time")
     parser.add_argument("--warm", action="store_true", help="--data: also time soft-jax with its step compiled")
+    parser.add_argument("--lora", type=int, default=0, help="--data: LoRA adapters of this rank (0: full)")
+    parser.add_argument("--lora-alpha", type=float, default=16.0)
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="--data: torch's intra-op threads for TRL (default: torch's own choice; on a loaded CPU 1 "
                              "can be much faster than 2)")

@@ -103,9 +103,22 @@ class Shapes:
                    extra_slots=sampling.TAIL_SLOTS + s.max_new_tokens if s.force_answer else 0)
 
 
-def abstract_model(cfg: ModelConfig):
-    """(graphdef, abstract parameter state): shapes and dtypes only, nothing allocated."""
-    return nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
+def abstract_model(cfg: ModelConfig, train_config: training.TrainConfig | None = None):
+    """(graphdef, abstract parameter state): shapes and dtypes only, nothing allocated; with the LoRA adapters
+    `train_config` asks for (train.lora_rank)."""
+    return nnx.split(abstract_module(cfg, train_config))
+
+
+def abstract_module(cfg: ModelConfig, train_config: training.TrainConfig | None = None) -> Llama:
+    from soft_jax.models import lora
+
+    def make():
+        model = Llama(cfg, rngs=nnx.Rngs(0))
+        if train_config is not None and train_config.lora_rank:
+            model = lora.add_adapters(model, train_config.lora_rank, train_config.lora_alpha, train_config.lora_targets)
+        return model
+
+    return nnx.eval_shape(make)
 
 
 def _sds(shape, dtype, sharding):
@@ -156,8 +169,9 @@ def _lowerings(cfg: ModelConfig, shapes: Shapes, mesh, train_config: training.Tr
     """(name, what, resident bytes of parameter copies, lower()) for each program of a round: the train step on
     `mesh`, generation and scoring on `gen_mesh` (None: `mesh`)."""
     cfg = dataclasses.replace(cfg, scan_layers=shapes.scan_layers)
-    graphdef, state = abstract_model(cfg)
-    params = shd.abstract(state, mesh)
+    module = abstract_module(cfg, train_config)
+    graphdef, state = nnx.split(module)
+    lora_rank = train_config.lora_rank
     gmesh = gen_mesh if gen_mesh is not None else mesh
     gparams = shd.abstract(generation_state(cfg, state) if gmesh is not mesh else state, gmesh)
     platform = mesh.devices.flat[0].platform
@@ -166,9 +180,11 @@ def _lowerings(cfg: ModelConfig, shapes: Shapes, mesh, train_config: training.Tr
 
     def train():
         tx = training.make_optimizer(train_config)
-        opt_state = shd.abstract(jax.eval_shape(tx.init, state), mesh)
-        frozen = nnx.State({})  # full fine-tuning: every parameter trained
-        step = training.compiled_step(graphdef, tx, shapes.remat, platform, mesh, (params, opt_state, frozen))
+        # as training.Trainer splits it: LoRA trains the adapters, the base goes in frozen
+        tgraph, trained, frozen = nnx.split(module, nnx.LoRAParam if lora_rank else nnx.Param, ...)
+        params, frozen = shd.abstract(trained, mesh), shd.abstract(frozen, mesh)
+        opt_state = shd.abstract(jax.eval_shape(tx.init, trained), mesh)
+        step = training.compiled_step(tgraph, tx, shapes.remat, platform, mesh, (params, opt_state, frozen))
         shape = (shapes.grad_accum, shapes.train_rows, shapes.row_len)
         batch_sharding = NamedSharding(mesh, training.BATCH_SPEC)
         # loss at every position: the widest loss_rows a run can have (a real round's is at most this)
@@ -212,11 +228,15 @@ def _lowerings(cfg: ModelConfig, shapes: Shapes, mesh, train_config: training.Tr
 
     one_copy = param_bytes(state, mesh)
     # beside a generation program: the base model (generator=base) or, on a generation mesh of its own, the
-    # training-layout copies it was resharded from (the model, and the base model)
-    beside = base * one_copy if gmesh is mesh else (1 + base) * one_copy
+    # training-layout copies it was resharded from (the model, and the base model). With LoRA the base model
+    # and the trained one share their base arrays: the train step holds them as its frozen argument.
+    if lora_rank:
+        train_resident, beside = 0, 0 if gmesh is mesh else one_copy
+    else:
+        train_resident, beside = (1 + base) * one_copy, base * one_copy if gmesh is mesh else (1 + base) * one_copy
     out = [("train_step", f"{shapes.grad_accum} x {shapes.train_rows} rows x {shapes.row_len} tokens"
-            f"{', remat' if shapes.remat else ''}{', scanned' if shapes.scan_layers else ''}", (1 + base) * one_copy,
-            train)]
+            f"{', remat' if shapes.remat else ''}{', scanned' if shapes.scan_layers else ''}"
+            f"{f', LoRA rank {lora_rank}' if lora_rank else ''}", train_resident, train)]
     if shapes.prefix_len:
         out.append(("prefix_prefill", f"{groups} x {shapes.prefix_len} shared tokens", beside, prefix_prefill))
     out += [("prefill", f"{rows} rows x {own} tokens" + (" after the prefix" if shapes.prefix_len else ""), beside,

@@ -184,3 +184,30 @@ def test_a_lora_run_keeps_adapters_per_round_and_resumes_after_sigkill_to_the_sa
     assert sorted(exported) == sorted(want)
     for name in want:
         np.testing.assert_array_equal(np.asarray(exported[name]), want[name])
+
+
+def test_plan_compiles_the_lora_train_step_with_moments_for_the_adapters_only():
+    """On a compile-only v5e-8 (FSDP over 8 chips), the LoRA train step takes the base weights, the adapters and
+    two Adam moments of the adapters, where full fine-tuning takes the weights and two moments of them all: at
+    least 2 x weights - 3 x adapters (per chip) less. (Not exactly that: the TPU compiler pads each small array
+    to its (8, 128) tiles.) Generation and scoring compile with the adapters too."""
+    import dataclasses
+
+    from test_sharding import CFG, SHAPES
+
+    from soft_jax import plan, topology
+    from soft_jax import sharding as shd
+
+    mesh = shd.make_mesh((1, 8, 1), topology.devices("v5e-8"))
+    shapes = dataclasses.replace(SHAPES, scan_layers=True)
+    full = plan.compile_run(CFG, shapes, mesh, TrainConfig())
+    lora_config = TrainConfig(lora_rank=2, lora_alpha=4)
+    tuned = plan.compile_run(CFG, shapes, mesh, lora_config)
+    assert [p.name for p in tuned] == [p.name for p in full] and "LoRA rank 2" in tuned[0].shapes
+    module = plan.abstract_module(dataclasses.replace(CFG, scan_layers=True), lora_config)
+    weights = plan.param_bytes(nnx.state(module, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))), mesh)
+    adapter_bytes = plan.param_bytes(nnx.state(module, nnx.LoRAParam), mesh)
+    assert 0 < adapter_bytes < weights
+    assert full[0].arguments - tuned[0].arguments >= 2 * weights - 3 * adapter_bytes
+    assert tuned[0].arguments >= weights + 3 * adapter_bytes
+    assert tuned[0].resident == 0  # the base model is the frozen argument; nothing else is kept beside it
