@@ -80,7 +80,7 @@ def round_setup(c):
                                    exemplars=data.load_exemplars(c.exemplars.path))
     pool = data.load_prompts(c.prompts.path)
     prompts = data.split_rounds(pool, [c.prompts.per_round], c.seed)[0]
-    return types.SimpleNamespace(c=c, inputs=inputs, mesh=None, progress=False), prompts
+    return types.SimpleNamespace(c=c, inputs=inputs, mesh=None, gen_mesh=None, progress=False), prompts
 
 
 def sampling_config(c):

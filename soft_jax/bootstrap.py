@@ -266,7 +266,7 @@ class Run:
         t_start = time.perf_counter()
         base, tokenizer = presets.load(c.model.name, c.model.path, c.model.dtype, c.model.param_dtype,
                                        mesh=self.mesh, seed=c.seed, progress=self.progress,
-                                       scan_layers=c.model.scan_layers)
+                                       scan_layers=c.model.scan_layers, quant=c.model.quant)
         self.log(f"[run] {self.wd.path}: {c.rounds} round(s), prompts per round {self.inputs.sizes}, "
                  f"model {c.model.path or c.model.name}, {jax.device_count()} device(s)")
         if self.inputs.unavailable:
@@ -347,7 +347,7 @@ def best_model(workdir: str, dtype: str | None = None):
         raise UserError(f"{workdir}: not a soft-jax run work dir (no {CONFIG} / {STATE}); run `soft-jax run` first")
     m = ml_collections.ConfigDict(cfg).model
     model, tokenizer = presets.load(m.name, m.path, dtype or m.dtype, m.param_dtype, seed=cfg["seed"], progress=False,
-                                    scan_layers=m.get("scan_layers", False))
+                                    scan_layers=m.get("scan_layers", False), quant=m.get("quant", "none"))
     best = state.get("best_round")
     if best:
         ckpt = StepCheckpointer(wd.file("checkpoints", "rounds"), every=0, keep=None)

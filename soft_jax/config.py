@@ -45,7 +45,8 @@ def base() -> ml_collections.ConfigDict:
     # scan_layers: store the layers stacked ([layers, ...] per weight) and run them as one lax.scan in every program
     # (training, prefill, decode, scoring): one compiled layer instead of all of them, so a deep model compiles far
     # faster (benchmarks/RESULTS.md); HF checkpoints convert on load and export
-    c.model = dict(name="smollm2-135m", path="", dtype="float32", param_dtype="", scan_layers=False)
+    # quant: none | int8 | nf4: the base's projections stored quantized (QLoRA), for LoRA on top (train.lora_rank)
+    c.model = dict(name="smollm2-135m", path="", dtype="float32", param_dtype="", scan_layers=False, quant="none")
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     # The mesh of generation and every scoring pass (difficulty, validation, eval). All 0: on TPUs and H100s the
     # tensor-parallel mesh whose decode bound `soft-jax plan` ranks first among those that fit, elsewhere (CPUs)
@@ -218,7 +219,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
         ("model.dtype", c.model.dtype, c.model.dtype in settings.DTYPES, " | ".join(settings.DTYPES)),
         ("model.param_dtype", c.model.param_dtype, c.model.param_dtype in ("", *settings.DTYPES),
          " | ".join(settings.DTYPES) + " (empty: model.dtype)"),
+        ("model.quant", c.model.quant, c.model.quant in ("none", "int8", "nf4"), "none | int8 | nf4"),
     ]]
+    checks.append((c.model.quant == "none" or c.train.lora_rank > 0,
+                   f"model.quant = {c.model.quant!r} freezes a quantized base: it needs LoRA adapters to train; set "
+                   "train.lora_rank (e.g. 64), or model.quant=none"))
     for ok, message in checks:
         if not ok:
             raise UserError(f"config: {message}")

@@ -111,11 +111,13 @@ def named_sharding(axes, shape, mesh: Mesh | None, rules=DEFAULT_RULES):
 
 
 def shard_model(model, mesh: Mesh | None, rules=DEFAULT_RULES):
-    """Moves every parameter of an NNX model onto its sharding (in place); returns the model."""
+    """Moves every parameter (and quantized array) of an NNX model onto its sharding (in place); returns it."""
     from flax import nnx
 
+    from soft_jax.models.quant import Quantized
+
     for _, var in nnx.iter_graph(model):
-        if isinstance(var, nnx.Param):
+        if isinstance(var, (nnx.Param, Quantized)):
             var.set_value(jax.device_put(np.asarray(var[...]), named_sharding(var.get_metadata().get("axes", ()), var.shape,
                                                                   mesh, rules)))
     return model
@@ -141,7 +143,9 @@ def reshard(model, mesh: Mesh, rules=DEFAULT_RULES, dtype=None):
     graphdef, state = nnx.split(model)
     shardings = tree_shardings(state, mesh, rules)
     key = None if dtype is None else jnp.dtype(dtype)
-    moved = jax.tree.map(lambda s, x: jax.tree.map(lambda a: _copy_to(s, key)(a), x), shardings, state)
+    # only parameters take the compute dtype: a quantized kernel's float scales stay as they are
+    moved = jax.tree.map(lambda s, x: jax.tree.map(lambda a: _copy_to(s, key if isinstance(x, nnx.Param) else None)(a),
+                                                   x), shardings, state)
     return nnx.merge(graphdef, moved)
 
 

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from soft_jax import faults, preemption
 from soft_jax import sharding as shd
 from soft_jax.errors import UserError
+from soft_jax.models.quant import Quantized
 from soft_jax.models.llama import Llama
 from soft_jax.data.templates import engraving_parts
 from soft_jax.settings import TrainConfig  # noqa: F401 - soft_jax.training.TrainConfig is the API
@@ -367,6 +368,9 @@ def train(model: Llama, tokenizer, pairs: Sequence[tuple], config: TrainConfig, 
 
     examples, epochs, (cut_p, cut_r) = prepared or prepare(tokenizer, pairs, config)
     total = total_steps(epochs, config)
+    if not config.lora_rank and not lora.has_adapters(model) and nnx.state(model, Quantized):
+        raise UserError("the base model is stored quantized (model.quant): it cannot be fully fine-tuned; train LoRA "
+                        "adapters on it (train.lora_rank, e.g. 64) or load it unquantized")
     if config.lora_rank and not lora.has_adapters(model):  # a model that has adapters trains them on
         model = lora.add_adapters(model, config.lora_rank, config.lora_alpha, config.lora_targets, config.seed)
     trainer = Trainer(model, config, total, mesh)

@@ -14,13 +14,14 @@ from soft_jax.models.config import DTYPES, ModelConfig
 from soft_jax.models.llama import KVCache, Llama, init_random
 
 
-def inspect(path_or_name: str, dtype: str = "float32", param_dtype: str | None = None, scan_layers: bool = False):
+def inspect(path_or_name: str, dtype: str = "float32", param_dtype: str | None = None, scan_layers: bool = False,
+            quant: str = "none"):
     """(source, config, tokenizer) without reading weights: validate inputs before the slow part."""
     for name, value in (("dtype", dtype), ("param_dtype", param_dtype or dtype)):
         if value not in DTYPES:
             raise UserError(f"{name} {value!r} is not supported; use one of {', '.join(DTYPES)}")
     source = open_source(path_or_name)
-    cfg = source.config(dtype=dtype, param_dtype=param_dtype or dtype, scan_layers=scan_layers)
+    cfg = source.config(dtype=dtype, param_dtype=param_dtype or dtype, scan_layers=scan_layers, quant=quant)
     tokenizer = source.tokenizer()
     if tokenizer is not None and len(tokenizer) > cfg.vocab_size:
         raise UserError(f"{path_or_name}: tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
@@ -29,15 +30,16 @@ def inspect(path_or_name: str, dtype: str = "float32", param_dtype: str | None =
 
 
 def load(path_or_name: str, dtype: str = "float32", mesh=None, param_dtype: str | None = None,
-         rules=shd.DEFAULT_RULES, progress: bool = True, scan_layers: bool = False):
+         rules=shd.DEFAULT_RULES, progress: bool = True, scan_layers: bool = False, quant: str = "none"):
     """(model, tokenizer) from an HF checkpoint directory, a .gguf file, or 'smollm2-135m'.
 
     dtype: compute dtype; param_dtype: storage dtype (default: dtype). With a mesh, each parameter
     is placed straight onto its sharding. scan_layers: store the layers stacked and run them as one scan
-    (ModelConfig.scan_layers). tokenizer is a transformers tokenizer, or None when an HF
+    (ModelConfig.scan_layers). quant: int8 | nf4 stores the projections quantized, a frozen base for LoRA
+    (soft_jax.models.quant). tokenizer is a transformers tokenizer, or None when an HF
     directory ships no tokenizer files.
     """
-    source, cfg, tokenizer = inspect(path_or_name, dtype, param_dtype, scan_layers)
+    source, cfg, tokenizer = inspect(path_or_name, dtype, param_dtype, scan_layers, quant)
     return build(source, cfg, mesh=mesh, rules=rules, progress=progress), tokenizer
 
 

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
@@ -240,9 +241,15 @@ def _place(array: np.ndarray, shape, dtype, sharding) -> jax.Array:
 
 
 def build(source, cfg: ModelConfig, mesh=None, rules=shd.DEFAULT_RULES, progress: bool = True) -> Llama:
-    """A Llama with weights from `source`, each parameter placed directly onto its sharding."""
+    """A Llama with weights from `source`, each parameter placed directly onto its sharding. With cfg.quant, each
+    quantized projection is placed in full precision, quantized on the devices onto its arrays' shardings, and
+    dropped before the next is read: the whole model is never held in full precision."""
+    from soft_jax.models.llama import Linear
+    from soft_jax.models.quant import QuantizedKernel
+
     model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
     params = [(p, v) for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)]
+    params += [((*p, "kernel"), m.kernel) for p, m in nnx.iter_graph(model) if isinstance(m, Linear) and m.quantized]
     where = getattr(source, "path", "checkpoint")
     for path, var in tqdm(params, desc="loading weights", unit="tensor", disable=not progress, leave=False):
         names, transpose, stacked = hf_names(path, cfg)
@@ -259,6 +266,14 @@ def build(source, cfg: ModelConfig, mesh=None, rules=shd.DEFAULT_RULES, progress
                                 f"config.json implies {want}; the weights and config.json disagree")
             arrays.append(array)
         array = _Stacked(arrays) if stacked else arrays[0]
+        if isinstance(var, QuantizedKernel):
+            axes = var.main.get_metadata()["axes"]
+            kernel = _place(array, var.shape, cfg.param_dtype, shd.named_sharding(axes, var.shape, mesh, rules))
+            shardings = None if mesh is None else {
+                name: shd.named_sharding(v.get_metadata()["axes"], v.shape, mesh, rules)
+                for name, v in ((n, getattr(var, n)) for n in var.arrays_names())}
+            var.set_from(kernel, shardings)
+            continue
         sharding = shd.named_sharding(var.get_metadata().get("axes", ()), var.shape, mesh, rules)
         var.set_value(_place(array, var.shape, cfg.param_dtype, sharding))
     return model
@@ -271,8 +286,12 @@ def hf_tensors(model: Llama) -> dict[str, np.ndarray]:
     """Every parameter as host arrays under its HF tensor names, in HF layout: stacked layers are split into
     per-layer tensors, so models with and without stacked layers compare name by name. `model` may also be a
     merge of the model's graph with a gradient or optimizer-moment state."""
+    from soft_jax.models.llama import Linear
+
     tensors = {}
     for path, var in nnx.iter_graph(model):
+        if isinstance(var, Linear) and var.quantized:  # as the model computes with it: dequantized
+            path, var = (*path, "kernel"), nnx.Param(var.weight(jnp.float32))
         if isinstance(var, nnx.Param) and not isinstance(var, nnx.LoRAParam):  # adapters: lora.merged first
             names, transpose, stacked = hf_names(path, model.config)
             array = np.asarray(jax.device_get(var[...]))

@@ -47,6 +47,8 @@ class ModelConfig:
     # How soft-jax stores and runs the layers, not part of the checkpoint: stacked [layers, ...] parameters run as
     # one lax.scan (soft_jax.models.llama). HF config.json never carries it.
     scan_layers: bool = False
+    # The frozen base's projections stored quantized (soft_jax.models.quant: none | int8 | nf4), for LoRA on top.
+    quant: str = "none"
 
     def __post_init__(self):
         if self.model_type not in ARCHITECTURES:
@@ -58,6 +60,10 @@ class ModelConfig:
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
                 raise UserError(f"unsupported {name} {getattr(self, name)!r}; use one of {', '.join(DTYPES)}")
+        from soft_jax.models.quant import KINDS
+
+        if self.quant not in KINDS:
+            raise UserError(f"unsupported model.quant {self.quant!r}; use one of {', '.join(KINDS)}")
         rope_type = self.rope_dict.get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
             raise UserError(f"unsupported rope scaling type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")

@@ -21,6 +21,7 @@ from flax import nnx
 from flax import struct
 
 from soft_jax.models.config import ModelConfig, rope_inv_freq
+from soft_jax.models.quant import Quantized, QuantizedKernel, supported
 from soft_jax.sharding import constrain
 
 # Logical axis names used by parameters and activations (see soft_jax.sharding for the rules).
@@ -49,9 +50,13 @@ class Adapter(nnx.Module):
 class Linear(nnx.Module):
     """y = x @ kernel (+ bias) (+ a LoRA adapter's x @ a @ b * scale); kernel stored [in, out] with logical axes."""
 
-    def __init__(self, d_in, d_out, axes, *, bias, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, d_in, d_out, axes, *, bias, cfg: ModelConfig, rngs: nnx.Rngs, quantizable: bool = False):
         init = nnx.initializers.normal(stddev=0.02)
-        self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), jnp.dtype(cfg.param_dtype)), axes=axes)
+        kernel = init(rngs.params(), (d_in, d_out), jnp.dtype(cfg.param_dtype))
+        if quantizable and cfg.quant != "none" and supported(cfg.quant, d_in):  # a frozen base: QLoRA
+            self.kernel = QuantizedKernel(cfg.quant, kernel, tuple(axes))
+        else:
+            self.kernel = nnx.Param(kernel, axes=axes)
         self.bias = nnx.Param(jnp.zeros((d_out,), cfg.param_dtype), axes=axes[1:]) if bias else None
         self.dtype = jnp.dtype(cfg.dtype)
         self.axes = tuple(axes)
@@ -64,12 +69,26 @@ class Linear(nnx.Module):
         # into their elementwise producers) in the backward pass, a large part of a layer's fwd + bwd time
         # (benchmarks/RESULTS.md, "SFT train step").
         flat = x.reshape(-1, x.shape[-1]).astype(self.dtype)
-        y = jnp.dot(flat, self.kernel[...].astype(self.dtype))
+        y = jnp.dot(flat, self.weight(self.dtype))
         if self.lora is not None:
             y = y + self.lora(flat)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return constrain(y.reshape(*x.shape[:-1], y.shape[-1]), (BATCH, LENGTH, self.out_axis))
+
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.kernel, QuantizedKernel)
+
+    def weight(self, dtype) -> jax.Array:
+        """The kernel in `dtype` (dequantized inside the matmul's program when stored quantized)."""
+        return self.kernel.dequantize(dtype) if self.quantized else self.kernel[...].astype(dtype)
+
+    @property
+    def kernel_var(self) -> nnx.Variable:
+        """The variable that holds (the bulk of) the kernel: its shape's leading axes and its sharding."""
+        return self.kernel.main if self.quantized else self.kernel
 
 
 class RMSNorm(nnx.Module):
@@ -173,10 +192,11 @@ def make_mask(q_pos, q_seg, k_pos, k_seg, window=None):
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         e, d = cfg.hidden_size, cfg.head_dim
-        self.q_proj = Linear(e, cfg.num_heads * d, (EMBED, HEADS), bias=cfg.qkv_bias, cfg=cfg, rngs=rngs)
-        self.k_proj = Linear(e, cfg.num_kv_heads * d, (EMBED, KV_HEADS), bias=cfg.qkv_bias, cfg=cfg, rngs=rngs)
-        self.v_proj = Linear(e, cfg.num_kv_heads * d, (EMBED, KV_HEADS), bias=cfg.qkv_bias, cfg=cfg, rngs=rngs)
-        self.o_proj = Linear(cfg.num_heads * d, e, (HEADS, EMBED), bias=cfg.o_bias, cfg=cfg, rngs=rngs)
+        q = dict(cfg=cfg, rngs=rngs, quantizable=True)
+        self.q_proj = Linear(e, cfg.num_heads * d, (EMBED, HEADS), bias=cfg.qkv_bias, **q)
+        self.k_proj = Linear(e, cfg.num_kv_heads * d, (EMBED, KV_HEADS), bias=cfg.qkv_bias, **q)
+        self.v_proj = Linear(e, cfg.num_kv_heads * d, (EMBED, KV_HEADS), bias=cfg.qkv_bias, **q)
+        self.o_proj = Linear(cfg.num_heads * d, e, (HEADS, EMBED), bias=cfg.o_bias, **q)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
 
     def __call__(self, x, rope, mask, kv=None, prefix=None):
@@ -243,9 +263,10 @@ def write_cache(cache, new, index, layer=None):
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         e, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = Linear(e, f, (EMBED, MLP_AXIS), bias=False, cfg=cfg, rngs=rngs)
-        self.up_proj = Linear(e, f, (EMBED, MLP_AXIS), bias=False, cfg=cfg, rngs=rngs)
-        self.down_proj = Linear(f, e, (MLP_AXIS, EMBED), bias=False, cfg=cfg, rngs=rngs)
+        q = dict(cfg=cfg, rngs=rngs, quantizable=True)
+        self.gate_proj = Linear(e, f, (EMBED, MLP_AXIS), bias=False, **q)
+        self.up_proj = Linear(e, f, (EMBED, MLP_AXIS), bias=False, **q)
+        self.down_proj = Linear(f, e, (MLP_AXIS, EMBED), bias=False, **q)
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -384,7 +405,7 @@ def stack_layers(layers) -> DecoderLayer:
     graphdef = nnx.graphdef(layers[0])
     stacked = nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(lyr) for lyr in layers]))
     for _, var in nnx.iter_graph(stacked):
-        if isinstance(var, nnx.Param):
+        if isinstance(var, (nnx.Param, Quantized)):
             var.set_metadata("axes", (LAYERS, *var.get_metadata().get("axes", ())))
     return stacked
 
@@ -396,7 +417,7 @@ def unstack_layers(stacked: DecoderLayer) -> list[DecoderLayer]:
     layers = [nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state)) for i in range(n)]
     for layer in layers:
         for _, var in nnx.iter_graph(layer):
-            if isinstance(var, nnx.Param):
+            if isinstance(var, (nnx.Param, Quantized)):
                 var.set_metadata("axes", tuple(var.get_metadata().get("axes", ()))[1:])
     return layers
 

@@ -65,14 +65,14 @@ def add_adapters(model: Llama, rank: int, alpha: float, targets=TARGETS, seed: i
     for i, (path, linear) in enumerate(linears(model)):
         if path[-1] not in names:
             continue
-        kernel = linear.kernel[...]
-        lead, (d_in, d_out) = kernel.shape[:-2], kernel.shape[-2:]
+        shape = linear.kernel.shape
+        lead, (d_in, d_out) = shape[:-2], shape[-2:]
         in_axis, out_axis = linear.axes
         stacked = (LAYERS,) if lead else ()
         bound = 1.0 / np.sqrt(d_in)  # PEFT's kaiming_uniform_(a=sqrt(5)) on lora_A: U(-1/sqrt(in), 1/sqrt(in))
         a = jax.random.uniform(jax.random.fold_in(key, i), (*lead, d_in, rank), jnp.float32, -bound, bound)
         b = jnp.zeros((*lead, rank, d_out), jnp.float32)
-        mesh = getattr(getattr(kernel, "sharding", None), "mesh", None)
+        mesh = getattr(getattr(linear.kernel_var[...], "sharding", None), "mesh", None)
         params = []
         for value, axes in ((a, (*stacked, in_axis, None)), (b, (*stacked, None, out_axis))):
             value = value.astype(cfg.param_dtype)
@@ -85,15 +85,22 @@ def add_adapters(model: Llama, rank: int, alpha: float, targets=TARGETS, seed: i
 
 def merged(model: Llama) -> Llama:
     """A copy of `model` with each adapter folded into its kernel (kernel + a @ b * scale, in float32, stored in
-    the kernel's dtype) and no adapters: what `export_hf` writes. `model` is left as it is."""
+    the model's parameter dtype) and no adapters: what `export_hf` writes. A quantized kernel is dequantized
+    first: the merged kernel is a full-precision parameter. `model` is left as it is."""
     graphdef, state = nnx.split(model)
     out = nnx.merge(graphdef, state, copy=True)
+    dtype = jnp.dtype(model.config.param_dtype)
     for _, linear in linears(out):
         if linear.lora is None:
             continue
-        k = linear.kernel[...]
         delta = jnp.matmul(linear.lora.a[...].astype(jnp.float32), linear.lora.b[...].astype(jnp.float32))
-        linear.kernel.set_value((k.astype(jnp.float32) + delta * linear.lora.scale).astype(k.dtype))
+        kernel = (linear.weight(jnp.float32) + delta * linear.lora.scale).astype(
+            dtype if linear.quantized else linear.kernel[...].dtype)
+        if linear.quantized:
+            lead = (LAYERS,) if kernel.ndim > 2 else ()
+            linear.kernel = nnx.Param(kernel, axes=(*lead, *linear.axes))
+        else:
+            linear.kernel.set_value(kernel)
         linear.lora = None
     return out
 

@@ -17,12 +17,13 @@ HUB_NAMES = {"llama2-7b": "meta-llama/Llama-2-7b-hf", "llama3-8b": "meta-llama/M
 PRESETS = ("smollm2-135m", "tiny", *HUB_NAMES)
 
 
-def tiny_config(tokenizer, dtype: str = "float32", param_dtype: str = "float32", scan_layers: bool = False) -> ModelConfig:
+def tiny_config(tokenizer, dtype: str = "float32", param_dtype: str = "float32", scan_layers: bool = False,
+                quant: str = "none") -> ModelConfig:
     return ModelConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                        num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position_embeddings=4096,
                        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id, dtype=dtype, param_dtype=param_dtype,
-                       scan_layers=scan_layers)
+                       scan_layers=scan_layers, quant=quant)
 
 
 @functools.lru_cache(maxsize=1)
@@ -46,8 +47,9 @@ def resolve(name: str, path: str = "") -> str:
 
 
 def load(name: str, path: str = "", dtype: str = "float32", param_dtype: str = "", mesh=None, seed: int = 0,
-         progress: bool = True, scan_layers: bool = False):
-    """(model, tokenizer) for a preset; scan_layers: its layers stored stacked (ModelConfig.scan_layers)."""
+         progress: bool = True, scan_layers: bool = False, quant: str = "none"):
+    """(model, tokenizer) for a preset; scan_layers: its layers stored stacked (ModelConfig.scan_layers); quant:
+    its projections stored quantized (ModelConfig.quant)."""
     from soft_jax import models
 
     target = resolve(name, path)
@@ -57,10 +59,10 @@ def load(name: str, path: str = "", dtype: str = "float32", param_dtype: str = "
         from soft_jax.models.llama import init_random
 
         tokenizer = _smollm2_tokenizer()
-        model = init_random(tiny_config(tokenizer, dtype, param_dtype, scan_layers), seed)
+        model = init_random(tiny_config(tokenizer, dtype, param_dtype, scan_layers, quant), seed)
         return shd.shard_model(model, mesh), tokenizer
     model, tokenizer = models.load(target, dtype=dtype, mesh=mesh, param_dtype=param_dtype, progress=progress,
-                                   scan_layers=scan_layers)
+                                   scan_layers=scan_layers, quant=quant)
     if tokenizer is None:
         raise UserError(f"{target}: the checkpoint ships no tokenizer files; copy tokenizer.json and "
                         "tokenizer_config.json of the model into it")
