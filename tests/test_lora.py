@@ -211,3 +211,26 @@ def test_plan_compiles_the_lora_train_step_with_moments_for_the_adapters_only():
     assert full[0].arguments - tuned[0].arguments >= 2 * weights - 3 * adapter_bytes
     assert tuned[0].arguments >= weights + 3 * adapter_bytes
     assert tuned[0].resident == 0  # the base model is the frozen argument; nothing else is kept beside it
+
+
+def test_dromedary2_config_is_salmons_engraving_and_runs_on_the_tiny_model(tmp_path):
+    """configs/dromedary2.py: QLoRA on an NF4 base, rank 64, lr 1e-4 (SALMON's 70B engraving script); with the
+    tests' tiny settings it runs two rounds whose checkpoints hold adapters, on a base stored in NF4."""
+    import os
+
+    from test_bootstrap import CONFIGS, config, run
+
+    from soft_jax import config as config_lib
+
+    c = config_lib.load(os.path.join(CONFIGS, "dromedary2.py"))
+    assert (c.model.quant, c.train.lora_rank, c.train.lora_alpha, c.train.learning_rate) == ("nf4", 64, 16.0, 1e-4)
+    assert (c.train.max_prompt_len, c.train.max_response_len, c.train.batch_size, c.train.epochs) == (512, 512, 128, 1)
+    tiny = ("train.lora_rank=4",)
+    assert config("dromedary2.py", *tiny).model.quant == "nf4"
+    w = run("dromedary2.py", tmp_path / "w", *tiny)
+    assert w.state["finished"] == [1, 2]
+    assert [m["phase"] for m in w.metrics].count("train_done") == 2
+    rounds = os.path.join(w.path, "checkpoints", "rounds")
+    assert sorted(os.listdir(rounds)) == ["1", "2"]
+    with pytest.raises(Exception, match="needs LoRA adapters"):
+        config("dromedary2.py", "train.lora_rank=0")
