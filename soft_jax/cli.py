@@ -39,7 +39,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_model(p):
     p.add_argument("--model", required=True,
-                   help="HF checkpoint directory, .gguf file, or 'smollm2-135m' (the embedded default)")
+                   help="HF checkpoint directory, .gguf file, 'smollm2-135m' (the embedded default), a run's work "
+                        "dir (its best round), or an HF PEFT LoRA adapter directory (on the base it names)")
     p.add_argument("--dtype", default="float32", help="compute and parameter dtype: float32 | bfloat16 | float16")
 
 
@@ -58,9 +59,15 @@ def _open_model(args, param_dtype=None, need_tokenizer=True, progress=True):
 
         model, tokenizer = bootstrap.best_model(args.model, args.dtype)
         return (lambda: model), model.config, tokenizer
-    source, cfg, tokenizer = models.inspect(args.model, dtype=args.dtype, param_dtype=param_dtype)
+    from soft_jax.models import lora
+
+    adapter = args.model if lora.is_peft_dir(args.model) else None  # an HF PEFT adapter on top of its base
+    base = lora.peft_base(adapter) if adapter else args.model
+    source, cfg, tokenizer = models.inspect(base, dtype=args.dtype, param_dtype=param_dtype)
     if tokenizer is None and need_tokenizer:
-        raise UserError(f"{args.model}: the checkpoint has no tokenizer files; add them to the directory")
+        raise UserError(f"{base}: the checkpoint has no tokenizer files; add them to the directory")
+    if adapter:
+        return (lambda: lora.load_peft(models.build(source, cfg, progress=progress), adapter)), cfg, tokenizer
     return (lambda: models.build(source, cfg, progress=progress)), cfg, tokenizer
 
 
@@ -170,8 +177,24 @@ def cmd_export(args) -> None:
 
     build, _, tokenizer = _open_model(args, need_tokenizer=False)
     model = build()
+    if args.adapter:
+        from soft_jax.models import lora
+
+        lora.export_peft(model, args.out, base_model=_base_of(args.model))
+        print(f"exported the LoRA adapters of {args.model} to {os.path.abspath(args.out)} "
+              f"(peft: PeftModel.from_pretrained(base, {args.out!r}))")
+        return
     models.export_hf(model, tokenizer, args.out)
     print(f"exported {args.model} to {os.path.abspath(args.out)} (transformers: from_pretrained({args.out!r}))")
+
+
+def _base_of(model_arg: str) -> str:
+    """The base model path a PEFT adapter exported from --model should name: a work dir's model, else --model."""
+    if _is_workdir(model_arg):
+        with open(os.path.join(model_arg, "config.json"), encoding="utf-8") as f:
+            m = json.load(f)["model"]
+        return m.get("path") or m.get("name", "")
+    return model_arg
 
 
 def cmd_eval(args) -> None:
@@ -426,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write an HF checkpoint directory that transformers loads")
     _add_model(p)
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--adapter", action="store_true", help="write only the LoRA adapters, in the HF PEFT format")
     p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("data", help="bring your own prompts: import a dataset as a prompt pool; check for "

@@ -264,6 +264,7 @@ TABLE_MODELS = {
     "llama2-7b": dict(vocab=32000, hidden=4096, inter=11008, layers=32, heads=32, kv=32, head_dim=128),
     "llama3-8b": dict(vocab=128256, hidden=4096, inter=14336, layers=32, heads=32, kv=8, head_dim=128),
     "llama2-13b": dict(vocab=32000, hidden=5120, inter=13824, layers=40, heads=40, kv=40, head_dim=128),
+    "llama2-70b": dict(vocab=32000, hidden=8192, inter=28672, layers=80, heads=64, kv=8, head_dim=128),
 }
 TABLE_MESHES = ("gpu", "tpu-host", "v4-32", "v5e-64")
 # SOFT at scale: 128 packed rows of 1024 tokens per step (2 rows per device per micro-batch), remat;

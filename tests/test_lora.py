@@ -11,7 +11,7 @@ from test_models import assert_same_logits
 from test_training import PAIRS
 
 from soft_jax import models, training
-from soft_jax.models import checkpoint, lora
+from soft_jax.models import checkpoint, lora, quant
 from soft_jax.training import TrainConfig
 
 LAYOUTS = pytest.mark.parametrize("scan_layers", [False, True], ids=["loop", "scanned"])
@@ -105,7 +105,7 @@ def _dir_bytes(path) -> int:
 def test_train_cli_writes_a_peft_adapter_and_resumes_its_steps(tiny_chat, tmp_path):
     """`soft-jax train --lora-rank 4 --adapter`: a PEFT adapter directory; stopped by SIGTERM after step 1 and
     rerun, it writes the same adapter tensors as the run that was not stopped. Its step checkpoint holds the
-    adapters and their moments only."""
+    adapters and their moments only. `--model ADAPTER_DIR` loads the adapter onto the base it names."""
     import os
 
     from conftest import run_cli
@@ -132,33 +132,52 @@ def test_train_cli_writes_a_peft_adapter_and_resumes_its_steps(tiny_chat, tmp_pa
     for name in whole:
         np.testing.assert_allclose(np.asarray(resumed[name]), np.asarray(whole[name]), rtol=1e-6, atol=1e-7,
                                    err_msg=name)
+    # --model takes the adapter directory on top of the base it names: exported merged, the same logits
+    tuned = lora.load_peft(base, str(tmp_path / "whole"))
+    np.testing.assert_array_equal(np.asarray(lora.peft_tensors(tuned)[name]), np.asarray(whole[name]))
+    proc = run_cli("export", "--model", str(tmp_path / "whole"), "--out", str(tmp_path / "merged"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    merged, _ = models.load(str(tmp_path / "merged"), progress=False)
+    ids = jnp.asarray(np.random.default_rng(5).integers(3, base.config.vocab_size, size=(2, 16)))
+    np.testing.assert_allclose(np.asarray(merged(ids)), np.asarray(tuned(ids)), rtol=0, atol=1e-5)
     proc = run_cli("train", "--model", tiny_chat, "--data", _pairs_file(tmp_path), "--out", str(tmp_path / "x"),
                    "--lora-rank", "4", "--lora-targets", "q_proj,attention")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("soft-jax: error: LoRA targets")
 
 
-def test_a_lora_run_keeps_adapters_per_round_and_resumes_after_sigkill_to_the_same_artifacts(tmp_path):
-    """SOFT+ with train.lora_rank: each round checkpoint holds the round's adapters only (under 5% of the model);
-    a run killed once in round 1's training (its step checkpoint: adapters and moments) and once after round 1's
-    checkpoint resumes to byte-equal artifacts; the best round exports as a merged model and as a PEFT adapter
-    that holds the checkpoint's arrays."""
+def test_a_qlora_run_keeps_adapters_per_round_and_resumes_after_sigkill_to_the_same_artifacts(tmp_path):
+    """configs/dromedary2.py (QLoRA: an NF4 base, LoRA on top) on the tiny model, two rounds: each round
+    checkpoint holds the round's adapters only (under 5% of the model); a run killed once in round 1's training
+    (its step checkpoint: adapters and moments) and once after round 1's checkpoint resumes to byte-equal
+    artifacts; round 2's adapters restore onto the base and export as a PEFT adapter with the checkpoint's
+    arrays."""
     import json
     import os
+    import subprocess
+    import sys
 
     import ml_collections
-    from test_bootstrap import Workdir, run_cli
+    from conftest import subprocess_env
+    from test_bootstrap import CONFIGS, TINY, Workdir
 
     from soft_jax import bootstrap
     from soft_jax.models import safetensors_io
 
     extra = ["train.lora_rank=4", "train.lora_alpha=8", "train.learning_rate=1e-2", "train.checkpoint_every=1"]
+
+    def run_cli(workdir, env=None):
+        argv = [sys.executable, "-m", "soft_jax.cli", "run", "--config", os.path.join(CONFIGS, "dromedary2.py"),
+                "--workdir", str(workdir)] + [f"--config.{o}" for o in TINY + extra]
+        return subprocess.run(argv, capture_output=True, text=True, env=subprocess_env(**(env or {})), timeout=600)
+
     whole = tmp_path / "whole"
-    assert run_cli(whole, extra).returncode == 0
+    proc = run_cli(whole)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     killed = tmp_path / "killed"
     for at in ("train_step_2", "trained_r1"):
-        proc = run_cli(killed, extra, {"SOFT_JAX_KILL_AT": at})
+        proc = run_cli(killed, {"SOFT_JAX_KILL_AT": at})
         assert proc.returncode == -9, (at, proc.stderr[-2000:])
-    proc = run_cli(killed, extra)
+    proc = run_cli(killed)
     assert proc.returncode == 0, proc.stderr[-2000:]
     a, b = Workdir(str(whole)).files(), Workdir(str(killed)).files()
     assert a.keys() == b.keys() and len(a) > 10
@@ -169,7 +188,8 @@ def test_a_lora_run_keeps_adapters_per_round_and_resumes_after_sigkill_to_the_sa
     config = json.load(open(os.path.join(str(whole), "config.json")))
     from soft_jax.models import presets
 
-    base, _ = presets.load("tiny", seed=config["seed"], progress=False)
+    base, _ = presets.load("tiny", seed=config["seed"], progress=False, quant="nf4")
+    assert nnx.state(base, quant.Quantized)
     full = sum(x.nbytes for x in jax.tree.leaves(nnx.state(base, nnx.Param)))
     rounds = os.path.join(str(whole), "checkpoints", "rounds")
     ckpt = StepCheckpointer(rounds, every=0, keep=None)
@@ -190,7 +210,7 @@ def test_plan_compiles_the_lora_train_step_with_moments_for_the_adapters_only():
     """On a compile-only v5e-8 (FSDP over 8 chips), the LoRA train step takes the base weights, the adapters and
     two Adam moments of the adapters, where full fine-tuning takes the weights and two moments of them all: at
     least 2 x weights - 3 x adapters (per chip) less. (Not exactly that: the TPU compiler pads each small array
-    to its (8, 128) tiles.) Generation and scoring compile with the adapters too."""
+    to its (8, 128) tiles.) Decode compiles with the adapters too."""
     import dataclasses
 
     from test_sharding import CFG, SHAPES
@@ -200,10 +220,10 @@ def test_plan_compiles_the_lora_train_step_with_moments_for_the_adapters_only():
 
     mesh = shd.make_mesh((1, 8, 1), topology.devices("v5e-8"))
     shapes = dataclasses.replace(SHAPES, scan_layers=True)
-    full = plan.compile_run(CFG, shapes, mesh, TrainConfig())
+    full = plan.compile_run(CFG, shapes, mesh, TrainConfig(), only=["train_step"])
     lora_config = TrainConfig(lora_rank=2, lora_alpha=4)
-    tuned = plan.compile_run(CFG, shapes, mesh, lora_config)
-    assert [p.name for p in tuned] == [p.name for p in full] and "LoRA rank 2" in tuned[0].shapes
+    tuned = plan.compile_run(CFG, shapes, mesh, lora_config, only=["train_step", "decode"])
+    assert [p.name for p in tuned] == ["train_step", "decode"] and "LoRA rank 2" in tuned[0].shapes
     module = plan.abstract_module(dataclasses.replace(CFG, scan_layers=True), lora_config)
     weights = plan.param_bytes(nnx.state(module, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))), mesh)
     adapter_bytes = plan.param_bytes(nnx.state(module, nnx.LoRAParam), mesh)
@@ -213,24 +233,17 @@ def test_plan_compiles_the_lora_train_step_with_moments_for_the_adapters_only():
     assert tuned[0].resident == 0  # the base model is the frozen argument; nothing else is kept beside it
 
 
-def test_dromedary2_config_is_salmons_engraving_and_runs_on_the_tiny_model(tmp_path):
-    """configs/dromedary2.py: QLoRA on an NF4 base, rank 64, lr 1e-4 (SALMON's 70B engraving script); with the
-    tests' tiny settings it runs two rounds whose checkpoints hold adapters, on a base stored in NF4."""
+def test_dromedary2_config_is_salmons_engraving():
+    """configs/dromedary2.py: QLoRA on an NF4 base, rank 64, lr 1e-4 (SALMON's 70B engraving script); the run on
+    the tiny model is test_a_qlora_run_keeps_adapters_per_round_and_resumes_after_sigkill_to_the_same_artifacts."""
     import os
 
-    from test_bootstrap import CONFIGS, config, run
+    from test_bootstrap import CONFIGS, config
 
     from soft_jax import config as config_lib
 
     c = config_lib.load(os.path.join(CONFIGS, "dromedary2.py"))
     assert (c.model.quant, c.train.lora_rank, c.train.lora_alpha, c.train.learning_rate) == ("nf4", 64, 16.0, 1e-4)
     assert (c.train.max_prompt_len, c.train.max_response_len, c.train.batch_size, c.train.epochs) == (512, 512, 128, 1)
-    tiny = ("train.lora_rank=4",)
-    assert config("dromedary2.py", *tiny).model.quant == "nf4"
-    w = run("dromedary2.py", tmp_path / "w", *tiny)
-    assert w.state["finished"] == [1, 2]
-    assert [m["phase"] for m in w.metrics].count("train_done") == 2
-    rounds = os.path.join(w.path, "checkpoints", "rounds")
-    assert sorted(os.listdir(rounds)) == ["1", "2"]
     with pytest.raises(Exception, match="needs LoRA adapters"):
         config("dromedary2.py", "train.lora_rank=0")

@@ -130,7 +130,7 @@ def test_training_activations_near_xla_buffer_assignment(shape):
     batch = training.loss_rows(dict(inputs=z, targets=z, segment_ids=z + 1, weights=np.ones((rows, seq), np.float32),
                                     positions=np.tile(np.arange(seq, dtype=np.int32), (rows, 1))), seq)
     stats = trainer._step.lower(trainer.params, trainer.opt_state, trainer.put_batch(batch),
-                                jnp.float32(0.1)).compile().memory_analysis()
+                                jnp.float32(0.1), trainer.frozen).compile().memory_analysis()
     assert stats is not None, "the compiled train step gives no memory analysis on " + jax.devices()[0].platform
     e = est(cfg, train_batch=rows, train_seq=seq)
     scalars = stats.argument_size_in_bytes - (e["params"] + e["optimizer"] + nbytes(batch))

@@ -154,3 +154,60 @@ def export_peft(model: Llama, out_dir: str, base_model: str = "") -> str:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
     return out_dir
+
+
+def is_peft_dir(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "adapter_config.json"))
+
+
+def peft_base(path: str) -> str:
+    """The base model an HF PEFT adapter directory names (`base_model_name_or_path`), as --model takes it."""
+    where = os.path.join(path, "adapter_config.json")
+    try:
+        with open(where, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{where}: not readable as JSON ({e}); re-export the adapter") from None
+    if config.get("peft_type") != "LORA":
+        raise UserError(f"{where}: peft_type {config.get('peft_type')!r}; only LoRA adapters load")
+    base = config.get("base_model_name_or_path") or ""
+    if not base or not (os.path.exists(base) or base == "smollm2-135m"):
+        raise UserError(f"{where}: base_model_name_or_path {base!r} is not a local model; set it to the base "
+                        "model's HF directory, .gguf file or 'smollm2-135m'")
+    return base
+
+
+def load_peft(model: Llama, path: str) -> Llama:
+    """`model` (the base) with the LoRA adapters of an HF PEFT directory (a copy; `model` is left as it is)."""
+    where = os.path.join(path, "adapter_config.json")
+    with open(where, encoding="utf-8") as f:
+        config = json.load(f)
+    if config.get("use_rslora") or config.get("use_dora"):
+        raise UserError(f"{where}: rsLoRA / DoRA adapters are not supported; export a plain LoRA adapter")
+    targets = config.get("target_modules") or []
+    targets = targets.split(",") if isinstance(targets, str) else targets
+    tuned = add_adapters(model, int(config["r"]), float(config["lora_alpha"]), targets)
+    files = [os.path.join(path, n) for n in ("adapter_model.safetensors",) if os.path.isfile(os.path.join(path, n))]
+    if not files:
+        raise UserError(f"{path}: no adapter_model.safetensors; re-save the adapter with safe_serialization=True")
+    tensors = safetensors_io.read(files[0])
+    cfg = tuned.config
+    for path_, linear in linears(tuned):
+        if linear.lora is None:
+            continue
+        module = ".".join(str(p) for p in (path_[2:] if not cfg.scan_layers else path_[1:]))
+        layers = [path_[1]] if not cfg.scan_layers else list(range(cfg.num_layers))
+        for which, var in (("A", linear.lora.a), ("B", linear.lora.b)):
+            parts = []
+            for i in layers:
+                name = f"{PEFT_PREFIX}model.layers.{i}.{module}.lora_{which}.weight"
+                if name not in tensors:
+                    raise UserError(f"{files[0]}: tensor {name} is missing; the adapter does not match its config")
+                parts.append(np.asarray(tensors[name], np.float32).T)
+            value = np.stack(parts) if cfg.scan_layers else parts[0]
+            if value.shape != tuple(var.shape):
+                raise UserError(f"{files[0]}: {which} of {module} has shape {value.shape}, the base implies "
+                                f"{tuple(var.shape)}; the adapter belongs to another model")
+            old = var[...]
+            var.set_value(jax.device_put(value.astype(old.dtype), old.sharding))
+    return tuned

