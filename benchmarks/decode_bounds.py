@@ -30,8 +30,6 @@ JETSTREAM_PER_CHIP = 3975 / 8  # JetStream (JAX) Llama-2-7B on v5e-8, tensor par
 
 
 def case(model: str, where: str) -> list[dict]:
-    import jax
-
     from soft_jax import hlo, memory, plan, topology
     from soft_jax import sharding as shd
 

@@ -67,15 +67,20 @@ def write_atomic(path: str, data: str | bytes, fault: bool = True) -> None:
 
 def write_dir(path: str, fill: Callable[[str], None]) -> None:
     """Writes the directory `path` atomically: `fill(tmp)` fills a fresh temp directory beside it, which then
-    replaces `path` (a failure leaves the old one as it was, and no temp directory)."""
+    replaces `path` (a failure leaves the old one as it was, and no temp directory). The old directory is
+    renamed aside before the new one is renamed in, so `path` is never half-written."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}-", dir=parent)
     try:
         fill(tmp)
         if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+            old = tempfile.mkdtemp(prefix=f".old-{os.path.basename(path)}-", dir=parent)
+            os.replace(path, os.path.join(old, "x"))
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

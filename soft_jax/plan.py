@@ -25,7 +25,6 @@ import dataclasses
 import math
 import os
 import re
-import sys
 import time
 from typing import Sequence
 
@@ -578,7 +577,7 @@ def plan_run(c, where: Target, log=print) -> list[Program]:
     if gen_shape is None and chip is not None:  # as a run chooses: plan's best generation mesh that fits
         gen_mesh, programs = fit_generation_mesh(cfg, shapes, mesh, generation_candidates(
             c, cfg, shapes, mesh, chip, where.device_bytes), where.device_bytes, inputs.train_config(c), log, progress)
-        log(f"[plan] mesh_generate all 0: generation and scoring on "
+        log("[plan] mesh_generate all 0: generation and scoring on "
             + (f"mesh {dict(gen_mesh.shape)}, plan's best generation mesh that fits" if gen_mesh is not None else
                "the training mesh (no tensor-parallel mesh fits)"))
     else:

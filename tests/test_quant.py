@@ -10,7 +10,7 @@ from flax import nnx
 from test_training import PAIRS
 
 from soft_jax import models, training
-from soft_jax.models import lora, quant
+from soft_jax.models import quant
 from soft_jax.models.llama import Linear
 from soft_jax.training import TrainConfig
 

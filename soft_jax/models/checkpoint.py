@@ -13,8 +13,6 @@ import glob
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -303,31 +301,23 @@ def hf_tensors(model: Llama) -> dict[str, np.ndarray]:
 def export_hf(model: Llama, tokenizer, out_dir: str) -> str:
     """Writes an HF checkpoint directory (safetensors, config.json, tokenizer) atomically; LoRA adapters are
     merged into their kernels (soft_jax.models.lora.merged)."""
+    from soft_jax.io_utils import write_dir
     from soft_jax.models import lora
 
     if lora.has_adapters(model):
         model = lora.merged(model)
     cfg = model.config
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    try:
-        safetensors_io.write(os.path.join(tmp, "model.safetensors"), hf_tensors(model), {"format": "pt"})
+    tensors = hf_tensors(model)
+
+    def fill(tmp):
+        safetensors_io.write(os.path.join(tmp, "model.safetensors"), tensors, {"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(cfg.to_hf(), f, indent=2)
         with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
             json.dump({"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.to_hf()["eos_token_id"]}, f, indent=2)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if os.path.isdir(out_dir):
-            old = tempfile.mkdtemp(prefix=".old-export-", dir=parent)
-            os.replace(out_dir, os.path.join(old, "x"))
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
+
+    write_dir(out_dir, fill)
     return out_dir
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +23,7 @@ from flax import nnx
 
 from soft_jax import sharding as shd
 from soft_jax.errors import UserError
+from soft_jax.io_utils import write_dir
 from soft_jax.models import safetensors_io
 from soft_jax.models.llama import LAYERS, Adapter, Linear, Llama
 
@@ -140,19 +139,14 @@ def export_peft(model: Llama, out_dir: str, base_model: str = "") -> str:
               "target_modules": list(targets), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
               "use_rslora": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
               "base_model_name_or_path": base_model or None}
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".adapter-", dir=parent)
-    try:
-        safetensors_io.write(os.path.join(tmp, "adapter_model.safetensors"), peft_tensors(model), {"format": "pt"})
+    tensors = peft_tensors(model)
+
+    def fill(tmp):
+        safetensors_io.write(os.path.join(tmp, "adapter_model.safetensors"), tensors, {"format": "pt"})
         with open(os.path.join(tmp, "adapter_config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
+
+    write_dir(out_dir, fill)
     return out_dir
 
 
