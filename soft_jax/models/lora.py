@@ -69,15 +69,17 @@ def add_adapters(model: Llama, rank: int, alpha: float, targets=TARGETS, seed: i
         in_axis, out_axis = linear.axes
         stacked = (LAYERS,) if lead else ()
         bound = 1.0 / np.sqrt(d_in)  # PEFT's kaiming_uniform_(a=sqrt(5)) on lora_A: U(-1/sqrt(in), 1/sqrt(in))
-        a = jax.random.uniform(jax.random.fold_in(key, i), (*lead, d_in, rank), jnp.float32, -bound, bound)
-        b = jnp.zeros((*lead, rank, d_out), jnp.float32)
         mesh = getattr(getattr(linear.kernel_var[...], "sharding", None), "mesh", None)
+        dtype = jnp.dtype(cfg.param_dtype)
+        draws = {"a": lambda k, shape: jax.random.uniform(k, shape, jnp.float32, -bound, bound).astype(dtype),
+                 "b": lambda k, shape: jnp.zeros(shape, dtype)}
         params = []
-        for value, axes in ((a, (*stacked, in_axis, None)), (b, (*stacked, None, out_axis))):
-            value = value.astype(cfg.param_dtype)
-            if isinstance(mesh, jax.sharding.Mesh):
-                value = jax.device_put(value, shd.named_sharding(axes, value.shape, mesh))
-            params.append(nnx.LoRAParam(value, axes=axes))
+        for name, shape, axes in (("a", (*lead, d_in, rank), (*stacked, in_axis, None)),
+                                  ("b", (*lead, rank, d_out), (*stacked, None, out_axis))):
+            # made by a jitted program straight onto its sharding (every process makes its own shards)
+            out = shd.named_sharding(axes, shape, mesh) if isinstance(mesh, jax.sharding.Mesh) else None
+            make = jax.jit(draws[name], static_argnums=1, out_shardings=out)
+            params.append(nnx.LoRAParam(make(jax.random.fold_in(key, i), shape), axes=axes))
         linear.lora = Adapter(*params, scale=float(alpha) / rank)
     return model
 
