@@ -49,9 +49,11 @@ print(json.dumps({"same": same, "specs": specs, "gathers": gathers}))
 """
 
 
-@pytest.mark.parametrize("layers", ["loop", "scanned"])
+@pytest.mark.parametrize("layers", ["loop"])  # stacked layers: test_plan_compiles_generation_for_its_own_mesh
 def test_resharded_weights_are_equal_and_decode_gathers_no_parameter(layers):
-    """Also with stacked layers: decode and scoring then scan one layer, whose weights FSDP gathers per step."""
+    """The script takes "scanned" too (stacked layers: decode and scoring scan one layer, whose weights FSDP
+    gathers per step); the default run leaves that to the plan CLI test, which reads the same from the TPU
+    programs, to stay within its time."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", SCRIPT, os.path.dirname(__file__), layers], env=env,
                           capture_output=True, text=True, timeout=600)

@@ -102,7 +102,7 @@ def _dir_bytes(path) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
-def test_train_cli_writes_a_peft_adapter_and_resumes_its_steps(tiny_chat, tmp_path):
+def test_train_cli_writes_a_peft_adapter_and_resumes_its_steps(tiny_chat, tmp_path, capsys):
     """`soft-jax train --lora-rank 4 --adapter`: a PEFT adapter directory; stopped by SIGTERM after step 1 and
     rerun, it writes the same adapter tensors as the run that was not stopped. Its step checkpoint holds the
     adapters and their moments only. `--model ADAPTER_DIR` loads the adapter onto the base it names."""
@@ -113,10 +113,11 @@ def test_train_cli_writes_a_peft_adapter_and_resumes_its_steps(tiny_chat, tmp_pa
 
     from soft_jax.models import safetensors_io
 
+    from soft_jax.cli import main
+
     argv = ["train", "--model", tiny_chat, "--data", _pairs_file(tmp_path), "--batch-size", "2", "--epochs", "2",
             "--lr", "1e-2", "--warmup-steps", "1", "--lora-rank", "4", "--lora-alpha", "8", "--adapter"]
-    proc = run_cli(*argv, "--out", str(tmp_path / "whole"))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert main(argv + ["--out", str(tmp_path / "whole")]) == 0  # in this process; the stopped run in another
     assert sorted(os.listdir(tmp_path / "whole")) == ["adapter_config.json", "adapter_model.safetensors"]
     resumable = argv + ["--out", str(tmp_path / "resumed"), "--checkpoint-dir", str(tmp_path / "ckpt")]
     proc = run_cli(*resumable, env={"SOFT_JAX_TERM_AT": "train_step_1"})
@@ -135,22 +136,22 @@ def test_train_cli_writes_a_peft_adapter_and_resumes_its_steps(tiny_chat, tmp_pa
     # --model takes the adapter directory on top of the base it names: exported merged, the same logits
     tuned = lora.load_peft(base, str(tmp_path / "whole"))
     np.testing.assert_array_equal(np.asarray(lora.peft_tensors(tuned)[name]), np.asarray(whole[name]))
-    proc = run_cli("export", "--model", str(tmp_path / "whole"), "--out", str(tmp_path / "merged"))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert main(["export", "--model", str(tmp_path / "whole"), "--out", str(tmp_path / "merged")]) == 0
     merged, _ = models.load(str(tmp_path / "merged"), progress=False)
     ids = jnp.asarray(np.random.default_rng(5).integers(3, base.config.vocab_size, size=(2, 16)))
     np.testing.assert_allclose(np.asarray(merged(ids)), np.asarray(tuned(ids)), rtol=0, atol=1e-5)
-    proc = run_cli("train", "--model", tiny_chat, "--data", _pairs_file(tmp_path), "--out", str(tmp_path / "x"),
-                   "--lora-rank", "4", "--lora-targets", "q_proj,attention")
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("soft-jax: error: LoRA targets")
+    assert main(["train", "--model", tiny_chat, "--data", _pairs_file(tmp_path), "--out", str(tmp_path / "x"),
+                 "--lora-rank", "4", "--lora-targets", "q_proj,attention"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("soft-jax: error: LoRA targets attention: ") and not (tmp_path / "x").exists()
 
 
 def test_a_qlora_run_keeps_adapters_per_round_and_resumes_after_sigkill_to_the_same_artifacts(tmp_path):
     """configs/dromedary2.py (QLoRA: an NF4 base, LoRA on top) on the tiny model, two rounds: each round
-    checkpoint holds the round's adapters only (under 5% of the model); a run killed once in round 1's training
-    (its step checkpoint: adapters and moments) and once after round 1's checkpoint resumes to byte-equal
-    artifacts; round 2's adapters restore onto the base and export as a PEFT adapter with the checkpoint's
-    arrays."""
+    checkpoint holds the round's adapters only (under 5% of the model); a run killed by SIGKILL while round 2
+    generates (from round 1's adapters, restored onto the base on resume) ends with the artifacts of a run that
+    was not killed, byte for byte; round 2's adapters export as a PEFT adapter with the checkpoint's arrays.
+    (A LoRA step checkpoint's resume: test_train_cli_writes_a_peft_adapter_and_resumes_its_steps.)"""
     import json
     import os
     import subprocess
@@ -158,40 +159,39 @@ def test_a_qlora_run_keeps_adapters_per_round_and_resumes_after_sigkill_to_the_s
 
     import ml_collections
     from conftest import subprocess_env
-    from test_bootstrap import CONFIGS, TINY, Workdir
+    from test_bootstrap import CONFIGS, TINY, Workdir, run
 
     from soft_jax import bootstrap
     from soft_jax.models import safetensors_io
 
-    extra = ["train.lora_rank=4", "train.lora_alpha=8", "train.learning_rate=1e-2", "train.checkpoint_every=1"]
+    extra = ["train.lora_rank=4", "train.lora_alpha=8", "train.learning_rate=1e-2"]
+    whole = run("dromedary2.py", tmp_path / "whole", *extra)
 
     def run_cli(workdir, env=None):
         argv = [sys.executable, "-m", "soft_jax.cli", "run", "--config", os.path.join(CONFIGS, "dromedary2.py"),
                 "--workdir", str(workdir)] + [f"--config.{o}" for o in TINY + extra]
         return subprocess.run(argv, capture_output=True, text=True, env=subprocess_env(**(env or {})), timeout=600)
 
-    whole = tmp_path / "whole"
-    proc = run_cli(whole)
-    assert proc.returncode == 0, proc.stderr[-2000:]
     killed = tmp_path / "killed"
-    for at in ("train_step_2", "trained_r1"):
-        proc = run_cli(killed, {"SOFT_JAX_KILL_AT": at})
-        assert proc.returncode == -9, (at, proc.stderr[-2000:])
+    proc = run_cli(killed, {"SOFT_JAX_KILL_AT": "generate_r2_b0"})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert json.load(open(killed / "state.json"))["finished"] == [1]
     proc = run_cli(killed)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    a, b = Workdir(str(whole)).files(), Workdir(str(killed)).files()
+    a, b = whole.files(), Workdir(str(killed)).files()
     assert a.keys() == b.keys() and len(a) > 10
     for k in a:
         assert a[k] == b[k], k
+    whole = whole.path
     from soft_jax.checkpoints import StepCheckpointer
 
-    config = json.load(open(os.path.join(str(whole), "config.json")))
+    config = json.load(open(os.path.join(whole, "config.json")))
     from soft_jax.models import presets
 
     base, _ = presets.load("tiny", seed=config["seed"], progress=False, quant="nf4")
     assert nnx.state(base, quant.Quantized)
     full = sum(x.nbytes for x in jax.tree.leaves(nnx.state(base, nnx.Param)))
-    rounds = os.path.join(str(whole), "checkpoints", "rounds")
+    rounds = os.path.join(whole, "checkpoints", "rounds")
     ckpt = StepCheckpointer(rounds, every=0, keep=None)
     model = bootstrap.restore_round_model(ckpt, 2, base, ml_collections.ConfigDict(config).train)
     ckpt.close()
