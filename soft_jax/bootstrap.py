@@ -11,6 +11,7 @@ The collapse guard (soft_jax.guard) decides the best round and the stop from eve
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable
 
@@ -55,6 +56,7 @@ class Run:
         self.progress = bool(c.progress) and distributed.is_writer()
         # everything a run reads is checked before the work dir is touched or weights are read
         model_cfg, tokenizer = presets.check(c.model.name, c.model.path, c.model.dtype, c.model.param_dtype)
+        model_cfg = dataclasses.replace(model_cfg, scan_layers=c.model.scan_layers, quant=c.model.quant)
         self.inputs = inputs.load(c)
         training.check_overhead(tokenizer, c.train)  # max lengths that cannot hold the chat format
         inputs.resolve_fixed_exemplars(c, self.inputs)  # before config.json is compared or written: it records them

@@ -160,8 +160,11 @@ def generation_state(cfg: ModelConfig, state):
     stored, compute = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
     if compute.itemsize >= stored.itemsize:
         return state
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, compute if jnp.issubdtype(x.dtype, jnp.floating)
-                                                       else x.dtype), state)
+    cast = lambda x: jax.ShapeDtypeStruct(x.shape, compute if jnp.issubdtype(x.dtype, jnp.floating)  # noqa: E731
+                                          else x.dtype)
+    # parameters only: a quantized kernel's float scales keep their dtype, as sharding.reshard keeps them
+    return jax.tree.map(lambda v: jax.tree.map(cast, v) if isinstance(v, nnx.Param) else v, state,
+                        is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
 def _lowerings(cfg: ModelConfig, shapes: Shapes, mesh, train_config: training.TrainConfig, gen_mesh=None):
@@ -545,8 +548,11 @@ def model_config(c) -> tuple[ModelConfig, object]:
 
     m = c.model
     if not m.path and m.name in memory.TABLE_MODELS:
-        return memory.table_model(m.name, m.param_dtype or m.dtype, m.dtype), None
-    return presets.check(m.name, m.path, m.dtype, m.param_dtype)
+        cfg, tokenizer = memory.table_model(m.name, m.param_dtype or m.dtype, m.dtype), None
+    else:
+        cfg, tokenizer = presets.check(m.name, m.path, m.dtype, m.param_dtype)
+    # how the run stores the model: stacked layers, a quantized base
+    return dataclasses.replace(cfg, scan_layers=m.scan_layers, quant=m.quant), tokenizer
 
 
 def plan_run(c, where: Target, log=print) -> list[Program]:
