@@ -106,21 +106,25 @@ def merged(model: Llama) -> Llama:
     return out
 
 
+def peft_modules(path: tuple, cfg) -> list[str]:
+    """PEFT's name of the projection at `path`, per layer it holds (every layer when the layers are stacked)."""
+    module = ".".join(str(p) for p in (path[1:] if cfg.scan_layers else path[2:]))
+    return [f"{PEFT_PREFIX}model.layers.{i}.{module}" for i in (range(cfg.num_layers) if cfg.scan_layers
+                                                                 else [path[1]])]
+
+
 def peft_tensors(model: Llama) -> dict[str, np.ndarray]:
     """The adapters under PEFT's names for transformers' Llama (lora_A.weight [rank, in], lora_B.weight [out,
     rank]), per layer."""
-    cfg = model.config
     out = {}
     for path, linear in linears(model):
         if linear.lora is None:
             continue
         a, b = (np.asarray(jax.device_get(p[...]), np.float32) for p in (linear.lora.a, linear.lora.b))
-        layers = [(path[1], a, b)] if not cfg.scan_layers else [(i, a[i], b[i]) for i in range(cfg.num_layers)]
-        module = ".".join(str(p) for p in (path[2:] if not cfg.scan_layers else path[1:]))
-        for i, a_i, b_i in layers:
-            name = f"{PEFT_PREFIX}model.layers.{i}.{module}"
-            out[f"{name}.lora_A.weight"] = np.ascontiguousarray(a_i.T)
-            out[f"{name}.lora_B.weight"] = np.ascontiguousarray(b_i.T)
+        stacked = model.config.scan_layers
+        for i, name in enumerate(peft_modules(path, model.config)):
+            out[f"{name}.lora_A.weight"] = np.ascontiguousarray((a[i] if stacked else a).T)
+            out[f"{name}.lora_B.weight"] = np.ascontiguousarray((b[i] if stacked else b).T)
     return out
 
 
@@ -183,27 +187,24 @@ def load_peft(model: Llama, path: str) -> Llama:
     targets = config.get("target_modules") or []
     targets = targets.split(",") if isinstance(targets, str) else targets
     tuned = add_adapters(model, int(config["r"]), float(config["lora_alpha"]), targets)
-    files = [os.path.join(path, n) for n in ("adapter_model.safetensors",) if os.path.isfile(os.path.join(path, n))]
-    if not files:
+    weights = os.path.join(path, "adapter_model.safetensors")
+    if not os.path.isfile(weights):
         raise UserError(f"{path}: no adapter_model.safetensors; re-save the adapter with safe_serialization=True")
-    tensors = safetensors_io.read(files[0])
-    cfg = tuned.config
+    tensors = safetensors_io.read(weights)
     for path_, linear in linears(tuned):
         if linear.lora is None:
             continue
-        module = ".".join(str(p) for p in (path_[2:] if not cfg.scan_layers else path_[1:]))
-        layers = [path_[1]] if not cfg.scan_layers else list(range(cfg.num_layers))
+        names = peft_modules(path_, tuned.config)
         for which, var in (("A", linear.lora.a), ("B", linear.lora.b)):
-            parts = []
-            for i in layers:
-                name = f"{PEFT_PREFIX}model.layers.{i}.{module}.lora_{which}.weight"
-                if name not in tensors:
-                    raise UserError(f"{files[0]}: tensor {name} is missing; the adapter does not match its config")
-                parts.append(np.asarray(tensors[name], np.float32).T)
-            value = np.stack(parts) if cfg.scan_layers else parts[0]
+            missing = [n for n in names if f"{n}.lora_{which}.weight" not in tensors]
+            if missing:
+                raise UserError(f"{weights}: tensor {missing[0]}.lora_{which}.weight is missing; the adapter does not "
+                                "match its config")
+            parts = [np.asarray(tensors[f"{n}.lora_{which}.weight"], np.float32).T for n in names]
+            value = (np.stack(parts) if tuned.config.scan_layers else parts[0]).astype(var[...].dtype)
             if value.shape != tuple(var.shape):
-                raise UserError(f"{files[0]}: {which} of {module} has shape {value.shape}, the base implies "
+                raise UserError(f"{weights}: lora_{which} of {names[0]} has shape {value.shape}, the base implies "
                                 f"{tuple(var.shape)}; the adapter belongs to another model")
-            old = var[...]
-            var.set_value(jax.device_put(value.astype(old.dtype), old.sharding))
+            # each device (of every process) reads its own slice
+            var.set_value(jax.make_array_from_callback(value.shape, var[...].sharding, lambda idx, v=value: v[idx]))
     return tuned
