@@ -114,9 +114,11 @@ TINY_ARCHS = {
 
 # The longest files first: with `-n 2 --dist loadfile` a file runs on one worker, in collection order, so a long
 # file collected late (the SmolLM2 evaluation references take about 10 minutes) would finish alone at the end.
-# Order: worker-seconds per file of a default run with a warm compilation cache (2026-12-02), then the slow set.
+# Order: worker-seconds per file of a default run with a warm compilation cache (2026-12-02; test_generation_mesh.py
+# and test_lora.py from a cold run, 2026-12-05), then the slow set.
 LONGEST_FIRST = ("test_evaluation.py", "test_faults.py", "test_bootstrap.py", "test_distributed.py", "test_cli.py",
-                 "test_sampling.py", "test_training.py", "test_sharding.py", "test_experiments.py")
+                 "test_generation_mesh.py", "test_sampling.py", "test_training.py", "test_lora.py", "test_sharding.py",
+                 "test_experiments.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -125,7 +127,8 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: loads SmolLM2-135M or reads the real BIG-bench files (run in CI too)")
+    config.addinivalue_line("markers", "slow: loads SmolLM2-135M, reads the real BIG-bench files, or runs processes "
+                                       "that each compile LoRA / QLoRA programs cold (run in CI too)")
     if os.environ["JAX_COMPILATION_CACHE_DIR"] == JAX_CACHE and not COLD_CACHE and not hasattr(config, "workerinput"):
         prune_compile_cache(JAX_CACHE, TEST_CACHE_BYTES)  # the controller, before its workers start
 

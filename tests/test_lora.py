@@ -102,6 +102,8 @@ def _dir_bytes(path) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
+# slow: processes that each compile the LoRA / QLoRA programs cold; the default run keeps within 15 minutes
+@pytest.mark.slow
 def test_train_cli_writes_a_peft_adapter_and_resumes_its_steps(tiny_chat, tmp_path, capsys):
     """`soft-jax train --lora-rank 4 --adapter`: a PEFT adapter directory; stopped by SIGTERM after step 1 and
     rerun, it writes the same adapter tensors as the run that was not stopped. Its step checkpoint holds the
@@ -146,6 +148,8 @@ def test_train_cli_writes_a_peft_adapter_and_resumes_its_steps(tiny_chat, tmp_pa
     assert err[-1].startswith("soft-jax: error: LoRA targets attention: ") and not (tmp_path / "x").exists()
 
 
+# slow: processes that each compile the LoRA / QLoRA programs cold; the default run keeps within 15 minutes
+@pytest.mark.slow
 def test_a_qlora_run_keeps_adapters_per_round_and_resumes_after_sigkill_to_the_same_artifacts(tmp_path):
     """configs/dromedary2.py (QLoRA: an NF4 base, LoRA on top) on the tiny model, two rounds: each round
     checkpoint holds the round's adapters only (under 5% of the model); a run killed by SIGKILL while round 2
