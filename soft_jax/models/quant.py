@@ -93,12 +93,17 @@ def array_axes(kind: str, kernel_axes: tuple) -> dict[str, tuple]:
     return {"codes": kernel_axes, "scales_q": kernel_axes, "scales_scale": kernel_axes, "scales_mean": tuple(lead)}
 
 
+# One call in a trace: under nnx.eval_shape (plan's abstract model) each of quantize's ops would be an equation
+# that every later RNG draw of the model's construction walks, quadratic in the model's kernels.
+_quantize = jax.jit(quantize, static_argnums=0)
+
+
 class QuantizedKernel(nnx.Module):
     """A frozen kernel [..., in, out] held quantized; `dequantize(dtype)` gives it back for a matmul."""
 
     def __init__(self, kind: str, kernel, axes: tuple):
         self.kind = kind
-        arrays, names = quantize(kind, kernel), array_axes(kind, tuple(axes))
+        arrays, names = _quantize(kind, kernel), array_axes(kind, tuple(axes))
         for name, value in arrays.items():
             setattr(self, name, Quantized(value, axes=names[name]))
 
