@@ -424,12 +424,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "generation and scoring for, as the config's mesh_generate (default: the config's)")
     p.add_argument("--topology", help="a TPU slice: v4-32, v5e-64, v5p-8, v6e-16, ... (needs libtpu: "
                                       "pip install \"soft-jax[plan-tpu]\")")
-    p.add_argument("--gpu-target", help="'h100' (H100 SXM 80 GB, shipped) or a GpuTargetConfigProto text file "
+    p.add_argument("--gpu-target", help="h100 (H100 SXM 80GB), a100 (A100 SXM 80GB), l4 (L4 24GB) or a "
+                                        "GpuTargetConfigProto text file; a process gets $XLA_PYTHON_CLIENT_MEM_FRACTION "
+                                        "of the memory, 0.75 when unset "
                                         "(needs jax's CUDA plugin: pip install \"soft-jax[plan-gpu]\")")
     p.add_argument("--gpus", type=int, default=1, help="number of GPUs (with --gpu-target)")
-    p.add_argument("--gpu-memory", type=float, help="GiB per GPU (with a --gpu-target file)")
+    p.add_argument("--gpu-memory", type=float, help="GiB a process gets of one GPU (needed with a --gpu-target file)")
     p.add_argument("--memory-limit", type=float, help="GiB per device to plan for instead of the device's memory "
-                                                      "(headroom; jax on a GPU takes 75%% unless told otherwise)")
+                                                      "(headroom)")
     p.set_defaults(fn=cmd_plan, overrides=[])
 
     p = sub.add_parser("report", help="plots and a Markdown summary of a run in WORKDIR/report/")

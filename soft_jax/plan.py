@@ -515,7 +515,7 @@ class Target:
 
 def target(tpu: str | None = None, gpu_target: str | None = None, gpus: int = 1,
            gpu_memory_gib: float | None = None) -> Target:
-    """A TPU slice by name (`v5e-64`), a GPU node by target-config file (or "h100" for the one we ship), or
+    """A TPU slice by name (`v5e-64`), GPUs by name (h100, a100, l4) or target-config file, or
     this machine's own devices when neither is given."""
     from soft_jax import topology
 
@@ -526,14 +526,19 @@ def target(tpu: str | None = None, gpu_target: str | None = None, gpus: int = 1,
         return Target(f"{spec.name} ({spec.chips} x {spec.device_kind}, {spec.hbm_bytes / GiB:.0f} GiB HBM each, "
                       f"{spec.hosts} host(s))", topology.devices(spec), spec.hbm_bytes)
     if gpu_target:
-        path = topology.H100_SXM.target_config if gpu_target == "h100" else gpu_target
-        memory_bytes = (int(gpu_memory_gib * GiB) if gpu_memory_gib else
-                        topology.H100_SXM.hbm_bytes if gpu_target == "h100" else None)
-        if memory_bytes is None:
-            raise UserError("--gpu-target FILE: also give --gpu-memory GIB, the memory of one GPU")
-        label = topology.H100_SXM.name if gpu_target == "h100" else os.path.basename(path)
-        return Target(f"{gpus} x {label} ({memory_bytes / GiB:.0f} GiB each)", topology.gpu_devices(path, gpus),
-                      memory_bytes)
+        spec = topology.GPUS.get(gpu_target.lower())
+        path = spec.target_config if spec else gpu_target
+        if gpu_memory_gib:
+            memory_bytes = int(gpu_memory_gib * GiB)
+        elif spec:
+            memory_bytes = int(spec.hbm_bytes * topology.gpu_memory_share())
+        else:
+            raise UserError(f"--gpu-target {gpu_target}: with a target-config file also give --gpu-memory GIB, the memory "
+                            f"a process gets of one GPU (or name one of {', '.join(topology.GPUS)})")
+        label = (f"{spec.label}, {memory_bytes / GiB:.1f} GiB each: {topology.gpu_memory_share():.0%} of "
+                 f"{spec.hbm_bytes / GiB:.1f} GiB (XLA_PYTHON_CLIENT_MEM_FRACTION)" if spec and not gpu_memory_gib
+                 else f"{spec.label if spec else os.path.basename(path)}, {memory_bytes / GiB:.1f} GiB each")
+        return Target(f"{gpus} x {label}", topology.gpu_devices(path, gpus), memory_bytes)
     from soft_jax import memory
 
     devices = jax.devices()

@@ -8,7 +8,7 @@ TPU. A mesh of them goes where a mesh of real devices would, and
 
 says what the program needs per chip. The compiler does not always refuse a program larger than HBM,
 so compare with `hbm_bytes`. `gpu_devices` does the same for NVIDIA GPUs through the CUDA plugin and a
-GpuTargetConfigProto; `H100_SXM` ships one.
+GpuTargetConfigProto; `GPUS` ships the H100, A100 and L4.
 """
 
 from __future__ import annotations
@@ -54,14 +54,14 @@ class Chip:
 
 
 def chip(device_kind: str) -> Chip | None:
-    """The published limits of a device kind (a TPU generation or the H100), or None when unknown (a CPU)."""
+    """The published limits of a device kind (a TPU generation or a GPU in GPUS), or None when unknown (a CPU)."""
     for key, g in _GENERATIONS.items():
         if g.device_kind == device_kind:
             return Chip(f"TPU {key}", g.peak_bf16_flops, g.hbm_bandwidth, g.ici_bandwidth,
                         f"cloud.google.com/tpu/docs/{key}")
-    if "H100" in device_kind:
-        return Chip("H100 SXM", H100_SXM.peak_bf16_flops, H100_SXM.hbm_bandwidth, H100_SXM.nvlink_bandwidth,
-                    "NVIDIA H100 datasheet (SXM: 989.5 TFLOP/s dense bf16, 3.35 TB/s, NVLink 900 GB/s)")
+    for g in GPUS.values():
+        if g.device_kind == device_kind:
+            return Chip(g.label, g.peak_bf16_flops, g.hbm_bandwidth, g.nvlink_bandwidth, g.source)
     return None
 
 
@@ -176,19 +176,48 @@ def _tpu_devices(spec: TpuSpec) -> tuple[jax.Device, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class GpuSpec:
-    """An NVIDIA GPU for compile-only use: its GpuTargetConfigProto file and its limits."""
+    """An NVIDIA GPU for compile-only use: its GpuTargetConfigProto file and its published limits."""
 
     name: str
+    label: str
+    device_kind: str  # the target config's device_description_str: what its compile-only devices report
     target_config: str  # path of a text-format stream_executor.GpuTargetConfigProto
-    hbm_bytes: int  # jax on GPU preallocates 75% of this unless XLA_PYTHON_CLIENT_MEM_FRACTION says more
+    hbm_bytes: int  # the whole memory; jax preallocates a share of it (gpu_memory_share)
     peak_bf16_flops: float  # dense
     devices_per_host: int
-    hbm_bandwidth: float = 0.0  # bytes/s
-    nvlink_bandwidth: float | None = None  # bytes/s per GPU
+    hbm_bandwidth: float  # bytes/s
+    nvlink_bandwidth: float | None  # bytes/s per GPU; None: no NVLink
+    source: str
 
 
-H100_SXM = GpuSpec("h100-sxm-80gb", os.path.join(_ASSETS, "h100_sxm_80gb.gpu_target.txtpb"), 80 * GiB,
-                   989.5e12, 8, 3.35e12, 900e9)
+def _target(name: str) -> str:
+    return os.path.join(_ASSETS, f"{name}.gpu_target.txtpb")
+
+
+# NVIDIA's datasheets: dense bf16 tensor-core FLOP/s (without sparsity), memory and its bandwidth, NVLink per GPU.
+H100_SXM = GpuSpec("h100", "H100 SXM 80GB", "NVIDIA H100 80GB HBM3", _target("h100_sxm_80gb"), 80 * GiB, 989.5e12, 8,
+                   3.35e12, 900e9, "NVIDIA H100 datasheet (SXM: 989.5 TFLOP/s dense bf16, 3.35 TB/s, NVLink 900 GB/s)")
+A100_SXM = GpuSpec("a100", "A100 SXM 80GB", "NVIDIA A100-SXM4-80GB", _target("a100_sxm_80gb"), 80 * GiB, 312e12, 8,
+                   2.039e12, 600e9, "NVIDIA A100 datasheet (SXM 80GB: 312 TFLOP/s dense bf16, 2,039 GB/s, NVLink "
+                   "600 GB/s)")
+L4 = GpuSpec("l4", "L4 24GB", "NVIDIA L4", _target("l4_24gb"), 24 * 10 ** 9, 121e12, 8, 300e9, None,
+             "NVIDIA L4 datasheet (121 TFLOP/s dense bf16, 24 GB GDDR6 at 300 GB/s, PCIe only)")
+GPUS = {g.name: g for g in (H100_SXM, A100_SXM, L4)}
+JAX_GPU_MEMORY_SHARE = 0.75  # what jax preallocates of a GPU's memory when XLA_PYTHON_CLIENT_MEM_FRACTION is unset
+
+
+def gpu_memory_share() -> float:
+    """The share of a GPU's memory a jax process gets: $XLA_PYTHON_CLIENT_MEM_FRACTION (launch/gpu.sh sets 0.9),
+    else jax's default."""
+    value = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "")
+    try:
+        share = float(value) if value else JAX_GPU_MEMORY_SHARE
+    except ValueError:
+        raise UserError(f"XLA_PYTHON_CLIENT_MEM_FRACTION={value!r} is not a number; set it to a share such as 0.9"
+                        ) from None
+    if not 0 < share <= 1:
+        raise UserError(f"XLA_PYTHON_CLIENT_MEM_FRACTION={value} is not in (0, 1]; set it to a share such as 0.9")
+    return share
 
 
 def gpu_devices(target_config_path: str = H100_SXM.target_config, count: int = 8,

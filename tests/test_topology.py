@@ -62,7 +62,7 @@ def test_without_libtpu_the_error_says_how_to_install_it(monkeypatch):
 
 
 def test_gpu_devices_errors(monkeypatch, tmp_path):
-    assert os.path.isfile(topology.H100_SXM.target_config)
+    assert all(os.path.isfile(g.target_config) for g in topology.GPUS.values())
     with pytest.raises(UserError, match="multiple of 8"):
         topology.gpu_devices(count=12)
     with pytest.raises(UserError, match="cannot read"):
@@ -117,10 +117,24 @@ def test_libtpu_loads_quietly_and_leaves_jax_on_cpu():
     assert proc.stdout.strip() != "tpu"
 
 
-def test_gpu_devices_compile_for_h100():
+def test_a_gpu_process_gets_the_share_jax_preallocates(monkeypatch):
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    assert topology.gpu_memory_share() == 0.75  # jax's default
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")  # launch/gpu.sh's
+    assert topology.gpu_memory_share() == 0.9
+    for bad in ("most", "1.5", "0"):
+        monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", bad)
+        with pytest.raises(UserError, match="XLA_PYTHON_CLIENT_MEM_FRACTION"):
+            topology.gpu_memory_share()
+
+
+@pytest.mark.parametrize("name", sorted(topology.GPUS))
+def test_gpu_devices_compile_for_each_shipped_gpu(name):
     pytest.importorskip("jax_plugins.xla_cuda12")
-    devices = topology.gpu_devices(count=16)
-    assert len(devices) == 16 and {d.device_kind for d in devices} == {"NVIDIA H100 80GB HBM3"}
+    spec = topology.GPUS[name]
+    devices = topology.gpu_devices(spec.target_config, count=16)
+    assert len(devices) == 16 and {d.device_kind for d in devices} == {spec.device_kind}
     assert len({d.process_index for d in devices}) == 2
+    assert topology.chip(spec.device_kind).peak_bf16_flops == spec.peak_bf16_flops  # plan's bounds find it
     memory = _compile_matmul(devices[:4]).memory_analysis()
     assert memory.argument_size_in_bytes == (128 * 512 + 512 * 512) * 2
