@@ -161,13 +161,48 @@ def data_pairs(bench, source):
 
 
 def time_ours_data(model, tokenizer, pairs, config, warm):
-    """[(seconds, TrainResult)] of training.train from `model` (which it leaves as is), once or twice."""
+    """([(seconds, TrainResult)] of training.train from `model` (which it leaves as is), once or twice; the FLOPs
+    of every step it ran, from each step's compiled HLO)."""
+    calls = []  # the abstract arguments of every step call, recorded before the step donates them
+
+    def recording(*args, **kwargs):
+        step = compiled_step(*args, **kwargs)
+
+        def call(*inputs):
+            calls.append((step, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), inputs)))
+            return step(*inputs)
+        return call
+
+    compiled_step, training.compiled_step = training.compiled_step, recording
     runs = []
-    for _ in range(2 if warm else 1):
+    try:
+        for _ in range(2 if warm else 1):
+            start = time.perf_counter()
+            _, result = training.train(model, tokenizer, pairs, config, progress=False)
+            runs.append((time.perf_counter() - start, result))
+    finally:
+        training.compiled_step = compiled_step
+    one_run = calls[:len(calls) // len(runs)]
+    costs = {}
+    for step, inputs in one_run:
+        key = (step, str(inputs))
+        if key not in costs:
+            costs[key] = step.lower(*inputs).compile().cost_analysis()["flops"]
+    return runs, sum(costs[(step, str(inputs))] for step, inputs in one_run)
+
+
+def matmul_rate(n=1024, repeats=20) -> float:
+    """FLOP/s of this CPU's best float32 matmul through jax (n x n by n x n, the best of `repeats`): what a
+    compute-bound step can at most reach here."""
+    a = jax.random.normal(jax.random.key(0), (n, n), np.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
         start = time.perf_counter()
-        _, result = training.train(model, tokenizer, pairs, config, progress=False)
-        runs.append((time.perf_counter() - start, result))
-    return runs
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
 
 
 def peft_config(config):
@@ -244,7 +279,7 @@ def data_main(args):
           f"{config.max_prompt_len}/{config.max_response_len}, float32"
           + (f"; LoRA rank {config.lora_rank}, alpha {config.lora_alpha}, {config.lora_targets}" if config.lora_rank
              else "; full fine-tuning"))
-    ours = time_ours_data(model, tokenizer, pairs, config, args.warm)
+    ours, flops = time_ours_data(model, tokenizer, pairs, config, args.warm)
     del model
     for label, (seconds, result) in zip(("soft-jax (cold: compiles its step)", "soft-jax (warm: step compiled)"), ours):
         print(f"{label:36s} {seconds:8.2f} s  {tokens * config.epochs / seconds:8.1f} tokens/s  {result.steps} steps "
@@ -260,6 +295,15 @@ def data_main(args):
         if args.warm:
             line += f", warm {seconds / ours[1][0]:.2f}x"
         print(line)
+    # how far a faster step could go: soft-jax's work (its steps' compiled HLO) against what this CPU's matmul does
+    peak, warm_s = matmul_rate(), ours[-1][0]
+    print(f"soft-jax's steps: {flops / 1e9:.1f} GFLOP (compiled HLO), {flops / warm_s / 1e9:.1f} GFLOP/s over the "
+          f"{'warm' if args.warm else 'cold'} run = {flops / warm_s / peak:.0%} of this CPU's float32 matmul rate "
+          f"({peak / 1e9:.1f} GFLOP/s, jax, 1024^3)")
+    for mode, (seconds, _, _) in refs.items():
+        need = flops / (seconds / 1.5)
+        print(f"1.5x TRL {mode} with the same work needs {need / 1e9:.1f} GFLOP/s = {need / peak:.0%} of that rate, "
+              "nothing else timed")
 
 
 def main():

@@ -590,7 +590,8 @@ def plan_run(c, where: Target, log=print) -> list[Program]:
             c, cfg, shapes, mesh, chip, where.device_bytes), where.device_bytes, inputs.train_config(c), log, progress)
         log("[plan] mesh_generate all 0: generation and scoring on "
             + (f"mesh {dict(gen_mesh.shape)}, plan's best generation mesh that fits" if gen_mesh is not None else
-               "the training mesh (no tensor-parallel mesh fits)"))
+               "the training mesh (" + ("one device" if mesh.devices.size == 1 else
+                                    "no tensor-parallel mesh fits") + ")"))
     else:
         programs = compile_run(cfg, shapes, mesh, inputs.train_config(c), progress=progress, gen_mesh=gen_mesh)
     log(table(programs, where.device_bytes))

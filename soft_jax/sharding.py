@@ -3,7 +3,8 @@
 Parameters and activations name their axes logically ("embed", "heads", "batch", ...). A rule table
 maps each logical name to mesh axes, so one config line moves a run between one device and a pod.
 
-Parameters follow DEFAULT_RULES: "embed" over fsdp (FSDP), heads / kv_heads / mlp / vocab over tensor.
+Parameters follow DEFAULT_RULES: "embed" over fsdp (FSDP), heads / kv_heads / mlp / vocab over tensor, a LoRA
+adapter's rank over fsdp where "embed" did not take it.
 Activations follow ACTIVATION_RULES: batch rows over data x fsdp, heads / mlp / vocab over tensor, and
 their embed dimension whole. Jitted programs enter `activation_sharding(mesh)` while they trace and the
 model calls `constrain` on every activation. Without those constraints XLA is free to split an FSDP step
@@ -39,6 +40,9 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("norm", None),
     ("length", None),
     ("layers", None),  # the leading axis of stacked (scanned) layers: every device holds all of its layers
+    # a LoRA adapter's rank: over fsdp where its other axis left fsdp free (b [rank, out]: out is over tensor), so
+    # that under pure FSDP the adapters and their Adam moments are split like the weights, not whole on every device
+    ("lora_rank", "fsdp"),
 )
 # Activations: the rows of a batch over data x fsdp; a row's hidden state whole on each device.
 ACTIVATION_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (

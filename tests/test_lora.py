@@ -237,6 +237,25 @@ def test_plan_compiles_the_lora_train_step_with_moments_for_the_adapters_only():
     assert tuned[0].resident == 0  # the base model is the frozen argument; nothing else is kept beside it
 
 
+def test_under_fsdp_every_adapter_array_is_split_over_the_chips():
+    """Pure FSDP (1, 8, 1): a and b of every adapter hold 1/8 of their elements per chip, as the weights do; b's
+    output axis maps to tensor (size 1 here), so its rank axis takes fsdp."""
+    import dataclasses
+
+    from test_sharding import CFG
+
+    from soft_jax import plan, topology
+    from soft_jax import sharding as shd
+
+    mesh = shd.make_mesh((1, 8, 1), topology.devices("v5e-8"))
+    module = plan.abstract_module(dataclasses.replace(CFG, scan_layers=True), TrainConfig(lora_rank=8, lora_alpha=16))
+    state = nnx.state(module, nnx.LoRAParam)
+    arrays = jax.tree.leaves(state)
+    assert len(arrays) == 2 * 7  # a and b of seven projections, stacked over the layers
+    for array, sharding in zip(arrays, jax.tree.leaves(shd.tree_shardings(state, mesh))):
+        assert np.prod(sharding.shard_shape(array.shape)) * 8 == np.prod(array.shape), (array.shape, sharding.spec)
+
+
 def test_dromedary2_config_is_salmons_engraving():
     """configs/dromedary2.py: QLoRA on an NF4 base, rank 64, lr 1e-4 (SALMON's 70B engraving script); the run on
     the tiny model is test_a_qlora_run_keeps_adapters_per_round_and_resumes_after_sigkill_to_the_same_artifacts."""

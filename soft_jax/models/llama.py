@@ -27,13 +27,14 @@ from soft_jax.sharding import constrain
 # Logical axis names used by parameters and activations (see soft_jax.sharding for the rules).
 VOCAB, EMBED, HEADS, KV_HEADS, MLP_AXIS, NORM = "vocab", "embed", "heads", "kv_heads", "mlp", "norm"
 BATCH, LENGTH, LAYERS = "batch", "length", "layers"
+LORA_RANK = "lora_rank"  # an adapter's rank axis: over fsdp, so that under FSDP no adapter array is whole everywhere
 ROWS = (BATCH, LENGTH, EMBED)  # the residual stream [B, T, hidden]
 
 
 class Adapter(nnx.Module):
     """A LoRA adapter beside a frozen kernel: x @ a @ b * scale, a [in, rank] and b [rank, out] (nnx.LoRAParam; with
     stacked layers each has the leading "layers" axis). `a` splits like the kernel's input axis, `b` like its
-    output axis. A @ B is never formed: two thin matmuls cost rank x (in + out) per token."""
+    output axis, and the rank axis over fsdp where that axis is still free (b; a of down_proj, whose input is mlp). A @ B is never formed: two thin matmuls cost rank x (in + out) per token."""
 
     def __init__(self, a: nnx.LoRAParam, b: nnx.LoRAParam, scale: float):
         self.a, self.b, self.scale = a, b, scale

@@ -25,7 +25,7 @@ from soft_jax import sharding as shd
 from soft_jax.errors import UserError
 from soft_jax.io_utils import write_dir
 from soft_jax.models import safetensors_io
-from soft_jax.models.llama import LAYERS, Adapter, Linear, Llama
+from soft_jax.models.llama import LAYERS, LORA_RANK, Adapter, Linear, Llama
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."
@@ -74,8 +74,8 @@ def add_adapters(model: Llama, rank: int, alpha: float, targets=TARGETS, seed: i
         draws = {"a": lambda k, shape: jax.random.uniform(k, shape, jnp.float32, -bound, bound).astype(dtype),
                  "b": lambda k, shape: jnp.zeros(shape, dtype)}
         params = []
-        for name, shape, axes in (("a", (*lead, d_in, rank), (*stacked, in_axis, None)),
-                                  ("b", (*lead, rank, d_out), (*stacked, None, out_axis))):
+        for name, shape, axes in (("a", (*lead, d_in, rank), (*stacked, in_axis, LORA_RANK)),
+                                  ("b", (*lead, rank, d_out), (*stacked, LORA_RANK, out_axis))):
             # made by a jitted program straight onto its sharding (every process makes its own shards)
             out = shd.named_sharding(axes, shape, mesh) if isinstance(mesh, jax.sharding.Mesh) else None
             make = jax.jit(draws[name], static_argnums=1, out_shardings=out)
