@@ -256,6 +256,31 @@ def test_under_fsdp_every_adapter_array_is_split_over_the_chips():
         assert np.prod(sharding.shard_shape(array.shape)) * 8 == np.prod(array.shape), (array.shape, sharding.spec)
 
 
+def test_under_fsdp_the_quantized_base_is_gathered_as_codes_not_as_float_kernels():
+    """QLoRA's train step on a compile-only v5e-8 under pure FSDP: every all-gather of a quantized projection moves
+    its uint8 codes (half a byte a weight), none moves the dequantized float kernel (2-4 bytes a weight)."""
+    import dataclasses
+
+    from test_sharding import SHAPES
+
+    from soft_jax import hlo, plan, topology
+    from soft_jax import sharding as shd
+    from soft_jax.models.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=32, tie_word_embeddings=True, scan_layers=True, quant="nf4",
+                      dtype="bfloat16")
+    mesh = shd.make_mesh((1, 8, 1), topology.devices("v5e-8"))
+    (step,) = plan.compile_run(cfg, dataclasses.replace(SHAPES, scan_layers=True), mesh,
+                               TrainConfig(lora_rank=8, lora_alpha=16), only=["train_step"])
+    gathers = [c for c in hlo.traffic(step.compiled.as_text()).collectives if c.kind == "all-gather"]
+    kernels = {(128, 128), (128, 64), (128, 256), (256, 128)}  # q / o, k / v, gate / up, down: [in, out]
+    codes = {(i // 2, o) for i, o in kernels}
+    dims = [(dtype, tuple(d for d in shape if d != 1)) for c in gathers for dtype, shape in hlo.array_dims(c.shape)]
+    assert not [(t, d) for t, d in dims if t in ("f32", "bf16") and d in kernels]
+    assert {d for t, d in dims if t == "u8"} == codes
+
+
 def test_dromedary2_config_is_salmons_engraving():
     """configs/dromedary2.py: QLoRA on an NF4 base, rank 64, lr 1e-4 (SALMON's 70B engraving script); the run on
     the tiny model is test_a_qlora_run_keeps_adapters_per_round_and_resumes_after_sigkill_to_the_same_artifacts."""

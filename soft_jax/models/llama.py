@@ -21,7 +21,7 @@ from flax import nnx
 from flax import struct
 
 from soft_jax.models.config import ModelConfig, rope_inv_freq
-from soft_jax.models.quant import Quantized, QuantizedKernel, supported
+from soft_jax.models.quant import Quantized, QuantizedKernel, array_axes, dequantize, supported
 from soft_jax.sharding import constrain
 
 # Logical axis names used by parameters and activations (see soft_jax.sharding for the rules).
@@ -84,7 +84,14 @@ class Linear(nnx.Module):
 
     def weight(self, dtype) -> jax.Array:
         """The kernel in `dtype` (dequantized inside the matmul's program when stored quantized)."""
-        return self.kernel.dequantize(dtype) if self.quantized else self.kernel[...].astype(dtype)
+        if not self.quantized:
+            return self.kernel[...].astype(dtype)
+        # Gather the quantized arrays over fsdp (their activation layout: embed whole, heads / mlp over tensor)
+        # before dequantizing: left to itself, XLA dequantizes each shard and all-gathers the float kernel, 4-8x the
+        # bytes of the codes and scales.
+        axes = array_axes(self.kernel.kind, self.axes)
+        return dequantize(self.kernel.kind, {name: constrain(value, axes[name])
+                                             for name, value in self.kernel.arrays().items()}, dtype)
 
     @property
     def kernel_var(self) -> nnx.Variable:
