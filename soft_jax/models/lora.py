@@ -49,6 +49,14 @@ def parse_targets(targets) -> tuple[str, ...]:
     return names
 
 
+def _draw_a(key, shape, dtype, bound):
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+
+def _zeros(key, shape, dtype, bound):
+    return jnp.zeros(shape, dtype)
+
+
 def add_adapters(model: Llama, rank: int, alpha: float, targets=TARGETS, seed: int = 0) -> Llama:
     """A copy of `model` (sharing its weight arrays) with a fresh adapter on each targeted projection; `model` is
     left as it is. Each adapter array is placed on its kernel's mesh by the sharding rules: `a` split like the
@@ -71,15 +79,14 @@ def add_adapters(model: Llama, rank: int, alpha: float, targets=TARGETS, seed: i
         bound = 1.0 / np.sqrt(d_in)  # PEFT's kaiming_uniform_(a=sqrt(5)) on lora_A: U(-1/sqrt(in), 1/sqrt(in))
         mesh = getattr(getattr(linear.kernel_var[...], "sharding", None), "mesh", None)
         dtype = jnp.dtype(cfg.param_dtype)
-        draws = {"a": lambda k, shape: jax.random.uniform(k, shape, jnp.float32, -bound, bound).astype(dtype),
-                 "b": lambda k, shape: jnp.zeros(shape, dtype)}
         params = []
         for name, shape, axes in (("a", (*lead, d_in, rank), (*stacked, in_axis, LORA_RANK)),
                                   ("b", (*lead, rank, d_out), (*stacked, LORA_RANK, out_axis))):
-            # made by a jitted program straight onto its sharding (every process makes its own shards)
+            # made by a jitted program straight onto its sharding (every process makes its own shards); module-level
+            # functions, so that the projections of one shape share a compiled program
             out = shd.named_sharding(axes, shape, mesh) if isinstance(mesh, jax.sharding.Mesh) else None
-            make = jax.jit(draws[name], static_argnums=1, out_shardings=out)
-            params.append(nnx.LoRAParam(make(jax.random.fold_in(key, i), shape), axes=axes))
+            make = jax.jit(_draw_a if name == "a" else _zeros, static_argnums=(1, 2, 3), out_shardings=out)
+            params.append(nnx.LoRAParam(make(jax.random.fold_in(key, i), shape, dtype, bound), axes=axes))
         linear.lora = Adapter(*params, scale=float(alpha) / rank)
     return model
 
