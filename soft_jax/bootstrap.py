@@ -29,7 +29,8 @@ from soft_jax.checkpoints import StepCheckpointer
 from soft_jax.data import contamination, filters, templates
 from soft_jax.errors import UserError
 from soft_jax.models import presets
-from soft_jax.workdir import CONFIG, CONTAMINATION, CURRICULUM, STATE, WorkDir, read_json, remove
+from soft_jax.io_utils import read_json
+from soft_jax.workdir import CONFIG, CONTAMINATION, CURRICULUM, STATE, WorkDir, remove
 
 
 def checksum(model) -> float:

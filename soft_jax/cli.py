@@ -12,7 +12,7 @@ import shlex
 import os
 import sys
 
-from soft_jax import settings
+from soft_jax import compile_cache, settings
 from soft_jax.errors import UserError
 from soft_jax.preemption import Preempted
 
@@ -494,39 +494,6 @@ def _again(argv) -> str:
     return "soft-jax " + shlex.join(sys.argv[1:] if argv is None else argv)
 
 
-COMPILE_CACHE_BYTES = 8 * 2**30  # a 7B model's programs for a pod slice are tens of MB each
-
-
-def _persistent_compile_cache() -> None:
-    """JAX's persistent compilation cache for every command that runs programs: a later `eval`, a resumed `run`
-    or the next run of the same shapes reads back what an earlier process compiled. $JAX_COMPILATION_CACHE_DIR
-    when set, else $SOFT_JAX_CACHE/jax (~/.cache/soft_jax/jax), which holds at most COMPILE_CACHE_BYTES (the least
-    recently used programs go first; $JAX_COMPILATION_CACHE_MAX_SIZE wins); SOFT_JAX_COMPILE_CACHE=0 turns it
-    off. Programs that compile in under a second are not stored (JAX's default)."""
-    import jax
-
-    if os.environ.get("SOFT_JAX_COMPILE_CACHE", "1") == "0":
-        jax.config.update("jax_enable_compilation_cache", False)
-    elif not jax.config.jax_compilation_cache_dir:
-        from soft_jax.io_utils import cache_dir
-
-        jax.config.update("jax_compilation_cache_dir", cache_dir("jax"))
-        if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:  # JAX's default keeps every program forever
-            jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_BYTES)
-            _adopt_uncapped_entries(cache_dir("jax"))
-
-
-def _adopt_uncapped_entries(directory: str) -> None:
-    """Gives each program an uncapped process stored (an older soft-jax, JAX_COMPILATION_CACHE_MAX_SIZE=-1) the
-    access-time file JAX's capped cache keeps beside it, from its modification time: the capped cache reads every
-    entry's access time before it stores a program, and one missing file makes every store fail."""
-    for name in os.listdir(directory) if os.path.isdir(directory) else ():
-        atime = os.path.join(directory, name.removesuffix("-cache") + "-atime")
-        if name.endswith("-cache") and not os.path.exists(atime):
-            with open(atime, "wb") as f:  # JAX's format: nanoseconds, 8 bytes little-endian
-                f.write(os.stat(os.path.join(directory, name)).st_mtime_ns.to_bytes(8, "little"))
-
-
 def main(argv=None) -> int:
     try:
         args, rest = build_parser().parse_known_args(argv)
@@ -534,7 +501,7 @@ def main(argv=None) -> int:
             raise UserError(f"unrecognized arguments: {' '.join(rest)} (see `soft-jax {args.command} --help`)")
         args.overrides = rest
         if args.command in ("run", "sweep", "eval", "generate", "train"):
-            _persistent_compile_cache()
+            compile_cache.enable()
         args.fn(args)
     except UserError as e:
         print(f"soft-jax: error: {e}", file=sys.stderr)

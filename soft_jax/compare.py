@@ -25,7 +25,8 @@ import numpy as np
 from soft_jax import evaluation, guard, io_utils, plots, stats
 from soft_jax import config as config_lib
 from soft_jax.errors import UserError
-from soft_jax.workdir import CONFIG, METRICS, STATE, read_json
+from soft_jax.io_utils import read_json
+from soft_jax.workdir import CONFIG, METRICS, STATE
 
 OUTPUT = "compare.md"
 SIGNALS = ("distinct_1", "distinct_2", "repeated_ngram_rate", "length", "truncation_rate")

@@ -86,6 +86,22 @@ def write_dir(path: str, fill: Callable[[str], None]) -> None:
         raise
 
 
+def read_json(path: str, default=None):
+    """A JSON file soft-jax wrote (atomically), or `default` when there is none; a damaged one is a UserError."""
+    if not os.path.exists(path):
+        return default
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:  # soft-jax writes atomically: something else damaged the file
+            raise UserError(f"{path}: malformed JSON ({e.msg} at line {e.lineno}); the file was damaged outside "
+                            "soft-jax: restore it, or start over with a new --workdir") from None
+
+
+def write_json(path: str, obj) -> None:
+    write_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+
+
 def write_jsonl(path: str, rows: Iterable[dict[str, Any]]) -> None:
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 

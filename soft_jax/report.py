@@ -15,7 +15,8 @@ import numpy as np
 from soft_jax import evaluation, guard, io_utils, plots
 from soft_jax.data import filters
 from soft_jax.errors import UserError
-from soft_jax.workdir import CONFIG, METRICS, STATE, WorkDir, read_json
+from soft_jax.io_utils import read_json
+from soft_jax.workdir import CONFIG, METRICS, STATE, WorkDir
 
 SAMPLES_PER_ROUND = 3
 # curriculum.score -> the unit of the difficulty axis

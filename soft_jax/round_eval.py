@@ -11,7 +11,8 @@ import numpy as np
 from soft_jax import curriculum, distributed, evaluation, io_utils, sampling, signals
 from soft_jax.data import templates
 from soft_jax.errors import UserError
-from soft_jax.workdir import METRICS, WorkDir, read_json, write_jsonl
+from soft_jax.io_utils import read_json
+from soft_jax.workdir import METRICS, WorkDir, save_jsonl
 
 OPEN_ENDED = "open_ended.jsonl"
 
@@ -51,7 +52,7 @@ def evaluate(run, t: int, model, tokenizer) -> tuple[dict, dict]:
     c, out, t0 = run.c, {"round": t}, time.perf_counter()
     answers = open_ended(run, model, tokenizer) if run.inputs.open_ended else []
     if answers:
-        write_jsonl(run.wd.round_file(t, OPEN_ENDED), answers)
+        save_jsonl(run.wd.round_file(t, OPEN_ENDED), answers)
         out["open_ended"] = {"file": OPEN_ENDED, "n": len(answers), "signals": signals.summary(
             [a["answer"] for a in answers], [a["finish"] for a in answers])}
     items, ids = validation_items(run, model, tokenizer, answers)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from soft_jax import data, faults, io_utils, preemption, sampling, settings
 from soft_jax.data import filters, templates
-from soft_jax.workdir import append_line
+from soft_jax.workdir import save_line
 
 PARTIAL = "generations.partial.jsonl"  # one line per finished batch of a round's generation in progress
 
@@ -110,7 +110,7 @@ def generate(run, t: int, generator, tokenizer, prompts: list[dict], about: dict
                 continue
             for b, rows in zip(ids, generate_batches(run, t, first, generator, tokenizer, batches, cfg, ctx)):
                 new_tokens += sum(len(tokenizer(r["raw"], add_special_tokens=False)["input_ids"]) for r in rows)
-                append_line(partial, {"batch": b, "rows": rows})
+                save_line(partial, {"batch": b, "rows": rows})
                 done[b] = rows
                 bar.update(len(rows))
             bar.set_postfix(tok_per_s=f"{new_tokens / (time.perf_counter() - t0):.1f}")

@@ -17,7 +17,8 @@ from soft_jax import bootstrap
 from soft_jax import config as config_lib
 from soft_jax.errors import UserError
 from soft_jax.preemption import Preempted
-from soft_jax.workdir import CONFIG, NEW_STATE, STATE, read_json
+from soft_jax.io_utils import read_json
+from soft_jax.workdir import CONFIG, NEW_STATE, STATE
 
 # validation keys that only the collapse guard reads (its decision is remade from the copied per-item scores)
 GUARD_ONLY = ("patience", "tolerance", "confidence", "resamples")

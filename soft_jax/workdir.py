@@ -18,7 +18,6 @@ On a multi-host run every host reads; only process 0 writes.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 from typing import Callable
@@ -28,40 +27,25 @@ import ml_collections
 from soft_jax import config as config_lib
 from soft_jax import distributed, faults, io_utils, preemption, tensorboard_events
 from soft_jax.errors import UserError
+from soft_jax.io_utils import read_json, read_jsonl
 
 CONFIG, STATE, METRICS, LOCK, CURRICULUM = "config.json", "state.json", "metrics.jsonl", ".lock", "curriculum.json"
 CONTAMINATION = "contamination.json"  # `soft-jax data check` of the run's inputs, written when it starts
 NEW_STATE = {"finished": [], "scores": {}, "comparisons": {}, "best_round": None, "stopped": None}
 
 
-def read_json(path: str, default=None):
-    if not os.path.exists(path):
-        return default
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:  # soft-jax writes atomically: something else damaged the file
-            raise UserError(f"{path}: malformed JSON ({e.msg} at line {e.lineno}); the file was damaged outside "
-                            "soft-jax: restore it, or start over with a new --workdir") from None
-
-
-def read_jsonl(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
-def write_json(path: str, obj) -> None:
-    """Atomic JSON write (process 0 only, as every write below)."""
+def save_json(path: str, obj) -> None:
+    """io_utils.write_json on the writer process only (process 0), as every save_* here: the work dir is shared."""
     if distributed.is_writer():
-        io_utils.write_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+        io_utils.write_json(path, obj)
 
 
-def write_jsonl(path: str, rows) -> None:
+def save_jsonl(path: str, rows) -> None:
     if distributed.is_writer():
         io_utils.write_jsonl(path, rows)
 
 
-def append_line(path: str, row: dict) -> None:
+def save_line(path: str, row: dict) -> None:
     if distributed.is_writer():
         io_utils.append_line(path, row)
 
@@ -85,7 +69,7 @@ class Metrics:
     def __init__(self, path: str, tensorboard: str | None = None, validation: str = "valid_nll"):
         self.path = path
         self.rows = {self._key(r): r for r in io_utils.read_appended(path)}
-        write_jsonl(self.path, self.rows.values())
+        save_jsonl(self.path, self.rows.values())
         self.events = (tensorboard_events.EventLog(tensorboard, self.rows.items(), validation)
                        if tensorboard and distributed.is_writer() else None)
 
@@ -98,9 +82,9 @@ class Metrics:
         seen = key in self.rows
         self.rows[key] = row
         if seen:
-            write_jsonl(self.path, self.rows.values())
+            save_jsonl(self.path, self.rows.values())
         else:
-            append_line(self.path, row)
+            save_line(self.path, row)
         if self.events:
             self.events.add(key, row, seen)
 
@@ -188,7 +172,7 @@ class WorkDir:
             self.handle = lock(self.path)
             try:
                 if update:
-                    write_json(self.file(CONFIG), update)
+                    save_json(self.file(CONFIG), update)
                 if io_utils.remove_stray_temps(self.path, skip=("checkpoints",)):
                     log(f"[run] removed temp files that an interrupted write left in {self.path}")
             except BaseException:
@@ -207,7 +191,7 @@ class WorkDir:
             self.handle = None
 
     def save_state(self, state: dict) -> None:
-        write_json(self.file(STATE), state)
+        save_json(self.file(STATE), state)
 
     def phase(self, path: str, compute: Callable[[], tuple], point: str = "", stop: str = ""):
         """One durable phase: the artifact at `path` when an earlier run finished it; else `compute()` ->
@@ -216,7 +200,7 @@ class WorkDir:
         if os.path.exists(path):
             return read_jsonl(path) if path.endswith(".jsonl") else read_json(path)
         value, event = compute()
-        (write_jsonl if path.endswith(".jsonl") else write_json)(path, value)
+        (save_jsonl if path.endswith(".jsonl") else save_json)(path, value)
         if event:
             self.metrics.add(event)
         if point:

@@ -9,6 +9,8 @@ import tempfile
 import numpy as np
 import pytest
 
+from soft_jax import compile_cache
+
 # Tests compare float32 numerics with PyTorch; keep XLA's CPU matmuls at full precision.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 # libtpu is installed (the TPU compile tests), but tests and their subprocesses run on the CPU: without this
@@ -22,7 +24,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # prefill, decode, scoring) instead of compiling it again. A program's key holds its HLO, compile options, XLA
 # flags and the jax and jaxlib versions: a changed program compiles afresh, never reads another's entry.
 # SOFT_JAX_TEST_COLD_CACHE=1: a fresh cache for this session only, removed at its end (a first run's times).
-# The controller keeps the shared cache under TEST_CACHE_BYTES (prune_compile_cache).
+# The controller keeps the shared cache under TEST_CACHE_BYTES (soft_jax.compile_cache.prune).
 os.environ.setdefault("SOFT_JAX_TEST_SESSION", str(os.getpid()))
 TEST_CACHE_BYTES = 2 * 2**30
 COLD_CACHE = os.environ.get("SOFT_JAX_TEST_COLD_CACHE", "0") == "1"
@@ -32,30 +34,6 @@ JAX_CACHE = (os.path.join(tempfile.gettempdir(), f"soft-jax-tests-jax-cache-{os.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", JAX_CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-
-
-def prune_compile_cache(directory: str, limit: int) -> int:
-    """Deletes the least recently read entries of a compilation cache directory until it holds at most half of
-    `limit` bytes, if it holds more than `limit`; returns how many it deleted."""
-    try:
-        entries = [e for e in os.scandir(directory) if e.is_file()]
-    except FileNotFoundError:
-        return 0
-    sizes = {e.path: e.stat() for e in entries}
-    total = sum(st.st_size for st in sizes.values())
-    if total <= limit:
-        return 0
-    deleted = 0
-    for path, st in sorted(sizes.items(), key=lambda kv: kv[1].st_atime):
-        if total <= limit // 2:
-            break
-        try:
-            os.remove(path)
-        except OSError:
-            continue
-        total -= st.st_size
-        deleted += 1
-    return deleted
 
 
 # Items written for these tests in BIG-bench's task layout (tests/data/bigbench/bigbench/benchmark_tasks/...): the
@@ -130,7 +108,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: loads SmolLM2-135M, reads the real BIG-bench files, or runs processes "
                                        "that each compile LoRA / QLoRA programs cold (run in CI too)")
     if os.environ["JAX_COMPILATION_CACHE_DIR"] == JAX_CACHE and not COLD_CACHE and not hasattr(config, "workerinput"):
-        prune_compile_cache(JAX_CACHE, TEST_CACHE_BYTES)  # the controller, before its workers start
+        compile_cache.prune(JAX_CACHE, TEST_CACHE_BYTES)  # the controller, before its workers start
 
 
 def make_tiny_hf(kind: str, out_dir: str, seed: int = 0, **overrides):

@@ -6,7 +6,9 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import TINY, prune_compile_cache, run_cli
+from conftest import TINY, run_cli
+
+from soft_jax import compile_cache
 
 
 def assert_user_error(proc, *needles):
@@ -184,12 +186,12 @@ def test_plan_bad_input(extra, needle):
 
 
 def test_the_tests_compilation_cache_is_pruned_least_recently_read_first(tmp_path):
-    """conftest.prune_compile_cache: past the limit, the least recently read entries go until half of it is left."""
+    """compile_cache.prune (the tests' cache, pruned by conftest): past the limit, the least recently read entries go until half of it is left."""
     for i in range(6):  # 100 bytes each; read last at 1000 + 5i mod 6: e0 longest ago, then e5, e4, ...
         (tmp_path / f"e{i}").write_bytes(b"x" * 100)
         os.utime(tmp_path / f"e{i}", (1000 + (i * 5) % 6, 1000))
-    assert prune_compile_cache(str(tmp_path), 600) == 0 and len(os.listdir(tmp_path)) == 6
-    assert prune_compile_cache(str(tmp_path), 500) == 4  # 600 > 500: down to 250 bytes or less (200)
+    assert compile_cache.prune(str(tmp_path), 600) == 0 and len(os.listdir(tmp_path)) == 6
+    assert compile_cache.prune(str(tmp_path), 500) == 4  # 600 > 500: down to 250 bytes or less (200)
     order = sorted(range(6), key=lambda i: (i * 5) % 6)  # by last read
     assert sorted(os.listdir(tmp_path)) == sorted(f"e{i}" for i in order[4:])
 

@@ -134,7 +134,7 @@ def check_run(inputs, path: str, truthfulqa_file: str = "", questions: str = "",
     TruthfulQA and the open-ended questions, once per work dir: the report goes to `path` (contamination.json);
     overlaps are listed in the log, not fatal. Without the benchmark files (offline, no archive) it is skipped,
     saying why."""
-    from soft_jax.workdir import write_json
+    from soft_jax.workdir import save_json
 
     if os.path.exists(path):
         return
@@ -142,10 +142,10 @@ def check_run(inputs, path: str, truthfulqa_file: str = "", questions: str = "",
         evals = eval_sources(truthfulqa_file or None, questions)
     except UserError as e:
         log(f"[data check] skipped: {e}")
-        write_json(path, {"skipped": str(e)})
+        save_json(path, {"skipped": str(e)})
         return
     report = overlaps(train_items(inputs.pool, inputs.exemplars, inputs.validation), evals)
-    write_json(path, report)
+    save_json(path, report)
     if report["clean"]:
         log(f"[data check] clean: the pool, exemplars and validation pairs share no word "
             f"{' or '.join(map(str, report['ngram_sizes']))}-gram with the benchmarks ({os.path.basename(path)})")
