@@ -16,6 +16,16 @@ def cpu_model() -> str:
     return f"{name}, {os.cpu_count()} logical CPUs"
 
 
+def markdown_table(rows) -> str:
+    """A Markdown table of dict rows (columns: the first row's keys, in order)."""
+    if not rows:
+        return ""
+    head = list(rows[0])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(r.get(k, "")) for k in head) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 PRINCIPLES = [
     "Ethical: refuse to help with harm, illegal acts or deception, and say why.",
     "Informative: give accurate, relevant facts, not filler.",

@@ -30,10 +30,11 @@ JETSTREAM_PER_CHIP = 3975 / 8  # JetStream (JAX) Llama-2-7B on v5e-8, tensor par
 
 
 def case(model: str, where: str) -> list[dict]:
-    from soft_jax import hlo, memory, plan, topology
+    from soft_jax import hlo, plan, topology
     from soft_jax import sharding as shd
+    from soft_jax.models import presets
 
-    cfg = memory.table_model(model, "bfloat16", "bfloat16")
+    cfg = presets.architecture(model, "bfloat16", "bfloat16")
     tgt = plan.target(tpu=where)
     n = len(tgt.devices)
     chip = topology.chip(tgt.devices[0].device_kind)

@@ -1,6 +1,6 @@
 """GPU figures for the day a GPU is at hand: bf16 SFT MFU on a 1B-class model, batch-1 decode against the HBM bound.
 
-Random weights of Llama-3.2-1B's architecture (memory.TABLE_MODELS["llama3.2-1b"]: 16 layers, hidden 2048, 32
+Random weights of Llama-3.2-1B's architecture (presets.ARCHITECTURES["llama3.2-1b"]: 16 layers, hidden 2048, 32
 heads, 8 KV heads, vocabulary 128,256, tied embeddings); no checkpoint is needed.
 
 - `sft`: the real train step (soft_jax.training.Trainer: bf16 compute over float32 master weights and Adam
@@ -28,7 +28,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from sampling import decode_only  # noqa: E402
 
-from soft_jax import memory, training  # noqa: E402
+from soft_jax import training  # noqa: E402
+from soft_jax.models import presets  # noqa: E402
 from soft_jax.models.llama import init_random  # noqa: E402
 
 # Peak HBM bandwidth, bytes/s (vendor figures): the bound batch-1 decode is measured against.
@@ -42,7 +43,7 @@ def device_figure(table: dict) -> float | None:
 
 
 def one_b(dtype: str, param_dtype: str, layers: int | None):
-    cfg = memory.table_model("llama3.2-1b", param_dtype=param_dtype, dtype=dtype)
+    cfg = presets.architecture("llama3.2-1b", param_dtype=param_dtype, dtype=dtype)
     return cfg if layers is None else dataclasses.replace(cfg, num_layers=layers)
 
 

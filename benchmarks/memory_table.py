@@ -17,7 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # soft_jax from a checkout
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py
 
-from common import in_fresh_processes  # noqa: E402
+from common import in_fresh_processes, markdown_table  # noqa: E402
 
 # (model, target, mesh): FSDP over every device, as launch/tpu_pod.sh runs a slice.
 CASES = tuple((model, where, mesh) for model in ("llama2-7b", "llama3-8b")
@@ -30,8 +30,9 @@ def compare_row(model: str, where: str, mesh_shape, param_dtype="bfloat16") -> d
     """One row of the memory table: compiled GiB per device (training, generation) beside the estimate's."""
     from soft_jax import memory, plan
     from soft_jax import sharding as shd
+    from soft_jax.models import presets
 
-    cfg = memory.table_model(model, param_dtype, "bfloat16")
+    cfg = presets.architecture(model, param_dtype, "bfloat16")
     log = lambda name: print(f"# {model} {where}: {name}", file=sys.stderr, flush=True)  # noqa: E731
     tgt = plan.target(gpu_target="h100", gpus=math.prod(mesh_shape)) if where == "h100" else plan.target(tpu=where)
     mesh = shd.make_mesh(mesh_shape, tgt.devices)
@@ -51,11 +52,9 @@ def compare_row(model: str, where: str, mesh_shape, param_dtype="bfloat16") -> d
 
 
 if __name__ == "__main__":
-    from soft_jax import memory
-
     wanted = sys.argv[1:]
     rows = []
     for _, row in in_fresh_processes([c for c in CASES if not wanted or f"{c[0]}:{c[1]}" in wanted], compare_row):
         rows.append(row)
-        print(memory.table(rows[-1:]), flush=True)
-    print(memory.table(rows))
+        print(markdown_table(rows[-1:]), flush=True)
+    print(markdown_table(rows))

@@ -245,41 +245,10 @@ def check(estimate_dict: Mapping[str, int], available: int | None, headroom: flo
                     f"{gib(available)} GiB ({headroom:.0%} usable); {mend}")
 
 
-# --- tables -------------------------------------------------------------------------------------
-
-
-def table(rows: Sequence[Mapping[str, object]]) -> str:
-    """A Markdown table of dict rows (columns: the first row's keys, in order)."""
-    if not rows:
-        return ""
-    head = list(rows[0])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(str(r.get(k, "")) for k in head) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-# Architectures of the memory table in benchmarks/RESULTS.md (Llama-3.2-1B stands for the 1B class).
-TABLE_MODELS = {
-    "llama3.2-1b": dict(vocab=128256, hidden=2048, inter=8192, layers=16, heads=32, kv=8, head_dim=64, tied=True),
-    "llama2-7b": dict(vocab=32000, hidden=4096, inter=11008, layers=32, heads=32, kv=32, head_dim=128),
-    "llama3-8b": dict(vocab=128256, hidden=4096, inter=14336, layers=32, heads=32, kv=8, head_dim=128),
-    "llama2-13b": dict(vocab=32000, hidden=5120, inter=13824, layers=40, heads=40, kv=40, head_dim=128),
-    "llama2-70b": dict(vocab=32000, hidden=8192, inter=28672, layers=80, heads=64, kv=8, head_dim=128),
-}
-TABLE_MESHES = ("gpu", "tpu-host", "v4-32", "v5e-64")
 # SOFT at scale: 128 packed rows of 1024 tokens per step (2 rows per device per micro-batch), remat;
 # 64 prompts per sampling batch: a 2048-token prompt (1792 shared principles + exemplars, 256 own) + 512 new.
 TABLE_SETTINGS = dict(train_batch=128, train_seq=1024, rows_per_device=2, remat=True, sample_batch=64,
                       sample_len=2048 + 512, sample_new=512, sample_prefix=1792, keep_base=True)
-
-
-def table_model(name: str, param_dtype: str = "bfloat16", dtype: str = "bfloat16") -> ModelConfig:
-    """The ModelConfig of a TABLE_MODELS architecture."""
-    shape = TABLE_MODELS[name]
-    return ModelConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["inter"],
-                       num_layers=shape["layers"], num_heads=shape["heads"], num_kv_heads=shape["kv"],
-                       head_dim=shape["head_dim"], tie_word_embeddings=shape.get("tied", False), dtype=dtype,
-                       param_dtype=param_dtype)
 
 
 def preset_estimate(cfg: ModelConfig, mesh_name: str, settings: Mapping[str, object] = TABLE_SETTINGS) -> dict:
@@ -290,32 +259,3 @@ def preset_estimate(cfg: ModelConfig, mesh_name: str, settings: Mapping[str, obj
                          grad_accum=accum, remat=s["remat"], sample_batch=s["sample_batch"],
                          sample_len=s["sample_len"], sample_new=s["sample_new"], sample_prefix=s["sample_prefix"],
                          keep_base=s["keep_base"]), grad_accum=accum)
-
-
-def preset_table(models: Sequence[str] = tuple(TABLE_MODELS), meshes: Sequence[str] = TABLE_MESHES,
-                 settings: Mapping[str, object] = TABLE_SETTINGS, headroom: float = 0.9) -> str:
-    """The estimated memory table: GiB per device for each model x parameter dtype x mesh preset."""
-    rows = []
-    for name in models:
-        for param_dtype in ("float32", "bfloat16"):
-            cfg = table_model(name, param_dtype)
-            for mesh_name in meshes:
-                est = preset_estimate(cfg, mesh_name, settings)
-                device = PRESET_DEVICE_BYTES[mesh_name]
-                peak = max(est["train_total"], est["generate_total"])
-                fits = "-" if device is None else ("yes" if peak <= headroom * device else "no")
-                rows.append({
-                    "model": name, "params": "f32" if param_dtype == "float32" else "bf16",
-                    "mesh (data, fsdp, tensor)": f"{mesh_name} {MESH_PRESETS[mesh_name]}",
-                    "grad_accum": est["grad_accum"], "params/copy": gib(est["params"]),
-                    "Adam": gib(est["optimizer"]), "grads": gib(est["gradients"]),
-                    "activations + logits": gib(est["activations"] + est["logits"]),
-                    "train total": gib(est["train_total"]), "KV cache": gib(est["kv_cache"]),
-                    "generate total": gib(est["generate_total"]),
-                    "fits": fits if device is None else f"{fits} ({gib(device)} GiB)",
-                })
-    return table(rows)
-
-
-if __name__ == "__main__":
-    print(preset_table())

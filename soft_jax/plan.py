@@ -548,12 +548,11 @@ def target(tpu: str | None = None, gpu_target: str | None = None, gpus: int = 1,
 def model_config(c) -> tuple[ModelConfig, object]:
     """(architecture, tokenizer or None) of a run config's model, without reading weights. A preset that
     needs a path (llama2-7b, llama3-8b) plans from its known architecture when no path is given."""
-    from soft_jax import memory
     from soft_jax.models import presets
 
     m = c.model
-    if not m.path and m.name in memory.TABLE_MODELS:
-        cfg, tokenizer = memory.table_model(m.name, m.param_dtype or m.dtype, m.dtype), None
+    if not m.path and m.name in presets.ARCHITECTURES:
+        cfg, tokenizer = presets.architecture(m.name, m.param_dtype or m.dtype, m.dtype), None
     else:
         cfg, tokenizer = presets.check(m.name, m.path, m.dtype, m.param_dtype)
     # how the run stores the model: stacked layers, a quantized base

@@ -16,6 +16,7 @@ from soft_jax import config as config_lib
 from soft_jax import memory, sampling, training
 from soft_jax.errors import UserError
 from soft_jax.models.config import ModelConfig
+from soft_jax.models import presets
 from soft_jax.models.llama import KVCache, init_random
 
 GIB = 1024 ** 3
@@ -37,7 +38,7 @@ def nbytes(tree) -> int:
 
 
 def llama2_7b(param_dtype):
-    return memory.table_model("llama2-7b", param_dtype)
+    return presets.architecture("llama2-7b", param_dtype)
 
 
 def table_estimate(cfg, mesh_name, **settings):
@@ -250,14 +251,6 @@ def test_for_run_reads_the_run_config():
                                 sample_batch=3 * c.sampling.batch_size, sample_len=64 + 64 + c.sampling.max_new_tokens,
                                 sample_new=c.sampling.max_new_tokens, sample_prefix=64, sample_groups=3,
                                 sample_extra=sampling.TAIL_SLOTS + c.sampling.max_new_tokens, keep_base=True)
-
-
-def test_tables():
-    assert memory.table([{"a": 1, "b": "x"}]) == "| a | b |\n|---|---|\n| 1 | x |"
-    text = memory.preset_table()
-    lines = text.splitlines()
-    assert len(lines) == 2 + len(memory.TABLE_MODELS) * 2 * len(memory.TABLE_MESHES)
-    assert lines[0].startswith("| model | params |") and "| llama2-7b | bf16 | tpu-host (1, 8, 1) |" in text
 
 
 class FakeDevice:

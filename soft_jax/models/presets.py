@@ -16,6 +16,24 @@ from soft_jax.models.config import ModelConfig
 HUB_NAMES = {"llama2-7b": "meta-llama/Llama-2-7b-hf", "llama3-8b": "meta-llama/Meta-Llama-3-8B",
              "llama2-70b": "meta-llama/Llama-2-70b-hf"}
 PRESETS = ("smollm2-135m", "tiny", *HUB_NAMES)
+# Architectures known without a checkpoint: what `soft-jax plan`, the memory estimate and the benchmarks compile
+# and count for a preset given no model.path (Llama-3.2-1B stands for the 1B class, Llama-2-13B for 13B).
+ARCHITECTURES = {
+    "llama3.2-1b": dict(vocab=128256, hidden=2048, inter=8192, layers=16, heads=32, kv=8, head_dim=64, tied=True),
+    "llama2-7b": dict(vocab=32000, hidden=4096, inter=11008, layers=32, heads=32, kv=32, head_dim=128),
+    "llama3-8b": dict(vocab=128256, hidden=4096, inter=14336, layers=32, heads=32, kv=8, head_dim=128),
+    "llama2-13b": dict(vocab=32000, hidden=5120, inter=13824, layers=40, heads=40, kv=40, head_dim=128),
+    "llama2-70b": dict(vocab=32000, hidden=8192, inter=28672, layers=80, heads=64, kv=8, head_dim=128),
+}
+
+
+def architecture(name: str, param_dtype: str = "bfloat16", dtype: str = "bfloat16") -> ModelConfig:
+    """The ModelConfig of an ARCHITECTURES entry (no weights, no tokenizer)."""
+    shape = ARCHITECTURES[name]
+    return ModelConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["inter"],
+                       num_layers=shape["layers"], num_heads=shape["heads"], num_kv_heads=shape["kv"],
+                       head_dim=shape["head_dim"], tie_word_embeddings=shape.get("tied", False), dtype=dtype,
+                       param_dtype=param_dtype)
 
 
 def tiny_config(tokenizer, dtype: str = "float32", param_dtype: str = "float32", scan_layers: bool = False,
