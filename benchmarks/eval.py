@@ -5,7 +5,7 @@ researcher's reruns ask for them: the first N items of HHH under both protocols 
 and log-likelihood of each answer) and of TruthfulQA MC1 and MC2 under Dromedary's protocol (true / false per
 candidate). The reference scores them the way log-likelihood harnesses do with transformers: every request is
 one row (context + continuation), rows sorted by length and batched, one forward pass per batch. soft-jax runs
-each distinct sequence once and a prefix that rows share once (`scoring.score`).
+each distinct sequence once and a prefix that rows share once (`scorer.score`).
 
 soft-jax is timed three ways, each from its tokenization to the last log-probability, model loading excluded:
 - cold: a fresh process with an empty compilation cache (the first evaluation ever on a machine);
@@ -31,7 +31,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import cpu_model  # noqa: E402
 
-from soft_jax import evaluation, models, scoring  # noqa: E402
+from soft_jax import evaluation, models  # noqa: E402
+from soft_jax.inference import scorer  # noqa: E402
 from soft_jax.models.checkpoint import smollm2_path  # noqa: E402
 
 MIXED = (("hhh", "dromedary"), ("hhh", "loglik"), ("truthfulqa_mc1", "dromedary"), ("truthfulqa_mc2", "dromedary"))
@@ -52,7 +53,7 @@ def child(items: int, batch: int, out: str) -> None:
     times = []
     for _ in range(2):
         start = time.perf_counter()
-        logps = np.asarray(scoring.score(model, tok, contexts, continuations, batch_size=batch), np.float64)
+        logps = np.asarray(scorer.score(model, tok, contexts, continuations, batch_size=batch), np.float64)
         times.append(time.perf_counter() - start)
     with open(out, "w") as f:
         json.dump({"first": times[0], "warm": times[1], "logps": logps.tolist()}, f)

@@ -225,7 +225,7 @@ def hf_load():
 
 
 def hf_generate(model, tokenizer, texts, s, stop_strings):
-    """(completions, finish reasons) of one batch, as soft_jax.sampling.generate reports them."""
+    """(completions, finish reasons) of one batch, as soft_jax.inference.sampler.generate reports them."""
     import torch
 
     tokenizer.padding_side = "left"

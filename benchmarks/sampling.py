@@ -10,7 +10,7 @@ one exemplar draw shared by the batch ("per batch": the whole principles + exemp
 prefix) and once with each prompt's own seeded draw ("per prompt", exemplars.granularity="prompt": only the
 principles are shared, the exemplars follow in each row's own part). Each shape is compiled once, then timed
 --repeats times, alternating the two cases; prints the median tokens/s of both, the ratio per-prompt /
-per-batch, the shared-prefix length `generate_tokens` took (sampling._shared_len) and the rows' own
+per-batch, the shared-prefix length `generate_tokens` took (engine.shared_len) and the rows' own
 lengths (unpadded range, and the bucket they are left-padded to).
 
     python benchmarks/sampling.py [--new-tokens 64] [--batch 16] [--prefix-tokens 1000]
@@ -25,23 +25,25 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import soft_prompts  # noqa: E402
 
-from soft_jax import models, sampling  # noqa: E402
+from soft_jax import models  # noqa: E402
+from soft_jax.inference import engine, sampler  # noqa: E402
 from soft_jax.models.checkpoint import smollm2_path  # noqa: E402
 
 NEVER = (-1,)  # a stop id no token has: every row generates exactly max_new_tokens
 
 
 def time_ours(model, tok, prompts, new_tokens, batch):
-    config = sampling.SamplingConfig(max_new_tokens=new_tokens, temperature=0.7, top_p=0.95, batch_size=batch,
-                                     stop_token_ids=NEVER)
+    config = sampler.SamplingConfig(max_new_tokens=new_tokens, temperature=0.7, top_p=0.95, batch_size=batch,
+                                    stop_token_ids=NEVER)
     rows = [tok(p)["input_ids"] for p in prompts]
-    sampling.generate_tokens(model, rows, config, NEVER)  # compile
+    sampler.generate_tokens(model, rows, config, NEVER)  # compile
     start = time.perf_counter()
-    out = sampling.generate_tokens(model, rows, config, NEVER, rng=jax.random.key(1))
+    out = sampler.generate_tokens(model, rows, config, NEVER, rng=jax.random.key(1))
     seconds = time.perf_counter() - start
     assert all(len(r) == new_tokens for r in out)
     return len(rows) * new_tokens / seconds, seconds
@@ -69,7 +71,7 @@ def time_hf(tok, prompts, new_tokens):
 
 def decode_only(model, batch, new_tokens, prompt_len=64):
     """Tokens/s of the jitted decode loop alone (prefill excluded), after compiling."""
-    graphdef, state = sampling.nnx.split(model)
+    graphdef, state = nnx.split(model)
     cfg = model.config
     rows = np.random.default_rng(0).integers(100, 1000, size=(batch, prompt_len)).astype(np.int32)
     params = (jnp.float32(0.7), jnp.float32(0.95), jnp.int32(0), jnp.asarray(NEVER, jnp.int32))
@@ -78,13 +80,13 @@ def decode_only(model, batch, new_tokens, prompt_len=64):
         cache = models.KVCache.init(cfg, batch, prompt_len + new_tokens)
         seg = jnp.ones((batch, prompt_len), jnp.int32)
         pos = jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len))
-        last, cache = sampling._prefill(graphdef, None, state, jnp.asarray(rows), pos, seg, cache)
+        last, cache = engine.prefill(graphdef, None, state, jnp.asarray(rows), pos, seg, cache)
         jax.block_until_ready(last)
-        ds = sampling.DecodeState(step=jnp.int32(0), cache=cache, logits=last, done=jnp.zeros((batch,), bool),
-                                  out=jnp.full((batch, new_tokens), -1, jnp.int32), rng=jax.random.key(0))
+        ds = engine.DecodeState(step=jnp.int32(0), cache=cache, logits=last, done=jnp.zeros((batch,), bool),
+                                out=jnp.full((batch, new_tokens), -1, jnp.int32), rng=jax.random.key(0))
         start = time.perf_counter()
-        ds = sampling._decode(graphdef, None, state, ds, jnp.full((batch,), prompt_len, jnp.int32), params,
-                              jnp.int32(new_tokens), True, False)
+        ds = engine.decode(graphdef, None, state, ds, jnp.full((batch,), prompt_len, jnp.int32), params,
+                           jnp.int32(new_tokens), True, False)
         jax.block_until_ready(ds.out)
         return time.perf_counter() - start
 
@@ -108,13 +110,13 @@ def self_align_rows(tok, batch, k, per_prompt, seed=0, rnd=1):
 
 
 def _gen_config(rows, new_tokens):
-    return sampling.SamplingConfig(max_new_tokens=new_tokens, temperature=0.7, top_p=0.95, batch_size=len(rows),
-                                   stop_token_ids=NEVER)
+    return sampler.SamplingConfig(max_new_tokens=new_tokens, temperature=0.7, top_p=0.95, batch_size=len(rows),
+                                  stop_token_ids=NEVER)
 
 
 def _timed(model, rows, new_tokens, i):
     start = time.perf_counter()
-    out = sampling.generate_tokens(model, rows, _gen_config(rows, new_tokens), NEVER, rng=jax.random.key(1 + i))
+    out = sampler.generate_tokens(model, rows, _gen_config(rows, new_tokens), NEVER, rng=jax.random.key(1 + i))
     seconds = time.perf_counter() - start
     assert all(len(r) == new_tokens for r in out)
     return seconds
@@ -129,21 +131,21 @@ def exemplar_granularity(model, tok, batch, ks, new_tokens, repeats):
         cases = {name: self_align_rows(tok, batch, k, per_prompt)
                  for name, per_prompt in (("per batch", False), ("per prompt", True))}
         for rows in cases.values():
-            sampling.generate_tokens(model, rows, _gen_config(rows, new_tokens), NEVER)  # compile
+            sampler.generate_tokens(model, rows, _gen_config(rows, new_tokens), NEVER)  # compile
         times = {name: [] for name in cases}
         for i in range(repeats):
             for name, rows in cases.items():
                 times[name].append(_timed(model, rows, new_tokens, i))
         speed = {}
         for name, rows in cases.items():
-            shared = sampling._shared_len(rows, True)
+            shared = engine.shared_len(rows, True)
             own = [len(r) - shared for r in rows]
             speed[name] = len(rows) * new_tokens / float(np.median(times[name]))
             print(f"k={k} {name:10s} {speed[name]:8.1f} tokens/s  (runs {', '.join(f'{t:.2f}' for t in times[name])} "
                   f"s); rows {min(map(len, rows))}-{max(map(len, rows))} tokens, common prefix "
-                  f"{sampling._common_prefix(rows)}, shared prefix {shared} (prefilled as "
-                  f"{sampling.bucket(shared, 'prefix') if shared else 0}), own {min(own)}-{max(own)} "
-                  f"(bucket {sampling.bucket(max(own))})")
+                  f"{engine.common_prefix_len(rows)}, shared prefix {shared} (prefilled as "
+                  f"{engine.bucket(shared, 'prefix') if shared else 0}), own {min(own)}-{max(own)} "
+                  f"(bucket {engine.bucket(max(own))})")
         print(f"k={k} ratio per prompt / per batch: {speed['per prompt'] / speed['per batch']:.2f}")
 
 
@@ -162,7 +164,7 @@ def main():
     prompts = soft_prompts(args.batch, args.prefix_tokens, tok)
     lengths = [len(tok(p)["input_ids"]) for p in prompts]
     print(f"device: {jax.devices()[0].device_kind}; {len(prompts)} prompts of {min(lengths)}-{max(lengths)} tokens, "
-          f"shared prefix {sampling._common_prefix([tok(p)['input_ids'] for p in prompts])} tokens; "
+          f"shared prefix {engine.common_prefix_len([tok(p)['input_ids'] for p in prompts])} tokens; "
           f"{args.new_tokens} new tokens each; float32")
     ours, ours_s = time_ours(model, tok, prompts, args.new_tokens, args.batch)
     print(f"soft-jax      {ours:8.1f} tokens/s  ({ours_s:.2f} s)")

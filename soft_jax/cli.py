@@ -101,7 +101,7 @@ def cmd_info(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from soft_jax import sampling
+    from soft_jax.inference import engine, sampler
     from soft_jax.io_utils import read_jsonl, write_jsonl
 
     if (args.prompt is None) == (args.prompts is None):
@@ -110,19 +110,19 @@ def cmd_generate(args) -> None:
         rows = read_jsonl(args.prompts, required=("prompt",))
     else:
         rows = [{"prompt": args.prompt}]
-    config = sampling.SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                     top_p=args.top_p, top_k=args.top_k, seed=args.seed, batch_size=args.batch_size,
-                                     stop_strings=tuple(args.stop))
+    config = sampler.SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                    top_p=args.top_p, top_k=args.top_k, seed=args.seed, batch_size=args.batch_size,
+                                    stop_strings=tuple(args.stop))
     build, cfg, tokenizer = _open_model(args)
     chat = bool(tokenizer.chat_template) if args.chat is None else args.chat
     if chat and not tokenizer.chat_template:
         raise UserError(f"{args.model}: --chat asked for, but the tokenizer has no chat template; use --no-chat")
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
                                            add_generation_prompt=True) if chat else r["prompt"] for r in rows]
-    sampling.check_lengths([tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts],
-                           config.max_new_tokens, cfg.max_position_embeddings)
+    engine.check_lengths([tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts],
+                         config.max_new_tokens, cfg.max_position_embeddings)
     model = build()
-    outputs = sampling.generate(model, tokenizer, texts, config, add_special_tokens=not chat)
+    outputs = sampler.generate(model, tokenizer, texts, config, add_special_tokens=not chat)
     results = [{"id": r.get("id", i), "prompt": r["prompt"], "completion": o}
                for i, (r, o) in enumerate(zip(rows, outputs))]
     if args.out:
@@ -418,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_sweep, overrides=[])
 
     p = sub.add_parser("plan", help="compile a run's programs for a TPU slice or GPUs from this machine; "
-                                     "memory per device against the device's, without reading weights")
+                       "memory per device against the device's, without reading weights")
     p.add_argument("--config", required=True, help="config file, optionally with an argument: configs/soft.py[:ARG]")
     p.add_argument("--mesh-generate", metavar="D,F,T", help="the generation mesh (data,fsdp,tensor) to compile "
                    "generation and scoring for, as the config's mesh_generate (default: the config's)")

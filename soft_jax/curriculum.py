@@ -12,7 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-from soft_jax import scoring, settings
+from soft_jax import settings
+from soft_jax.inference import scorer
 from soft_jax.errors import UserError
 from soft_jax.data.templates import engraving_parts
 
@@ -26,7 +27,7 @@ def _engraved(tokenizer, prompt: str, response: str, finished: bool = True) -> t
 
 
 def _perplexity(model, contexts, continuations, batch_size, mesh) -> list[float]:
-    per = scoring.score_tokens(model, contexts, continuations, batch_size=batch_size, mesh=mesh)
+    per = scorer.score_tokens(model, contexts, continuations, batch_size=batch_size, mesh=mesh)
     return [float(np.exp(-np.mean(p))) for p in per]
 
 
@@ -38,8 +39,8 @@ def response_logps(model, tokenizer, pairs, batch_size=8, mesh=None, max_len=Non
     parts = [_engraved(tokenizer, *pair) for pair in pairs]
     if max_len:
         parts = [(h[-max_len[0]:], t[:max_len[1]]) for h, t in parts]
-    return scoring.score_tokens(model, [h for h, _ in parts], [t for _, t in parts], batch_size=batch_size,
-                                 mesh=mesh)
+    return scorer.score_tokens(model, [h for h, _ in parts], [t for _, t in parts], batch_size=batch_size,
+                               mesh=mesh)
 
 
 def response_perplexity(model, tokenizer, pairs, batch_size=8, mesh=None, max_len=None) -> list[float]:

@@ -14,7 +14,7 @@ The numbers follow what soft_jax does today, not an ideal implementation:
   round 2 on (the current model and the base are then different arrays).
 - Attention is not fused: the float32 scores [batch, heads, query, key] of a layer are materialised,
   in training and in prefill alike.
-- The KV cache is split over data x fsdp by batch row and over tensor by KV head (sampling.cache_sharding);
+- The KV cache is split over data x fsdp by batch row and over tensor by KV head (sharding.cache_sharding);
   a shared prefix (principles + exemplars) is held once per group of rows (sampling.group_batches), the
   groups split over data x fsdp when those divide them, else replicated.
 - Training activations are the residuals jax saves per layer, less the softmax intermediates XLA fuses
@@ -195,16 +195,16 @@ def for_run(c, model_cfg: ModelConfig, mesh_shape: Mapping[str, int] | Sequence[
 
     prompt_tokens: the longest self-align prompt in tokens (principles + exemplars + prompt);
     prefix_tokens: how many of them a sampling batch shares (0 when unknown or when prefixes are not reused)."""
-    from soft_jax import sampling
+    from soft_jax.inference import engine, sampler
 
     t, s = c.train, c.sampling
-    prefix = sampling.bucket(prefix_tokens, "prefix") if prefix_tokens else 0
-    own = sampling.bucket(max(1, prompt_tokens - prefix_tokens))
+    prefix = engine.bucket(prefix_tokens, "prefix") if prefix_tokens else 0
+    own = engine.bucket(max(1, prompt_tokens - prefix_tokens))
     return estimate(model_cfg, mesh_shape=mesh_shape, train_batch=t.batch_size,
                     train_seq=t.max_prompt_len + t.max_response_len, grad_accum=t.grad_accum, remat=t.remat,
                     sample_batch=s.batch_size * s.group_batches, sample_len=prefix + own + s.max_new_tokens,
                     sample_new=s.max_new_tokens, sample_prefix=prefix, sample_groups=s.group_batches,
-                    sample_extra=sampling.TAIL_SLOTS + s.max_new_tokens if s.force_answer else 0,
+                    sample_extra=sampler.TAIL_SLOTS + s.max_new_tokens if s.force_answer else 0,
                     keep_base=c.rounds > 1)
 
 

@@ -34,7 +34,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from soft_jax import hlo, sampling, scoring, topology, training
+from soft_jax import hlo, topology, training
+from soft_jax.inference import engine, sampler, scorer
 from soft_jax import sharding as shd
 from soft_jax.errors import UserError
 from soft_jax.models.config import ModelConfig
@@ -90,16 +91,16 @@ class Shapes:
 
         prompt_tokens: the longest self-align prompt; prefix_tokens: what a sampling batch shares (0: none)."""
         t, s = c.train, c.sampling
-        prefix = sampling.bucket(prefix_tokens, "prefix") if prefix_tokens else 0
+        prefix = engine.bucket(prefix_tokens, "prefix") if prefix_tokens else 0
         return cls(train_rows=t.batch_size // t.grad_accum, grad_accum=t.grad_accum,
                    row_len=t.max_prompt_len + t.max_response_len, remat=t.remat,
                    scan_layers=c.model.scan_layers, sample_rows=s.batch_size * s.group_batches,
-                   prefix_len=prefix, own_len=sampling.bucket(max(1, prompt_tokens - prefix_tokens)),
+                   prefix_len=prefix, own_len=engine.bucket(max(1, prompt_tokens - prefix_tokens)),
                    new_tokens=s.max_new_tokens, score_rows=max(c.curriculum.batch_size, c.validation.batch_size),
-                   score_context=sampling.bucket(t.max_prompt_len, "cache"),
-                   score_len=sampling.bucket(t.max_response_len, "length"), keep_base=c.rounds > 1,
+                   score_context=engine.bucket(t.max_prompt_len, "cache"),
+                   score_len=engine.bucket(t.max_response_len, "length"), keep_base=c.rounds > 1,
                    prefix_groups=s.group_batches,
-                   extra_slots=sampling.TAIL_SLOTS + s.max_new_tokens if s.force_answer else 0)
+                   extra_slots=sampler.TAIL_SLOTS + s.max_new_tokens if s.force_answer else 0)
 
 
 def abstract_model(cfg: ModelConfig, train_config: training.TrainConfig | None = None):
@@ -200,33 +201,33 @@ def _lowerings(cfg: ModelConfig, shapes: Shapes, mesh, train_config: training.Tr
     def prefix_prefill():
         length = shapes.prefix_len
         ids = _replicated(gmesh, (groups, length), i32)
-        return sampling._prefill.lower(graphdef, gmesh, gparams, ids, ids, ids,
-                                       abstract_cache(cfg, gmesh, groups, length))
+        return engine.prefill.lower(graphdef, gmesh, gparams, ids, ids, ids,
+                                    abstract_cache(cfg, gmesh, groups, length))
 
     def prefill():
         ids = _rows(gmesh, (rows, own), i32)
         cache = abstract_cache(cfg, gmesh, rows, slots, shapes.prefix_len, groups)
-        return sampling._prefill.lower(graphdef, gmesh, gparams, ids, ids, ids, cache)
+        return engine.prefill.lower(graphdef, gmesh, gparams, ids, ids, ids, cache)
 
     def decode():
         cache = abstract_cache(cfg, gmesh, rows, slots, shapes.prefix_len, groups)
         key = jax.eval_shape(lambda: jax.random.key(0))
-        ds = sampling.DecodeState(step=_replicated(gmesh, (), i32), cache=cache,
-                                  logits=_rows(gmesh, (rows, cfg.vocab_size), f32),
-                                  out=_rows(gmesh, (rows, shapes.new_tokens), i32), done=_rows(gmesh, (rows,), bool),
-                                  rng=_replicated(gmesh, key.shape, key.dtype))
+        ds = engine.DecodeState(step=_replicated(gmesh, (), i32), cache=cache,
+                                logits=_rows(gmesh, (rows, cfg.vocab_size), f32),
+                                out=_rows(gmesh, (rows, shapes.new_tokens), i32), done=_rows(gmesh, (rows,), bool),
+                                rng=_replicated(gmesh, key.shape, key.dtype))
         knobs = (_replicated(gmesh, (), f32), _replicated(gmesh, (), f32), _replicated(gmesh, (), i32),
                  _replicated(gmesh, (2,), i32))
-        return sampling._decode.lower(graphdef, gmesh, gparams, ds, _rows(gmesh, (rows,), i32), knobs,
-                                      _replicated(gmesh, (), i32), True, False)
+        return engine.decode.lower(graphdef, gmesh, gparams, ds, _rows(gmesh, (rows,), i32), knobs,
+                                   _replicated(gmesh, (), i32), True, False)
 
     def score():
         n = shapes.score_rows
         heads = abstract_cache(cfg, gmesh, n, shapes.score_context)
         ids = _rows(gmesh, (n, shapes.score_len), i32)
-        local = gmesh.shape["data"] * gmesh.shape["fsdp"] > 1  # as scoring.score_tokens: rows read their own cache
+        local = gmesh.shape["data"] * gmesh.shape["fsdp"] > 1  # as scorer.score_tokens: rows read their own cache
         which = None if local else _rows(gmesh, (n,), i32)
-        return scoring._score_rows.lower(graphdef, gmesh, gparams, heads, which, ids, ids, ids, ids, False)
+        return scorer.score_rows.lower(graphdef, gmesh, gparams, heads, which, ids, ids, ids, ids, False)
 
     one_copy = param_bytes(state, mesh)
     # beside a generation program: the base model (generator=base) or, on a generation mesh of its own, the
@@ -590,7 +591,7 @@ def plan_run(c, where: Target, log=print) -> list[Program]:
         log("[plan] mesh_generate all 0: generation and scoring on "
             + (f"mesh {dict(gen_mesh.shape)}, plan's best generation mesh that fits" if gen_mesh is not None else
                "the training mesh (" + ("one device" if mesh.devices.size == 1 else
-                                    "no tensor-parallel mesh fits") + ")"))
+                                        "no tensor-parallel mesh fits") + ")"))
     else:
         programs = compile_run(cfg, shapes, mesh, inputs.train_config(c), progress=progress, gen_mesh=gen_mesh)
     log(table(programs, where.device_bytes))
@@ -617,7 +618,7 @@ def log_bounds(cfg, shapes, mesh, gen_mesh, programs, chip, where, prompts: int,
             rows.append((f"training mesh {tuple(mesh.shape.values())}",
                          decode_bound(cfg, shapes, mesh, chip, traffic(train_decode))))
             gathers.append((rows[-1][0], sum(c.repeats for c in hlo.parameter_gathers(traffic(train_decode),
-                                                                                    param_shapes(scanned)))))
+                                                                                      param_shapes(scanned)))))
     used = gen_mesh if gen_mesh is not None else mesh
     run_bound = decode_bound(cfg, shapes, used, chip, traffic(decode), mesh)
     rows.append((("generation mesh " if gen_mesh is not None else "training mesh ") + str(tuple(used.shape.values())),
@@ -625,7 +626,7 @@ def log_bounds(cfg, shapes, mesh, gen_mesh, programs, chip, where, prompts: int,
     gathers.append((rows[-1][0], sum(c.repeats for c in hlo.parameter_gathers(traffic(decode), param_shapes(scanned)))))
     log(f"[plan] decode bounds per chip ({chip.name}: {chip.peak_bf16_flops / 1e12:,.0f} TFLOP/s bf16, "
         f"{chip.hbm_bandwidth / 1e9:,.0f} GB/s HBM, " + (f"{chip.interconnect_bandwidth / 1e9:,.0f} GB/s interconnect"
-        if chip.interconnect_bandwidth else "interconnect not published") + f"; {chip.source}), "
+                                                         if chip.interconnect_bandwidth else "interconnect not published") + f"; {chip.source}), "
         f"{shapes.sample_rows} rows a step:")
     log(bounds_table(rows))
     log("[plan] all-gathers of a parameter's shape (or one stacked layer's) per decode step, read from the HLO: "
@@ -674,7 +675,7 @@ def table_shapes(mesh_shape, settings=None) -> tuple[Shapes, dict]:
     own = s["sample_len"] - prefix - new
     shapes = Shapes(train_rows=micro, grad_accum=accum, row_len=s["train_seq"], remat=s["remat"], scan_layers=True,
                     sample_rows=s["sample_batch"], prefix_len=prefix, own_len=own, new_tokens=new,
-                    score_rows=micro, score_context=sampling.bucket(s["train_seq"] // 2, "cache"),
+                    score_rows=micro, score_context=engine.bucket(s["train_seq"] // 2, "cache"),
                     score_len=s["train_seq"] // 2, keep_base=s["keep_base"])
     estimate = dict(train_batch=accum * micro, train_seq=s["train_seq"], grad_accum=accum, remat=s["remat"],
                     sample_batch=s["sample_batch"], sample_len=s["sample_len"], sample_new=new,

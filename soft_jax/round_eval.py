@@ -8,7 +8,8 @@ import time
 
 import numpy as np
 
-from soft_jax import curriculum, distributed, evaluation, io_utils, sampling, signals
+from soft_jax import curriculum, distributed, evaluation, io_utils, signals
+from soft_jax.inference import sampler
 from soft_jax.data import templates
 from soft_jax.errors import UserError
 from soft_jax.io_utils import read_json
@@ -21,7 +22,7 @@ def open_ended(run, model, tokenizer) -> list[dict]:
     """Answers to the open-ended questions in the engraving format, with why each stopped and its signals."""
     qs = run.inputs.open_ended
     heads = [templates.engraving_parts(tokenizer, q["prompt"], "")[0] for q in qs]
-    outs, finish = sampling.generate(model, tokenizer, heads, sampling.SamplingConfig(
+    outs, finish = sampler.generate(model, tokenizer, heads, sampler.SamplingConfig(
         max_new_tokens=run.c.open_ended.max_new_tokens, batch_size=run.c.sampling.batch_size),
         add_special_tokens=not tokenizer.chat_template, progress=False, mesh=run.gen_mesh, return_finish=True)
     return [{"prompt_id": q["prompt_id"], "prompt": q["prompt"], "answer": a, "finish": f,

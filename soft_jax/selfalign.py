@@ -18,7 +18,8 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
-from soft_jax import data, faults, io_utils, preemption, sampling, settings
+from soft_jax import data, faults, io_utils, preemption, settings
+from soft_jax.inference import sampler
 from soft_jax.data import filters, templates
 from soft_jax.workdir import save_line
 
@@ -55,12 +56,12 @@ def generate_batches(run, t: int, b: int, generator, tokenizer, batches: list[li
              for p, ex in zip(batch, shots)]
     seed = np.random.default_rng([run.c.seed, t, b]).integers(2**31, size=2)
     if run.c.sampling.force_answer:  # thoughts that end without an answer: the marker written, the answer sampled
-        outs, finish, forced = sampling.generate_continued(generator, tokenizer, texts,
-                                                           dataclasses.replace(cfg, seed=int(seed[0])), force_answer,
-                                                           continue_seed=int(seed[1]), mesh=run.gen_mesh)
+        outs, finish, forced = sampler.generate_continued(generator, tokenizer, texts,
+                                                          dataclasses.replace(cfg, seed=int(seed[0])), force_answer,
+                                                          continue_seed=int(seed[1]), mesh=run.gen_mesh)
     else:
-        outs, finish = sampling.generate(generator, tokenizer, texts, cfg, progress=False, mesh=run.gen_mesh,
-                                         seed=int(seed[0]), return_finish=True)
+        outs, finish = sampler.generate(generator, tokenizer, texts, cfg, progress=False, mesh=run.gen_mesh,
+                                        seed=int(seed[0]), return_finish=True)
         forced = [False] * len(outs)
     rows = [judge(p, ex, raw, f, end, ctx) for p, ex, raw, f, end in zip(batch, shots, outs, forced, finish)]
     starts = np.cumsum([0] + [len(one) for one in batches])

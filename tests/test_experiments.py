@@ -13,7 +13,8 @@ import pytest
 
 from test_bootstrap import CONFIGS, run
 
-from soft_jax import data, guard, inputs, sampling, training
+from soft_jax import data, guard, inputs, training
+from soft_jax.inference import sampler
 from soft_jax import config as config_lib
 from soft_jax.data import filters
 from soft_jax.models import load
@@ -105,14 +106,14 @@ def test_soft_plus_run_keeps_the_category_mix_and_records_what_it_showed(tmp_pat
         gens = w.rows(t, "generations.jsonl")
         shown = w.event(t, "generate")
         assert shown["exemplars_shown"] == len({i for g in gens for i in g["exemplar_ids"]}) > 8  # per prompt
-        assert all(g["finish"] in sampling.FINISH_REASONS for g in gens)
+        assert all(g["finish"] in sampler.FINISH_REASONS for g in gens)
         assert shown["truncated_generations"] == sum(g["finish"] == "length" for g in gens)
         ev = json.load(open(os.path.join(w.path, "rounds", f"{t:03d}", "eval.json")))
         items = ev["validation"]["items"]
         assert len(items) == ev["validation"]["n"] == len(data.load_pairs())
         assert ev["validation"]["value"] == pytest.approx(np.mean(items))
         assert set(ev["open_ended"]["signals"]) >= {"distinct_1", "distinct_2", "repeated_ngram_rate", "length",
-                                                   "truncation_rate"}
+                                                    "truncation_rate"}
         cmp = w.state["comparisons"][str(t)]
         assert cmp["low"] <= cmp["diff"] <= cmp["high"] and cmp["verdict"] in ("better", "worse", "tie")
 
@@ -158,22 +159,22 @@ def test_guard_moves_to_a_better_round_and_stops_after_patience_worse_rounds():
 def test_generations_record_why_they_stopped(tiny_chat):
     model, tok = load(tiny_chat, progress=False)
     prompts = ["Hello there, how are you?", "Name three colours."]
-    greedy = sampling.generate(model, tok, prompts, max_new_tokens=12, add_special_tokens=False, progress=False)
+    greedy = sampler.generate(model, tok, prompts, max_new_tokens=12, add_special_tokens=False, progress=False)
     never = (len(tok) + 5,)  # a stop id the model cannot sample
-    _, finish = sampling.generate(model, tok, prompts, max_new_tokens=12, add_special_tokens=False, progress=False,
-                                  return_finish=True, stop_token_ids=never)
+    _, finish = sampler.generate(model, tok, prompts, max_new_tokens=12, add_special_tokens=False, progress=False,
+                                 return_finish=True, stop_token_ids=never)
     assert finish == ["length", "length"]
     rows = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    first = [r[0] for r in sampling.generate_tokens(model, rows, sampling.SamplingConfig(max_new_tokens=2,
-                                                                                          batch_size=2), never)]
-    _, finish = sampling.generate(model, tok, prompts, max_new_tokens=12, add_special_tokens=False, progress=False,
-                                  return_finish=True, stop_token_ids=tuple(first))
+    first = [r[0] for r in sampler.generate_tokens(model, rows, sampler.SamplingConfig(max_new_tokens=2,
+                                                                                       batch_size=2), never)]
+    _, finish = sampler.generate(model, tok, prompts, max_new_tokens=12, add_special_tokens=False, progress=False,
+                                 return_finish=True, stop_token_ids=tuple(first))
     assert finish == ["eos", "eos"]
     stop = greedy[0][3:9]  # a stop string inside the first completion only
     assert stop and stop not in greedy[1]
-    outs, finish = sampling.generate(model, tok, prompts, max_new_tokens=12, add_special_tokens=False,
-                                     progress=False, return_finish=True, stop_strings=(stop,),
-                                     stop_token_ids=never)
+    outs, finish = sampler.generate(model, tok, prompts, max_new_tokens=12, add_special_tokens=False,
+                                    progress=False, return_finish=True, stop_strings=(stop,),
+                                    stop_token_ids=never)
     assert finish == ["stop", "length"] and outs[0] == greedy[0][:greedy[0].find(stop)] and outs[1] == greedy[1]
 
 
@@ -213,5 +214,5 @@ def test_the_guard_can_read_a_degeneracy_signal_of_the_open_ended_answers(tmp_pa
         ev = json.load(open(os.path.join(w.path, "rounds", f"{t:03d}", "eval.json")))
         answers = w.rows(t, "open_ended.jsonl")
         assert ev["validation"]["items"] == [a["signals"]["repeated_ngram_rate"] for a in answers]
-        assert len(answers) == 3 and all(a["finish"] in sampling.FINISH_REASONS for a in answers)
+        assert len(answers) == 3 and all(a["finish"] in sampler.FINISH_REASONS for a in answers)
     assert w.state["comparisons"]["1"]["n"] == 3

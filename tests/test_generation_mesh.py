@@ -157,7 +157,7 @@ def test_a_loop_nested_in_a_step_counts_its_trip_count_times():
         t = hlo.traffic(NESTED.replace("LAYERS_COND", cond).replace("LAYERS_CONFIG", config))
         assert t.per_step == 30 * 96 * 32 * 4 + 8 * 96 * 4 + 96 * 32 * 2, how
         assert sorted((c.computation, c.repeats) for c in t.collectives) == [("layer", 30), ("prefill_layer", 1),
-                                                                            ("step", 1)], how
+                                                                             ("step", 1)], how
 
 
 def test_plan_compiles_generation_for_its_own_mesh(tmp_path):
@@ -236,7 +236,7 @@ def test_a_generation_copy_in_the_compute_dtype_computes_the_same():
     from flax import nnx
     from test_sharding import CFG
 
-    from soft_jax import sampling, scoring
+    from soft_jax.inference import sampler, scorer
     from soft_jax import sharding as shd
     from soft_jax.bootstrap import generation_dtype
     from soft_jax.models.llama import Llama
@@ -251,10 +251,10 @@ def test_a_generation_copy_in_the_compute_dtype_computes_the_same():
     for a, b in zip(jax.tree.leaves(nnx.state(model)), leaves):
         assert np.array_equal(np.asarray(a.astype(jnp.bfloat16)), np.asarray(b))
     rows = [[1, 5, 9, 13, 17], [1, 5, 9, 22], [1, 7, 3, 2, 8, 4], [1, 5, 6]]
-    conf = sampling.SamplingConfig(max_new_tokens=10, batch_size=4, temperature=0.9, top_p=0.95)
-    outs = [sampling.generate_tokens(m, rows, conf, (2,), rng=jax.random.key(5)) for m in (model, copy)]
+    conf = sampler.SamplingConfig(max_new_tokens=10, batch_size=4, temperature=0.9, top_p=0.95)
+    outs = [sampler.generate_tokens(m, rows, conf, (2,), rng=jax.random.key(5)) for m in (model, copy)]
     assert outs[0] == outs[1]
-    scores = [scoring.score_tokens(m, rows, [[3, 4], [5], [6, 7, 8], [9]], batch_size=4) for m in (model, copy)]
+    scores = [scorer.score_tokens(m, rows, [[3, 4], [5], [6, 7, 8], [9]], batch_size=4) for m in (model, copy)]
     for a, b in zip(*scores):
         assert np.array_equal(a, b)
 
@@ -300,7 +300,7 @@ def test_a_partial_generation_mesh_is_refused_in_one_line():
     from soft_jax.errors import UserError
 
     for sizes in (("mesh_generate.tensor=4",), ("mesh_generate.data=-1", "mesh_generate.fsdp=-1",
-                                                 "mesh_generate.tensor=2")):
+                                                "mesh_generate.tensor=2")):
         with pytest.raises(UserError) as e:
             config("tiny.py", *sizes)
         assert str(e.value).startswith("config: mesh_generate = {") and "all 0 for the training mesh" in str(e.value)

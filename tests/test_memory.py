@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 
 from soft_jax import config as config_lib
-from soft_jax import memory, sampling, training
+from soft_jax import memory, training
+from soft_jax.inference import sampler
 from soft_jax.errors import UserError
 from soft_jax.models.config import ModelConfig
 from soft_jax.models import presets
@@ -126,7 +127,7 @@ def test_training_activations_near_xla_buffer_assignment(shape):
                   **spec["model"]})
     rows, seq = spec["rows"], spec["seq"]
     trainer = training.Trainer(init_random(cfg), training.TrainConfig(batch_size=rows, max_prompt_len=seq // 2,
-                                                                       max_response_len=seq // 2), total_steps=4)
+                                                                      max_response_len=seq // 2), total_steps=4)
     z = np.zeros((rows, seq), np.int32)
     batch = training.loss_rows(dict(inputs=z, targets=z, segment_ids=z + 1, weights=np.ones((rows, seq), np.float32),
                                     positions=np.tile(np.arange(seq, dtype=np.int32), (rows, 1))), seq)
@@ -250,7 +251,7 @@ def test_for_run_reads_the_run_config():
                                 train_seq=c.train.max_prompt_len + c.train.max_response_len,
                                 sample_batch=3 * c.sampling.batch_size, sample_len=64 + 64 + c.sampling.max_new_tokens,
                                 sample_new=c.sampling.max_new_tokens, sample_prefix=64, sample_groups=3,
-                                sample_extra=sampling.TAIL_SLOTS + c.sampling.max_new_tokens, keep_base=True)
+                                sample_extra=sampler.TAIL_SLOTS + c.sampling.max_new_tokens, keep_base=True)
 
 
 class FakeDevice:

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from conftest import run_cli, torch_logits
 
-from soft_jax import models, sampling
-from soft_jax.sampling import SamplingConfig
+from soft_jax import models
+from soft_jax.inference import engine, sampler, scorer
+from soft_jax.settings import SamplingConfig
 
 EOS = 2
 
@@ -41,7 +42,7 @@ def test_greedy_matches_transformers_generate(tiny_hf, scan_layers):
     kind, path, hf = tiny_hf
     model, _ = models.load(path, progress=False, scan_layers=scan_layers)
     rows = prompts_with_shared_prefix(hf.config.vocab_size) + [[5, 6, 7]]
-    ours = sampling.generate_tokens(model, rows, SamplingConfig(max_new_tokens=24, batch_size=4), (EOS,))
+    ours = sampler.generate_tokens(model, rows, SamplingConfig(max_new_tokens=24, batch_size=4), (EOS,))
     for row, got in zip(rows, ours):
         assert got == hf_greedy(hf, row, 24)
 
@@ -55,24 +56,24 @@ def test_continuing_rows_in_their_kv_cache_equals_sampling_after_their_new_heads
     import dataclasses
 
     model, tok = models.load(tiny_chat, progress=False)
-    stops = sampling.stop_ids(tok, model)
+    stops = engine.stop_ids(tok, model)
     prompts = ["The cat sat on", "Write three words about the sea and the", "Hello"]
     config = SamplingConfig(max_new_tokens=12, batch_size=batch_size, temperature=0.0)
-    first = sampling.generate(model, tok, prompts, config, progress=False)
-    tokens = sampling.generate_tokens(model, [tok(p)["input_ids"] for p in prompts], config, stops, tokenizer=tok)
+    first = sampler.generate(model, tok, prompts, config, progress=False)
+    tokens = sampler.generate_tokens(model, [tok(p)["input_ids"] for p in prompts], config, stops, tokenizer=tok)
     assert len(set(first)) == 3, first  # the heads below tell the rows apart by their text
 
     def head(text):
         return None if text == first[2] else text[:len(text) // 2] + " Answer:"
 
-    got, why, continued = sampling.generate_continued(model, tok, prompts, config, head, continue_seed=0)
+    got, why, continued = sampler.generate_continued(model, tok, prompts, config, head, continue_seed=0)
     assert continued == [True, True, False] and got[2] == first[2]
     dropped = 0
     for i in (0, 1):
-        k, rest = sampling._kept_tokens(tok, tokens[i], head(first[i]))
+        k, rest = sampler.kept_tokens(tok, tokens[i], head(first[i]))
         dropped += len(tokens[i]) - k
         row = tok(prompts[i])["input_ids"] + tokens[i][:k] + tok(rest, add_special_tokens=False)["input_ids"]
-        again = sampling.generate_tokens(model, [row], dataclasses.replace(config, batch_size=1), stops)[0]
+        again = sampler.generate_tokens(model, [row], dataclasses.replace(config, batch_size=1), stops)[0]
         assert got[i] == head(first[i]) + tok.decode(again, skip_special_tokens=True), i
         assert why[i] == ("eos" if len(again) < config.max_new_tokens else "length")
     assert dropped >= 4  # the continued rows' caches held sampled tokens their heads dropped
@@ -83,10 +84,10 @@ def test_prefix_reuse_and_batch_do_not_change_greedy_outputs(tiny_hf):
     model, _ = models.load(path, progress=False)
     rows = prompts_with_shared_prefix(hf.config.vocab_size, n=4, seed=1)
     config = SamplingConfig(max_new_tokens=16, batch_size=4)
-    reused = sampling.generate_tokens(model, rows, config, (EOS,))
-    plain = sampling.generate_tokens(model, rows, SamplingConfig(max_new_tokens=16, batch_size=4,
-                                                                 reuse_prefix=False), (EOS,))
-    alone = [sampling.generate_tokens(model, [r], SamplingConfig(max_new_tokens=16, batch_size=1), (EOS,))[0]
+    reused = sampler.generate_tokens(model, rows, config, (EOS,))
+    plain = sampler.generate_tokens(model, rows, SamplingConfig(max_new_tokens=16, batch_size=4,
+                                                                reuse_prefix=False), (EOS,))
+    alone = [sampler.generate_tokens(model, [r], SamplingConfig(max_new_tokens=16, batch_size=1), (EOS,))[0]
              for r in rows]
     assert reused == plain == alone
 
@@ -102,11 +103,11 @@ def test_groups_with_their_own_prefixes_decode_together_as_each_row_alone(tiny_h
               prompts_with_shared_prefix(vocab, n=1, prefix=5, seed=3)]  # short: padded, nothing shared
     rows = [r for g in groups for r in g]
     config = SamplingConfig(max_new_tokens=16, batch_size=3)
-    batch = sampling._start(model, rows, config, (EOS,))
+    batch = sampler.start(model, rows, config, (EOS,))
     shared = np.asarray(batch.ds.cache.prefix.segment_ids).sum(axis=1)
     assert shared.tolist() == [40, 70, 0] and batch.index == [0, 1, 2, 3, 4, 5, 6]
-    together = sampling.generate_tokens(model, rows, config, (EOS,))
-    alone = [sampling.generate_tokens(model, [r], SamplingConfig(max_new_tokens=16, batch_size=1), (EOS,))[0]
+    together = sampler.generate_tokens(model, rows, config, (EOS,))
+    alone = [sampler.generate_tokens(model, [r], SamplingConfig(max_new_tokens=16, batch_size=1), (EOS,))[0]
              for r in rows]
     assert together == alone
 
@@ -122,12 +123,12 @@ def test_decoding_in_chunks_compiles_the_decode_loop_once(tiny_chat, caplog, on_
     model, tok = models.load(tiny_chat, mesh=mesh, progress=False)
     rows = prompts_with_shared_prefix(len(tok), n=2, seed=3)
     # 3 chunks, and a shape no other test compiles (a cached program would not be compiled either way)
-    config = SamplingConfig(max_new_tokens=3 * sampling.STOP_STRING_CHUNK + 2 * on_mesh, batch_size=2,
+    config = SamplingConfig(max_new_tokens=3 * sampler.STOP_STRING_CHUNK + 2 * on_mesh, batch_size=2,
                             temperature=0.7, stop_strings=("never in the text \u2603",))
     with caplog.at_level("WARNING"), jax.log_compiles():
-        out = sampling.generate_tokens(model, rows, config, (-1,), tokenizer=tok, mesh=mesh)
+        out = sampler.generate_tokens(model, rows, config, (-1,), tokenizer=tok, mesh=mesh)
     assert [len(o) for o in out] == [config.max_new_tokens] * 2  # every chunk ran
-    compiles = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling jit(_decode)")]
+    compiles = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling jit(decode)")]
     assert len(compiles) == 1, [c[:200] for c in compiles]
 
 
@@ -148,13 +149,13 @@ def test_cached_decoding_equals_full_forward(tiny_hf):
 def test_top_k_and_top_p_keep_exactly_the_right_tokens(vocab, scale):
     rng = np.random.default_rng(3)
     logits = rng.normal(size=(64, vocab)).astype(np.float32) * scale
-    for k in (5, sampling.CANDIDATES + 100):
-        kept_k = np.isfinite(np.asarray(sampling.filter_logits(jnp.asarray(logits), 1.0, 1.0, k, use_top_p=False,
-                                                               use_top_k=True)))
+    for k in (5, engine.CANDIDATES + 100):
+        kept_k = np.isfinite(np.asarray(engine.filter_logits(jnp.asarray(logits), 1.0, 1.0, k, use_top_p=False,
+                                                             use_top_k=True)))
         np.testing.assert_array_equal(kept_k, logits >= np.sort(logits, axis=-1)[:, -min(k, vocab)][:, None])
     for top_p in (0.3, 0.8, 0.95):
-        kept = np.isfinite(np.asarray(sampling.filter_logits(jnp.asarray(logits), 0.7, top_p, 0, use_top_p=True,
-                                                             use_top_k=False)))
+        kept = np.isfinite(np.asarray(engine.filter_logits(jnp.asarray(logits), 0.7, top_p, 0, use_top_p=True,
+                                                           use_top_k=False)))
         scaled = logits / 0.7
         probs = np.exp(scaled - scaled.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
@@ -172,22 +173,22 @@ def test_rows_that_stopped_do_not_send_the_batch_to_the_sort():
     rng = np.random.default_rng(4)
     logits = rng.normal(size=(4, vocab)).astype(np.float32) * 6.0
     logits[2] = rng.normal(size=vocab) * 0.01  # near flat: the 0.9 nucleus holds about 2,700 tokens
-    exact = np.isfinite(np.asarray(sampling.filter_logits(jnp.asarray(logits), 0.7, 0.9, 0, use_top_p=True,
-                                                          use_top_k=False)))
+    exact = np.isfinite(np.asarray(engine.filter_logits(jnp.asarray(logits), 0.7, 0.9, 0, use_top_p=True,
+                                                        use_top_k=False)))
     assert exact[2].sum() > 2000  # the sort ran: row 2 exact too
     ignore = jnp.asarray([False, False, True, False])
-    fast = np.isfinite(np.asarray(sampling.filter_logits(jnp.asarray(logits), 0.7, 0.9, 0, use_top_p=True,
-                                                         use_top_k=False, ignore=ignore)))
+    fast = np.isfinite(np.asarray(engine.filter_logits(jnp.asarray(logits), 0.7, 0.9, 0, use_top_p=True,
+                                                       use_top_k=False, ignore=ignore)))
     np.testing.assert_array_equal(fast[[0, 1, 3]], exact[[0, 1, 3]])
-    assert fast[2].sum() <= sampling.CANDIDATES  # no sort: the stopped row's threshold came from the candidates
+    assert fast[2].sum() <= engine.CANDIDATES  # no sort: the stopped row's threshold came from the candidates
 
 
 def test_sampling_frequencies_match_the_renormalised_distribution():
     logits = jnp.asarray([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0]])
     temperature, top_p, top_k = 0.7, 0.9, 6
     keys = jax.random.split(jax.random.key(0), 40000)
-    draw = jax.jit(jax.vmap(lambda k: sampling.sample_token(logits, k, temperature, top_p, top_k, use_top_p=True,
-                                                            use_top_k=True)[0]))
+    draw = jax.jit(jax.vmap(lambda k: engine.sample_token(logits, k, temperature, top_p, top_k, use_top_p=True,
+                                                          use_top_k=True)[0]))
     samples = np.asarray(draw(keys))
     # Expected: temperature, keep the top 6, then the nucleus of mass 0.9, renormalise.
     p = np.exp(np.asarray(logits[0]) / temperature)
@@ -202,7 +203,7 @@ def test_sampling_frequencies_match_the_renormalised_distribution():
     freq = counts / counts.sum()
     # 40k draws: the standard error of each frequency is below 0.0025; allow 4 of them.
     assert np.abs(freq - expected).max() < 0.01, (freq, expected)
-    greedy = sampling.sample_token(logits, keys[0], 0.0, 1.0, 0, use_top_p=False, use_top_k=False)
+    greedy = engine.sample_token(logits, keys[0], 0.0, 1.0, 0, use_top_p=False, use_top_k=False)
     assert int(greedy[0]) == 0
 
 
@@ -212,11 +213,11 @@ def test_argmax_and_draws_equal_jax_argmax_and_categorical():
     logits[3, [7, 900, 2999]] = 50.0  # ties: the first index wins, as in jnp.argmax
     logits[4, :] = -np.inf
     logits[4, 1234] = 0.0  # one finite entry (what top-k 1 leaves)
-    np.testing.assert_array_equal(np.asarray(sampling.argmax(jnp.asarray(logits))), np.argmax(logits, axis=-1))
-    assert int(sampling.argmax(jnp.asarray(logits))[3]) == 7
+    np.testing.assert_array_equal(np.asarray(engine.argmax(jnp.asarray(logits))), np.argmax(logits, axis=-1))
+    assert int(engine.argmax(jnp.asarray(logits))[3]) == 7
     for seed in range(3):  # the same tokens as jax.random.categorical for the same key
         key = jax.random.key(seed)
-        ours = sampling.sample_token(jnp.asarray(logits), key, 1.0, 1.0, 0, use_top_p=False, use_top_k=False)
+        ours = engine.sample_token(jnp.asarray(logits), key, 1.0, 1.0, 0, use_top_p=False, use_top_k=False)
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(jax.random.categorical(key, logits, axis=-1)))
 
 
@@ -225,9 +226,9 @@ def test_seeded_sampling_is_reproducible(tiny_hf):
     model, _ = models.load(path, progress=False)
     rows = prompts_with_shared_prefix(hf.config.vocab_size, n=2, seed=4)
     config = SamplingConfig(max_new_tokens=20, temperature=1.0, top_p=0.95, batch_size=2, seed=7)
-    a = sampling.generate_tokens(model, rows, config, (EOS,), rng=jax.random.key(7))
-    b = sampling.generate_tokens(model, rows, config, (EOS,), rng=jax.random.key(7))
-    c = sampling.generate_tokens(model, rows, config, (EOS,), rng=jax.random.key(8))
+    a = sampler.generate_tokens(model, rows, config, (EOS,), rng=jax.random.key(7))
+    b = sampler.generate_tokens(model, rows, config, (EOS,), rng=jax.random.key(7))
+    c = sampler.generate_tokens(model, rows, config, (EOS,), rng=jax.random.key(8))
     assert a == b and a != c
 
 
@@ -241,7 +242,7 @@ def test_scores_match_transformers_log_probabilities(tiny_hf, scan_layers):
     question = rng.integers(3, hf.config.vocab_size, size=45).tolist()
     contexts = [question, question, question, rng.integers(3, hf.config.vocab_size, size=7).tolist()]
     continuations = [rng.integers(3, hf.config.vocab_size, size=int(k)).tolist() for k in (1, 5, 9, 3)]
-    ours = sampling.score_tokens(model, contexts, continuations, batch_size=4)
+    ours = scorer.score_tokens(model, contexts, continuations, batch_size=4)
     for ctx, cont, got in zip(contexts, continuations, ours):
         logp = torch.log_softmax(torch.as_tensor(torch_logits(hf, [ctx + cont])[0]), -1).numpy()
         ref = [logp[len(ctx) - 1 + i, t] for i, t in enumerate(cont)]
@@ -269,7 +270,7 @@ def _whole_split(tok, ctx, cont):
 def test_score_tokens_split_at_the_natural_boundary(smollm2_tokenizer):
     tok = smollm2_tokenizer
     (space,) = tok(" ", add_special_tokens=False)["input_ids"]
-    ctx, cont = sampling.score_ids(tok, [c for c, _ in BOUNDARY_PAIRS], [k for _, k in BOUNDARY_PAIRS])
+    ctx, cont = scorer.score_ids(tok, [c for c, _ in BOUNDARY_PAIRS], [k for _, k in BOUNDARY_PAIRS])
     for (c, k), a, b in zip(BOUNDARY_PAIRS, ctx, cont):
         assert (a, b) == _whole_split(tok, c, k), (c, k)
         if c.endswith(" ") and not c.endswith("  "):
@@ -277,13 +278,13 @@ def test_score_tokens_split_at_the_natural_boundary(smollm2_tokenizer):
             assert tok(c, add_special_tokens=False)["input_ids"][-1] == space and b[0] != space, (c, k)
     assert [tok.decode(b[:1]) for b in cont[:4]] == [" The", " Nothing", " Yes", " two"]
     ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]
-    assert sampling.score_ids(tok, ["  "], ["x"]) == ([ids("  ")], [ids("x")])  # a context needs a token: it keeps them
+    assert scorer.score_ids(tok, ["  "], ["x"]) == ([ids("  ")], [ids("x")])  # a context needs a token: it keeps them
 
 
 def test_score_equals_a_full_forward_pass_over_the_whole_string(tiny_chat, smollm2_tokenizer):
     model, _ = models.load(tiny_chat, progress=False)
     tok = smollm2_tokenizer
-    ours = sampling.score(model, tok, [c for c, _ in BOUNDARY_PAIRS], [k for _, k in BOUNDARY_PAIRS], batch_size=4)
+    ours = scorer.score(model, tok, [c for c, _ in BOUNDARY_PAIRS], [k for _, k in BOUNDARY_PAIRS], batch_size=4)
     for (c, k), got in zip(BOUNDARY_PAIRS, ours):
         a, b = _whole_split(tok, c, k)
         logits = np.asarray(model(jnp.asarray([a + b]))[0], np.float64)
@@ -296,16 +297,17 @@ def test_score_equals_a_full_forward_pass_over_the_whole_string(tiny_chat, smoll
 MESH_SCRIPT = r"""
 import json, sys
 import jax
-from soft_jax import models, sampling, sharding
+from soft_jax import models, sharding
+from soft_jax.inference import engine, sampler, scorer
 rows = json.loads(sys.argv[2])
 mesh = sharding.make_mesh((2, 2, 2)) if sys.argv[3] == "mesh" else None
 model, _ = models.load(sys.argv[1], mesh=mesh, progress=False)
-config = sampling.SamplingConfig(max_new_tokens=12, batch_size=4)
-out = sampling.generate_tokens(model, rows, config, (2,), mesh=mesh)
+config = sampler.SamplingConfig(max_new_tokens=12, batch_size=4)
+out = sampler.generate_tokens(model, rows, config, (2,), mesh=mesh)
 # several continuations per context (groups of rows sharing a cached context), one-token ones too
 contexts = [r for r in rows for _ in range(3)]
 continuations = [[5, 6, 7], [8, 9], [10]] * len(rows)
-scores = sampling.score_tokens(model, contexts, continuations, batch_size=4, mesh=mesh)
+scores = scorer.score_tokens(model, contexts, continuations, batch_size=4, mesh=mesh)
 print(json.dumps({"devices": len(jax.devices()), "tokens": out, "scores": [s.tolist() for s in scores]}))
 """
 
@@ -337,12 +339,12 @@ def test_mesh_and_batch_that_do_not_divide_are_refused(tiny_llama):
     model, _ = models.load(tiny_llama, progress=False)
     mesh = sharding.make_mesh((1, 1, -1))
     config = SamplingConfig(max_new_tokens=4, batch_size=1)  # greedy: the one-device mesh gives the plain result
-    on_mesh = sampling.generate_tokens(model, [[5, 6]], config, (-1,), mesh=mesh)
-    assert on_mesh == sampling.generate_tokens(model, [[5, 6]], config, (-1,)) and len(on_mesh[0]) == 4
+    on_mesh = sampler.generate_tokens(model, [[5, 6]], config, (-1,), mesh=mesh)
+    assert on_mesh == sampler.generate_tokens(model, [[5, 6]], config, (-1,)) and len(on_mesh[0]) == 4
     with pytest.raises(UserError, match="does not divide the 1 devices"):
         sharding.make_mesh((2, 1, 1))
     with pytest.raises(UserError, match="the batch size = 3 is not divisible by the mesh.s data x fsdp"):
-        sampling._Batcher(types.SimpleNamespace(shape={"data": 2, "fsdp": 1, "tensor": 1}), 3)
+        engine.Batcher(types.SimpleNamespace(shape={"data": 2, "fsdp": 1, "tensor": 1}), 3)
 
 
 # --- SmolLM2 and the command line -----------------------------------------------------------------
@@ -359,8 +361,8 @@ def test_smollm2_greedy_equals_transformers_generate(smollm2, smollm2_hf):
     model, tok = smollm2
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
                for q in QUESTIONS]
-    ours = sampling.generate(model, tok, prompts, max_new_tokens=48, batch_size=8, add_special_tokens=False,
-                             progress=False)
+    ours = sampler.generate(model, tok, prompts, max_new_tokens=48, batch_size=8, add_special_tokens=False,
+                            progress=False)
     for prompt, got in zip(prompts, ours):
         ids = tok(prompt, add_special_tokens=False, return_tensors="pt")
         with torch.no_grad():
@@ -373,15 +375,15 @@ def test_stop_strings_cut_the_text_and_stop_early(smollm2):
     model, tok = smollm2
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
                for q in ("Write a short poem about rain.", "List five fruits, one per line.")]
-    full = sampling.generate(model, tok, prompts, max_new_tokens=96, add_special_tokens=False, progress=False)
+    full = sampler.generate(model, tok, prompts, max_new_tokens=96, add_special_tokens=False, progress=False)
     assert all("\n" in text for text in full)
-    cut = sampling.generate(model, tok, prompts, max_new_tokens=96, add_special_tokens=False, progress=False,
-                            stop_strings=("\n",))
+    cut = sampler.generate(model, tok, prompts, max_new_tokens=96, add_special_tokens=False, progress=False,
+                           stop_strings=("\n",))
     assert cut == [text[:text.index("\n")] for text in full]
     rows = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     config = SamplingConfig(max_new_tokens=96, batch_size=2, stop_strings=("\n",))
-    early = sampling.generate_tokens(model, rows, config, sampling.stop_ids(tok, model), tokenizer=tok)
-    assert max(map(len, early)) <= sampling.STOP_STRING_CHUNK * 2 < 96  # stopped at a chunk boundary
+    early = sampler.generate_tokens(model, rows, config, engine.stop_ids(tok, model), tokenizer=tok)
+    assert max(map(len, early)) <= sampler.STOP_STRING_CHUNK * 2 < 96  # stopped at a chunk boundary
 
 
 @pytest.mark.slow

@@ -67,5 +67,5 @@ def test_guard_signals_name_per_answer_keys_and_directions():
     assert signals.SIGNALS["distinct_2"] == ("distinct_2", True)
     assert signals.SIGNALS["repeated_ngram_rate"] == ("repeated_ngram_rate", False)
     assert signals.SIGNALS["truncation_rate"] == ("truncated", False)
-    from soft_jax.sampling import FINISH_REASONS
+    from soft_jax.inference.sampler import FINISH_REASONS
     assert signals.FINISH_REASONS == FINISH_REASONS

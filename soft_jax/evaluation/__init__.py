@@ -18,7 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
-from soft_jax import scoring, settings
+from soft_jax import settings
+from soft_jax.inference import scorer
 from soft_jax.errors import UserError
 from soft_jax.evaluation import data
 from soft_jax.data.templates import engraving_parts
@@ -167,8 +168,8 @@ def evaluate(model, tokenizer, tasks: Sequence[str], protocol: str = "dromedary"
     pairs = {task: requests(task, items[task], protocol, tokenizer) for task in tasks}
     # One scoring call for every task: requests repeated across tasks (MC1's answers are among MC2's) run once.
     every = [p for task in tasks for p in pairs[task]]
-    logps = np.asarray(scoring.score(model, tokenizer, [c for c, _ in every], [k for _, k in every],
-                                      batch_size=batch_size, mesh=mesh, progress=progress))
+    logps = np.asarray(scorer.score(model, tokenizer, [c for c, _ in every], [k for _, k in every],
+                                    batch_size=batch_size, mesh=mesh, progress=progress))
     at = 0
     for task in tasks:
         rows = decide(task, items[task], protocol, logps[at:at + len(pairs[task])])

@@ -1,4 +1,4 @@
-"""Log-likelihood scoring on one jitted model, on sampling's prefill and KV-cache machinery.
+"""Log-likelihood scoring on one jitted model, on the inference engine's prefill and KV-cache machinery.
 
 Requests become unique rows: a context whose next token is read at its end (single-token continuations
 of one context share it), or a context + continuation read at every continuation token. Rows are sorted
@@ -24,8 +24,8 @@ from soft_jax import sharding as shd
 from soft_jax.distributed import to_host
 from soft_jax.errors import UserError
 from soft_jax.models.llama import KVCache, Llama
-from soft_jax.sampling import (MIN_SHARED_PREFIX, _Batcher, _common_prefix, _left_pad, _prefill, _shared_len,
-                               _shared_prefix, bucket, check_lengths)
+from soft_jax.inference.engine import (MIN_SHARED_PREFIX, Batcher, bucket, check_lengths, common_prefix_len,
+                                       left_pad, prefill, prefill_shared_prefix, shared_len)
 
 GROUP_OVERHEAD = 16  # tokens a group costs beyond its prefix (padding, its cache row): the grouping's cost model
 GROUP_WINDOW = 8  # rows on each side whose common prefix a group's chunk is expected to run once for all
@@ -40,7 +40,7 @@ def _group(seqs, bounds) -> list[tuple[int, list[int]]]:
     A group runs its common prefix (at most each row's bound) once, less what its neighbourhood shares
     (its chunk runs that once), and each row its remainder; dynamic programming over the split points."""
     n = len(seqs)
-    lcp = [0] + [_common_prefix((seqs[i - 1], seqs[i])) for i in range(1, n)]
+    lcp = [0] + [common_prefix_len((seqs[i - 1], seqs[i])) for i in range(1, n)]
     near = [min(lcp[max(1, i - GROUP_WINDOW + 1):i + GROUP_WINDOW + 1], default=0) for i in range(n)]
     best, start = [0.0] + [float("inf")] * n, [0] * (n + 1)
     for j in range(1, n + 1):
@@ -66,7 +66,7 @@ def _chunks(groups, seqs):
     (so that a prefix many groups share, run once per chunk, is not lost to a chunk that mixes families)."""
     order = sorted(groups, key=lambda g: bucket(g[0], "cache"))  # stable: neighbours stay together
     heads = [seqs[rs[0]][:p] for p, rs in order]
-    lcp = [_common_prefix(heads[i:i + 2]) for i in range(len(order) - 1)]
+    lcp = [common_prefix_len(heads[i:i + 2]) for i in range(len(order) - 1)]
     near = [min(lcp[max(0, i - GROUP_WINDOW):i + GROUP_WINDOW], default=0) for i in range(len(order))]
     chunks, shared = [[order[0]]] if order else [], 0
     for i in range(1, len(order)):
@@ -98,7 +98,7 @@ def _plan(seqs, bounds, last_only, batch_size: int, multiple: int) -> list[_Chun
     plan = []
     for chunk in _chunks(_group(seqs, bounds), seqs):
         heads = [seqs[rs[0]][:p] for p, rs in chunk]
-        shared = _shared_len(heads, True, cap=min(map(len, heads)))
+        shared = shared_len(heads, True, cap=min(map(len, heads)))
         length = bucket(max(map(len, heads)) - shared, "length")
         cache = bucket(length, "cache")
         todo = sorted((last_only[r], len(seqs[r]) - p, r, g, p) for g, (p, rs) in enumerate(chunk) for r in rs)
@@ -115,8 +115,9 @@ def _plan(seqs, bounds, last_only, batch_size: int, multiple: int) -> list[_Chun
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 9))
-def _score_rows(graphdef, mesh, state, heads, which, ids, positions, seg, picks, last_only):
-    """Log-probabilities read after each row's tokens; row b continues cache row `which[b]` of `heads`.
+def score_rows(graphdef, mesh, state, heads, which, ids, positions, seg, picks, last_only):
+    """Log-probabilities read after each row's tokens; row b continues cache row `which[b]` of `heads` (the
+    compiled scoring pass; `score_tokens` plans and runs it).
 
     last_only: picks [B, E] are tokens read as the next token after the last column; else picks [B, T]
     are the tokens read at every column (-1: not read, 0 returned)."""
@@ -156,7 +157,7 @@ def score_tokens(model: Llama, contexts: Sequence[Sequence[int]], continuations:
     multiple = 1
     if mesh is not None:
         multiple = mesh.shape["data"] * mesh.shape["fsdp"]
-        _Batcher(mesh, batch_size)  # refuses a batch size the data axes do not divide
+        Batcher(mesh, batch_size)  # refuses a batch size the data axes do not divide
     # Unique rows: (tokens, last_only) -> request indices. A last_only row is a context, read at its end; any
     # other is a context + continuation, run without its last token and read from its bound on.
     rows: dict[tuple, list[int]] = {}
@@ -177,17 +178,17 @@ def score_tokens(model: Llama, contexts: Sequence[Sequence[int]], continuations:
     def prefill_heads(chunk, shared, heads):
         """Cache rows holding `heads` (group prefixes past the chunk's shared tokens), after `shared`."""
         n = bucket(len(heads), "rows", multiple)
-        batcher = _Batcher(mesh, n)
+        batcher = Batcher(mesh, n)
         cache = batcher.put_cache(KVCache.init(model.config, n, chunk.cache, prefix=shared))
-        ids, seg, positions = _left_pad(list(heads) + [()] * (n - len(heads)), chunk.length)
-        return _prefill(graphdef, mesh, state, *batcher.put((ids, positions + chunk.shared, seg)), cache)[1]
+        ids, seg, positions = left_pad(list(heads) + [()] * (n - len(heads)), chunk.length)
+        return prefill(graphdef, mesh, state, *batcher.put((ids, positions + chunk.shared, seg)), cache)[1]
 
     # With batch rows on several devices, a row reading another row's cache would gather every group's cache
     # onto every device (the whole cache, for each layer). There each pass prefills its own rows' group
     # prefixes instead, so a row's cache is on its device; the prefix all groups share still runs once.
     local = multiple > 1
     for chunk in _plan(seqs, bounds, [last for _, last in keys], batch_size, multiple):
-        shared = _shared_prefix(graphdef, state, model, [chunk.heads[0][:chunk.shared]], mesh)
+        shared = prefill_shared_prefix(graphdef, state, model, [chunk.heads[0][:chunk.shared]], mesh)
         if not local:
             heads = prefill_heads(chunk, shared, [h[chunk.shared:] for h in chunk.heads])
         for last_only, tail, batch in chunk.passes:
@@ -195,7 +196,7 @@ def score_tokens(model: Llama, contexts: Sequence[Sequence[int]], continuations:
             if local:  # the prefill donates its cache, the shared prefix with it: take it back from its output
                 heads = prefill_heads(chunk, shared, [chunk.heads[g][chunk.shared:] for _, g, _ in batch])
                 shared = heads.prefix
-            ids, seg, positions = _left_pad([seqs[r][p:] for r, _, p in batch] + [()] * (n - len(batch)), tail)
+            ids, seg, positions = left_pad([seqs[r][p:] for r, _, p in batch] + [()] * (n - len(batch)), tail)
             positions += np.asarray([p for *_, p in batch] + [0] * (n - len(batch)))[:, None]
             which = np.asarray([g for _, g, _ in batch] + [0] * (n - len(batch)), np.int32)
             picks = np.zeros((n, width), np.int32) if last_only else np.full((n, tail), -1, np.int32)
@@ -205,7 +206,7 @@ def score_tokens(model: Llama, contexts: Sequence[Sequence[int]], continuations:
                 else:  # every token after the bound: each request reads its own continuation's part
                     read = keys[r][0][bounds[r] + 1:]
                     picks[row, tail - len(read):] = read
-            logp = to_host(_score_rows(graphdef, mesh, state, heads, *_Batcher(mesh, n).put(
+            logp = to_host(score_rows(graphdef, mesh, state, heads, *Batcher(mesh, n).put(
                 (None if local else which, ids, positions, seg, picks)), last_only))
             for row, (r, _, _) in enumerate(batch):
                 for i in rows[keys[r]]:

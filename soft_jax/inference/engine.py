@@ -1,0 +1,305 @@
+"""The inference engine: the jitted prefill and decode programs, the decode loop's state, device placement,
+shape buckets and the shared-prefix machinery that generation (`sampler`) and scoring (`scorer`) both run on.
+
+A batch's longest common token prefix (the principles + exemplars of a SOFT round) is prefilled once
+(`prefill_shared_prefix`) and kept once in the KV cache; each row's own suffix is prefilled left-padded to a
+length bucket (`bucket`, `left_pad`, `prefill`); `decode` is a `lax.while_loop` that samples until every row
+has stopped. The cache is preallocated and donated. Shapes are bucketed so that a long list of prompts
+compiles a handful of programs. The programs take the mesh as a static argument and trace under its
+activation sharding: batch rows over data x fsdp, heads / vocab over tensor (soft_jax.sharding); mesh None:
+one device.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec
+
+from soft_jax import sharding as shd
+from soft_jax.errors import UserError
+from soft_jax.models.llama import KVCache, Llama, SharedPrefix
+
+MIN_BUCKET = 16
+MIN_SHARED_PREFIX = 32  # shorter common prefixes are not worth a separate prefill
+CANDIDATES = 256  # top-k / top-p thresholds are searched among this many largest logits first
+
+
+# Shape buckets, kind -> (minimum, base, linear_above, step): the next power of `base` >= n, at least `minimum`;
+# past `linear_above`, the next multiple of `step` instead (few compiled shapes, little padding on long inputs).
+BUCKETS = {
+    "own": (MIN_BUCKET, 2, 256, 128),  # generation: each row's own prompt tokens (per-prompt exemplars: 300-600)
+    "prefix": (64, 2, 512, 256),  # a common prefix prefilled once at batch 1
+    "length": (MIN_BUCKET, 2, 512, 256),  # scoring: a chunk's group prefixes, a pass's row remainders
+    "cache": (64, 4, 256, 1024),  # scoring: cache rows a chunk's prefixes are kept in (64, 256, 1024, 2048, ...)
+    "rows": (1, 2, None, 0),  # scoring: rows of a forward pass
+}
+
+
+def bucket(n: int, kind: str = "own", multiple: int = 1) -> int:
+    """n padded to its bucket of `kind` (BUCKETS), then rounded up to a multiple of `multiple`."""
+    minimum, base, linear_above, step = BUCKETS[kind]
+    if linear_above is not None and n > linear_above:
+        size = -(-n // step) * step
+    else:
+        size = minimum
+        while size < n:
+            size *= base
+    return -(-size // multiple) * multiple
+
+
+def stop_ids(tokenizer, model: Llama) -> tuple[int, ...]:
+    """The model's end-of-sequence ids and the tokenizer's, sorted."""
+    ids = set()
+    eos = model.config.eos_token_id
+    ids.update(eos if isinstance(eos, tuple) else () if eos is None else (eos,))
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return tuple(sorted(ids))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(6,))
+def prefill(graphdef, mesh, state, ids, positions, segment_ids, cache):
+    """Writes `ids` into the cache (donated) and returns the last column's logits.
+
+    Args:
+      graphdef, state: `nnx.split(model)`; mesh: the mesh the arrays are on, or None (one device).
+      ids, positions, segment_ids: [B, T] int32 (segment 0 = padding).
+      cache: a KVCache with room for T more tokens at its index.
+
+    Returns:
+      (logits [B, vocab] after each row's last column, the cache with the T tokens written).
+    """
+    with shd.activation_sharding(mesh):
+        logits, cache = nnx.merge(graphdef, state)(ids, positions=positions, segment_ids=segment_ids, cache=cache,
+                                                   last_only=True)
+        return shd.constrain(logits[:, -1], ("batch", "vocab")), cache
+
+
+def _threshold(sorted_desc, log_norm, top_p, top_k, use_top_p: bool, use_top_k: bool):
+    """The smallest kept logit per row, from the row's largest logits in descending order.
+
+    log_norm: the log-partition of the distribution top-p mass is measured on (top-k applied)."""
+    threshold = jnp.full(sorted_desc.shape[:1] + (1,), -jnp.inf)
+    if use_top_k:
+        k = jnp.clip(top_k, 1, sorted_desc.shape[-1])
+        threshold = jax.lax.dynamic_slice_in_dim(sorted_desc, k - 1, 1, axis=-1)
+        sorted_desc = jnp.where(sorted_desc >= threshold, sorted_desc, -jnp.inf)
+    if use_top_p:
+        probs = jnp.exp(sorted_desc - log_norm)
+        # Keep the smallest prefix of the sorted tokens whose mass reaches top_p (always the top one).
+        before = jnp.cumsum(probs, axis=-1) - probs
+        kept = jnp.where(before < top_p, sorted_desc, jnp.inf)
+        threshold = jnp.maximum(threshold, jnp.min(kept, axis=-1, keepdims=True))
+    return threshold
+
+
+def filter_logits(logits, temperature, top_p, top_k, *, use_top_p: bool, use_top_k: bool, ignore=None):
+    """Temperature, then top-k, then nucleus (top-p) filtering; filtered entries become -inf.
+
+    Exact, but fast: the threshold is found among the CANDIDATES largest logits (`lax.top_k`), and
+    only when the top-k or the nucleus reaches past them does it fall back to sorting the vocabulary.
+    ignore: [B] bool, rows whose draw is thrown away (rows that already stopped): they never send the batch
+    to the sort (their filtering is then not exact; a stopped row's flat distribution would otherwise sort
+    the vocabulary at every step until the batch ends).
+    """
+    logits = logits / jnp.maximum(temperature, 1e-6)
+    if not (use_top_p or use_top_k):
+        return logits
+    vocab = logits.shape[-1]
+    top = jax.lax.top_k(logits, min(CANDIDATES, vocab))[0]
+    if use_top_k:
+        masked = jnp.where(top >= jax.lax.dynamic_slice_in_dim(top, jnp.clip(top_k, 1, top.shape[-1]) - 1, 1, -1),
+                           top, -jnp.inf)
+        log_norm = jax.nn.logsumexp(masked, axis=-1, keepdims=True)
+    else:
+        log_norm = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    covered = jnp.bool_(True)
+    if use_top_k:
+        covered &= top_k <= top.shape[-1]
+    if use_top_p:
+        mass = jnp.sum(jnp.exp(top - log_norm), axis=-1)
+        covered &= jnp.all((mass >= top_p) | (False if ignore is None else ignore))
+
+    def full_sort():
+        ranked = jnp.sort(logits, axis=-1)[:, ::-1]
+        norm = log_norm
+        if use_top_k:
+            kth = jax.lax.dynamic_slice_in_dim(ranked, jnp.clip(top_k, 1, vocab) - 1, 1, axis=-1)
+            norm = jax.nn.logsumexp(jnp.where(ranked >= kth, ranked, -jnp.inf), axis=-1, keepdims=True)
+        return _threshold(ranked, norm, top_p, top_k, use_top_p, use_top_k)
+
+    threshold = jax.lax.cond(covered, lambda: _threshold(top, log_norm, top_p, top_k, use_top_p, use_top_k),
+                             full_sort)
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def argmax(x):
+    """jnp.argmax over the last axis (the first index of the maximum) as a max and a min over indices: XLA:CPU
+    runs the two plain reductions faster than argmax's (value, index) one, and every decode step draws over the
+    whole vocabulary (benchmarks/RESULTS.md, "Each program compiled once, and a cheaper draw")."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(x == top, index, x.shape[-1]), axis=-1)
+
+
+def sample_token(logits, key, temperature, top_p, top_k, *, use_top_p: bool, use_top_k: bool, ignore=None):
+    """One token per row: argmax when temperature is 0, else a draw from the filtered distribution (the
+    Gumbel-max draw of jax.random.categorical: the same tokens for the same key)."""
+    greedy = argmax(logits)
+    filtered = filter_logits(logits, temperature, top_p, top_k, use_top_p=use_top_p, use_top_k=use_top_k,
+                             ignore=ignore)
+    sampled = argmax(filtered + jax.random.gumbel(key, filtered.shape, filtered.dtype))
+    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+
+@struct.dataclass
+class DecodeState:
+    """The decode loop's carry: it leaves the device only between chunks (to check stop strings)."""
+
+    step: jax.Array  # tokens generated so far (the same for every row)
+    cache: KVCache
+    logits: jax.Array  # [B, vocab] next-token logits
+    out: jax.Array  # [B, max_new_tokens] tokens, stop id after a row is done
+    done: jax.Array  # [B] bool
+    rng: jax.Array
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 7, 8), donate_argnums=(3,))
+def decode(graphdef, mesh, state, ds: DecodeState, positions, params, until, use_top_p, use_top_k):
+    """Samples until step `until` or until every row produced a stop token.
+
+    Args:
+      graphdef, state: `nnx.split(model)`; mesh: as `prefill`'s.
+      ds: the loop's state (donated): the cache, the next-token logits, the tokens so far, which rows are done.
+      positions: [B] the position of each row's first new token.
+      params: (temperature, top_p, top_k, stop_ids [n]) as arrays, so that changing them does not recompile.
+      until: the step to stop at (an int32 array: a chunk's end).
+      use_top_p, use_top_k: whether the filters run (static).
+
+    Returns:
+      The DecodeState after the last step.
+    """
+    temperature, top_p, top_k, stops = params
+    batch = ds.logits.shape[0]
+
+    def cond(ds):
+        return (ds.step < until) & ~jnp.all(ds.done)
+
+    def body(ds):
+        rng, key = jax.random.split(ds.rng)
+        token = sample_token(ds.logits, key, temperature, top_p, top_k, use_top_p=use_top_p, use_top_k=use_top_k,
+                             ignore=ds.done)
+        token = jnp.where(ds.done, stops[0], token)
+        with shd.activation_sharding(mesh):
+            logits, cache = nnx.merge(graphdef, state)(
+                token[:, None], positions=(positions + ds.step)[:, None],
+                segment_ids=jnp.ones((batch, 1), jnp.int32), cache=ds.cache)
+            logits = shd.constrain(logits[:, -1], ("batch", "vocab"))
+        return DecodeState(step=ds.step + 1, cache=cache, logits=logits, out=ds.out.at[:, ds.step].set(token),
+                           done=ds.done | jnp.isin(token, stops), rng=rng)
+
+    return jax.lax.while_loop(cond, body, ds)
+
+
+def common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all `rows` share."""
+    first, n = rows[0], min(len(r) for r in rows)
+    for r in rows[1:]:
+        i = 0
+        while i < n and r[i] == first[i]:
+            i += 1
+        n = i
+    return n
+
+
+def left_pad(rows, length):
+    """ids, segment ids (1 = token, 0 = padding), positions counting from 0 at each row's first token."""
+    ids = np.zeros((len(rows), length), np.int32)
+    seg = np.zeros((len(rows), length), np.int32)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, length - len(r):] = r
+            seg[i, length - len(r):] = 1
+    return ids, seg, np.maximum(np.cumsum(seg, 1) - 1, 0)
+
+
+class Batcher:
+    """Places host arrays on devices: batch-sized arrays split over the mesh's data axes, the rest
+    (a shared prefix, scalars) replicated; without a mesh, on the default device. batch_size None: every
+    array replicated."""
+
+    def __init__(self, mesh, batch_size: int | None):
+        self.mesh, self.batch_size = mesh, batch_size
+        if mesh is not None and batch_size is not None:
+            shd.check_rows(batch_size, mesh, "the batch size")
+
+    def put(self, tree):
+        """Committed to their devices, as a program's outputs are: jit keys its programs on that, so a decode
+        state that mixed uncommitted inputs with a chunk's outputs would compile the decode loop twice."""
+        if self.mesh is None:
+            return jax.device_put(tree, jax.devices()[0])
+        split = NamedSharding(self.mesh, PartitionSpec(("data", "fsdp")))
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        return jax.tree.map(lambda x: jax.device_put(
+            x, split if np.ndim(x) and np.shape(x)[0] == self.batch_size else replicated), tree)
+
+    def put_key(self, key):
+        """A PRNG key committed as the decode loop's outputs are: on the default device, or replicated over the
+        mesh (a jit places it: jax.device_put cannot put an array on other processes' devices)."""
+        if self.mesh is None:
+            return jax.device_put(key, jax.devices()[0])
+        return jax.jit(lambda k: k, out_shardings=NamedSharding(self.mesh, PartitionSpec()))(key)
+
+    def put_cache(self, cache: KVCache) -> KVCache:
+        """A cache on its sharding: rows over data x fsdp, KV heads over tensor (a batch-1 shared prefix: rows
+        replicated)."""
+        if self.mesh is None:
+            return cache
+        return jax.tree.map(lambda x: jax.device_put(x, shd.cache_sharding(np.shape(x), self.mesh)), cache)
+
+
+def shared_len(rows, reuse: bool, cap: int | None = None) -> int:
+    """How many leading tokens all rows share and will take from one prefill (0: not worth it).
+
+    Each row keeps at least one own token (or `cap` limits the prefix further)."""
+    if not reuse or len(rows) < 2:
+        return 0
+    n = min(common_prefix_len(rows), min(len(r) for r in rows) - 1 if cap is None else cap)
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
+def prefill_shared_prefix(graphdef, state, model, prefixes: Sequence[Sequence[int]], mesh) -> SharedPrefix | None:
+    """Each group's prefix (one may be empty) prefilled once, as one row of a batch of them (None when all are
+    empty)."""
+    longest = max(map(len, prefixes))
+    if not longest:
+        return None
+    padded = bucket(longest, "prefix")
+    ids = np.zeros((len(prefixes), padded), np.int32)
+    seg = np.zeros((len(prefixes), padded), np.int32)
+    for i, p in enumerate(prefixes):
+        ids[i, :len(p)], seg[i, :len(p)] = p, 1
+    positions = np.broadcast_to(np.arange(padded, dtype=np.int32), ids.shape)
+    rows = Batcher(mesh, None)  # the ids on every device; the cache's rows split as cache rows are
+    cache = rows.put_cache(KVCache.init(model.config, len(prefixes), padded))
+    _, cache = prefill(graphdef, mesh, state, *rows.put((ids, positions, seg)), cache)
+    return cache.as_prefix()
+
+
+def check_lengths(token_rows, extra: int, context: int, what: str = "prompt") -> None:
+    """Refuses (UserError) an empty row, or one that with `extra` more tokens exceeds the model's `context`."""
+    for i, r in enumerate(token_rows):
+        if not len(r):
+            raise UserError(f"{what} {i} is empty; every {what} needs at least one token")
+        over = len(r) + extra - context
+        if over > 0:
+            more = f" + {extra} new tokens" if extra else ""
+            raise UserError(f"{what} {i} has {len(r)} tokens{more}, {over} more than the model's context of "
+                            f"{context}; shorten it" + (" or lower max_new_tokens" if extra else ""))
