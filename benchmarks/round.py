@@ -265,7 +265,8 @@ def hf_generate_batches(run, model, tokenizer, first, batches, s, ctx, clock):
             for i, a, end in zip(todo, answers, ends):
                 outs[i], forced[i], finish[i] = templates.with_answer_marker(outs[i]) + a, True, end
     start = time.perf_counter()
-    rows = [selfalign.judge(p, ex, raw, f, end, ctx) for p, ex, raw, f, end in zip(batch, shots, outs, forced, finish)]
+    rows = [selfalign.generation_row(p, ex, raw, f, end, ctx)
+            for p, ex, raw, f, end in zip(batch, shots, outs, forced, finish)]
     clock.seconds += time.perf_counter() - start
     return rows
 

@@ -56,7 +56,7 @@ class Run:
         self.log = log if distributed.is_writer() else (lambda _: None)
         self.progress = bool(c.progress) and distributed.is_writer()
         # everything a run reads is checked before the work dir is touched or weights are read
-        model_cfg, tokenizer = presets.check(c.model.name, c.model.path, c.model.dtype, c.model.param_dtype)
+        model_cfg, tokenizer = presets.inspect(c.model.name, c.model.path, c.model.dtype, c.model.param_dtype)
         model_cfg = dataclasses.replace(model_cfg, scan_layers=c.model.scan_layers, quant=c.model.quant)
         self.inputs = inputs.load(c)
         training.check_overhead(tokenizer, c.train)  # max lengths that cannot hold the chat format
@@ -246,7 +246,7 @@ class Run:
                              "truncated_responses": result.truncated_responses, "start": label,
                              "start_checksum": checksum(start)})
         faults.point(f"trained_r{t}")
-        preemption.check(f"round {t} training")
+        preemption.raise_if_stopped(f"round {t} training")
         remove(ckpt_dir)
         return model
 
@@ -331,7 +331,7 @@ class Run:
         self.log(f"[round {t}] done: validation {c.validation.metric} {ev['validation']['value']:.4f} "
                  f"({guard.describe(self.state['comparisons'].get(str(t)))}), best round {self.state['best_round']}")
         faults.point(f"round_done_r{t}")
-        preemption.check(f"round {t}")
+        preemption.raise_if_stopped(f"round {t}")
         return trained
 
 

@@ -315,9 +315,9 @@ def cmd_data_import(args) -> None:
 
 
 def cmd_data_tasks(args) -> None:
-    from soft_jax.evaluation import data
+    from soft_jax.evaluation import sources
 
-    print("\n".join(data.sources()))
+    print("\n".join(sources.report_lines()))
 
 
 def cmd_data_check(args) -> None:
@@ -326,7 +326,8 @@ def cmd_data_check(args) -> None:
     from soft_jax.data import contamination
     from soft_jax.io_utils import write_atomic
 
-    report = contamination.check(args.pool, args.exemplars, args.validation, truthfulqa_file=args.truthfulqa_file)
+    report = contamination.find_overlaps(args.pool, args.exemplars, args.validation,
+                                         truthfulqa_file=args.truthfulqa_file)
     print("\n".join(contamination.describe(report)))
     if args.out:
         write_atomic(args.out, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
@@ -425,8 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topology", help="a TPU slice: v4-32, v5e-64, v5p-8, v6e-16, ... (needs libtpu: "
                                       "pip install \"soft-jax[plan-tpu]\")")
     p.add_argument("--gpu-target", help="h100 (H100 SXM 80GB), a100 (A100 SXM 80GB), l4 (L4 24GB) or a "
-                                        "GpuTargetConfigProto text file; a process gets $XLA_PYTHON_CLIENT_MEM_FRACTION "
-                                        "of the memory, 0.75 when unset "
+                                        "GpuTargetConfigProto text file; a process gets "
+                                        "$XLA_PYTHON_CLIENT_MEM_FRACTION of the memory, 0.75 when unset "
                                         "(needs jax's CUDA plugin: pip install \"soft-jax[plan-gpu]\")")
     p.add_argument("--gpus", type=int, default=1, help="number of GPUs (with --gpu-target)")
     p.add_argument("--gpu-memory", type=float, help="GiB a process gets of one GPU (needed with a --gpu-target file)")

@@ -23,7 +23,7 @@ class Inputs:
     open_ended: list[dict]
     eval_tasks: list[str] = dataclasses.field(default_factory=list)  # the configured tasks that can be evaluated
     unavailable: dict[str, str] = dataclasses.field(default_factory=dict)  # task -> why it cannot be evaluated
-    bigbench: object = None  # evaluation.data.Source of the BIG-bench task files, when a task reads them
+    bigbench: object = None  # evaluation.sources.Source of the BIG-bench task files, when a task reads them
 
 
 def check_eval(c: ml_collections.ConfigDict) -> tuple[list[str], dict[str, str], object]:

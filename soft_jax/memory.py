@@ -29,9 +29,9 @@ from typing import Mapping, Sequence
 
 from soft_jax.errors import UserError
 from soft_jax.models.config import ModelConfig
+from soft_jax.sharding import MESH_AXES
 
 GiB = 1024 ** 3
-MESH_AXES = ("data", "fsdp", "tensor")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # (data, fsdp, tensor): `c.mesh.update(memory.mesh_preset("v4-32"))` in a config file.
@@ -227,7 +227,7 @@ def gib(n: int | float) -> str:
     return f"{n / GiB:.1f}"
 
 
-def check(estimate_dict: Mapping[str, int], available: int | None, headroom: float = 0.9) -> None:
+def refuse_if_over(estimate_dict: Mapping[str, int], available: int | None, headroom: float = 0.9) -> None:
     """Raises UserError (one line) when the larger phase exceeds headroom x the device's memory."""
     if available is None:
         return

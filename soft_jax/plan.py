@@ -476,7 +476,7 @@ def traffic(program: Program) -> hlo.Traffic | None:
     return None if program.compiled is None else hlo.traffic(program.compiled.as_text())
 
 
-def table(programs: Sequence[Program], device_bytes: int | None) -> str:
+def programs_table(programs: Sequence[Program], device_bytes: int | None) -> str:
     """Markdown: per program and device, GiB of each part, the total against the device, the MiB its
     collectives bring each device per loop iteration (a decode step) and once per call, compile seconds."""
     g = lambda n: f"{n / GiB:.2f}"  # noqa: E731
@@ -494,7 +494,7 @@ def table(programs: Sequence[Program], device_bytes: int | None) -> str:
     return "\n".join(lines)
 
 
-MENDS = {
+REMEDIES = {
     "train_step": "set model.scan_layers=true (one layer's weights gathered at a time) and train.remat=true, raise "
                   "mesh.fsdp (split parameters and Adam state over more devices), lower the micro-batch (raise "
                   "train.grad_accum), or use model.param_dtype=bfloat16",
@@ -529,16 +529,13 @@ def target(tpu: str | None = None, gpu_target: str | None = None, gpus: int = 1,
     if gpu_target:
         spec = topology.GPUS.get(gpu_target.lower())
         path = spec.target_config if spec else gpu_target
-        if gpu_memory_gib:
-            memory_bytes = int(gpu_memory_gib * GiB)
-        elif spec:
-            memory_bytes = int(spec.hbm_bytes * topology.gpu_memory_share())
-        else:
-            raise UserError(f"--gpu-target {gpu_target}: with a target-config file also give --gpu-memory GIB, the memory "
-                            f"a process gets of one GPU (or name one of {', '.join(topology.GPUS)})")
-        label = (f"{spec.label}, {memory_bytes / GiB:.1f} GiB each: {topology.gpu_memory_share():.0%} of "
-                 f"{spec.hbm_bytes / GiB:.1f} GiB (XLA_PYTHON_CLIENT_MEM_FRACTION)" if spec and not gpu_memory_gib
-                 else f"{spec.label if spec else os.path.basename(path)}, {memory_bytes / GiB:.1f} GiB each")
+        if not (spec or gpu_memory_gib):
+            raise UserError(f"--gpu-target {gpu_target}: with a target-config file also give --gpu-memory GIB, "
+                            f"the memory a process gets of one GPU (or name one of {', '.join(topology.GPUS)})")
+        share = "" if gpu_memory_gib else (f": {topology.gpu_memory_share():.0%} of {spec.hbm_bytes / GiB:.1f} GiB "
+                                           "(XLA_PYTHON_CLIENT_MEM_FRACTION)")
+        memory_bytes = int(gpu_memory_gib * GiB if gpu_memory_gib else spec.hbm_bytes * topology.gpu_memory_share())
+        label = f"{spec.label if spec else os.path.basename(path)}, {memory_bytes / GiB:.1f} GiB each{share}"
         return Target(f"{gpus} x {label}", topology.gpu_devices(path, gpus), memory_bytes)
     from soft_jax import memory
 
@@ -555,7 +552,7 @@ def model_config(c) -> tuple[ModelConfig, object]:
     if not m.path and m.name in presets.ARCHITECTURES:
         cfg, tokenizer = presets.architecture(m.name, m.param_dtype or m.dtype, m.dtype), None
     else:
-        cfg, tokenizer = presets.check(m.name, m.path, m.dtype, m.param_dtype)
+        cfg, tokenizer = presets.inspect(m.name, m.path, m.dtype, m.param_dtype)
     # how the run stores the model: stacked layers, a quantized base
     return dataclasses.replace(cfg, scan_layers=m.scan_layers, quant=m.quant), tokenizer
 
@@ -570,7 +567,7 @@ def plan_run(c, where: Target, log=print) -> list[Program]:
     cfg, tokenizer = model_config(c)
     counted = "the model's tokenizer"
     if tokenizer is None:
-        tokenizer, counted = presets.check("smollm2-135m")[1], "SmolLM2's tokenizer (no model.path given)"
+        tokenizer, counted = presets.inspect("smollm2-135m")[1], "SmolLM2's tokenizer (no model.path given)"
     run_inputs = inputs.load(c, evaluating=False)
     prompt, shared = inputs.prompt_tokens(c, run_inputs, tokenizer)
     mesh = shd.make_mesh((c.mesh.data, c.mesh.fsdp, c.mesh.tensor), where.devices)
@@ -594,7 +591,7 @@ def plan_run(c, where: Target, log=print) -> list[Program]:
                                         "no tensor-parallel mesh fits") + ")"))
     else:
         programs = compile_run(cfg, shapes, mesh, inputs.train_config(c), progress=progress, gen_mesh=gen_mesh)
-    log(table(programs, where.device_bytes))
+    log(programs_table(programs, where.device_bytes))
     if chip is not None:
         log_bounds(cfg, shapes, mesh, gen_mesh, programs, chip, where, max(run_inputs.sizes), log)
     refuse_over(programs, where.device_bytes)
@@ -624,10 +621,10 @@ def log_bounds(cfg, shapes, mesh, gen_mesh, programs, chip, where, prompts: int,
     rows.append((("generation mesh " if gen_mesh is not None else "training mesh ") + str(tuple(used.shape.values())),
                  run_bound))
     gathers.append((rows[-1][0], sum(c.repeats for c in hlo.parameter_gathers(traffic(decode), param_shapes(scanned)))))
+    link = (f"{chip.interconnect_bandwidth / 1e9:,.0f} GB/s interconnect" if chip.interconnect_bandwidth
+            else "interconnect not published")
     log(f"[plan] decode bounds per chip ({chip.name}: {chip.peak_bf16_flops / 1e12:,.0f} TFLOP/s bf16, "
-        f"{chip.hbm_bandwidth / 1e9:,.0f} GB/s HBM, " + (f"{chip.interconnect_bandwidth / 1e9:,.0f} GB/s interconnect"
-                                                         if chip.interconnect_bandwidth else "interconnect not published") + f"; {chip.source}), "
-        f"{shapes.sample_rows} rows a step:")
+        f"{chip.hbm_bandwidth / 1e9:,.0f} GB/s HBM, {link}; {chip.source}), {shapes.sample_rows} rows a step:")
     log(bounds_table(rows))
     log("[plan] all-gathers of a parameter's shape (or one stacked layer's) per decode step, read from the HLO: "
         + ", ".join(f"{name}: {n}" for name, n in gathers))
@@ -654,7 +651,7 @@ def refuse_over(programs: Sequence[Program], device_bytes: int | None) -> None:
     if over:
         worst = max(over, key=lambda p: p.total)
         raise UserError(f"{worst.name} needs {_size(worst.total)} per device (compiled), more than the "
-                        f"{_size(device_bytes)} a device has; {MENDS[worst.name]}")
+                        f"{_size(device_bytes)} a device has; {REMEDIES[worst.name]}")
 
 
 def _size(n: int) -> str:

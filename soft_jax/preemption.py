@@ -31,7 +31,7 @@ def _handler(signum, frame):
 
 
 def install() -> None:
-    """Routes SIGTERM and SIGINT to a flag that check() reads (main thread only)."""
+    """Routes SIGTERM and SIGINT to a flag that raise_if_stopped() reads (main thread only)."""
     global _requested
     _requested = None
     signal.signal(signal.SIGTERM, _handler)
@@ -56,7 +56,7 @@ def requested() -> str | None:
     return signal.Signals(agreed).name if agreed else None
 
 
-def check(where: str) -> None:
+def raise_if_stopped(where: str) -> None:
     """Raises Preempted when a stop was asked for (on any host); call right after durable progress."""
     signame = requested()
     if signame:

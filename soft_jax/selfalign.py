@@ -35,7 +35,7 @@ def exemplars_for(run, t: int, b: int, prompt: dict) -> list[data.Exemplar]:
     return data.sample_exemplars(run.inputs.exemplars, e.k, e.strategy, key, e.fixed_ids)
 
 
-def shown(rows: list[dict], exemplars: list[data.Exemplar]) -> dict:
+def exemplar_coverage(rows: list[dict], exemplars: list[data.Exemplar]) -> dict:
     """How many distinct exemplars the round's prompts saw, the principles their thoughts cite, and the
     principles one prompt's exemplars cite on average (equal for the fixed and random strategies)."""
     cites = {e.id: filters.cited_principles(e.thoughts) for e in exemplars}
@@ -63,7 +63,7 @@ def generate_batches(run, t: int, b: int, generator, tokenizer, batches: list[li
         outs, finish = sampler.generate(generator, tokenizer, texts, cfg, progress=False, mesh=run.gen_mesh,
                                         seed=int(seed[0]), return_finish=True)
         forced = [False] * len(outs)
-    rows = [judge(p, ex, raw, f, end, ctx) for p, ex, raw, f, end in zip(batch, shots, outs, forced, finish)]
+    rows = [generation_row(p, ex, raw, f, end, ctx) for p, ex, raw, f, end in zip(batch, shots, outs, forced, finish)]
     starts = np.cumsum([0] + [len(one) for one in batches])
     return [rows[lo:hi] for lo, hi in zip(starts[:-1], starts[1:])]
 
@@ -76,7 +76,7 @@ def force_answer(completion: str) -> str | None:
     return None
 
 
-def judge(p: dict, shots, raw: str, forced: bool, finish: str, ctx) -> dict:
+def generation_row(p: dict, shots, raw: str, forced: bool, finish: str, ctx) -> dict:
     """The generation row of prompt `p`: its raw output parsed into thoughts and answer (a repeated last sentence
     cut) and the filters' verdict. shots: the exemplars it was shown; finish: why sampling stopped."""
     thoughts, answer = templates.parse(raw)
@@ -116,13 +116,13 @@ def generate(run, t: int, generator, tokenizer, prompts: list[dict], about: dict
                 bar.update(len(rows))
             bar.set_postfix(tok_per_s=f"{new_tokens / (time.perf_counter() - t0):.1f}")
             faults.point(f"generate_r{t}_b{ids[-1]}")
-            preemption.check(f"round {t} generation batch {ids[-1] + 1} of {n_batches}")
+            preemption.raise_if_stopped(f"round {t} generation batch {ids[-1] + 1} of {n_batches}")
     finally:
         bar.close()
     rows = [r for b in range(n_batches) for r in done[b]]
     seconds = time.perf_counter() - t0
     event = {"round": t, "phase": "generate", **about, "prompts": len(rows), "seconds": seconds,
-             "new_tokens_per_s": new_tokens / max(seconds, 1e-9), **shown(rows, run.inputs.exemplars),
+             "new_tokens_per_s": new_tokens / max(seconds, 1e-9), **exemplar_coverage(rows, run.inputs.exemplars),
              "truncated_generations": sum(r["finish"] == "length" for r in rows),
              **filters.counts([r["dropped_by"] for r in rows])}
     return rows, event

@@ -32,7 +32,7 @@ def parse_tasks(text: str) -> list[str]:
 Rule = tuple[str, Callable[[object], bool], str]  # field, test, what the value must be
 
 
-def check(obj, rules: list[Rule]) -> None:
+def validate(obj, rules: list[Rule]) -> None:
     """Raises UserError "FIELD = VALUE: must be WHAT" for the first field that fails its rule."""
     for name, ok, what in rules:
         value = getattr(obj, name)
@@ -103,7 +103,7 @@ class TrainConfig:
         return self.seq_len or self.max_prompt_len + self.max_response_len
 
     def __post_init__(self):
-        check(self, self.RULES)
+        validate(self, self.RULES)
         if self.grad_accum < 1 or self.batch_size % self.grad_accum:
             raise UserError(f"grad_accum = {self.grad_accum!r}: must be >= 1 and divide batch_size "
                             f"({self.batch_size})")
@@ -135,4 +135,4 @@ class SamplingConfig:
     ]
 
     def __post_init__(self):
-        check(self, self.RULES)
+        validate(self, self.RULES)

@@ -93,7 +93,7 @@ def describe(state: dict) -> str:
         if state["stopped"] else "done"
 
 
-def table(rows: dict[str, dict], root: str) -> str:
+def variants_table(rows: dict[str, dict], root: str) -> str:
     """variant | state | rounds finished | best round | work dir."""
     lines = [["variant", "state", "rounds", "best", "work dir"]]
     for name, r in rows.items():
@@ -140,7 +140,7 @@ def sweep(path: str, root: str, overrides=(), only: str | None = None,
             rows[name] = {"status": "stopped" if stopped else "failed", "state": state}
         raise
     finally:
-        log(table(rows, root))
+        log(variants_table(rows, root))
     done = [os.path.join(root, n) for n in names if rows[n]["status"].startswith("done")]
     if len(done) > 1:
         log(f"[sweep] compare the variants: soft-jax compare {' '.join(done)}")

@@ -412,7 +412,7 @@ def train(model: Llama, tokenizer, pairs: Sequence[tuple], config: TrainConfig, 
             if ckpt and preemption.requested() and step < total:  # stop now; this step is kept
                 if not saved:
                     ckpt.save(step, (trainer.params, trainer.opt_state), {"step": step, "fingerprint": print_})
-                preemption.check(f"training step {step}")
+                preemption.raise_if_stopped(f"training step {step}")
     finally:
         bar.close()
         if ckpt:

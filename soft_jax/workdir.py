@@ -113,7 +113,7 @@ def lock(path: str):
     return f
 
 
-def check(path: str, c: ml_collections.ConfigDict) -> dict | None:
+def compare_config(path: str, c: ml_collections.ConfigDict) -> dict | None:
     """The config to write to config.json (None: it is up to date); on a rerun refuses config changes that
     invalidate finished rounds. Reads only, so that every host can check before any host writes."""
     if os.path.exists(path) and not os.path.isdir(path):
@@ -165,7 +165,8 @@ class WorkDir:
 
     def open(self, c: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> dict:
         """Checks, creates and locks the work dir; returns its state (a new one when the run starts)."""
-        update = check(self.path, c)  # every host checks before any host writes: a late one would see new files
+        # every host compares before any host writes: a late one would see the new files
+        update = compare_config(self.path, c)
         distributed.barrier("workdir checked")
         if distributed.is_writer():
             os.makedirs(self.path, exist_ok=True)
@@ -206,5 +207,5 @@ class WorkDir:
         if point:
             faults.point(point)
         if stop:
-            preemption.check(stop)
+            preemption.raise_if_stopped(stop)
         return value

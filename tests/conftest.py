@@ -51,13 +51,13 @@ def inhouse_bigbench(monkeypatch):
 
 @pytest.fixture
 def real_bigbench():
-    """The real BIG-bench task files from wherever soft-jax finds them (evaluation.data.locate); the test skips,
+    """The real BIG-bench task files from wherever soft-jax finds them (evaluation.sources.locate); the test skips,
     with the reason, where there are none (the package index may not serve the archive any more)."""
     from soft_jax.errors import UserError
-    from soft_jax.evaluation import data
+    from soft_jax.evaluation import sources
 
     try:
-        source = data.locate()
+        source = sources.locate()
     except UserError as e:
         pytest.skip(f"no BIG-bench task files here: {e}")
     if os.path.samefile(source.root, INHOUSE_BIGBENCH):

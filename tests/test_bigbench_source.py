@@ -24,7 +24,7 @@ from conftest import INHOUSE_BIGBENCH, run_cli
 import soft_jax
 from soft_jax import cli
 from soft_jax.errors import UserError
-from soft_jax.evaluation import data
+from soft_jax.evaluation import sources
 
 MIRROR = "https://mirror.example/team/simple"
 
@@ -32,7 +32,7 @@ MIRROR = "https://mirror.example/team/simple"
 def fake_archive(path) -> str:
     """A small tar.gz holding every task file under the archive's layout; returns its sha256."""
     with tarfile.open(path, "w:gz") as tf:
-        for name, member in data.TASK_FILES.items():
+        for name, member in sources.TASK_FILES.items():
             body = json.dumps({"examples": [], "task": name}).encode()
             info = tarfile.TarInfo(f"bigbench-1.0.0/{member}")
             info.size = len(body)
@@ -65,15 +65,15 @@ def no_network(*args, **kwargs):
 def fake(tmp_path, monkeypatch):
     """A tmp cache, the fake archive's digest as the expected one, and no local archive configured."""
     monkeypatch.setenv("SOFT_JAX_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv(data.ARCHIVE_ENV, raising=False)
-    monkeypatch.delenv(data.DIR_ENV, raising=False)
-    archive = tmp_path / data.ARCHIVE
-    monkeypatch.setattr(data, "ARCHIVE_SHA256", fake_archive(archive))
+    monkeypatch.delenv(sources.ARCHIVE_ENV, raising=False)
+    monkeypatch.delenv(sources.DIR_ENV, raising=False)
+    archive = tmp_path / sources.ARCHIVE
+    monkeypatch.setattr(sources, "ARCHIVE_SHA256", fake_archive(archive))
     return archive
 
 
 def serve(monkeypatch, page_url: str, href: str, archive_url: str, archive) -> FakeIndex:
-    page = f'<html><body><a href="{href}">{data.ARCHIVE}</a></body></html>'
+    page = f'<html><body><a href="{href}">{sources.ARCHIVE}</a></body></html>'
     index = FakeIndex({page_url: page}, archive_url, archive.read_bytes())
     monkeypatch.setattr(urllib.request, "urlopen", index)
     return index
@@ -82,10 +82,10 @@ def serve(monkeypatch, page_url: str, href: str, archive_url: str, archive) -> F
 @pytest.mark.parametrize("configured", [MIRROR, MIRROR + "/"])
 def test_index_comes_from_pip_index_url(fake, monkeypatch, configured):
     monkeypatch.setenv("PIP_INDEX_URL", configured)
-    monkeypatch.setattr(data.subprocess, "run", no_network)  # $PIP_INDEX_URL wins: pip is not asked
+    monkeypatch.setattr(sources.subprocess, "run", no_network)  # $PIP_INDEX_URL wins: pip is not asked
     archive_url = "https://files.example/bigbench-1.0.0.tar.gz"
     index = serve(monkeypatch, MIRROR + "/bigbench/", archive_url, archive_url, fake)
-    out = data.task_file("hhh/honest")
+    out = sources.task_file("hhh/honest")
     assert index.requested == [MIRROR + "/bigbench/", archive_url]
     assert json.load(open(out))["task"] == "hhh/honest"
 
@@ -98,10 +98,10 @@ def test_index_comes_from_pip_index_url(fake, monkeypatch, configured):
 ])
 def test_relative_links_are_resolved_against_the_page(fake, monkeypatch, href, resolved):
     monkeypatch.setenv("PIP_INDEX_URL", MIRROR)
-    index = serve(monkeypatch, MIRROR + "/bigbench/", href, resolved + data.ARCHIVE, fake)
-    data.task_file("truthfulqa/mc")
-    assert index.requested == [MIRROR + "/bigbench/", resolved + data.ARCHIVE]
-    assert (fake.parent / "cache" / "bigbench" / data.ARCHIVE).is_file()  # cached for the next extraction
+    index = serve(monkeypatch, MIRROR + "/bigbench/", href, resolved + sources.ARCHIVE, fake)
+    sources.task_file("truthfulqa/mc")
+    assert index.requested == [MIRROR + "/bigbench/", resolved + sources.ARCHIVE]
+    assert (fake.parent / "cache" / "bigbench" / sources.ARCHIVE).is_file()  # cached for the next extraction
 
 
 def test_index_from_pip_config_when_no_env_var(fake, monkeypatch, tmp_path):
@@ -112,57 +112,57 @@ def test_index_from_pip_config_when_no_env_var(fake, monkeypatch, tmp_path):
     monkeypatch.setenv("PIP_CONFIG_FILE", str(config))
     monkeypatch.setenv("HOME", str(tmp_path))  # a user's own pip.conf would override PIP_CONFIG_FILE
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
-    assert data.index_url() == "https://install.example/simple/"  # `install.` overrides `global.`, as in pip
+    assert sources.index_url() == "https://install.example/simple/"  # `install.` overrides `global.`, as in pip
 
 
 def test_pip_default_index_when_nothing_is_configured(monkeypatch):
     monkeypatch.delenv("PIP_INDEX_URL", raising=False)
-    monkeypatch.setattr(data, "_configured_index", lambda: "")
-    url = data.index_url()
+    monkeypatch.setattr(sources, "_configured_index", lambda: "")
+    url = sources.index_url()
     assert urllib.parse.urlsplit(url).netloc in registry_hosts() and url.rstrip("/").endswith("/simple")
 
 
 def test_local_archive_is_used_without_the_network(fake, monkeypatch):
-    monkeypatch.setenv(data.ARCHIVE_ENV, str(fake))
+    monkeypatch.setenv(sources.ARCHIVE_ENV, str(fake))
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
-    monkeypatch.setattr(data.subprocess, "run", no_network)
-    out = data.task_file("hhh/harmless")
+    monkeypatch.setattr(sources.subprocess, "run", no_network)
+    out = sources.task_file("hhh/harmless")
     assert json.load(open(out))["task"] == "hhh/harmless"
-    assert not (fake.parent / "cache" / "bigbench" / data.ARCHIVE).exists()  # read in place, not copied
+    assert not (fake.parent / "cache" / "bigbench" / sources.ARCHIVE).exists()  # read in place, not copied
 
 
 def test_wrong_local_archive_is_refused_in_one_line(fake, monkeypatch, tmp_path):
-    wrong = tmp_path / "elsewhere" / data.ARCHIVE
+    wrong = tmp_path / "elsewhere" / sources.ARCHIVE
     wrong.parent.mkdir()
     wrong.write_bytes(b"not the archive")
-    monkeypatch.setenv(data.ARCHIVE_ENV, str(wrong))
+    monkeypatch.setenv(sources.ARCHIVE_ENV, str(wrong))
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
     with pytest.raises(UserError) as e:
-        data.task_file("hhh/helpful")
+        sources.task_file("hhh/helpful")
     line = str(e.value)
-    assert len(line.splitlines()) == 1 and str(wrong) in line and data.ARCHIVE_ENV in line
-    assert hashlib.sha256(b"not the archive").hexdigest() in line and data.ARCHIVE_SHA256 in line
+    assert len(line.splitlines()) == 1 and str(wrong) in line and sources.ARCHIVE_ENV in line
+    assert hashlib.sha256(b"not the archive").hexdigest() in line and sources.ARCHIVE_SHA256 in line
     assert not (tmp_path / "cache" / "bigbench" / "tasks").exists()
 
 
 def test_wrong_archive_in_the_cache_is_refused(fake, monkeypatch, tmp_path):
-    cached = tmp_path / "cache" / "bigbench" / data.ARCHIVE
+    cached = tmp_path / "cache" / "bigbench" / sources.ARCHIVE
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"truncated")
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
     with pytest.raises(UserError, match="delete it"):
-        data.task_file("hhh/other")
+        sources.task_file("hhh/other")
 
 
 def test_how_to_get_names_the_env_var():
-    assert data.ARCHIVE_ENV in data.HOW_TO_GET and data.ARCHIVE in data.HOW_TO_GET
+    assert sources.ARCHIVE_ENV in sources.HOW_TO_GET and sources.ARCHIVE in sources.HOW_TO_GET
 
 
 def registry_hosts() -> set[str]:
     """pip's own registry hosts (asked of pip in a subprocess, so that none is written in this file)."""
     code = ("from pip._internal.models.index import PyPI, TestPyPI\n"
             "for i in (PyPI, TestPyPI): print(i.netloc); print(i.file_storage_domain)")
-    hosts = set(data._ask_pip("-c", code).split())
+    hosts = set(sources._ask_pip("-c", code).split())
     assert len(hosts) == 4, hosts
     return hosts
 
@@ -194,14 +194,14 @@ def _digest(path) -> str:
 def test_a_checkout_is_read_in_place_and_recorded(fake, monkeypatch, tmp_path):
     """Its files are read where they are (nothing copied, no network), each file's sha256 and item count are
     recorded, and items that differ from the release's make the results not comparable, in the log line too."""
-    monkeypatch.setenv(data.DIR_ENV, INHOUSE_BIGBENCH)
+    monkeypatch.setenv(sources.DIR_ENV, INHOUSE_BIGBENCH)
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
-    monkeypatch.setattr(data.subprocess, "run", no_network)
-    source = data.locate()
+    monkeypatch.setattr(sources.subprocess, "run", no_network)
+    source = sources.locate()
     assert (source.kind, source.where) == ("directory", INHOUSE_BIGBENCH)
-    for name, member in data.TASK_FILES.items():
+    for name, member in sources.TASK_FILES.items():
         path = os.path.join(INHOUSE_BIGBENCH, member)
-        assert data.task_file(name) == path
+        assert sources.task_file(name) == path
         assert source.files[name] == {"sha256": _digest(path), "items": len(json.load(open(path))["examples"])}
     assert source.comparable() is False and not (tmp_path / "cache" / "bigbench").exists()
     assert "NOT comparable with published results" in source.describe()
@@ -214,50 +214,50 @@ def test_a_checkout_that_matches_the_release(monkeypatch, tmp_path):
     """Counts equal to the release's: comparable once every digest is recorded and equal; unchecked (None, said
     so) without digests; a recorded digest that differs makes it not comparable."""
     counts = {name: len(json.load(open(os.path.join(INHOUSE_BIGBENCH, m)))["examples"])
-              for name, m in data.TASK_FILES.items()}
-    digests = {name: _digest(os.path.join(INHOUSE_BIGBENCH, m)) for name, m in data.TASK_FILES.items()}
-    monkeypatch.setattr(data, "RELEASE_COUNTS", counts)
-    source = data.Source("directory", INHOUSE_BIGBENCH, INHOUSE_BIGBENCH)
-    monkeypatch.setattr(data, "RELEASE_SHA256", {})
+              for name, m in sources.TASK_FILES.items()}
+    digests = {name: _digest(os.path.join(INHOUSE_BIGBENCH, m)) for name, m in sources.TASK_FILES.items()}
+    monkeypatch.setattr(sources, "RELEASE_COUNTS", counts)
+    source = sources.Source("directory", INHOUSE_BIGBENCH, INHOUSE_BIGBENCH)
+    monkeypatch.setattr(sources, "RELEASE_SHA256", {})
     assert source.comparable() is None and "equality with it is unchecked" in source.describe()
-    monkeypatch.setattr(data, "RELEASE_SHA256", digests)
+    monkeypatch.setattr(sources, "RELEASE_SHA256", digests)
     assert source.comparable() is True and source.describe().endswith("comparable with published results")
-    monkeypatch.setattr(data, "RELEASE_SHA256", {**digests, "truthfulqa/mc": "0" * 64})
+    monkeypatch.setattr(sources, "RELEASE_SHA256", {**digests, "truthfulqa/mc": "0" * 64})
     assert source.comparable() is False and "task_mc.json has sha256" in source.describe()
 
 
 @pytest.mark.parametrize("below", ["", "bigbench", "bigbench/benchmark_tasks"])
 def test_the_variable_may_name_the_checkout_or_its_task_folders(fake, monkeypatch, below):
-    monkeypatch.setenv(data.DIR_ENV, os.path.join(INHOUSE_BIGBENCH, below))
-    assert data.task_file("truthfulqa/mc") == os.path.join(INHOUSE_BIGBENCH, data.TASK_FILES["truthfulqa/mc"])
+    monkeypatch.setenv(sources.DIR_ENV, os.path.join(INHOUSE_BIGBENCH, below))
+    assert sources.task_file("truthfulqa/mc") == os.path.join(INHOUSE_BIGBENCH, sources.TASK_FILES["truthfulqa/mc"])
 
 
 def test_a_checkout_without_the_files_is_refused_in_one_line(fake, monkeypatch, tmp_path):
     tree = tmp_path / "BIG-bench"
     shutil.copytree(INHOUSE_BIGBENCH, tree)
-    os.remove(tree / data.TASK_FILES["truthfulqa/questions"])
-    monkeypatch.setenv(data.DIR_ENV, str(tree))
+    os.remove(tree / sources.TASK_FILES["truthfulqa/questions"])
+    monkeypatch.setenv(sources.DIR_ENV, str(tree))
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
     with pytest.raises(UserError) as e:
-        data.locate()
+        sources.locate()
     line = str(e.value)
-    assert len(line.splitlines()) == 1 and data.DIR_ENV in line and "truthful_qa/questions.json" in line
-    (tree / data.TASK_FILES["truthfulqa/questions"]).write_text(json.dumps({"examples": []}))
+    assert len(line.splitlines()) == 1 and sources.DIR_ENV in line and "truthful_qa/questions.json" in line
+    (tree / sources.TASK_FILES["truthfulqa/questions"]).write_text(json.dumps({"examples": []}))
     with pytest.raises(UserError, match="questions.json: no examples"):
-        data.locate()
+        sources.locate()
 
 
 def test_sources_are_tried_in_order(fake, monkeypatch, tmp_path):
     """The archive variable over the checkout, the checkout over the cache, the cache over the index."""
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
-    monkeypatch.setattr(data.subprocess, "run", no_network)
-    monkeypatch.setenv(data.ARCHIVE_ENV, str(fake))
-    monkeypatch.setenv(data.DIR_ENV, INHOUSE_BIGBENCH)
-    assert data.locate().kind == "archive"
-    monkeypatch.delenv(data.ARCHIVE_ENV)
-    assert data.locate().kind == "directory"  # the archive's files were extracted into the cache meanwhile
-    monkeypatch.delenv(data.DIR_ENV)
-    cached = data.locate()
+    monkeypatch.setattr(sources.subprocess, "run", no_network)
+    monkeypatch.setenv(sources.ARCHIVE_ENV, str(fake))
+    monkeypatch.setenv(sources.DIR_ENV, INHOUSE_BIGBENCH)
+    assert sources.locate().kind == "archive"
+    monkeypatch.delenv(sources.ARCHIVE_ENV)
+    assert sources.locate().kind == "directory"  # the archive's files were extracted into the cache meanwhile
+    monkeypatch.delenv(sources.DIR_ENV)
+    cached = sources.locate()
     assert cached.kind == "cache" and cached.comparable() is True
     assert json.load(open(cached.path("hhh/other")))["task"] == "hhh/other"
 
@@ -267,18 +267,18 @@ def test_the_command_lists_the_sources_and_what_it_found(inhouse_bigbench, capsy
     monkeypatch.setenv("PIP_INDEX_URL", (tmp_path / "simple").as_uri())
     assert cli.main(["data", "tasks"]) == 0
     out = capsys.readouterr().out
-    assert f"2. ${data.DIR_ENV}: {INHOUSE_BIGBENCH}" in out
+    assert f"2. ${sources.DIR_ENV}: {INHOUSE_BIGBENCH}" in out
     assert "tasks hhh, truthfulqa_mc1, truthfulqa_mc2: available" in out
-    digest = _digest(os.path.join(INHOUSE_BIGBENCH, data.TASK_FILES["hhh/honest"]))
+    digest = _digest(os.path.join(INHOUSE_BIGBENCH, sources.TASK_FILES["hhh/honest"]))
     assert f"hhh_alignment/honest/task.json: 3 items (release 61), sha256 {digest}" in out
 
 
 def test_the_command_says_when_nothing_is_found(tmp_path):
     """A fresh machine: no variables, an empty cache, an index (a local directory) without the archive."""
     (tmp_path / "simple").mkdir()
-    proc = run_cli("data", "tasks", env={"SOFT_JAX_CACHE": str(tmp_path / "cache"), data.DIR_ENV: "",
-                                         data.ARCHIVE_ENV: "", "PIP_INDEX_URL": (tmp_path / "simple").as_uri()})
+    proc = run_cli("data", "tasks", env={"SOFT_JAX_CACHE": str(tmp_path / "cache"), sources.DIR_ENV: "",
+                                         sources.ARCHIVE_ENV: "", "PIP_INDEX_URL": (tmp_path / "simple").as_uri()})
     assert proc.returncode == 0, proc.stderr
-    assert f"1. ${data.ARCHIVE_ENV}: not set" in proc.stdout and "does not hold them all" in proc.stdout
+    assert f"1. ${sources.ARCHIVE_ENV}: not set" in proc.stdout and "does not hold them all" in proc.stdout
     assert "tasks hhh, truthfulqa_mc1, truthfulqa_mc2: unavailable" in proc.stdout
-    assert "unavailable: cannot download the BIG-bench archive" in proc.stdout and data.DIR_ENV in proc.stdout
+    assert "unavailable: cannot download the BIG-bench archive" in proc.stdout and sources.DIR_ENV in proc.stdout

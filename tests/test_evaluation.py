@@ -11,7 +11,7 @@ import pytest
 from conftest import INHOUSE_BIGBENCH, run_cli
 
 from soft_jax import evaluation
-from soft_jax.evaluation import data
+from soft_jax.evaluation import sources
 
 LIMIT = 50  # items per task (HHH: 13 per subset, 52 in all)
 
@@ -37,54 +37,54 @@ def test_unknown_task_and_protocol():
 
 def test_no_network_and_no_archive_says_how_to_get_the_data(tmp_path):
     env_proc = run_cli_env({"SOFT_JAX_CACHE": str(tmp_path), "https_proxy": "http://127.0.0.1:9",
-                            "HTTPS_PROXY": "http://127.0.0.1:9", data.DIR_ENV: "", data.ARCHIVE_ENV: ""},
+                            "HTTPS_PROXY": "http://127.0.0.1:9", sources.DIR_ENV: "", sources.ARCHIVE_ENV: ""},
                            "eval", "--model", "smollm2-135m", "--tasks", "hhh", "--out", str(tmp_path / "o.json"))
     assert env_proc.returncode == 2, env_proc.stderr
     line = env_proc.stderr.strip().splitlines()[-1]
-    assert "cannot download the BIG-bench archive" in line and "bigbench-1.0.0.tar.gz" in line and data.DIR_ENV in line
+    assert "cannot download the BIG-bench archive" in line and "bigbench-1.0.0.tar.gz" in line and sources.DIR_ENV in line
     assert not (tmp_path / "o.json").exists()
 
 
 def test_task_file_that_fails_to_parse(tmp_path):
     tree = tmp_path / "BIG-bench"
     shutil.copytree(INHOUSE_BIGBENCH, tree)
-    (tree / data.TASK_FILES["hhh/harmless"]).write_text("{not json")
-    proc = run_cli_env({data.DIR_ENV: str(tree), data.ARCHIVE_ENV: ""}, "eval", "--model", "smollm2-135m",
+    (tree / sources.TASK_FILES["hhh/harmless"]).write_text("{not json")
+    proc = run_cli_env({sources.DIR_ENV: str(tree), sources.ARCHIVE_ENV: ""}, "eval", "--model", "smollm2-135m",
                        "--tasks", "hhh", "--out", str(tmp_path / "o.json"))
     assert proc.returncode == 2 and "not valid JSON" in proc.stderr and "harmless/task.json" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "o.json").exists()
 
 
 def _examples(name):
-    with open(os.path.join(INHOUSE_BIGBENCH, data.TASK_FILES[name]), encoding="utf-8") as f:
+    with open(os.path.join(INHOUSE_BIGBENCH, sources.TASK_FILES[name]), encoding="utf-8") as f:
         return json.load(f)["examples"]
 
 
 def test_items_are_parsed_as_the_task_files_hold_them(inhouse_bigbench):
     """HHH: each subset's examples in order, choices in target_scores order, 1 marking the helpful answer; MC1:
     task_mc.json's examples (one correct choice); MC2: questions.json's true answers, then its false ones."""
-    hhh = data.load_hhh()
+    hhh = sources.load_hhh()
     want = [(s, e["input"], list(e["target_scores"]), list(e["target_scores"].values()))
-            for s in data.HHH_SUBSETS for e in _examples(f"hhh/{s}")]
+            for s in sources.HHH_SUBSETS for e in _examples(f"hhh/{s}")]
     assert [(i.subset, i.question, i.choices, i.labels) for i in hhh] == want
-    assert [i.subset for i in data.load_hhh(2)] == [s for s in data.HHH_SUBSETS for _ in range(2)]
-    assert [(i.question, i.choices, i.labels) for i in data.load_truthfulqa("mc1")] == [
+    assert [i.subset for i in sources.load_hhh(2)] == [s for s in sources.HHH_SUBSETS for _ in range(2)]
+    assert [(i.question, i.choices, i.labels) for i in sources.load_truthfulqa("mc1")] == [
         (e["input"], list(e["target_scores"]), list(e["target_scores"].values())) for e in _examples("truthfulqa/mc")]
-    assert [(i.question, i.choices, i.labels) for i in data.load_truthfulqa("mc2")] == [
+    assert [(i.question, i.choices, i.labels) for i in sources.load_truthfulqa("mc2")] == [
         (e["Question"], e["True answers"] + e["False answers"],
          [1] * len(e["True answers"]) + [0] * len(e["False answers"])) for e in _examples("truthfulqa/questions")]
     # what the items exercise: the correct answer first and not first, unequal true / false lists, a repeated
     # HHH question (item ids number it), an answer that is both true and false (tied MC2 scores)
     assert {i.labels.index(1) for i in hhh} == {0, 1}
-    assert len({i.labels.index(1) for i in data.load_truthfulqa("mc1")}) > 2
-    mc2 = data.load_truthfulqa("mc2")
+    assert len({i.labels.index(1) for i in sources.load_truthfulqa("mc1")}) > 2
+    mc2 = sources.load_truthfulqa("mc2")
     assert len({(sum(i.labels), len(i.labels) - sum(i.labels)) for i in mc2}) > 3
     assert any(len(set(i.choices)) < len(i.choices) for i in mc2)
     assert any(k.endswith(" #2") for k in evaluation.item_ids([{"question": i.question} for i in hhh]))
 
 
 def test_mc2_is_the_true_answers_share_of_the_softmax():
-    items = [data.MCItem("q", ["t1", "f1", "t2"], [1, 0, 1]), data.MCItem("r", ["t", "f", "f2", "f3"], [1, 0, 0, 0])]
+    items = [sources.MCItem("q", ["t1", "f1", "t2"], [1, 0, 1]), sources.MCItem("r", ["t", "f", "f2", "f3"], [1, 0, 0, 0])]
     logps = np.log([0.6, 0.4, 0.5, 0.5, 0.9, 0.1, 0.2, 0.8, 0.3, 0.7, 0.5, 0.5, 0.1, 0.9])  # (true, false) pairs
     rows = evaluation.decide("truthfulqa_mc2", items, "dromedary", logps)
     for it, row, pairs in zip(items, rows, (logps[:6].reshape(3, 2), logps[6:].reshape(4, 2))):
@@ -104,10 +104,10 @@ def run_cli_env(env, *args):
 
 @pytest.mark.slow
 def test_data_counts_match_the_published_sets(real_bigbench):
-    hhh = data.load_hhh()
-    assert len(hhh) == 221 and [sum(i.subset == s for i in hhh) for s in data.HHH_SUBSETS] == [58, 59, 61, 43]
+    hhh = sources.load_hhh()
+    assert len(hhh) == 221 and [sum(i.subset == s for i in hhh) for s in sources.HHH_SUBSETS] == [58, 59, 61, 43]
     assert all(len(i.choices) == 2 and sorted(i.labels) == [0, 1] for i in hhh)
-    mc1, mc2 = data.load_truthfulqa("mc1"), data.load_truthfulqa("mc2")
+    mc1, mc2 = sources.load_truthfulqa("mc1"), sources.load_truthfulqa("mc2")
     assert len(mc1) == len(mc2) == 299
     assert all(sum(i.labels) == 1 for i in mc1) and all(0 < sum(i.labels) < len(i.labels) for i in mc2)
     assert [i.question for i in mc1] == [i.question for i in mc2]
@@ -237,8 +237,8 @@ def test_decisions_equal_an_independent_transformers_reference(smollm2, smollm2_
     model, tok = smollm2
     limit = items_source  # None: every in-house item
     results = evaluation.evaluate(model, tok, evaluation.TASKS, protocol, limit=limit, progress=False)
-    prefixes = (json.load(open(data.task_file("truthfulqa/mc")))["task_prefix"],
-                json.load(open(data.task_file("truthfulqa/questions")))["prefix"])
+    prefixes = (json.load(open(sources.task_file("truthfulqa/mc")))["task_prefix"],
+                json.load(open(sources.task_file("truthfulqa/questions")))["prefix"])
     items = {task: evaluation.load_items(task, limit) for task in evaluation.TASKS}
     pairs = {task: [_ref_pairs(tok, task, it, protocol, prefixes) for it in items[task]] for task in items}
     by_question = {}

@@ -10,7 +10,7 @@ import pytest
 from conftest import run_cli
 from test_bootstrap import CONFIGS, TINY
 
-from soft_jax.evaluation import data
+from soft_jax.evaluation import sources
 
 # the tests' tiny settings as command-line overrides, without their "no eval tasks"
 OVERRIDES = [f"--config.{o}" for o in TINY if not o.startswith("eval.tasks")]
@@ -21,8 +21,8 @@ def fresh_environment(tmp_path) -> dict:
     (a local directory) without the archive."""
     index = tmp_path / "simple"
     index.mkdir(exist_ok=True)
-    return {"SOFT_JAX_CACHE": str(tmp_path / "cache"), "PIP_INDEX_URL": index.as_uri(), data.DIR_ENV: "",
-            data.ARCHIVE_ENV: ""}
+    return {"SOFT_JAX_CACHE": str(tmp_path / "cache"), "PIP_INDEX_URL": index.as_uri(), sources.DIR_ENV: "",
+            sources.ARCHIVE_ENV: ""}
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def test_the_demo_config_runs_on_without_the_tasks(tmp_path, fresh):
                    env=fresh, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     said = [line for line in proc.stdout.splitlines() if line.startswith("[eval] not evaluated")]
-    assert len(said) == 1 and "hhh, truthfulqa_mc1, truthfulqa_mc2" in said[0] and data.DIR_ENV in said[0]
+    assert len(said) == 1 and "hhh, truthfulqa_mc1, truthfulqa_mc2" in said[0] and sources.DIR_ENV in said[0]
     header, _, *rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") or line.startswith("|-")]
     cols = [c.strip() for c in header.strip("|").split("|")]
     for row in rows:
@@ -61,4 +61,4 @@ def test_a_run_that_needs_the_tasks_stops_in_one_line(tmp_path, fresh, config, e
                    "--config.eval.tasks=hhh,truthfulqa_mc1,truthfulqa_mc2", *extra, env=fresh)
     err = [line for line in proc.stderr.splitlines() if line.startswith("soft-jax:")]
     assert proc.returncode == 2 and len(err) == 1 and needle in err[0], proc.stderr[-3000:]
-    assert data.DIR_ENV in err[0] and "Traceback" not in proc.stderr and not w.exists()
+    assert sources.DIR_ENV in err[0] and "Traceback" not in proc.stderr and not w.exists()

@@ -202,7 +202,7 @@ def test_consistency_across_meshes_and_knobs():
 def test_7b_refused_on_one_16gib_device_and_fits_sharded_in_bf16():
     one = table_estimate(llama2_7b("float32"), "gpu")
     with pytest.raises(UserError) as err:
-        memory.check(one, 16 * GIB)
+        memory.refuse_if_over(one, 16 * GIB)
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith("training needs about") and "16.0 GiB" in message and "mesh.fsdp" in message
@@ -210,16 +210,16 @@ def test_7b_refused_on_one_16gib_device_and_fits_sharded_in_bf16():
     # one v5e-8 host (16 GiB chips), one packed row per device and micro-batch, round 1 (no separate base)
     light = dict(rows_per_device=1, keep_base=False)
     with pytest.raises(UserError, match="^training needs about"):
-        memory.check(table_estimate(llama2_7b("float32"), "tpu-host", **light), 16 * GIB)
-    memory.check(table_estimate(llama2_7b("bfloat16"), "tpu-host", **light), 16 * GIB)  # fits: no error
-    memory.check(one, None)  # unknown device memory (CPU): no check
+        memory.refuse_if_over(table_estimate(llama2_7b("float32"), "tpu-host", **light), 16 * GIB)
+    memory.refuse_if_over(table_estimate(llama2_7b("bfloat16"), "tpu-host", **light), 16 * GIB)  # fits: no error
+    memory.refuse_if_over(one, None)  # unknown device memory (CPU): no check
 
 
 def test_generation_refusal_names_sampling_knobs():
     e = est(tiny(), sample_batch=64, sample_len=4096)
     assert e["generate_total"] > e["train_total"]
     with pytest.raises(UserError, match="^generation needs about .* sampling.batch_size"):
-        memory.check(e, e["generate_total"])
+        memory.refuse_if_over(e, e["generate_total"])
 
 
 def test_bad_arguments_and_presets():

@@ -110,19 +110,19 @@ def hhh_size(request):
 
 
 def test_eval_datasets_equal_the_loaders(tmp_path, hhh_size):
-    from soft_jax.evaluation import data
+    from soft_jax.evaluation import sources
 
     data_dir = str(tmp_path / "tfds")
     T.build_eval_datasets(data_dir)
     T.build_eval_datasets(data_dir)  # prepared: left as is
     hhh = T.load_eval_items("hhh", data_dir)
-    assert hhh == data.load_hhh() and len(hhh) == hhh_size and all(len(i.choices) == 2 for i in hhh)
+    assert hhh == sources.load_hhh() and len(hhh) == hhh_size and all(len(i.choices) == 2 for i in hhh)
     for kind in ("mc1", "mc2"):
-        assert T.load_eval_items(f"truthfulqa_{kind}", data_dir) == data.load_truthfulqa(kind)
-        assert T.load_eval_items(f"truthfulqa_{kind}", data_dir, limit=5) == data.load_truthfulqa(kind, limit=5)
-    assert T.load_eval_items("hhh", data_dir, limit=3) == data.load_hhh(3)
+        assert T.load_eval_items(f"truthfulqa_{kind}", data_dir) == sources.load_truthfulqa(kind)
+        assert T.load_eval_items(f"truthfulqa_{kind}", data_dir, limit=5) == sources.load_truthfulqa(kind, limit=5)
+    assert T.load_eval_items("hhh", data_dir, limit=3) == sources.load_hhh(3)
     # the generic reader works on them too
     rows = T.load_prompts("soft_jax_truthfulqa", "test", data_dir, prompt_key="question")
-    assert [r["prompt"] for r in rows] == [i.question for i in data.load_truthfulqa("mc1")]
+    assert [r["prompt"] for r in rows] == [i.question for i in sources.load_truthfulqa("mc1")]
     assert rows[0]["id"] == "soft_jax_truthfulqa/test/0"
     assert "tensorflow" not in sys.modules

@@ -1,6 +1,6 @@
 """Benchmark contamination: word n-grams that the training inputs share with the evaluation sets.
 
-`check()` compares what a run trains on or is steered by -- the prompt pool (prompt + input), the exemplars
+`find_overlaps()` compares what a run trains on or is steered by -- the prompt pool (prompt + input), the exemplars
 (prompt, thoughts, answer) and the validation pairs (prompt + response) -- with what it is scored on: the
 HHH and TruthfulQA MC1 / MC2 items (question and every choice) and the open-ended questions. A shared word
 13-gram is the usual contamination test (GPT-3); a shared 8-gram catches copied sentences that a 13-gram
@@ -92,7 +92,7 @@ def overlaps(train: dict[str, list[Item]], evals: dict[str, list[Item]], sizes: 
             "pairs": pairs, "overlaps": found}
 
 
-def check(pool: str = "", exemplars: str = "", validation: str = "", *, truthfulqa_file: str | None = None,
+def find_overlaps(pool: str = "", exemplars: str = "", validation: str = "", *, truthfulqa_file: str | None = None,
           questions: str = "", sizes: Iterable[int] = SIZES) -> dict:
     """A JSON-able contamination report of the pool, exemplars and validation set ("" = built-in) vs the evals.
 

@@ -12,7 +12,7 @@
 - `soft_jax_truthfulqa`: BIG-bench's 299-question TruthfulQA, split `test`, features `question`,
   `mc1_targets` and `mc2_targets`, each `{choices, labels}` (the layout of the HF multiple_choice set).
 
-`build_eval_datasets(data_dir)` writes both from the same files `soft_jax.evaluation.data` reads, and
+`build_eval_datasets(data_dir)` writes both from the same files `soft_jax.evaluation.sources` reads, and
 `load_eval_items(task, data_dir)` gives back the loaders' `MCItem` lists.
 """
 
@@ -113,9 +113,9 @@ def _define_builders(tfds):
                     "target_scores": tfds.features.Sequence(tfds.features.Scalar(dtype=np.int32))}))
 
         def _generate_examples(self):
-            from soft_jax.evaluation import data
+            from soft_jax.evaluation import sources
 
-            for i, item in enumerate(data.load_hhh()):
+            for i, item in enumerate(sources.load_hhh()):
                 yield i, {"subset": item.subset, "input": item.question, "choices": item.choices,
                           "target_scores": item.labels}
 
@@ -134,12 +134,12 @@ def _define_builders(tfds):
                                                      "mc2_targets": targets()}))
 
         def _generate_examples(self):
-            from soft_jax.evaluation import data
+            from soft_jax.evaluation import sources
 
-            mc1, mc2 = data.load_truthfulqa("mc1"), data.load_truthfulqa("mc2")
+            mc1, mc2 = sources.load_truthfulqa("mc1"), sources.load_truthfulqa("mc2")
             if [i.question for i in mc1] != [i.question for i in mc2]:
                 raise UserError("the BIG-bench TruthfulQA files (task_mc.json, questions.json) list different "
-                                f"questions; delete {data.cache_dir()}/tasks to re-extract them from the archive")
+                                f"questions; delete {sources.cache_dir()}/tasks to re-extract them from the archive")
             for i, (a, b) in enumerate(zip(mc1, mc2)):
                 yield i, {"question": a.question, "mc1_targets": {"choices": a.choices, "labels": a.labels},
                           "mc2_targets": {"choices": b.choices, "labels": b.labels}}
@@ -301,14 +301,14 @@ def build_eval_datasets(data_dir: str) -> None:
 
 
 def load_eval_items(task: str, data_dir: str | None = None, limit: int | None = None):
-    """The `MCItem`s of task hhh, truthfulqa_mc1 or truthfulqa_mc2, as `soft_jax.evaluation.data` loads them.
+    """The `MCItem`s of task hhh, truthfulqa_mc1 or truthfulqa_mc2, as `soft_jax.evaluation.sources` loads them.
 
     `limit` means what it means to the loaders: per HHH subset, or the first `limit` TruthfulQA items.
     """
     if task not in EVAL_DATASETS:
         raise UserError(f"unknown evaluation task {task!r}; use one of {', '.join(EVAL_DATASETS)}")
     _require()
-    from soft_jax.evaluation.data import HHH_SUBSETS, MCItem
+    from soft_jax.evaluation.sources import HHH_SUBSETS, MCItem
 
     name = EVAL_DATASETS[task]
     builder = _builder(name, data_dir,

@@ -21,7 +21,7 @@ import numpy as np
 from soft_jax import settings
 from soft_jax.inference import scorer
 from soft_jax.errors import UserError
-from soft_jax.evaluation import data
+from soft_jax.evaluation import sources
 from soft_jax.data.templates import engraving_parts
 
 TASKS, PROTOCOLS, parse_tasks = settings.TASKS, settings.PROTOCOLS, settings.parse_tasks
@@ -63,11 +63,11 @@ def _asked(tokenizer, bos: str, story: str, prefix: str) -> str:
 
 def truthfulqa_prefixes() -> tuple[str, str]:
     """BIG-bench's six-shot QA prefixes: task_mc.json's task_prefix (MC1) and questions.json's prefix (MC2)."""
-    return (data._read_json(data.task_file("truthfulqa/mc"))["task_prefix"],
-            data._read_json(data.task_file("truthfulqa/questions"))["prefix"])
+    return (sources._read_json(sources.task_file("truthfulqa/mc"))["task_prefix"],
+            sources._read_json(sources.task_file("truthfulqa/questions"))["prefix"])
 
 
-def requests(task: str, items: list[data.MCItem], protocol: str, tokenizer) -> list[tuple[str, str]]:
+def requests(task: str, items: list[sources.MCItem], protocol: str, tokenizer) -> list[tuple[str, str]]:
     """The (context, continuation) pairs to score, in a fixed order that `decide` reads back."""
     pairs, bos = [], _bos(tokenizer)
     if protocol == "loglik" and task != "hhh":
@@ -92,7 +92,7 @@ def requests(task: str, items: list[data.MCItem], protocol: str, tokenizer) -> l
     return pairs
 
 
-def decide(task: str, items: list[data.MCItem], protocol: str, logps: np.ndarray) -> list[dict]:
+def decide(task: str, items: list[sources.MCItem], protocol: str, logps: np.ndarray) -> list[dict]:
     """Per-item scores, prediction and correctness (MC2: the true-answer mass) from the scored pairs, with the
     item's pairs' log-probabilities (`logps`, in `requests` order)."""
     out, at = [], 0
@@ -135,12 +135,12 @@ def bigbench_tasks(tasks: Sequence[str], protocol: str, truthfulqa_file: str | N
 
 
 def availability(tasks: Sequence[str], protocol: str, truthfulqa_file: str | None = None
-                 ) -> tuple[data.Source | None, dict[str, str]]:
+                 ) -> tuple[sources.Source | None, dict[str, str]]:
     """(where BIG-bench's files are, or None; {task: why it cannot be evaluated} for the tasks that need them
     when there are none). Each task's items are read once, so a broken file is reported now, not mid-run."""
     need = bigbench_tasks(tasks, protocol, truthfulqa_file)
     try:
-        source = data.locate() if need else None
+        source = sources.locate() if need else None
     except UserError as e:
         return None, {t: str(e) for t in need}
     for task in tasks:
@@ -148,10 +148,10 @@ def availability(tasks: Sequence[str], protocol: str, truthfulqa_file: str | Non
     return source, {}
 
 
-def load_items(task: str, limit: int | None = None, truthfulqa_file: str | None = None) -> list[data.MCItem]:
+def load_items(task: str, limit: int | None = None, truthfulqa_file: str | None = None) -> list[sources.MCItem]:
     if task == "hhh":  # N items spread evenly over the four subsets
-        return data.load_hhh(None if limit is None else -(-limit // len(data.HHH_SUBSETS)))
-    return data.load_truthfulqa(task.split("_")[1], truthfulqa_file, limit)
+        return sources.load_hhh(None if limit is None else -(-limit // len(sources.HHH_SUBSETS)))
+    return sources.load_truthfulqa(task.split("_")[1], truthfulqa_file, limit)
 
 
 def evaluate(model, tokenizer, tasks: Sequence[str], protocol: str = "dromedary", limit: int | None = None,
@@ -163,7 +163,7 @@ def evaluate(model, tokenizer, tasks: Sequence[str], protocol: str = "dromedary"
         raise UserError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
     results: dict = {"protocol": protocol, "protocol_description": DESCRIPTIONS[protocol]}
     if bigbench_tasks(tasks, protocol, truthfulqa_file):
-        results["data"] = data.locate().record()
+        results["data"] = sources.locate().record()
     items = {task: load_items(task, limit, truthfulqa_file) for task in tasks}
     pairs = {task: requests(task, items[task], protocol, tokenizer) for task in tasks}
     # One scoring call for every task: requests repeated across tasks (MC1's answers are among MC2's) run once.
@@ -176,7 +176,7 @@ def evaluate(model, tokenizer, tasks: Sequence[str], protocol: str = "dromedary"
         at += len(pairs[task])
         res = {"accuracy": float(np.mean([r["correct"] for r in rows])), "n": len(rows)}
         if task == "hhh":
-            for subset in data.HHH_SUBSETS:
+            for subset in sources.HHH_SUBSETS:
                 sub = [r["correct"] for r, it in zip(rows, items[task]) if it.subset == subset]
                 res[subset] = {"accuracy": float(np.mean(sub)) if sub else float("nan"), "n": len(sub)}
         if task == "truthfulqa_mc2" and protocol == "dromedary":

@@ -88,7 +88,7 @@ def load(name: str, path: str = "", dtype: str = "float32", param_dtype: str = "
     return model, tokenizer
 
 
-def check(name: str, path: str = "", dtype: str = "float32", param_dtype: str = ""):
+def inspect(name: str, path: str = "", dtype: str = "float32", param_dtype: str = ""):
     """(config, tokenizer) of a preset without reading weights: a bad model fails before a run starts."""
     from soft_jax import models
 

@@ -325,7 +325,7 @@ def _index_has_archive() -> str:
     return f"{page}: lists {ARCHIVE} (downloaded on first use)" if url else f"{page}: does not list {ARCHIVE}"
 
 
-def sources() -> list[str]:
+def report_lines() -> list[str]:
     """Every source in the order `locate` tries them, one line each, then what it finds and each file's digest
     and item count: the output of `soft-jax data tasks`."""
     archive, directory, tasks = (os.environ.get(ARCHIVE_ENV, "").strip(), os.environ.get(DIR_ENV, "").strip(),
