@@ -2,11 +2,8 @@
 
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 
-import numpy as np
 import pytest
 
 from soft_jax import compile_cache
@@ -35,10 +32,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", JAX_CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-
-# Items written for these tests in BIG-bench's task layout (tests/data/bigbench/bigbench/benchmark_tasks/...): the
-# evaluation code runs on them wherever the real task files are absent. Not BIG-bench's items.
-INHOUSE_BIGBENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "bigbench")
+from helpers import INHOUSE_BIGBENCH  # noqa: E402 - imports jax: after the environment above
 
 
 @pytest.fixture
@@ -63,11 +57,6 @@ def real_bigbench():
     if os.path.samefile(source.root, INHOUSE_BIGBENCH):
         pytest.skip("$SOFT_JAX_BIGBENCH_DIR names the in-house test items, not BIG-bench")
     return source
-
-
-def subprocess_env(**extra) -> dict:
-    """os.environ (with the session's compilation cache) for a test's subprocess, then `extra`."""
-    return dict(os.environ, **extra)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -105,8 +94,9 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: loads SmolLM2-135M, reads the real BIG-bench files, or runs processes "
-                                       "that each compile LoRA / QLoRA programs cold (run in CI too)")
+    config.addinivalue_line("markers", "slow: loads SmolLM2-135M, reads the real BIG-bench files, runs processes "
+                                       "that each compile LoRA / QLoRA programs cold, or compiles a whole round for a "
+                                       "TPU slice with `soft-jax plan` (run in CI too)")
     if os.environ["JAX_COMPILATION_CACHE_DIR"] == JAX_CACHE and not COLD_CACHE and not hasattr(config, "workerinput"):
         compile_cache.prune(JAX_CACHE, TEST_CACHE_BYTES)  # the controller, before its workers start
 
@@ -186,59 +176,9 @@ def smollm2_hf():
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
 
 
-def run_cli(*args, timeout=300, env=None):
-    """Runs `python -m soft_jax.cli ...` (env: extra environment variables); returns the CompletedProcess."""
-    return subprocess.run([sys.executable, "-m", "soft_jax.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=subprocess_env(**(env or {})))
-
-
-def torch_logits(model, ids, attention_mask=None, position_ids=None):
-    import torch
-
-    with torch.no_grad():
-        out = model(torch.as_tensor(np.asarray(ids)),
-                    attention_mask=None if attention_mask is None else torch.as_tensor(np.asarray(attention_mask)),
-                    position_ids=None if position_ids is None else torch.as_tensor(np.asarray(position_ids)))
-    return out.logits.float().numpy()
-
-
 @pytest.fixture(scope="session")
 def tiny_base():
     """The `tiny` preset's random model (seed 0): what every tiny test run starts from."""
     from soft_jax.models import presets
 
     return presets.load("tiny", seed=0)[0]
-
-
-def assert_params_close(a, b, rtol: float = 0.0, atol: float = 0.0, what: str = "", few: float = 0.0,
-                        few_atol: float = 0.0) -> None:
-    """Two parameter trees (models, nnx states or pytrees) equal leaf by leaf within rtol/atol (0, 0: exactly);
-    a failure names the leaf's path. `few` > 0 lets at most that fraction of a leaf's elements differ by up to
-    `few_atol` instead (Adam's first step amplifies another summation order where |gradient| ~ eps)."""
-    import jax
-    from flax import nnx
-
-    def leaves(tree):
-        tree = nnx.state(tree, nnx.Param) if isinstance(tree, nnx.Module) else tree
-        return [(jax.tree_util.keystr(p), np.asarray(jax.device_get(x)))
-                for p, x in jax.tree_util.tree_leaves_with_path(tree)]
-
-    la, lb = leaves(a), leaves(b)
-    assert [p for p, _ in la] == [p for p, _ in lb], f"{what}: the two trees have different leaves"
-    for (path, x), (_, y) in zip(la, lb):
-        assert x.shape == y.shape and x.dtype == y.dtype, f"{what}{path}: {x.shape} {x.dtype} vs {y.shape} {y.dtype}"
-        if few:
-            off = ~np.isclose(x, y, rtol=rtol, atol=atol)
-            assert off.mean() <= few, f"{what}{path}: {off.sum()} of {off.size} elements differ beyond rtol/atol"
-            np.testing.assert_allclose(x, y, rtol=0, atol=few_atol, err_msg=f"{what}{path}")
-        else:
-            np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=f"{what}{path}")
-
-
-def params_differ(a, b) -> bool:
-    """Whether any parameter array of a differs from b's."""
-    try:
-        assert_params_close(a, b)
-    except AssertionError:
-        return True
-    return False

@@ -19,7 +19,7 @@ import urllib.request
 import shutil
 
 import pytest
-from conftest import INHOUSE_BIGBENCH, run_cli
+from helpers import INHOUSE_BIGBENCH, run_cli
 
 import soft_jax
 from soft_jax import cli

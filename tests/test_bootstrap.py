@@ -9,74 +9,12 @@ import pytest
 
 import jax
 import numpy as np
-from conftest import assert_params_close, params_differ, subprocess_env
+from helpers import (CONFIGS, TINY_OVERRIDES, Workdir, assert_params_close, check_common, config, one_line_error,
+                     params_differ, round_params, run)
 from flax import nnx
 
 from soft_jax import bootstrap, selfalign, training, workdir
-from soft_jax import config as config_lib
-from soft_jax.cli import main
 from soft_jax.errors import UserError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(ROOT, "configs")
-# The tests' settings on top of any config: the tiny random model, 4 prompts per round, one batch each; its
-# answers cite no principle and run to the token limit (kept, trained without end of turn); no benchmarks and
-# no contamination check (tests/test_contamination.py runs one).
-TINY = ["model.name=tiny", "check_contamination=false", "rounds=2", "prompts.per_round=4", "exemplars.k=1", "sampling.max_new_tokens=8",
-        "sampling.batch_size=4", "filters.require_marker=false", "filters.min_words=1",
-        "filters.min_cited_principles=0", "filters.keep_truncated=true", "eval.tasks=", "open_ended.limit=0",
-        "open_ended.max_new_tokens=8", "train.batch_size=2",
-        "train.max_prompt_len=64", "train.max_response_len=16", "train.learning_rate=1e-3",
-        "train.warmup_ratio=0.0", "train.checkpoint_every=0", "validation.batch_size=8", "progress=false",
-        "curriculum.batch_size=8"]
-
-
-def config(name: str, *extra: str):
-    return config_lib.load(os.path.join(CONFIGS, name), TINY + list(extra))
-
-
-def run(name: str, workdir, *extra: str):
-    bootstrap.run(config(name, *extra), str(workdir), log=lambda _: None)
-    return Workdir(str(workdir))
-
-
-class Workdir:
-    def __init__(self, path):
-        self.path = path
-        self.state = json.load(open(os.path.join(path, "state.json")))
-        self.config = json.load(open(os.path.join(path, "config.json")))
-        self.metrics = [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
-
-    def rows(self, t, name):
-        return [json.loads(line) for line in open(os.path.join(self.path, "rounds", f"{t:03d}", name))]
-
-    def event(self, t, phase):
-        return next(m for m in self.metrics if m["round"] == t and m["phase"] == phase)
-
-    def files(self):
-        """Relative path -> bytes of every artifact but checkpoints, report and the timing-bearing metrics
-        (metrics.jsonl and its TensorBoard events: tests/test_tensorboard.py)."""
-        out = {}
-        for d, _, names in os.walk(self.path):
-            for n in names:
-                rel = os.path.relpath(os.path.join(d, n), self.path)
-                if not rel.startswith(("checkpoints", "report", "tensorboard")) and n not in ("metrics.jsonl", ".lock"):
-                    out[rel] = open(os.path.join(d, n), "rb").read()
-        return out
-
-
-def round_params(w: Workdir, base_model) -> dict:
-    """The parameters of the base model and of each saved round, to compare array by array."""
-    from soft_jax.checkpoints import StepCheckpointer
-
-    ckpt = StepCheckpointer(os.path.join(w.path, "checkpoints", "rounds"), every=0, keep=None)
-    graphdef, params = nnx.split(base_model)
-    out = {"base": nnx.state(base_model, nnx.Param)}
-    for t in ckpt.manager.all_steps():
-        out[f"round {t}"] = nnx.state(nnx.merge(graphdef, ckpt.restore(t, params)[0]), nnx.Param)
-    ckpt.close()
-    return out
-
 
 @pytest.fixture
 def models_used(monkeypatch):
@@ -114,19 +52,6 @@ def assert_easy_to_hard_within_categories(w: Workdir, reverse: bool = False):
     for cat in set(r1) & set(r2):
         early, late = (r1[cat], r2[cat]) if not reverse else (r2[cat], r1[cat])
         assert max(early) <= min(late), (cat, r1[cat], r2[cat])
-
-
-def check_common(w: Workdir, rounds: int, per_round: int):
-    ids = [[r["prompt_id"] for r in w.rows(t, "prompts.jsonl")] for t in range(1, rounds + 1)]
-    assert all(len(i) == per_round for i in ids)
-    flat = [i for r in ids for i in r]
-    assert len(set(flat)) == len(flat), "round slices overlap"
-    for t in range(1, rounds + 1):  # every prompt answered exactly once, in the slice's order
-        assert [g["prompt_id"] for g in w.rows(t, "generations.jsonl")] == ids[t - 1]
-        kept = [g["prompt_id"] for g in w.rows(t, "generations.jsonl") if g["kept"]]
-        assert sorted(r["prompt_id"] for r in w.rows(t, "train.jsonl")) == sorted(kept)
-        assert json.load(open(os.path.join(w.path, "rounds", f"{t:03d}", "eval.json")))["validation"]["n"] > 0
-    assert w.state["finished"] == list(range(1, rounds + 1))
 
 
 def test_soft_plus_orders_easy_to_hard_and_steps_on_feet(tmp_path, tiny_base, models_used):
@@ -273,25 +198,7 @@ def test_same_config_and_seed_give_identical_round_files(tmp_path):
         c["rounds/001/generations.jsonl"] != a["rounds/001/generations.jsonl"]
 
 
-# --- the CLI in a subprocess (the fault tests kill it) -------------------------------------------
-
-RUN = [sys.executable, "-m", "soft_jax.cli", "run", "--config", os.path.join(CONFIGS, "soft_plus.py")]
-
-
-def run_cli(workdir, extra=(), env=None):
-    env = subprocess_env(**(env or {}))  # restarts reuse compiled programs through JAX's persistent cache
-    return subprocess.run(RUN + ["--workdir", str(workdir)] + [f"--config.{o}" for o in TINY + list(extra)],
-                          capture_output=True, text=True, env=env, timeout=600)
-
-
 # --- bad input ----------------------------------------------------------------------------------
-
-
-def one_line_error(capsys, argv):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("soft-jax: error: ") and "\n" not in err and "Traceback" not in err
-    return err
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
@@ -316,7 +223,7 @@ def test_workdir_of_another_config_is_refused(tmp_path, capsys):
     run("tiny.py", w, "rounds=1")
     before = {k: v for k, v in Workdir(str(w)).files().items()}
     err = one_line_error(capsys, ["run", "--config", os.path.join(CONFIGS, "tiny.py"), "--workdir", str(w),
-                                  *[f"--config.{o}" for o in TINY], "--config.rounds=1", "--config.seed=7"])
+                                  *[f"--config.{o}" for o in TINY_OVERRIDES], "--config.rounds=1", "--config.seed=7"])
     assert "another config" in err and "seed" in err
     assert Workdir(str(w)).files() == before
 

@@ -6,7 +6,8 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import TINY, run_cli
+from conftest import TINY
+from helpers import run_cli
 
 from soft_jax import compile_cache
 
@@ -145,6 +146,7 @@ def test_export_cli_writes_loadable_directory(tiny_hf, tmp_path):
 PLAN = ["plan", "--config", os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")]
 
 
+@pytest.mark.slow  # a whole round compiled for a TPU slice: about a minute
 def test_plan_compiles_a_run_for_a_tpu_slice():
     """The tiny run's five programs compiled for a v5e-4 slice (compile-only devices, no TPU): a row each with
     memory per chip, against the chip's 16 GiB."""
@@ -162,6 +164,7 @@ def test_plan_compiles_a_run_for_a_tpu_slice():
     assert out.strip().endswith("[plan] every program fits")
 
 
+@pytest.mark.slow  # a whole round compiled for a TPU slice: about a minute
 def test_plan_refuses_a_run_that_does_not_fit_the_chip():
     """The same run planned for 1 MiB per chip: the largest program is named, with what to change (exit 2)."""
     proc = run_cli(*PLAN, "--topology", "v5e-4", "--memory-limit", "0.001", "--config.mesh.data=1",

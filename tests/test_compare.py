@@ -13,8 +13,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import INHOUSE_BIGBENCH
-from test_bootstrap import run
+from helpers import INHOUSE_BIGBENCH, run
 
 from soft_jax import compare, evaluation, plots, report, stats
 from soft_jax.cli import main

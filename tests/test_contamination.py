@@ -95,7 +95,7 @@ def test_a_bad_pool_exits_2(tmp_path, capsys):
 def test_a_run_checks_its_inputs_once_when_it_starts(tmp_path, inhouse_bigbench):
     """`soft-jax run` writes the check of its own inputs to contamination.json and logs the verdict; a planted
     copy of a TruthfulQA question in its pool is listed; the rerun does not check again."""
-    from test_bootstrap import config
+    from helpers import config
 
     from soft_jax import bootstrap, data
 

@@ -11,9 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import subprocess_env
-from conftest import assert_params_close
-from test_bootstrap import CONFIGS, TINY, Workdir, round_params, run
+from helpers import CONFIGS, TINY_OVERRIDES, Workdir, assert_params_close, round_params, run, subprocess_env
 
 # greedy (same generations), and a random model repeats itself under greedy decoding: no repetition filter
 EXTRA = ["rounds=1", "prompts.per_round=8", "sampling.temperature=0.0", "train.checkpoint_every=1",
@@ -39,7 +37,7 @@ def launch(workdir, extra=(), env=({}, {})):
                               SOFT_JAX_PROCESS_ID=str(pid), SOFT_JAX_HEARTBEAT_TIMEOUT="10", JAX_PLATFORMS="cpu",
                               XLA_FLAGS="", **env[pid])
         argv = [sys.executable, "-m", "soft_jax.cli", "run", "--config", os.path.join(CONFIGS, "soft_plus.py"),
-                "--workdir", str(workdir)] + [f"--config.{o}" for o in TINY + EXTRA + TWO_MESHES + list(extra)]
+                "--workdir", str(workdir)] + [f"--config.{o}" for o in TINY_OVERRIDES + EXTRA + TWO_MESHES + list(extra)]
         procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=penv))
     return procs
 

@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import INHOUSE_BIGBENCH, run_cli
+from helpers import INHOUSE_BIGBENCH, run_cli
 
 from soft_jax import evaluation
 from soft_jax.evaluation import sources

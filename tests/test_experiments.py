@@ -11,7 +11,7 @@ import types
 import numpy as np
 import pytest
 
-from test_bootstrap import CONFIGS, run
+from helpers import CONFIGS, run
 
 from soft_jax import data, guard, inputs, training
 from soft_jax.inference import sampler

@@ -10,8 +10,8 @@ import time
 
 import numpy as np
 import pytest
-from conftest import assert_params_close, subprocess_env
-from test_bootstrap import CONFIGS, RUN, TINY, Workdir, check_common, round_params, run, run_cli
+from helpers import (CONFIGS, RUN, TINY_OVERRIDES, Workdir, assert_params_close, check_common, round_params, run,
+                     run_workdir, subprocess_env)
 
 from soft_jax import io_utils, round_eval, workdir
 from soft_jax.cli import main
@@ -65,7 +65,7 @@ def test_stopped_at_random_points_resumes_to_the_same_artifacts(tmp_path, refere
         how, by, where = plan.pop(0) if plan else ("TERM" if rng.random() < 0.2 else "KILL", "AFTER",
                                                    str(rng.integers(1, 6)))
         trace.write_text("")
-        p = run_cli(w, EXTRA, {f"SOFT_JAX_{how}_{by}": where, "SOFT_JAX_TRACE": str(trace)})
+        p = run_workdir(w, EXTRA, {f"SOFT_JAX_{how}_{by}": where, "SOFT_JAX_TRACE": str(trace)})
         reached = trace.read_text().split()
         if p.returncode == 0 and by == "AFTER" and len(reached) < int(where):
             break  # finished before the stop point
@@ -99,7 +99,7 @@ def test_ctrl_c_once_stops_at_a_saved_point_twice_stops_at_once(tmp_path, refere
     saving that step, says so and how to resume (exit 130). The rerun ends with the uninterrupted run's
     artifacts."""
     w, trace = tmp_path / "w", tmp_path / "trace"
-    argv = RUN + ["--workdir", str(w)] + [f"--config.{o}" for o in TINY + list(EXTRA)]
+    argv = RUN + ["--workdir", str(w)] + [f"--config.{o}" for o in TINY_OVERRIDES + list(EXTRA)]
 
     def interrupt(point, pause, times):
         """Starts the run held `pause` s at `point`, sends `times` SIGINTs once it is there; (code, stderr)."""
@@ -127,7 +127,7 @@ def test_ctrl_c_once_stops_at_a_saved_point_twice_stops_at_once(tmp_path, refere
     assert last.startswith("soft-jax: interrupted; the step or batch in progress is lost") and \
         "resume with: soft-jax run --config" in last, last
     assert "3" not in os.listdir(w / "checkpoints" / "train" / "001")
-    p = run_cli(w, EXTRA)
+    p = run_workdir(w, EXTRA)
     assert p.returncode == 0, p.stderr[-2000:]
     same_artifacts(Workdir(str(w)), reference, tiny_base)
 
@@ -138,7 +138,7 @@ def run_in_process(workdir, capsys, *extra, env=None, monkeypatch=None):
     for k, v in (env or {}).items():
         monkeypatch.setenv(k, v)
     code = main(["run", "--config", os.path.join(CONFIGS, "soft_plus.py"), "--workdir", str(workdir),
-                 *[f"--config.{o}" for o in TINY + list(EXTRA) + list(extra)]])
+                 *[f"--config.{o}" for o in TINY_OVERRIDES + list(EXTRA) + list(extra)]])
     for k in env or {}:
         monkeypatch.delenv(k)
     return code, capsys.readouterr()
@@ -151,18 +151,18 @@ def test_a_group_of_batches_cut_between_its_lines_is_sampled_again_whole(tmp_pat
     uninterrupted run's artifacts."""
     extra = (*EXTRA, "sampling.group_batches=2")
     ref, trace = tmp_path / "ref", tmp_path / "trace"
-    p = run_cli(ref, extra, {"SOFT_JAX_TRACE": str(trace)})
+    p = run_workdir(ref, extra, {"SOFT_JAX_TRACE": str(trace)})
     assert p.returncode == 0, p.stderr[-2000:]
     points = trace.read_text().split()
     appends = [i for i, name in enumerate(points) if name == "append:generations.partial.jsonl"]
     assert len(appends) == 4  # two rounds, two batches each, one group per round
     w = tmp_path / "w"
-    p = run_cli(w, extra, {"SOFT_JAX_KILL_AFTER": str(appends[1] + 1)})
+    p = run_workdir(w, extra, {"SOFT_JAX_KILL_AFTER": str(appends[1] + 1)})
     assert p.returncode == -9, p.stderr[-2000:]
     partial = [json.loads(line) for line in open(w / "rounds" / "001" / "generations.partial.jsonl")
                if line.endswith("\n")]
     assert [b["batch"] for b in partial] == [0]
-    p = run_cli(w, extra)
+    p = run_workdir(w, extra)
     assert p.returncode == 0, p.stderr[-2000:]
     same_artifacts(Workdir(str(w)), Workdir(str(ref)), tiny_base)
 
@@ -236,7 +236,7 @@ def test_unreadable_step_checkpoint_falls_back_to_the_previous_one(tmp_path, ref
     """Killed in round 1's training after step 4 (checkpoints at steps 2 and 4), the newest one corrupted: the
     rerun resumes from step 2, says so, and ends as the uninterrupted run."""
     w = tmp_path / "w"
-    p = run_cli(w, EXTRA, {"SOFT_JAX_KILL_AT": "train_step_4"})
+    p = run_workdir(w, EXTRA, {"SOFT_JAX_KILL_AT": "train_step_4"})
     assert p.returncode == -9, p.stderr[-2000:]
     ckpts = w / "checkpoints" / "train" / "001"
     assert sorted(os.listdir(ckpts)) == ["2", "4"]
@@ -282,9 +282,10 @@ def test_atomic_write_killed_before_rename_keeps_the_old_file(tmp_path, monkeypa
 
 # --- a catalogue of bad inputs: exit 2, one line that says what and how to mend, nothing changed ----------
 
-TINY_RUN = ["run", "--config", os.path.join(CONFIGS, "tiny.py"), "--workdir", "{new}"] + [f"--config.{o}" for o in TINY]
+TINY_RUN = ["run", "--config", os.path.join(CONFIGS, "tiny.py"), "--workdir", "{new}"] + \
+    [f"--config.{o}" for o in TINY_OVERRIDES]
 ON_RUN = ["run", "--config", os.path.join(CONFIGS, "tiny.py"), "--workdir", "{run}"] + \
-    [f"--config.{o}" for o in TINY] + ["--config.rounds=1"]
+    [f"--config.{o}" for o in TINY_OVERRIDES] + ["--config.rounds=1"]
 BAD_JSONL = '{"prompt": "fine"}\n{"prompt": "broken", \n'
 FILES = {  # written into the test's directory before each case
     "bad.jsonl": BAD_JSONL, "empty.txt": "", "no_prompt.jsonl": '{"text": "no prompt key"}\n',

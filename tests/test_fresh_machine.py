@@ -7,22 +7,12 @@ import json
 import os
 
 import pytest
-from conftest import run_cli
-from test_bootstrap import CONFIGS, TINY
+from helpers import CONFIGS, TINY_OVERRIDES, fresh_environment, run_cli
 
 from soft_jax.evaluation import sources
 
 # the tests' tiny settings as command-line overrides, without their "no eval tasks"
-OVERRIDES = [f"--config.{o}" for o in TINY if not o.startswith("eval.tasks")]
-
-
-def fresh_environment(tmp_path) -> dict:
-    """The environment of a machine where no source has the task files: no variables, an empty cache, an index
-    (a local directory) without the archive."""
-    index = tmp_path / "simple"
-    index.mkdir(exist_ok=True)
-    return {"SOFT_JAX_CACHE": str(tmp_path / "cache"), "PIP_INDEX_URL": index.as_uri(), sources.DIR_ENV: "",
-            sources.ARCHIVE_ENV: ""}
+OVERRIDES = [f"--config.{o}" for o in TINY_OVERRIDES if not o.startswith("eval.tasks")]
 
 
 @pytest.fixture

@@ -11,9 +11,7 @@ import sys
 
 import pytest
 
-from conftest import run_cli
-from test_fresh_machine import fresh_environment
-
+from helpers import fresh_environment, run_cli
 from soft_jax import hlo
 
 SCRIPT = r"""
@@ -160,6 +158,7 @@ def test_a_loop_nested_in_a_step_counts_its_trip_count_times():
                                                                              ("step", 1)], how
 
 
+@pytest.mark.slow  # a whole round compiled for a TPU slice, twice: over a minute
 def test_plan_compiles_generation_for_its_own_mesh(tmp_path):
     """A paper config (its eval tasks unavailable: a fresh machine) on v5e-8, training FSDP over 8 chips,
     generation and scoring tensor-parallel (2, 1, 4): every program compiles and fits without benchmark data,
@@ -199,7 +198,7 @@ def test_decode_bound_is_what_a_step_must_read_compute_and_receive():
 
     import jax
     import numpy as np
-    from test_sharding import CFG, SHAPES
+    from helpers import CFG, SHAPES
 
     from soft_jax import plan, topology
     from soft_jax import sharding as shd
@@ -234,7 +233,7 @@ def test_a_generation_copy_in_the_compute_dtype_computes_the_same():
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
-    from test_sharding import CFG
+    from helpers import CFG
 
     from soft_jax.inference import sampler, scorer
     from soft_jax import sharding as shd
@@ -263,7 +262,7 @@ AUTO = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import jax
-from test_bootstrap import config
+from helpers import config
 from soft_jax import bootstrap, topology
 
 if sys.argv[3] == "tpu-like":  # the CPU devices given a chip's published limits, as a TPU's are
@@ -295,7 +294,7 @@ def test_the_default_generation_mesh_is_plans_first_on_chips_with_published_limi
 
 def test_a_partial_generation_mesh_is_refused_in_one_line():
     import pytest
-    from test_bootstrap import config
+    from helpers import config
 
     from soft_jax.errors import UserError
 
@@ -313,7 +312,7 @@ def test_a_generation_mesh_that_does_not_fit_as_compiled_falls_back_to_the_next(
     when none fits, generation stays on the training mesh."""
     import dataclasses
 
-    from test_sharding import CFG, SHAPES
+    from helpers import CFG, SHAPES
 
     from soft_jax import plan, topology
     from soft_jax import sharding as shd

@@ -5,11 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import torch_logits
+from helpers import PAIRS, assert_same_logits, torch_logits
 from flax import nnx
-from test_models import assert_same_logits
-from test_training import PAIRS
-
 from soft_jax import models, training
 from soft_jax.models import checkpoint, lora, quant
 from soft_jax.training import TrainConfig
@@ -136,14 +133,14 @@ def test_train_cli_writes_a_peft_adapter_and_resumes_its_steps(tiny_chat, tmp_pa
     adapters and their moments only. `--model ADAPTER_DIR` loads the adapter onto the base it names."""
     import os
 
-    from conftest import run_cli
-    from test_training import _pairs_file
+    from helpers import run_cli
+    from helpers import pairs_file
 
     from soft_jax.models import safetensors_io
 
     from soft_jax.cli import main
 
-    argv = ["train", "--model", tiny_chat, "--data", _pairs_file(tmp_path), "--batch-size", "2", "--epochs", "2",
+    argv = ["train", "--model", tiny_chat, "--data", pairs_file(tmp_path), "--batch-size", "2", "--epochs", "2",
             "--lr", "1e-2", "--warmup-steps", "1", "--lora-rank", "4", "--lora-alpha", "8", "--adapter"]
     assert main(argv + ["--out", str(tmp_path / "whole")]) == 0  # in this process; the stopped run in another
     assert sorted(os.listdir(tmp_path / "whole")) == ["adapter_config.json", "adapter_model.safetensors"]
@@ -168,7 +165,7 @@ def test_train_cli_writes_a_peft_adapter_and_resumes_its_steps(tiny_chat, tmp_pa
     merged, _ = models.load(str(tmp_path / "merged"), progress=False)
     ids = jnp.asarray(np.random.default_rng(5).integers(3, base.config.vocab_size, size=(2, 16)))
     np.testing.assert_allclose(np.asarray(merged(ids)), np.asarray(tuned(ids)), rtol=0, atol=1e-5)
-    assert main(["train", "--model", tiny_chat, "--data", _pairs_file(tmp_path), "--out", str(tmp_path / "x"),
+    assert main(["train", "--model", tiny_chat, "--data", pairs_file(tmp_path), "--out", str(tmp_path / "x"),
                  "--lora-rank", "4", "--lora-targets", "q_proj,attention"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("soft-jax: error: LoRA targets attention: ") and not (tmp_path / "x").exists()
@@ -184,12 +181,9 @@ def test_a_qlora_run_keeps_adapters_per_round_and_resumes_after_sigkill_to_the_s
     (A LoRA step checkpoint's resume: test_train_cli_writes_a_peft_adapter_and_resumes_its_steps.)"""
     import json
     import os
-    import subprocess
-    import sys
 
     import ml_collections
-    from conftest import subprocess_env
-    from test_bootstrap import CONFIGS, TINY, Workdir, run
+    from helpers import Workdir, run, run_workdir
 
     from soft_jax import bootstrap
     from soft_jax.models import safetensors_io
@@ -197,16 +191,11 @@ def test_a_qlora_run_keeps_adapters_per_round_and_resumes_after_sigkill_to_the_s
     extra = ["train.lora_rank=4", "train.lora_alpha=8", "train.learning_rate=1e-2"]
     whole = run("dromedary2.py", tmp_path / "whole", *extra)
 
-    def run_cli(workdir, env=None):
-        argv = [sys.executable, "-m", "soft_jax.cli", "run", "--config", os.path.join(CONFIGS, "dromedary2.py"),
-                "--workdir", str(workdir)] + [f"--config.{o}" for o in TINY + extra]
-        return subprocess.run(argv, capture_output=True, text=True, env=subprocess_env(**(env or {})), timeout=600)
-
     killed = tmp_path / "killed"
-    proc = run_cli(killed, {"SOFT_JAX_KILL_AT": "generate_r2_b0"})
+    proc = run_workdir(killed, extra, {"SOFT_JAX_KILL_AT": "generate_r2_b0"}, config_file="dromedary2.py")
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert json.load(open(killed / "state.json"))["finished"] == [1]
-    proc = run_cli(killed)
+    proc = run_workdir(killed, extra, config_file="dromedary2.py")
     assert proc.returncode == 0, proc.stderr[-2000:]
     a, b = whole.files(), Workdir(str(killed)).files()
     assert a.keys() == b.keys() and len(a) > 10
@@ -243,7 +232,7 @@ def test_plan_compiles_the_lora_train_step_with_moments_for_the_adapters_only():
     to its (8, 128) tiles.) Decode compiles with the adapters too."""
     import dataclasses
 
-    from test_sharding import CFG, SHAPES
+    from helpers import CFG, SHAPES
 
     from soft_jax import plan, topology
     from soft_jax import sharding as shd
@@ -268,7 +257,7 @@ def test_under_fsdp_every_adapter_array_is_split_over_the_chips():
     output axis maps to tensor (size 1 here), so its rank axis takes fsdp."""
     import dataclasses
 
-    from test_sharding import CFG
+    from helpers import CFG
 
     from soft_jax import plan, topology
     from soft_jax import sharding as shd
@@ -287,7 +276,7 @@ def test_under_fsdp_the_quantized_base_is_gathered_as_codes_not_as_float_kernels
     its uint8 codes (half a byte a weight), none moves the dequantized float kernel (2-4 bytes a weight)."""
     import dataclasses
 
-    from test_sharding import SHAPES
+    from helpers import SHAPES
 
     from soft_jax import hlo, plan, topology
     from soft_jax import sharding as shd
@@ -312,7 +301,7 @@ def test_dromedary2_config_is_salmons_engraving():
     the tiny model is test_a_qlora_run_keeps_adapters_per_round_and_resumes_after_sigkill_to_the_same_artifacts."""
     import os
 
-    from test_bootstrap import CONFIGS, config
+    from helpers import CONFIGS, config
 
     from soft_jax import config as config_lib
 

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import torch_logits
+from helpers import assert_same_logits, torch_logits
 from flax import nnx
 
 from soft_jax import models
@@ -22,14 +22,6 @@ ATOL_SMOLLM2 = 2.5e-4
 def _leaves(tree) -> dict:
     """{leaf path: array} of a pytree, for array-by-array comparisons that name the leaf."""
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def assert_same_logits(ours, ref, mask=None, atol=ATOL):
-    ours, ref = np.asarray(ours), np.asarray(ref)
-    if mask is not None:
-        ours, ref = ours[mask.astype(bool)], ref[mask.astype(bool)]
-    np.testing.assert_array_equal(ours.argmax(-1), ref.argmax(-1))
-    assert np.abs(ours - ref).max() < atol, np.abs(ours - ref).max()
 
 
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["loop", "scanned"])

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_training import PAIRS
+from helpers import PAIRS
 
 from soft_jax import models, training
 from soft_jax.models import quant

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import run_cli, torch_logits
+from helpers import run_cli, torch_logits
 
 from soft_jax import models
 from soft_jax.inference import engine, sampler, scorer

@@ -13,19 +13,14 @@ import sys
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from helpers import CFG, SHAPES
+
 from soft_jax import plan, topology
 from soft_jax import sharding as shd
-from soft_jax.models.config import ModelConfig
 
 # Sizes chosen so no two of them meet in one dimension by accident: the MLP width (200, 100 per tensor shard)
 # is no cache length, row length or hidden size, and the hidden size (96) and its fsdp shards (48, 24, 12) are
 # no token count.
-CFG = ModelConfig(vocab_size=1000, hidden_size=96, intermediate_size=200, num_layers=3, num_heads=4, num_kv_heads=2,
-                  head_dim=16, tie_word_embeddings=True)
-SHAPES = plan.Shapes(train_rows=8, grad_accum=2, row_len=64, remat=True, scan_layers=False, sample_rows=8,
-                     prefix_len=64, own_len=32, new_tokens=16, score_rows=8, score_context=64, score_len=32,
-                     keep_base=True)
-
 # What the rules promise per parameter: (path suffix, PartitionSpec) on a (data, fsdp, tensor) mesh.
 EXPECTED_SPECS = {
     "embed_tokens": P("tensor", "fsdp"),

@@ -9,7 +9,7 @@ import pytest
 from soft_jax import config as config_lib
 from soft_jax import faults, round_eval, sweep, training
 from soft_jax.cli import main
-from test_bootstrap import CONFIGS, TINY, Workdir, one_line_error, run
+from helpers import CONFIGS, TINY_OVERRIDES, Workdir, one_line_error, run
 
 ORDER = os.path.join(CONFIGS, "ablation_order.py")
 
@@ -43,8 +43,8 @@ def signal_handlers():
 
 
 def sweep_argv(root, *extra):
-    return ["sweep", "--config", ORDER, "--workdir", str(root), *[f"--config.{o}" for o in TINY],
-            "--config.rounds=1", *extra]  # after TINY: a later override wins
+    return ["sweep", "--config", ORDER, "--workdir", str(root), *[f"--config.{o}" for o in TINY_OVERRIDES],
+            "--config.rounds=1", *extra]  # after TINY_OVERRIDES: a later override wins
 
 
 def test_sweep_equals_individual_runs_shares_round_0_and_resumes(tmp_path, calls, monkeypatch, capsys,
@@ -109,7 +109,7 @@ def test_round_0_is_evaluated_per_variant_when_the_base_model_differs(tmp_path, 
                    "def get_config(arg='s0'):\n"
                    f"    c = load_file({os.path.join(CONFIGS, 'tiny.py')!r})\n"
                    "    c.seed = int((arg or 's0')[1:])\n    return c\n")
-    argv = ["sweep", "--config", str(cfg), "--workdir", str(tmp_path / "s"), *[f"--config.{o}" for o in TINY],
+    argv = ["sweep", "--config", str(cfg), "--workdir", str(tmp_path / "s"), *[f"--config.{o}" for o in TINY_OVERRIDES],
             "--config.rounds=1"]
     assert main(argv) == 0
     assert calls["eval"] == [0, 1, 0, 1]
@@ -124,10 +124,10 @@ def test_every_ablation_config_declares_variants_that_share_round_0():
         path = os.path.join(CONFIGS, name)
         names = config_lib.variants(path)
         assert len(names) >= 2, name
-        configs = [config_lib.to_dict(config_lib.load(f"{path}:{v}", TINY)) for v in names]
+        configs = [config_lib.to_dict(config_lib.load(f"{path}:{v}", TINY_OVERRIDES)) for v in names]
         assert len({json.dumps(c, sort_keys=True) for c in configs}) == len(names), f"{name}: variants coincide"
         assert all(sweep.round0_settings(c) == sweep.round0_settings(configs[0]) for c in configs), name
-    soft = config_lib.to_dict(config_lib.load(os.path.join(CONFIGS, "soft.py"), TINY))
+    soft = config_lib.to_dict(config_lib.load(os.path.join(CONFIGS, "soft.py"), TINY_OVERRIDES))
     for key, value in (("seed", 1), ("validation.path", "v.jsonl"), ("eval.limit", 5), ("open_ended.limit", 3),
                        ("model.dtype", "bfloat16"), ("train.max_response_len", 32)):
         changed = json.loads(json.dumps(soft))

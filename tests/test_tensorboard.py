@@ -137,7 +137,7 @@ def test_tensorboard_reader(tmp_path):
 def test_a_run_writes_its_metrics_as_events(tmp_path):
     """SOFT+ on the tiny model, two rounds (test_bootstrap's settings): every number of metrics.jsonl is an event, train
     steps cumulative over the rounds, the rest at their round."""
-    from test_bootstrap import run
+    from helpers import run
 
     w = run("soft_plus.py", tmp_path / "w")  # test_bootstrap's run: its programs are in the compilation cache
     steps = {m["round"]: m["steps"] for m in w.metrics if m["phase"] == "train_done"}

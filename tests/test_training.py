@@ -12,16 +12,12 @@ import pytest
 from flax import nnx
 from jax.extend import core as jcore
 
+from helpers import PAIRS, pairs_file
+
 from soft_jax import models, training
 from soft_jax.models import checkpoint
 from soft_jax.errors import UserError
 from soft_jax.training import TrainConfig
-
-PAIRS = [("What is the capital of France?", "Paris is the capital of France."),
-         ("Name a primary colour.", "Red is a primary colour."),
-         ("How many legs does a spider have?", "A spider has eight legs."),
-         ("What is 2 + 2?", "2 + 2 equals 4.")]
-
 
 def test_prompt_tokens_carry_no_loss(smollm2_tokenizer):
     tok = smollm2_tokenizer
@@ -406,17 +402,11 @@ def test_bad_training_input(smollm2_tokenizer, tiny_chat):
         TrainConfig(batch_size=3, grad_accum=2)
 
 
-def _pairs_file(tmp_path, pairs=PAIRS):
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs))
-    return str(path)
-
-
 def test_train_cli_writes_a_loadable_checkpoint(tiny_chat, tmp_path):
-    from conftest import run_cli
+    from helpers import run_cli
 
     out = tmp_path / "trained"
-    proc = run_cli("train", "--model", tiny_chat, "--data", _pairs_file(tmp_path), "--out", str(out),
+    proc = run_cli("train", "--model", tiny_chat, "--data", pairs_file(tmp_path), "--out", str(out),
                    "--batch-size", "2", "--epochs", "2", "--lr", "1e-3", "--warmup-steps", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "trained 2 steps on 4 examples" in proc.stdout  # packed: one row per epoch
@@ -426,7 +416,7 @@ def test_train_cli_writes_a_loadable_checkpoint(tiny_chat, tmp_path):
                                                before.layers[0].mlp.up_proj.kernel[...])
     # preempted (SIGTERM) after step 1 with --checkpoint-dir: saves that step, says how to resume, exits 143;
     # the same command then finishes with the uninterrupted run's parameters
-    argv = ["train", "--model", tiny_chat, "--data", _pairs_file(tmp_path), "--out", str(tmp_path / "resumed"),
+    argv = ["train", "--model", tiny_chat, "--data", pairs_file(tmp_path), "--out", str(tmp_path / "resumed"),
             "--batch-size", "2", "--epochs", "2", "--lr", "1e-3", "--warmup-steps", "1",
             "--checkpoint-dir", str(tmp_path / "ckpt")]
     proc = run_cli(*argv, env={"SOFT_JAX_TERM_AT": "train_step_1"})
@@ -449,9 +439,9 @@ def test_train_cli_writes_a_loadable_checkpoint(tiny_chat, tmp_path):
     (["--order", "backwards"], "order = 'backwards': must be shuffle | given"),
 ])
 def test_train_cli_bad_input(tiny_chat, tmp_path, extra, needle):
-    from conftest import run_cli
+    from helpers import run_cli
 
-    proc = run_cli("train", "--model", tiny_chat, "--data", _pairs_file(tmp_path), "--out", str(tmp_path / "o"),
+    proc = run_cli("train", "--model", tiny_chat, "--data", pairs_file(tmp_path), "--out", str(tmp_path / "o"),
                    *extra)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
     assert needle in proc.stderr and not (tmp_path / "o").exists()

@@ -1,0 +1,214 @@
+"""What several test files share: the tiny runs (configs, the work dir reader, parameters per round), running
+`soft-jax` in a subprocess, comparing parameter trees, torch reference logits. Fixtures stay in conftest.py."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from flax import nnx
+
+from soft_jax import bootstrap, plan
+from soft_jax.cli import main
+from soft_jax import config as config_lib
+from soft_jax.evaluation import sources
+from soft_jax.models.config import ModelConfig
+
+# Items written for these tests in BIG-bench's task layout (tests/data/bigbench/bigbench/benchmark_tasks/...): the
+# evaluation code runs on them wherever the real task files are absent. Not BIG-bench's items.
+INHOUSE_BIGBENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "bigbench")
+
+
+def subprocess_env(**extra) -> dict:
+    """os.environ (with the session's compilation cache) for a test's subprocess, then `extra`."""
+    return dict(os.environ, **extra)
+
+
+def run_cli(*args, timeout=300, env=None):
+    """Runs `python -m soft_jax.cli ...` (env: extra environment variables); returns the CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", "soft_jax.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=subprocess_env(**(env or {})))
+
+
+def torch_logits(model, ids, attention_mask=None, position_ids=None):
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.as_tensor(np.asarray(ids)),
+                    attention_mask=None if attention_mask is None else torch.as_tensor(np.asarray(attention_mask)),
+                    position_ids=None if position_ids is None else torch.as_tensor(np.asarray(position_ids)))
+    return out.logits.float().numpy()
+
+
+def assert_params_close(a, b, rtol: float = 0.0, atol: float = 0.0, what: str = "", few: float = 0.0,
+                        few_atol: float = 0.0) -> None:
+    """Two parameter trees (models, nnx states or pytrees) equal leaf by leaf within rtol/atol (0, 0: exactly);
+    a failure names the leaf's path. `few` > 0 lets at most that fraction of a leaf's elements differ by up to
+    `few_atol` instead (Adam's first step amplifies another summation order where |gradient| ~ eps)."""
+    import jax
+    from flax import nnx
+
+    def leaves(tree):
+        tree = nnx.state(tree, nnx.Param) if isinstance(tree, nnx.Module) else tree
+        return [(jax.tree_util.keystr(p), np.asarray(jax.device_get(x)))
+                for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+
+    la, lb = leaves(a), leaves(b)
+    assert [p for p, _ in la] == [p for p, _ in lb], f"{what}: the two trees have different leaves"
+    for (path, x), (_, y) in zip(la, lb):
+        assert x.shape == y.shape and x.dtype == y.dtype, f"{what}{path}: {x.shape} {x.dtype} vs {y.shape} {y.dtype}"
+        if few:
+            off = ~np.isclose(x, y, rtol=rtol, atol=atol)
+            assert off.mean() <= few, f"{what}{path}: {off.sum()} of {off.size} elements differ beyond rtol/atol"
+            np.testing.assert_allclose(x, y, rtol=0, atol=few_atol, err_msg=f"{what}{path}")
+        else:
+            np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=f"{what}{path}")
+
+
+def params_differ(a, b) -> bool:
+    """Whether any parameter array of a differs from b's."""
+    try:
+        assert_params_close(a, b)
+    except AssertionError:
+        return True
+    return False
+
+
+# --- tiny runs ------------------------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs")
+# The tests' settings on top of any config: the tiny random model, 4 prompts per round, one batch each; its
+# answers cite no principle and run to the token limit (kept, trained without end of turn); no benchmarks and
+# no contamination check (tests/test_contamination.py runs one).
+TINY_OVERRIDES = ["model.name=tiny", "check_contamination=false", "rounds=2", "prompts.per_round=4", "exemplars.k=1",
+                  "sampling.max_new_tokens=8", "sampling.batch_size=4", "filters.require_marker=false",
+                  "filters.min_words=1", "filters.min_cited_principles=0", "filters.keep_truncated=true", "eval.tasks=",
+                  "open_ended.limit=0", "open_ended.max_new_tokens=8", "train.batch_size=2", "train.max_prompt_len=64",
+                  "train.max_response_len=16", "train.learning_rate=1e-3", "train.warmup_ratio=0.0",
+                  "train.checkpoint_every=0", "validation.batch_size=8", "progress=false", "curriculum.batch_size=8"]
+
+
+def config(name: str, *extra: str):
+    return config_lib.load(os.path.join(CONFIGS, name), TINY_OVERRIDES + list(extra))
+
+
+def run(name: str, workdir, *extra: str):
+    bootstrap.run(config(name, *extra), str(workdir), log=lambda _: None)
+    return Workdir(str(workdir))
+
+
+class Workdir:
+    def __init__(self, path):
+        self.path = path
+        self.state = json.load(open(os.path.join(path, "state.json")))
+        self.config = json.load(open(os.path.join(path, "config.json")))
+        self.metrics = [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
+
+    def rows(self, t, name):
+        return [json.loads(line) for line in open(os.path.join(self.path, "rounds", f"{t:03d}", name))]
+
+    def event(self, t, phase):
+        return next(m for m in self.metrics if m["round"] == t and m["phase"] == phase)
+
+    def files(self):
+        """Relative path -> bytes of every artifact but checkpoints, report and the timing-bearing metrics
+        (metrics.jsonl and its TensorBoard events: tests/test_tensorboard.py)."""
+        out = {}
+        for d, _, names in os.walk(self.path):
+            for n in names:
+                rel = os.path.relpath(os.path.join(d, n), self.path)
+                if not rel.startswith(("checkpoints", "report", "tensorboard")) and n not in ("metrics.jsonl", ".lock"):
+                    out[rel] = open(os.path.join(d, n), "rb").read()
+        return out
+
+
+def round_params(w: Workdir, base_model) -> dict:
+    """The parameters of the base model and of each saved round, to compare array by array."""
+    from soft_jax.checkpoints import StepCheckpointer
+
+    ckpt = StepCheckpointer(os.path.join(w.path, "checkpoints", "rounds"), every=0, keep=None)
+    graphdef, params = nnx.split(base_model)
+    out = {"base": nnx.state(base_model, nnx.Param)}
+    for t in ckpt.manager.all_steps():
+        out[f"round {t}"] = nnx.state(nnx.merge(graphdef, ckpt.restore(t, params)[0]), nnx.Param)
+    ckpt.close()
+    return out
+
+
+def check_common(w: Workdir, rounds: int, per_round: int):
+    ids = [[r["prompt_id"] for r in w.rows(t, "prompts.jsonl")] for t in range(1, rounds + 1)]
+    assert all(len(i) == per_round for i in ids)
+    flat = [i for r in ids for i in r]
+    assert len(set(flat)) == len(flat), "round slices overlap"
+    for t in range(1, rounds + 1):  # every prompt answered exactly once, in the slice's order
+        assert [g["prompt_id"] for g in w.rows(t, "generations.jsonl")] == ids[t - 1]
+        kept = [g["prompt_id"] for g in w.rows(t, "generations.jsonl") if g["kept"]]
+        assert sorted(r["prompt_id"] for r in w.rows(t, "train.jsonl")) == sorted(kept)
+        assert json.load(open(os.path.join(w.path, "rounds", f"{t:03d}", "eval.json")))["validation"]["n"] > 0
+    assert w.state["finished"] == list(range(1, rounds + 1))
+
+
+# --- the CLI in a subprocess (the fault tests kill it) -------------------------------------------
+
+RUN = [sys.executable, "-m", "soft_jax.cli", "run", "--config", os.path.join(CONFIGS, "soft_plus.py")]
+
+
+def run_workdir(workdir, extra=(), env=None, config_file: str = "soft_plus.py"):
+    """`soft-jax run` of a config file with TINY_OVERRIDES (+ `extra` overrides) on `workdir`, in a subprocess
+    (restarts reuse compiled programs through JAX's persistent cache)."""
+    return run_cli("run", "--config", os.path.join(CONFIGS, config_file), "--workdir", str(workdir),
+                   *[f"--config.{o}" for o in TINY_OVERRIDES + list(extra)], timeout=600, env=env)
+
+
+def one_line_error(capsys, argv):
+    """`soft-jax ARGV` in this process: exit 2 and one line on stderr, which it returns."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("soft-jax: error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+# --- shared shapes and data ----------------------------------------------------------------------
+
+# A small model and round shapes the sharding and plan tests compile for meshes of compile-only devices.
+CFG = ModelConfig(vocab_size=1000, hidden_size=96, intermediate_size=200, num_layers=3, num_heads=4, num_kv_heads=2,
+                  head_dim=16, tie_word_embeddings=True)
+SHAPES = plan.Shapes(train_rows=8, grad_accum=2, row_len=64, remat=True, scan_layers=False, sample_rows=8,
+                     prefix_len=64, own_len=32, new_tokens=16, score_rows=8, score_context=64, score_len=32,
+                     keep_base=True)
+
+
+# Logits equal to a reference: the same argmax at every position and at most `atol` apart.
+ATOL = 1e-5
+
+
+def assert_same_logits(ours, ref, mask=None, atol=ATOL):
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    if mask is not None:
+        ours, ref = ours[mask.astype(bool)], ref[mask.astype(bool)]
+    np.testing.assert_array_equal(ours.argmax(-1), ref.argmax(-1))
+    assert np.abs(ours - ref).max() < atol, np.abs(ours - ref).max()
+
+
+PAIRS = [("What is the capital of France?", "Paris is the capital of France."),
+         ("Name a primary colour.", "Red is a primary colour."),
+         ("How many legs does a spider have?", "A spider has eight legs."),
+         ("What is 2 + 2?", "2 + 2 equals 4.")]
+
+
+def pairs_file(tmp_path, pairs=PAIRS):
+    """`pairs` as a JSONL file of prompt / response rows under tmp_path."""
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs))
+    return str(path)
+
+
+def fresh_environment(tmp_path) -> dict:
+    """The environment of a machine where no source has the task files: no variables, an empty cache, an index
+    (a local directory) without the archive."""
+    index = tmp_path / "simple"
+    index.mkdir(exist_ok=True)
+    return {"SOFT_JAX_CACHE": str(tmp_path / "cache"), "PIP_INDEX_URL": index.as_uri(), sources.DIR_ENV: "",
+            sources.ARCHIVE_ENV: ""}
