@@ -28,7 +28,7 @@ setup(
         "tqdm>=4.66,<5",
         "filelock>=3.12,<4",  # JAX's compilation cache size cap (soft_jax.cli) locks the cache with it
         "matplotlib>=3.9,<4",  # soft-jax report
-        "tensorboardX>=2.6.5,<3",  # WORKDIR/tensorboard/ event files without TensorFlow (soft_jax.tensorboard_events)
+        "tensorboardX>=2.6.5,<3",  # WORKDIR/tensorboard/ event files without TensorFlow (soft_jax.experiment.tensorboard_events)
         # TFDS datasets (array_record) written and read without TensorFlow: soft_jax.data.tfds (4.9.9 and
         # older fail with protobuf 7: FieldDescriptor.label)
         "tensorflow-datasets>=4.9.10,<4.10",
@@ -44,7 +44,7 @@ setup(
             "peft>=0.17,<0.22",  # tests/test_lora.py: the exported adapter loads with peft onto transformers' model
             "safetensors>=0.4,<1",
             "tensorboard>=2.21,<3",  # tests/test_tensorboard.py reads the events with TensorBoard's own reader (no TF)
-            # libtpu from PyPI: tests compile the programs for TPU slices on this CPU (soft_jax.topology)
+            # libtpu from PyPI: tests compile the programs for TPU slices on this CPU (soft_jax.parallel.topology)
             "jax[tpu]>=0.10,<0.11",
         ],
         # benchmarks/: the references soft-jax is timed against (transformers generate, TRL's SFTTrainer)

@@ -4,7 +4,7 @@ For Llama-2-7B and Llama-3-8B (bfloat16 weights and compute) on v4-32, v5e-64 an
 loop from this CPU (compile-only TPU devices, libtpu) twice: in the training layout (FSDP over every chip, what a
 7B train step needs) and on the best tensor-parallel generation mesh that fits (`plan.propose_generation_mesh`),
 each with 64 rows per model replica. It prints per case what a step must read, compute and receive per chip and
-the bound that follows from the chip's published limits (`soft_jax.topology.chip`), beside JetStream's measured
+the bound that follows from the chip's published limits (`soft_jax.parallel.topology.chip`), beside JetStream's measured
 Llama-2-7B decode on v5e-8 (3,975 output tokens/s, about 497 per chip), the figure a real engine reaches.
 
     pip install ".[plan-tpu]"
@@ -30,9 +30,11 @@ JETSTREAM_PER_CHIP = 3975 / 8  # JetStream (JAX) Llama-2-7B on v5e-8, tensor par
 
 
 def case(model: str, where: str) -> list[dict]:
-    from soft_jax import hlo, plan, topology
-    from soft_jax import sharding as shd
     from soft_jax.models import presets
+    from soft_jax.parallel import hlo
+    from soft_jax.parallel import sharding as shd
+    from soft_jax.parallel import topology
+    from soft_jax.scale import plan
 
     cfg = presets.architecture(model, "bfloat16", "bfloat16")
     tgt = plan.target(tpu=where)

@@ -1,5 +1,5 @@
-"""The estimated memory table: GiB per device of a SOFT round at scale (`soft_jax.memory.TABLE_SETTINGS`) for each
-architecture x parameter dtype x mesh preset, from `soft_jax.memory.estimate` alone (nothing compiled; a first
+"""The estimated memory table: GiB per device of a SOFT round at scale (`soft_jax.scale.memory.TABLE_SETTINGS`) for each
+architecture x parameter dtype x mesh preset, from `soft_jax.scale.memory.estimate` alone (nothing compiled; a first
 guess: `soft-jax plan` and benchmarks/memory_table.py compile the programs).
 
     python benchmarks/memory_estimates.py
@@ -19,8 +19,8 @@ MESHES = ("gpu", "tpu-host", "v4-32", "v5e-64")
 
 
 def estimates_table(meshes=MESHES, headroom: float = 0.9) -> str:
-    from soft_jax import memory
     from soft_jax.models import presets
+    from soft_jax.scale import memory
 
     rows = []
     for name in presets.ARCHITECTURES:

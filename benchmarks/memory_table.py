@@ -1,4 +1,4 @@
-"""Memory per device of 7-8B SOFT rounds: the compiler against `soft_jax.memory`'s estimate.
+"""Memory per device of 7-8B SOFT rounds: the compiler against `soft_jax.scale.memory`'s estimate.
 
 For Llama-2-7B and Llama-3-8B on v4-32, v5e-64 and v5p-8 (FSDP over every chip, as launch/tpu_pod.sh runs a
 slice) and Llama-3.2-1B on one H100, this compiles a round's programs from this CPU (compile-only devices:
@@ -28,9 +28,9 @@ GENERATION = ("prefix_prefill", "prefill", "decode")
 
 def compare_row(model: str, where: str, mesh_shape, param_dtype="bfloat16") -> dict:
     """One row of the memory table: compiled GiB per device (training, generation) beside the estimate's."""
-    from soft_jax import memory, plan
-    from soft_jax import sharding as shd
     from soft_jax.models import presets
+    from soft_jax.parallel import sharding as shd
+    from soft_jax.scale import memory, plan
 
     cfg = presets.architecture(model, param_dtype, "bfloat16")
     log = lambda name: print(f"# {model} {where}: {name}", file=sys.stderr, flush=True)  # noqa: E731

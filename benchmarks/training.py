@@ -111,8 +111,8 @@ def fail(message):
 
 def read_pairs(path):
     """(prompt, response, finished) of a JSONL file with `prompt` and `response` (train.jsonl, round.py's cache)."""
-    from soft_jax.errors import UserError
-    from soft_jax.io_utils import read_jsonl
+    from soft_jax.core.errors import UserError
+    from soft_jax.core.io_utils import read_jsonl
 
     try:
         rows = read_jsonl(path, required=("prompt", "response"))
@@ -247,7 +247,7 @@ def time_trl_data(bench, pairs, config, modes):
 
 
 def data_main(args):
-    from soft_jax.errors import UserError
+    from soft_jax.core.errors import UserError
 
     bench = round_bench()
     try:

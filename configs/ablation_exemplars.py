@@ -8,7 +8,7 @@ The two differ only in the exemplar strategy (and the fixed set it implies): the
 covers as many principles as the random draws do on average (data.choose_fixed; config.json records it).
 """
 
-from soft_jax.config import sibling
+from soft_jax.experiment.config import sibling
 
 # `soft-jax sweep --config FILE --workdir DIR` runs each into DIR/<variant>/ (the first is the default)
 VARIANTS = ("random", "fixed")

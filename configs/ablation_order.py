@@ -9,7 +9,7 @@ perplexity within each category) follow the same direction as the within-round o
 both (across_rounds none): each round is still a stratified sample of the pool's categories.
 """
 
-from soft_jax.config import sibling
+from soft_jax.experiment.config import sibling
 
 # `soft-jax sweep --config FILE --workdir DIR` runs each into DIR/<variant>/ (the first is the default)
 VARIANTS = ("easy_to_hard", "hard_to_easy", "random")

@@ -4,7 +4,7 @@
     soft-jax run --config configs/ablation_sft_start.py:reinit --workdir runs/abl_start_reinit
 """
 
-from soft_jax.config import sibling
+from soft_jax.experiment.config import sibling
 
 # `soft-jax sweep --config FILE --workdir DIR` runs each into DIR/<variant>/ (the first is the default)
 VARIANTS = ("continue", "reinit")

@@ -10,7 +10,7 @@ Minutes on a 2-core CPU (benchmarks/RESULTS.md has the measured times). Prompts 
 perplexity within each category across rounds, and each round's data by response perplexity, easy to hard.
 """
 
-from soft_jax.config import PAPER_TASKS, base
+from soft_jax.experiment.config import PAPER_TASKS, base
 
 
 def get_config(arg=None):

@@ -13,7 +13,7 @@ projection of the layers, as QLoRA does. Everything else (rounds, exemplars, gua
 configs/soft.py's.
 """
 
-from soft_jax.config import sibling
+from soft_jax.experiment.config import sibling
 
 
 def get_config(arg=None):

@@ -13,7 +13,7 @@ The reference point of claim 1 (docs/method.md, "The claims and the configs that
 beat this on the same prompts.
 """
 
-from soft_jax.config import PAPER_TASKS, base
+from soft_jax.experiment.config import PAPER_TASKS, base
 
 
 def get_config(arg=None):

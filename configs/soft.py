@@ -9,7 +9,7 @@ a round is worse than the best only when a paired bootstrap over the validation 
 round is kept. HHH and TruthfulQA MC1/MC2 are evaluated every round, round 0 included.
 """
 
-from soft_jax.config import PAPER_TASKS, base
+from soft_jax.experiment.config import PAPER_TASKS, base
 
 
 def get_config(arg=None):

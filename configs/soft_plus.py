@@ -10,7 +10,7 @@ Claim 2 (docs/method.md) compares this with configs/soft.py: the two differ only
 curriculum.across_rounds (tests/test_experiments.py::test_each_claims_configs_differ_only_in_its_knobs checks it).
 """
 
-from soft_jax.config import sibling
+from soft_jax.experiment.config import sibling
 
 
 def get_config(arg=None):

@@ -6,7 +6,7 @@ The tests' base config. A random model writes no "Assistant:" marker, so require
 every completion counts as an answer (cut by the token limit, citing no principle); the numbers mean nothing, the artifacts and the flow are real.
 """
 
-from soft_jax.config import base
+from soft_jax.experiment.config import base
 
 
 def get_config(arg=None):

@@ -109,7 +109,7 @@ fi
 # 3. The run, on every worker at once. jax.distributed.initialize() finds the other hosts by itself on TPU.
 echo "# 3. soft-jax run on every worker"
 args=(run --config "$remote_config" --workdir "$workdir" "${mesh[@]}" "$@")
-# SOFT_JAX_DISTRIBUTED=auto: `soft-jax run` calls jax.distributed.initialize() (soft_jax/distributed.py)
+# SOFT_JAX_DISTRIBUTED=auto: `soft-jax run` calls jax.distributed.initialize() (soft_jax/parallel/distributed.py)
 remote="cd ~/soft-jax && . $venv/bin/activate && mkdir -p $(q "$workdir") && SOFT_JAX_DISTRIBUTED=auto soft-jax"
 for word in "${args[@]}"; do remote+=" $(q "$word")"; done
 if [[ ${DETACH:-0} == 1 ]]; then

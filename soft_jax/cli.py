@@ -8,13 +8,13 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import shlex
 import os
+import shlex
 import sys
 
-from soft_jax import compile_cache, settings
-from soft_jax.errors import UserError
-from soft_jax.preemption import Preempted
+from soft_jax.core import compile_cache, settings
+from soft_jax.core.errors import UserError
+from soft_jax.core.preemption import Preempted
 
 EXIT_USER_ERROR = 2
 EXIT_DISK_FULL = 1
@@ -55,7 +55,7 @@ def _open_model(args, param_dtype=None, need_tokenizer=True, progress=True):
     from soft_jax import models
 
     if _is_workdir(args.model):
-        from soft_jax import bootstrap
+        from soft_jax.rounds import bootstrap
 
         model, tokenizer = bootstrap.best_model(args.model, args.dtype)
         return (lambda: model), model.config, tokenizer
@@ -101,8 +101,8 @@ def cmd_info(args) -> None:
 
 
 def cmd_generate(args) -> None:
+    from soft_jax.core.io_utils import read_jsonl, write_jsonl
     from soft_jax.inference import engine, sampler
-    from soft_jax.io_utils import read_jsonl, write_jsonl
 
     if (args.prompt is None) == (args.prompts is None):
         raise UserError("give exactly one of --prompt TEXT or --prompts FILE.jsonl")
@@ -135,7 +135,7 @@ def cmd_generate(args) -> None:
 
 def cmd_train(args) -> None:
     from soft_jax import models, training
-    from soft_jax.io_utils import read_jsonl
+    from soft_jax.core.io_utils import read_jsonl
 
     rows = read_jsonl(args.data, required=("prompt", "response"))
     config = training.TrainConfig(
@@ -155,7 +155,7 @@ def cmd_train(args) -> None:
     training.make_schedule(config, training.total_steps(prepared[1], config))  # surface before weights load
     model = build()
     if args.checkpoint_dir:  # SIGTERM / Ctrl-C: save the finished step, then stop (resumable)
-        from soft_jax import preemption
+        from soft_jax.core import preemption
 
         preemption.install()
     trained, result = training.train(model, tokenizer, pairs, config, checkpoint_dir=args.checkpoint_dir,
@@ -199,7 +199,7 @@ def _base_of(model_arg: str) -> str:
 
 def cmd_eval(args) -> None:
     from soft_jax import evaluation
-    from soft_jax.io_utils import write_atomic
+    from soft_jax.core.io_utils import write_atomic
 
     tasks = evaluation.parse_tasks(args.tasks)
     if args.protocol not in evaluation.PROTOCOLS:
@@ -239,13 +239,15 @@ def _overrides(args, takes: str) -> list[str]:
 
 def _load_config(args, takes: str):
     """The run config of --config with the --config.key=value overrides left in args.overrides."""
-    from soft_jax import config as config_lib
+    from soft_jax.experiment import config as config_lib
 
     return config_lib.load(args.config, _overrides(args, takes))
 
 
 def cmd_run(args) -> None:
-    from soft_jax import bootstrap, distributed, preemption
+    from soft_jax.core import preemption
+    from soft_jax.parallel import distributed
+    from soft_jax.rounds import bootstrap
 
     config = _load_config(args, "--config FILE, --workdir DIR")
     distributed.initialize()
@@ -254,7 +256,9 @@ def cmd_run(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from soft_jax import distributed, preemption, sweep
+    from soft_jax.core import preemption
+    from soft_jax.parallel import distributed
+    from soft_jax.rounds import sweep
 
     overrides = _overrides(args, "--config FILE, --workdir DIR, --only A,B")
     sweep.select(args.config, args.only)  # a config without variants or an unknown --only: before anything starts
@@ -265,7 +269,8 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    from soft_jax import plan
+    from soft_jax.rounds import preflight
+    from soft_jax.scale import plan
 
     if args.mesh_generate:
         sizes = args.mesh_generate.split(",")
@@ -280,19 +285,19 @@ def cmd_plan(args) -> None:
         if args.memory_limit <= 0:
             raise UserError(f"--memory-limit {args.memory_limit}: give the GiB per device to plan for (> 0)")
         where.device_bytes = int(args.memory_limit * plan.GiB)
-    plan.plan_run(config, where)
+    preflight.plan_run(config, where)
     print("[plan] every program fits" if where.device_bytes else
           "[plan] every program compiled; this device's memory is unknown (CPU), so nothing was compared")
 
 
 def cmd_report(args) -> None:
-    from soft_jax import report
+    from soft_jax.reports import report
 
     print(f"wrote {report.write(args.workdir)}")
 
 
 def cmd_compare(args) -> None:
-    from soft_jax import compare
+    from soft_jax.reports import compare
 
     if not 0 <= args.confidence < 1:
         raise UserError(f"--confidence {args.confidence}: give a level in [0, 1), e.g. 0.95")
@@ -315,7 +320,7 @@ def cmd_data_import(args) -> None:
 
 
 def cmd_data_tasks(args) -> None:
-    from soft_jax.evaluation import sources
+    from soft_jax.data import sources
 
     print("\n".join(sources.report_lines()))
 
@@ -323,8 +328,8 @@ def cmd_data_tasks(args) -> None:
 def cmd_data_check(args) -> None:
     """Exit 0 when clean. Overlaps print a warning and exit 0 (a shared stock phrase can be harmless; the
     listing says which items to read), or exit 1 with --strict, for scripts that gate a run on it."""
-    from soft_jax.data import contamination
-    from soft_jax.io_utils import write_atomic
+    from soft_jax.core.io_utils import write_atomic
+    from soft_jax.experiment import contamination
 
     report = contamination.find_overlaps(args.pool, args.exemplars, args.validation,
                                          truthfulqa_file=args.truthfulqa_file)

@@ -6,7 +6,7 @@ import tempfile
 
 import pytest
 
-from soft_jax import compile_cache
+from soft_jax.core import compile_cache
 
 # Tests compare float32 numerics with PyTorch; keep XLA's CPU matmuls at full precision.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
@@ -21,7 +21,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # prefill, decode, scoring) instead of compiling it again. A program's key holds its HLO, compile options, XLA
 # flags and the jax and jaxlib versions: a changed program compiles afresh, never reads another's entry.
 # SOFT_JAX_TEST_COLD_CACHE=1: a fresh cache for this session only, removed at its end (a first run's times).
-# The controller keeps the shared cache under TEST_CACHE_BYTES (soft_jax.compile_cache.prune).
+# The controller keeps the shared cache under TEST_CACHE_BYTES (soft_jax.core.compile_cache.prune).
 os.environ.setdefault("SOFT_JAX_TEST_SESSION", str(os.getpid()))
 TEST_CACHE_BYTES = 2 * 2**30
 COLD_CACHE = os.environ.get("SOFT_JAX_TEST_COLD_CACHE", "0") == "1"
@@ -47,8 +47,8 @@ def inhouse_bigbench(monkeypatch):
 def real_bigbench():
     """The real BIG-bench task files from wherever soft-jax finds them (evaluation.sources.locate); the test skips,
     with the reason, where there are none (the package index may not serve the archive any more)."""
-    from soft_jax.errors import UserError
-    from soft_jax.evaluation import sources
+    from soft_jax.core.errors import UserError
+    from soft_jax.data import sources
 
     try:
         source = sources.locate()

@@ -9,11 +9,12 @@ import sys
 import numpy as np
 from flax import nnx
 
-from soft_jax import bootstrap, plan
 from soft_jax.cli import main
-from soft_jax import config as config_lib
-from soft_jax.evaluation import sources
+from soft_jax.data import sources
+from soft_jax.experiment import config as config_lib
 from soft_jax.models.config import ModelConfig
+from soft_jax.rounds import bootstrap
+from soft_jax.scale import plan
 
 # Items written for these tests in BIG-bench's task layout (tests/data/bigbench/bigbench/benchmark_tasks/...): the
 # evaluation code runs on them wherever the real task files are absent. Not BIG-bench's items.
@@ -126,7 +127,7 @@ class Workdir:
 
 def round_params(w: Workdir, base_model) -> dict:
     """The parameters of the base model and of each saved round, to compare array by array."""
-    from soft_jax.checkpoints import StepCheckpointer
+    from soft_jax.training.checkpoints import StepCheckpointer
 
     ckpt = StepCheckpointer(os.path.join(w.path, "checkpoints", "rounds"), every=0, keep=None)
     graphdef, params = nnx.split(base_model)

@@ -11,20 +11,19 @@ import io
 import json
 import os
 import re
+import shutil
 import tarfile
 import urllib.error
 import urllib.parse
 import urllib.request
-
-import shutil
 
 import pytest
 from helpers import INHOUSE_BIGBENCH, run_cli
 
 import soft_jax
 from soft_jax import cli
-from soft_jax.errors import UserError
-from soft_jax.evaluation import sources
+from soft_jax.core.errors import UserError
+from soft_jax.data import sources
 
 MIRROR = "https://mirror.example/team/simple"
 

@@ -5,16 +5,18 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 import jax
 import numpy as np
+import pytest
+from flax import nnx
 from helpers import (CONFIGS, TINY_OVERRIDES, Workdir, assert_params_close, check_common, config, one_line_error,
                      params_differ, round_params, run)
-from flax import nnx
 
-from soft_jax import bootstrap, selfalign, training, workdir
-from soft_jax.errors import UserError
+from soft_jax import training
+from soft_jax.core.errors import UserError
+from soft_jax.experiment import workdir
+from soft_jax.rounds import bootstrap, selfalign
+
 
 @pytest.fixture
 def models_used(monkeypatch):
@@ -253,7 +255,7 @@ def test_a_second_run_on_the_same_workdir_is_refused(tmp_path, capsys):
 
 
 def test_a_run_that_cannot_fit_is_refused_before_it_starts(tmp_path, monkeypatch):
-    from soft_jax import memory
+    from soft_jax.scale import memory
 
     monkeypatch.setattr(memory, "device_memory", lambda: 64 * 2**20)  # a 64 MiB device: the compiler is asked
     with pytest.raises(UserError, match=r"train_step needs .* GiB per device \(compiled\), more than the 64.0 MiB "

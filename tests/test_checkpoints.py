@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from soft_jax.checkpoints import StepCheckpointer
-from soft_jax.errors import UserError
+from soft_jax.core.errors import UserError
+from soft_jax.training.checkpoints import StepCheckpointer
 
 
 def _trees():

@@ -9,7 +9,7 @@ import pytest
 from conftest import TINY
 from helpers import run_cli
 
-from soft_jax import compile_cache
+from soft_jax.core import compile_cache
 
 
 def assert_user_error(proc, *needles):

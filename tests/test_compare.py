@@ -12,11 +12,12 @@ import shutil
 
 import numpy as np
 import pytest
-
 from helpers import INHOUSE_BIGBENCH, run
 
-from soft_jax import compare, evaluation, plots, report, stats
+from soft_jax import evaluation
 from soft_jax.cli import main
+from soft_jax.experiment import stats
+from soft_jax.reports import compare, plots, report
 
 TASKS = ("hhh", "truthfulqa_mc1", "truthfulqa_mc2")
 SIGNALS = ("distinct_1", "distinct_2", "repeated_ngram_rate", "length", "truncation_rate")

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from soft_jax import cli, evaluation
-from soft_jax.data import contamination
+from soft_jax.experiment import contamination
 
 
 @pytest.fixture
@@ -97,7 +97,8 @@ def test_a_run_checks_its_inputs_once_when_it_starts(tmp_path, inhouse_bigbench)
     copy of a TruthfulQA question in its pool is listed; the rerun does not check again."""
     from helpers import config
 
-    from soft_jax import bootstrap, data
+    from soft_jax import data
+    from soft_jax.rounds import bootstrap
 
     k, question = next((k, it.question) for k, it in enumerate(evaluation.load_items("truthfulqa_mc1"))
                        if _words(it.question) >= 8)

@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from soft_jax import curriculum, data
+from soft_jax import data
+from soft_jax.core.errors import UserError
 from soft_jax.data import templates
-from soft_jax.errors import UserError
+from soft_jax.rounds import curriculum
 
 
 def test_shipped_assets_meet_the_method():

@@ -10,7 +10,6 @@ import time
 
 import numpy as np
 import pytest
-
 from helpers import CONFIGS, TINY_OVERRIDES, Workdir, assert_params_close, round_params, run, subprocess_env
 
 # greedy (same generations), and a random model repeats itself under greedy decoding: no repetition filter
@@ -134,8 +133,8 @@ def flat_params(w: Workdir | None, t: int = 0) -> dict:
     """Round t's saved parameters (the base model's when w is None), path -> numpy array on one device."""
     from flax import nnx
 
-    from soft_jax.checkpoints import StepCheckpointer
     from soft_jax.models import presets
+    from soft_jax.training.checkpoints import StepCheckpointer
 
     state = nnx.state(presets.load("tiny", seed=0)[0])
     if w is not None:

@@ -11,7 +11,7 @@ import pytest
 from helpers import INHOUSE_BIGBENCH, run_cli
 
 from soft_jax import evaluation
-from soft_jax.evaluation import sources
+from soft_jax.data import sources
 
 LIMIT = 50  # items per task (HHH: 13 per subset, 52 in all)
 

@@ -10,13 +10,13 @@ import types
 
 import numpy as np
 import pytest
-
 from helpers import CONFIGS, run
 
-from soft_jax import data, guard, inputs, training
-from soft_jax.inference import sampler
-from soft_jax import config as config_lib
+from soft_jax import data, training
 from soft_jax.data import filters
+from soft_jax.experiment import config as config_lib
+from soft_jax.experiment import guard, inputs
+from soft_jax.inference import sampler
 from soft_jax.models import load
 from soft_jax.training import TrainConfig
 

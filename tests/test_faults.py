@@ -13,8 +13,10 @@ import pytest
 from helpers import (CONFIGS, RUN, TINY_OVERRIDES, Workdir, assert_params_close, check_common, round_params, run,
                      run_workdir, subprocess_env)
 
-from soft_jax import io_utils, round_eval, workdir
 from soft_jax.cli import main
+from soft_jax.core import io_utils
+from soft_jax.experiment import workdir
+from soft_jax.rounds import round_eval
 
 # two generation batches per round, training-step checkpoints every 2 steps: stops land inside phases too
 EXTRA = ("prompts.per_round=8", "train.checkpoint_every=2")

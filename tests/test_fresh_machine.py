@@ -9,7 +9,7 @@ import os
 import pytest
 from helpers import CONFIGS, TINY_OVERRIDES, fresh_environment, run_cli
 
-from soft_jax.evaluation import sources
+from soft_jax.data import sources
 
 # the tests' tiny settings as command-line overrides, without their "no eval tasks"
 OVERRIDES = [f"--config.{o}" for o in TINY_OVERRIDES if not o.startswith("eval.tasks")]

@@ -10,9 +10,9 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import fresh_environment, run_cli
-from soft_jax import hlo
+
+from soft_jax.parallel import hlo
 
 SCRIPT = r"""
 import dataclasses, json, sys
@@ -20,14 +20,16 @@ import jax, numpy as np
 from flax import nnx
 sys.path.insert(0, sys.argv[1])
 import test_sharding as t
-from soft_jax import hlo, plan
-from soft_jax import sharding as shd
+from soft_jax import models
+from soft_jax.parallel import hlo
+from soft_jax.scale import plan
+from soft_jax.parallel import sharding as shd
 from soft_jax.models.llama import Llama
 
 scan = sys.argv[2] == "scanned"
 cfg, sizes = dataclasses.replace(t.CFG, scan_layers=scan), dataclasses.replace(t.SHAPES, scan_layers=scan)
 train, gen = shd.make_mesh((1, 8, 1)), shd.make_mesh((2, 1, 4))
-model = shd.shard_model(Llama(cfg, rngs=nnx.Rngs(0)), train)
+model = models.shard_model(Llama(cfg, rngs=nnx.Rngs(0)), train)
 moved = shd.reshard(model, gen)
 same, specs = [], []
 for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(moved))):
@@ -200,8 +202,9 @@ def test_decode_bound_is_what_a_step_must_read_compute_and_receive():
     import numpy as np
     from helpers import CFG, SHAPES
 
-    from soft_jax import plan, topology
-    from soft_jax import sharding as shd
+    from soft_jax.parallel import sharding as shd
+    from soft_jax.parallel import topology
+    from soft_jax.scale import plan
 
     chip = topology.Chip("test chip", peak_bf16_flops=1e12, hbm_bandwidth=1e9, interconnect_bandwidth=1e6, source="-")
     mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
@@ -236,9 +239,9 @@ def test_a_generation_copy_in_the_compute_dtype_computes_the_same():
     from helpers import CFG
 
     from soft_jax.inference import sampler, scorer
-    from soft_jax import sharding as shd
-    from soft_jax.bootstrap import generation_dtype
     from soft_jax.models.llama import Llama
+    from soft_jax.parallel import sharding as shd
+    from soft_jax.rounds.bootstrap import generation_dtype
 
     cfg = dataclasses.replace(CFG, dtype="bfloat16", param_dtype="float32", tie_word_embeddings=False)
     model = Llama(cfg, rngs=nnx.Rngs(1))
@@ -263,7 +266,8 @@ import json, sys
 sys.path.insert(0, sys.argv[1])
 import jax
 from helpers import config
-from soft_jax import bootstrap, topology
+from soft_jax.rounds import bootstrap
+from soft_jax.parallel import topology
 
 if sys.argv[3] == "tpu-like":  # the CPU devices given a chip's published limits, as a TPU's are
     topology.chip = lambda kind: topology.Chip("a chip", 1e12, 1e9, 1e8, "-")
@@ -296,7 +300,7 @@ def test_a_partial_generation_mesh_is_refused_in_one_line():
     import pytest
     from helpers import config
 
-    from soft_jax.errors import UserError
+    from soft_jax.core.errors import UserError
 
     for sizes in (("mesh_generate.tensor=4",), ("mesh_generate.data=-1", "mesh_generate.fsdp=-1",
                                                 "mesh_generate.tensor=2")):
@@ -314,8 +318,9 @@ def test_a_generation_mesh_that_does_not_fit_as_compiled_falls_back_to_the_next(
 
     from helpers import CFG, SHAPES
 
-    from soft_jax import plan, topology
-    from soft_jax import sharding as shd
+    from soft_jax.parallel import sharding as shd
+    from soft_jax.parallel import topology
+    from soft_jax.scale import plan
 
     devices = topology.devices("v5e-8")
     train = shd.make_mesh((1, 8, 1), devices)

@@ -1,14 +1,28 @@
-"""The inference engine's boundary, read from the source: what soft_jax/inference imports, and that nothing
-outside it reaches for a private name of it (plan, benchmarks and tests use its public API)."""
+"""The package's layers, read from the source: every import in soft_jax goes down the layers (or stays in its
+own subpackage), no modules import each other round a cycle (imports inside functions count too), and nothing
+outside the inference engine reaches for a private name of it (plan, benchmarks and tests use its public API)."""
 
 import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+# lowest first: a subpackage may import its own modules and those of the layers before it, never after it.
+# Subpackages that share a layer (inference, training) do not import each other.
+LAYERS = [
+    ("core",),                   # errors, atomic writes, fault points, preemption, settings, compilation cache
+    ("parallel",),               # meshes, sharding rules, hosts, topologies, HLO reading
+    ("models",),                 # the decoder, LoRA, quantized weights, checkpoints, tokenizers, presets
+    ("data",),                   # prompt pools, exemplars, templates, filters, TFDS, benchmark sources
+    ("inference", "training"),   # the engine with generate / score on it; SFT
+    ("evaluation",),             # HHH, TruthfulQA and the other tasks
+    ("scale",),                  # plan and memory: compiles what the layers below run
+    ("experiment",),             # a run's config, inputs, work dir, signals, guard, contamination check
+    ("reports",),                # report, compare, plots
+    ("rounds",),                 # the round loop and its phases, sweeps
+    ("cli",),
+]
+RANK = {package: rank for rank, packages in enumerate(LAYERS) for package in packages}
 INFERENCE = ("soft_jax.inference.engine", "soft_jax.inference.sampler", "soft_jax.inference.scorer")
-# what the engine stands on: the model, the mesh rules, the settings, errors and host transfers
-BELOW_INFERENCE = ("soft_jax.inference", "soft_jax.models", "soft_jax.sharding", "soft_jax.settings",
-                   "soft_jax.errors", "soft_jax.distributed")
 
 
 def imports(tree):
@@ -26,15 +40,73 @@ def sources(*folders):
         yield from sorted((ROOT / folder).rglob("*.py"))
 
 
-def test_the_inference_engine_imports_only_what_it_stands_on():
-    found = []
-    for path in sources("soft_jax/inference"):
+def module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(path): path for path in sources("soft_jax")}
+
+
+def package_imports():
+    """{module: set of soft_jax modules it imports} (`from soft_jax.x import y` counts y where y is a module)."""
+    graph = {}
+    for name, path in MODULES.items():
+        found = set()
         for module, names in imports(ast.parse(path.read_text())):
-            # `from soft_jax import sharding` imports soft_jax.sharding
-            for full in [f"{module}.{n}" for n in names] if module == "soft_jax" else [module]:
-                if full.startswith("soft_jax") and not full.startswith(BELOW_INFERENCE):
-                    found.append(f"{path.relative_to(ROOT)} imports {full}")
-    assert not found, found
+            for full in [f"{module}.{n}" for n in names if f"{module}.{n}" in MODULES] or [module]:
+                if full.startswith("soft_jax"):
+                    assert full in MODULES, f"{path.relative_to(ROOT)} imports {full}, which does not exist"
+                    found.add(full)
+        graph[name] = found - {name}
+    return graph
+
+
+def layer(module: str) -> str:
+    return module.split(".")[1] if "." in module else "soft_jax"
+
+
+def test_every_module_belongs_to_a_layer():
+    # soft_jax/ itself holds only __init__.py (the version) and cli.py
+    assert {layer(m) for m in MODULES} - set(RANK) == {"soft_jax"}
+    assert set(MODULES) - {m for m in MODULES if layer(m) in RANK} == {"soft_jax"}
+    assert package_imports()["soft_jax"] == set()
+
+
+def test_imports_go_down_the_layers():
+    upward = []
+    for module, found in package_imports().items():
+        if module == "soft_jax":
+            continue
+        for target in found:
+            if layer(target) != layer(module) and RANK[layer(target)] >= RANK[layer(module)]:
+                upward.append(f"{module} ({layer(module)}) imports {target} ({layer(target)})")
+    assert not upward, upward
+
+
+def test_no_import_cycles():
+    graph = package_imports()
+    cycles, state = [], {}
+
+    def visit(module, path):
+        state[module] = "open"
+        for target in sorted(graph[module]):
+            if state.get(target) == "open":
+                cycles.append(" -> ".join(path[path.index(target):] + [target]))
+            elif target not in state:
+                visit(target, path + [target])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, cycles
+
+
+def test_the_layer_test_sees_an_upward_import(tmp_path):
+    # what the tests above read: an import of a higher layer inside a function is still an import
+    tree = ast.parse("def f():\n    from soft_jax.rounds import bootstrap\n")
+    assert list(imports(tree)) == [("soft_jax.rounds", ["bootstrap"])]
 
 
 def test_nothing_outside_inference_uses_a_private_name_of_it():

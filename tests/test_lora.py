@@ -5,8 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import PAIRS, assert_same_logits, torch_logits
 from flax import nnx
+from helpers import PAIRS, assert_same_logits, torch_logits
+
 from soft_jax import models, training
 from soft_jax.models import checkpoint, lora, quant
 from soft_jax.training import TrainConfig
@@ -133,12 +134,10 @@ def test_train_cli_writes_a_peft_adapter_and_resumes_its_steps(tiny_chat, tmp_pa
     adapters and their moments only. `--model ADAPTER_DIR` loads the adapter onto the base it names."""
     import os
 
-    from helpers import run_cli
-    from helpers import pairs_file
-
-    from soft_jax.models import safetensors_io
+    from helpers import pairs_file, run_cli
 
     from soft_jax.cli import main
+    from soft_jax.models import safetensors_io
 
     argv = ["train", "--model", tiny_chat, "--data", pairs_file(tmp_path), "--batch-size", "2", "--epochs", "2",
             "--lr", "1e-2", "--warmup-steps", "1", "--lora-rank", "4", "--lora-alpha", "8", "--adapter"]
@@ -185,8 +184,8 @@ def test_a_qlora_run_keeps_adapters_per_round_and_resumes_after_sigkill_to_the_s
     import ml_collections
     from helpers import Workdir, run, run_workdir
 
-    from soft_jax import bootstrap
     from soft_jax.models import safetensors_io
+    from soft_jax.rounds import bootstrap
 
     extra = ["train.lora_rank=4", "train.lora_alpha=8", "train.learning_rate=1e-2"]
     whole = run("dromedary2.py", tmp_path / "whole", *extra)
@@ -202,7 +201,7 @@ def test_a_qlora_run_keeps_adapters_per_round_and_resumes_after_sigkill_to_the_s
     for k in a:
         assert a[k] == b[k], k
     whole = whole.path
-    from soft_jax.checkpoints import StepCheckpointer
+    from soft_jax.training.checkpoints import StepCheckpointer
 
     config = json.load(open(os.path.join(whole, "config.json")))
     from soft_jax.models import presets
@@ -234,8 +233,9 @@ def test_plan_compiles_the_lora_train_step_with_moments_for_the_adapters_only():
 
     from helpers import CFG, SHAPES
 
-    from soft_jax import plan, topology
-    from soft_jax import sharding as shd
+    from soft_jax.parallel import sharding as shd
+    from soft_jax.parallel import topology
+    from soft_jax.scale import plan
 
     mesh = shd.make_mesh((1, 8, 1), topology.devices("v5e-8"))
     shapes = dataclasses.replace(SHAPES, scan_layers=True)
@@ -259,8 +259,9 @@ def test_under_fsdp_every_adapter_array_is_split_over_the_chips():
 
     from helpers import CFG
 
-    from soft_jax import plan, topology
-    from soft_jax import sharding as shd
+    from soft_jax.parallel import sharding as shd
+    from soft_jax.parallel import topology
+    from soft_jax.scale import plan
 
     mesh = shd.make_mesh((1, 8, 1), topology.devices("v5e-8"))
     module = plan.abstract_module(dataclasses.replace(CFG, scan_layers=True), TrainConfig(lora_rank=8, lora_alpha=16))
@@ -278,9 +279,11 @@ def test_under_fsdp_the_quantized_base_is_gathered_as_codes_not_as_float_kernels
 
     from helpers import SHAPES
 
-    from soft_jax import hlo, plan, topology
-    from soft_jax import sharding as shd
     from soft_jax.models.config import ModelConfig
+    from soft_jax.parallel import hlo
+    from soft_jax.parallel import sharding as shd
+    from soft_jax.parallel import topology
+    from soft_jax.scale import plan
 
     cfg = ModelConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
                       num_kv_heads=2, head_dim=32, tie_word_embeddings=True, scan_layers=True, quant="nf4",
@@ -303,7 +306,7 @@ def test_dromedary2_config_is_salmons_engraving():
 
     from helpers import CONFIGS, config
 
-    from soft_jax import config as config_lib
+    from soft_jax.experiment import config as config_lib
 
     c = config_lib.load(os.path.join(CONFIGS, "dromedary2.py"))
     assert (c.model.quant, c.train.lora_rank, c.train.lora_alpha, c.train.learning_rate) == ("nf4", 64, 16.0, 1e-4)

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from soft_jax import config as config_lib
-from soft_jax import memory, training
+from soft_jax import training
+from soft_jax.core.errors import UserError
+from soft_jax.experiment import config as config_lib
 from soft_jax.inference import sampler
-from soft_jax.errors import UserError
-from soft_jax.models.config import ModelConfig
 from soft_jax.models import presets
+from soft_jax.models.config import ModelConfig
 from soft_jax.models.llama import KVCache, init_random
+from soft_jax.scale import memory
 
 GIB = 1024 ** 3
 
@@ -90,8 +91,9 @@ def test_kv_cache_per_device_matches_its_sharded_arrays(mesh_shape):
 
     import numpy as np
 
-    from soft_jax import plan, topology
-    from soft_jax import sharding as shd
+    from soft_jax.parallel import sharding as shd
+    from soft_jax.parallel import topology
+    from soft_jax.scale import plan
 
     cfg = tiny(dtype="bfloat16")
     mesh = shd.make_mesh(mesh_shape, topology.devices("v5e-4"))
@@ -144,14 +146,16 @@ def test_training_activations_near_xla_buffer_assignment(shape):
 SHARD_SCRIPT = r"""
 import json, jax
 from flax import nnx
-from soft_jax import memory, sharding
+from soft_jax import models
+from soft_jax.parallel import sharding
+from soft_jax.scale import memory
 from soft_jax.models.config import ModelConfig
 from soft_jax.models.llama import init_random
 cfg = ModelConfig(vocab_size=160, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=16, tie_word_embeddings=True)
 out = {}
 for shape in [(1, 8, 1), (2, 4, 1), (1, 4, 2)]:
-    model = sharding.shard_model(init_random(cfg), sharding.make_mesh(shape))
+    model = models.shard_model(init_random(cfg), sharding.make_mesh(shape))
     dev = jax.devices()[0]
     real = sum(s.data.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)) for s in x.addressable_shards
                if s.device == dev)

@@ -12,8 +12,8 @@ import pytest
 from helpers import run_cli, torch_logits
 
 from soft_jax import models
+from soft_jax.core.settings import SamplingConfig
 from soft_jax.inference import engine, sampler, scorer
-from soft_jax.settings import SamplingConfig
 
 EOS = 2
 
@@ -117,7 +117,7 @@ def test_decoding_in_chunks_compiles_the_decode_loop_once(tiny_chat, caplog, on_
     """Stop strings decode in chunks of STOP_STRING_CHUNK steps, each chunk a call with the last one's state:
     the decode loop compiles for the first and never again (inputs placed uncommitted once made the second
     chunk compile it a second time: seconds of every cold round), without a mesh and on one."""
-    from soft_jax import sharding
+    from soft_jax.parallel import sharding
 
     mesh = sharding.make_mesh((1, 1, -1)) if on_mesh else None
     model, tok = models.load(tiny_chat, mesh=mesh, progress=False)
@@ -297,7 +297,8 @@ def test_score_equals_a_full_forward_pass_over_the_whole_string(tiny_chat, smoll
 MESH_SCRIPT = r"""
 import json, sys
 import jax
-from soft_jax import models, sharding
+from soft_jax import models
+from soft_jax.parallel import sharding
 from soft_jax.inference import engine, sampler, scorer
 rows = json.loads(sys.argv[2])
 mesh = sharding.make_mesh((2, 2, 2)) if sys.argv[3] == "mesh" else None
@@ -333,8 +334,8 @@ def test_mesh_of_8_cpu_devices_gives_the_same_greedy_outputs(tiny_hf):
 def test_mesh_and_batch_that_do_not_divide_are_refused(tiny_llama):
     import types
 
-    from soft_jax import sharding
-    from soft_jax.errors import UserError
+    from soft_jax.core.errors import UserError
+    from soft_jax.parallel import sharding
 
     model, _ = models.load(tiny_llama, progress=False)
     mesh = sharding.make_mesh((1, 1, -1))

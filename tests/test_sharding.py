@@ -11,12 +11,12 @@ import subprocess
 import sys
 
 import pytest
+from helpers import CFG, SHAPES
 from jax.sharding import PartitionSpec as P
 
-from helpers import CFG, SHAPES
-
-from soft_jax import plan, topology
-from soft_jax import sharding as shd
+from soft_jax.parallel import sharding as shd
+from soft_jax.parallel import topology
+from soft_jax.scale import plan
 
 # Sizes chosen so no two of them meet in one dimension by accident: the MLP width (200, 100 per tensor shard)
 # is no cache length, row length or hidden size, and the hidden size (96) and its fsdp shards (48, 24, 12) are
@@ -52,7 +52,7 @@ def train_param_specs(program) -> dict:
 
 
 def rule_specs(mesh, scan_layers: bool = False) -> dict:
-    """Parameter path -> the PartitionSpec its logical axes map to under soft_jax.sharding's rules."""
+    """Parameter path -> the PartitionSpec its logical axes map to under soft_jax.parallel.sharding's rules."""
     import jax
 
     _, state = plan.abstract_model(dataclasses.replace(CFG, scan_layers=scan_layers))
@@ -106,7 +106,8 @@ def test_tpu_programs_hold_the_local_batch(slice_name, mesh_shape, scan, groups)
 CPU_SCRIPT = r"""
 import json, sys
 import jax
-from soft_jax import plan, sharding as shd
+from soft_jax.scale import plan
+from soft_jax.parallel import sharding as shd
 sys.path.insert(0, sys.argv[2])
 import test_sharding as t
 mesh = shd.make_mesh(tuple(json.loads(sys.argv[1])))

@@ -5,11 +5,13 @@ import os
 import signal
 
 import pytest
-
-from soft_jax import config as config_lib
-from soft_jax import faults, round_eval, sweep, training
-from soft_jax.cli import main
 from helpers import CONFIGS, TINY_OVERRIDES, Workdir, one_line_error, run
+
+from soft_jax import training
+from soft_jax.cli import main
+from soft_jax.core import faults
+from soft_jax.experiment import config as config_lib
+from soft_jax.rounds import round_eval, sweep
 
 ORDER = os.path.join(CONFIGS, "ablation_order.py")
 
@@ -105,7 +107,7 @@ def test_sweep_equals_individual_runs_shares_round_0_and_resumes(tmp_path, calls
 
 def test_round_0_is_evaluated_per_variant_when_the_base_model_differs(tmp_path, calls, capsys, signal_handlers):
     cfg = tmp_path / "seeds.py"  # the tiny model's weights come from the seed: another seed, another base model
-    cfg.write_text("from soft_jax.config import load_file\n\nVARIANTS = ('s0', 's1')\n\n\n"
+    cfg.write_text("from soft_jax.experiment.config import load_file\n\nVARIANTS = ('s0', 's1')\n\n\n"
                    "def get_config(arg='s0'):\n"
                    f"    c = load_file({os.path.join(CONFIGS, 'tiny.py')!r})\n"
                    "    c.seed = int((arg or 's0')[1:])\n    return c\n")

@@ -1,4 +1,4 @@
-"""TensorBoard events of a work dir's metrics (soft_jax.tensorboard_events): tags, steps and values read back
+"""TensorBoard events of a work dir's metrics (soft_jax.experiment.tensorboard_events): tags, steps and values read back
 as added, with tensorboardX's protobufs and, where the tensorboard package is installed, TensorBoard's own
 reader; a resumed run's re-logged steps replace, never repeat; a killed run leaves readable events."""
 
@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from soft_jax import tensorboard_events as tbe
-from soft_jax.workdir import Metrics
+from soft_jax.experiment import tensorboard_events as tbe
+from soft_jax.experiment.workdir import Metrics
 
 ROUNDS = {1: 3, 2: 2}  # training steps per round
 

@@ -11,8 +11,8 @@ import array_record.python.array_record_data_source  # noqa: F401  (what tfds re
 import pytest
 import tensorflow_datasets  # noqa: F401
 
+from soft_jax.core.errors import UserError
 from soft_jax.data import tfds as T
-from soft_jax.errors import UserError
 
 ROWS = [{"prompt": f"Prompt {i}: ünïcode ✓", "id": f"q{i}", **({"input": f"ctx {i}"} if i % 3 == 0 else {})}
         for i in range(25)]  # > 10 rows: a string sort of the keys would reorder them
@@ -93,7 +93,7 @@ def test_errors_are_one_line(tmp_path):
 
 def test_missing_tensorflow_datasets_is_a_user_error(tmp_path):
     code = ("import sys; sys.modules['tensorflow_datasets'] = None\n"
-            "import soft_jax.data.tfds as t\nfrom soft_jax.errors import UserError\n"
+            "import soft_jax.data.tfds as t\nfrom soft_jax.core.errors import UserError\n"
             "try:\n    t.load_prompts('x')\nexcept UserError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "pip install tensorflow-datasets" in out
@@ -110,7 +110,7 @@ def hhh_size(request):
 
 
 def test_eval_datasets_equal_the_loaders(tmp_path, hhh_size):
-    from soft_jax.evaluation import sources
+    from soft_jax.data import sources
 
     data_dir = str(tmp_path / "tfds")
     T.build_eval_datasets(data_dir)

@@ -8,10 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from soft_jax import topology
-from soft_jax.errors import UserError
+from soft_jax.core.errors import UserError
+from soft_jax.parallel import topology
 
 GiB = 1024 ** 3
 
@@ -105,9 +106,9 @@ def test_sharded_matmul_compiles_and_reports_memory_per_chip(name):
 
 
 def test_libtpu_loads_quietly_and_leaves_jax_on_cpu():
-    """libtpu's first load warns about the TPU VM it cannot find unless soft_jax.topology answers for it."""
+    """libtpu's first load warns about the TPU VM it cannot find unless soft_jax.parallel.topology answers for it."""
     pytest.importorskip("libtpu")
-    code = ("import jax; from soft_jax import topology; assert len(topology.devices('v5e-4')) == 4; "
+    code = ("import jax; from soft_jax.parallel import topology; assert len(topology.devices('v5e-4')) == 4; "
             "print(jax.devices()[0].platform)")
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # jax's default: try every platform
     repo = os.path.dirname(os.path.dirname(os.path.abspath(topology.__file__)))

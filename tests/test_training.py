@@ -10,14 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import PAIRS, pairs_file
 from jax.extend import core as jcore
 
-from helpers import PAIRS, pairs_file
-
 from soft_jax import models, training
+from soft_jax.core.errors import UserError
 from soft_jax.models import checkpoint
-from soft_jax.errors import UserError
 from soft_jax.training import TrainConfig
+
 
 def test_prompt_tokens_carry_no_loss(smollm2_tokenizer):
     tok = smollm2_tokenizer
@@ -245,7 +245,8 @@ import json, sys
 import numpy as np
 import jax
 from flax import nnx
-from soft_jax import models, sharding, training
+from soft_jax import models, training
+from soft_jax.parallel import sharding
 pairs = json.loads(sys.argv[2])
 mesh = sharding.make_mesh((2, 2, 2)) if sys.argv[3] == "mesh" else None
 model, tok = models.load(sys.argv[1], mesh=mesh, progress=False)

@@ -16,8 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
-from soft_jax.errors import UserError
-from soft_jax.io_utils import read_jsonl
+from soft_jax.core.errors import UserError
+from soft_jax.core.io_utils import read_jsonl
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 

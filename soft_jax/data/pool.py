@@ -28,9 +28,9 @@ import tempfile
 import unicodedata
 from typing import Any, Callable, Iterator
 
+from soft_jax.core.errors import UserError
+from soft_jax.core.io_utils import write_jsonl
 from soft_jax.data import prompt_id
-from soft_jax.errors import UserError
-from soft_jax.io_utils import write_jsonl
 
 MAX_CHARS = 2000
 # What each --format expects of a record; quoted in the error for a record that does not fit.

@@ -12,7 +12,7 @@
 - `soft_jax_truthfulqa`: BIG-bench's 299-question TruthfulQA, split `test`, features `question`,
   `mc1_targets` and `mc2_targets`, each `{choices, labels}` (the layout of the HF multiple_choice set).
 
-`build_eval_datasets(data_dir)` writes both from the same files `soft_jax.evaluation.sources` reads, and
+`build_eval_datasets(data_dir)` writes both from the same files `soft_jax.data.sources` reads, and
 `load_eval_items(task, data_dir)` gives back the loaders' `MCItem` lists.
 """
 
@@ -23,7 +23,7 @@ import re
 import shutil
 from typing import Any
 
-from soft_jax.errors import UserError
+from soft_jax.core.errors import UserError
 
 try:
     import tensorflow_datasets as tfds
@@ -113,7 +113,7 @@ def _define_builders(tfds):
                     "target_scores": tfds.features.Sequence(tfds.features.Scalar(dtype=np.int32))}))
 
         def _generate_examples(self):
-            from soft_jax.evaluation import sources
+            from soft_jax.data import sources
 
             for i, item in enumerate(sources.load_hhh()):
                 yield i, {"subset": item.subset, "input": item.question, "choices": item.choices,
@@ -134,7 +134,7 @@ def _define_builders(tfds):
                                                      "mc2_targets": targets()}))
 
         def _generate_examples(self):
-            from soft_jax.evaluation import sources
+            from soft_jax.data import sources
 
             mc1, mc2 = sources.load_truthfulqa("mc1"), sources.load_truthfulqa("mc2")
             if [i.question for i in mc1] != [i.question for i in mc2]:
@@ -154,7 +154,7 @@ if tfds is not None:
 # ---------------------------------------------------------------------------------------------- prompts
 
 def _prompt_rows(jsonl_path: str, name: str) -> list[dict]:
-    from soft_jax.io_utils import read_jsonl
+    from soft_jax.core.io_utils import read_jsonl
 
     rows, seen = [], {}
     for n, row in enumerate(read_jsonl(jsonl_path, required=("prompt",)), 1):
@@ -301,14 +301,14 @@ def build_eval_datasets(data_dir: str) -> None:
 
 
 def load_eval_items(task: str, data_dir: str | None = None, limit: int | None = None):
-    """The `MCItem`s of task hhh, truthfulqa_mc1 or truthfulqa_mc2, as `soft_jax.evaluation.sources` loads them.
+    """The `MCItem`s of task hhh, truthfulqa_mc1 or truthfulqa_mc2, as `soft_jax.data.sources` loads them.
 
     `limit` means what it means to the loaders: per HHH subset, or the first `limit` TruthfulQA items.
     """
     if task not in EVAL_DATASETS:
         raise UserError(f"unknown evaluation task {task!r}; use one of {', '.join(EVAL_DATASETS)}")
     _require()
-    from soft_jax.evaluation.sources import HHH_SUBSETS, MCItem
+    from soft_jax.data.sources import HHH_SUBSETS, MCItem
 
     name = EVAL_DATASETS[task]
     builder = _builder(name, data_dir,

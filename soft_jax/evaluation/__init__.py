@@ -18,11 +18,11 @@ from typing import Sequence
 
 import numpy as np
 
-from soft_jax import settings
-from soft_jax.inference import scorer
-from soft_jax.errors import UserError
-from soft_jax.evaluation import sources
+from soft_jax.core import settings
+from soft_jax.core.errors import UserError
+from soft_jax.data import sources
 from soft_jax.data.templates import engraving_parts
+from soft_jax.inference import scorer
 
 TASKS, PROTOCOLS, parse_tasks = settings.TASKS, settings.PROTOCOLS, settings.parse_tasks
 # What each protocol's numbers are, written into every result (MC2 under "dromedary" is not published anywhere).

@@ -6,7 +6,7 @@ A batch's longest common token prefix (the principles + exemplars of a SOFT roun
 length bucket (`bucket`, `left_pad`, `prefill`); `decode` is a `lax.while_loop` that samples until every row
 has stopped. The cache is preallocated and donated. Shapes are bucketed so that a long list of prompts
 compiles a handful of programs. The programs take the mesh as a static argument and trace under its
-activation sharding: batch rows over data x fsdp, heads / vocab over tensor (soft_jax.sharding); mesh None:
+activation sharding: batch rows over data x fsdp, heads / vocab over tensor (soft_jax.parallel.sharding); mesh None:
 one device.
 """
 
@@ -18,13 +18,12 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from flax import struct
+from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
-from soft_jax import sharding as shd
-from soft_jax.errors import UserError
+from soft_jax.core.errors import UserError
 from soft_jax.models.llama import KVCache, Llama, SharedPrefix
+from soft_jax.parallel import sharding as shd
 
 MIN_BUCKET = 16
 MIN_SHARED_PREFIX = 32  # shorter common prefixes are not worth a separate prefill

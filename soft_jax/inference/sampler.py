@@ -18,12 +18,12 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from soft_jax.distributed import to_host
-from soft_jax.errors import UserError
+from soft_jax.core.errors import UserError
+from soft_jax.core.settings import SamplingConfig
 from soft_jax.inference.engine import (Batcher, DecodeState, bucket, check_lengths, decode, left_pad, prefill,
                                        prefill_shared_prefix, shared_len, stop_ids)
 from soft_jax.models.llama import KVCache, Llama
-from soft_jax.settings import SamplingConfig
+from soft_jax.parallel.distributed import to_host
 
 STOP_STRING_CHUNK = 32  # decode steps between host checks for stop strings
 

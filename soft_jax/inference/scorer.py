@@ -20,12 +20,12 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from soft_jax import sharding as shd
-from soft_jax.distributed import to_host
-from soft_jax.errors import UserError
+from soft_jax.core.errors import UserError
+from soft_jax.inference.engine import (MIN_SHARED_PREFIX, Batcher, bucket, check_lengths, common_prefix_len, left_pad,
+                                       prefill, prefill_shared_prefix, shared_len)
 from soft_jax.models.llama import KVCache, Llama
-from soft_jax.inference.engine import (MIN_SHARED_PREFIX, Batcher, bucket, check_lengths, common_prefix_len,
-                                       left_pad, prefill, prefill_shared_prefix, shared_len)
+from soft_jax.parallel import sharding as shd
+from soft_jax.parallel.distributed import to_host
 
 GROUP_OVERHEAD = 16  # tokens a group costs beyond its prefix (padding, its cache row): the grouping's cost model
 GROUP_WINDOW = 8  # rows on each side whose common prefix a group's chunk is expected to run once for all

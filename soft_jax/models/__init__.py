@@ -7,11 +7,16 @@
 
 from __future__ import annotations
 
-from soft_jax import sharding as shd
-from soft_jax.errors import UserError
+import jax
+import numpy as np
+from flax import nnx
+
+from soft_jax.core.errors import UserError
 from soft_jax.models.checkpoint import SMOLLM2, build, export_hf, open_source
 from soft_jax.models.config import DTYPES, ModelConfig
 from soft_jax.models.llama import KVCache, Llama, init_random
+from soft_jax.models.quant import Quantized
+from soft_jax.parallel import sharding as shd
 
 
 def inspect(path_or_name: str, dtype: str = "float32", param_dtype: str | None = None, scan_layers: bool = False,
@@ -43,4 +48,14 @@ def load(path_or_name: str, dtype: str = "float32", mesh=None, param_dtype: str 
     return build(source, cfg, mesh=mesh, rules=rules, progress=progress), tokenizer
 
 
-__all__ = ["KVCache", "Llama", "ModelConfig", "SMOLLM2", "build", "export_hf", "init_random", "inspect", "load"]
+def shard_model(model, mesh, rules=shd.DEFAULT_RULES):
+    """Moves every parameter (and quantized array) of an NNX model onto its sharding (in place); returns it."""
+    for _, var in nnx.iter_graph(model):
+        if isinstance(var, (nnx.Param, Quantized)):
+            sharding = shd.named_sharding(var.get_metadata().get("axes", ()), var.shape, mesh, rules)
+            var.set_value(jax.device_put(np.asarray(var[...]), sharding))
+    return model
+
+
+__all__ = ["KVCache", "Llama", "ModelConfig", "SMOLLM2", "build", "export_hf", "init_random", "inspect", "load",
+           "shard_model"]

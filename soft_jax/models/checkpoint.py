@@ -20,12 +20,12 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from soft_jax import sharding as shd
-from soft_jax.errors import UserError
+from soft_jax.core.errors import UserError
 from soft_jax.models import safetensors_io
 from soft_jax.models import tokenizer as tokenizer_lib
 from soft_jax.models.config import ModelConfig
 from soft_jax.models.llama import Llama
+from soft_jax.parallel import sharding as shd
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -301,7 +301,7 @@ def hf_tensors(model: Llama) -> dict[str, np.ndarray]:
 def export_hf(model: Llama, tokenizer, out_dir: str) -> str:
     """Writes an HF checkpoint directory (safetensors, config.json, tokenizer) atomically; LoRA adapters are
     merged into their kernels (soft_jax.models.lora.merged)."""
-    from soft_jax.io_utils import write_dir
+    from soft_jax.core.io_utils import write_dir
     from soft_jax.models import lora
 
     if lora.has_adapters(model):

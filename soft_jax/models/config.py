@@ -6,8 +6,8 @@ import dataclasses
 import math
 from typing import Any
 
-from soft_jax.errors import UserError
-from soft_jax.settings import DTYPES  # noqa: F401 - soft_jax.models.config.DTYPES: one list, configs check it too
+from soft_jax.core.errors import UserError
+from soft_jax.core.settings import DTYPES  # noqa: F401 - soft_jax.models.config.DTYPES: one list, configs check it too
 
 # model_type -> (HF architecture class name, q/k/v bias, output-projection bias)
 ARCHITECTURES = {

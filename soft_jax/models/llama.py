@@ -5,7 +5,7 @@ RoPE) and a segment id (0 = padding); a query attends to a key when both share a
 the key's position is not after the query's (and, for Mistral, within the sliding window). Packed rows
 use one segment per example; padded rows use segment 1 for real tokens and 0 for padding.
 
-Parameters carry logical axis names in their `axes` metadata; `soft_jax.sharding` maps them to a mesh.
+Parameters carry logical axis names in their `axes` metadata; `soft_jax.parallel.sharding` maps them to a mesh.
 
 With `ModelConfig.scan_layers` the decoder layers are stored stacked: `model.layers` is one DecoderLayer whose
 every parameter has a leading "layers" axis, and every call (training, prefill, decode, scoring) runs them as one
@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
-from flax import struct
+from flax import nnx, struct
 
 from soft_jax.models.config import ModelConfig, rope_inv_freq
 from soft_jax.models.quant import Quantized, QuantizedKernel, array_axes, dequantize, supported
-from soft_jax.sharding import constrain
+from soft_jax.parallel.sharding import constrain
 
-# Logical axis names used by parameters and activations (see soft_jax.sharding for the rules).
+# Logical axis names used by parameters and activations (see soft_jax.parallel.sharding for the rules).
 VOCAB, EMBED, HEADS, KV_HEADS, MLP_AXIS, NORM = "vocab", "embed", "heads", "kv_heads", "mlp", "norm"
 BATCH, LENGTH, LAYERS = "batch", "length", "layers"
 LORA_RANK = "lora_rank"  # an adapter's rank axis: over fsdp, so that under FSDP no adapter array is whole everywhere

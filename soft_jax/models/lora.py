@@ -21,11 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from soft_jax import sharding as shd
-from soft_jax.errors import UserError
-from soft_jax.io_utils import write_dir
+from soft_jax.core.errors import UserError
+from soft_jax.core.io_utils import write_dir
 from soft_jax.models import safetensors_io
 from soft_jax.models.llama import LAYERS, LORA_RANK, Adapter, Linear, Llama
+from soft_jax.parallel import sharding as shd
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 
-from soft_jax.errors import UserError
+from soft_jax.core.errors import UserError
 from soft_jax.models.config import ModelConfig
 
 HUB_NAMES = {"llama2-7b": "meta-llama/Llama-2-7b-hf", "llama3-8b": "meta-llama/Meta-Llama-3-8B",
@@ -74,12 +74,11 @@ def load(name: str, path: str = "", dtype: str = "float32", param_dtype: str = "
     target = resolve(name, path)
     param_dtype = param_dtype or dtype
     if target == "tiny":
-        from soft_jax import sharding as shd
         from soft_jax.models.llama import init_random
 
         tokenizer = _smollm2_tokenizer()
         model = init_random(tiny_config(tokenizer, dtype, param_dtype, scan_layers, quant), seed)
-        return shd.shard_model(model, mesh), tokenizer
+        return models.shard_model(model, mesh), tokenizer
     model, tokenizer = models.load(target, dtype=dtype, mesh=mesh, param_dtype=param_dtype, progress=progress,
                                    scan_layers=scan_layers, quant=quant)
     if tokenizer is None:

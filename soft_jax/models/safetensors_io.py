@@ -13,7 +13,7 @@ import struct
 import ml_dtypes
 import numpy as np
 
-from soft_jax.errors import UserError
+from soft_jax.core.errors import UserError
 
 DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,

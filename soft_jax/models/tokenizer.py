@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 
-from soft_jax.errors import UserError
+from soft_jax.core.errors import UserError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 # transformers' tokenizer-config name -> the GGUF metadata key holding that token's id
@@ -62,7 +62,7 @@ def cached_gguf(path: str, build):
     tokenizer.json loads much faster. The cache key is the file's path, size and mtime."""
     from transformers import PreTrainedTokenizerFast
 
-    from soft_jax import io_utils
+    from soft_jax.core import io_utils
 
     st = os.stat(path)
     key = hashlib.sha256(f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{CACHE_FORMAT}".encode()).hexdigest()

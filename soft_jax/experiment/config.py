@@ -16,9 +16,9 @@ from typing import Sequence
 
 import ml_collections
 
-from soft_jax import settings
+from soft_jax.core import settings
+from soft_jax.core.errors import UserError
 from soft_jax.data.filters import FilterConfig
-from soft_jax.errors import UserError
 
 GENERATORS = ("previous", "base")
 SFT_STARTS = ("continue", "reinit")
@@ -79,7 +79,7 @@ def base() -> ml_collections.ConfigDict:
     # across_rounds: none (seeded shuffle) | prompt_ppl | prompt_length: prompts go easy to hard across rounds
     # within each category (hard to easy when order is hard_to_easy); every round keeps the pool's category mix
     c.curriculum = dict(score="response_ppl", order="random", across_rounds="none", batch_size=8)
-    # SFT: TrainConfig's defaults (soft_jax.settings documents each), with step checkpoints every 20 steps
+    # SFT: TrainConfig's defaults (soft_jax.core.settings documents each), with step checkpoints every 20 steps
     c.train = settings.defaults(settings.TrainConfig, "learning_rate batch_size grad_accum epochs max_prompt_len "
                                 "max_response_len warmup_ratio max_grad_norm weight_decay pack remat lora_rank "
                                 "lora_alpha lora_targets",
@@ -129,7 +129,7 @@ def override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
     for i, name in enumerate(parents):
         if name not in node or not isinstance(node[name], ml_collections.ConfigDict):
             raise UserError(f"--config.{key}: unknown config key {'.'.join(parents[:i + 1])!r}; "
-                            "see the config file or `soft_jax.config.base()` for the keys")
+                            "see the config file or `soft_jax.experiment.config.base()` for the keys")
         node = node[name]
     if leaf not in node:
         near = ", ".join(sorted(node.keys()))
@@ -192,7 +192,7 @@ def check_keys(config: ml_collections.ConfigDict, path: str) -> None:
         for k in node.keys():
             if k not in ref:
                 raise UserError(f"{path}: unknown config key {prefix + k!r}; check its spelling against "
-                                "soft_jax.config.base()")
+                                "soft_jax.experiment.config.base()")
             if isinstance(node[k], ml_collections.ConfigDict) and isinstance(ref[k], ml_collections.ConfigDict):
                 walk(node[k], ref[k], prefix + k + ".")
     walk(config, base(), "")
@@ -228,11 +228,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
         if not ok:
             raise UserError(f"config: {message}")
     for name, cls in (("train", settings.TrainConfig), ("sampling", settings.SamplingConfig)):
-        try:  # the settings check themselves (soft_jax.settings): one set of rules for runs, commands and API
+        try:  # the settings check themselves (soft_jax.core.settings): one set of rules for runs, commands and API
             cls(**settings.fields(cls, c[name]))
         except UserError as e:
             raise UserError(f"config: {name}.{e}") from None
-    from soft_jax import guard, signals
+    from soft_jax.experiment import guard, signals
 
     if c.curriculum.order not in settings.CURRICULUM_ORDERS:
         raise UserError(f"config: curriculum.order {c.curriculum.order!r}: choose "

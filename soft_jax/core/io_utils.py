@@ -8,8 +8,8 @@ import shutil
 import tempfile
 from typing import Any, Callable, Iterable
 
-from soft_jax import faults
-from soft_jax.errors import UserError
+from soft_jax.core import faults
+from soft_jax.core.errors import UserError
 
 
 def cache_dir(*parts: str) -> str:
@@ -44,7 +44,7 @@ def read_jsonl(path: str, required: tuple[str, ...] = ()) -> list[dict[str, Any]
 
 def write_atomic(path: str, data: str | bytes, fault: bool = True) -> None:
     """Writes text (UTF-8) or bytes to path via a temp file in the same directory and a rename: never a
-    half-written file. fault: a fault-injection point halfway (`write:NAME`, soft_jax.faults).
+    half-written file. fault: a fault-injection point halfway (`write:NAME`, soft_jax.core.faults).
 
     A kill before the rename leaves the old file (or none) and a stray `.NAME.*.tmp` (remove_stray_temps)."""
     directory = os.path.dirname(os.path.abspath(path))

@@ -3,7 +3,7 @@
 `compile_run(model_cfg, shapes, mesh, train_config)` lowers the programs a round runs at the sizes `Shapes`
 gives (`Shapes.of_run(config, ...)` for a run config), on abstract parameters (no weight is read), with the
 run's mesh and shardings, and compiles them for the mesh's devices: real ones, or the
-compile-only devices of a TPU slice or GPU node (soft_jax.topology) that this CPU can compile for. XLA's
+compile-only devices of a TPU slice or GPU node (soft_jax.parallel.topology) that this CPU can compile for. XLA's
 `memory_analysis()` then says what each program needs per device:
 
 - train_step: one optimizer step (grad_accum micro-batches of the config's micro-batch), parameters and
@@ -34,12 +34,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from soft_jax import hlo, topology, training
+from soft_jax import training
+from soft_jax.core.errors import UserError
 from soft_jax.inference import engine, sampler, scorer
-from soft_jax import sharding as shd
-from soft_jax.errors import UserError
 from soft_jax.models.config import ModelConfig
 from soft_jax.models.llama import KVCache, Llama, SharedPrefix
+from soft_jax.parallel import hlo
+from soft_jax.parallel import sharding as shd
 
 GiB = 1024 ** 3
 
@@ -87,7 +88,7 @@ class Shapes:
 
     @classmethod
     def of_run(cls, c, prompt_tokens: int, prefix_tokens: int) -> "Shapes":
-        """The shapes `soft-jax run` uses for config `c` (soft_jax.config.base() keys), with sampling's buckets.
+        """The shapes `soft-jax run` uses for config `c` (soft_jax.experiment.config.base() keys), with sampling's buckets.
 
         prompt_tokens: the longest self-align prompt; prefix_tokens: what a sampling batch shares (0: none)."""
         t, s = c.train, c.sampling
@@ -280,6 +281,15 @@ def compile_run(cfg: ModelConfig, shapes: Shapes, mesh, train_config: training.T
     return programs
 
 
+def check_batches(c, mesh_sizes: dict, generation_sizes: dict | None = None) -> None:
+    """Refuses batch sizes that the meshes' data axes (data x fsdp) do not divide: the training micro-batch on
+    the training mesh, the sampling batch on the generation mesh (`generation_sizes`; None: the training one)."""
+    micro = c.train.batch_size // max(c.train.grad_accum, 1)
+    shd.check_rows(c.sampling.batch_size, generation_sizes or mesh_sizes,
+                   "config: sampling.batch_size" + (" (on mesh_generate)" if generation_sizes else ""))
+    shd.check_rows(micro, mesh_sizes, "config: train.batch_size / train.grad_accum")
+
+
 GENERATION_PROGRAMS = ("prefix_prefill", "prefill", "decode", "score")
 
 
@@ -288,7 +298,7 @@ def generation_candidates(c, cfg: ModelConfig, shapes: Shapes, mesh, chip, devic
     """The generation meshes `mesh_generate` all 0 tries, in order: the tensor-parallel meshes
     propose_generation_mesh ranks (best decode bound first) whose data axes split the run's batches, up to the
     training mesh (not tried: it is what is left). Empty where the chip's limits are not published."""
-    from soft_jax import inputs, memory
+    from soft_jax.scale import memory
 
     if chip is None:
         return []
@@ -300,7 +310,7 @@ def generation_candidates(c, cfg: ModelConfig, shapes: Shapes, mesh, chip, devic
         if shape == tuple(mesh.shape.values()):
             break
         try:
-            inputs.check_batches(c, sizes, dict(zip(shd.MESH_AXES, shape)))
+            check_batches(c, sizes, dict(zip(shd.MESH_AXES, shape)))
         except UserError:
             continue
         out.append(shape)
@@ -394,7 +404,7 @@ class DecodeBound:
 
 def decode_bound(cfg: ModelConfig, shapes: Shapes, gen_mesh, chip, traffic_: hlo.Traffic | None = None,
                  train_mesh=None) -> DecodeBound:
-    """The decode step's lower bound on `gen_mesh` for `chip` (soft_jax.topology.chip). traffic_: the compiled
+    """The decode step's lower bound on `gen_mesh` for `chip` (soft_jax.parallel.topology.chip). traffic_: the compiled
     decode program's collectives (None: an estimate without them, as for a mesh not compiled)."""
     n = gen_mesh.devices.size
     tensor, replicas = gen_mesh.shape["tensor"], gen_mesh.shape["data"] * gen_mesh.shape["fsdp"]
@@ -518,7 +528,7 @@ def target(tpu: str | None = None, gpu_target: str | None = None, gpus: int = 1,
            gpu_memory_gib: float | None = None) -> Target:
     """A TPU slice by name (`v5e-64`), GPUs by name (h100, a100, l4) or target-config file, or
     this machine's own devices when neither is given."""
-    from soft_jax import topology
+    from soft_jax.parallel import topology
 
     if tpu and gpu_target:
         raise UserError("give --topology (a TPU slice) or --gpu-target (GPUs), not both")
@@ -537,7 +547,7 @@ def target(tpu: str | None = None, gpu_target: str | None = None, gpus: int = 1,
         memory_bytes = int(gpu_memory_gib * GiB if gpu_memory_gib else spec.hbm_bytes * topology.gpu_memory_share())
         label = f"{spec.label if spec else os.path.basename(path)}, {memory_bytes / GiB:.1f} GiB each{share}"
         return Target(f"{gpus} x {label}", topology.gpu_devices(path, gpus), memory_bytes)
-    from soft_jax import memory
+    from soft_jax.scale import memory
 
     devices = jax.devices()
     return Target(f"this machine: {len(devices)} x {devices[0].device_kind}", devices, memory.device_memory())
@@ -555,47 +565,6 @@ def model_config(c) -> tuple[ModelConfig, object]:
         cfg, tokenizer = presets.inspect(m.name, m.path, m.dtype, m.param_dtype)
     # how the run stores the model: stacked layers, a quantized base
     return dataclasses.replace(cfg, scan_layers=m.scan_layers, quant=m.quant), tokenizer
-
-
-def plan_run(c, where: Target, log=print) -> list[Program]:
-    """Compiles a run config's programs for `where`, prints the table, and refuses (UserError) a program
-    that does not fit a device."""
-    from soft_jax import config as config_lib
-    from soft_jax import inputs, memory
-    from soft_jax.models import presets
-
-    cfg, tokenizer = model_config(c)
-    counted = "the model's tokenizer"
-    if tokenizer is None:
-        tokenizer, counted = presets.inspect("smollm2-135m")[1], "SmolLM2's tokenizer (no model.path given)"
-    run_inputs = inputs.load(c, evaluating=False)
-    prompt, shared = inputs.prompt_tokens(c, run_inputs, tokenizer)
-    mesh = shd.make_mesh((c.mesh.data, c.mesh.fsdp, c.mesh.tensor), where.devices)
-    sizes = memory.resolve_mesh(dict(mesh.shape), mesh.devices.size)
-    gen_shape = config_lib.generation_mesh_shape(c)
-    gen_mesh = None if gen_shape is None else shd.make_mesh(gen_shape, where.devices)
-    inputs.check_batches(c, sizes, None if gen_mesh is None else dict(gen_mesh.shape))
-    shapes = Shapes.of_run(c, prompt, shared)
-    chip = topology.chip(where.devices[0].device_kind)
-    log(f"[plan] {cfg.num_params / 1e6:,.0f}M parameters ({cfg.param_dtype} stored, {cfg.dtype} compute"
-        f"{', layers stacked and scanned' if c.model.scan_layers else ''}) on {where.name}, mesh {dict(mesh.shape)}"
-        + (f", generation and scoring on mesh {dict(gen_mesh.shape)}" if gen_mesh is not None else "")
-        + f"; prompts of {prompt} tokens ({shared} shared), counted with {counted}")
-    progress = lambda name: log(f"[plan] compiling {name} ...")  # noqa: E731
-    if gen_shape is None and chip is not None:  # as a run chooses: plan's best generation mesh that fits
-        gen_mesh, programs = fit_generation_mesh(cfg, shapes, mesh, generation_candidates(
-            c, cfg, shapes, mesh, chip, where.device_bytes), where.device_bytes, inputs.train_config(c), log, progress)
-        log("[plan] mesh_generate all 0: generation and scoring on "
-            + (f"mesh {dict(gen_mesh.shape)}, plan's best generation mesh that fits" if gen_mesh is not None else
-               "the training mesh (" + ("one device" if mesh.devices.size == 1 else
-                                        "no tensor-parallel mesh fits") + ")"))
-    else:
-        programs = compile_run(cfg, shapes, mesh, inputs.train_config(c), progress=progress, gen_mesh=gen_mesh)
-    log(programs_table(programs, where.device_bytes))
-    if chip is not None:
-        log_bounds(cfg, shapes, mesh, gen_mesh, programs, chip, where, max(run_inputs.sizes), log)
-    refuse_over(programs, where.device_bytes)
-    return programs
 
 
 def log_bounds(cfg, shapes, mesh, gen_mesh, programs, chip, where, prompts: int,
@@ -661,8 +630,8 @@ def _size(n: int) -> str:
 # --- the sizes of the scale-up tables (benchmarks/memory_table.py, benchmarks/decode_bounds.py) ---------------
 
 def table_shapes(mesh_shape, settings=None) -> tuple[Shapes, dict]:
-    """soft_jax.memory.TABLE_SETTINGS as Shapes (scanned layers), and the estimate's keyword arguments."""
-    from soft_jax import memory
+    """soft_jax.scale.memory.TABLE_SETTINGS as Shapes (scanned layers), and the estimate's keyword arguments."""
+    from soft_jax.scale import memory
 
     s = dict(settings or memory.TABLE_SETTINGS)
     dp = mesh_shape[0] * mesh_shape[1]

@@ -3,10 +3,10 @@
 The method is docs/method.md ("A run, round by round"); the phases, their files and the modules they call are
 docs/architecture.md ("The data flow of a round").
 
-Every phase leaves a durable artifact in the work dir (soft_jax.workdir lists them) before the next starts,
+Every phase leaves a durable artifact in the work dir (soft_jax.experiment.workdir lists them) before the next starts,
 so a rerun of the same command skips what is finished and resumes inside a phase where that is possible:
-generation at batch granularity (soft_jax.selfalign), training at step granularity (Orbax step checkpoints).
-The collapse guard (soft_jax.guard) decides the best round and the stop from every round's eval.json.
+generation at batch granularity (soft_jax.rounds.selfalign), training at step granularity (Orbax step checkpoints).
+The collapse guard (soft_jax.experiment.guard) decides the best round and the stop from every round's eval.json.
 """
 
 from __future__ import annotations
@@ -21,16 +21,21 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from soft_jax import curriculum, data, distributed, evaluation, faults, guard, inputs, memory, preemption
-from soft_jax import report, round_eval, selfalign, training
-from soft_jax import config as config_lib
-from soft_jax import sharding as shd
-from soft_jax.checkpoints import StepCheckpointer
-from soft_jax.data import contamination, filters, templates
-from soft_jax.errors import UserError
+from soft_jax import data, evaluation, training
+from soft_jax.core import faults, preemption
+from soft_jax.core.errors import UserError
+from soft_jax.core.io_utils import read_json
+from soft_jax.data import filters, templates
+from soft_jax.experiment import config as config_lib
+from soft_jax.experiment import contamination, guard, inputs
+from soft_jax.experiment.workdir import CONFIG, CONTAMINATION, CURRICULUM, STATE, WorkDir, remove
 from soft_jax.models import presets
-from soft_jax.io_utils import read_json
-from soft_jax.workdir import CONFIG, CONTAMINATION, CURRICULUM, STATE, WorkDir, remove
+from soft_jax.parallel import distributed
+from soft_jax.parallel import sharding as shd
+from soft_jax.reports import report
+from soft_jax.rounds import curriculum, round_eval, selfalign
+from soft_jax.scale import memory
+from soft_jax.training.checkpoints import StepCheckpointer
 
 
 def checksum(model) -> float:
@@ -52,7 +57,7 @@ class Run:
     def __init__(self, c: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = print,
                  round0_from: str | None = None):
         self.c, self.wd = c, WorkDir(workdir)
-        self.round0_from = round0_from  # a sibling run's work dir whose round 0 this run shares (soft_jax.sweep)
+        self.round0_from = round0_from  # a sibling run's work dir whose round 0 this run shares (soft_jax.rounds.sweep)
         self.log = log if distributed.is_writer() else (lambda _: None)
         self.progress = bool(c.progress) and distributed.is_writer()
         # everything a run reads is checked before the work dir is touched or weights are read
@@ -66,8 +71,10 @@ class Run:
         self.mesh = mesh if jax.device_count() > 1 else None
         sizes = memory.resolve_mesh(shape, jax.device_count())
         gen_shape = config_lib.generation_mesh_shape(c)
-        inputs.check_batches(c, sizes, None if gen_shape is None else
-                             memory.resolve_mesh(gen_shape, jax.device_count()))
+        from soft_jax.scale import plan
+
+        plan.check_batches(c, sizes, None if gen_shape is None else
+                           memory.resolve_mesh(gen_shape, jax.device_count()))
         # generation and scoring: their own mesh over the same devices in the same order (reshard copies
         # between them device to device), or the training mesh
         self.gen_mesh = self.mesh if gen_shape is None or self.mesh is None else shd.make_mesh(gen_shape)
@@ -79,13 +86,14 @@ class Run:
         self.rounds_ckpt = StepCheckpointer(self.wd.file("checkpoints", "rounds"), every=0, keep=None)
 
     def check_memory(self, model_cfg, tokenizer, mesh_shape, auto_generation_mesh: bool) -> None:
-        """On a GPU or TPU, compiles the round's programs (soft_jax.plan) and refuses a run whose largest one
-        does not fit a device; on CPU, prints soft_jax.memory's estimate.
+        """On a GPU or TPU, compiles the round's programs (soft_jax.scale.plan) and refuses a run whose largest one
+        does not fit a device; on CPU, prints soft_jax.scale.memory's estimate.
 
         auto_generation_mesh (mesh_generate all 0) on chips whose limits are published (TPUs, H100s): generation
         and scoring move to the tensor-parallel mesh with the best decode bound whose programs fit as compiled,
         as `soft-jax plan` chooses it; elsewhere (CPUs) they stay on the training mesh."""
-        from soft_jax import plan, topology
+        from soft_jax.parallel import topology
+        from soft_jax.scale import plan
 
         c = self.c
         prompt, shared = inputs.prompt_tokens(c, self.inputs, tokenizer)

@@ -6,7 +6,7 @@ bytes PER DEVICE of each part on a (data, fsdp, tensor) mesh, `check` refuses a 
 cannot fit, and `preset_table` writes the estimate's side of the memory table in benchmarks/RESULTS.md.
 
 The numbers follow what soft_jax does today, not an ideal implementation:
-- Parameters, gradients and Adam moments are split over fsdp x tensor (soft_jax.sharding shards
+- Parameters, gradients and Adam moments are split over fsdp x tensor (soft_jax.parallel.sharding shards
   "embed" over fsdp and heads/mlp/vocab over tensor) and replicated over data. The moments and the
   gradients have the parameters' dtype (optax.scale_by_adam follows its input).
 - training.Trainer copies the parameters it donates to its step while the caller keeps its model, so
@@ -27,9 +27,9 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
-from soft_jax.errors import UserError
+from soft_jax.core.errors import UserError
 from soft_jax.models.config import ModelConfig
-from soft_jax.sharding import MESH_AXES
+from soft_jax.parallel.sharding import MESH_AXES
 
 GiB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -191,7 +191,7 @@ def estimate(model_cfg: ModelConfig, *, mesh_shape: Mapping[str, int] | Sequence
 
 def for_run(c, model_cfg: ModelConfig, mesh_shape: Mapping[str, int] | Sequence[int], prompt_tokens: int,
             prefix_tokens: int = 0) -> dict[str, int]:
-    """estimate() for a run config (soft_jax.config.base() keys), with sampling's padding buckets.
+    """estimate() for a run config (soft_jax.experiment.config.base() keys), with sampling's padding buckets.
 
     prompt_tokens: the longest self-align prompt in tokens (principles + exemplars + prompt);
     prefix_tokens: how many of them a sampling batch shares (0 when unknown or when prefixes are not reused)."""

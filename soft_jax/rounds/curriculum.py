@@ -12,10 +12,10 @@ from typing import Sequence
 
 import numpy as np
 
-from soft_jax import settings
-from soft_jax.inference import scorer
-from soft_jax.errors import UserError
+from soft_jax.core import settings
+from soft_jax.core.errors import UserError
 from soft_jax.data.templates import engraving_parts
+from soft_jax.inference import scorer
 
 ORDERS = settings.CURRICULUM_ORDERS
 

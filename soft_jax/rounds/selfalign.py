@@ -18,10 +18,11 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
-from soft_jax import data, faults, io_utils, preemption, settings
-from soft_jax.inference import sampler
+from soft_jax import data
+from soft_jax.core import faults, io_utils, preemption, settings
 from soft_jax.data import filters, templates
-from soft_jax.workdir import save_line
+from soft_jax.experiment.workdir import save_line
+from soft_jax.inference import sampler
 
 PARTIAL = "generations.partial.jsonl"  # one line per finished batch of a round's generation in progress
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from soft_jax.errors import UserError
+from soft_jax.core.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -112,19 +112,6 @@ def named_sharding(axes, shape, mesh: Mesh | None, rules=DEFAULT_RULES):
     if mesh is None:
         return jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
-
-
-def shard_model(model, mesh: Mesh | None, rules=DEFAULT_RULES):
-    """Moves every parameter (and quantized array) of an NNX model onto its sharding (in place); returns it."""
-    from flax import nnx
-
-    from soft_jax.models.quant import Quantized
-
-    for _, var in nnx.iter_graph(model):
-        if isinstance(var, (nnx.Param, Quantized)):
-            var.set_value(jax.device_put(np.asarray(var[...]), named_sharding(var.get_metadata().get("axes", ()), var.shape,
-                                                                  mesh, rules)))
-    return model
 
 
 @functools.lru_cache(maxsize=None)

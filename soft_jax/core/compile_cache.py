@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from soft_jax.io_utils import cache_dir
+from soft_jax.core.io_utils import cache_dir
 
 MAX_BYTES = 8 * 2**30  # a 7B model's programs for a pod slice are tens of MB each
 

@@ -14,8 +14,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from soft_jax import faults
-from soft_jax.errors import UserError
+from soft_jax.core import faults
+from soft_jax.core.errors import UserError
 
 
 class StepCheckpointer:
@@ -68,7 +68,7 @@ class StepCheckpointer:
 
     def discard(self, step: int) -> None:
         """Removes a (damaged) checkpoint; on a multi-host run process 0 removes it once all have read it."""
-        from soft_jax import distributed
+        from soft_jax.parallel import distributed
 
         distributed.barrier(f"checkpoint {step} checked")
         if distributed.is_writer():

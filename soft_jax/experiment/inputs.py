@@ -7,10 +7,10 @@ import dataclasses
 
 import ml_collections
 
-from soft_jax import data, evaluation, settings
-from soft_jax import sharding as shd
+from soft_jax import data, evaluation
+from soft_jax.core import settings
+from soft_jax.core.errors import UserError
 from soft_jax.data import filters, templates
-from soft_jax.errors import UserError
 
 
 @dataclasses.dataclass
@@ -75,15 +75,6 @@ def resolve_fixed_exemplars(c: ml_collections.ConfigDict, inputs: Inputs) -> Non
     if e.strategy == "fixed" and not e.fixed_ids:
         covers = [filters.cited_principles(x.thoughts) for x in inputs.exemplars]
         e.fixed_ids = data.choose_fixed(inputs.exemplars, e.k, covers)
-
-
-def check_batches(c: ml_collections.ConfigDict, mesh_sizes: dict, generation_sizes: dict | None = None) -> None:
-    """Refuses batch sizes that the meshes' data axes (data x fsdp) do not divide: the training micro-batch on
-    the training mesh, the sampling batch on the generation mesh (`generation_sizes`; None: the training one)."""
-    micro = c.train.batch_size // max(c.train.grad_accum, 1)
-    shd.check_rows(c.sampling.batch_size, generation_sizes or mesh_sizes,
-                   "config: sampling.batch_size" + (" (on mesh_generate)" if generation_sizes else ""))
-    shd.check_rows(micro, mesh_sizes, "config: train.batch_size / train.grad_accum")
 
 
 def prompt_tokens(c: ml_collections.ConfigDict, inputs: Inputs, tokenizer) -> tuple[int, int]:

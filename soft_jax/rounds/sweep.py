@@ -1,6 +1,6 @@
 """`soft-jax sweep`: every variant of an ablation config, one after another, each into DIR/<variant>/.
 
-A config file declares its variants in a module-level VARIANTS tuple (soft_jax.config.variants). Each variant
+A config file declares its variants in a module-level VARIANTS tuple (soft_jax.experiment.config.variants). Each variant
 runs exactly as `soft-jax run --config FILE:<variant> --workdir DIR/<variant>` would, so rerunning the sweep
 resumes each as `run` does; a variant whose work dir already holds its finished run is skipped. One thing is
 not repeated: the base model's round-0 evaluation. A variant whose round 0 would evaluate the same base model
@@ -13,12 +13,12 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from soft_jax import bootstrap
-from soft_jax import config as config_lib
-from soft_jax.errors import UserError
-from soft_jax.preemption import Preempted
-from soft_jax.io_utils import read_json
-from soft_jax.workdir import CONFIG, NEW_STATE, STATE
+from soft_jax.core.errors import UserError
+from soft_jax.core.io_utils import read_json
+from soft_jax.core.preemption import Preempted
+from soft_jax.experiment import config as config_lib
+from soft_jax.experiment.workdir import CONFIG, NEW_STATE, STATE
+from soft_jax.rounds import bootstrap
 
 # validation keys that only the collapse guard reads (its decision is remade from the copied per-item scores)
 GUARD_ONLY = ("patience", "tolerance", "confidence", "resamples")

@@ -35,8 +35,8 @@ import tarfile
 import urllib.parse
 import urllib.request
 
-from soft_jax import io_utils
-from soft_jax.errors import UserError
+from soft_jax.core import io_utils
+from soft_jax.core.errors import UserError
 
 ARCHIVE = "bigbench-1.0.0.tar.gz"
 ARCHIVE_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
@@ -410,7 +410,7 @@ def _load_user_truthfulqa(path: str, kind: str) -> list[MCItem]:
 
         rows = pq.read_table(path).to_pylist()
     elif path.endswith(".jsonl"):
-        from soft_jax.io_utils import read_jsonl
+        from soft_jax.core.io_utils import read_jsonl
 
         rows = read_jsonl(path, required=("question", f"{kind}_targets"))
     else:

@@ -11,7 +11,7 @@ Steps: a per-step train record is at its cumulative step over the run (its step 
 steps of every earlier round, from their train_done events), so train/* curves run on across rounds; every
 per-round record is at its round number (0: the base model's evaluation).
 
-Nothing lost, nothing duplicated: the events mirror metrics.jsonl (soft_jax.workdir.Metrics), which replaces
+Nothing lost, nothing duplicated: the events mirror metrics.jsonl (soft_jax.experiment.workdir.Metrics), which replaces
 a re-logged event instead of repeating it. At open the event file is rebuilt from metrics.jsonl (written
 atomically, earlier events keep their wall time), so what a kill lost or tore is restored; a new event is
 appended and flushed (a killed run leaves readable events); a re-logged event (a resumed round replaying the
@@ -32,7 +32,7 @@ import struct
 import time
 from typing import Iterable
 
-from soft_jax import io_utils
+from soft_jax.core import io_utils
 
 DIR = "tensorboard"
 PREFIX, SUFFIX = "events.out.tfevents.", ".soft-jax"

@@ -23,10 +23,11 @@ import re
 
 import jax
 
-from soft_jax.errors import UserError
+from soft_jax.core.errors import UserError
 
 GiB = 1024 ** 3
-_ASSETS = os.path.join(os.path.dirname(__file__), "data", "assets")
+# the target configs ship with the package data, beside the prompt pool
+_ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "assets")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +45,7 @@ class _Generation:
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """A chip's published limits, for lower bounds on a program's time (soft_jax.plan)."""
+    """A chip's published limits, for lower bounds on a program's time (soft_jax.scale.plan)."""
 
     name: str
     peak_bf16_flops: float  # FLOP/s

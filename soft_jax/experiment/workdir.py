@@ -3,7 +3,7 @@
     DIR/config.json                    the run's config (a rerun with a changed config is checked against it)
     DIR/state.json                     finished rounds, validation scores, the guard's comparisons, best round, stop
     DIR/metrics.jsonl                  one object per event: round, phase, numbers (deduplicated on resume)
-    DIR/tensorboard/                   the same numbers as TensorBoard events (soft_jax.tensorboard_events)
+    DIR/tensorboard/                   the same numbers as TensorBoard events (soft_jax.experiment.tensorboard_events)
     DIR/curriculum.json                per-prompt difficulty of the pool (across-rounds curriculum only)
     DIR/rounds/NNN/prompts.jsonl       the round's prompt slice
     DIR/rounds/NNN/generations.jsonl   raw self-aligned outputs, exemplar ids, finish reason, answer, filter verdict
@@ -24,10 +24,12 @@ from typing import Callable
 
 import ml_collections
 
-from soft_jax import config as config_lib
-from soft_jax import distributed, faults, io_utils, preemption, tensorboard_events
-from soft_jax.errors import UserError
-from soft_jax.io_utils import read_json, read_jsonl
+from soft_jax.core import faults, io_utils, preemption
+from soft_jax.core.errors import UserError
+from soft_jax.core.io_utils import read_json, read_jsonl
+from soft_jax.experiment import config as config_lib
+from soft_jax.experiment import tensorboard_events
+from soft_jax.parallel import distributed
 
 CONFIG, STATE, METRICS, LOCK, CURRICULUM = "config.json", "state.json", "metrics.jsonl", ".lock", "curriculum.json"
 CONTAMINATION = "contamination.json"  # `soft-jax data check` of the run's inputs, written when it starts
@@ -64,7 +66,7 @@ class Metrics:
     """metrics.jsonl: one object per event keyed by (round, phase, step); a resumed event replaces, never repeats.
 
     tensorboard: a directory that gets the same numbers as TensorBoard events, kept equal to metrics.jsonl
-    (soft_jax.tensorboard_events; process 0 only); validation: the run's validation metric (its tag section)."""
+    (soft_jax.experiment.tensorboard_events; process 0 only); validation: the run's validation metric (its tag section)."""
 
     def __init__(self, path: str, tensorboard: str | None = None, validation: str = "valid_nll"):
         self.path = path

@@ -12,11 +12,14 @@ import os
 
 import numpy as np
 
-from soft_jax import evaluation, guard, io_utils, plots
+from soft_jax import evaluation
+from soft_jax.core import io_utils
+from soft_jax.core.errors import UserError
+from soft_jax.core.io_utils import read_json
 from soft_jax.data import filters
-from soft_jax.errors import UserError
-from soft_jax.io_utils import read_json
-from soft_jax.workdir import CONFIG, METRICS, STATE, WorkDir
+from soft_jax.experiment import guard
+from soft_jax.experiment.workdir import CONFIG, METRICS, STATE, WorkDir
+from soft_jax.reports import plots
 
 SAMPLES_PER_ROUND = 3
 # curriculum.score -> the unit of the difficulty axis

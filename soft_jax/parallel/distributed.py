@@ -21,8 +21,8 @@ import os
 import jax
 import numpy as np
 
-from soft_jax import faults
-from soft_jax.errors import UserError
+from soft_jax.core import faults
+from soft_jax.core.errors import UserError
 
 
 def initialize() -> None:

@@ -8,12 +8,16 @@ import time
 
 import numpy as np
 
-from soft_jax import curriculum, distributed, evaluation, io_utils, signals
-from soft_jax.inference import sampler
+from soft_jax import evaluation
+from soft_jax.core import io_utils
+from soft_jax.core.errors import UserError
+from soft_jax.core.io_utils import read_json
 from soft_jax.data import templates
-from soft_jax.errors import UserError
-from soft_jax.io_utils import read_json
-from soft_jax.workdir import METRICS, WorkDir, save_jsonl
+from soft_jax.experiment import signals
+from soft_jax.experiment.workdir import METRICS, WorkDir, save_jsonl
+from soft_jax.inference import sampler
+from soft_jax.parallel import distributed
+from soft_jax.rounds import curriculum
 
 OPEN_ENDED = "open_ended.jsonl"
 
@@ -80,7 +84,7 @@ def evaluate(run, t: int, model, tokenizer) -> tuple[dict, dict]:
 
 
 def shared_round0(run, source: str) -> tuple[dict, dict]:
-    """(eval.json, metrics event) of round 0 taken from the work dir `source` (soft_jax.sweep), whose round 0
+    """(eval.json, metrics event) of round 0 taken from the work dir `source` (soft_jax.rounds.sweep), whose round 0
     evaluated the same base model under the same settings (sweep.round0_settings): its eval.json and open-ended
     answers are copied as they are, and a `round0_shared` event names the run they came from."""
     src = WorkDir(source)

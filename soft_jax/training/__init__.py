@@ -25,13 +25,13 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from soft_jax import faults, preemption
-from soft_jax import sharding as shd
-from soft_jax.errors import UserError
-from soft_jax.models.quant import Quantized
-from soft_jax.models.llama import Llama
+from soft_jax.core import faults, preemption
+from soft_jax.core.errors import UserError
+from soft_jax.core.settings import TrainConfig  # noqa: F401 - soft_jax.training.TrainConfig is the API
 from soft_jax.data.templates import engraving_parts
-from soft_jax.settings import TrainConfig  # noqa: F401 - soft_jax.training.TrainConfig is the API
+from soft_jax.models.llama import Llama
+from soft_jax.models.quant import Quantized
+from soft_jax.parallel import sharding as shd
 
 # Peak dense bf16 FLOP/s per chip, by a substring of jax's device_kind (for MFU).
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12,
@@ -194,7 +194,7 @@ def compiled_step(graphdef, tx, remat: bool, platform: str, mesh=None, state=Non
     """The jitted train step (params, opt_state, batch, lr) -> (params, opt_state, metrics).
 
     On a mesh, parameters and Adam moments go in and come out on their logical shardings, the batch's rows
-    over data x fsdp, and every activation is constrained (soft_jax.sharding). `state`: (params, opt_state,
+    over data x fsdp, and every activation is constrained (soft_jax.parallel.sharding). `state`: (params, opt_state,
     frozen) or their abstract shapes, for the shardings; they depend only on the graph and the mesh, so one
     compiled step serves every Trainer (every round of a run) with the same key. `frozen`: what the step reads
     but does not train (a LoRA model's base weights; empty in full fine-tuning), neither donated nor returned."""
@@ -376,7 +376,7 @@ def train(model: Llama, tokenizer, pairs: Sequence[tuple], config: TrainConfig, 
     trainer = Trainer(model, config, total, mesh)
     ckpt, start, print_ = None, 0, fingerprint(pairs, config, model)
     if checkpoint_dir:  # every `checkpoint_every` steps (0: none), at the end, and when a stop is asked for
-        from soft_jax.checkpoints import StepCheckpointer
+        from soft_jax.training.checkpoints import StepCheckpointer
 
         ckpt = StepCheckpointer(checkpoint_dir, config.checkpoint_every)
         found = ckpt.restore_latest((trainer.params, trainer.opt_state), print_)

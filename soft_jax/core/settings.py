@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from soft_jax.errors import UserError
+from soft_jax.core.errors import UserError
 
 TRAIN_ORDERS = ("shuffle", "given")  # SFT example order: shuffled per epoch, or exactly as given (a curriculum)
 CURRICULUM_ORDERS = ("easy_to_hard", "hard_to_easy", "random", "none")

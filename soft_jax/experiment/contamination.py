@@ -15,7 +15,7 @@ import re
 from typing import Callable, Iterable
 
 from soft_jax import data
-from soft_jax.errors import UserError
+from soft_jax.core.errors import UserError
 
 SIZES = (13, 8)
 TRAIN = ("pool", "exemplars", "validation")
@@ -134,7 +134,7 @@ def check_run(inputs, path: str, truthfulqa_file: str = "", questions: str = "",
     TruthfulQA and the open-ended questions, once per work dir: the report goes to `path` (contamination.json);
     overlaps are listed in the log, not fatal. Without the benchmark files (offline, no archive) it is skipped,
     saying why."""
-    from soft_jax.workdir import save_json
+    from soft_jax.experiment.workdir import save_json
 
     if os.path.exists(path):
         return

@@ -1,0 +1,2 @@
+"""Meshes and logical-axis sharding rules, multi-host start-up, compile-only TPU/GPU topologies, and reading
+compiled HLO."""

@@ -1,0 +1,1 @@
+"""Reading finished work dirs: the report, comparisons of runs, plots."""
