@@ -43,7 +43,14 @@ HHH_PREFIX = "Sure! The correct option would be"
 
 
 def mc_argmax(scores: Sequence[float]) -> int:
-    """argmax with Dromedary's / BIG-bench's deterministic pseudorandom tie-break."""
+    """argmax with Dromedary's / BIG-bench's deterministic pseudorandom tie-break.
+
+    Args:
+        scores: One score per choice; must not be empty.
+
+    Returns:
+        The index of a highest score; among ties, one picked by a hash of the scores.
+    """
     array = np.asarray(scores, np.float64)
     best = np.flatnonzero(array == array.max())
     return int(best[int(hashlib.sha256(array.tobytes()).hexdigest(), 16) % len(best)])
@@ -62,13 +69,31 @@ def _asked(tokenizer, bos: str, story: str, prefix: str) -> str:
 
 
 def truthfulqa_prefixes() -> tuple[str, str]:
-    """BIG-bench's six-shot QA prefixes: task_mc.json's task_prefix (MC1) and questions.json's prefix (MC2)."""
+    """BIG-bench's six-shot QA prefixes: task_mc.json's task_prefix (MC1) and questions.json's prefix (MC2).
+
+    Returns:
+        A tuple (mc1_prefix, mc2_prefix) of texts.
+
+    Raises:
+        UserError: When BIG-bench's task files cannot be found.
+    """
     return (sources._read_json(sources.task_file("truthfulqa/mc"))["task_prefix"],
             sources._read_json(sources.task_file("truthfulqa/questions"))["prefix"])
 
 
 def requests(task: str, items: list[sources.MCItem], protocol: str, tokenizer) -> list[tuple[str, str]]:
-    """The (context, continuation) pairs to score, in a fixed order that `decide` reads back."""
+    """The (context, continuation) pairs to score, in a fixed order that `decide` reads back.
+
+    Args:
+        task: "hhh", "truthfulqa_mc1" or "truthfulqa_mc2".
+        items: The task's items.
+        protocol: "dromedary" or "loglik".
+        tokenizer: A transformers tokenizer; it gives the chat format and the BOS text.
+
+    Returns:
+        The (context, continuation) text pairs: four per HHH item under "dromedary", two per TruthfulQA
+        candidate under "dromedary", else one per choice.
+    """
     pairs, bos = [], _bos(tokenizer)
     if protocol == "loglik" and task != "hhh":
         mc1_prefix, mc2_prefix = truthfulqa_prefixes()
@@ -94,7 +119,18 @@ def requests(task: str, items: list[sources.MCItem], protocol: str, tokenizer) -
 
 def decide(task: str, items: list[sources.MCItem], protocol: str, logps: np.ndarray) -> list[dict]:
     """Per-item scores, prediction and correctness (MC2: the true-answer mass) from the scored pairs, with the
-    item's pairs' log-probabilities (`logps`, in `requests` order)."""
+    item's pairs' log-probabilities (`logps`, in `requests` order).
+
+    Args:
+        task: "hhh", "truthfulqa_mc1" or "truthfulqa_mc2".
+        items: The task's items, as given to `requests`.
+        protocol: "dromedary" or "loglik".
+        logps: The summed log-probability (in nats) of each pair of `requests`, [number of pairs].
+
+    Returns:
+        One dict per item: "scores" (one per choice), "prediction" (an index), "correct" (1.0 or 0.0; MC2: the
+        true-answer mass in [0, 1]) and "logps" (the item's pairs' log-probabilities).
+    """
     out, at = [], 0
     for it in items:
         n = len(it.choices)
@@ -119,7 +155,14 @@ def decide(task: str, items: list[sources.MCItem], protocol: str, logps: np.ndar
 
 def item_ids(results: list[dict]) -> list[str]:
     """Stable ids of a task's per-item results: the question, numbered from its second occurrence on (HHH asks
-    one question with several answer pairs), so two runs' items pair up by identity, not by position."""
+    one question with several answer pairs), so two runs' items pair up by identity, not by position.
+
+    Args:
+        results: A task's per-item results; each dict has a "question".
+
+    Returns:
+        One id per result, in order: the question, or "question #k" for its k-th occurrence (k >= 2).
+    """
     seen: dict[str, int] = {}
     out = []
     for r in results:
@@ -130,14 +173,36 @@ def item_ids(results: list[dict]) -> list[str]:
 
 def bigbench_tasks(tasks: Sequence[str], protocol: str, truthfulqa_file: str | None = None) -> list[str]:
     """The tasks that read BIG-bench's files: HHH always; TruthfulQA unless a file of its own is given, and even
-    then under "loglik", whose few-shot prefixes are BIG-bench's."""
+    then under "loglik", whose few-shot prefixes are BIG-bench's.
+
+    Args:
+        tasks: The task names.
+        protocol: "dromedary" or "loglik".
+        truthfulqa_file: A TruthfulQA file of the user's, or None.
+
+    Returns:
+        The tasks, of `tasks`, that need BIG-bench's files, in their order.
+    """
     return [t for t in tasks if t == "hhh" or not truthfulqa_file or protocol == "loglik"]
 
 
 def availability(tasks: Sequence[str], protocol: str, truthfulqa_file: str | None = None
                  ) -> tuple[sources.Source | None, dict[str, str]]:
     """(where BIG-bench's files are, or None; {task: why it cannot be evaluated} for the tasks that need them
-    when there are none). Each task's items are read once, so a broken file is reported now, not mid-run."""
+    when there are none). Each task's items are read once, so a broken file is reported now, not mid-run.
+
+    Args:
+        tasks: The task names.
+        protocol: "dromedary" or "loglik".
+        truthfulqa_file: A TruthfulQA file of the user's, or None.
+
+    Returns:
+        A tuple (source, missing): the BIG-bench Source (None when no task needs it, or it is not found) and,
+        when it is not found, each task that needs it mapped to the reason; else an empty dict.
+
+    Raises:
+        UserError: When a task's files are there but cannot be read.
+    """
     need = bigbench_tasks(tasks, protocol, truthfulqa_file)
     try:
         source = sources.locate() if need else None
@@ -149,6 +214,17 @@ def availability(tasks: Sequence[str], protocol: str, truthfulqa_file: str | Non
 
 
 def load_items(task: str, limit: int | None = None, truthfulqa_file: str | None = None) -> list[sources.MCItem]:
+    """The items of one task.
+
+    Args:
+        task: "hhh", "truthfulqa_mc1" or "truthfulqa_mc2".
+        limit: The first N items (HHH: the first ceil(N / 4) of each of its four subsets), or None for all.
+        truthfulqa_file: A TruthfulQA file of the user's, read instead of BIG-bench's for the TruthfulQA tasks,
+            or None.
+
+    Returns:
+        The MCItems.
+    """
     if task == "hhh":  # N items spread evenly over the four subsets
         return sources.load_hhh(None if limit is None else -(-limit // len(sources.HHH_SUBSETS)))
     return sources.load_truthfulqa(task.split("_")[1], truthfulqa_file, limit)
@@ -158,7 +234,27 @@ def evaluate(model, tokenizer, tasks: Sequence[str], protocol: str = "dromedary"
              truthfulqa_file: str | None = None, batch_size: int = 16, mesh=None, progress: bool = True) -> dict:
     """{task: {"accuracy", "n", per-subset {"accuracy", "n"} for HHH, "items": [...]}, "protocol": ...}.
 
-    limit: the first N items of each task (HHH: the first ceil(N / 4) of each subset)."""
+    limit: the first N items of each task (HHH: the first ceil(N / 4) of each subset).
+
+    Args:
+        model: The Llama to evaluate.
+        tokenizer: A transformers tokenizer.
+        tasks: The task names ("hhh", "truthfulqa_mc1", "truthfulqa_mc2").
+        protocol: "dromedary" or "loglik".
+        limit: As above; None evaluates every item.
+        truthfulqa_file: A TruthfulQA file of the user's, or None for BIG-bench's.
+        batch_size: Rows per forward pass at most, for the scorer.
+        mesh: A jax Mesh to score on, or None for one device.
+        progress: Whether to show a progress bar.
+
+    Returns:
+        The results: "protocol" and "protocol_description", "data" (the BIG-bench source record, when a task
+        reads it), and per task its accuracy, item count, per-item rows (see `decide`, with each "question")
+        and, for HHH, each subset's accuracy and count.
+
+    Raises:
+        UserError: For an unknown protocol, or task files that cannot be found or read.
+    """
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
     results: dict = {"protocol": protocol, "protocol_description": DESCRIPTIONS[protocol]}

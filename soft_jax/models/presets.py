@@ -28,7 +28,16 @@ ARCHITECTURES = {
 
 
 def architecture(name: str, param_dtype: str = "bfloat16", dtype: str = "bfloat16") -> ModelConfig:
-    """The ModelConfig of an ARCHITECTURES entry (no weights, no tokenizer)."""
+    """The ModelConfig of an ARCHITECTURES entry (no weights, no tokenizer).
+
+    Args:
+        name: A key of ARCHITECTURES, e.g. "llama2-7b".
+        param_dtype: The storage dtype name.
+        dtype: The compute dtype name.
+
+    Returns:
+        The ModelConfig of that architecture; other fields keep ModelConfig's defaults.
+    """
     shape = ARCHITECTURES[name]
     return ModelConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["inter"],
                        num_layers=shape["layers"], num_heads=shape["heads"], num_kv_heads=shape["kv"],
@@ -38,6 +47,18 @@ def architecture(name: str, param_dtype: str = "bfloat16", dtype: str = "bfloat1
 
 def tiny_config(tokenizer, dtype: str = "float32", param_dtype: str = "float32", scan_layers: bool = False,
                 quant: str = "none") -> ModelConfig:
+    """The config of the "tiny" preset: a 2-layer Llama (hidden size 64) over the tokenizer's vocabulary.
+
+    Args:
+        tokenizer: The tokenizer; its length, BOS and EOS ids go into the config.
+        dtype: The compute dtype name.
+        param_dtype: The storage dtype name.
+        scan_layers: Whether the layers are stored stacked.
+        quant: "none", "int8" or "nf4".
+
+    Returns:
+        The ModelConfig.
+    """
     return ModelConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                        num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position_embeddings=4096,
                        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
@@ -54,7 +75,18 @@ def _smollm2_tokenizer():
 
 
 def resolve(name: str, path: str = "") -> str:
-    """The path or name `soft_jax.models.load` takes for a preset (or "tiny")."""
+    """The path or name `soft_jax.models.load` takes for a preset (or "tiny").
+
+    Args:
+        name: A preset name (PRESETS).
+        path: model.path: where the weights live; when set, it is returned as is.
+
+    Returns:
+        `path` when given, else `name`.
+
+    Raises:
+        UserError: For a preset that needs a path and has none, or an unknown preset.
+    """
     if path:
         return path
     if name in HUB_NAMES:
@@ -68,7 +100,25 @@ def resolve(name: str, path: str = "") -> str:
 def load(name: str, path: str = "", dtype: str = "float32", param_dtype: str = "", mesh=None, seed: int = 0,
          progress: bool = True, scan_layers: bool = False, quant: str = "none"):
     """(model, tokenizer) for a preset; scan_layers: its layers stored stacked (ModelConfig.scan_layers); quant:
-    its projections stored quantized (ModelConfig.quant)."""
+    its projections stored quantized (ModelConfig.quant).
+
+    Args:
+        name: A preset name (PRESETS).
+        path: model.path, or "" when the preset needs none.
+        dtype: The compute dtype name.
+        param_dtype: The storage dtype name; "" means `dtype`.
+        mesh: A jax Mesh to place the parameters on, or None for the first device.
+        seed: The random seed of the "tiny" model's weights; other presets ignore it.
+        progress: Whether to show a progress bar while the weights load.
+        scan_layers: Whether to store the layers stacked.
+        quant: "none", "int8" or "nf4".
+
+    Returns:
+        A tuple (model, tokenizer).
+
+    Raises:
+        UserError: For a bad preset or path, and when the checkpoint ships no tokenizer.
+    """
     from soft_jax import models
 
     target = resolve(name, path)
@@ -88,7 +138,20 @@ def load(name: str, path: str = "", dtype: str = "float32", param_dtype: str = "
 
 
 def inspect(name: str, path: str = "", dtype: str = "float32", param_dtype: str = ""):
-    """(config, tokenizer) of a preset without reading weights: a bad model fails before a run starts."""
+    """(config, tokenizer) of a preset without reading weights: a bad model fails before a run starts.
+
+    Args:
+        name: A preset name (PRESETS).
+        path: model.path, or "" when the preset needs none.
+        dtype: The compute dtype name.
+        param_dtype: The storage dtype name; "" means `dtype`.
+
+    Returns:
+        A tuple (config, tokenizer): the ModelConfig and the transformers tokenizer.
+
+    Raises:
+        UserError: For a bad preset or path, and when the checkpoint ships no tokenizer.
+    """
     from soft_jax import models
 
     target = resolve(name, path)

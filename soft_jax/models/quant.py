@@ -35,10 +35,27 @@ class Quantized(nnx.Variable):
 
 
 def supported(kind: str, d_in: int) -> bool:
+    """Whether a kernel with `d_in` inputs can be stored as `kind`: int8 always, nf4 when BLOCK divides d_in.
+
+    Args:
+        kind: "int8" or "nf4" (any other value gives False).
+        d_in: The kernel's input width.
+
+    Returns:
+        True when the kernel can be quantized as `kind`.
+    """
     return kind == "int8" or (kind == "nf4" and d_in % BLOCK == 0)
 
 
 def scale_block(d_out: int) -> int:
+    """First-level scales per second-level scale along the output axis for an nf4 kernel.
+
+    Args:
+        d_out: The kernel's output width.
+
+    Returns:
+        SCALE_BLOCK when it divides d_out, else d_out (one block per row of scales).
+    """
     return SCALE_BLOCK if d_out % SCALE_BLOCK == 0 else d_out
 
 
@@ -47,7 +64,17 @@ def _safe(x):
 
 
 def quantize(kind: str, w) -> dict[str, jax.Array]:
-    """The arrays of `w` [..., in, out] quantized as `kind` (int8 | nf4)."""
+    """The arrays of `w` [..., in, out] quantized as `kind` (int8 | nf4).
+
+    Args:
+        kind: "int8", or "nf4" (then BLOCK must divide `in`).
+        w: The kernel, [..., in, out], any float dtype (computed in float32).
+
+    Returns:
+        int8: "q" int8 [..., in, out] and "scale" float32 [..., out]. nf4: "codes" uint8 [..., in / 2, out]
+        (two codes per byte), "scales_q" int8 [..., in / 64, out], "scales_scale" float32
+        [..., in / 64, out / scale_block(out)] and "scales_mean" float32 [...].
+    """
     w = jnp.asarray(w, jnp.float32)
     *lead, d_in, d_out = w.shape
     if kind == "int8":
@@ -72,7 +99,16 @@ def quantize(kind: str, w) -> dict[str, jax.Array]:
 
 
 def dequantize(kind: str, arrays: dict, dtype) -> jax.Array:
-    """The kernel [..., in, out] in `dtype` from quantize()'s arrays."""
+    """The kernel [..., in, out] in `dtype` from quantize()'s arrays.
+
+    Args:
+        kind: "int8" or "nf4", as the arrays were made.
+        arrays: quantize()'s dict of arrays.
+        dtype: The dtype of the result.
+
+    Returns:
+        The kernel, [..., in, out].
+    """
     if kind == "int8":
         return (arrays["q"].astype(jnp.float32) * (arrays["scale"] / 127)[..., None, :]).astype(dtype)
     packed, q = arrays["codes"], arrays["scales_q"]
@@ -86,7 +122,15 @@ def dequantize(kind: str, arrays: dict, dtype) -> jax.Array:
 
 
 def array_axes(kind: str, kernel_axes: tuple) -> dict[str, tuple]:
-    """Logical axes of each quantized array, from the kernel's ([LAYERS,] in, out)."""
+    """Logical axes of each quantized array, from the kernel's ([LAYERS,] in, out).
+
+    Args:
+        kind: "int8" or "nf4".
+        kernel_axes: The kernel's logical axis names.
+
+    Returns:
+        A dict of array name (as quantize() names them) -> its logical axes.
+    """
     *lead, in_axis, out_axis = kernel_axes
     if kind == "int8":
         return {"q": kernel_axes, "scale": (*lead, out_axis)}
@@ -99,7 +143,13 @@ _quantize = jax.jit(quantize, static_argnums=0)
 
 
 class QuantizedKernel(nnx.Module):
-    """A frozen kernel [..., in, out] held quantized; `dequantize(dtype)` gives it back for a matmul."""
+    """A frozen kernel [..., in, out] held quantized; `dequantize(dtype)` gives it back for a matmul.
+
+    Args:
+        kind: "int8" or "nf4".
+        kernel: The full-precision kernel, [..., in, out].
+        axes: The kernel's logical axis names.
+    """
 
     def __init__(self, kind: str, kernel, axes: tuple):
         self.kind = kind
@@ -118,16 +168,24 @@ class QuantizedKernel(nnx.Module):
         return (*lead, rows * (2 if self.kind == "nf4" else 1), cols)
 
     def set_from(self, kernel, shardings: dict | None = None) -> None:
-        """Quantizes `kernel` into this module's arrays (each onto its sharding, when given)."""
+        """Quantizes `kernel` into this module's arrays (each onto its sharding, when given).
+
+        Args:
+            kernel: The full-precision kernel, [..., in, out], of this module's shape.
+            shardings: Array name -> jax Sharding for each array, or None to let jax place them.
+        """
         fn = jax.jit(lambda w: quantize(self.kind, w), out_shardings=shardings)
         for name, value in fn(kernel).items():
             getattr(self, name).set_value(value)
 
     def arrays_names(self) -> tuple[str, ...]:
+        """The names of this kind's quantized arrays."""
         return tuple(array_axes(self.kind, ("in", "out")))
 
     def arrays(self) -> dict:
+        """Array name -> the current value of each quantized array."""
         return {name: getattr(self, name)[...] for name in self.arrays_names()}
 
     def dequantize(self, dtype) -> jax.Array:
+        """The kernel [..., in, out] in `dtype` (see the module-level `dequantize`)."""
         return dequantize(self.kind, self.arrays(), dtype)

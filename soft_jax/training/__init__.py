@@ -48,6 +48,17 @@ class Example:
 
 @dataclasses.dataclass
 class TrainResult:
+    """What `train` reports about a run.
+
+    Attributes:
+        steps: The number of optimizer steps of the run (`total_steps`), resumed ones included.
+        losses: The loss of each step this call ran (a resumed run lacks the steps before the checkpoint).
+        examples: The number of rendered examples.
+        truncated_prompts: How many prompts were cut on the left to max_prompt_len.
+        truncated_responses: How many responses were cut on the right to max_response_len.
+        tokens: The tokens of all examples together (prompt and response), counted once, not per epoch.
+    """
+
     steps: int
     losses: list[float]
     examples: int
@@ -61,7 +72,19 @@ class TrainResult:
 
 def render(tokenizer, prompt: str, response: str, config: TrainConfig, finished: bool = True
            ) -> tuple[Example, bool, bool]:
-    """(example, prompt truncated?, response truncated?): prompt cut on the left, response on the right."""
+    """(example, prompt truncated?, response truncated?): prompt cut on the left, response on the right.
+
+    Args:
+        tokenizer: A transformers tokenizer; its chat template, when it has one, gives the format.
+        prompt: The prompt text.
+        response: The response text.
+        config: The training settings; max_prompt_len and max_response_len are the token limits.
+        finished: False when the response was cut short: then it gets no end-of-turn token(s).
+
+    Returns:
+        A tuple (example, prompt_truncated, response_truncated): the Example (prompt tokens, then response
+        tokens, with `is_response` True on the response tokens), and whether the prompt and the response were cut.
+    """
     head, tail, templated = engraving_parts(tokenizer, prompt, response, finished)
     p = tokenizer(head, add_special_tokens=not templated)["input_ids"]
     r = tokenizer(tail, add_special_tokens=False)["input_ids"]
@@ -71,7 +94,15 @@ def render(tokenizer, prompt: str, response: str, config: TrainConfig, finished:
 
 
 def check_overhead(tokenizer, config: TrainConfig) -> None:
-    """Refuses maxima that cannot hold the format's own tokens plus one token of content."""
+    """Refuses maxima that cannot hold the format's own tokens plus one token of content.
+
+    Args:
+        tokenizer: A transformers tokenizer, as `render` takes it.
+        config: The training settings; max_prompt_len and max_response_len are checked.
+
+    Raises:
+        UserError: When a maximum is not above the number of tokens the format takes on its own.
+    """
     head, tail, templated = engraving_parts(tokenizer, "", "")
     p = len(tokenizer(head, add_special_tokens=not templated)["input_ids"])
     r = len(tokenizer(tail, add_special_tokens=False)["input_ids"])
@@ -89,6 +120,16 @@ def pack(examples: Sequence[Example], row_len: int, pack_rows: bool = True) -> d
 
     Examples keep their order; an example's token t predicts its token t + 1 (weight 1 when that
     token is a response token). With pack_rows=False every example gets its own row.
+
+    Args:
+        examples: The tokenized examples, in order. Each must fit a row: at most row_len + 1 tokens.
+        row_len: The length of a row, in tokens.
+        pack_rows: Whether several examples may share a row.
+
+    Returns:
+        A dict of [n_rows, row_len] arrays: "inputs", "targets", "segment_ids" (1, 2, ... per example in the row;
+        0 = padding) and "positions" (from 0 in each example) as int32; "weights" as float32 (1.0 where the
+        target is a response token, else 0.0).
     """
     rows: list[list[Example]] = []
     used = row_len + 1
@@ -119,7 +160,16 @@ def pack(examples: Sequence[Example], row_len: int, pack_rows: bool = True) -> d
 
 def loss_width(epochs: list[dict[str, np.ndarray]], row_len: int) -> int:
     """How many positions per row the step computes logits at: the most loss-carrying positions of any row,
-    rounded up to an eighth of the row (few distinct compiled shapes across rounds), at most the row."""
+    rounded up to an eighth of the row (few distinct compiled shapes across rounds), at most the row.
+
+    Args:
+        epochs: pack()'s rows, one dict per epoch.
+        row_len: The length of a row, in tokens.
+
+    Returns:
+        The most loss positions of any row (at least 1), rounded up to a multiple of max(8, row_len // 8),
+        at most row_len.
+    """
     most = max(int(np.count_nonzero(rows["weights"], axis=1).max(initial=0)) for rows in epochs)
     step = max(8, row_len // 8)
     return min(row_len, -(-max(most, 1) // step) * step)
@@ -127,7 +177,19 @@ def loss_width(epochs: list[dict[str, np.ndarray]], row_len: int) -> int:
 
 def loss_rows(rows: dict[str, np.ndarray], width: int) -> dict[str, np.ndarray]:
     """pack()'s rows as the step takes them: per row the positions with non-zero loss weight (`loss_at`,
-    padded with 0 to `width`), their targets and weights (0 where padded); inputs, segments, positions as is."""
+    padded with 0 to `width`), their targets and weights (0 where padded); inputs, segments, positions as is.
+
+    Args:
+        rows: pack()'s output: [n_rows, row_len] arrays.
+        width: The number of loss positions per row, e.g. from `loss_width`.
+
+    Returns:
+        A dict with "inputs", "segment_ids" and "positions" ([n_rows, row_len], as given), and "loss_at",
+        "loss_targets" (int32) and "loss_weights" (float32), each [n_rows, width].
+
+    Raises:
+        ValueError: When a row has more loss positions than `width`.
+    """
     n = rows["inputs"].shape[0]
     out = {k: rows[k] for k in ("inputs", "segment_ids", "positions")}
     out["loss_at"], out["loss_targets"] = np.zeros((n, width), np.int32), np.zeros((n, width), np.int32)
@@ -145,7 +207,18 @@ def loss_rows(rows: dict[str, np.ndarray], width: int) -> dict[str, np.ndarray]:
 def loss_sums(model: Llama, batch, remat: bool = False) -> tuple[jax.Array, jax.Array]:
     """(sum of response-token NLL, number of response tokens) for one batch of loss_rows().
 
-    The final norm, the vocabulary matmul and the cross-entropy run only at the `loss_at` positions."""
+    The final norm, the vocabulary matmul and the cross-entropy run only at the `loss_at` positions.
+
+    Args:
+        model: The Llama to score with.
+        batch: One batch of loss_rows(): "inputs", "positions", "segment_ids" [rows, row_len] and "loss_at",
+            "loss_targets", "loss_weights" [rows, width].
+        remat: Whether the model recomputes each layer's activations in the backward pass (saves memory).
+
+    Returns:
+        A tuple of two scalar arrays: the summed negative log-likelihood (in nats) of the targets, weighted by
+        "loss_weights", and the sum of "loss_weights" (the number of response tokens).
+    """
     logits = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"], remat=remat,
                    at=batch["loss_at"])
     # logsumexp - target logit: the same NLL as log_softmax, without a second vocabulary-sized tensor.
@@ -155,7 +228,19 @@ def loss_sums(model: Llama, batch, remat: bool = False) -> tuple[jax.Array, jax.
 
 
 def make_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
-    """Learning rate per optimizer step (0-based): linear warmup from 0, then cosine decay."""
+    """Learning rate per optimizer step (0-based): linear warmup from 0, then cosine decay.
+
+    Args:
+        config: The training settings: learning_rate (the peak), warmup_steps or else warmup_ratio of the
+            steps, and end_lr_ratio (the final rate as a fraction of the peak).
+        total_steps: The number of optimizer steps the schedule spans.
+
+    Returns:
+        An optax schedule: step index -> learning rate.
+
+    Raises:
+        UserError: When the warmup does not fit in `total_steps`.
+    """
     warmup = config.warmup_steps if config.warmup_steps is not None else math.ceil(config.warmup_ratio * total_steps)
     if warmup > total_steps or (warmup == total_steps and total_steps > 0 and config.warmup_steps is not None):
         raise UserError(f"the learning-rate schedule has {total_steps} steps but warmup_steps is {warmup}; "
@@ -173,6 +258,15 @@ def _direction(max_grad_norm: float, b1: float, b2: float, eps: float, weight_de
 
 
 def make_optimizer(config: TrainConfig):
+    """The AdamW update direction without its learning rate; the step multiplies it by the schedule's rate.
+
+    Args:
+        config: The training settings: max_grad_norm, b1, b2, eps and weight_decay.
+
+    Returns:
+        An optax GradientTransformation (global-norm clipping, Adam moments, decoupled weight decay). The same
+        settings give the same object, so compiled steps are shared.
+    """
     return _direction(config.max_grad_norm, config.b1, config.b2, config.eps, config.weight_decay)
 
 
@@ -182,7 +276,14 @@ CPU_TRAIN_COMPILER_OPTIONS = {"xla_cpu_use_xnnpack": True, "xla_cpu_experimental
 
 
 def compiler_options(platform: str) -> dict | None:
-    """The XLA options the train step compiles with on `platform` ("cpu", "gpu", "tpu")."""
+    """The XLA options the train step compiles with on `platform` ("cpu", "gpu", "tpu").
+
+    Args:
+        platform: The jax platform name of the devices.
+
+    Returns:
+        The compiler options dict for "cpu"; None (the defaults) for any other platform.
+    """
     return CPU_TRAIN_COMPILER_OPTIONS if platform == "cpu" else None
 
 
@@ -197,7 +298,22 @@ def compiled_step(graphdef, tx, remat: bool, platform: str, mesh=None, state=Non
     over data x fsdp, and every activation is constrained (soft_jax.parallel.sharding). `state`: (params, opt_state,
     frozen) or their abstract shapes, for the shardings; they depend only on the graph and the mesh, so one
     compiled step serves every Trainer (every round of a run) with the same key. `frozen`: what the step reads
-    but does not train (a LoRA model's base weights; empty in full fine-tuning), neither donated nor returned."""
+    but does not train (a LoRA model's base weights; empty in full fine-tuning), neither donated nor returned.
+
+    Args:
+        graphdef: The nnx graph definition of the model (nnx.split's first result).
+        tx: The optimizer, from `make_optimizer`.
+        remat: Whether the layers recompute their activations in the backward pass.
+        platform: The jax platform name ("cpu", "gpu", "tpu"), for `compiler_options`.
+        mesh: A jax Mesh, or None for one device.
+        state: (params, opt_state, frozen), arrays or abstract shapes; needed with a mesh.
+
+    Returns:
+        The jitted function (params, opt_state, batch, lr, frozen) -> (params, opt_state, metrics). params and
+        opt_state are donated. batch holds loss_rows() arrays shaped [grad_accum, micro-batch rows, ...]; lr is a
+        float32 scalar. metrics holds scalar arrays: "loss" (mean NLL per response token), "grad_norm" (global
+        norm of the gradients, before clipping) and "tokens" (response tokens in the batch, at least 1).
+    """
     key = (graphdef, tx, remat, platform, mesh)
     if key not in _steps:
         shardings = {}
@@ -215,7 +331,18 @@ class Trainer:
     """Owns the jitted, sharded train step for one model and optimizer.
 
     A model with LoRA adapters trains the adapters only: gradients and Adam moments exist for them alone, and
-    the base weights go into the step as frozen inputs, never changed."""
+    the base weights go into the step as frozen inputs, never changed.
+
+    Args:
+        model: The Llama to train. It is not changed: the trainer copies its trained parameters.
+        config: The training settings.
+        total_steps: The number of optimizer steps, for the learning-rate schedule.
+        mesh: A jax Mesh to shard parameters, optimizer state and batches over, or None for one device.
+
+    Raises:
+        UserError: When the warmup does not fit in `total_steps`, or the mesh's data axes do not divide the
+            micro-batch (batch_size / grad_accum).
+    """
 
     def __init__(self, model: Llama, config: TrainConfig, total_steps: int, mesh=None):
         from soft_jax.models import lora
@@ -242,7 +369,14 @@ class Trainer:
                                    (self.params, self.opt_state, self.frozen))
 
     def put_batch(self, batch: dict[str, np.ndarray]):
-        """[batch, len] host arrays -> [grad_accum, micro, len] device arrays, micro split over data axes."""
+        """[batch, len] host arrays -> [grad_accum, micro, len] device arrays, micro split over data axes.
+
+        Args:
+            batch: One batch of loss_rows() arrays, [batch_size, row_len] or [batch_size, width].
+
+        Returns:
+            The same keys as jax arrays of shape [grad_accum, batch_size / grad_accum, ...].
+        """
         accum = self.config.grad_accum
         batch = {k: v.reshape((accum, v.shape[0] // accum) + v.shape[1:]) for k, v in batch.items()}
         if self.mesh is None:
@@ -251,13 +385,24 @@ class Trainer:
         return jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
 
     def step(self, batch: dict[str, np.ndarray], index: int = 0) -> dict[str, float]:
-        """Optimizer step number `index` (0-based; it picks the learning rate): loss, grad_norm and lr."""
+        """Optimizer step number `index` (0-based; it picks the learning rate): loss, grad_norm and lr.
+
+        Args:
+            batch: One batch of loss_rows() arrays with config.batch_size rows (see `batches`).
+            index: The 0-based optimizer step, for the learning rate.
+
+        Returns:
+            Scalar arrays: "loss" (mean NLL per response token, in nats), "grad_norm" (global norm of the
+            gradients, before clipping), "tokens" (response tokens in the batch, at least 1) and "lr" (the
+            learning rate of this step).
+        """
         lr = jnp.float32(self.schedule(index))
         self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, self.put_batch(batch), lr,
                                                           self.frozen)
         return {**metrics, "lr": lr}
 
     def model(self) -> Llama:
+        """The model with the current trained parameters (and the frozen ones); it shares their arrays."""
         return nnx.merge(self.graphdef, self.params, self.frozen)
 
 
@@ -292,7 +437,15 @@ def _step_body(graphdef, tx, remat, params, opt_state, batch, lr, frozen):
 
 
 def flops_per_token(model: Llama, row_len: int) -> float:
-    """Training FLOPs per token: 6 x parameters in matmuls + attention scores and values (forward + backward)."""
+    """Training FLOPs per token: 6 x parameters in matmuls + attention scores and values (forward + backward).
+
+    Args:
+        model: The Llama; only its config is read.
+        row_len: The length of a packed row, in tokens (the attention span counted).
+
+    Returns:
+        The FLOPs per token of one training step, forward and backward.
+    """
     cfg = model.config
     matmul_params = cfg.num_params - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_word_embeddings else 1)
     attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * row_len
@@ -300,11 +453,22 @@ def flops_per_token(model: Llama, row_len: int) -> float:
 
 
 def peak_flops() -> float | None:
+    """Peak dense bf16 FLOP/s of one of this host's chips (from PEAK_FLOPS), or None for an unknown chip."""
     kind = jax.devices()[0].device_kind
     return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
 
 
 def epoch_order(n: int, config: TrainConfig, epoch: int) -> np.ndarray:
+    """The order of the examples in one epoch.
+
+    Args:
+        n: The number of examples.
+        config: The training settings: order ("given" or "shuffle") and seed.
+        epoch: The 0-based epoch; each epoch gets its own shuffle.
+
+    Returns:
+        The example indices, [n]: 0..n-1 in order for "given", else a permutation seeded by (seed, epoch).
+    """
     if config.order == "given":
         return np.arange(n)
     return np.random.default_rng([config.seed, epoch]).permutation(n)
@@ -313,7 +477,21 @@ def epoch_order(n: int, config: TrainConfig, epoch: int) -> np.ndarray:
 def prepare(tokenizer, pairs: Sequence[tuple], config: TrainConfig):
     """Rendered examples and the per-epoch packed rows (as loss_rows, one width for all); counts truncation.
 
-    pairs: (prompt, response) or (prompt, response, finished); finished=False trains no end of turn."""
+    pairs: (prompt, response) or (prompt, response, finished); finished=False trains no end of turn.
+
+    Args:
+        tokenizer: A transformers tokenizer.
+        pairs: The training pairs, as above.
+        config: The training settings.
+
+    Returns:
+        A tuple (examples, epochs, (truncated_prompts, truncated_responses)): the rendered Examples in the
+        order of `pairs`, one loss_rows() dict per epoch (each in that epoch's order), and how many prompts
+        and responses were cut.
+
+    Raises:
+        UserError: When `pairs` is empty, or the maxima cannot hold the format (`check_overhead`).
+    """
     if not pairs:
         raise UserError("the training set is empty (every example was filtered out); check the filters' counts "
                         "or feed more prompts")
@@ -328,12 +506,29 @@ def prepare(tokenizer, pairs: Sequence[tuple], config: TrainConfig):
 
 
 def total_steps(epochs: list[dict[str, np.ndarray]], config: TrainConfig) -> int:
+    """The number of optimizer steps of a run.
+
+    Args:
+        epochs: prepare()'s per-epoch rows.
+        config: The training settings: batch_size, epochs and max_steps.
+
+    Returns:
+        ceil(rows of the first epoch / batch_size) x epochs, at most max_steps when it is set.
+    """
     total = math.ceil(epochs[0]["inputs"].shape[0] / config.batch_size) * config.epochs
     return total if config.max_steps is None else min(total, config.max_steps)
 
 
 def batches(epochs: list[dict[str, np.ndarray]], batch_size: int):
-    """Every step's rows in order; the last batch of an epoch is padded with empty rows (zero weight)."""
+    """Every step's rows in order; the last batch of an epoch is padded with empty rows (zero weight).
+
+    Args:
+        epochs: prepare()'s per-epoch rows.
+        batch_size: Rows per batch.
+
+    Yields:
+        One dict per step, with the keys of the rows and arrays of [batch_size, ...].
+    """
     for rows in epochs:
         n = rows["inputs"].shape[0]
         for lo in range(0, n, batch_size):
@@ -345,6 +540,16 @@ def batches(epochs: list[dict[str, np.ndarray]], batch_size: int):
 
 
 def fingerprint(pairs, config: TrainConfig, model: Llama) -> str:
+    """A short hash of what a run trains on, so a checkpoint is resumed only by the same run.
+
+    Args:
+        pairs: The (prompt, response[, finished]) training pairs.
+        config: The training settings.
+        model: The model; its config is hashed, not its weights.
+
+    Returns:
+        16 hex characters of a SHA-256 over the settings, the model config and the pairs.
+    """
     h = hashlib.sha256(json.dumps([dataclasses.asdict(config), dataclasses.asdict(model.config)],
                                   sort_keys=True, default=str).encode())
     for p, r, *finished in pairs:
@@ -363,6 +568,25 @@ def train(model: Llama, tokenizer, pairs: Sequence[tuple], config: TrainConfig, 
     (lora.merged folds them into the kernels, export_hf does so).
     `log` receives one dict per step: step, loss, grad_norm, lr (the learning rate of the step), throughput
     (tokens/s, TFLOP/s, MFU).
+
+    Args:
+        model: The Llama to fine-tune; it is not changed.
+        tokenizer: A transformers tokenizer.
+        pairs: The (prompt, response[, finished]) training pairs.
+        config: The training settings.
+        mesh: A jax Mesh to train on, or None for one device.
+        checkpoint_dir: Where step checkpoints are saved and resumed from; None saves none.
+        progress: Whether to show a progress bar.
+        log: Called with each step's record, as above.
+        prepared: prepare()'s result for these pairs, or None to compute it.
+
+    Returns:
+        A tuple (model, result): the trained model (with its adapters, under LoRA) and a TrainResult.
+
+    Raises:
+        UserError: For a quantized model without LoRA, an empty training set, limits that cannot hold the
+            format, a warmup longer than the run, or a checkpoint written by other settings or data.
+        soft_jax.core.preemption.Preempted: When a stop was asked for; the step is checkpointed first.
     """
     from soft_jax.models import lora
 

@@ -19,7 +19,13 @@ from soft_jax.core.errors import UserError
 
 
 class StepCheckpointer:
-    """Saves every `every` steps (and on demand); keeps the newest `keep`."""
+    """Saves every `every` steps (and on demand); keeps the newest `keep`.
+
+    Args:
+        directory: The checkpoint directory; created when missing.
+        every: Save every this many steps; 0 saves only on demand.
+        keep: How many of the newest checkpoints to keep.
+    """
 
     def __init__(self, directory: str, every: int, keep: int = 2):
         self.every = every
@@ -28,19 +34,36 @@ class StepCheckpointer:
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False))
 
     def due(self, step: int) -> bool:
+        """Whether `step` (1-based, a step just finished) is one of the every-`every`-steps saves."""
         return self.every > 0 and step % self.every == 0
 
     def save(self, step: int, tree: Any, meta: dict[str, Any]) -> None:
+        """Saves a checkpoint and waits until it is written; an existing one of the same step is replaced.
+
+        Args:
+            step: The step number it is saved under.
+            tree: The pytree of arrays to save, e.g. (params, opt_state).
+            meta: A JSON-serializable record saved beside it (e.g. step and fingerprint).
+        """
         faults.point(f"checkpoint:{os.path.basename(str(self.manager.directory))}/{step}")
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                                         meta=ocp.args.JsonSave(meta)), force=True)
         self.manager.wait_until_finished()
 
     def latest_step(self) -> int | None:
+        """The newest saved step, or None when there is no checkpoint."""
         return self.manager.latest_step()
 
     def restore(self, step: int, like: Any) -> tuple[Any, dict[str, Any]]:
-        """The tree saved at `step`, with the shapes, dtypes and shardings of `like`, and its JSON record."""
+        """The tree saved at `step`, with the shapes, dtypes and shardings of `like`, and its JSON record.
+
+        Args:
+            step: The saved step to read.
+            like: A pytree with the structure of the saved tree; its arrays give shapes, dtypes and shardings.
+
+        Returns:
+            A tuple (tree, meta): the restored pytree and the JSON record saved with it.
+        """
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), like)
         out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
@@ -50,7 +73,20 @@ class StepCheckpointer:
     def restore_latest(self, like: Any, fingerprint: str, log=print) -> tuple[int, Any, dict[str, Any]] | None:
         """(step, tree, meta) of the newest readable checkpoint, or None; refuses one written by other settings.
 
-        A checkpoint that fails to load (corrupted or partial files) is reported and the previous one is used."""
+        A checkpoint that fails to load (corrupted or partial files) is reported and the previous one is used.
+        The unreadable checkpoint is removed.
+
+        Args:
+            like: A pytree like the saved one (see `restore`).
+            fingerprint: The current run's fingerprint; the checkpoint's record must hold the same.
+            log: Called with a message for each unreadable checkpoint.
+
+        Returns:
+            A tuple (step, tree, meta), or None when no checkpoint could be read.
+
+        Raises:
+            UserError: When the newest readable checkpoint has another fingerprint.
+        """
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 tree, meta = self.restore(step, like)
@@ -67,7 +103,11 @@ class StepCheckpointer:
         return None
 
     def discard(self, step: int) -> None:
-        """Removes a (damaged) checkpoint; on a multi-host run process 0 removes it once all have read it."""
+        """Removes a (damaged) checkpoint; on a multi-host run process 0 removes it once all have read it.
+
+        Args:
+            step: The step of the checkpoint to remove.
+        """
         from soft_jax.parallel import distributed
 
         distributed.barrier(f"checkpoint {step} checked")
@@ -77,4 +117,5 @@ class StepCheckpointer:
         self.manager.reload()
 
     def close(self) -> None:
+        """Closes the underlying Orbax checkpoint manager."""
         self.manager.close()
