@@ -79,21 +79,19 @@ TINY_ARCHS = {
 }
 
 
-# The longest files first: with `-n 2 --dist loadfile` a file runs on one worker, in collection order, so a long
-# file collected late (the SmolLM2 evaluation references take about 10 minutes) would finish alone at the end.
-# Order: worker-seconds per file of a default run with a warm compilation cache (2026-12-02; test_generation_mesh.py
-# and test_lora.py from a cold run, 2026-12-05), then the slow set.
-LONGEST_FIRST = ("test_evaluation.py", "test_faults.py", "test_bootstrap.py", "test_distributed.py", "test_cli.py",
-                 "test_generation_mesh.py", "test_sampling.py", "test_training.py", "test_lora.py", "test_sharding.py",
-                 "test_experiments.py")
-
-
+# End-to-end files (`pytestmark = pytest.mark.e2e`: whole runs, CLI processes, runs killed and restarted, several
+# processes on one mesh) run first, the unit files after them. With `-n 2 --dist loadfile` a file runs whole on one
+# worker, in this order when xdist is told to keep it (`--no-loadscope-reorder`, as the README runs the tests; by
+# default xdist sorts the files by their number of tests): the long files start first and the short unit files
+# fill the workers at the end, instead of a long file starting last and finishing alone.
+# `-m "not slow and not e2e"` runs the unit tests alone.
 def pytest_collection_modifyitems(session, config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable: a file's order stays
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)  # stable: the order within a file stays
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "e2e: whole runs, CLI processes, runs killed and restarted, several processes "
+                                       "(the default run starts them first)")
     config.addinivalue_line("markers", "slow: loads SmolLM2-135M, reads the real BIG-bench files, runs processes "
                                        "that each compile LoRA / QLoRA programs cold, or compiles a whole round for a "
                                        "TPU slice with `soft-jax plan` (run in CI too)")

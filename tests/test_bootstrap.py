@@ -17,6 +17,8 @@ from soft_jax.core.errors import UserError
 from soft_jax.experiment import workdir
 from soft_jax.rounds import bootstrap, selfalign
 
+pytestmark = pytest.mark.e2e  # whole runs, CLI processes, killed and restarted runs (conftest.py)
+
 
 @pytest.fixture
 def models_used(monkeypatch):

@@ -11,6 +11,8 @@ from helpers import run_cli
 
 from soft_jax.core import compile_cache
 
+pytestmark = pytest.mark.e2e  # whole runs, CLI processes, killed and restarted runs (conftest.py)
+
 
 def assert_user_error(proc, *needles):
     assert proc.returncode == 2, proc.stderr

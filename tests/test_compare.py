@@ -19,6 +19,8 @@ from soft_jax.cli import main
 from soft_jax.experiment import stats
 from soft_jax.reports import compare, plots, report
 
+pytestmark = pytest.mark.e2e  # whole runs, CLI processes, killed and restarted runs (conftest.py)
+
 TASKS = ("hhh", "truthfulqa_mc1", "truthfulqa_mc2")
 SIGNALS = ("distinct_1", "distinct_2", "repeated_ngram_rate", "length", "truncation_rate")
 

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from helpers import CONFIGS, TINY_OVERRIDES, Workdir, assert_params_close, round_params, run, subprocess_env
 
+pytestmark = pytest.mark.e2e  # whole runs, CLI processes, killed and restarted runs (conftest.py)
+
 # greedy (same generations), and a random model repeats itself under greedy decoding: no repetition filter
 EXTRA = ["rounds=1", "prompts.per_round=8", "sampling.temperature=0.0", "train.checkpoint_every=1",
          "filters.max_repeated_ngram_fraction=1.0", "filters.max_line_repeats=100000", "filters.min_words=0",

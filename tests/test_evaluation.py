@@ -13,6 +13,8 @@ from helpers import INHOUSE_BIGBENCH, run_cli
 from soft_jax import evaluation
 from soft_jax.data import sources
 
+pytestmark = pytest.mark.e2e  # whole runs, CLI processes, killed and restarted runs (conftest.py)
+
 LIMIT = 50  # items per task (HHH: 13 per subset, 52 in all)
 
 

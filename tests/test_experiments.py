@@ -20,6 +20,8 @@ from soft_jax.inference import sampler
 from soft_jax.models import load
 from soft_jax.training import TrainConfig
 
+pytestmark = pytest.mark.e2e  # whole runs, CLI processes, killed and restarted runs (conftest.py)
+
 
 def resolved(spec: str, *overrides: str) -> dict:
     """A config as a run records it in config.json: loaded, overridden and with its fixed exemplars chosen."""

@@ -18,6 +18,8 @@ from soft_jax.core import io_utils
 from soft_jax.experiment import workdir
 from soft_jax.rounds import round_eval
 
+pytestmark = pytest.mark.e2e  # whole runs, CLI processes, killed and restarted runs (conftest.py)
+
 # two generation batches per round, training-step checkpoints every 2 steps: stops land inside phases too
 EXTRA = ("prompts.per_round=8", "train.checkpoint_every=2")
 # which phase of a round a stop point lies in (points in metrics.jsonl and config.json writes lie in any)

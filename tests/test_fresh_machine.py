@@ -11,6 +11,8 @@ from helpers import CONFIGS, TINY_OVERRIDES, fresh_environment, run_cli
 
 from soft_jax.data import sources
 
+pytestmark = pytest.mark.e2e  # whole runs, CLI processes, killed and restarted runs (conftest.py)
+
 # the tests' tiny settings as command-line overrides, without their "no eval tasks"
 OVERRIDES = [f"--config.{o}" for o in TINY_OVERRIDES if not o.startswith("eval.tasks")]
 

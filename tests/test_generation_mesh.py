@@ -14,6 +14,8 @@ from helpers import fresh_environment, run_cli
 
 from soft_jax.parallel import hlo
 
+pytestmark = pytest.mark.e2e  # whole runs, CLI processes, killed and restarted runs (conftest.py)
+
 SCRIPT = r"""
 import dataclasses, json, sys
 import jax, numpy as np

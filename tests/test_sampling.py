@@ -313,6 +313,7 @@ print(json.dumps({"devices": len(jax.devices()), "tokens": out, "scores": [s.tol
 """
 
 
+@pytest.mark.e2e  # a CLI process, or several CPU devices in a process of their own
 def test_mesh_of_8_cpu_devices_gives_the_same_greedy_outputs(tiny_hf):
     kind, path, hf = tiny_hf
     rows = prompts_with_shared_prefix(hf.config.vocab_size, n=4, seed=6)
@@ -388,6 +389,7 @@ def test_stop_strings_cut_the_text_and_stop_early(smollm2):
 
 
 @pytest.mark.slow
+@pytest.mark.e2e  # a CLI process, or several CPU devices in a process of their own
 def test_generate_cli_writes_jsonl(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": q}) + "\n" for i, q in enumerate(QUESTIONS[:2])))
@@ -400,6 +402,7 @@ def test_generate_cli_writes_jsonl(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.e2e  # a CLI process, or several CPU devices in a process of their own
 def test_generate_cli_prompt_longer_than_context(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "short"}) + "\n" + json.dumps({"prompt": "word " * 9000}) + "\n")
@@ -412,6 +415,7 @@ def test_generate_cli_prompt_longer_than_context(tmp_path):
 
 @pytest.mark.parametrize("content, needle", [("", "has no rows"), ('{"prompt": "a"}\n{"prompt": \n', ":2: malformed JSON"),
                                              ('{"text": "a"}\n', ":1: missing key(s) prompt")])
+@pytest.mark.e2e  # a CLI process, or several CPU devices in a process of their own
 def test_generate_cli_bad_prompt_files(tmp_path, content, needle):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(content)

@@ -118,6 +118,7 @@ print(json.dumps({"devices": jax.device_count(), "tokens": t.check_programs(prog
 
 
 @pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (2, 2, 2)])
+@pytest.mark.e2e  # a CLI process, or several CPU devices in a process of their own
 def test_cpu_mesh_programs_hold_the_local_batch(mesh_shape):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", CPU_SCRIPT, json.dumps(mesh_shape), os.path.dirname(__file__)],

@@ -13,6 +13,8 @@ from soft_jax.core import faults
 from soft_jax.experiment import config as config_lib
 from soft_jax.rounds import round_eval, sweep
 
+pytestmark = pytest.mark.e2e  # whole runs, CLI processes, killed and restarted runs (conftest.py)
+
 ORDER = os.path.join(CONFIGS, "ablation_order.py")
 
 

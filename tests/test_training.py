@@ -288,6 +288,7 @@ def assert_leaves_close(actual: dict, expected: dict, tolerance, what: str):
                         f"{tuple(map(int, at))}: {a[at]!r} vs {b[at]!r} (allowed {abs(a[at] - b[at]) - excess[at]!r})")
 
 
+@pytest.mark.e2e  # a CLI process, or several CPU devices in a process of their own
 def test_train_step_on_8_device_mesh_equals_single_device(tiny_chat, tmp_path):
     """One optimizer step with the default Adam eps on a (2, 2, 2) mesh of 8 CPU devices: the loss, the gradient
     norm and every parameter equal the single-device step's."""
@@ -403,6 +404,7 @@ def test_bad_training_input(smollm2_tokenizer, tiny_chat):
         TrainConfig(batch_size=3, grad_accum=2)
 
 
+@pytest.mark.e2e  # a CLI process, or several CPU devices in a process of their own
 def test_train_cli_writes_a_loadable_checkpoint(tiny_chat, tmp_path):
     from helpers import run_cli
 
@@ -439,6 +441,7 @@ def test_train_cli_writes_a_loadable_checkpoint(tiny_chat, tmp_path):
     (["--batch-size", "3", "--grad-accum", "2"], "grad_accum = 2: must be >= 1 and divide batch_size (3)"),
     (["--order", "backwards"], "order = 'backwards': must be shuffle | given"),
 ])
+@pytest.mark.e2e  # a CLI process, or several CPU devices in a process of their own
 def test_train_cli_bad_input(tiny_chat, tmp_path, extra, needle):
     from helpers import run_cli
 
