@@ -38,7 +38,6 @@ import json
 import os
 import sys
 import time
-import types
 
 import numpy as np
 
@@ -73,14 +72,14 @@ def round_config(prompts: int, max_new_tokens: int, batch_size: int, k: int, gra
 
 
 def round_setup(c):
-    """(a stand-in for bootstrap.Run with what selfalign reads, round 1's prompts)."""
+    """(the context selfalign's phase reads, as a run hands it over but with no work dir; round 1's prompts)."""
     from soft_jax import data
+    from soft_jax.experiment import inputs
+    from soft_jax.rounds.context import RoundContext
 
-    inputs = types.SimpleNamespace(principles=data.load_principles(c.principles),
-                                   exemplars=data.load_exemplars(c.exemplars.path))
-    pool = data.load_prompts(c.prompts.path)
-    prompts = data.split_rounds(pool, [c.prompts.per_round], c.seed)[0]
-    return types.SimpleNamespace(c=c, inputs=inputs, mesh=None, gen_mesh=None, progress=False), prompts
+    run_inputs = inputs.load(c, evaluating=False)
+    prompts = data.split_rounds(run_inputs.pool, [c.prompts.per_round], c.seed)[0]
+    return RoundContext(config=c, inputs=run_inputs), prompts
 
 
 def sampling_config(c):
@@ -91,11 +90,11 @@ def sampling_config(c):
                                    stop_strings=templates.STOP_STRINGS)
 
 
-def filter_context(run):
+def filter_context(round_ctx):
     from soft_jax.data import filters
 
-    return filters.Context(run.inputs.exemplars, run.inputs.principles,
-                           filters.FilterConfig(**run.c.filters.to_dict()))
+    return filters.Context(round_ctx.inputs.exemplars, round_ctx.inputs.principles,
+                           filters.FilterConfig(**round_ctx.config.filters.to_dict()))
 
 
 def batches(prompts, size):
@@ -170,35 +169,36 @@ def chat_tokens(tokenizer, pairs) -> int:
 # --- soft-jax -----------------------------------------------------------------------------------
 
 
-def ours_generate(run, model, tokenizer, prompts):
+def ours_generate(round_ctx, model, tokenizer, prompts):
     """Round 1's generation as soft_jax.rounds.selfalign.generate runs it, sampling.group_batches batches at a time (no
     partial file)."""
     from soft_jax.rounds import selfalign
 
-    cfg, ctx, rows = sampling_config(run.c), filter_context(run), []
-    todo, group = batches(prompts, run.c.sampling.batch_size), run.c.sampling.group_batches
+    cfg, ctx, rows = sampling_config(round_ctx.config), filter_context(round_ctx), []
+    todo, group = batches(prompts, round_ctx.config.sampling.batch_size), round_ctx.config.sampling.group_batches
     for first in range(0, len(todo), group):
-        for one in selfalign.generate_batches(run, 1, first, model, tokenizer, todo[first:first + group], cfg, ctx):
+        for one in selfalign.generate_batches(round_ctx, 1, first, model, tokenizer, todo[first:first + group], cfg,
+                                              ctx):
             rows += one
     return rows
 
 
-def ours_train(run, model, tokenizer, pairs):
+def ours_train(round_ctx, model, tokenizer, pairs):
     from soft_jax import training
     from soft_jax.experiment import inputs
 
-    return training.train(model, tokenizer, pairs, inputs.train_config(run.c, 1), progress=False)
+    return training.train(model, tokenizer, pairs, inputs.train_config(round_ctx.config, 1), progress=False)
 
 
-def ours_round(run, model, tokenizer, prompts) -> dict:
+def ours_round(round_ctx, model, tokenizer, prompts) -> dict:
     clock = Clock()
     t0 = time.perf_counter()
     with timing_filters(clock):
-        rows = ours_generate(run, model, tokenizer, prompts)
+        rows = ours_generate(round_ctx, model, tokenizer, prompts)
     gen_filter = time.perf_counter() - t0
     pairs = kept_pairs(rows)
     t1 = time.perf_counter()
-    _, result = ours_train(run, model, tokenizer, pairs) if pairs else (None, None)
+    _, result = ours_train(round_ctx, model, tokenizer, pairs) if pairs else (None, None)
     sft = time.perf_counter() - t1
     return {"rows": rows, "pairs": pairs, "generation": gen_filter - clock.seconds, "filtering": clock.seconds,
             "sft": sft, "new_tokens": new_tokens(tokenizer, rows), "sft_tokens": result.tokens if result else 0,
@@ -247,19 +247,19 @@ def hf_generate(model, tokenizer, texts, s, stop_strings):
     return texts_out, finish
 
 
-def hf_generate_batches(run, model, tokenizer, first, batches, s, ctx, clock):
+def hf_generate_batches(round_ctx, model, tokenizer, first, batches, s, ctx, clock):
     """soft_jax.rounds.selfalign.generate_batches' work with transformers generate (the batches as one `generate` batch,
     left-padded); parsing and filters are soft_jax's."""
     from soft_jax.data import templates
     from soft_jax.rounds import selfalign
 
-    shots = [selfalign.exemplars_for(run, 1, first + i, p) for i, one in enumerate(batches) for p in one]
+    shots = [selfalign.exemplars_for(round_ctx, 1, first + i, p) for i, one in enumerate(batches) for p in one]
     batch = [p for one in batches for p in one]
-    texts = [templates.self_align_prompt(run.inputs.principles, ex, p["prompt"], p["input"])
+    texts = [templates.self_align_prompt(round_ctx.inputs.principles, ex, p["prompt"], p["input"])
              for p, ex in zip(batch, shots)]
     outs, finish = hf_generate(model, tokenizer, texts, s, templates.STOP_STRINGS)
     forced = [False] * len(outs)
-    if run.c.sampling.force_answer:
+    if round_ctx.config.sampling.force_answer:
         todo = [i for i, o in enumerate(outs) if templates.parse(o)[1] is None and f"\n{templates.USER}" not in o]
         if todo:
             answers, ends = hf_generate(model, tokenizer, [texts[i] + templates.with_answer_marker(outs[i])
@@ -307,23 +307,24 @@ def trl_train(model, tokenizer, pairs, train, mode: str, seed: int = 0, peft_con
     return trainer, result
 
 
-def reference_round(run, model, tokenizer, prompts, mode: str) -> dict:
+def reference_round(round_ctx, model, tokenizer, prompts, mode: str) -> dict:
     import torch
 
     from soft_jax.experiment import inputs
 
-    s, ctx, clock = sampling_config(run.c), filter_context(run), Clock()
-    torch.manual_seed(run.c.seed)
+    s, ctx, clock = sampling_config(round_ctx.config), filter_context(round_ctx), Clock()
+    torch.manual_seed(round_ctx.config.seed)
     t0 = time.perf_counter()
-    rows, todo, group = [], batches(prompts, run.c.sampling.batch_size), run.c.sampling.group_batches
+    sampling = round_ctx.config.sampling
+    rows, todo, group = [], batches(prompts, sampling.batch_size), sampling.group_batches
     for first in range(0, len(todo), group):
-        rows += hf_generate_batches(run, model, tokenizer, first, todo[first:first + group], s, ctx, clock)
+        rows += hf_generate_batches(round_ctx, model, tokenizer, first, todo[first:first + group], s, ctx, clock)
     gen_filter = time.perf_counter() - t0
     pairs = kept_pairs(rows)
     t1 = time.perf_counter()
     model.train()
-    trainer, result = trl_train(model, tokenizer, pairs, inputs.train_config(run.c, 1), mode, run.c.seed) if pairs \
-        else (None, None)
+    trainer, result = (trl_train(model, tokenizer, pairs, inputs.train_config(round_ctx.config, 1), mode,
+                                 round_ctx.config.seed) if pairs else (None, None))
     sft = time.perf_counter() - t1
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h] if trainer else []
     return {"rows": rows, "pairs": pairs, "generation": gen_filter - clock.seconds, "filtering": clock.seconds,
@@ -424,7 +425,7 @@ def main(argv=None):
     try:
         c = round_config(args.prompts, args.max_new_tokens, args.batch_size, args.k, args.exemplars,
                          args.keep_truncated, args.group_batches)
-        run, prompts = round_setup(c)
+        round_ctx, prompts = round_setup(c)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -463,7 +464,7 @@ def main(argv=None):
         t = time.perf_counter()
         model, tokenizer = models.load("smollm2-135m", progress=False)
         print(f"[load] soft-jax model {time.perf_counter() - t:.1f} s (not counted)  load avg {load_avg()}")
-        ours = ours_round(run, model, tokenizer, prompts)
+        ours = ours_round(round_ctx, model, tokenizer, prompts)
         describe("soft-jax " + label, ours, len(prompts))
         print(f"[soft-jax] done, load avg {load_avg()}")
         if rep == 0 and args.save_pairs and ours["pairs"]:
@@ -476,7 +477,7 @@ def main(argv=None):
             t = time.perf_counter()
             hf, hf_tok = hf_load()
             print(f"[load] transformers model {time.perf_counter() - t:.1f} s (not counted)  load avg {load_avg()}")
-            ref = reference_round(run, hf, hf_tok, prompts, args.trl)
+            ref = reference_round(round_ctx, hf, hf_tok, prompts, args.trl)
             describe("reference" + label, ref, len(prompts))
             print(f"[reference] done, load avg {load_avg()}")
             del hf

@@ -133,10 +133,10 @@ def exemplar_pairs():
 def generate_pairs(bench, path):
     """One soft-jax round's kept pairs (benchmarks/round.py's soft-jax generation, 32 prompts), cached at path."""
     c = bench.round_config(32, 128, 8, 2, "batch")
-    run, prompts = bench.round_setup(c)
+    round_ctx, prompts = bench.round_setup(c)
     model, tokenizer = models.load("smollm2-135m", progress=False)
     start = time.perf_counter()
-    rows = bench.ours_generate(run, model, tokenizer, prompts)
+    rows = bench.ours_generate(round_ctx, model, tokenizer, prompts)
     pairs = bench.kept_pairs(rows)
     print(f"generated {len(rows)} prompts in {time.perf_counter() - start:.0f} s, kept {len(pairs)}")
     if not pairs:

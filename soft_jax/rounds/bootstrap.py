@@ -34,6 +34,7 @@ from soft_jax.parallel import distributed
 from soft_jax.parallel import sharding as shd
 from soft_jax.reports import report
 from soft_jax.rounds import curriculum, round_eval, selfalign
+from soft_jax.rounds.context import RoundContext
 from soft_jax.scale import memory
 from soft_jax.training.checkpoints import StepCheckpointer
 
@@ -132,6 +133,12 @@ class Run:
                     "as compiled") + f" on {chip.name}; set mesh_generate to choose another (the training mesh's "
                  "sizes: generate in its layout)")
 
+    @property
+    def context(self) -> RoundContext:
+        """What the phases read of this run (self-align generation, the evaluation phase)."""
+        return RoundContext(config=self.c, inputs=self.inputs, workdir=self.wd, mesh=self.gen_mesh, log=self.log,
+                            progress=self.progress)
+
     # -- models --
 
     def on_generation_mesh(self, model):
@@ -212,7 +219,7 @@ class Run:
     def generate(self, t: int, generator, tokenizer, prompts: list[dict], label: str) -> list[dict]:
         about = lambda: {"generator": label, "generator_checksum": checksum(generator)}  # noqa: E731 - when run
         rows = self.wd.phase(self.wd.round_file(t, "generations.jsonl"),
-                             lambda: selfalign.generate(self, t, self.on_generation_mesh(generator), tokenizer,
+                             lambda: selfalign.generate(self.context, t, self.on_generation_mesh(generator), tokenizer,
                                                         prompts, about()),
                              f"generated_r{t}", f"round {t} generation")
         remove(self.wd.round_file(t, selfalign.PARTIAL))  # only once the whole round's rows are written
@@ -259,8 +266,8 @@ class Run:
         return model
 
     def evaluate(self, t: int, model, tokenizer) -> dict:
-        compute = ((lambda: round_eval.shared_round0(self, self.round0_from)) if t == 0 and self.round0_from
-                   else (lambda: round_eval.evaluate(self, t, self.on_generation_mesh(model), tokenizer)))
+        compute = ((lambda: round_eval.shared_round0(self.context, self.round0_from)) if t == 0 and self.round0_from
+                   else (lambda: round_eval.evaluate(self.context, t, self.on_generation_mesh(model), tokenizer)))
         return self.wd.phase(self.wd.round_file(t, "eval.json"), compute, f"evaluated_r{t}", f"round {t} evaluation")
 
     # -- the loop --

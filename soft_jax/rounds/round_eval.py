@@ -18,72 +18,73 @@ from soft_jax.experiment.workdir import METRICS, WorkDir, save_jsonl
 from soft_jax.inference import sampler
 from soft_jax.parallel import distributed
 from soft_jax.rounds import curriculum
+from soft_jax.rounds.context import RoundContext
 
 OPEN_ENDED = "open_ended.jsonl"
 
 
-def open_ended(run, model, tokenizer) -> list[dict]:
+def open_ended(ctx: RoundContext, model, tokenizer) -> list[dict]:
     """Answers to the open-ended questions in the engraving format, with why each stopped and its signals."""
-    qs = run.inputs.open_ended
+    qs = ctx.inputs.open_ended
     heads = [templates.engraving_parts(tokenizer, q["prompt"], "")[0] for q in qs]
     outs, finish = sampler.generate(model, tokenizer, heads, sampler.SamplingConfig(
-        max_new_tokens=run.c.open_ended.max_new_tokens, batch_size=run.c.sampling.batch_size),
-        add_special_tokens=not tokenizer.chat_template, progress=False, mesh=run.gen_mesh, return_finish=True)
+        max_new_tokens=ctx.config.open_ended.max_new_tokens, batch_size=ctx.config.sampling.batch_size),
+        add_special_tokens=not tokenizer.chat_template, progress=False, mesh=ctx.mesh, return_finish=True)
     return [{"prompt_id": q["prompt_id"], "prompt": q["prompt"], "answer": a, "finish": f,
              "signals": signals.per_answer(a, f)} for q, a, f in zip(qs, outs, finish)]
 
 
-def validation_items(run, model, tokenizer, answers: list[dict]) -> tuple[list[float], list[str]]:
+def validation_items(ctx: RoundContext, model, tokenizer, answers: list[dict]) -> tuple[list[float], list[str]]:
     """(per-item validation scores, their ids): each held-out pair's mean response NLL (the pair's id), an eval
     task's per-item score (evaluation.item_ids) or an open-ended answer's signal (its prompt_id). The ids let
     `soft-jax compare` pair two runs' items by identity."""
-    c, v = run.c, run.c.validation
+    c, v = ctx.config, ctx.config.validation
     if v.metric == "valid_nll":
-        pairs = [(p["prompt"], p["response"]) for p in run.inputs.validation]
-        logps = curriculum.response_logps(model, tokenizer, pairs, v.batch_size, run.gen_mesh,
+        pairs = [(p["prompt"], p["response"]) for p in ctx.inputs.validation]
+        logps = curriculum.response_logps(model, tokenizer, pairs, v.batch_size, ctx.mesh,
                                           (c.train.max_prompt_len, c.train.max_response_len))
-        return [float(-np.mean(lp)) for lp in logps], [p["id"] for p in run.inputs.validation]
+        return [float(-np.mean(lp)) for lp in logps], [p["id"] for p in ctx.inputs.validation]
     if v.metric in signals.SIGNALS:
         return ([a["signals"][signals.SIGNALS[v.metric][0]] for a in answers],
                 [a["prompt_id"] for a in answers])
-    res = evaluation.evaluate(model, tokenizer, [v.metric], c.eval.protocol, v.limit or None, mesh=run.gen_mesh,
+    res = evaluation.evaluate(model, tokenizer, [v.metric], c.eval.protocol, v.limit or None, mesh=ctx.mesh,
                               progress=False)
     rows = res[v.metric]["items"]
     return [r["correct"] for r in rows], evaluation.item_ids(rows)
 
 
-def evaluate(run, t: int, model, tokenizer) -> tuple[dict, dict]:
+def evaluate(ctx: RoundContext, t: int, model, tokenizer) -> tuple[dict, dict]:
     """(eval.json's content, metrics event) of the model after round t (0: the base model)."""
-    c, out, t0 = run.c, {"round": t}, time.perf_counter()
-    answers = open_ended(run, model, tokenizer) if run.inputs.open_ended else []
+    c, out, t0 = ctx.config, {"round": t}, time.perf_counter()
+    answers = open_ended(ctx, model, tokenizer) if ctx.inputs.open_ended else []
     if answers:
-        save_jsonl(run.wd.round_file(t, OPEN_ENDED), answers)
+        save_jsonl(ctx.workdir.round_file(t, OPEN_ENDED), answers)
         out["open_ended"] = {"file": OPEN_ENDED, "n": len(answers), "signals": signals.summary(
             [a["answer"] for a in answers], [a["finish"] for a in answers])}
-    items, ids = validation_items(run, model, tokenizer, answers)
+    items, ids = validation_items(ctx, model, tokenizer, answers)
     out["validation"] = {"metric": c.validation.metric, "value": float(np.mean(items)), "n": len(items),
                          "items": items, "ids": ids}
-    if run.inputs.eval_tasks:
-        res = evaluation.evaluate(model, tokenizer, run.inputs.eval_tasks, c.eval.protocol,
+    if ctx.inputs.eval_tasks:
+        res = evaluation.evaluate(model, tokenizer, ctx.inputs.eval_tasks, c.eval.protocol,
                                   c.eval.limit or None, truthfulqa_file=c.eval.truthfulqa_file or None,
-                                  batch_size=c.eval.batch_size, mesh=run.gen_mesh, progress=run.progress)
+                                  batch_size=c.eval.batch_size, mesh=ctx.mesh, progress=ctx.progress)
         out["protocol"], out["protocol_description"] = res.pop("protocol"), res.pop("protocol_description")
         if "data" in res:
             out["data"] = res.pop("data")
         out["tasks"] = res
-    if run.inputs.unavailable:  # eval.required=false: recorded with the reason, shown as n/a, never as 0
-        out["unavailable"] = dict(run.inputs.unavailable)
+    if ctx.inputs.unavailable:  # eval.required=false: recorded with the reason, shown as n/a, never as 0
+        out["unavailable"] = dict(ctx.inputs.unavailable)
     event = {"round": t, "phase": "eval", "seconds": time.perf_counter() - t0,
              c.validation.metric: out["validation"]["value"],
              **{task: r["accuracy"] for task, r in out.get("tasks", {}).items()},
-             **({"unavailable": sorted(run.inputs.unavailable)} if run.inputs.unavailable else {})}
+             **({"unavailable": sorted(ctx.inputs.unavailable)} if ctx.inputs.unavailable else {})}
     if answers:
         event.update({f"open_{k}": out["open_ended"]["signals"][k]
                       for k in ("distinct_2", "repeated_ngram_rate", "length", "truncation_rate")})
     return out, event
 
 
-def shared_round0(run, source: str) -> tuple[dict, dict]:
+def shared_round0(ctx: RoundContext, source: str) -> tuple[dict, dict]:
     """(eval.json, metrics event) of round 0 taken from the work dir `source` (soft_jax.rounds.sweep), whose round 0
     evaluated the same base model under the same settings (sweep.round0_settings): its eval.json and open-ended
     answers are copied as they are, and a `round0_shared` event names the run they came from."""
@@ -95,10 +96,10 @@ def shared_round0(run, source: str) -> tuple[dict, dict]:
     answers = src.round_file(0, OPEN_ENDED)
     if os.path.exists(answers) and distributed.is_writer():
         with open(answers, encoding="utf-8") as f:
-            io_utils.write_atomic(run.wd.round_file(0, OPEN_ENDED), f.read())
+            io_utils.write_atomic(ctx.workdir.round_file(0, OPEN_ENDED), f.read())
     event = next((r for r in io_utils.read_appended(src.file(METRICS))
                   if r.get("round") == 0 and r.get("phase") == "eval"), None)
-    run.wd.metrics.add({"round": 0, "phase": "round0_shared", "from": os.path.basename(os.path.normpath(source)),
-                        "path": os.path.abspath(source)})
-    run.log(f"[run] round 0 (the base model) shares the evaluation of {source}")
+    ctx.workdir.metrics.add({"round": 0, "phase": "round0_shared", "from": os.path.basename(os.path.normpath(source)),
+                             "path": os.path.abspath(source)})
+    ctx.log(f"[run] round 0 (the base model) shares the evaluation of {source}")
     return ev, event

@@ -23,17 +23,18 @@ from soft_jax.core import faults, io_utils, preemption, settings
 from soft_jax.data import filters, templates
 from soft_jax.experiment.workdir import save_line
 from soft_jax.inference import sampler
+from soft_jax.rounds.context import RoundContext
 
 PARTIAL = "generations.partial.jsonl"  # one line per finished batch of a round's generation in progress
 
 
-def exemplars_for(run, t: int, b: int, prompt: dict) -> list[data.Exemplar]:
-    e = run.c.exemplars
+def exemplars_for(ctx: RoundContext, t: int, b: int, prompt: dict) -> list[data.Exemplar]:
+    e = ctx.config.exemplars
     if e.granularity == "batch":  # one draw per batch: the batch shares its whole prefix
-        key = [run.c.seed, t, b]
+        key = [ctx.config.seed, t, b]
     else:
-        key = [run.c.seed, t, int(data.prompt_id(prompt["prompt_id"])[1:], 16)]
-    return data.sample_exemplars(run.inputs.exemplars, e.k, e.strategy, key, e.fixed_ids)
+        key = [ctx.config.seed, t, int(data.prompt_id(prompt["prompt_id"])[1:], 16)]
+    return data.sample_exemplars(ctx.inputs.exemplars, e.k, e.strategy, key, e.fixed_ids)
 
 
 def exemplar_coverage(rows: list[dict], exemplars: list[data.Exemplar]) -> dict:
@@ -46,25 +47,26 @@ def exemplar_coverage(rows: list[dict], exemplars: list[data.Exemplar]) -> dict:
             "principles_per_prompt": float(np.mean([len(s) for s in per_row])) if per_row else 0.0}
 
 
-def generate_batches(run, t: int, b: int, generator, tokenizer, batches: list[list[dict]], cfg, ctx
-                     ) -> list[list[dict]]:
+def generate_batches(ctx: RoundContext, t: int, b: int, generator, tokenizer, batches: list[list[dict]], cfg,
+                     filter_ctx: filters.Context) -> list[list[dict]]:
     """Round t's batches b, b + 1, ... sampled together as one device batch (each with its own exemplars and
     shared prefix; every batch but the last has cfg.batch_size prompts): each batch's self-aligned outputs,
     parsed and judged by the filters (one row per prompt)."""
-    shots = [exemplars_for(run, t, b + i, p) for i, batch in enumerate(batches) for p in batch]
+    shots = [exemplars_for(ctx, t, b + i, p) for i, batch in enumerate(batches) for p in batch]
     batch = [p for one in batches for p in one]
-    texts = [templates.self_align_prompt(run.inputs.principles, ex, p["prompt"], p["input"])
+    texts = [templates.self_align_prompt(ctx.inputs.principles, ex, p["prompt"], p["input"])
              for p, ex in zip(batch, shots)]
-    seed = np.random.default_rng([run.c.seed, t, b]).integers(2**31, size=2)
-    if run.c.sampling.force_answer:  # thoughts that end without an answer: the marker written, the answer sampled
+    seed = np.random.default_rng([ctx.config.seed, t, b]).integers(2**31, size=2)
+    if ctx.config.sampling.force_answer:  # thoughts that end without an answer: the marker written, the answer sampled
         outs, finish, forced = sampler.generate_continued(generator, tokenizer, texts,
                                                           dataclasses.replace(cfg, seed=int(seed[0])), force_answer,
-                                                          continue_seed=int(seed[1]), mesh=run.gen_mesh)
+                                                          continue_seed=int(seed[1]), mesh=ctx.mesh)
     else:
-        outs, finish = sampler.generate(generator, tokenizer, texts, cfg, progress=False, mesh=run.gen_mesh,
+        outs, finish = sampler.generate(generator, tokenizer, texts, cfg, progress=False, mesh=ctx.mesh,
                                         seed=int(seed[0]), return_finish=True)
         forced = [False] * len(outs)
-    rows = [generation_row(p, ex, raw, f, end, ctx) for p, ex, raw, f, end in zip(batch, shots, outs, forced, finish)]
+    rows = [generation_row(p, ex, raw, f, end, filter_ctx)
+            for p, ex, raw, f, end in zip(batch, shots, outs, forced, finish)]
     starts = np.cumsum([0] + [len(one) for one in batches])
     return [rows[lo:hi] for lo, hi in zip(starts[:-1], starts[1:])]
 
@@ -77,31 +79,33 @@ def force_answer(completion: str) -> str | None:
     return None
 
 
-def generation_row(p: dict, shots, raw: str, forced: bool, finish: str, ctx) -> dict:
+def generation_row(p: dict, shots, raw: str, forced: bool, finish: str, filter_ctx: filters.Context) -> dict:
     """The generation row of prompt `p`: its raw output parsed into thoughts and answer (a repeated last sentence
     cut) and the filters' verdict. shots: the exemplars it was shown; finish: why sampling stopped."""
     thoughts, answer = templates.parse(raw)
-    if answer is None and not ctx.config.require_marker:
+    if answer is None and not filter_ctx.config.require_marker:
         thoughts, answer = "", templates.parse("\n" + templates.ANSWER + raw)[1]
     if answer is not None:
         answer = filters.cut_repeated_sentence(answer)
-    reason = filters.verdict(answer, p["prompt"], ctx, thoughts, finish)
+    reason = filters.verdict(answer, p["prompt"], filter_ctx, thoughts, finish)
     return {"prompt_id": p["prompt_id"], "prompt": p["prompt"], "input": p["input"], "category": p.get("category", ""),
             "exemplar_ids": [e.id for e in shots], "raw": raw, "finish": finish, "thoughts": thoughts,
             "answer": answer, "forced_answer": forced, "kept": reason is None, "dropped_by": reason}
 
 
-def generate(run, t: int, generator, tokenizer, prompts: list[dict], about: dict) -> tuple[list[dict], dict]:
+def generate(ctx: RoundContext, t: int, generator, tokenizer, prompts: list[dict], about: dict
+             ) -> tuple[list[dict], dict]:
     """(rows, metrics event) of round t's generation, resuming from its partial file (PARTIAL; the caller
     removes it once the rows are written). `about`: what the event records of the generator."""
-    partial = run.wd.round_file(t, PARTIAL)
+    partial = ctx.workdir.round_file(t, PARTIAL)
     done = {b["batch"]: b["rows"] for b in io_utils.read_appended(partial)}
-    s = run.c.sampling
+    s = ctx.config.sampling
     cfg = settings.SamplingConfig(**settings.fields(settings.SamplingConfig, s), stop_strings=templates.STOP_STRINGS)
-    ctx = filters.Context(run.inputs.exemplars, run.inputs.principles, filters.FilterConfig(**run.c.filters.to_dict()))
+    filter_ctx = filters.Context(ctx.inputs.exemplars, ctx.inputs.principles,
+                                 filters.FilterConfig(**ctx.config.filters.to_dict()))
     n_batches = math.ceil(len(prompts) / s.batch_size)
     group = s.group_batches
-    bar = tqdm(total=len(prompts), desc=f"round {t} generating", unit="prompt", disable=not run.progress)
+    bar = tqdm(total=len(prompts), desc=f"round {t} generating", unit="prompt", disable=not ctx.progress)
     t0, new_tokens = time.perf_counter(), 0
     try:  # a stop or an error closes the bar first, so the message after it starts on its own line
         for first in range(0, n_batches, group):
@@ -110,7 +114,7 @@ def generate(run, t: int, generator, tokenizer, prompts: list[dict], about: dict
             if all(b in done for b in ids):
                 bar.update(sum(map(len, batches)))
                 continue
-            for b, rows in zip(ids, generate_batches(run, t, first, generator, tokenizer, batches, cfg, ctx)):
+            for b, rows in zip(ids, generate_batches(ctx, t, first, generator, tokenizer, batches, cfg, filter_ctx)):
                 new_tokens += sum(len(tokenizer(r["raw"], add_special_tokens=False)["input_ids"]) for r in rows)
                 save_line(partial, {"batch": b, "rows": rows})
                 done[b] = rows
@@ -123,7 +127,7 @@ def generate(run, t: int, generator, tokenizer, prompts: list[dict], about: dict
     rows = [r for b in range(n_batches) for r in done[b]]
     seconds = time.perf_counter() - t0
     event = {"round": t, "phase": "generate", **about, "prompts": len(rows), "seconds": seconds,
-             "new_tokens_per_s": new_tokens / max(seconds, 1e-9), **exemplar_coverage(rows, run.inputs.exemplars),
+             "new_tokens_per_s": new_tokens / max(seconds, 1e-9), **exemplar_coverage(rows, ctx.inputs.exemplars),
              "truncated_generations": sum(r["finish"] == "length" for r in rows),
              **filters.counts([r["dropped_by"] for r in rows])}
     return rows, event

@@ -145,4 +145,3 @@ def sweep(path: str, root: str, overrides=(), only: str | None = None,
     if len(done) > 1:
         log(f"[sweep] compare the variants: soft-jax compare {' '.join(done)}")
     return rows
-

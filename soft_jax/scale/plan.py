@@ -88,7 +88,8 @@ class Shapes:
 
     @classmethod
     def of_run(cls, c, prompt_tokens: int, prefix_tokens: int) -> "Shapes":
-        """The shapes `soft-jax run` uses for config `c` (soft_jax.experiment.config.base() keys), with sampling's buckets.
+        """The shapes `soft-jax run` uses for config `c` (soft_jax.experiment.config.base() keys), with sampling's
+        buckets.
 
         prompt_tokens: the longest self-align prompt; prefix_tokens: what a sampling batch shares (0: none)."""
         t, s = c.train, c.sampling
