@@ -16,6 +16,6 @@ VARIANTS = ("random", "fixed")
 
 def get_config(arg="random"):
     arg = arg or "random"
-    c = sibling(__file__, "soft_plus.py")
-    c.exemplars.strategy = arg  # fixed | random (checked when the config loads)
-    return c
+    config = sibling(__file__, "soft_plus.py")
+    config.exemplars.strategy = arg  # fixed | random (checked when the config loads)
+    return config

@@ -11,6 +11,6 @@ VARIANTS = ("previous", "base")
 
 
 def get_config(arg="previous"):
-    c = sibling(__file__, "soft_plus.py")
-    c.generator = arg or "previous"  # previous | base
-    return c
+    config = sibling(__file__, "soft_plus.py")
+    config.generator = arg or "previous"  # previous | base
+    return config

@@ -17,7 +17,7 @@ VARIANTS = ("easy_to_hard", "hard_to_easy", "random")
 
 def get_config(arg="easy_to_hard"):
     arg = arg or "easy_to_hard"
-    c = sibling(__file__, "soft_plus.py")
-    c.curriculum.order = arg  # easy_to_hard | hard_to_easy | random
-    c.curriculum.across_rounds = "none" if arg == "random" else "prompt_ppl"
-    return c
+    config = sibling(__file__, "soft_plus.py")
+    config.curriculum.order = arg  # easy_to_hard | hard_to_easy | random
+    config.curriculum.across_rounds = "none" if arg == "random" else "prompt_ppl"
+    return config

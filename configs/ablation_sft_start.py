@@ -11,6 +11,6 @@ VARIANTS = ("continue", "reinit")
 
 
 def get_config(arg="continue"):
-    c = sibling(__file__, "soft_plus.py")
-    c.sft_start = arg or "continue"  # continue | reinit
-    return c
+    config = sibling(__file__, "soft_plus.py")
+    config.sft_start = arg or "continue"  # continue | reinit
+    return config

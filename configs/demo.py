@@ -14,26 +14,26 @@ from soft_jax.experiment.config import PAPER_TASKS, base
 
 
 def get_config(arg=None):
-    c = base()
-    c.model.name = "smollm2-135m"
-    c.rounds = 2
-    c.prompts.per_round = 24
+    config = base()
+    config.model.name = "smollm2-135m"
+    config.rounds = 2
+    config.prompts.per_round = 24
     # one draw per batch here: with per-prompt draws (the paper configs' default) each row's exemplars are its
     # own prefill, several times slower generation on a CPU (benchmarks/RESULTS.md, "Exemplars per batch vs per
     # prompt"); the demo stays within minutes
-    c.exemplars.update(k=2, strategy="random", granularity="batch")
+    config.exemplars.update(k=2, strategy="random", granularity="batch")
     # its 3 batches of 8 sample together (24 rows a decode step, each batch with its own exemplars): faster on a CPU
-    c.sampling.update(temperature=0.7, top_p=0.95, max_new_tokens=128, batch_size=8, force_answer=True,
-                      group_batches=4)
+    config.sampling.update(temperature=0.7, top_p=0.95, max_new_tokens=128, batch_size=8, force_answer=True,
+                           group_batches=4)
     # a 135M model does not cite the principles in its thoughts (none of round 1's did): no minimum here.
     # Answers cut by the token limit are still dropped.
-    c.filters.update(min_cited_principles=0)
-    c.curriculum.update(score="response_ppl", order="easy_to_hard", across_rounds="prompt_ppl", batch_size=8)
-    c.train.update(learning_rate=5e-5, batch_size=2, epochs=2, max_prompt_len=192, max_response_len=192,
-                   checkpoint_every=4, warmup_ratio=0.0)
-    c.validation.update(metric="valid_nll", patience=1, tolerance=0.0, confidence=0.95)
+    config.filters.update(min_cited_principles=0)
+    config.curriculum.update(score="response_ppl", order="easy_to_hard", across_rounds="prompt_ppl", batch_size=8)
+    config.train.update(learning_rate=5e-5, batch_size=2, epochs=2, max_prompt_len=192, max_response_len=192,
+                        checkpoint_every=4, warmup_ratio=0.0)
+    config.validation.update(metric="valid_nll", patience=1, tolerance=0.0, confidence=0.95)
     # the first 16 items of each (HHH: 4 per subset), every round; on a machine without the BIG-bench task files
     # the demo runs on and shows them as n/a (`soft-jax data tasks` says where they are looked for)
-    c.eval.update(tasks=PAPER_TASKS, limit=16, required=False)
-    c.open_ended.update(limit=8, max_new_tokens=96)
-    return c
+    config.eval.update(tasks=PAPER_TASKS, limit=16, required=False)
+    config.open_ended.update(limit=8, max_new_tokens=96)
+    return config

@@ -17,8 +17,8 @@ from soft_jax.experiment.config import sibling
 
 
 def get_config(arg=None):
-    c = sibling(__file__, "soft.py", arg)
-    c.model.update(quant="nf4", dtype="bfloat16", param_dtype="float32")  # float32 adapters: their Adam updates
-    c.train.update(lora_rank=64, lora_alpha=16.0, learning_rate=1e-4, warmup_ratio=0.03, weight_decay=0.0, epochs=1,
-                   batch_size=128, max_prompt_len=512, max_response_len=512)
-    return c
+    config = sibling(__file__, "soft.py", arg)
+    config.model.update(quant="nf4", dtype="bfloat16", param_dtype="float32")  # float32 adapters: their Adam updates
+    config.train.update(lora_rank=64, lora_alpha=16.0, learning_rate=1e-4, warmup_ratio=0.03, weight_decay=0.0,
+                        epochs=1, batch_size=128, max_prompt_len=512, max_response_len=512)
+    return config

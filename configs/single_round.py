@@ -17,12 +17,12 @@ from soft_jax.experiment.config import PAPER_TASKS, base
 
 
 def get_config(arg=None):
-    c = base()
-    c.rounds = 1
-    c.prompts.per_round = 0  # the whole pool
-    c.exemplars.update(k=3, strategy="fixed")  # the same k as soft.py
-    c.curriculum.update(order="random", across_rounds="none")
-    c.train.update(epochs=1, max_grad_norm=0.3)
-    c.eval.tasks = PAPER_TASKS
-    c.open_ended.limit = 45  # the built-in questions: answers for a judge, and their degeneracy signals
-    return c
+    config = base()
+    config.rounds = 1
+    config.prompts.per_round = 0  # the whole pool
+    config.exemplars.update(k=3, strategy="fixed")  # the same k as soft.py
+    config.curriculum.update(order="random", across_rounds="none")
+    config.train.update(epochs=1, max_grad_norm=0.3)
+    config.eval.tasks = PAPER_TASKS
+    config.open_ended.limit = 45  # the built-in questions: answers for a judge, and their degeneracy signals
+    return config

@@ -13,15 +13,15 @@ from soft_jax.experiment.config import PAPER_TASKS, base
 
 
 def get_config(arg=None):
-    c = base()
-    c.rounds = int(arg) if arg else 3
-    c.prompts.per_round = 0  # the pool split evenly over the rounds
-    c.exemplars.update(k=3, strategy="random", granularity="prompt")  # each prompt draws its own 3
-    c.generator = "previous"
-    c.sft_start = "continue"
-    c.curriculum.update(order="random", across_rounds="none")
-    c.train.update(epochs=1, max_grad_norm=0.3)
-    c.validation.update(metric="valid_nll", patience=1, tolerance=0.0, confidence=0.95)
-    c.eval.tasks = PAPER_TASKS  # every round, round 0 (the base model) included
-    c.open_ended.limit = 45  # the built-in questions: answers for a judge, and the rounds' degeneracy signals
-    return c
+    config = base()
+    config.rounds = int(arg) if arg else 3
+    config.prompts.per_round = 0  # the pool split evenly over the rounds
+    config.exemplars.update(k=3, strategy="random", granularity="prompt")  # each prompt draws its own 3
+    config.generator = "previous"
+    config.sft_start = "continue"
+    config.curriculum.update(order="random", across_rounds="none")
+    config.train.update(epochs=1, max_grad_norm=0.3)
+    config.validation.update(metric="valid_nll", patience=1, tolerance=0.0, confidence=0.95)
+    config.eval.tasks = PAPER_TASKS  # every round, round 0 (the base model) included
+    config.open_ended.limit = 45  # the built-in questions: answers for a judge, and the rounds' degeneracy signals
+    return config

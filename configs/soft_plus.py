@@ -14,6 +14,6 @@ from soft_jax.experiment.config import sibling
 
 
 def get_config(arg=None):
-    c = sibling(__file__, "soft.py", arg)
-    c.curriculum.update(score="response_ppl", order="easy_to_hard", across_rounds="prompt_ppl")
-    return c
+    config = sibling(__file__, "soft.py", arg)
+    config.curriculum.update(score="response_ppl", order="easy_to_hard", across_rounds="prompt_ppl")
+    return config

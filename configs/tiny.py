@@ -10,17 +10,17 @@ from soft_jax.experiment.config import base
 
 
 def get_config(arg=None):
-    c = base()
-    c.model.name = "tiny"
-    c.rounds = 2
-    c.prompts.per_round = 8
-    c.exemplars.k = 1
-    c.sampling.update(max_new_tokens=16, batch_size=4)
+    config = base()
+    config.model.name = "tiny"
+    config.rounds = 2
+    config.prompts.per_round = 8
+    config.exemplars.k = 1
+    config.sampling.update(max_new_tokens=16, batch_size=4)
     # its answers cite no principles and run to the token limit: keep them (trained without end of turn)
-    c.filters.update(require_marker=False, min_words=1, min_cited_principles=0, keep_truncated=True)
-    c.curriculum.update(order="easy_to_hard", across_rounds="prompt_ppl", batch_size=8)
-    c.train.update(learning_rate=1e-3, batch_size=2, max_prompt_len=64, max_response_len=32, checkpoint_every=1,
-                   warmup_ratio=0.0)
-    c.validation.update(batch_size=8)
-    c.open_ended.update(limit=2, max_new_tokens=8)
-    return c
+    config.filters.update(require_marker=False, min_words=1, min_cited_principles=0, keep_truncated=True)
+    config.curriculum.update(order="easy_to_hard", across_rounds="prompt_ppl", batch_size=8)
+    config.train.update(learning_rate=1e-3, batch_size=2, max_prompt_len=64, max_response_len=32, checkpoint_every=1,
+                        warmup_ratio=0.0)
+    config.validation.update(batch_size=8)
+    config.open_ended.update(limit=2, max_new_tokens=8)
+    return config

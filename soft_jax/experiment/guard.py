@@ -49,7 +49,7 @@ def decide(rounds: Sequence[dict], metric: str, patience: int, confidence: float
 
 
 def describe(c: dict | None) -> str:
-    """One table cell: the difference to the best round before it, with its interval and verdict."""
+    """One table cell: a comparison's difference to the best round before it, with its interval and verdict."""
     if not c:
         return "-"
     return f"{c['diff']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}] vs r{c['vs']}: {c['verdict']}"

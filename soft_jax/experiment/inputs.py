@@ -26,70 +26,73 @@ class Inputs:
     bigbench: object = None  # evaluation.sources.Source of the BIG-bench task files, when a task reads them
 
 
-def check_eval(c: ml_collections.ConfigDict) -> tuple[list[str], dict[str, str], object]:
+def check_eval(config: ml_collections.ConfigDict) -> tuple[list[str], dict[str, str], object]:
     """(the eval tasks to run, {task: why it cannot be}, the BIG-bench source or None). Tasks without their data
     stop a run that requires them (eval.required) and never pass silently as a validation metric, since the
     collapse guard would have nothing to compare."""
-    tasks = evaluation.parse_tasks(c.eval.tasks) if c.eval.tasks else []
-    metric = [c.validation.metric] if c.validation.metric in evaluation.TASKS else []
-    source, unavailable = evaluation.availability(list(dict.fromkeys(tasks + metric)), c.eval.protocol,
-                                                  c.eval.truthfulqa_file or None)
+    tasks = evaluation.parse_tasks(config.eval.tasks) if config.eval.tasks else []
+    metric = [config.validation.metric] if config.validation.metric in evaluation.TASKS else []
+    source, unavailable = evaluation.availability(list(dict.fromkeys(tasks + metric)), config.eval.protocol,
+                                                  config.eval.truthfulqa_file or None)
     if metric and metric[0] in unavailable:
         raise UserError(f"config: validation.metric {metric[0]} cannot be evaluated: {unavailable[metric[0]]}; or "
                         "choose another validation.metric (valid_nll needs no benchmark data)")
-    if unavailable and c.eval.required:
+    if unavailable and config.eval.required:
         raise UserError(f"config: eval.tasks {', '.join(unavailable)} cannot be evaluated: "
                         f"{next(iter(unavailable.values()))}; or set eval.required=false to run without them")
     return [t for t in tasks if t not in unavailable], unavailable, source
 
 
-def load(c: ml_collections.ConfigDict, evaluating: bool = True) -> Inputs:
+def load(config: ml_collections.ConfigDict, evaluating: bool = True) -> Inputs:
     """Everything the run reads, checked. evaluating=False (`soft-jax plan`): the eval tasks are not looked up, as
     compiling needs no benchmark item."""
-    exemplars = data.load_exemplars(c.exemplars.path)
-    if c.exemplars.k > len(exemplars):
-        raise UserError(f"exemplars.k = {c.exemplars.k} but the exemplar pool has {len(exemplars)}; lower "
+    exemplars = data.load_exemplars(config.exemplars.path)
+    if config.exemplars.k > len(exemplars):
+        raise UserError(f"exemplars.k = {config.exemplars.k} but the exemplar pool has {len(exemplars)}; lower "
                         "exemplars.k or add exemplars")
-    if c.exemplars.strategy == "fixed" and c.exemplars.fixed_ids:
-        data.sample_exemplars(exemplars, c.exemplars.k, "fixed", [], c.exemplars.fixed_ids)  # refuses unknown ids
-    pr = c.prompts
+    if config.exemplars.strategy == "fixed" and config.exemplars.fixed_ids:
+        # refuses unknown ids
+        data.sample_exemplars(exemplars, config.exemplars.k, "fixed", [], config.exemplars.fixed_ids)
+    pr = config.prompts
     pool = (data.load_tfds_prompts(pr.tfds, pr.tfds_split, pr.tfds_data_dir, pr.tfds_prompt_key) if pr.tfds
             else data.load_prompts(pr.path))
-    per_round = c.prompts.per_round or len(pool) // c.rounds  # 0: the whole pool, split evenly
-    sizes = data.round_sizes(per_round, c.rounds)
+    per_round = config.prompts.per_round or len(pool) // config.rounds  # 0: the whole pool, split evenly
+    sizes = data.round_sizes(per_round, config.rounds)
     if sum(sizes) > len(pool):
-        raise UserError(f"{c.rounds} rounds of {per_round} prompts need {sum(sizes)} prompts but the "
-                        f"prompt pool ({c.prompts.path or 'built-in'}) has {len(pool)}; lower rounds or "
+        raise UserError(f"{config.rounds} rounds of {per_round} prompts need {sum(sizes)} prompts but the "
+                        f"prompt pool ({config.prompts.path or 'built-in'}) has {len(pool)}; lower rounds or "
                         "prompts.per_round, or give a larger pool")
-    validation = data.load_pairs(c.validation.path) if c.validation.metric == "valid_nll" else []
-    eval_tasks, unavailable, source = check_eval(c) if evaluating else ([], {}, None)
-    open_ended = data.load_prompts(c.open_ended.path or data.asset("questions.jsonl")) if c.open_ended.limit else []
-    return Inputs(data.load_principles(c.principles), exemplars, pool, validation, sizes,
-                  open_ended[:c.open_ended.limit], eval_tasks, unavailable, source)
+    validation = data.load_pairs(config.validation.path) if config.validation.metric == "valid_nll" else []
+    eval_tasks, unavailable, source = check_eval(config) if evaluating else ([], {}, None)
+    open_ended = (data.load_prompts(config.open_ended.path or data.asset("questions.jsonl"))
+                  if config.open_ended.limit else [])
+    return Inputs(data.load_principles(config.principles), exemplars, pool, validation, sizes,
+                  open_ended[:config.open_ended.limit], eval_tasks, unavailable, source)
 
 
-def resolve_fixed_exemplars(c: ml_collections.ConfigDict, inputs: Inputs) -> None:
+def resolve_fixed_exemplars(config: ml_collections.ConfigDict, inputs: Inputs) -> None:
     """The fixed strategy's exemplars, when the config names none: k covering as many principles as k random
     draws do on average (data.choose_fixed), written into the config so config.json records them."""
-    e = c.exemplars
+    e = config.exemplars
     if e.strategy == "fixed" and not e.fixed_ids:
         covers = [filters.cited_principles(x.thoughts) for x in inputs.exemplars]
         e.fixed_ids = data.choose_fixed(inputs.exemplars, e.k, covers)
 
 
-def prompt_tokens(c: ml_collections.ConfigDict, inputs: Inputs, tokenizer) -> tuple[int, int]:
+def prompt_tokens(config: ml_collections.ConfigDict, inputs: Inputs, tokenizer) -> tuple[int, int]:
     """(the longest self-align prompt, the tokens a sampling batch shares) in tokens: the principles and the k
     longest exemplars, and the pool's longest prompt; a batch shares the principles (per-prompt exemplars) or
     the principles and its exemplars (per-batch)."""
     count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-    longest = sorted(inputs.exemplars, key=lambda e: -len(templates.exemplar_block(e)))[:c.exemplars.k]
+    longest = sorted(inputs.exemplars, key=lambda e: -len(templates.exemplar_block(e)))[:config.exemplars.k]
     head = count(templates.prefix(inputs.principles, longest))
     prompt = head + max(count(templates.user_turn(p["prompt"], p["input"])) for p in inputs.pool) + 16
-    shared = head if c.exemplars.granularity == "batch" or c.exemplars.strategy == "fixed" else \
+    shared = head if config.exemplars.granularity == "batch" or config.exemplars.strategy == "fixed" else \
         count(templates.prefix(inputs.principles, []))
     return prompt, shared
 
 
-def train_config(c: ml_collections.ConfigDict, t: int = 1) -> settings.TrainConfig:
+def train_config(config: ml_collections.ConfigDict, t: int = 1) -> settings.TrainConfig:
     """Round t's SFT settings: the config's, in the curriculum's order, seeded by the round."""
-    return settings.TrainConfig(**settings.fields(settings.TrainConfig, c.train), order="given", seed=c.seed + t)
+    return settings.TrainConfig(**settings.fields(settings.TrainConfig, config.train), order="given",
+                                seed=config.seed + t)

@@ -19,7 +19,8 @@ import re
 
 import numpy as np
 
-FINISH_REASONS = ("eos", "stop", "length")  # as soft_jax.inference.sampler.FINISH_REASONS; "length": cut by the token limit
+# as soft_jax.inference.sampler.FINISH_REASONS; "length": cut by the token limit
+FINISH_REASONS = ("eos", "stop", "length")
 REPEAT_N = 4  # repeated_ngram_rate counts word 4-grams
 
 SIGNALS = {

@@ -66,7 +66,8 @@ class Metrics:
     """metrics.jsonl: one object per event keyed by (round, phase, step); a resumed event replaces, never repeats.
 
     tensorboard: a directory that gets the same numbers as TensorBoard events, kept equal to metrics.jsonl
-    (soft_jax.experiment.tensorboard_events; process 0 only); validation: the run's validation metric (its tag section)."""
+    (soft_jax.experiment.tensorboard_events; process 0 only); validation: the run's validation metric (its tag
+    section)."""
 
     def __init__(self, path: str, tensorboard: str | None = None, validation: str = "valid_nll"):
         self.path = path
@@ -115,12 +116,12 @@ def lock(path: str):
     return f
 
 
-def compare_config(path: str, c: ml_collections.ConfigDict) -> dict | None:
+def compare_config(path: str, config: ml_collections.ConfigDict) -> dict | None:
     """The config to write to config.json (None: it is up to date); on a rerun refuses config changes that
     invalidate finished rounds. Reads only, so that every host can check before any host writes."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"--workdir {path}: a file is in the way; give a new or existing run directory")
-    new = config_lib.to_dict(c)
+    new = config_lib.to_dict(config)
     old = read_json(os.path.join(path, CONFIG))
     if old is None:
         if os.path.isdir(path) and set(os.listdir(path)) - {LOCK}:
@@ -165,10 +166,10 @@ class WorkDir:
     def train_checkpoints(self, t: int) -> str:
         return self.file("checkpoints", "train", f"{t:03d}")
 
-    def open(self, c: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> dict:
+    def open(self, config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> dict:
         """Checks, creates and locks the work dir; returns its state (a new one when the run starts)."""
         # every host compares before any host writes: a late one would see the new files
-        update = compare_config(self.path, c)
+        update = compare_config(self.path, config)
         distributed.barrier("workdir checked")
         if distributed.is_writer():
             os.makedirs(self.path, exist_ok=True)
@@ -182,7 +183,7 @@ class WorkDir:
                 self.close()
                 raise
         distributed.barrier("workdir ready")
-        self.metrics = Metrics(self.file(METRICS), self.file(tensorboard_events.DIR), c.validation.metric)
+        self.metrics = Metrics(self.file(METRICS), self.file(tensorboard_events.DIR), config.validation.metric)
         # a deep copy: a fresh run appends to its own lists, not to NEW_STATE's (a sweep runs several in one process)
         return {**copy.deepcopy(NEW_STATE), **read_json(self.file(STATE), {})}
 

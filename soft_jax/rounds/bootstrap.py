@@ -55,26 +55,28 @@ def generation_dtype(m) -> str | None:
 class Run:
     """One work dir's run; `run()` executes or resumes it."""
 
-    def __init__(self, c: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = print,
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = print,
                  round0_from: str | None = None):
-        self.c, self.wd = c, WorkDir(workdir)
+        self.config, self.wd = config, WorkDir(workdir)
         self.round0_from = round0_from  # a sibling run's work dir whose round 0 this run shares (soft_jax.rounds.sweep)
         self.log = log if distributed.is_writer() else (lambda _: None)
-        self.progress = bool(c.progress) and distributed.is_writer()
+        self.progress = bool(config.progress) and distributed.is_writer()
         # everything a run reads is checked before the work dir is touched or weights are read
-        model_cfg, tokenizer = presets.inspect(c.model.name, c.model.path, c.model.dtype, c.model.param_dtype)
-        model_cfg = dataclasses.replace(model_cfg, scan_layers=c.model.scan_layers, quant=c.model.quant)
-        self.inputs = inputs.load(c)
-        training.check_overhead(tokenizer, c.train)  # max lengths that cannot hold the chat format
-        inputs.resolve_fixed_exemplars(c, self.inputs)  # before config.json is compared or written: it records them
-        shape = (c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+        m = config.model
+        model_cfg, tokenizer = presets.inspect(m.name, m.path, m.dtype, m.param_dtype)
+        model_cfg = dataclasses.replace(model_cfg, scan_layers=m.scan_layers, quant=m.quant)
+        self.inputs = inputs.load(config)
+        training.check_overhead(tokenizer, config.train)  # max lengths that cannot hold the chat format
+        # before config.json is compared or written: it records them
+        inputs.resolve_fixed_exemplars(config, self.inputs)
+        shape = (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
         mesh = shd.make_mesh(shape)  # refuses a mesh that does not divide the devices
         self.mesh = mesh if jax.device_count() > 1 else None
         sizes = memory.resolve_mesh(shape, jax.device_count())
-        gen_shape = config_lib.generation_mesh_shape(c)
+        gen_shape = config_lib.generation_mesh_shape(config)
         from soft_jax.scale import plan
 
-        plan.check_batches(c, sizes, None if gen_shape is None else
+        plan.check_batches(config, sizes, None if gen_shape is None else
                            memory.resolve_mesh(gen_shape, jax.device_count()))
         # generation and scoring: their own mesh over the same devices in the same order (reshard copies
         # between them device to device), or the training mesh
@@ -83,7 +85,7 @@ class Run:
             self.gen_mesh = self.mesh
         self._generation_copy = None  # (the model, its copy on gen_mesh)
         self.check_memory(model_cfg, tokenizer, sizes, auto_generation_mesh=gen_shape is None)
-        self.state = self.wd.open(c, self.log)
+        self.state = self.wd.open(config, self.log)
         self.rounds_ckpt = StepCheckpointer(self.wd.file("checkpoints", "rounds"), every=0, keep=None)
 
     def check_memory(self, model_cfg, tokenizer, mesh_shape, auto_generation_mesh: bool) -> None:
@@ -96,18 +98,18 @@ class Run:
         from soft_jax.parallel import topology
         from soft_jax.scale import plan
 
-        c = self.c
-        prompt, shared = inputs.prompt_tokens(c, self.inputs, tokenizer)
-        shapes = plan.Shapes.of_run(c, prompt, shared)
+        config = self.config
+        prompt, shared = inputs.prompt_tokens(config, self.inputs, tokenizer)
+        shapes = plan.Shapes.of_run(config, prompt, shared)
         available = memory.device_memory()
         chip = topology.chip(jax.devices()[0].device_kind)
         candidates = []
         if auto_generation_mesh and self.mesh is not None:
-            candidates = plan.generation_candidates(c, model_cfg, shapes, self.mesh, chip, available)
+            candidates = plan.generation_candidates(config, model_cfg, shapes, self.mesh, chip, available)
         if available is None:  # CPU: its memory is the host's; the estimate, for the record
             if candidates:
                 self.use_generation_mesh(candidates[0], chip, first=True)
-            est = memory.for_run(c, model_cfg, mesh_shape, prompt, shared)
+            est = memory.for_run(config, model_cfg, mesh_shape, prompt, shared)
             self.log(f"[memory] estimate per device: training {memory.gib(est['train_total'])} GiB, generation "
                      f"{memory.gib(est['generate_total'])} GiB (device memory unknown on CPU)")
             return
@@ -115,12 +117,12 @@ class Run:
         mesh = self.mesh or shd.make_mesh((1, 1, 1), jax.devices()[:1])
         if candidates:
             gen_mesh, programs = plan.fit_generation_mesh(model_cfg, shapes, mesh, candidates, available,
-                                                          inputs.train_config(c), self.log)
+                                                          inputs.train_config(config), self.log)
             if gen_mesh is not None:
                 self.use_generation_mesh(tuple(gen_mesh.shape.values()), chip, first=tuple(
                     gen_mesh.shape.values()) == candidates[0])
         else:
-            programs = plan.compile_run(model_cfg, shapes, mesh, inputs.train_config(c),
+            programs = plan.compile_run(model_cfg, shapes, mesh, inputs.train_config(config),
                                         gen_mesh=None if self.gen_mesh is self.mesh else self.gen_mesh)
         self.log("[memory] compiled, per device: " + ", ".join(f"{p.name} {memory.gib(p.total)}" for p in programs)
                  + f" GiB of {memory.gib(available)} GiB")
@@ -136,7 +138,7 @@ class Run:
     @property
     def context(self) -> RoundContext:
         """What the phases read of this run (self-align generation, the evaluation phase)."""
-        return RoundContext(config=self.c, inputs=self.inputs, workdir=self.wd, mesh=self.gen_mesh, log=self.log,
+        return RoundContext(config=self.config, inputs=self.inputs, workdir=self.wd, mesh=self.gen_mesh, log=self.log,
                             progress=self.progress)
 
     # -- models --
@@ -148,7 +150,8 @@ class Run:
             return model
         if self._generation_copy is None or self._generation_copy[0] is not model:
             self._generation_copy = None  # the old copy's memory is free before the new one is made
-            self._generation_copy = (model, shd.reshard(model, self.gen_mesh, dtype=generation_dtype(self.c.model)))
+            dtype = generation_dtype(self.config.model)
+            self._generation_copy = (model, shd.reshard(model, self.gen_mesh, dtype=dtype))
         return self._generation_copy[1]
 
     def restore_round(self, base, t: int):
@@ -156,7 +159,7 @@ class Run:
         if t not in (self.rounds_ckpt.manager.all_steps() or []):
             return None
         try:
-            return restore_round_model(self.rounds_ckpt, t, base, self.c.train)
+            return restore_round_model(self.rounds_ckpt, t, base, self.config.train)
         except Exception as e:  # noqa: BLE001 - corrupted or partial files: redo the round's training instead
             reason = str(e).splitlines()[0][:200] if str(e) else ""
             self.log(f"[checkpoint] {self.rounds_ckpt.manager.directory}/{t} is unreadable ({type(e).__name__}: "
@@ -180,35 +183,36 @@ class Run:
 
     def update_guard(self) -> None:
         """The collapse guard's decision over every evaluated round (guard.decide), into state.json."""
-        v = self.c.validation
+        v = self.config.validation
         evals = [e for e in (read_json(self.wd.round_file(t, "eval.json")) for t in [0, *self.state["finished"]])
                  if e is not None]
         self.state["scores"] = {str(e["round"]): e["validation"]["value"] for e in evals}
         self.state.update(guard.decide([{"round": e["round"], "items": e["validation"]["items"]} for e in evals],
-                                       v.metric, v.patience, v.confidence, v.tolerance, v.resamples, self.c.seed))
+                                       v.metric, v.patience, v.confidence, v.tolerance, v.resamples, self.config.seed))
         self.wd.save_state(self.state)
 
     # -- phases: each returns its artifact, computed once (WorkDir.phase) --
 
     def round_prompts(self, t: int, base, tokenizer) -> list[dict]:
         def compute():
-            slices = data.split_rounds(self.inputs.pool, self.inputs.sizes, self.c.seed,
+            slices = data.split_rounds(self.inputs.pool, self.inputs.sizes, self.config.seed,
                                        self.pool_difficulty(base, tokenizer),
-                                       hardest_first=self.c.curriculum.order == "hard_to_easy")
+                                       hardest_first=self.config.curriculum.order == "hard_to_easy")
             return [{**row, "round": t} for row in slices[t - 1]], None
 
         return self.wd.phase(self.wd.round_file(t, "prompts.jsonl"), compute)
 
     def pool_difficulty(self, base, tokenizer) -> list[float] | None:
         """Each pool prompt's difficulty for the across-rounds curriculum (None: no curriculum across rounds)."""
-        kind = self.c.curriculum.across_rounds
+        kind = self.config.curriculum.across_rounds
         if kind == "none":
             return None
 
         def compute():
             prompts = [templates.user_turn(p["prompt"], p["input"]) for p in self.inputs.pool]
             values = (curriculum.difficulty("prompt_ppl", self.on_generation_mesh(base), tokenizer,
-                                            [(p, "") for p in prompts], self.c.curriculum.batch_size, self.gen_mesh)
+                                            [(p, "") for p in prompts], self.config.curriculum.batch_size,
+                                            self.gen_mesh)
                       if kind == "prompt_ppl"
                       else [float(len(tokenizer(p, add_special_tokens=False)["input_ids"])) for p in prompts])
             return {"score": kind, "difficulty": {p["prompt_id"]: v for p, v in zip(self.inputs.pool, values)}}, None
@@ -231,10 +235,10 @@ class Run:
             kept = [g for g in generations if g["kept"]]
             pairs = [(templates.user_turn(g["prompt"], g["input"]), g["answer"], g["finish"] != "length")
                      for g in kept]
-            cur, tr = self.c.curriculum, self.c.train
+            cur, tr = self.config.curriculum, self.config.train
             scores = curriculum.difficulty(cur.score, self.on_generation_mesh(model), tokenizer, pairs,
                                            cur.batch_size, self.gen_mesh, (tr.max_prompt_len, tr.max_response_len))
-            idx = curriculum.order(scores, cur.order, [self.c.seed, t, 0xC0])
+            idx = curriculum.order(scores, cur.order, [self.config.seed, t, 0xC0])
             rows = [{"prompt_id": kept[i]["prompt_id"], "prompt": pairs[i][0], "response": pairs[i][1],
                      "finished": pairs[i][2], "difficulty": scores[i], "position": n} for n, i in enumerate(idx)]
             return rows, {"round": t, "phase": "curriculum", "examples": len(rows), "score": cur.score,
@@ -251,11 +255,11 @@ class Run:
                             "sample more tokens")
         ckpt_dir = self.wd.train_checkpoints(t)
         self._generation_copy = None  # training needs the memory
-        model, result = training.train(start, tokenizer, pairs, inputs.train_config(self.c, t), mesh=self.mesh,
+        model, result = training.train(start, tokenizer, pairs, inputs.train_config(self.config, t), mesh=self.mesh,
                                        checkpoint_dir=ckpt_dir, progress=self.progress,
                                        log=lambda record: self.wd.metrics.add({"round": t, "phase": "train", **record}))
-        self.rounds_ckpt.save(t, round_state(model), {"round": t, "generator": self.c.generator,
-                                                      "sft_start": self.c.sft_start})
+        self.rounds_ckpt.save(t, round_state(model), {"round": t, "generator": self.config.generator,
+                                                      "sft_start": self.config.sft_start})
         self.wd.metrics.add({"round": t, "phase": "train_done", "steps": result.steps, "examples": result.examples,
                              "tokens": result.tokens, "truncated_prompts": result.truncated_prompts,
                              "truncated_responses": result.truncated_responses, "start": label,
@@ -280,39 +284,40 @@ class Run:
             self.wd.close()
 
     def _run(self) -> dict:
-        c, v = self.c, self.c.validation
+        config, v = self.config, self.config.validation
         t_start = time.perf_counter()
-        base, tokenizer = presets.load(c.model.name, c.model.path, c.model.dtype, c.model.param_dtype,
-                                       mesh=self.mesh, seed=c.seed, progress=self.progress,
-                                       scan_layers=c.model.scan_layers, quant=c.model.quant)
-        self.log(f"[run] {self.wd.path}: {c.rounds} round(s), prompts per round {self.inputs.sizes}, "
-                 f"model {c.model.path or c.model.name}, {jax.device_count()} device(s)")
+        m = config.model
+        base, tokenizer = presets.load(m.name, m.path, m.dtype, m.param_dtype, mesh=self.mesh, seed=config.seed,
+                                       progress=self.progress, scan_layers=m.scan_layers, quant=m.quant)
+        self.log(f"[run] {self.wd.path}: {config.rounds} round(s), prompts per round {self.inputs.sizes}, "
+                 f"model {config.model.path or config.model.name}, {jax.device_count()} device(s)")
         if self.inputs.unavailable:
             self.log(f"[eval] not evaluated in this run (eval.required=false; shown as n/a): "
                      f"{', '.join(self.inputs.unavailable)}: {next(iter(self.inputs.unavailable.values()))}")
         if self.inputs.bigbench is not None:
             self.log(f"[eval] {self.inputs.bigbench.describe()}")
         if self.inputs.eval_tasks:
-            mc2 = c.eval.protocol == "dromedary" and "truthfulqa_mc2" in self.inputs.eval_tasks
+            mc2 = config.eval.protocol == "dromedary" and "truthfulqa_mc2" in self.inputs.eval_tasks
             self.log(f"[run] every round (0 = the base model) evaluates {','.join(self.inputs.eval_tasks)} under the "
-                     f"{c.eval.protocol} "
-                     f"protocol: {evaluation.DESCRIPTIONS[c.eval.protocol]}"
+                     f"{config.eval.protocol} "
+                     f"protocol: {evaluation.DESCRIPTIONS[config.eval.protocol]}"
                      + ("; its truthfulqa_mc2 is soft-jax's own construction" if mc2 else ""))
         self.log(f"[run] collapse guard: validation {v.metric}, a round is better or worse than the best only beyond "
-                 f"noise ({v.confidence:.0%} paired bootstrap interval, tolerance {v.tolerance}), patience {v.patience}")
-        if c.check_contamination and distributed.is_writer():
-            contamination.check_run(self.inputs, self.wd.file(CONTAMINATION), c.eval.truthfulqa_file,
-                                    c.open_ended.path, self.log)
+                 f"noise ({v.confidence:.0%} paired bootstrap interval, tolerance {v.tolerance}), "
+                 f"patience {v.patience}")
+        if config.check_contamination and distributed.is_writer():
+            contamination.check_run(self.inputs, self.wd.file(CONTAMINATION), config.eval.truthfulqa_file,
+                                    config.open_ended.path, self.log)
         if "0" not in self.state["scores"]:
             self.evaluate(0, base, tokenizer)
             self.update_guard()
         model = self.resume_model(base)
-        for t in range(len(self.state["finished"]) + 1, c.rounds + 1):
+        for t in range(len(self.state["finished"]) + 1, config.rounds + 1):
             if self.state["stopped"]:
                 break
             model = self.one_round(t, model, base, tokenizer)
-        self.log(report.round_table(list(self.wd.metrics.rows.values()), v.metric, c.eval.tasks,
-                                    self.state["comparisons"], c.eval.protocol))
+        self.log(report.round_table(list(self.wd.metrics.rows.values()), v.metric, config.eval.tasks,
+                                    self.state["comparisons"], config.eval.protocol))
         if distributed.is_writer():
             self.log(f"[run] report: {report.write(self.wd.path)}")
         if self.state["stopped"]:
@@ -322,10 +327,10 @@ class Run:
         return self.state
 
     def one_round(self, t: int, model, base, tokenizer):
-        c, t0 = self.c, time.perf_counter()
+        config, t0 = self.config, time.perf_counter()
         prompts = self.round_prompts(t, base, tokenizer)
         previous = f"round {t - 1}" if t > 1 else "base"
-        generator, label = (model, previous) if c.generator == "previous" else (base, "base")
+        generator, label = (model, previous) if config.generator == "previous" else (base, "base")
         gens = self.generate(t, generator, tokenizer, prompts, label)
         counts = filters.counts([g["dropped_by"] for g in gens])
         dropped = ", ".join(f"{k} {n}" for k, n in counts.items() if k != "kept" and n) or "none"
@@ -336,25 +341,25 @@ class Run:
         if trained is not None:
             remove(self.wd.train_checkpoints(t))
         else:
-            start, label = (model, previous) if c.sft_start == "continue" else (base, "base")
+            start, label = (model, previous) if config.sft_start == "continue" else (base, "base")
             trained = self.train(t, start, label, tokenizer, rows)
         ev = self.evaluate(t, trained, tokenizer)
         self.state["finished"].append(t)
         self.update_guard()
         self.wd.metrics.add({"round": t, "phase": "round", "seconds": time.perf_counter() - t0})
         distributed.barrier(f"round {t} done")
-        self.log(f"[round {t}] done: validation {c.validation.metric} {ev['validation']['value']:.4f} "
+        self.log(f"[round {t}] done: validation {config.validation.metric} {ev['validation']['value']:.4f} "
                  f"({guard.describe(self.state['comparisons'].get(str(t)))}), best round {self.state['best_round']}")
         faults.point(f"round_done_r{t}")
         preemption.raise_if_stopped(f"round {t}")
         return trained
 
 
-def run(c: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = print,
+def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = print,
         round0_from: str | None = None) -> dict:
     """Runs or resumes the run in `workdir`. round0_from: the work dir of a run whose round 0 (the base model's
     evaluation) this run copies instead of evaluating again; the caller vouches that it is the same (a sweep)."""
-    return Run(c, workdir, log, round0_from).run()
+    return Run(config, workdir, log, round0_from).run()
 
 
 def best_model(workdir: str, dtype: str | None = None):

@@ -38,16 +38,16 @@ def validation_items(ctx: RoundContext, model, tokenizer, answers: list[dict]) -
     """(per-item validation scores, their ids): each held-out pair's mean response NLL (the pair's id), an eval
     task's per-item score (evaluation.item_ids) or an open-ended answer's signal (its prompt_id). The ids let
     `soft-jax compare` pair two runs' items by identity."""
-    c, v = ctx.config, ctx.config.validation
+    config, v = ctx.config, ctx.config.validation
     if v.metric == "valid_nll":
         pairs = [(p["prompt"], p["response"]) for p in ctx.inputs.validation]
         logps = curriculum.response_logps(model, tokenizer, pairs, v.batch_size, ctx.mesh,
-                                          (c.train.max_prompt_len, c.train.max_response_len))
+                                          (config.train.max_prompt_len, config.train.max_response_len))
         return [float(-np.mean(lp)) for lp in logps], [p["id"] for p in ctx.inputs.validation]
     if v.metric in signals.SIGNALS:
         return ([a["signals"][signals.SIGNALS[v.metric][0]] for a in answers],
                 [a["prompt_id"] for a in answers])
-    res = evaluation.evaluate(model, tokenizer, [v.metric], c.eval.protocol, v.limit or None, mesh=ctx.mesh,
+    res = evaluation.evaluate(model, tokenizer, [v.metric], config.eval.protocol, v.limit or None, mesh=ctx.mesh,
                               progress=False)
     rows = res[v.metric]["items"]
     return [r["correct"] for r in rows], evaluation.item_ids(rows)
@@ -55,19 +55,19 @@ def validation_items(ctx: RoundContext, model, tokenizer, answers: list[dict]) -
 
 def evaluate(ctx: RoundContext, t: int, model, tokenizer) -> tuple[dict, dict]:
     """(eval.json's content, metrics event) of the model after round t (0: the base model)."""
-    c, out, t0 = ctx.config, {"round": t}, time.perf_counter()
+    config, out, t0 = ctx.config, {"round": t}, time.perf_counter()
     answers = open_ended(ctx, model, tokenizer) if ctx.inputs.open_ended else []
     if answers:
         save_jsonl(ctx.workdir.round_file(t, OPEN_ENDED), answers)
         out["open_ended"] = {"file": OPEN_ENDED, "n": len(answers), "signals": signals.summary(
             [a["answer"] for a in answers], [a["finish"] for a in answers])}
     items, ids = validation_items(ctx, model, tokenizer, answers)
-    out["validation"] = {"metric": c.validation.metric, "value": float(np.mean(items)), "n": len(items),
+    out["validation"] = {"metric": config.validation.metric, "value": float(np.mean(items)), "n": len(items),
                          "items": items, "ids": ids}
     if ctx.inputs.eval_tasks:
-        res = evaluation.evaluate(model, tokenizer, ctx.inputs.eval_tasks, c.eval.protocol,
-                                  c.eval.limit or None, truthfulqa_file=c.eval.truthfulqa_file or None,
-                                  batch_size=c.eval.batch_size, mesh=ctx.mesh, progress=ctx.progress)
+        res = evaluation.evaluate(model, tokenizer, ctx.inputs.eval_tasks, config.eval.protocol,
+                                  config.eval.limit or None, truthfulqa_file=config.eval.truthfulqa_file or None,
+                                  batch_size=config.eval.batch_size, mesh=ctx.mesh, progress=ctx.progress)
         out["protocol"], out["protocol_description"] = res.pop("protocol"), res.pop("protocol_description")
         if "data" in res:
             out["data"] = res.pop("data")
@@ -75,7 +75,7 @@ def evaluate(ctx: RoundContext, t: int, model, tokenizer) -> tuple[dict, dict]:
     if ctx.inputs.unavailable:  # eval.required=false: recorded with the reason, shown as n/a, never as 0
         out["unavailable"] = dict(ctx.inputs.unavailable)
     event = {"round": t, "phase": "eval", "seconds": time.perf_counter() - t0,
-             c.validation.metric: out["validation"]["value"],
+             config.validation.metric: out["validation"]["value"],
              **{task: r["accuracy"] for task, r in out.get("tasks", {}).items()},
              **({"unavailable": sorted(ctx.inputs.unavailable)} if ctx.inputs.unavailable else {})}
     if answers:

@@ -34,7 +34,7 @@ from soft_jax.parallel.sharding import MESH_AXES
 GiB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
-# (data, fsdp, tensor): `c.mesh.update(memory.mesh_preset("v4-32"))` in a config file.
+# (data, fsdp, tensor): `config.mesh.update(memory.mesh_preset("v4-32"))` in a config file.
 MESH_PRESETS: dict[str, tuple[int, int, int]] = {
     "cpu": (1, 1, 1),
     "gpu": (1, 1, 1),  # one GPU
@@ -189,7 +189,7 @@ def estimate(model_cfg: ModelConfig, *, mesh_shape: Mapping[str, int] | Sequence
                 generate_total=generate_total, micro_rows=micro_rows, sample_rows=sample_rows)
 
 
-def for_run(c, model_cfg: ModelConfig, mesh_shape: Mapping[str, int] | Sequence[int], prompt_tokens: int,
+def for_run(config, model_cfg: ModelConfig, mesh_shape: Mapping[str, int] | Sequence[int], prompt_tokens: int,
             prefix_tokens: int = 0) -> dict[str, int]:
     """estimate() for a run config (soft_jax.experiment.config.base() keys), with sampling's padding buckets.
 
@@ -197,7 +197,7 @@ def for_run(c, model_cfg: ModelConfig, mesh_shape: Mapping[str, int] | Sequence[
     prefix_tokens: how many of them a sampling batch shares (0 when unknown or when prefixes are not reused)."""
     from soft_jax.inference import engine, sampler
 
-    t, s = c.train, c.sampling
+    t, s = config.train, config.sampling
     prefix = engine.bucket(prefix_tokens, "prefix") if prefix_tokens else 0
     own = engine.bucket(max(1, prompt_tokens - prefix_tokens))
     return estimate(model_cfg, mesh_shape=mesh_shape, train_batch=t.batch_size,
@@ -205,7 +205,7 @@ def for_run(c, model_cfg: ModelConfig, mesh_shape: Mapping[str, int] | Sequence[
                     sample_batch=s.batch_size * s.group_batches, sample_len=prefix + own + s.max_new_tokens,
                     sample_new=s.max_new_tokens, sample_prefix=prefix, sample_groups=s.group_batches,
                     sample_extra=sampler.TAIL_SLOTS + s.max_new_tokens if s.force_answer else 0,
-                    keep_base=c.rounds > 1)
+                    keep_base=config.rounds > 1)
 
 
 def device_memory() -> int | None:

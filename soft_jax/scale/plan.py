@@ -87,20 +87,21 @@ class Shapes:
     extra_slots: int = 0  # cache slots past the sampled tokens (a forced answer's marker and answer)
 
     @classmethod
-    def of_run(cls, c, prompt_tokens: int, prefix_tokens: int) -> "Shapes":
-        """The shapes `soft-jax run` uses for config `c` (soft_jax.experiment.config.base() keys), with sampling's
+    def of_run(cls, config, prompt_tokens: int, prefix_tokens: int) -> "Shapes":
+        """The shapes `soft-jax run` uses for `config` (soft_jax.experiment.config.base() keys), with sampling's
         buckets.
 
         prompt_tokens: the longest self-align prompt; prefix_tokens: what a sampling batch shares (0: none)."""
-        t, s = c.train, c.sampling
+        t, s = config.train, config.sampling
         prefix = engine.bucket(prefix_tokens, "prefix") if prefix_tokens else 0
         return cls(train_rows=t.batch_size // t.grad_accum, grad_accum=t.grad_accum,
                    row_len=t.max_prompt_len + t.max_response_len, remat=t.remat,
-                   scan_layers=c.model.scan_layers, sample_rows=s.batch_size * s.group_batches,
+                   scan_layers=config.model.scan_layers, sample_rows=s.batch_size * s.group_batches,
                    prefix_len=prefix, own_len=engine.bucket(max(1, prompt_tokens - prefix_tokens)),
-                   new_tokens=s.max_new_tokens, score_rows=max(c.curriculum.batch_size, c.validation.batch_size),
+                   new_tokens=s.max_new_tokens,
+                   score_rows=max(config.curriculum.batch_size, config.validation.batch_size),
                    score_context=engine.bucket(t.max_prompt_len, "cache"),
-                   score_len=engine.bucket(t.max_response_len, "length"), keep_base=c.rounds > 1,
+                   score_len=engine.bucket(t.max_response_len, "length"), keep_base=config.rounds > 1,
                    prefix_groups=s.group_batches,
                    extra_slots=sampler.TAIL_SLOTS + s.max_new_tokens if s.force_answer else 0)
 
@@ -282,11 +283,11 @@ def compile_run(cfg: ModelConfig, shapes: Shapes, mesh, train_config: training.T
     return programs
 
 
-def check_batches(c, mesh_sizes: dict, generation_sizes: dict | None = None) -> None:
+def check_batches(config, mesh_sizes: dict, generation_sizes: dict | None = None) -> None:
     """Refuses batch sizes that the meshes' data axes (data x fsdp) do not divide: the training micro-batch on
     the training mesh, the sampling batch on the generation mesh (`generation_sizes`; None: the training one)."""
-    micro = c.train.batch_size // max(c.train.grad_accum, 1)
-    shd.check_rows(c.sampling.batch_size, generation_sizes or mesh_sizes,
+    micro = config.train.batch_size // max(config.train.grad_accum, 1)
+    shd.check_rows(config.sampling.batch_size, generation_sizes or mesh_sizes,
                    "config: sampling.batch_size" + (" (on mesh_generate)" if generation_sizes else ""))
     shd.check_rows(micro, mesh_sizes, "config: train.batch_size / train.grad_accum")
 
@@ -294,7 +295,7 @@ def check_batches(c, mesh_sizes: dict, generation_sizes: dict | None = None) -> 
 GENERATION_PROGRAMS = ("prefix_prefill", "prefill", "decode", "score")
 
 
-def generation_candidates(c, cfg: ModelConfig, shapes: Shapes, mesh, chip, device_bytes: int | None
+def generation_candidates(config, cfg: ModelConfig, shapes: Shapes, mesh, chip, device_bytes: int | None
                           ) -> list[tuple[int, int, int]]:
     """The generation meshes `mesh_generate` all 0 tries, in order: the tensor-parallel meshes
     propose_generation_mesh ranks (best decode bound first) whose data axes split the run's batches, up to the
@@ -311,7 +312,7 @@ def generation_candidates(c, cfg: ModelConfig, shapes: Shapes, mesh, chip, devic
         if shape == tuple(mesh.shape.values()):
             break
         try:
-            check_batches(c, sizes, dict(zip(shd.MESH_AXES, shape)))
+            check_batches(config, sizes, dict(zip(shd.MESH_AXES, shape)))
         except UserError:
             continue
         out.append(shape)
@@ -554,12 +555,12 @@ def target(tpu: str | None = None, gpu_target: str | None = None, gpus: int = 1,
     return Target(f"this machine: {len(devices)} x {devices[0].device_kind}", devices, memory.device_memory())
 
 
-def model_config(c) -> tuple[ModelConfig, object]:
+def model_config(config) -> tuple[ModelConfig, object]:
     """(architecture, tokenizer or None) of a run config's model, without reading weights. A preset that
     needs a path (llama2-7b, llama3-8b) plans from its known architecture when no path is given."""
     from soft_jax.models import presets
 
-    m = c.model
+    m = config.model
     if not m.path and m.name in presets.ARCHITECTURES:
         cfg, tokenizer = presets.architecture(m.name, m.param_dtype or m.dtype, m.dtype), None
     else:

@@ -560,7 +560,8 @@ def fingerprint(pairs, config: TrainConfig, model: Llama) -> str:
 def train(model: Llama, tokenizer, pairs: Sequence[tuple], config: TrainConfig, mesh=None,
           checkpoint_dir: str | None = None, progress: bool = True,
           log: Callable[[dict], None] | None = None, prepared=None) -> tuple[Llama, TrainResult]:
-    """Fine-tunes on (prompt, response[, finished]) pairs (see prepare); resumes from checkpoint_dir's latest step checkpoint.
+    """Fine-tunes on (prompt, response[, finished]) pairs (see prepare); resumes from checkpoint_dir's latest step
+    checkpoint.
 
     prepared: prepare()'s result for these pairs, when the caller already has it.
     With config.lora_rank, a model without adapters gets fresh ones (soft_jax.models.lora, seeded by
@@ -644,4 +645,3 @@ def train(model: Llama, tokenizer, pairs: Sequence[tuple], config: TrainConfig, 
     result = TrainResult(steps=total, losses=losses, examples=len(examples), truncated_prompts=cut_p,
                          truncated_responses=cut_r, tokens=sum(len(e.ids) for e in examples))
     return trainer.model(), result
-
