@@ -42,7 +42,17 @@ BUCKETS = {
 
 
 def bucket(n: int, kind: str = "own", multiple: int = 1) -> int:
-    """n padded to its bucket of `kind` (BUCKETS), then rounded up to a multiple of `multiple`."""
+    """n padded to its bucket of `kind` (BUCKETS), then rounded up to a multiple of `multiple`.
+
+    Args:
+      n: the size to pad (a token count or a row count).
+      kind: a key of BUCKETS ("own", "prefix", "length", "cache", "rows").
+      multiple: the result is a multiple of this (e.g. the mesh's data x fsdp for a row count).
+
+    Returns:
+      The padded size, an int >= n: the smallest minimum x base**i >= n, or past `linear_above` the next
+      multiple of `step`; then rounded up to a multiple of `multiple`.
+    """
     minimum, base, linear_above, step = BUCKETS[kind]
     if linear_above is not None and n > linear_above:
         size = -(-n // step) * step
@@ -54,7 +64,15 @@ def bucket(n: int, kind: str = "own", multiple: int = 1) -> int:
 
 
 def stop_ids(tokenizer, model: Llama) -> tuple[int, ...]:
-    """The model's end-of-sequence ids and the tokenizer's, sorted."""
+    """The model's end-of-sequence ids and the tokenizer's, sorted.
+
+    Args:
+      tokenizer: a tokenizer with an `eos_token_id` attribute (int or None), or None.
+      model: the Llama whose `config.eos_token_id` (an int, a tuple of ints or None) is read.
+
+    Returns:
+      The distinct stop token ids in ascending order; empty when neither gives one.
+    """
     ids = set()
     eos = model.config.eos_token_id
     ids.update(eos if isinstance(eos, tuple) else () if eos is None else (eos,))
@@ -107,6 +125,17 @@ def filter_logits(logits, temperature, top_p, top_k, *, use_top_p: bool, use_top
     ignore: [B] bool, rows whose draw is thrown away (rows that already stopped): they never send the batch
     to the sort (their filtering is then not exact; a stopped row's flat distribution would otherwise sort
     the vocabulary at every step until the batch ends).
+
+    Args:
+      logits: [B, vocab] float logits.
+      temperature: scalar; the logits are divided by max(temperature, 1e-6).
+      top_p: scalar in (0, 1]: keep the fewest most likely tokens whose probability (after top-k) reaches it.
+      top_k: int scalar: keep each row's k largest logits (clipped to [1, vocab]; ties at the k-th are kept).
+      use_top_p, use_top_k: whether each filter runs (static Python bools); neither: only the temperature.
+      ignore: [B] bool or None (every row's filtering exact), as above.
+
+    Returns:
+      [B, vocab] logits divided by the temperature, the entries the filters drop set to -inf.
     """
     logits = logits / jnp.maximum(temperature, 1e-6)
     if not (use_top_p or use_top_k):
@@ -142,7 +171,15 @@ def filter_logits(logits, temperature, top_p, top_k, *, use_top_p: bool, use_top
 def argmax(x):
     """jnp.argmax over the last axis (the first index of the maximum) as a max and a min over indices: XLA:CPU
     runs the two plain reductions faster than argmax's (value, index) one, and every decode step draws over the
-    whole vocabulary (benchmarks/RESULTS.md, "Each program compiled once, and a cheaper draw")."""
+    whole vocabulary (benchmarks/RESULTS.md, "Each program compiled once, and a cheaper draw").
+
+    Args:
+      x: an array of rank >= 1.
+
+    Returns:
+      int32 array of shape x.shape[:-1]: the index of the first maximum along the last axis (x.shape[-1] for
+      a row holding a NaN, which equals no maximum).
+    """
     top = jnp.max(x, axis=-1, keepdims=True)
     index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
     return jnp.min(jnp.where(x == top, index, x.shape[-1]), axis=-1)
@@ -150,7 +187,18 @@ def argmax(x):
 
 def sample_token(logits, key, temperature, top_p, top_k, *, use_top_p: bool, use_top_k: bool, ignore=None):
     """One token per row: argmax when temperature is 0, else a draw from the filtered distribution (the
-    Gumbel-max draw of jax.random.categorical: the same tokens for the same key)."""
+    Gumbel-max draw of jax.random.categorical: the same tokens for the same key).
+
+    Args:
+      logits: [B, vocab] float next-token logits.
+      key: a PRNG key for the Gumbel noise.
+      temperature, top_p, top_k: scalars as `filter_logits`'s; temperature 0 (or below): greedy.
+      use_top_p, use_top_k: whether the filters run (static).
+      ignore: [B] bool or None: rows whose draw is thrown away, as `filter_logits`'s.
+
+    Returns:
+      [B] int32 token ids.
+    """
     greedy = argmax(logits)
     filtered = filter_logits(logits, temperature, top_p, top_k, use_top_p=use_top_p, use_top_k=use_top_k,
                              ignore=ignore)
@@ -160,7 +208,16 @@ def sample_token(logits, key, temperature, top_p, top_k, *, use_top_p: bool, use
 
 @struct.dataclass
 class DecodeState:
-    """The decode loop's carry: it leaves the device only between chunks (to check stop strings)."""
+    """The decode loop's carry: it leaves the device only between chunks (to check stop strings).
+
+    Attributes:
+      step: int32 scalar, tokens generated so far (the same for every row); the column `out` is written at next.
+      cache: the KVCache holding the prompts and the tokens sampled so far.
+      logits: [B, vocab] float32 logits of each row's next token.
+      out: [B, max_new_tokens] int32 sampled tokens; a done row gets the first stop id at every later step.
+      done: [B] bool, rows that produced a stop token (or that the host marked done).
+      rng: the PRNG key, split at every step.
+    """
 
     step: jax.Array  # tokens generated so far (the same for every row)
     cache: KVCache
@@ -208,7 +265,14 @@ def decode(graphdef, mesh, state, ds: DecodeState, positions, params, until, use
 
 
 def common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
-    """How many leading tokens all `rows` share."""
+    """How many leading tokens all `rows` share.
+
+    Args:
+      rows: a non-empty sequence of token sequences (lists, tuples or 1-D arrays of ids).
+
+    Returns:
+      The length of the longest prefix common to every row (at most the shortest row's length).
+    """
     first, n = rows[0], min(len(r) for r in rows)
     for r in rows[1:]:
         i = 0
@@ -219,7 +283,16 @@ def common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
 
 
 def left_pad(rows, length):
-    """ids, segment ids (1 = token, 0 = padding), positions counting from 0 at each row's first token."""
+    """ids, segment ids (1 = token, 0 = padding), positions counting from 0 at each row's first token.
+
+    Args:
+      rows: a sequence of token sequences, each at most `length` long (an empty one is all padding).
+      length: the padded length T.
+
+    Returns:
+      (ids, seg, positions), NumPy arrays of shape [len(rows), T], each row's tokens at its right end: ids and
+      seg int32, positions int64 (0 on the padding).
+    """
     ids = np.zeros((len(rows), length), np.int32)
     seg = np.zeros((len(rows), length), np.int32)
     for i, r in enumerate(rows):
@@ -232,7 +305,15 @@ def left_pad(rows, length):
 class Batcher:
     """Places host arrays on devices: batch-sized arrays split over the mesh's data axes, the rest
     (a shared prefix, scalars) replicated; without a mesh, on the default device. batch_size None: every
-    array replicated."""
+    array replicated.
+
+    Args:
+      mesh: the (data, fsdp, tensor) Mesh to place on, or None (the default device).
+      batch_size: the leading dimension of the arrays that are split over data x fsdp, or None.
+
+    Raises:
+      UserError: with a mesh, a batch_size that the mesh's data x fsdp does not divide.
+    """
 
     def __init__(self, mesh, batch_size: int | None):
         self.mesh, self.batch_size = mesh, batch_size
@@ -241,7 +322,15 @@ class Batcher:
 
     def put(self, tree):
         """Committed to their devices, as a program's outputs are: jit keys its programs on that, so a decode
-        state that mixed uncommitted inputs with a chunk's outputs would compile the decode loop twice."""
+        state that mixed uncommitted inputs with a chunk's outputs would compile the decode loop twice.
+
+        Args:
+          tree: a pytree of host arrays and scalars.
+
+        Returns:
+          The same tree of committed jax.Arrays: on jax.devices()[0] without a mesh; with one, an array whose
+          leading dimension is batch_size split along it over data x fsdp, anything else replicated.
+        """
         if self.mesh is None:
             return jax.device_put(tree, jax.devices()[0])
         split = NamedSharding(self.mesh, PartitionSpec(("data", "fsdp")))
@@ -251,14 +340,28 @@ class Batcher:
 
     def put_key(self, key):
         """A PRNG key committed as the decode loop's outputs are: on the default device, or replicated over the
-        mesh (a jit places it: jax.device_put cannot put an array on other processes' devices)."""
+        mesh (a jit places it: jax.device_put cannot put an array on other processes' devices).
+
+        Args:
+          key: a PRNG key array.
+
+        Returns:
+          The same key, committed.
+        """
         if self.mesh is None:
             return jax.device_put(key, jax.devices()[0])
         return jax.jit(lambda k: k, out_shardings=NamedSharding(self.mesh, PartitionSpec()))(key)
 
     def put_cache(self, cache: KVCache) -> KVCache:
         """A cache on its sharding: rows over data x fsdp, KV heads over tensor (a batch-1 shared prefix: rows
-        replicated)."""
+        replicated).
+
+        Args:
+          cache: a KVCache (on the host or on devices).
+
+        Returns:
+          The cache with every array placed by shd.cache_sharding; without a mesh, `cache` itself, unchanged.
+        """
         if self.mesh is None:
             return cache
         return jax.tree.map(lambda x: jax.device_put(x, shd.cache_sharding(np.shape(x), self.mesh)), cache)
@@ -267,7 +370,16 @@ class Batcher:
 def shared_len(rows, reuse: bool, cap: int | None = None) -> int:
     """How many leading tokens all rows share and will take from one prefill (0: not worth it).
 
-    Each row keeps at least one own token (or `cap` limits the prefix further)."""
+    Each row keeps at least one own token (or `cap` limits the prefix further).
+
+    Args:
+      rows: the token sequences of one group.
+      reuse: whether prefixes are shared at all (SamplingConfig.reuse_prefix); False: 0.
+      cap: the most tokens the prefix may take, in place of the shortest row's length - 1; None: that.
+
+    Returns:
+      The common prefix length (capped) if it is at least MIN_SHARED_PREFIX, else 0; 0 for fewer than 2 rows.
+    """
     if not reuse or len(rows) < 2:
         return 0
     n = min(common_prefix_len(rows), min(len(r) for r in rows) - 1 if cap is None else cap)
@@ -276,7 +388,18 @@ def shared_len(rows, reuse: bool, cap: int | None = None) -> int:
 
 def prefill_shared_prefix(graphdef, state, model, prefixes: Sequence[Sequence[int]], mesh) -> SharedPrefix | None:
     """Each group's prefix (one may be empty) prefilled once, as one row of a batch of them (None when all are
-    empty)."""
+    empty).
+
+    Args:
+      graphdef, state: `nnx.split(model)`.
+      model: the Llama (its config sizes the cache).
+      prefixes: G token sequences, one per group of rows.
+      mesh: as `prefill`'s.
+
+    Returns:
+      A SharedPrefix of G rows, each prefix at the start of bucket(longest prefix, "prefix") slots (positions
+      0, 1, ...; segment 0 after it), or None when every prefix is empty.
+    """
     longest = max(map(len, prefixes))
     if not longest:
         return None
@@ -293,7 +416,17 @@ def prefill_shared_prefix(graphdef, state, model, prefixes: Sequence[Sequence[in
 
 
 def check_lengths(token_rows, extra: int, context: int, what: str = "prompt") -> None:
-    """Refuses (UserError) an empty row, or one that with `extra` more tokens exceeds the model's `context`."""
+    """Refuses (UserError) an empty row, or one that with `extra` more tokens exceeds the model's `context`.
+
+    Args:
+      token_rows: the token sequences to check.
+      extra: tokens each row will be given beyond its own (new tokens, cache slots); 0 for scoring.
+      context: the model's context length (max_position_embeddings).
+      what: what a row is called in the message ("prompt", "context", ...).
+
+    Raises:
+      UserError: the first row that is empty or whose length + extra exceeds context.
+    """
     for i, r in enumerate(token_rows):
         if not len(r):
             raise UserError(f"{what} {i} is empty; every {what} needs at least one token")

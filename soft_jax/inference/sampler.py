@@ -34,7 +34,25 @@ def generate_tokens(model: Llama, token_rows: Sequence[Sequence[int]], config: S
     config.batch_size, each group's common prefix prefilled once (start).
 
     With config.stop_strings and a tokenizer, rows stop early once their text contains a stop string
-    (checked every STOP_STRING_CHUNK tokens; the caller cuts the text at the stop string)."""
+    (checked every STOP_STRING_CHUNK tokens; the caller cuts the text at the stop string).
+
+    Args:
+      model: the Llama to sample from.
+      token_rows: the prompts' token ids, each non-empty and leaving room for max_new_tokens (check_lengths).
+      config: the SamplingConfig (max_new_tokens, temperature, top_p, top_k, stop_strings, batch_size,
+        reuse_prefix; seed when rng is None).
+      stops: the stop token ids, at least one (the first also fills a stopped row's later steps).
+      rng: the PRNG key of the draw; None: jax.random.key(config.seed).
+      mesh: the mesh the model is on, or None (one device).
+      tokenizer: decodes the rows for config.stop_strings; None: stop strings are not checked.
+
+    Returns:
+      Per prompt, in order, its new token ids (at most max_new_tokens) before its first stop token; a row
+      stopped by a stop string keeps the tokens up to the check that found it.
+
+    Raises:
+      UserError: with a mesh, a batch (config.batch_size rows per group) that its data x fsdp does not divide.
+    """
     return _generate_batch(model, token_rows, config, stops, rng, mesh, tokenizer)[0]
 
 
@@ -48,7 +66,19 @@ def _generate_batch(model: Llama, token_rows, config: SamplingConfig, stops, rng
 
 @dataclasses.dataclass
 class Batch:
-    """A batch being sampled, its KV cache on the device: rows can go on sampling in it (_continue)."""
+    """A batch being sampled, its KV cache on the device: rows can go on sampling in it (_continue).
+
+    Attributes:
+      graphdef, state: `nnx.split(model)`.
+      mesh: the mesh the batch is on, or None (one device).
+      batcher: places the batch's arrays (its batch size: all B rows, padding rows included).
+      params: decode's (temperature, top_p, top_k, stop ids) as device arrays.
+      ds: the DecodeState of the last pass (cache, logits, tokens, done rows).
+      next_pos: [B] int32 on the device, the position of each row's first token of this pass.
+      first_pos: [B] int32 on the host, the same.
+      own_len: the cache slots of each row's own (left-padded, bucketed) prompt, before the first sampled token.
+      index: for each prompt, in order, its batch row.
+    """
 
     graphdef: object
     state: object
@@ -67,7 +97,24 @@ def start(model: Llama, token_rows, config: SamplingConfig, stops, rng=None, mes
     """The batch's prompts prefilled; room for max_new_tokens + extra_slots more tokens.
 
     Rows come in groups of config.batch_size (the last may be shorter): each group is padded to batch_size
-    with copies of its first row (fixed shapes), and its common prefix is prefilled once and shared by its rows."""
+    with copies of its first row (fixed shapes), and its common prefix is prefilled once and shared by its rows.
+
+    Args:
+      model: the Llama to sample from.
+      token_rows: the prompts' token ids (non-empty; check_lengths is the caller's).
+      config: the SamplingConfig (batch_size, reuse_prefix, max_new_tokens, temperature, top_p, top_k; seed
+        when rng is None).
+      stops: the stop token ids, at least one; the first fills `out` before a row's tokens are sampled.
+      rng: the PRNG key of the draw; None: jax.random.key(config.seed).
+      mesh: the mesh the model is on, or None (one device).
+      extra_slots: cache slots beyond the prompts' and max_new_tokens (for rows that go on: _continue).
+
+    Returns:
+      The Batch, its decode state at step 0: every row's next-token logits, no row done.
+
+    Raises:
+      UserError: with a mesh, a batch (config.batch_size rows per group) that its data x fsdp does not divide.
+    """
     graphdef, state = nnx.split(model)
     size = config.batch_size
     groups = [[list(r) for r in token_rows[lo:lo + size]] for lo in range(0, len(token_rows), size)]
@@ -158,7 +205,17 @@ def _continue(b: Batch, heads: dict, config: SamplingConfig, rng, tokenizer=None
 
 def kept_tokens(tokenizer, tokens, head: str) -> tuple[int, str]:
     """(k, rest): the most leading `tokens` whose text begins `head` and leaves some of it (the next token's
-    logits come from prefilling that rest), and the text of `head` after them."""
+    logits come from prefilling that rest), and the text of `head` after them.
+
+    Args:
+      tokenizer: decodes the tokens (special tokens skipped).
+      tokens: a row's sampled token ids.
+      head: the text the completion becomes.
+
+    Returns:
+      (k, rest): k in [0, len(tokens)], the largest whose decoded text is a proper prefix of `head`, and
+      head[len(that text):]; (0, head) when none is.
+    """
     for k in range(len(tokens), -1, -1):
         text = tokenizer.decode(tokens[:k], skip_special_tokens=True)
         if head.startswith(text) and len(text) < len(head):
@@ -182,6 +239,27 @@ def generate(model: Llama, tokenizer, prompts: Sequence[str], config: SamplingCo
     Prompts are processed in batches of config.batch_size; a batch's common token prefix is prefilled once.
     With return_finish, returns (completions, why each stopped: one of FINISH_REASONS); "length" marks a
     completion cut by max_new_tokens, not finished by the model.
+
+    Args:
+      model: the Llama to sample from.
+      tokenizer: a Hugging Face-style tokenizer: encodes the prompts, decodes the completions, and gives the
+        eos id when config.stop_token_ids is None.
+      prompts: the prompt strings.
+      config: the SamplingConfig; None: SamplingConfig().
+      add_special_tokens: passed to the tokenizer when encoding the prompts (e.g. a BOS token).
+      progress: whether to show a progress bar.
+      mesh: the mesh the model is on, or None (one device; batch_size is then at most len(prompts)).
+      return_finish: whether to return why each completion stopped too.
+      **overrides: SamplingConfig fields that replace config's.
+
+    Returns:
+      The completions, one string per prompt (cut at the first stop string, special tokens skipped); with
+      return_finish, (completions, finish reasons: "eos", "stop" or "length" per prompt).
+
+    Raises:
+      UserError: an override out of its range, no stop token (no stop_token_ids and no eos id), an empty
+        prompt or one that with max_new_tokens exceeds the model's context, or with a mesh a batch size its
+        data x fsdp does not divide.
     """
     config = dataclasses.replace(config or SamplingConfig(), **overrides)
     stops = config.stop_token_ids or stop_ids(tokenizer, model)
@@ -221,7 +299,27 @@ def generate_continued(model: Llama, tokenizer, prompts: Sequence[str], config: 
     faster where a step is not saturated by one group (CPU, small models).
 
     Returns (completions: head + continuation for continued rows, why each stopped (FINISH_REASONS; the
-    continuation's for continued rows), whether each row was continued)."""
+    continuation's for continued rows), whether each row was continued).
+
+    Args:
+      model: the Llama to sample from.
+      tokenizer: a Hugging Face-style tokenizer (encodes with its special tokens, decodes without them).
+      prompts: the prompt strings.
+      config: the SamplingConfig of both passes (its seed keys the first).
+      continue_with: completion string -> the new head string, or None to leave the row as it is.
+      continue_seed: the seed of the second pass's key.
+      mesh: the mesh the model is on, or None (one device).
+
+    Returns:
+      (completions, finishes, continued): one string per prompt (head + continuation for a continued row);
+      its finish reason ("eos", "stop" or "length"); whether it was continued. A head whose text after the
+      kept tokens is empty or over TAIL_SLOTS tokens is sampled on by `generate` from prompt + head instead.
+
+    Raises:
+      UserError: no stop token (no stop_token_ids and no eos id), an empty prompt or one that with
+        2 x max_new_tokens + TAIL_SLOTS tokens exceeds the model's context, or with a mesh a batch its data x
+        fsdp does not divide.
+    """
     stops = config.stop_token_ids or stop_ids(tokenizer, model)
     if not stops:
         raise UserError("no stop token: the tokenizer has no eos token; pass stop_token_ids")

@@ -120,7 +120,21 @@ def score_rows(graphdef, mesh, state, heads, which, ids, positions, seg, picks, 
     compiled scoring pass; `score_tokens` plans and runs it).
 
     last_only: picks [B, E] are tokens read as the next token after the last column; else picks [B, T]
-    are the tokens read at every column (-1: not read, 0 returned)."""
+    are the tokens read at every column (-1: not read, 0 returned).
+
+    Args:
+      graphdef, state: `nnx.split(model)`; mesh: the mesh the arrays are on, or None (one device) (static).
+      heads: a KVCache whose rows hold the group prefixes (after its optional SharedPrefix); each row taken is
+        given T more slots here for the new tokens.
+      which: [B] int32, the row of `heads` each row continues; None: row b continues row b.
+      ids, positions, seg: [B, T] int32, each row's remainder left-padded (segment 0 = padding).
+      picks: [B, E] or [B, T] int32 token ids, as above.
+      last_only: whether picks are read after the last column only (static).
+
+    Returns:
+      float32 log-probabilities: [B, E], of each picks[b, e] as the token after row b's last column; or
+      [B, T], of picks[b, t] as the token after column t (0 where picks[b, t] is -1).
+    """
     with shd.activation_sharding(mesh):
         return _score_body(graphdef, state, heads, which, ids, positions, seg, picks, last_only)
 
@@ -153,6 +167,21 @@ def score_tokens(model: Llama, contexts: Sequence[Sequence[int]], continuations:
     Each distinct token sequence runs once, and a prefix several share runs once for all of them (see the
     section comment). batch_size: rows per forward pass at most (fewer for long rows; with a mesh, a
     multiple of its data axes).
+
+    Args:
+      model: the Llama to score with.
+      contexts: each request's context token ids.
+      continuations: each request's continuation token ids (the tokens scored).
+      batch_size: rows per forward pass at most, as above.
+      mesh: the mesh the model is on, or None (one device).
+      progress: whether to show a progress bar.
+
+    Returns:
+      Per request, in order, a float32 array [len(continuation)]: the log-probability of each continuation
+      token given the context and the continuation tokens before it (empty for an empty continuation).
+
+    Raises:
+      UserError: an empty context, or with a mesh a batch_size its data x fsdp does not divide.
     """
     multiple = 1
     if mesh is not None:
@@ -224,7 +253,16 @@ def score_ids(tokenizer, contexts: Sequence[str], continuations: Sequence[str]) 
     then "The". As the harness does, the continuation's tokens are those of the whole string after the
     context's (a SentencePiece tokenizer would give a continuation tokenized alone a word-start marker it
     does not have in the text); where the whole string's tokens do not start with the context's, the
-    continuation is tokenized alone. No special tokens are added. A whitespace-only context keeps it."""
+    continuation is tokenized alone. No special tokens are added. A whitespace-only context keeps it.
+
+    Args:
+      tokenizer: a Hugging Face-style tokenizer (called on a string, gives "input_ids").
+      contexts: the context strings.
+      continuations: the continuation strings, paired with `contexts`.
+
+    Returns:
+      (context token lists, continuation token lists), one of each per pair, in order.
+    """
     ctx, cont = [], []
     for c, k in zip(contexts, continuations):
         cut = len(c.rstrip()) or len(c)
@@ -244,6 +282,25 @@ def score(model: Llama, tokenizer, contexts: Sequence[str], continuations: Seque
     tokenizer(context) + tokenizer(continuation), no special tokens added; the continuation's log-probability
     includes the moved whitespace's. Rows sharing a context prefix reuse its KV cache. With per_token=True,
     returns the list of per-token arrays too.
+
+    Args:
+      model: the Llama to score with.
+      tokenizer: a Hugging Face-style tokenizer (see `score_ids`).
+      contexts: the context strings.
+      continuations: the continuation strings, one per context.
+      batch_size: rows per forward pass at most (`score_tokens`); without a mesh, at most len(contexts).
+      mesh: the mesh the model is on, or None (one device).
+      progress: whether to show a progress bar.
+      per_token: whether to return the per-token log-probabilities too.
+
+    Returns:
+      A float32 array [len(contexts)] of summed log-probabilities; with per_token, (that array, the list of
+      per-token float32 arrays of `score_tokens`).
+
+    Raises:
+      UserError: contexts and continuations of different lengths; a context or continuation with no tokens,
+        or one (or a context + continuation) longer than the model's context; with a mesh, a batch_size its
+        data x fsdp does not divide.
     """
     if len(contexts) != len(continuations):
         raise UserError(f"score: {len(contexts)} contexts but {len(continuations)} continuations")
