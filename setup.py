@@ -41,9 +41,9 @@ setup(
             "pytest-xdist>=3.6,<4",  # the README runs the tests on 2 workers
             "torch==2.13.0",
             "accelerate>=1.0,<2",
-            "peft>=0.17,<0.22",  # tests/test_lora.py: the exported adapter loads with peft onto transformers' model
+            "peft>=0.17,<0.22",  # tests/models/test_lora.py: the exported adapter loads with peft onto transformers' model
             "safetensors>=0.4,<1",
-            "tensorboard>=2.21,<3",  # tests/test_tensorboard.py reads the events with TensorBoard's own reader (no TF)
+            "tensorboard>=2.21,<3",  # tests/experiment/test_tensorboard.py reads the events with TensorBoard's own reader (no TF)
             # libtpu from PyPI: tests compile the programs for TPU slices on this CPU (soft_jax.parallel.topology)
             "jax[tpu]>=0.10,<0.11",
         ],

@@ -16,9 +16,10 @@ from soft_jax.models.config import ModelConfig
 from soft_jax.rounds import bootstrap
 from soft_jax.scale import plan
 
-# Items written for these tests in BIG-bench's task layout (tests/data/bigbench/bigbench/benchmark_tasks/...): the
+# Items written for these tests in BIG-bench's task layout (tests/fixtures/bigbench/bigbench/benchmark_tasks/...): the
 # evaluation code runs on them wherever the real task files are absent. Not BIG-bench's items.
-INHOUSE_BIGBENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "bigbench")
+TESTS = os.path.dirname(os.path.abspath(__file__))
+INHOUSE_BIGBENCH = os.path.join(TESTS, "fixtures", "bigbench")
 
 
 def subprocess_env(**extra) -> dict:
@@ -82,7 +83,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
 # The tests' settings on top of any config: the tiny random model, 4 prompts per round, one batch each; its
 # answers cite no principle and run to the token limit (kept, trained without end of turn); no benchmarks and
-# no contamination check (tests/test_contamination.py runs one).
+# no contamination check (tests/experiment/test_contamination.py runs one).
 TINY_OVERRIDES = ["model.name=tiny", "check_contamination=false", "rounds=2", "prompts.per_round=4", "exemplars.k=1",
                   "sampling.max_new_tokens=8", "sampling.batch_size=4", "filters.require_marker=false",
                   "filters.min_words=1", "filters.min_cited_principles=0", "filters.keep_truncated=true", "eval.tasks=",
@@ -115,7 +116,7 @@ class Workdir:
 
     def files(self):
         """Relative path -> bytes of every artifact but checkpoints, report and the timing-bearing metrics
-        (metrics.jsonl and its TensorBoard events: tests/test_tensorboard.py)."""
+        (metrics.jsonl and its TensorBoard events: tests/experiment/test_tensorboard.py)."""
         out = {}
         for d, _, names in os.walk(self.path):
             for n in names:

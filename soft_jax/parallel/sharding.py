@@ -9,7 +9,7 @@ Activations follow ACTIVATION_RULES: batch rows over data x fsdp, heads / mlp / 
 their embed dimension whole. Jitted programs enter `activation_sharding(mesh)` while they trace and the
 model calls `constrain` on every activation. Without those constraints XLA is free to split an FSDP step
 by the weights' embed axis and gather the whole batch onto every device: the results stay equal, only the
-compiled per-device shapes show it (tests/test_sharding.py checks them).
+compiled per-device shapes show it (tests/parallel/test_sharding.py checks them).
 """
 
 from __future__ import annotations

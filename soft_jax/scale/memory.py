@@ -105,7 +105,7 @@ def _layer_activations(cfg: ModelConfig, rows: int, q_len: int, k_len: int, tp: 
     embed = tokens * cfg.hidden_size * (2 * norm + 2 * cb if backward else norm + 2 * cb)
     attn = tokens * cfg.head_dim * (2 * heads + 2 * kv_heads) * cb
     # jax saves the masked scores, their exp and the probabilities; XLA fuses the softmax and keeps only the
-    # probabilities (+ cast) and the mask for the backward pass (its buffer assignment, tests/test_memory.py)
+    # probabilities (+ cast) and the mask for the backward pass (its buffer assignment, tests/scale/test_memory.py)
     per_score = (4 + cast + 1) if backward else (2 * 4 + 4 * prefix + cast + 1)
     scores = rows * heads * q_len * k_len * per_score
     mlp = tokens * _div(cfg.intermediate_size, tp) * (6 if backward else 3) * cb

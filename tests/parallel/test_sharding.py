@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import CFG, SHAPES
+from helpers import CFG, SHAPES, TESTS
 from jax.sharding import PartitionSpec as P
 
 from soft_jax.parallel import sharding as shd
@@ -108,7 +108,7 @@ import json, sys
 import jax
 from soft_jax.scale import plan
 from soft_jax.parallel import sharding as shd
-sys.path.insert(0, sys.argv[2])
+sys.path[:0] = sys.argv[2:]  # this file's folder, and tests/ for helpers
 import test_sharding as t
 mesh = shd.make_mesh(tuple(json.loads(sys.argv[1])))
 programs = plan.compile_run(t.CFG, t.SHAPES, mesh)
@@ -121,7 +121,7 @@ print(json.dumps({"devices": jax.device_count(), "tokens": t.check_programs(prog
 @pytest.mark.e2e  # a CLI process, or several CPU devices in a process of their own
 def test_cpu_mesh_programs_hold_the_local_batch(mesh_shape):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", CPU_SCRIPT, json.dumps(mesh_shape), os.path.dirname(__file__)],
+    proc = subprocess.run([sys.executable, "-c", CPU_SCRIPT, json.dumps(mesh_shape), os.path.dirname(__file__), TESTS],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.splitlines()[-1])

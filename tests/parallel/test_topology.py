@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from helpers import ROOT
 from soft_jax.core.errors import UserError
 from soft_jax.parallel import topology
 
@@ -111,8 +112,7 @@ def test_libtpu_loads_quietly_and_leaves_jax_on_cpu():
     code = ("import jax; from soft_jax.parallel import topology; assert len(topology.devices('v5e-4')) == 4; "
             "print(jax.devices()[0].platform)")
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # jax's default: try every platform
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(topology.__file__)))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=repo)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "TPU_ACCELERATOR_TYPE" not in proc.stderr and "TPU_WORKER_HOSTNAMES" not in proc.stderr, proc.stderr
     assert proc.stdout.strip() != "tpu"

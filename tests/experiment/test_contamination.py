@@ -1,6 +1,6 @@
 """`soft-jax data check`: the built-in assets share no word 13- or 8-gram with HHH, TruthfulQA or the
 open-ended questions (on the real BIG-bench files, where they are), and a copied benchmark sentence planted in a
-pool is found and listed (on the in-house items in BIG-bench's layout, tests/data/bigbench)."""
+pool is found and listed (on the in-house items in BIG-bench's layout, tests/fixtures/bigbench)."""
 
 import json
 

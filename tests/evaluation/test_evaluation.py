@@ -1,5 +1,5 @@
 """Evaluation protocols against an independent transformers (PyTorch) implementation: on items written here in
-BIG-bench's task layout (tests/data/bigbench), and on the real task files where they are available."""
+BIG-bench's task layout (tests/fixtures/bigbench), and on the real task files where they are available."""
 
 import hashlib
 import json

@@ -1,7 +1,7 @@
 """Generation on a mesh of its own (config mesh_generate): the weights are resharded device to device from the
 training layout, equal array by array; the compiled decode step on a tensor-parallel generation mesh gathers no
 parameter (read from its optimized HLO), where the training FSDP layout gathers every weight; and `plan`
-compiles generation and scoring for it. A round on it equals one device's: tests/test_distributed.py."""
+compiles generation and scoring for it. A round on it equals one device's: tests/parallel/test_distributed.py."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import fresh_environment, run_cli
+from helpers import CONFIGS, TESTS, fresh_environment, run_cli
 
 from soft_jax.parallel import hlo
 
@@ -21,7 +21,7 @@ import dataclasses, json, sys
 import jax, numpy as np
 from flax import nnx
 sys.path.insert(0, sys.argv[1])
-import test_sharding as t
+import helpers as t
 from soft_jax import models
 from soft_jax.parallel import hlo
 from soft_jax.scale import plan
@@ -57,7 +57,7 @@ def test_resharded_weights_are_equal_and_decode_gathers_no_parameter(layers):
     gathers per step); the default run leaves that to the plan CLI test, which reads the same from the TPU
     programs, to stay within its time."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, os.path.dirname(__file__), layers], env=env,
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, TESTS, layers], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -168,7 +168,7 @@ def test_plan_compiles_generation_for_its_own_mesh(tmp_path):
     generation and scoring tensor-parallel (2, 1, 4): every program compiles and fits without benchmark data,
     the table says which mesh each phase uses and what each program's collectives move, and the decode
     bounds compare the two layouts."""
-    plan = ["plan", "--config", os.path.join(os.path.dirname(__file__), "..", "configs", "soft_plus.py"),
+    plan = ["plan", "--config", os.path.join(CONFIGS, "soft_plus.py"),
             "--config.model.name=tiny", "--topology", "v5e-8", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
             "--config.sampling.batch_size=8", "--config.train.batch_size=8", "--config.train.grad_accum=1",
             "--config.exemplars.k=1", "--config.sampling.max_new_tokens=16", "--config.train.max_prompt_len=64",
@@ -288,7 +288,7 @@ def test_the_default_generation_mesh_is_plans_first_on_chips_with_published_limi
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     out = {}
     for kind in ("tpu-like", "cpu"):
-        proc = subprocess.run([sys.executable, "-c", AUTO, os.path.dirname(__file__), str(tmp_path / kind), kind],
+        proc = subprocess.run([sys.executable, "-c", AUTO, TESTS, str(tmp_path / kind), kind],
                               env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[kind] = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -85,7 +85,7 @@ def test_two_processes_equal_one_and_a_dead_host_stops_both(tmp_path, two):
 
     base = presets.load("tiny", seed=0)[0]
     # two processes vs one: float32 reductions in another order, nothing more. Where a gradient entry is near
-    # Adam's eps its first update g / (|g| + eps) amplifies that order (tests/test_training.py measures it): a
+    # Adam's eps its first update g / (|g| + eps) amplifies that order (tests/training/test_training.py measures it): a
     # few elements (at most 0.1% of a leaf) may differ by up to lr / 4; a lost, repeated or wrong step moves
     # nearly every element by ~lr (1e-3 here)
     FEW = dict(rtol=1e-5, atol=1e-6, few=1e-3, few_atol=2.5e-4)

@@ -18,7 +18,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from helpers import INHOUSE_BIGBENCH, run_cli
+from helpers import INHOUSE_BIGBENCH, ROOT, TESTS, run_cli
 
 import soft_jax
 from soft_jax import cli
@@ -167,9 +167,8 @@ def registry_hosts() -> set[str]:
 
 
 def test_no_registry_host_in_the_sources():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    files = [os.path.join(root, "README.md")]
-    for top in (os.path.dirname(soft_jax.__file__), os.path.join(root, "tests")):
+    files = [os.path.join(ROOT, "README.md")]
+    for top in (os.path.dirname(soft_jax.__file__), TESTS):
         for d, subdirs, names in os.walk(top):
             subdirs[:] = [s for s in subdirs if s != "__pycache__"]
             files += [os.path.join(d, n) for n in names]

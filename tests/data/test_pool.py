@@ -1,4 +1,4 @@
-"""`soft-jax data import`: the in-house samples of every format (tests/data/pools/) become the expected pools.
+"""`soft-jax data import`: the in-house samples of every format (tests/fixtures/pools/) become the expected pools.
 
 Each sample holds the awkward cases: multi-turn conversations, a system turn first, non-English text, empty
 turns, exact and near duplicates, an over-length prompt; each `*_bad` file holds one malformed record.
@@ -11,10 +11,11 @@ import sys
 
 import pytest
 
+from helpers import TESTS
 from soft_jax import cli, data
 from soft_jax.data import pool
 
-POOLS = os.path.join(os.path.dirname(__file__), "data", "pools")
+POOLS = os.path.join(TESTS, "fixtures", "pools")
 
 
 def sample(name: str) -> str:

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 from conftest import TINY
-from helpers import run_cli
+from helpers import CONFIGS, run_cli
 
 from soft_jax.core import compile_cache
 
@@ -145,7 +145,7 @@ def test_export_cli_writes_loadable_directory(tiny_hf, tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp dirs left behind
 
 
-PLAN = ["plan", "--config", os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")]
+PLAN = ["plan", "--config", os.path.join(CONFIGS, "tiny.py")]
 
 
 @pytest.mark.slow  # a whole round compiled for a TPU slice: about a minute
