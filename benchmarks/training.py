@@ -16,12 +16,12 @@ it a second time (the compiled step reused, as in a run's later rounds). Prints 
 tokens in the chat format, the same count for all) and the ratios. The pairs: --pairs FILE (JSONL rows with
 prompt and response, e.g. a work dir's rounds/001/train.jsonl); by default benchmarks/round.py's cache of
 soft-jax's kept pairs (~/.cache/soft_jax/bench/round_pairs.jsonl), generated here first (one soft-jax round's
-generation: 32 prompts, 128 new tokens) when missing; --pairs exemplars takes benchmarks/common.py's six
+generation: 32 prompts, or --prompts N, 128 new tokens) when missing; --pairs exemplars takes benchmarks/common.py's six
 hand-written exemplar answers instead (a smoke test, not the real number).
 
     python benchmarks/training.py [--batch 8] [--seq 256] [--steps 5] [--remat]
-    JAX_PLATFORMS=cpu python benchmarks/training.py --data [--pairs FILE|exemplars] [--epochs 1] [--lr 5e-5] \
-        [--batch 2] [--max-prompt-len 192] [--max-response-len 192] [--trl padding packing] [--warm] \
+    JAX_PLATFORMS=cpu python benchmarks/training.py --data [--pairs FILE|exemplars|--prompts 32] [--epochs 1] \
+        [--lr 5e-5] [--batch 2] [--max-prompt-len 192] [--max-response-len 192] [--trl padding packing] [--warm] \
         [--lora 64 --lora-alpha 16]
 Needs TRL for --data (`pip install --no-deps trl` and `datasets`; see the README's benchmark line).
 """
@@ -130,9 +130,10 @@ def exemplar_pairs():
     return [(q, a, True) for q, _, a in EXEMPLARS]
 
 
-def generate_pairs(bench, path):
-    """One soft-jax round's kept pairs (benchmarks/round.py's soft-jax generation, 32 prompts), cached at path."""
-    c = bench.round_config(32, 128, 8, 2, "batch")
+def generate_pairs(bench, path, prompts=32):
+    """One soft-jax round's kept pairs (benchmarks/round.py's soft-jax generation of `prompts` prompts), cached at
+    path."""
+    c = bench.round_config(prompts, 128, 8, 2, "batch")
     round_ctx, prompts = bench.round_setup(c)
     model, tokenizer = models.load("smollm2-135m", progress=False)
     start = time.perf_counter()
@@ -146,18 +147,23 @@ def generate_pairs(bench, path):
     return pairs
 
 
-def data_pairs(bench, source):
+def pairs_cache(bench, prompts):
+    """Where the kept pairs of a round of `prompts` prompts are cached (round.py's own cache for 32)."""
+    return bench.PAIRS if prompts == 32 else bench.PAIRS.replace(".jsonl", f"_{prompts}.jsonl")
+
+
+def data_pairs(bench, source, prompts=32):
     if source == "exemplars":
         print("pairs: benchmarks/common.py's 6 hand-written exemplars (a smoke test; the real number needs real "
               "generations: --pairs FILE or the round cache)")
         return exemplar_pairs()
-    path = source or bench.PAIRS
+    path = source or pairs_cache(bench, prompts)
     if source or os.path.isfile(path):
         pairs = read_pairs(path)
         print(f"pairs: {len(pairs)} from {path}")
         return pairs
-    print(f"pairs: no cache at {path}; generating one round's pairs with soft-jax first")
-    return generate_pairs(bench, path)
+    print(f"pairs: no cache at {path}; generating one round's pairs ({prompts} prompts) with soft-jax first")
+    return generate_pairs(bench, path, prompts)
 
 
 def time_ours_data(model, tokenizer, pairs, config, warm):
@@ -255,7 +261,7 @@ def data_main(args):
         import trl
     except ImportError as e:
         fail(f"--data needs TRL and datasets ({e}); install them (see the README's benchmark line)")
-    pairs = data_pairs(bench, args.pairs)
+    pairs = data_pairs(bench, args.pairs, args.prompts)
     try:
         config = training.TrainConfig(batch_size=args.batch or 2, epochs=args.epochs, learning_rate=args.lr,
                                       warmup_steps=0, max_prompt_len=args.max_prompt_len,
@@ -315,6 +321,9 @@ def main():
     parser.add_argument("--data", action="store_true", help="engrave one round's real pairs: soft-jax vs TRL")
     parser.add_argument("--pairs", default="", help="--data: JSONL of {prompt, response} rows, or 'exemplars' "
                                                     "(default: benchmarks/round.py's cache, generated if missing)")
+    parser.add_argument("--prompts", type=int, default=32,
+                        help="--data without --pairs: the round's prompts (default 32: about 20 kept pairs; the "
+                             "built-in pool holds 244)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--max-prompt-len", type=int, default=192)
@@ -328,7 +337,7 @@ def main():
                         help="--data: torch's intra-op threads for TRL (default: torch's own choice; on a loaded CPU 1 "
                              "can be much faster than 2)")
     args = parser.parse_args()
-    for name in ("batch", "torch_threads"):
+    for name in ("batch", "torch_threads", "prompts"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.data:

@@ -397,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=t.grad_accum)
     p.add_argument("--max-prompt-len", type=int, default=t.max_prompt_len)
     p.add_argument("--max-response-len", type=int, default=t.max_response_len)
-    p.add_argument("--order", default=t.order, help=" | ".join(settings.TRAIN_ORDERS))
+    p.add_argument("--order", default=t.order, help=" | ".join(settings.TRAIN_ORDERS) + " (shuffle: rows packed best "
+                   "fit decreasing, in a shuffled order; given: the file's order, row after row)")
     p.add_argument("--seed", type=int, default=t.seed)
     p.add_argument("--remat", action="store_true")
     p.add_argument("--checkpoint-dir", help="Orbax step checkpoints; a rerun resumes from the latest")

@@ -60,7 +60,7 @@ class TrainConfig:
     max_response_len: int = 256
     seq_len: int | None = None  # packed row length; default max_prompt_len + max_response_len
     pack: bool = True
-    order: str = "shuffle"  # or "given": exactly the order of the examples (the curriculum's)
+    order: str = "shuffle"  # packed best fit decreasing, rows shuffled; or "given": exactly the examples' order
     batch_size: int = 8
     grad_accum: int = 1
     epochs: int = 1

@@ -9,6 +9,7 @@ of the global batch, also under gradient accumulation.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import hashlib
@@ -115,31 +116,43 @@ def check_overhead(tokenizer, config: TrainConfig) -> None:
 # --- packing ------------------------------------------------------------------------------------
 
 
-def pack(examples: Sequence[Example], row_len: int, pack_rows: bool = True) -> dict[str, np.ndarray]:
+def pack(examples: Sequence[Example], row_len: int, pack_rows: bool = True,
+         keep_order: bool = True) -> dict[str, np.ndarray]:
     """Rows of [n_rows, row_len]: inputs, targets, weights, segment_ids (0 = padding), positions.
 
-    Examples keep their order; an example's token t predicts its token t + 1 (weight 1 when that
-    token is a response token). With pack_rows=False every example gets its own row.
+    An example's token t predicts its token t + 1 (weight 1 when that token is a response token). With
+    keep_order, examples fill rows in the given order (a row is closed at the first example that does not fit):
+    step k trains on the k-th stretch of the sequence, as a curriculum needs. Without it, rows are filled best
+    fit decreasing: longest example first, each into the fullest row it fits, which leaves a few percent of the
+    slots empty where in-order filling of mixed lengths leaves a fifth (every empty slot is computed as if it
+    were a token). With pack_rows=False every example gets its own row, in order.
 
     Args:
-        examples: The tokenized examples, in order. Each must fit a row: at most row_len + 1 tokens.
+        examples: The tokenized examples. Each must fit a row: at most row_len + 1 tokens.
         row_len: The length of a row, in tokens.
         pack_rows: Whether several examples may share a row.
+        keep_order: Whether rows hold the examples in the given order (else best fit decreasing).
 
     Returns:
         A dict of [n_rows, row_len] arrays: "inputs", "targets", "segment_ids" (1, 2, ... per example in the row;
         0 = padding) and "positions" (from 0 in each example) as int32; "weights" as float32 (1.0 where the
-        target is a response token, else 0.0).
+        target is a response token, else 0.0). Best fit decreasing gives the rows in the order they were opened
+        (the first holds the longest example); shuffle them for training.
     """
-    rows: list[list[Example]] = []
-    used = row_len + 1
-    for ex in examples:
-        n = len(ex.ids) - 1
-        if not pack_rows or used + n > row_len:
-            rows.append([])
-            used = 0
-        rows[-1].append(ex)
-        used += n
+    lengths = [len(ex.ids) - 1 for ex in examples]
+    if not pack_rows:
+        groups = [[i] for i in range(len(examples))]
+    elif keep_order:
+        groups, used = [], row_len + 1
+        for i, n in enumerate(lengths):
+            if used + n > row_len:
+                groups.append([])
+                used = 0
+            groups[-1].append(i)
+            used += n
+    else:
+        groups = best_fit_decreasing(lengths, row_len)
+    rows = [[examples[i] for i in group] for group in groups]
     out = {k: np.zeros((len(rows), row_len), np.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
     out["weights"] = np.zeros((len(rows), row_len), np.float32)
     for i, row in enumerate(rows):
@@ -153,6 +166,32 @@ def pack(examples: Sequence[Example], row_len: int, pack_rows: bool = True) -> d
             out["positions"][i, at:at + n] = np.arange(n)
             at += n
     return out
+
+
+def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Bins of item indices: items taken longest first (ties in the given order), each put into the open bin
+    with the least room that still holds it (the first opened among equals), else into a new bin.
+
+    Args:
+        lengths: Each item's size, at most `capacity`.
+        capacity: A bin's size.
+
+    Returns:
+        The bins, in the order they were opened; each lists its items in the order they went in.
+    """
+    bins: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (room left, bin), sorted: the tightest bin that fits is a bisection away
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        at = bisect.bisect_left(room, (lengths[i], -1))
+        if at == len(room):
+            bins.append([i])
+            left, b = capacity - lengths[i], len(bins) - 1
+        else:
+            left, b = room.pop(at)
+            bins[b].append(i)
+            left -= lengths[i]
+        bisect.insort(room, (left, b))
+    return bins
 
 
 # --- the step -----------------------------------------------------------------------------------
@@ -474,6 +513,29 @@ def epoch_order(n: int, config: TrainConfig, epoch: int) -> np.ndarray:
     return np.random.default_rng([config.seed, epoch]).permutation(n)
 
 
+def epoch_rows(examples: Sequence[Example], config: TrainConfig, epoch: int) -> dict[str, np.ndarray]:
+    """One epoch's packed rows, in the order the steps take them.
+
+    With order "given" the rows hold the examples in order (a curriculum's steps go easy to hard). With
+    "shuffle" the examples of the epoch's shuffle are packed best fit decreasing (few empty slots) and the rows
+    are then shuffled too, so that the longest examples do not all come first.
+
+    Args:
+        examples: The rendered examples, in the order of the pairs.
+        config: The training settings: order, pack, row_len and seed.
+        epoch: The 0-based epoch; each gets its own shuffle.
+
+    Returns:
+        pack()'s dict of [n_rows, row_len] arrays.
+    """
+    order = epoch_order(len(examples), config, epoch)
+    shuffled = config.order != "given"
+    rows = pack([examples[i] for i in order], config.row_len, config.pack, keep_order=not shuffled)
+    if shuffled and config.pack:
+        rows = {k: v[np.random.default_rng([config.seed, epoch, 1]).permutation(len(v))] for k, v in rows.items()}
+    return rows
+
+
 def prepare(tokenizer, pairs: Sequence[tuple], config: TrainConfig):
     """Rendered examples and the per-epoch packed rows (as loss_rows, one width for all); counts truncation.
 
@@ -486,7 +548,7 @@ def prepare(tokenizer, pairs: Sequence[tuple], config: TrainConfig):
 
     Returns:
         A tuple (examples, epochs, (truncated_prompts, truncated_responses)): the rendered Examples in the
-        order of `pairs`, one loss_rows() dict per epoch (each in that epoch's order), and how many prompts
+        order of `pairs`, one loss_rows() dict per epoch (`epoch_rows`, in step order), and how many prompts
         and responses were cut.
 
     Raises:
@@ -499,8 +561,7 @@ def prepare(tokenizer, pairs: Sequence[tuple], config: TrainConfig):
     rendered = [render(tokenizer, p, r, config, *finished) for p, r, *finished in pairs]
     examples = [e for e, _, _ in rendered]
     stats = (sum(c for _, c, _ in rendered), sum(c for _, _, c in rendered))
-    epochs = [pack([examples[i] for i in epoch_order(len(examples), config, e)], config.row_len, config.pack)
-              for e in range(config.epochs)]
+    epochs = [epoch_rows(examples, config, e) for e in range(config.epochs)]
     width = loss_width(epochs, config.row_len)
     return examples, [loss_rows(rows, width) for rows in epochs], stats
 

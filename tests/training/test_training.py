@@ -178,6 +178,59 @@ def test_given_order_is_kept_and_shuffle_is_seeded():
     assert seen == [i for i in range(1, 9) for _ in range(4)]
 
 
+def _slots(rows):
+    """Each row's examples as token tuples, read back from the packed arrays by segment."""
+    out = []
+    for inputs, segs in zip(rows["inputs"], rows["segment_ids"]):
+        out.append([tuple(inputs[segs == s]) for s in range(1, segs.max(initial=0) + 1)])
+    return out
+
+
+def test_best_fit_decreasing_packs_tight_and_keeps_every_example_whole():
+    """Shuffled training packs best fit decreasing: every example lands whole in one row, and 100 examples of
+    mixed lengths that in-order filling spreads over 28 rows of 384 take 26 (25 at the very least: 9,295 tokens).
+    The lengths are one round's 20 kept pairs in the chat format (benchmarks/training.py's), five times over."""
+    lengths = [54, 63, 65, 65, 68, 71, 73, 80, 84, 92, 93, 96, 98, 102, 106, 112, 114, 114, 152, 157] * 5
+    order = np.random.default_rng(0).permutation(len(lengths))
+    examples = [training.Example(ids=[int(i) + 1] * (lengths[i] + 1), is_response=[True] * (lengths[i] + 1))
+                for i in order]
+    in_order = training.pack(examples, 384)
+    tight = training.pack(examples, 384, keep_order=False)
+    assert in_order["inputs"].shape[0] == 28 and tight["inputs"].shape[0] == 26
+    real = tight["segment_ids"] > 0
+    assert real.sum() == sum(lengths) == 9295
+    assert sorted(ex for row in _slots(tight) for ex in row) == sorted(tuple(ex.ids[:-1]) for ex in examples)
+    np.testing.assert_array_equal(tight["targets"][real], tight["inputs"][real])  # each example's own next token
+    for row, segs in zip(tight["positions"], tight["segment_ids"]):  # positions count from 0 in each example
+        for seg in range(1, segs.max() + 1):
+            np.testing.assert_array_equal(row[segs == seg], np.arange(np.sum(segs == seg)))
+
+
+def test_best_fit_puts_each_item_into_the_fullest_bin_it_fits():
+    # 7 opens bin 0 (room 3), 6 opens bin 1 (room 4), 4 fits only bin 1, 3 fits bin 0 (room 3) before bin 1
+    # (room 0); 2 opens bin 2; 1 goes to the fullest bin with room: bin 2 (room 8)
+    assert training.best_fit_decreasing([3, 4, 6, 1, 7, 2], 10) == [[4, 0], [2, 1], [5, 3]]
+    assert training.best_fit_decreasing([], 10) == []
+    assert training.best_fit_decreasing([5, 5, 5], 5) == [[0], [1], [2]]
+
+
+def test_shuffled_epochs_pack_tight_and_given_order_keeps_the_sequence(smollm2_tokenizer):
+    """order=shuffle: each epoch's rows are the best-fit packing of that epoch's shuffle, rows shuffled too
+    (seeded: the same twice); order=given: the examples in sequence, row after row (a curriculum)."""
+    examples = [training.Example(ids=[i] * n, is_response=[True] * n)
+                for i, n in enumerate([9, 3, 9, 3, 5, 7, 2, 9, 6, 4], 1)]
+    shuffled = TrainConfig(max_prompt_len=8, max_response_len=8, order="shuffle", seed=1, epochs=2)
+    a, b = (training.epoch_rows(examples, shuffled, 0) for _ in range(2))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert a["inputs"].shape[0] == 3  # 47 tokens in rows of 16: the fewest rows; in-order filling needs more
+    assert training.pack(examples, 16)["inputs"].shape[0] == 4
+    assert sorted(ex for row in _slots(a) for ex in row) == sorted(tuple(ex.ids[:-1]) for ex in examples)
+    given = TrainConfig(max_prompt_len=8, max_response_len=8, order="given")
+    rows = training.epoch_rows(examples, given, 0)
+    assert [ex for row in _slots(rows) for ex in row] == [tuple(ex.ids[:-1]) for ex in examples]
+
+
 def test_tiny_model_memorises_a_handful_of_examples(tiny_chat, smollm2_tokenizer):
     model, tok = models.load(tiny_chat, progress=False)
     config = TrainConfig(max_prompt_len=64, max_response_len=64, batch_size=2, epochs=60, learning_rate=1e-2,
