@@ -6,23 +6,23 @@ Prints the median seconds per step (after two warm-up steps), tokens/s of both, 
 soft-jax is faster).
 
 Data level (--data): one round's real (prompt, response) pairs, of varying lengths, engraved (SFT in the chat
-format, loss on the responses only) by soft_jax.training.train (packed rows, logits only where the loss is) and
-by TRL's SFTTrainer on a conversational prompt-completion dataset (completion-only loss), with padding and with
-its BFD packing (padding-free), each from the same SmolLM2 weights; same pairs, epochs, learning rate (cosine,
-no warmup), batch (soft-jax and TRL packing: packed rows of max_prompt_len + max_response_len tokens; TRL
-padding: examples), float32, gradient clipping to 1. --lora R engraves LoRA adapters of rank R instead (soft-jax's
-train.lora_rank; TRL with PEFT's LoraConfig: the same rank, alpha, targets q/k/v/o/gate/up/down, no dropout). soft-jax's time includes compiling its step; --warm runs
-it a second time (the compiled step reused, as in a run's later rounds). Prints wall time, tokens/s (the pairs'
-tokens in the chat format, the same count for all) and the ratios. The pairs: --pairs FILE (JSONL rows with
-prompt and response, e.g. a work dir's rounds/001/train.jsonl); by default benchmarks/round.py's cache of
-soft-jax's kept pairs (~/.cache/soft_jax/bench/round_pairs.jsonl), generated here first (one soft-jax round's
-generation: 32 prompts, or --prompts N, 128 new tokens) when missing; --pairs exemplars takes benchmarks/common.py's six
-hand-written exemplar answers instead (a smoke test, not the real number).
+format, loss on the responses only) by soft_jax.training.train (packed rows, logits only where the loss is) and by
+TRL's SFTTrainer on a conversational prompt-completion dataset (completion-only loss), with padding and with its BFD
+packing (padding-free), each from the same SmolLM2 weights; same pairs, epochs, learning rate (cosine, no warmup),
+batch (soft-jax and TRL packing: packed rows of max_prompt_len + max_response_len tokens; TRL padding: examples),
+float32, gradient clipping to 1. --lora R engraves LoRA adapters of rank R instead (soft-jax's train.lora_rank; TRL
+with PEFT's LoraConfig: the same rank, alpha, targets q/k/v/o/gate/up/down and dropout, 0 by default). soft-jax's
+time includes compiling its step; --warm runs it a second time (the compiled step reused, as in a run's later
+rounds). Prints wall time, tokens/s (the pairs' tokens in the chat format, the same count for all) and the ratios.
+The pairs: --pairs FILE (JSONL rows with prompt and response, e.g. a work dir's rounds/001/train.jsonl); by default
+benchmarks/round.py's cache of soft-jax's kept pairs (~/.cache/soft_jax/bench/round_pairs.jsonl), generated here
+first (one soft-jax round's generation: 32 prompts, or --prompts N, 128 new tokens) when missing; --pairs exemplars
+takes benchmarks/common.py's six hand-written exemplar answers instead (a smoke test, not the real number).
 
     python benchmarks/training.py [--batch 8] [--seq 256] [--steps 5] [--remat]
     JAX_PLATFORMS=cpu python benchmarks/training.py --data [--pairs FILE|exemplars|--prompts 32] [--epochs 1] \
         [--lr 5e-5] [--batch 2] [--max-prompt-len 192] [--max-response-len 192] [--trl padding packing] [--warm] \
-        [--lora 64 --lora-alpha 16]
+        [--lora 64 --lora-alpha 16 --lora-dropout 0]
 Needs TRL for --data (`pip install --no-deps trl` and `datasets`; see the README's benchmark line).
 """
 
@@ -217,8 +217,8 @@ def peft_config(config):
         return None
     from peft import LoraConfig
 
-    return LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0, bias="none",
-                      target_modules=config.lora_targets.split(","), task_type="CAUSAL_LM")
+    return LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      bias="none", target_modules=config.lora_targets.split(","), task_type="CAUSAL_LM")
 
 
 def time_trl_data(bench, pairs, config, modes):
@@ -266,7 +266,7 @@ def data_main(args):
         config = training.TrainConfig(batch_size=args.batch or 2, epochs=args.epochs, learning_rate=args.lr,
                                       warmup_steps=0, max_prompt_len=args.max_prompt_len,
                                       max_response_len=args.max_response_len, lora_rank=args.lora,
-                                      lora_alpha=args.lora_alpha)
+                                      lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
     except UserError as e:
         fail(str(e))
     import torch
@@ -283,7 +283,8 @@ def data_main(args):
           f"{max(lengths)} tokens, {tokens} tokens in the chat format; {config.epochs} epoch(s), lr "
           f"{config.learning_rate} cosine, batch {config.batch_size}, max prompt/response "
           f"{config.max_prompt_len}/{config.max_response_len}, float32"
-          + (f"; LoRA rank {config.lora_rank}, alpha {config.lora_alpha}, {config.lora_targets}" if config.lora_rank
+          + (f"; LoRA rank {config.lora_rank}, alpha {config.lora_alpha}, dropout {config.lora_dropout}, "
+             f"{config.lora_targets}" if config.lora_rank
              else "; full fine-tuning"))
     ours, flops = time_ours_data(model, tokenizer, pairs, config, args.warm)
     del model
@@ -333,6 +334,7 @@ def main():
     parser.add_argument("--warm", action="store_true", help="--data: also time soft-jax with its step compiled")
     parser.add_argument("--lora", type=int, default=0, help="--data: LoRA adapters of this rank (0: full)")
     parser.add_argument("--lora-alpha", type=float, default=16.0)
+    parser.add_argument("--lora-dropout", type=float, default=0.0)
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="--data: torch's intra-op threads for TRL (default: torch's own choice; on a loaded CPU 1 "
                              "can be much faster than 2)")

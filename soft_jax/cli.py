@@ -142,7 +142,11 @@ def cmd_train(args) -> None:
         max_prompt_len=args.max_prompt_len, max_response_len=args.max_response_len, batch_size=args.batch_size,
         grad_accum=args.grad_accum, epochs=args.epochs, learning_rate=args.lr, warmup_steps=args.warmup_steps,
         order=args.order, seed=args.seed, checkpoint_every=args.checkpoint_every, remat=args.remat,
-        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets)
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        lora_targets=args.lora_targets)
+    if args.lora_dropout and not args.lora_rank:
+        raise UserError(f"--lora-dropout {args.lora_dropout} drops the LoRA adapters' inputs: give --lora-rank R too, "
+                        "or drop --lora-dropout")
     if args.adapter and not args.lora_rank:
         raise UserError("--adapter writes LoRA adapters: give --lora-rank R too (or drop --adapter for a full model)")
     if args.lora_rank:
@@ -406,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int, default=t.lora_rank, help="LoRA adapters of this rank; only they "
                    "train (0: full fine-tuning)")
     p.add_argument("--lora-alpha", type=float, default=t.lora_alpha, help="adapter scale alpha / rank")
+    p.add_argument("--lora-dropout", type=float, default=t.lora_dropout,
+                   help="the probability each adapter input entry is dropped in training (as PEFT's lora_dropout)")
     p.add_argument("--lora-targets", default=t.lora_targets, help="comma-separated projections that get adapters")
     p.add_argument("--adapter", action="store_true", help="write the HF PEFT adapter (adapter_config.json + "
                    "adapter_model.safetensors) instead of the merged model")

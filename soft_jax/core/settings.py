@@ -81,6 +81,7 @@ class TrainConfig:
     # (x @ A @ B * alpha / rank) and only the adapters train
     lora_rank: int = 0
     lora_alpha: float = 16.0
+    lora_dropout: float = 0.0  # as PEFT's lora_dropout: the adapters' input entries dropped in training
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
     RULES = [
@@ -96,6 +97,7 @@ class TrainConfig:
         ("checkpoint_every", lambda v: v >= 0, ">= 0 (0 = only when stopped)"),
         ("lora_rank", lambda v: v >= 0, ">= 0 (0 = full fine-tuning)"),
         ("lora_alpha", lambda v: v > 0, "> 0"),
+        ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1) (0 = no dropout)"),
     ]
 
     @property

@@ -83,7 +83,7 @@ def base() -> ml_collections.ConfigDict:
     # SFT: TrainConfig's defaults (soft_jax.core.settings documents each), with step checkpoints every 20 steps
     config.train = settings.defaults(settings.TrainConfig, "learning_rate batch_size grad_accum epochs max_prompt_len "
                                      "max_response_len warmup_ratio max_grad_norm weight_decay pack remat lora_rank "
-                                     "lora_alpha lora_targets",
+                                     "lora_alpha lora_dropout lora_targets",
                                      checkpoint_every=20)
     # metric: valid_nll (mean response NLL per held-out pair, lower is better), an eval task's accuracy
     # (hhh | truthfulqa_mc1 | truthfulqa_mc2, higher is better, on the first `limit` items) or a degeneracy signal
@@ -228,6 +228,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     checks.append((config.model.quant == "none" or config.train.lora_rank > 0,
                    f"model.quant = {config.model.quant!r} freezes a quantized base: it needs LoRA adapters to train; "
                    "set train.lora_rank (e.g. 64), or model.quant=none"))
+    checks.append((not config.train.lora_dropout or config.train.lora_rank > 0,
+                   f"train.lora_dropout = {config.train.lora_dropout!r} drops the LoRA adapters' inputs: it needs "
+                   "adapters; set train.lora_rank (e.g. 64), or train.lora_dropout=0"))
     for ok, message in checks:
         if not ok:
             raise UserError(f"config: {message}")

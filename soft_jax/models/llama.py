@@ -35,6 +35,11 @@ class Adapter(nnx.Module):
     stacked layers each has the leading "layers" axis). `a` splits like the kernel's input axis, `b` like its
     output axis, and the rank axis over fsdp where that axis is still free (b; a of down_proj, whose input is mlp). A @ B is never formed: two thin matmuls cost rank x (in + out) per token."""
 
+    # LoRA dropout, switched on for one training forward by soft_jax.models.lora.set_dropout: the rate, and
+    # DropoutKeys of per-row key data [rows, 2]. Off (rate 0, no keys) everywhere else: generation, scoring, export.
+    dropout: float = 0.0
+    keys = None
+
     def __init__(self, a: nnx.LoRAParam, b: nnx.LoRAParam, scale: float):
         self.a, self.b, self.scale = a, b, scale
 
@@ -43,8 +48,20 @@ class Adapter(nnx.Module):
         return self.a.shape[-1]
 
     def __call__(self, x):
+        """x: [tokens, in], the rows' tokens flattened (as Linear passes them)."""
+        if self.dropout and self.keys is not None:  # as PEFT: only the adapter's input is dropped, not the kernel's
+            keys = self.keys[...]
+            rows = x.reshape(keys.shape[0], -1, x.shape[-1])
+            keep = jax.vmap(lambda k: jax.random.bernoulli(jax.random.wrap_key_data(k), 1.0 - self.dropout,
+                                                           rows.shape[1:]))(keys)
+            x = jnp.where(keep, rows / jnp.asarray(1.0 - self.dropout, x.dtype), 0).reshape(x.shape).astype(x.dtype)
         return jnp.dot(jnp.dot(x, self.a[...].astype(x.dtype)), self.b[...].astype(x.dtype)) * jnp.asarray(
             self.scale, x.dtype)
+
+
+class DropoutKeys(nnx.Variable):
+    """PRNG key data (uint32 [rows, 2]; stacked layers: [layers, rows, 2]) of a LoRA adapter's dropout in one
+    training step; neither trained nor saved."""
 
 
 class Linear(nnx.Module):

@@ -125,6 +125,36 @@ def add_adapters(model: Llama, rank: int, alpha: float, targets=TARGETS, seed: i
     return model
 
 
+def set_dropout(model: Llama, rate: float, row_keys) -> None:
+    """Switches on LoRA dropout for the forward passes of `model` (a model merged inside a train step): each
+    adapter zeroes its input's entries with probability `rate` and scales the rest by 1 / (1 - rate), as PEFT's
+    lora_dropout does; the kernel's own input is untouched. Every row, adapter and layer draws its own mask, from
+    the row's key folded with the projection's name and the layer's index, so the masks do not depend on how the
+    batch is split over devices or whether the layers are stacked.
+
+    Args:
+        model: The Llama with adapters; changed in place.
+        rate: The dropout probability, in (0, 1).
+        row_keys: uint32 [rows, 2]: one key's data per row of the batch the model runs on.
+    """
+    from soft_jax.models.llama import DropoutKeys
+
+    cfg = model.config
+    layers = jnp.arange(cfg.num_layers)
+    for path, linear in linears(model):
+        if linear.lora is None:
+            continue
+        name = TARGETS.index(path[-1])
+        per_layer = jax.vmap(lambda key, layer: jax.random.key_data(
+            jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(key), name), layer)), in_axes=(0, None))
+        if cfg.scan_layers:
+            keys = jax.vmap(lambda layer: per_layer(row_keys, layer))(layers)
+        else:
+            keys = per_layer(row_keys, path[1])
+        linear.lora.dropout = float(rate)
+        linear.lora.keys = DropoutKeys(keys)
+
+
 def merged(model: Llama) -> Llama:
     """A copy of `model` with each adapter folded into its kernel (kernel + a @ b * scale, in float32, stored in
     the model's parameter dtype) and no adapters: what `export_hf` writes. A quantized kernel is dequantized

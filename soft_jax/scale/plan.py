@@ -190,12 +190,15 @@ def _lowerings(cfg: ModelConfig, shapes: Shapes, mesh, train_config: training.Tr
         tgraph, trained, frozen = nnx.split(module, nnx.LoRAParam if lora_rank else nnx.Param, ...)
         params, frozen = shd.abstract(trained, mesh), shd.abstract(frozen, mesh)
         opt_state = shd.abstract(jax.eval_shape(tx.init, trained), mesh)
-        step = training.compiled_step(tgraph, tx, shapes.remat, platform, mesh, (params, opt_state, frozen))
+        dropout = train_config.lora_dropout if lora_rank else 0.0
+        step = training.compiled_step(tgraph, tx, shapes.remat, platform, mesh, (params, opt_state, frozen), dropout)
         shape = (shapes.grad_accum, shapes.train_rows, shapes.row_len)
         batch_sharding = NamedSharding(mesh, training.BATCH_SPEC)
         # loss at every position: the widest loss_rows a run can have (a real round's is at most this)
         batch = {k: _sds(shape, f32 if k == "loss_weights" else i32, batch_sharding)
                  for k in ("inputs", "segment_ids", "positions", "loss_at", "loss_targets", "loss_weights")}
+        if dropout:  # a key per row
+            batch["noise"] = _sds(shape[:2] + (2,), jnp.uint32, batch_sharding)
         return step.lower(params, opt_state, batch, _replicated(mesh, (), f32), frozen)
 
     rows, own, groups = shapes.sample_rows, shapes.own_len, shapes.prefix_groups

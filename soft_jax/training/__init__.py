@@ -330,7 +330,7 @@ BATCH_SPEC = PartitionSpec(None, ("data", "fsdp"))  # [grad_accum, micro-batch r
 _steps: dict = {}
 
 
-def compiled_step(graphdef, tx, remat: bool, platform: str, mesh=None, state=None):
+def compiled_step(graphdef, tx, remat: bool, platform: str, mesh=None, state=None, lora_dropout: float = 0.0):
     """The jitted train step (params, opt_state, batch, lr) -> (params, opt_state, metrics).
 
     On a mesh, parameters and Adam moments go in and come out on their logical shardings, the batch's rows
@@ -346,6 +346,8 @@ def compiled_step(graphdef, tx, remat: bool, platform: str, mesh=None, state=Non
         platform: The jax platform name ("cpu", "gpu", "tpu"), for `compiler_options`.
         mesh: A jax Mesh, or None for one device.
         state: (params, opt_state, frozen), arrays or abstract shapes; needed with a mesh.
+        lora_dropout: The LoRA dropout rate (models.lora.set_dropout); with it, batch also holds "noise": uint32
+            key data [grad_accum, micro-batch rows, 2], one key per row (`Trainer.step` draws them).
 
     Returns:
         The jitted function (params, opt_state, batch, lr, frozen) -> (params, opt_state, metrics). params and
@@ -353,7 +355,7 @@ def compiled_step(graphdef, tx, remat: bool, platform: str, mesh=None, state=Non
         float32 scalar. metrics holds scalar arrays: "loss" (mean NLL per response token), "grad_norm" (global
         norm of the gradients, before clipping) and "tokens" (response tokens in the batch, at least 1).
     """
-    key = (graphdef, tx, remat, platform, mesh)
+    key = (graphdef, tx, remat, platform, mesh, lora_dropout)
     if key not in _steps:
         shardings = {}
         if mesh is not None:
@@ -361,7 +363,8 @@ def compiled_step(graphdef, tx, remat: bool, platform: str, mesh=None, state=Non
             replicated = NamedSharding(mesh, PartitionSpec())
             shardings = dict(in_shardings=(params_sh, opt_sh, NamedSharding(mesh, BATCH_SPEC), replicated, frozen_sh),
                              out_shardings=(params_sh, opt_sh, replicated))
-        _steps[key] = jax.jit(functools.partial(_train_step, graphdef, tx, remat, mesh), donate_argnums=(0, 1),
+        _steps[key] = jax.jit(functools.partial(_train_step, graphdef, tx, remat, lora_dropout, mesh),
+                              donate_argnums=(0, 1),
                               compiler_options=compiler_options(platform), **shardings)
     return _steps[key]
 
@@ -404,8 +407,11 @@ class Trainer:
         else:
             shd.check_rows(config.batch_size // config.grad_accum, mesh, "the micro-batch (batch_size / grad_accum)")
         platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+        if config.lora_dropout and not lora.has_adapters(model):
+            raise UserError(f"train.lora_dropout = {config.lora_dropout}: dropout applies to LoRA adapters, and the "
+                            "model has none; set train.lora_rank (e.g. 64) or lora_dropout=0")
         self._step = compiled_step(self.graphdef, self.tx, config.remat, platform, mesh,
-                                   (self.params, self.opt_state, self.frozen))
+                                   (self.params, self.opt_state, self.frozen), config.lora_dropout)
 
     def put_batch(self, batch: dict[str, np.ndarray]):
         """[batch, len] host arrays -> [grad_accum, micro, len] device arrays, micro split over data axes.
@@ -436,6 +442,11 @@ class Trainer:
             learning rate of this step).
         """
         lr = jnp.float32(self.schedule(index))
+        if self.config.lora_dropout:  # a key per row, from the seed and the row's place in the run: a resumed run
+            # draws the same masks
+            rows = batch["inputs"].shape[0]
+            batch = {**batch, "noise": np.stack([np.full(rows, self.config.seed % 2 ** 32, np.uint32),
+                                                 np.arange(index * rows, (index + 1) * rows, dtype=np.uint32)], 1)}
         self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, self.put_batch(batch), lr,
                                                           self.frozen)
         return {**metrics, "lr": lr}
@@ -445,17 +456,22 @@ class Trainer:
         return nnx.merge(self.graphdef, self.params, self.frozen)
 
 
-def _train_step(graphdef, tx, remat, mesh, params, opt_state, batch, lr, frozen):
+def _train_step(graphdef, tx, remat, lora_dropout, mesh, params, opt_state, batch, lr, frozen):
     """One optimizer step over grad_accum micro-batches; the loss is the mean over all response tokens."""
     with shd.activation_sharding(mesh):
-        return _step_body(graphdef, tx, remat, params, opt_state, batch, lr, frozen)
+        return _step_body(graphdef, tx, remat, lora_dropout, params, opt_state, batch, lr, frozen)
 
 
-def _step_body(graphdef, tx, remat, params, opt_state, batch, lr, frozen):
+def _step_body(graphdef, tx, remat, lora_dropout, params, opt_state, batch, lr, frozen):
+    from soft_jax.models import lora
+
     total = jnp.maximum(jnp.sum(batch["loss_weights"]), 1.0)
 
     def micro_loss(p, mb):
-        nll, count = loss_sums(nnx.merge(graphdef, p, frozen), mb, remat)
+        model = nnx.merge(graphdef, p, frozen)
+        if lora_dropout:
+            lora.set_dropout(model, lora_dropout, mb["noise"])
+        nll, count = loss_sums(model, mb, remat)
         return nll / total, count
 
     def accumulate(grads, mb):

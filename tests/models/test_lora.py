@@ -313,3 +313,67 @@ def test_dromedary2_config_is_salmons_engraving():
     assert (c.train.max_prompt_len, c.train.max_response_len, c.train.batch_size, c.train.epochs) == (512, 512, 128, 1)
     with pytest.raises(Exception, match="needs LoRA adapters"):
         config("dromedary2.py", "train.lora_rank=0")
+
+
+def test_lora_dropout_zeroes_the_adapters_input_and_scales_the_rest_as_peft():
+    """PEFT's lora_dropout is torch's Dropout on the adapter's input: each entry zeroed with probability p, the
+    others multiplied by 1 / (1 - p). An identity adapter shows the dropped input itself."""
+    from soft_jax.models.llama import Adapter, DropoutKeys
+
+    eye = jnp.eye(16, dtype=jnp.float32)
+    adapter = Adapter(nnx.LoRAParam(eye), nnx.LoRAParam(eye), scale=1.0)
+    x = jnp.asarray(np.random.default_rng(0).uniform(1, 2, size=(4 * 256, 16)), jnp.float32)  # 4 rows of 256 tokens
+    np.testing.assert_array_equal(np.asarray(adapter(x)), np.asarray(x))  # off until set_dropout switches it on
+    adapter.dropout, adapter.keys = 0.25, DropoutKeys(jnp.asarray([[0, i] for i in range(4)], jnp.uint32))
+    out = np.asarray(adapter(x))
+    kept = out != 0
+    assert abs(1 - kept.mean() - 0.25) < 0.02, kept.mean()
+    np.testing.assert_allclose(out[kept], np.asarray(x)[kept] / 0.75, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(adapter(x)), out)  # the same keys draw the same masks
+    rows = kept.reshape(4, 256, 16)
+    assert all((rows[0] != rows[i]).mean() > 0.2 for i in (1, 2, 3))  # each row its own mask
+
+
+@LAYOUTS
+def test_lora_dropout_leaves_the_base_path_whole_and_is_the_same_stacked_or_not(tiny_chat, tmp_path, scan_layers):
+    """With dropout on, a new adapter (B = 0) still gives the base model's logits exactly: only the adapters' input
+    is dropped. With B drawn, dropout changes the logits, the same keys give the same logits, and the loop and
+    the stacked layers (the same adapters, carried over through the PEFT format) draw the same masks."""
+    base, _ = models.load(tiny_chat, progress=False, scan_layers=scan_layers)
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, base.config.vocab_size, size=(3, 20)))
+    keys = jnp.asarray([[7, 0], [7, 1], [7, 2]], jnp.uint32)
+
+    def with_dropout(model):
+        copy = nnx.merge(*nnx.split(model), copy=True)
+        lora.set_dropout(copy, 0.3, keys)
+        return np.asarray(copy(ids))
+
+    tuned = lora.add_adapters(base, rank=4, alpha=8, seed=0)
+    np.testing.assert_array_equal(with_dropout(tuned), np.asarray(base(ids)))
+    random_b(tuned)
+    plain, dropped = np.asarray(tuned(ids)), with_dropout(tuned)
+    assert np.abs(dropped - plain).max() > 1e-3
+    np.testing.assert_array_equal(with_dropout(tuned), dropped)
+    lora.export_peft(tuned, str(tmp_path / "adapter"))
+    other, _ = models.load(tiny_chat, progress=False, scan_layers=not scan_layers)
+    other = lora.load_peft(other, str(tmp_path / "adapter"))
+    np.testing.assert_allclose(with_dropout(other), dropped, rtol=0, atol=1e-5)
+
+
+def test_training_with_lora_dropout_is_seeded_and_differs_from_none(tiny_chat):
+    """lora_dropout in training: two runs with the same seed give the same adapters array by array (a resumed run
+    draws the same masks: each row's key is the seed and its place in the run); without dropout they differ; a
+    full fine-tune refuses it in one line."""
+    base, tok = models.load(tiny_chat, progress=False)
+    common = dict(max_prompt_len=64, max_response_len=64, batch_size=2, epochs=1, learning_rate=1e-2,
+                  warmup_steps=0, order="given", pack=False, lora_rank=4, lora_alpha=8)
+    runs = {}
+    for name, dropout in (("a", 0.3), ("again", 0.3), ("none", 0.0)):
+        model, result = training.train(base, tok, PAIRS, TrainConfig(**common, lora_dropout=dropout), progress=False)
+        runs[name] = adapters(model)
+        assert result.steps == 2
+    for key in runs["a"]:
+        np.testing.assert_array_equal(runs["again"][key], runs["a"][key], err_msg=key)
+    assert max(np.abs(runs["none"][k] - runs["a"][k]).max() for k in runs["a"]) > 1e-4
+    with pytest.raises(training.UserError, match="lora_dropout"):
+        training.train(base, tok, PAIRS, TrainConfig(**{**common, "lora_rank": 0}, lora_dropout=0.1), progress=False)
