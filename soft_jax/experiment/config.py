@@ -29,6 +29,9 @@ ACROSS_ROUNDS = ("none", "prompt_ppl", "prompt_length")
 RESUMABLE_CHANGES = ("rounds", "check_contamination", "validation.patience", "validation.tolerance",
                      "validation.confidence", "validation.resamples", "progress", "prompts.per_round", "eval.required",
                      "mesh_generate", "mesh_generate.data", "mesh_generate.fsdp", "mesh_generate.tensor")
+# Keys added since runs may have started, each with the value that behaves as before it existed: a run's
+# config.json that lacks one reads it as that value, so that a run started by an older soft-jax resumes.
+ADDED_KEYS = {"train.lora_dropout": 0.0}
 # The paper's benchmarks, run every round (round 0, the base model, included) by the paper configs.
 PAPER_TASKS = "hhh,truthfulqa_mc1,truthfulqa_mc2"
 
@@ -284,6 +287,18 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
 
 def to_dict(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json())
+
+
+def with_added_keys(saved: dict) -> dict:
+    """A saved config dict with every ADDED_KEYS key it lacks set to its as-before value (a copy)."""
+    out = json.loads(json.dumps(saved))
+    for dotted, value in ADDED_KEYS.items():
+        *parents, leaf = dotted.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node.setdefault(leaf, value)
+    return out
 
 
 def diff(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -123,6 +123,8 @@ def compare_config(path: str, config: ml_collections.ConfigDict) -> dict | None:
         raise UserError(f"--workdir {path}: a file is in the way; give a new or existing run directory")
     new = config_lib.to_dict(config)
     old = read_json(os.path.join(path, CONFIG))
+    if old is not None:
+        old = config_lib.with_added_keys(old)
     if old is None:
         if os.path.isdir(path) and set(os.listdir(path)) - {LOCK}:
             raise UserError(f"{path}: the directory is not empty and holds no soft-jax run ({CONFIG} missing); "

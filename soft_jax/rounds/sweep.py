@@ -60,7 +60,7 @@ def _same_run(old: dict | None, new: dict) -> bool:
     """Whether config.json `old` is the run of config `new` (the fixed exemplars a run resolves excepted)."""
     if old is None:
         return False
-    changed = config_lib.diff(old, new)
+    changed = config_lib.diff(config_lib.with_added_keys(old), new)
     return not changed or (changed == ["exemplars.fixed_ids"] and not new["exemplars"]["fixed_ids"])
 
 
