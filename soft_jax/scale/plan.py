@@ -245,7 +245,9 @@ def _lowerings(cfg: ModelConfig, shapes: Shapes, mesh, train_config: training.Tr
         train_resident, beside = (1 + base) * one_copy, base * one_copy if gmesh is mesh else (1 + base) * one_copy
     out = [("train_step", f"{shapes.grad_accum} x {shapes.train_rows} rows x {shapes.row_len} tokens"
             f"{', remat' if shapes.remat else ''}{', scanned' if shapes.scan_layers else ''}"
-            f"{f', LoRA rank {lora_rank}' if lora_rank else ''}", train_resident, train)]
+            f"{f', LoRA rank {lora_rank}' if lora_rank else ''}"
+            f"{f', dropout {train_config.lora_dropout}' if lora_rank and train_config.lora_dropout else ''}",
+            train_resident, train)]
     if shapes.prefix_len:
         out.append(("prefix_prefill", f"{groups} x {shapes.prefix_len} shared tokens", beside, prefix_prefill))
     out += [("prefill", f"{rows} rows x {own} tokens" + (" after the prefix" if shapes.prefix_len else ""), beside,

@@ -228,7 +228,7 @@ def test_plan_compiles_the_lora_train_step_with_moments_for_the_adapters_only():
     """On a compile-only v5e-8 (FSDP over 8 chips), the LoRA train step takes the base weights, the adapters and
     two Adam moments of the adapters, where full fine-tuning takes the weights and two moments of them all: at
     least 2 x weights - 3 x adapters (per chip) less. (Not exactly that: the TPU compiler pads each small array
-    to its (8, 128) tiles.) Decode compiles with the adapters too."""
+    to its (8, 128) tiles.) Decode compiles with the adapters too, and the step with LoRA dropout."""
     import dataclasses
 
     from helpers import CFG, SHAPES
@@ -250,6 +250,11 @@ def test_plan_compiles_the_lora_train_step_with_moments_for_the_adapters_only():
     assert full[0].arguments - tuned[0].arguments >= 2 * weights - 3 * adapter_bytes
     assert tuned[0].arguments >= weights + 3 * adapter_bytes
     assert tuned[0].resident == 0  # the base model is the frozen argument; nothing else is kept beside it
+    # LoRA dropout compiles on the slice too: the step takes a key per row besides
+    dropped = plan.compile_run(CFG, shapes, mesh, dataclasses.replace(lora_config, lora_dropout=0.1),
+                               only=["train_step"])
+    assert "dropout 0.1" in dropped[0].shapes
+    assert 0 < dropped[0].arguments - tuned[0].arguments <= 64 * 1024  # bytes: the keys, padded to tiles
 
 
 def test_under_fsdp_every_adapter_array_is_split_over_the_chips():
