@@ -73,8 +73,9 @@ def test_loss_only_at_loss_positions_equals_full_logits(tiny_chat, smollm2_token
         step_rows = _step_rows(rows)
         width = step_rows["loss_at"].shape[1]
         assert width < 256 and width >= np.count_nonzero(rows["weights"], axis=1).max()  # fewer logits, none lost
-        a, ga = jax.value_and_grad(full)(state, jax.tree.map(jnp.asarray, rows))
-        b, gb = jax.value_and_grad(selected)(state, jax.tree.map(jnp.asarray, step_rows))
+        # jitted: op by op, the two gradients took 35 s of a cold test run
+        a, ga = jax.jit(jax.value_and_grad(full))(state, jax.tree.map(jnp.asarray, rows))
+        b, gb = jax.jit(jax.value_and_grad(selected))(state, jax.tree.map(jnp.asarray, step_rows))
         np.testing.assert_allclose(b, a, rtol=1e-6)
         a, b = _leaves(ga), _leaves(gb)
         assert sorted(a) == sorted(b)
@@ -96,7 +97,7 @@ def test_packed_loss_and_gradients_equal_unpacked(tiny_chat, smollm2_tokenizer):
         nll, count = training.loss_sums(nnx.merge(graphdef, state), jax.tree.map(jnp.asarray, rows))
         return nll / count
 
-    (a, ga), (b, gb) = (jax.value_and_grad(mean_loss)(state, r) for r in (packed, unpacked))
+    (a, ga), (b, gb) = (jax.jit(jax.value_and_grad(mean_loss))(state, r) for r in (packed, unpacked))
     np.testing.assert_allclose(a, b, rtol=1e-6)
     for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7)
