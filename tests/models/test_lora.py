@@ -359,7 +359,8 @@ def test_lora_dropout_zeroes_the_adapters_input_and_scales_the_rest_as_peft():
 @LAYOUTS
 def test_lora_dropout_leaves_the_base_path_whole_and_is_the_same_stacked_or_not(tiny_chat, tmp_path, scan_layers):
     """With dropout on, a new adapter (B = 0) still gives the base model's logits exactly: only the adapters' input
-    is dropped. With B drawn, dropout changes the logits, the same keys give the same logits, and the loop and
+    is dropped. With B drawn, dropout changes the logits, the same keys give the same logits, a row gives the
+    same logits in a batch of its own (as on a mesh, where each device holds some of the rows), and the loop and
     the stacked layers (the same adapters, carried over through the PEFT format) draw the same masks."""
     base, _ = models.load(tiny_chat, progress=False, scan_layers=scan_layers)
     ids = jnp.asarray(np.random.default_rng(0).integers(3, base.config.vocab_size, size=(3, 20)))
@@ -376,6 +377,11 @@ def test_lora_dropout_leaves_the_base_path_whole_and_is_the_same_stacked_or_not(
     plain, dropped = np.asarray(tuned(ids)), with_dropout(tuned)
     assert np.abs(dropped - plain).max() > 1e-3
     np.testing.assert_array_equal(with_dropout(tuned), dropped)
+    # a row's masks come with its key, whatever else is in the batch: rows split as devices split them draw alike
+    for rows in ([0], [1, 2]):
+        part = nnx.merge(*nnx.split(tuned), copy=True)
+        lora.set_dropout(part, 0.3, keys[jnp.asarray(rows)])
+        np.testing.assert_allclose(np.asarray(part(ids[jnp.asarray(rows)])), dropped[rows], rtol=0, atol=1e-5)
     lora.export_peft(tuned, str(tmp_path / "adapter"))
     other, _ = models.load(tiny_chat, progress=False, scan_layers=not scan_layers)
     other = lora.load_peft(other, str(tmp_path / "adapter"))
