@@ -12,12 +12,13 @@ import os
 import shlex
 import sys
 
-from soft_jax.core import compile_cache, settings
+from soft_jax.core import compile_cache, settings, storage
 from soft_jax.core.errors import UserError
 from soft_jax.core.preemption import Preempted
 
 EXIT_USER_ERROR = 2
 EXIT_DISK_FULL = 1
+EXIT_STORAGE = 1  # a bucket unreachable past retries (soft_jax.core.storage.StorageError)
 EXIT_CONTAMINATED = 1  # `data check --strict` found shared n-grams
 
 
@@ -45,7 +46,7 @@ def _add_model(p):
 
 
 def _is_workdir(path: str) -> bool:
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "state.json"))
+    return storage.isfile(storage.join(storage.check(path, "--model"), "state.json"))
 
 
 def _open_model(args, param_dtype=None, need_tokenizer=True, progress=True):
@@ -185,18 +186,17 @@ def cmd_export(args) -> None:
         from soft_jax.models import lora
 
         lora.export_peft(model, args.out, base_model=_base_of(args.model))
-        print(f"exported the LoRA adapters of {args.model} to {os.path.abspath(args.out)} "
+        print(f"exported the LoRA adapters of {args.model} to {storage.abspath(args.out)} "
               f"(peft: PeftModel.from_pretrained(base, {args.out!r}))")
         return
     models.export_hf(model, tokenizer, args.out)
-    print(f"exported {args.model} to {os.path.abspath(args.out)} (transformers: from_pretrained({args.out!r}))")
+    print(f"exported {args.model} to {storage.abspath(args.out)} (transformers: from_pretrained({args.out!r}))")
 
 
 def _base_of(model_arg: str) -> str:
     """The base model path a PEFT adapter exported from --model should name: a work dir's model, else --model."""
     if _is_workdir(model_arg):
-        with open(os.path.join(model_arg, "config.json"), encoding="utf-8") as f:
-            m = json.load(f)["model"]
+        m = json.loads(storage.read_text(storage.join(model_arg, "config.json")))["model"]
         return m.get("path") or m.get("name", "")
     return model_arg
 
@@ -508,6 +508,7 @@ def _again(argv) -> str:
 
 
 def main(argv=None) -> int:
+    storage.configure()  # before anything reaches Cloud Storage: STORAGE_EMULATOR_HOST covers TensorStore too
     try:
         args, rest = build_parser().parse_known_args(argv)
         if rest and args.command not in ("run", "sweep", "plan"):
@@ -519,6 +520,10 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"soft-jax: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except storage.StorageError as e:  # the bucket failed past the client's retries: nothing is half-written
+        print(f"soft-jax: error: {e}; finished work is saved: rerun the same command once the bucket is reachable",
+              file=sys.stderr)
+        return EXIT_STORAGE
     except Preempted as e:  # a signal asked `run` to stop; it stopped at a safe point
         print(f"soft-jax: {e}; progress is saved. resume with: {_again(argv)}", file=sys.stderr)
         return 130 if e.signame == "SIGINT" else 143

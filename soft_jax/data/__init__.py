@@ -16,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
+from soft_jax.core import storage
 from soft_jax.core.errors import UserError
 from soft_jax.core.io_utils import read_jsonl
 
@@ -76,10 +77,9 @@ def load_tfds_prompts(name: str, split: str = "train", data_dir: str = "", promp
 
 def load_principles(path: str = "") -> str:
     path = path or asset("principles.txt")
-    if not os.path.isfile(path):
+    if not storage.isfile(storage.check(path)):
         raise UserError(f"{path}: no such principles file; give a text file with one numbered principle per line")
-    with open(path, encoding="utf-8") as f:
-        text = f.read().strip()
+    text = storage.read_text(path).strip()
     if not text:
         raise UserError(f"{path}: the principles file is empty")
     return text

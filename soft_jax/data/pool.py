@@ -28,6 +28,7 @@ import tempfile
 import unicodedata
 from typing import Any, Callable, Iterator
 
+from soft_jax.core import storage
 from soft_jax.core.errors import UserError
 from soft_jax.core.io_utils import write_jsonl
 from soft_jax.data import prompt_id
@@ -77,11 +78,10 @@ def normalize(text: str) -> str:
 
 def _records(path: str, fmt: str) -> Iterator[tuple[str, Any]]:
     """(where, record) of a JSON-list file (first non-blank character `[`) or a JSONL file."""
-    if not os.path.isfile(path):
+    if not storage.isfile(storage.check(path)):
         raise UserError(f"{path}: no such file; give the path of a {fmt} file ({SHAPES[fmt]})")
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = storage.read_text(path)
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); convert the file to UTF-8") from None
     if text.lstrip().startswith("["):

@@ -35,7 +35,7 @@ import tarfile
 import urllib.parse
 import urllib.request
 
-from soft_jax.core import io_utils
+from soft_jax.core import io_utils, storage
 from soft_jax.core.errors import UserError
 
 ARCHIVE = "bigbench-1.0.0.tar.gz"
@@ -266,7 +266,23 @@ def _tree_root(directory: str) -> str:
     return directory
 
 
+def _from_bucket(directory: str) -> str:
+    """A local copy of the task files of a BIG-bench tree in a bucket (only those files: a checkout is large)."""
+    for root in (directory, os.path.dirname(directory), os.path.dirname(os.path.dirname(directory))):
+        if storage.isdir(storage.join(root, "bigbench", "benchmark_tasks")):
+            break
+    else:
+        root = directory
+    for p in TASK_FILES.values():
+        if storage.isfile(storage.join(root, p)):
+            io_utils.local_copy(storage.join(root, p))
+    return io_utils.cache_dir("gcs", root[len(storage.GCS):])
+
+
 def _from_directory(directory: str) -> Source:
+    if storage.is_gcs(storage.check(directory, DIR_ENV)):
+        source = _from_directory(_from_bucket(directory))
+        return Source("directory", directory, source.root)
     if not os.path.isdir(directory):
         raise UserError(f"{DIR_ENV}={directory}: no such directory; point it at a BIG-bench checkout (the "
                         "directory holding bigbench/benchmark_tasks) or unset it")
@@ -403,6 +419,8 @@ def load_truthfulqa(kind: str, path: str | None = None, limit: int | None = None
 
 
 def _load_user_truthfulqa(path: str, kind: str) -> list[MCItem]:
+    if storage.is_gcs(storage.check(path, "--truthfulqa-file")) and storage.isfile(path):
+        path = io_utils.local_copy(path)
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such TruthfulQA file; give the multiple_choice set as JSON, JSONL or parquet")
     if path.endswith(".parquet"):

@@ -15,6 +15,7 @@ import re
 from typing import Callable, Iterable
 
 from soft_jax import data
+from soft_jax.core import storage
 from soft_jax.core.errors import UserError
 
 SIZES = (13, 8)
@@ -136,7 +137,7 @@ def check_run(inputs, path: str, truthfulqa_file: str = "", questions: str = "",
     saying why."""
     from soft_jax.experiment.workdir import save_json
 
-    if os.path.exists(path):
+    if storage.exists(path):
         return
     try:
         evals = eval_sources(truthfulqa_file or None, questions)

@@ -32,7 +32,7 @@ import struct
 import time
 from typing import Iterable
 
-from soft_jax.core import io_utils
+from soft_jax.core import io_utils, storage
 
 DIR = "tensorboard"
 PREFIX, SUFFIX = "events.out.tfevents.", ".soft-jax"
@@ -89,8 +89,7 @@ def read_events(path: str) -> list:
     _tensorboardx()
     from tensorboardX.proto.event_pb2 import Event
 
-    with open(path, "rb") as f:
-        data = f.read()
+    data = storage.read_bytes(path)
     events, pos = [], 0
     while pos + 12 <= len(data):
         (n,) = struct.unpack_from("<Q", data, pos)
@@ -106,9 +105,7 @@ def read_events(path: str) -> list:
 
 def event_files(directory: str) -> list[str]:
     """This module's event files in directory, oldest first."""
-    if not os.path.isdir(directory):
-        return []
-    return [os.path.join(directory, n) for n in sorted(os.listdir(directory))
+    return [storage.join(directory, n) for n in storage.listdir(directory)
             if n.startswith(PREFIX) and n.endswith(SUFFIX)]
 
 
@@ -122,7 +119,7 @@ class EventLog:
 
     def __init__(self, directory: str, rows: Iterable[tuple[tuple, dict]], validation: str = "valid_nll"):
         self.directory, self.validation = directory, validation
-        os.makedirs(directory, exist_ok=True)
+        storage.makedirs(directory)
         old = event_files(directory)
         self.generation = max((_generation(p) for p in old), default=0)
         self.wall_times = {}  # (first tag, step) -> wall time of the event it was written with
@@ -178,6 +175,8 @@ class EventLog:
         self.records[key] = record
         if self.stale or self.handle is None:  # (None: closed, then given more)
             self._rewrite()
+        elif record and isinstance(self.handle, str):  # a bucket: composed onto the object (storage.append)
+            storage.append(self.handle, record)
         elif record:
             self.handle.write(record)
             self.handle.flush()  # to the OS: a killed process leaves it readable (a rebuild at open restores more)
@@ -192,20 +191,23 @@ class EventLog:
                 + _frame(Event(wall_time=now, step=0,
                                session_log=SessionLog(status=SessionLog.START)).SerializeToString()))
         self.generation += 1
-        path = os.path.join(self.directory, f"{PREFIX}{self.generation:06d}{SUFFIX}")
+        path = storage.join(self.directory, f"{PREFIX}{self.generation:06d}{SUFFIX}")
         # no fault point: the file's name changes with every rewrite, and a stray temp is removed on resume
         io_utils.write_atomic(path, head + b"".join(self.records.values()), fault=False)
-        if self.handle:
-            self.handle.close()
+        self._close_handle()
         for old in event_files(self.directory):
             if old != path:
-                os.remove(old)
-        self.handle, self.stale = open(path, "ab"), False
+                storage.remove(old)
+        self.handle, self.stale = (path if storage.is_gcs(path) else open(path, "ab")), False
+
+    def _close_handle(self) -> None:
+        if self.handle and not isinstance(self.handle, str):
+            self.handle.close()
 
     def close(self) -> None:
         if self.handle is None:
             return
         if self.stale:
             self._rewrite()
-        self.handle.close()
+        self._close_handle()
         self.handle = None

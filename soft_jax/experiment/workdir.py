@@ -12,19 +12,19 @@
     DIR/checkpoints/rounds/N           Orbax: the parameters after round N
     DIR/checkpoints/train/NNN          Orbax: training-step checkpoints of the round in progress
 
-On a multi-host run every host reads; only process 0 writes.
+DIR may be a local path or gs://bucket/prefix (soft_jax.core.storage). On a multi-host run every host
+reads; only process 0 writes.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-import shutil
 from typing import Callable
 
 import ml_collections
 
-from soft_jax.core import faults, io_utils, preemption
+from soft_jax.core import faults, io_utils, preemption, storage
 from soft_jax.core.errors import UserError
 from soft_jax.core.io_utils import read_json, read_jsonl
 from soft_jax.experiment import config as config_lib
@@ -53,13 +53,9 @@ def save_line(path: str, row: dict) -> None:
 
 
 def remove(path: str) -> None:
-    """Removes a file or directory tree if it exists."""
-    if not distributed.is_writer() or not os.path.lexists(path):
-        return
-    if os.path.isdir(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        os.remove(path)
+    """Removes a file or directory tree if it exists (process 0)."""
+    if distributed.is_writer():
+        storage.remove(path)
 
 
 class Metrics:
@@ -97,10 +93,13 @@ class Metrics:
 
 
 def lock(path: str):
-    """An exclusive lock on the work dir for this process's lifetime (the OS drops it when the process dies,
-    even by SIGKILL, so a crashed run never leaves a stale lock)."""
+    """An exclusive lock on the work dir for this process's lifetime. Locally an flock, which the OS drops when
+    the process dies, even by SIGKILL; on a bucket a lease that expires unless renewed (storage.Lease). Either
+    way a crashed run never leaves a lock that blocks its rerun."""
     import fcntl
 
+    if storage.is_gcs(path):
+        return storage.Lease(storage.join(path, LOCK))
     f = open(os.path.join(path, LOCK), "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -119,14 +118,15 @@ def lock(path: str):
 def compare_config(path: str, config: ml_collections.ConfigDict) -> dict | None:
     """The config to write to config.json (None: it is up to date); on a rerun refuses config changes that
     invalidate finished rounds. Reads only, so that every host can check before any host writes."""
-    if os.path.exists(path) and not os.path.isdir(path):
+    storage.check(path, "--workdir")
+    if storage.isfile(path):
         raise UserError(f"--workdir {path}: a file is in the way; give a new or existing run directory")
     new = config_lib.to_dict(config)
     old = read_json(os.path.join(path, CONFIG))
     if old is not None:
         old = config_lib.with_added_keys(old)
     if old is None:
-        if os.path.isdir(path) and set(os.listdir(path)) - {LOCK}:
+        if set(storage.listdir(path)) - {LOCK}:
             raise UserError(f"{path}: the directory is not empty and holds no soft-jax run ({CONFIG} missing); "
                             "give a new or empty work dir")
         return new
@@ -157,13 +157,13 @@ class WorkDir:
         self.metrics: Metrics | None = None
 
     def file(self, *parts: str) -> str:
-        return os.path.join(self.path, *parts)
+        return storage.join(self.path, *parts)
 
     def round_dir(self, t: int) -> str:
         return self.file("rounds", f"{t:03d}")
 
     def round_file(self, t: int, name: str) -> str:
-        return os.path.join(self.round_dir(t), name)
+        return storage.join(self.round_dir(t), name)
 
     def train_checkpoints(self, t: int) -> str:
         return self.file("checkpoints", "train", f"{t:03d}")
@@ -174,7 +174,7 @@ class WorkDir:
         update = compare_config(self.path, config)
         distributed.barrier("workdir checked")
         if distributed.is_writer():
-            os.makedirs(self.path, exist_ok=True)
+            storage.makedirs(self.path)
             self.handle = lock(self.path)
             try:
                 if update:
@@ -203,7 +203,7 @@ class WorkDir:
         """One durable phase: the artifact at `path` when an earlier run finished it; else `compute()` ->
         (value, metrics event or None), written (JSON, or JSONL for a list), the event recorded, then the fault
         point and the stop check (a stop after this point resumes past the phase)."""
-        if os.path.exists(path):
+        if storage.exists(path):
             return read_jsonl(path) if path.endswith(".jsonl") else read_json(path)
         value, event = compute()
         (save_jsonl if path.endswith(".jsonl") else save_json)(path, value)

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from soft_jax.core import io_utils, storage
 from soft_jax.core.errors import UserError
 from soft_jax.models import safetensors_io
 from soft_jax.models import tokenizer as tokenizer_lib
@@ -271,6 +272,8 @@ def open_source(path_or_name: str):
     """
     if path_or_name == SMOLLM2:
         path_or_name = smollm2_path()
+    if storage.is_gcs(storage.check(path_or_name, "--model")):
+        path_or_name = io_utils.local_copy(path_or_name)
     if not os.path.exists(path_or_name):
         raise UserError(f"--model {path_or_name}: no such file or directory; give an HF checkpoint directory, "
                         f"a .gguf file, or '{SMOLLM2}'")

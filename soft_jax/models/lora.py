@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from soft_jax.core import io_utils, storage
 from soft_jax.core.errors import UserError
 from soft_jax.core.io_utils import write_dir
 from soft_jax.models import safetensors_io
@@ -274,7 +275,8 @@ def export_peft(model: Llama, out_dir: str, base_model: str = "") -> str:
 
 def is_peft_dir(path: str) -> bool:
     """Whether `path` is a directory holding an adapter_config.json (an HF PEFT adapter)."""
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "adapter_config.json"))
+    return storage.isfile(storage.join(path, "adapter_config.json")) if storage.is_gcs(path) else (
+        os.path.isdir(path) and os.path.isfile(os.path.join(path, "adapter_config.json")))
 
 
 def peft_base(path: str) -> str:
@@ -290,7 +292,7 @@ def peft_base(path: str) -> str:
         UserError: When adapter_config.json is unreadable, the adapter is not LoRA, or the base is not a local
             model.
     """
-    where = os.path.join(path, "adapter_config.json")
+    where = os.path.join(io_utils.local_copy(path), "adapter_config.json")
     try:
         with open(where, encoding="utf-8") as f:
             config = json.load(f)
@@ -299,7 +301,7 @@ def peft_base(path: str) -> str:
     if config.get("peft_type") != "LORA":
         raise UserError(f"{where}: peft_type {config.get('peft_type')!r}; only LoRA adapters load")
     base = config.get("base_model_name_or_path") or ""
-    if not base or not (os.path.exists(base) or base == "smollm2-135m"):
+    if not base or not (storage.exists(storage.check(base, "base_model_name_or_path")) or base == "smollm2-135m"):
         raise UserError(f"{where}: base_model_name_or_path {base!r} is not a local model; set it to the base "
                         "model's HF directory, .gguf file or 'smollm2-135m'")
     return base
@@ -319,6 +321,7 @@ def load_peft(model: Llama, path: str) -> Llama:
         UserError: For rsLoRA or DoRA adapters, a missing safetensors file, missing tensors, or tensors whose
             shapes do not fit the base model.
     """
+    path = io_utils.local_copy(path)
     where = os.path.join(path, "adapter_config.json")
     with open(where, encoding="utf-8") as f:
         config = json.load(f)

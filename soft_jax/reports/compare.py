@@ -23,7 +23,7 @@ import os
 import numpy as np
 
 from soft_jax import evaluation
-from soft_jax.core import io_utils
+from soft_jax.core import io_utils, storage
 from soft_jax.core.errors import UserError
 from soft_jax.core.io_utils import read_json
 from soft_jax.experiment import config as config_lib
@@ -63,17 +63,18 @@ class Metric:
 def load(path: str) -> Variant:
     """A work dir's config, evaluations and generation counts; a UserError when it is not a soft-jax run."""
     path = path.rstrip("/") or path
-    if not os.path.isfile(os.path.join(path, STATE)) or not os.path.isfile(os.path.join(path, CONFIG)):
+    storage.check(path, "run")
+    if not storage.isfile(os.path.join(path, STATE)) or not storage.isfile(os.path.join(path, CONFIG)):
         raise UserError(f"{path}: not a soft-jax run work dir (no {STATE} or {CONFIG}); give the --workdir of a run")
     rounds_dir = os.path.join(path, "rounds")
-    rounds = sorted(int(d) for d in os.listdir(rounds_dir) if d.isdigit()) if os.path.isdir(rounds_dir) else []
+    rounds = sorted(int(d) for d in storage.listdir(rounds_dir) if d.isdigit())
     evals = {t: read_json(os.path.join(rounds_dir, f"{t:03d}", "eval.json")) for t in rounds}
     evals = {t: e for t, e in evals.items() if e is not None}
     if not evals:
         raise UserError(f"{path}: the run has no evaluated round yet (no rounds/NNN/eval.json); run it first")
     generations = {m["round"]: m for m in io_utils.read_appended(os.path.join(path, METRICS))
                    if m.get("phase") == "generate"}
-    return Variant(os.path.basename(os.path.abspath(path)), path, read_json(os.path.join(path, CONFIG)), evals,
+    return Variant(os.path.basename(storage.abspath(path)), path, read_json(os.path.join(path, CONFIG)), evals,
                    generations)
 
 
@@ -313,8 +314,8 @@ def write(paths: list[str], out: str | None = None, baseline: str | None = None,
     """Writes OUT/{compare.md, compare.json, *.png} atomically (default OUT: `compare` next to the first run);
     returns OUT. Everything is checked and computed before anything is written."""
     result = compare([load(p) for p in paths], baseline, confidence, resamples, seed)
-    out = out or os.path.join(os.path.dirname(os.path.abspath(paths[0])), "compare")
-    if os.path.exists(out) and not os.path.isfile(os.path.join(out, OUTPUT)) and os.listdir(out):
+    out = storage.check(out or os.path.join(os.path.dirname(storage.abspath(paths[0].rstrip("/"))), "compare"), "--out")
+    if not storage.isfile(os.path.join(out, OUTPUT)) and storage.listdir(out):
         raise UserError(f"--out {out}: the directory exists and holds no earlier comparison; give a new or empty "
                         "directory")
     def fill(tmp: str) -> None:

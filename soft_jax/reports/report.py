@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from soft_jax import evaluation
-from soft_jax.core import io_utils
+from soft_jax.core import io_utils, storage
 from soft_jax.core.errors import UserError
 from soft_jax.core.io_utils import read_json
 from soft_jax.data import filters
@@ -28,7 +28,7 @@ DIFFICULTY_UNITS = {"response_ppl": "response perplexity", "prompt_ppl": "prompt
 
 
 def _rows(path: str) -> list[dict]:
-    return [json.loads(line) for line in open(path, encoding="utf-8")] if os.path.exists(path) else []
+    return [json.loads(line) for line in storage.read_text(path).split("\n") if line.strip()] if storage.exists(path) else []
 
 
 def _load(workdir: str):
@@ -36,7 +36,7 @@ def _load(workdir: str):
     if state is None:
         raise UserError(f"{workdir}: not a soft-jax run work dir (no {STATE}); give the --workdir of a run")
     metrics = io_utils.read_appended(os.path.join(workdir, METRICS))
-    rounds = sorted(int(d) for d in os.listdir(os.path.join(workdir, "rounds")) if d.isdigit())
+    rounds = sorted(int(d) for d in storage.listdir(os.path.join(workdir, "rounds")) if d.isdigit())
     return state, metrics, rounds
 
 
@@ -150,7 +150,7 @@ def _summary(workdir: str, state: dict, metrics: list[dict], rounds: list[int], 
     table = round_table(metrics, config.get("validation", {}).get("metric", "valid_nll"),
                                   config.get("eval", {}).get("tasks", ""), state.get("comparisons", {}),
                                   config.get("eval", {}).get("protocol", ""))
-    lines = [f"# soft-jax run: {os.path.abspath(workdir)}", "",
+    lines = [f"# soft-jax run: {storage.abspath(workdir)}", "",
              f"Model {config.get('model', {}).get('path') or config.get('model', {}).get('name')}; "
              f"{config.get('rounds')} round(s) configured, finished {state['finished']}; best round "
              f"{state['best_round']}" + (f"; stopped early: {state['stopped']}" if state.get("stopped") else "") + ".",

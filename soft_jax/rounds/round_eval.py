@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from soft_jax import evaluation
-from soft_jax.core import io_utils
+from soft_jax.core import io_utils, storage
 from soft_jax.core.errors import UserError
 from soft_jax.core.io_utils import read_json
 from soft_jax.data import templates
@@ -94,12 +94,11 @@ def shared_round0(ctx: RoundContext, source: str) -> tuple[dict, dict]:
         raise UserError(f"{src.round_file(0, 'eval.json')}: missing, so round 0 cannot be shared from {source}; "
                         "rerun the sweep")
     answers = src.round_file(0, OPEN_ENDED)
-    if os.path.exists(answers) and distributed.is_writer():
-        with open(answers, encoding="utf-8") as f:
-            io_utils.write_atomic(ctx.workdir.round_file(0, OPEN_ENDED), f.read())
+    if storage.exists(answers) and distributed.is_writer():
+        io_utils.write_atomic(ctx.workdir.round_file(0, OPEN_ENDED), storage.read_bytes(answers))
     event = next((r for r in io_utils.read_appended(src.file(METRICS))
                   if r.get("round") == 0 and r.get("phase") == "eval"), None)
     ctx.workdir.metrics.add({"round": 0, "phase": "round0_shared", "from": os.path.basename(os.path.normpath(source)),
-                             "path": os.path.abspath(source)})
+                             "path": storage.abspath(source)})
     ctx.log(f"[run] round 0 (the base model) shares the evaluation of {source}")
     return ev, event

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+from soft_jax.core import storage
 from soft_jax.core.errors import UserError
 from soft_jax.core.io_utils import read_json
 from soft_jax.core.preemption import Preempted
@@ -83,7 +84,7 @@ def round0_source(root: str, name: str, cfg: dict, names: tuple[str, ...]) -> st
         old = read_json(os.path.join(path, CONFIG))
         state = read_json(os.path.join(path, STATE), {})
         if (old is not None and "0" in state.get("scores", {}) and round0_settings(old) == want
-                and os.path.isfile(os.path.join(path, "rounds", "000", "eval.json"))):
+                and storage.isfile(os.path.join(path, "rounds", "000", "eval.json"))):
             return path
     return None
 
@@ -111,7 +112,7 @@ def sweep(path: str, root: str, overrides=(), only: str | None = None,
     all_names = config_lib.variants(path)
     names = select(path, only)
     configs = {n: config_lib.load(f"{path}:{n}", overrides) for n in names}  # every variant checked up front
-    if os.path.exists(root) and not os.path.isdir(root):
+    if storage.isfile(storage.check(root, "--workdir")):
         raise UserError(f"--workdir {root}: a file is in the way; give a new or existing sweep directory")
     rows: dict[str, dict] = {n: {"status": "pending"} for n in names}
     log(f"[sweep] {path}: {len(names)} variant(s) ({', '.join(names)}), each into {root}/<variant>/")

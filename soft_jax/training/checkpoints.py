@@ -1,20 +1,20 @@
 """Orbax checkpoints: training-step checkpoints that a killed run resumes from.
 
 Each checkpoint holds a pytree (params, optimizer state) and a small JSON record (step, data position,
-a fingerprint of what produced it). Orbax writes to a temporary directory and renames it when complete,
-so a run killed mid-save leaves the previous checkpoint as the latest.
+a fingerprint of what produced it). Orbax writes to a temporary directory and renames it when complete (on
+gs://, where there is no rename, it writes a commit marker last), so a run killed mid-save leaves the previous
+checkpoint as the latest.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-from soft_jax.core import faults
+from soft_jax.core import faults, storage
 from soft_jax.core.errors import UserError
 
 
@@ -30,7 +30,7 @@ class StepCheckpointer:
     def __init__(self, directory: str, every: int, keep: int = 2):
         self.every = every
         self.manager = ocp.CheckpointManager(
-            os.path.abspath(directory),
+            storage.abspath(storage.check(directory, "checkpoint directory")),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False))
 
     def due(self, step: int) -> bool:
@@ -112,7 +112,7 @@ class StepCheckpointer:
 
         distributed.barrier(f"checkpoint {step} checked")
         if distributed.is_writer():
-            shutil.rmtree(os.path.join(str(self.manager.directory), str(step)), ignore_errors=True)
+            storage.remove(storage.join(str(self.manager.directory), str(step)))
         distributed.barrier(f"checkpoint {step} removed")
         self.manager.reload()
 
