@@ -507,6 +507,19 @@ def _again(argv) -> str:
     return "soft-jax " + shlex.join(sys.argv[1:] if argv is None else argv)
 
 
+# arguments that name files or folders: a URL among them is checked before any work (an output's bucket too)
+INPUTS = ("model", "data", "inputs", "workdirs", "truthfulqa_file", "pool")
+OUTPUTS = ("out", "workdir", "checkpoint_dir")
+
+
+def _check_urls(args) -> None:
+    for name in INPUTS + OUTPUTS:
+        values = getattr(args, name, None)
+        for value in values if isinstance(values, list) else [values]:
+            if isinstance(value, str) and "://" in value:
+                (storage.check_bucket if name in OUTPUTS else storage.check)(value, f"--{name.replace('_', '-')}")
+
+
 def main(argv=None) -> int:
     storage.configure()  # before anything reaches Cloud Storage: STORAGE_EMULATOR_HOST covers TensorStore too
     try:
@@ -514,6 +527,7 @@ def main(argv=None) -> int:
         if rest and args.command not in ("run", "sweep", "plan"):
             raise UserError(f"unrecognized arguments: {' '.join(rest)} (see `soft-jax {args.command} --help`)")
         args.overrides = rest
+        _check_urls(args)
         if args.command in ("run", "sweep", "eval", "generate", "train"):
             compile_cache.enable()
         args.fn(args)

@@ -164,6 +164,54 @@ def run_workdir(workdir, extra=(), env=None, config_file: str = "soft_plus.py"):
                    *[f"--config.{o}" for o in TINY_OVERRIDES + list(extra)], timeout=600, env=env)
 
 
+def launch_two(workdir, overrides=(), env=({}, {})):
+    """Starts processes 0 and 1 of a two-process `soft-jax run` of configs/soft_plus.py (jax.distributed over
+    localhost, CPU collectives) with TINY_OVERRIDES + `overrides`; env: extra variables for each process."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for pid in range(2):
+        penv = subprocess_env(SOFT_JAX_COORDINATOR=f"localhost:{port}", SOFT_JAX_NUM_PROCESSES="2",
+                              SOFT_JAX_PROCESS_ID=str(pid), SOFT_JAX_HEARTBEAT_TIMEOUT="10", JAX_PLATFORMS="cpu",
+                              XLA_FLAGS="", **env[pid])
+        argv = [sys.executable, "-m", "soft_jax.cli", "run", "--config", os.path.join(CONFIGS, "soft_plus.py"),
+                "--workdir", str(workdir)] + [f"--config.{o}" for o in TINY_OVERRIDES + list(overrides)]
+        procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=penv))
+    return procs
+
+
+def wait(procs, timeout=600):
+    """(exit code, stderr) of each process; one still running after timeout seconds is killed (exit -9)."""
+    import time
+
+    deadline, out = time.time() + timeout, []
+    for p in procs:
+        try:
+            err = p.communicate(timeout=max(1.0, deadline - time.time()))[1]
+        except subprocess.TimeoutExpired:
+            p.kill()
+            err = p.communicate()[1] + f"\n[killed: still running after {timeout} s]"
+        out.append((p.returncode, err))
+    return out
+
+
+def random_b(model, seed=1):
+    """The adapters with B drawn at random (a new adapter's B is zero), so that they change the outputs."""
+    import jax
+
+    from soft_jax.models import lora
+
+    key = jax.random.key(seed)
+    for i, (_, linear) in enumerate(lora.linears(model)):
+        if linear.lora is not None:
+            b = linear.lora.b
+            b.set_value(0.05 * jax.random.normal(jax.random.fold_in(key, i), b.shape, b.dtype))
+    return model
+
+
 def one_line_error(capsys, argv):
     """`soft-jax ARGV` in this process: exit 2 and one line on stderr, which it returns."""
     assert main(argv) == 2

@@ -61,6 +61,21 @@ def check(path: str, what: str = "path") -> str:
     return path
 
 
+def check_bucket(path: str, what: str = "path") -> str:
+    """check(path), and for a gs:// URL one request that its bucket exists: an output's bad bucket is refused
+    before any work, not when the first file is written."""
+    check(path, what)
+    if is_gcs(path):
+        try:
+            found = _fs().exists(_bucket(path))
+        except Exception as e:  # noqa: BLE001 - gcsfs raises HttpError, aiohttp and OS errors once retries are spent
+            raise StorageError(f"{what} {path}: Cloud Storage request failed ({type(e).__name__})") from e
+        if not found:
+            raise UserError(f"{what} {path}: the bucket gs://{_bucket(path)} does not exist (or this account may not "
+                            "see it); create it or fix the URL")
+    return path
+
+
 def configure() -> None:
     """With STORAGE_EMULATOR_HOST set (the variable google-cloud-storage and gcsfs read), points TensorStore at
     the same server without credentials and keeps gcsfs on the JSON API (its gRPC bucket probe cannot reach an
@@ -239,7 +254,9 @@ def append(path: str, data: bytes, fault: str = "") -> None:
             os.fsync(f.fileno())
         return
     fs = _fs()
-    if not exists(path) or _appends.get(path, 0) >= MAX_COMPONENTS:
+    # written whole at this process's first append to it (an object a killed run composed onto may hold many
+    # components already; GCS allows 1,024) and every MAX_COMPONENTS appends after that
+    if path not in _appends or _appends[path] >= MAX_COMPONENTS or not exists(path):
         old = read_bytes(path) if exists(path) else b""
         if fault:
             faults.point(fault)

@@ -49,20 +49,22 @@ def test_appends_compose_onto_one_object_and_survive_a_rewrite(bucket, monkeypat
 
 def test_a_kill_before_the_compose_loses_only_that_line(bucket, tmp_path):
     """SIGKILL between the line's upload and its compose: the file keeps the earlier lines whole; the stray temp
-    object is what remove_stray_temps clears at the next start."""
+    object is what remove_stray_temps clears at the next start. (A process's first append to a file writes it
+    whole: a killed run may have composed it to many components; the second one composes.)"""
     path = f"{bucket}/run/metrics.jsonl"
     io_utils.append_line(path, {"a": 1})
     io_utils.append_line(path, {"a": 2})
-    code = "from soft_jax.core import io_utils; io_utils.append_line(%r, {'a': 3})" % path
-    p = subprocess.run([sys.executable, "-c", code], env=subprocess_env(SOFT_JAX_KILL_AT="append:metrics.jsonl"),
-                       capture_output=True, text=True, timeout=120)
+    code = "from soft_jax.core import io_utils; io_utils.append_line(%r, {'a': 3}); io_utils.append_line(%r, {'a': 4})"
+    p = subprocess.run([sys.executable, "-c", code % (path, path)], capture_output=True, text=True, timeout=120,
+                       env=subprocess_env(SOFT_JAX_KILL_AFTER="2", SOFT_JAX_TRACE=str(tmp_path / "trace")))
     assert p.returncode == -9, p.stderr[-2000:]
-    assert io_utils.read_appended(path) == [{"a": 1}, {"a": 2}]
+    assert (tmp_path / "trace").read_text().split() == ["append:metrics.jsonl"] * 2
+    assert io_utils.read_appended(path) == [{"a": 1}, {"a": 2}, {"a": 3}]
     assert len(storage.files(f"{bucket}/run")) == 2  # the file and one stray part
     assert io_utils.remove_stray_temps(f"{bucket}/run") == 1
     assert storage.files(f"{bucket}/run") == ["metrics.jsonl"]
-    io_utils.append_line(path, {"a": 3})
-    assert io_utils.read_appended(path) == [{"a": 1}, {"a": 2}, {"a": 3}]
+    io_utils.append_line(path, {"a": 4})
+    assert io_utils.read_appended(path) == [{"a": 1}, {"a": 2}, {"a": 3}, {"a": 4}]
 
 
 def test_a_kill_during_a_write_leaves_the_old_object(bucket):

@@ -6,23 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import PAIRS, assert_same_logits, torch_logits
+from helpers import PAIRS, assert_same_logits, random_b, torch_logits
 
 from soft_jax import models, training
 from soft_jax.models import checkpoint, lora, quant
 from soft_jax.training import TrainConfig
 
 LAYOUTS = pytest.mark.parametrize("scan_layers", [False, True], ids=["loop", "scanned"])
-
-
-def random_b(model, seed=1):
-    """The adapters with B drawn at random (a new adapter's B is zero), so that they change the outputs."""
-    key = jax.random.key(seed)
-    for i, (_, linear) in enumerate(lora.linears(model)):
-        if linear.lora is not None:
-            b = linear.lora.b
-            b.set_value(0.05 * jax.random.normal(jax.random.fold_in(key, i), b.shape, b.dtype))
-    return model
 
 
 def adapters(model) -> dict:

@@ -3,14 +3,13 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
-from helpers import CONFIGS, TINY_OVERRIDES, Workdir, assert_params_close, round_params, run, subprocess_env
+from helpers import CONFIGS, Workdir, assert_params_close, launch_two, round_params, run, subprocess_env, wait
 
 pytestmark = pytest.mark.e2e  # whole runs, CLI processes, killed and restarted runs (conftest.py)
 
@@ -23,37 +22,9 @@ EXTRA = ["rounds=1", "prompts.per_round=8", "sampling.temperature=0.0", "train.c
 TWO_MESHES = ["mesh_generate.data=1", "mesh_generate.fsdp=1", "mesh_generate.tensor=2"]
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def launch(workdir, extra=(), env=({}, {})):
-    """Starts processes 0 and 1 of a two-process `soft-jax run`; env: extra variables for each one."""
-    port = _port()
-    procs = []
-    for pid in range(2):
-        penv = subprocess_env(SOFT_JAX_COORDINATOR=f"localhost:{port}", SOFT_JAX_NUM_PROCESSES="2",
-                              SOFT_JAX_PROCESS_ID=str(pid), SOFT_JAX_HEARTBEAT_TIMEOUT="10", JAX_PLATFORMS="cpu",
-                              XLA_FLAGS="", **env[pid])
-        argv = [sys.executable, "-m", "soft_jax.cli", "run", "--config", os.path.join(CONFIGS, "soft_plus.py"),
-                "--workdir", str(workdir)] + [f"--config.{o}" for o in TINY_OVERRIDES + EXTRA + TWO_MESHES + list(extra)]
-        procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=penv))
-    return procs
-
-
-def wait(procs, timeout=600):
-    """(exit code, stderr) of each process; one still running after timeout seconds is killed (exit -9)."""
-    deadline, out = time.time() + timeout, []
-    for p in procs:
-        try:
-            err = p.communicate(timeout=max(1.0, deadline - time.time()))[1]
-        except subprocess.TimeoutExpired:
-            p.kill()
-            err = p.communicate()[1] + f"\n[killed: still running after {timeout} s]"
-        out.append((p.returncode, err))
-    return out
+    """Processes 0 and 1 of a two-process tiny SOFT+ run of one round (EXTRA, TWO_MESHES, then `extra`)."""
+    return launch_two(workdir, EXTRA + TWO_MESHES + list(extra), env)
 
 
 # Process 1 starts 2 s late and process 0 sleeps 6 s halfway through writing config.json: a writer that wrote

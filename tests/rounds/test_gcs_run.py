@@ -1,0 +1,147 @@
+"""Whole runs whose work dir, model and data live in a bucket on a real GCS server (fake-gcs-server on 127.0.0.1,
+reached through STORAGE_EMULATOR_HOST as a user would): the run equals a local one byte for byte, resumes after
+SIGKILLs, refuses a second run, runs on two processes with no shared folder, and stops with one line when the
+server goes away; export, `--model gs://`, `data import` and bad URLs."""
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import (CONFIGS, TESTS, TINY_OVERRIDES, Workdir, assert_params_close, mirror, one_line_error, random_b, round_params, run,
+                     run_cli, run_workdir)
+
+from soft_jax import models
+from soft_jax.core import storage
+
+pytestmark = pytest.mark.e2e  # whole runs, CLI processes, killed and restarted runs (conftest.py)
+
+# as tests/rounds/test_faults.py: two generation batches per round, training-step checkpoints every 2 steps
+EXTRA = ("prompts.per_round=8", "train.checkpoint_every=2")
+
+
+def same_artifacts(bucket_run: str, ref: Workdir, base_model, dest) -> Workdir:
+    """The bucket's run, copied object by object to `dest`: every artifact byte-equal to the local run's (no
+    stray temp object either), the same metrics events, and the round checkpoints (written by TensorStore's GCS
+    driver) restore to the local run's parameters."""
+    done = Workdir(mirror(bucket_run, dest))
+    assert done.files().keys() == ref.files().keys()
+    for k, v in ref.files().items():
+        if k != "config.json":
+            assert done.files()[k] == v, k
+    keys = [(m["round"], m["phase"], m.get("step")) for m in done.metrics]
+    assert len(keys) == len(set(keys)) and set(keys) == {(m["round"], m["phase"], m.get("step")) for m in ref.metrics}
+    a, b = round_params(done, base_model), round_params(ref, base_model)
+    assert a.keys() == b.keys() and len(a) == 3  # the base and two rounds
+    for k in a:
+        assert_params_close(a[k], b[k], rtol=1e-6, atol=1e-7, what=f"{k}: ")
+    return done
+
+
+def _objects(url: str) -> dict:
+    """Relative name -> bytes of the objects under a prefix, TensorBoard's events aside (a rerun starts a new
+    events file: tests/experiment/test_tensorboard.py)."""
+    return {rel: storage.read_bytes(f"{url}/{rel}") for rel in storage.files(url) if not rel.startswith("tensorboard/")}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_base):
+    """The same run on local disk, uninterrupted."""
+    return run("soft_plus.py", tmp_path_factory.mktemp("ref") / "w", *EXTRA)
+
+
+def test_a_run_in_a_bucket_equals_a_local_run_resumes_and_refuses_a_second_run(bucket, reference, tiny_base,
+                                                                                 tmp_path, capsys, monkeypatch):
+    """A tiny SOFT+ run with `--workdir gs://...` ends with the local run's artifacts and leaves nothing on local
+    disk; the same command again finds it done; a run on a work dir whose lease another process holds exits 2
+    with one line and writes nothing."""
+    monkeypatch.chdir(tmp_path)
+    w = f"{bucket}/runs/w"
+    p = run_workdir(w, EXTRA)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert os.listdir(tmp_path) == []  # no local `gs:` folder
+    done = same_artifacts(w, reference, tiny_base, tmp_path.parent / f"{tmp_path.name}-mirror")
+    assert not storage.exists(f"{w}/.lock")  # released at the end
+    before = _objects(w)
+
+    p = run_workdir(w, EXTRA)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "[run] done in" in p.stdout and "best round 1" in p.stdout, p.stdout[-2000:]
+    after = _objects(w)
+    assert after.keys() == before.keys()
+    changed = {k for k in after if after[k] != before[k]}
+    assert changed <= {k for k in after if k.startswith("report/")}, changed  # nothing redone; the report redrawn
+    assert len(done.metrics) == len(Workdir(mirror(w, tmp_path.parent / f"{tmp_path.name}-again")).metrics)
+
+    held = storage.Lease(f"{w}/.lock", ttl=60)
+    try:
+        argv = ["run", "--config", os.path.join(CONFIGS, "soft_plus.py"), "--workdir", w] + [
+            f"--config.{o}" for o in TINY_OVERRIDES + list(EXTRA)]
+        err = one_line_error(capsys, argv)
+        assert "holds this work dir's lease" in err and f"pid {os.getpid()}" in err, err
+    finally:
+        held.release()
+    assert _objects(w) == after
+
+
+def test_bad_urls_exit_2_with_one_line(bucket, capsys, tmp_path):
+    """A bucket that does not exist, a `gs://` model with no object, a scheme other than gs://: exit 2, one line
+    saying what and where, nothing written."""
+    run = ["run", "--config", os.path.join(CONFIGS, "tiny.py"), "--workdir"]
+    err = one_line_error(capsys, run + ["gs://no-such-bucket-here/w"])
+    assert "no-such-bucket-here" in err and "does not exist" in err, err
+    err = one_line_error(capsys, ["info", "--model", f"{bucket}/models/absent"])
+    assert f"{bucket}/models/absent" in err and "no such" in err, err
+    err = one_line_error(capsys, run + ["s3://bucket/w"])
+    assert "s3://" in err and "gs://" in err, err
+    err = one_line_error(capsys, ["eval", "--model", "tiny", "--tasks", "hhh", "--out", "gs:///eval.json"])
+    assert "bucket" in err, err
+    assert storage.files(bucket) == []
+
+
+def test_export_to_a_bucket_then_model_from_it_gives_the_same_logits(bucket, tiny_chat):
+    """`export --out gs://...` of a model; `--model gs://...` loads it with the local source's logits. LoRA
+    adapters exported to the bucket in the PEFT format load, on the base they name (in the bucket too), with the
+    tuned model's logits, and `export --model gs://ADAPTER` merges them."""
+    from soft_jax.models import lora
+
+    base = f"{bucket}/models/base"
+    p = run_cli("export", "--model", tiny_chat, "--out", base)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(storage.listdir(base)), storage.listdir(base)
+    local = models.load(tiny_chat, progress=False)[0]
+    ids = jnp.asarray(np.random.default_rng(7).integers(3, local.config.vocab_size, size=(2, 24)))
+    remote = models.load(base, progress=False)[0]
+    np.testing.assert_array_equal(np.asarray(remote(ids)), np.asarray(local(ids)))
+
+    tuned = random_b(lora.add_adapters(local, rank=4, alpha=8, seed=0))
+    want = np.asarray(tuned(ids))
+    assert np.abs(want - np.asarray(local(ids))).max() > 1e-3  # the adapters matter
+    adapter = lora.export_peft(tuned, f"{bucket}/adapters/a", base_model=base)
+    assert lora.is_peft_dir(adapter) and lora.peft_base(adapter) == base
+    loaded = lora.load_peft(models.load(base, progress=False)[0], adapter)
+    np.testing.assert_allclose(np.asarray(loaded(ids)), want, rtol=0, atol=1e-5)
+    p = run_cli("export", "--model", adapter, "--out", f"{bucket}/models/merged")
+    assert p.returncode == 0, p.stderr[-2000:]
+    merged = models.load(f"{bucket}/models/merged", progress=False)[0]
+    np.testing.assert_allclose(np.asarray(merged(ids)), want, rtol=0, atol=1e-5)
+    assert not [f for f in storage.files(bucket) if os.path.basename(f).startswith(".")]  # no temp objects
+
+
+def test_data_import_reads_and_writes_a_bucket(bucket, tmp_path, capsys):
+    """`data import` from an object in the bucket to a pool in the bucket writes the bytes the same import writes
+    on local disk; a missing input object is one line, exit 2."""
+    from soft_jax import cli
+
+    src = os.path.join(TESTS, "fixtures", "pools", "alpaca.json")
+    storage.write_atomic(f"{bucket}/raw/alpaca.json", open(src, "rb").read())
+    assert cli.main(["data", "import", "--format", "alpaca", f"{bucket}/raw/alpaca.json",
+                     "--out", f"{bucket}/pools/p.jsonl"]) == 0
+    assert cli.main(["data", "import", "--format", "alpaca", src, "--out", str(tmp_path / "p.jsonl")]) == 0
+    capsys.readouterr()
+    assert storage.read_bytes(f"{bucket}/pools/p.jsonl") == (tmp_path / "p.jsonl").read_bytes()
+    assert storage.listdir(f"{bucket}/pools") == ["p.jsonl"]
+    err = one_line_error(capsys, ["data", "import", "--format", "alpaca", f"{bucket}/raw/absent.json",
+                                  "--out", f"{bucket}/pools/q.jsonl"])
+    assert f"{bucket}/raw/absent.json" in err, err
+    assert storage.listdir(f"{bucket}/pools") == ["p.jsonl"]
