@@ -26,6 +26,7 @@ directory operations; TensorStore writes the checkpoint arrays. A bucket is not 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -98,6 +99,9 @@ def _fs():
     key = (os.getpid(), os.environ.get("STORAGE_EMULATOR_HOST"))
     if key not in _fs_cache:
         from gcsfs.core import GCSFileSystem
+
+        # gcsfs logs each request that ran out of retries with its traceback; _call turns it into one line
+        logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
 
         _fs_cache[key] = GCSFileSystem(use_listings_cache=False, skip_instance_cache=True)
     return _fs_cache[key]
@@ -414,14 +418,23 @@ class Lease:
             except Exception:  # noqa: BLE001 - a failed renewal is retried at the next tick; expiry is the limit
                 continue
 
-    def release(self) -> None:
+    def release(self, wait: float = 5.0) -> None:
+        """Deletes the lease if it is still ours. Waits at most `wait` s: with the bucket unreachable (the run is
+        stopping because of it) the client's retries would hold the exit for a minute, and the lease expires by
+        itself."""
         self._stop.set()
-        self._thread.join(timeout=10)
-        try:
-            held = self._held_by()
-            if held and held[0].get("owner") == self.owner:
-                _call(self.path, _fs().rm_file, _key(self.path))
-        except (FileNotFoundError, StorageError):
-            pass  # the lease expires by itself
+        self._thread.join(timeout=1.0)  # idle between renewals; a renewal in flight may rewrite a lease that expires
+
+        def drop():
+            try:
+                held = self._held_by()
+                if held and held[0].get("owner") == self.owner:
+                    _call(self.path, _fs().rm_file, _key(self.path))
+            except (FileNotFoundError, StorageError):
+                pass
+
+        dropper = threading.Thread(target=drop, name="soft-jax-lease-release", daemon=True)
+        dropper.start()
+        dropper.join(timeout=wait)
 
     close = release

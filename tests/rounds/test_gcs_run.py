@@ -4,12 +4,15 @@ SIGKILLs, refuses a second run, runs on two processes with no shared folder, and
 server goes away; export, `--model gs://`, `data import` and bad URLs."""
 
 import os
+import subprocess
+import sys
+import time
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import (CONFIGS, TESTS, TINY_OVERRIDES, Workdir, assert_params_close, mirror, one_line_error, random_b, round_params, run,
-                     run_cli, run_workdir)
+from helpers import (CONFIGS, TESTS, TINY_OVERRIDES, GCSServer, Workdir, assert_params_close, launch_two, mirror,
+                     one_line_error, random_b, round_params, run, run_cli, run_workdir, subprocess_env, wait)
 
 from soft_jax import models
 from soft_jax.core import storage
@@ -145,3 +148,95 @@ def test_data_import_reads_and_writes_a_bucket(bucket, tmp_path, capsys):
                                   "--out", f"{bucket}/pools/q.jsonl"])
     assert f"{bucket}/raw/absent.json" in err, err
     assert storage.listdir(f"{bucket}/pools") == ["p.jsonl"]
+
+
+@pytest.mark.slow  # about 10 restarted runs
+def test_killed_at_random_points_in_a_bucket_resumes_to_the_local_runs_artifacts(bucket, reference, tiny_base,
+                                                                                 tmp_path):
+    """SIGKILLs at seeded random points of a `gs://` run (after a batch, a step or a phase, inside an object's
+    write, between an appended line's upload and its compose, inside an Orbax save to the bucket), each followed
+    by the same command, which takes over the dead run's lease and resumes: the run ends with the local run's
+    artifacts and no temp object."""
+    w, trace = f"{bucket}/w", tmp_path / "trace"
+    rng = np.random.default_rng(20261207)
+    stops = []
+    for _ in range(40):
+        where = int(rng.integers(1, 12))
+        trace.write_text("")
+        p = run_workdir(w, EXTRA, {"SOFT_JAX_KILL_AFTER": str(where), "SOFT_JAX_TRACE": str(trace)})
+        reached = trace.read_text().split()
+        if p.returncode == 0 and len(reached) < where:
+            break  # finished before the stop point
+        assert p.returncode == -9, f"expected SIGKILL at point {where}, got {p.returncode}: {p.stderr[-2000:]}"
+        stops.append(reached[where - 1])
+    else:
+        pytest.fail(f"the run did not finish after {len(stops)} kills")
+    print("kills:", stops)
+    assert len(stops) >= 8 and {s.split(":")[0] for s in stops} >= {"write", "append"}, stops
+    same_artifacts(w, reference, tiny_base, tmp_path / "mirror")
+
+
+@pytest.mark.slow  # two processes, then one, each compiling
+def test_two_processes_share_a_bucket_work_dir_with_no_shared_local_folder(bucket, tmp_path):
+    """Two processes (jax.distributed over localhost) run one round on a `gs://` work dir, each with its own
+    local cache folder: process 0 writes the JSON files, both write the Orbax checkpoints; the result equals
+    a one-process local run (the same generations, parameters to float32 reduction order)."""
+    from soft_jax.models import presets
+
+    # as tests/parallel/test_distributed.py: greedy, no repetition filters, generation tensor-parallel across both
+    two = ["rounds=1", "prompts.per_round=8", "sampling.temperature=0.0", "train.checkpoint_every=1",
+           "filters.max_repeated_ngram_fraction=1.0", "filters.max_line_repeats=100000", "filters.min_words=0",
+           "filters.max_compression_ratio=1e9"]
+    meshes = ["mesh_generate.data=1", "mesh_generate.fsdp=1", "mesh_generate.tensor=2"]
+    w = f"{bucket}/two"
+    env = tuple({"SOFT_JAX_CACHE": str(tmp_path / f"host{i}")} for i in range(2))
+    results = wait(launch_two(w, two + meshes, env))
+    assert [r for r, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    done = Workdir(mirror(w, tmp_path / "mirror"))
+    ref = run("soft_plus.py", tmp_path / "ref", *two)
+    assert [g["raw"] for g in done.rows(1, "generations.jsonl")] == [g["raw"] for g in ref.rows(1, "generations.jsonl")]
+    assert [r["prompt_id"] for r in done.rows(1, "train.jsonl")] == [r["prompt_id"] for r in ref.rows(1, "train.jsonl")]
+    base = presets.load("tiny", seed=0)[0]
+    # two processes vs one: the criterion of tests/parallel/test_distributed.py (Adam's first update near eps)
+    assert_params_close(round_params(done, base)["round 1"], round_params(ref, base)["round 1"], rtol=1e-5,
+                        atol=1e-6, few=1e-3, few_atol=2.5e-4, what="round 1, two processes on a bucket vs one: ")
+    assert not [f for f in storage.files(w) if os.path.basename(f).startswith(".")]  # lease released, no temps
+
+
+@pytest.mark.slow  # gcsfs's retries run out (about half a minute) before the run stops
+def test_a_server_gone_mid_write_stops_the_run_with_one_line_and_the_rerun_resumes(reference, tiny_base, tmp_path,
+                                                                                   monkeypatch):
+    """The server stops while the run is about to write round 1's state.json: the run stops (exit 1) with one
+    line naming the object and saying that rerunning resumes. The server back (same port, same objects), the
+    same command finishes with the local run's artifacts."""
+    server = GCSServer(str(tmp_path / "gcs")).start()
+    env = server.env()
+    bucket = server.bucket()
+    w, trace = f"{bucket}/w", tmp_path / "trace"
+    argv = [sys.executable, "-m", "soft_jax.cli", "run", "--config", os.path.join(CONFIGS, "soft_plus.py"),
+            "--workdir", w] + [f"--config.{o}" for o in TINY_OVERRIDES + list(EXTRA)]
+    trace.write_text("")
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env=subprocess_env(**env, SOFT_JAX_PAUSE_AT="write:state.json@5",
+                                                   SOFT_JAX_TRACE=str(trace)))
+        while "write:state.json" not in trace.read_text().split():
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            time.sleep(0.1)
+        server.stop()
+        start = time.time()
+        err = proc.communicate(timeout=400)[1]
+        print(f"stopped {time.time() - start:.0f} s after the server")
+        last = err.strip().splitlines()[-1]
+        assert proc.returncode == 1, err[-3000:]
+        assert last.startswith(f"soft-jax: error: {w}/state.json: Cloud Storage request failed") and \
+            "rerun the same command" in last, last
+        assert "Traceback" not in err, err[-3000:]
+        server.start()
+        p = run_workdir(w, EXTRA, env)
+        assert p.returncode == 0, p.stderr[-3000:]
+        for k, v in env.items():  # read back through this server
+            monkeypatch.setenv(k, v)
+        same_artifacts(w, reference, tiny_base, tmp_path / "mirror")
+    finally:
+        server.stop()
