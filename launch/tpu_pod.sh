@@ -2,14 +2,15 @@
 # soft-jax on a Cloud TPU VM (one host or a multi-host pod slice): create or reuse the TPU, install this
 # checkout on every worker, run `soft-jax run` on all workers at once.
 #
-#   launch/tpu_pod.sh soft-v4 us-central2-b v4-32 configs/soft_plus.py /mnt/shared/runs/sp7b \
-#       --config.model.name=llama2-7b --config.model.path=/mnt/shared/Llama-2-7b-hf \
+#   launch/tpu_pod.sh soft-v4 us-central2-b v4-32 configs/soft_plus.py gs://my-bucket/runs/sp7b \
+#       --config.model.name=llama2-7b --config.model.path=gs://my-bucket/models/Llama-2-7b-hf \
 #       --config.model.dtype=bfloat16 --config.train.remat=true --config.sampling.batch_size=64
 #
 # Every host runs the same program; jax.distributed.initialize() connects them. WORKDIR and model.path
-# must be the same directory on every host: a shared filesystem (Filestore/NFS, or a gcsfuse mount) on a
-# multi-host slice; a gs:// URL is not supported. On a single-host TPU (v4-8, v5litepod-8, v6e-8) a
-# local path works. Rerunning the same command resumes the run (the TPU and install are reused).
+# must name the same place on every host: a gs://bucket/prefix URL (the workers' service account reads and
+# writes it; nothing to mount), or a shared filesystem path (Filestore/NFS, a gcsfuse mount). On a
+# single-host TPU (v4-8, v5litepod-8, v6e-8) a local path works too. Rerunning the same command resumes
+# the run (the TPU and install are reused).
 #
 # The mesh defaults to FSDP over every chip (--config.mesh.data=1 --config.mesh.fsdp=-1); pass your own
 # --config.mesh.* to change it. Batch sizes (sampling.batch_size, train.batch_size / train.grad_accum)
@@ -40,9 +41,14 @@ for arg in "$@"; do
 done
 [[ $name =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] || die "TPU name '$name': lowercase letters, digits and hyphens"
 [[ $zone =~ ^[a-z]+-[a-z]+[0-9]+-[a-z]$ ]] || die "zone '$zone' does not look like us-central2-b"
-[[ $workdir != gs://* ]] || die "WORKDIR $workdir: gs:// is not supported; use a shared filesystem path" \
-  "mounted on every host (Filestore/NFS or gcsfuse), or a local path on a single-host TPU"
-[[ $workdir == /* ]] || die "WORKDIR $workdir: give an absolute path (the same on every host)"
+if [[ $workdir == gs://* ]]; then
+  [[ $workdir =~ ^gs://[a-z0-9][-_.a-z0-9]{1,61}[a-z0-9](/.*)?$ ]] \
+    || die "WORKDIR $workdir: give gs://BUCKET/PREFIX (bucket names: lowercase letters, digits, - _ .)"
+else
+  [[ $workdir != *://* ]] || die "WORKDIR $workdir: ${workdir%%://*}:// is not supported; give gs://BUCKET/PREFIX" \
+    "or an absolute path on a filesystem every host mounts"
+  [[ $workdir == /* ]] || die "WORKDIR $workdir: give gs://BUCKET/PREFIX or an absolute path (the same on every host)"
+fi
 case $accelerator in
   v6e-*) runtime=v2-alpha-tpuv6e ;;
   v5p-*) runtime=v2-alpha-tpuv5 ;;
@@ -110,7 +116,9 @@ fi
 echo "# 3. soft-jax run on every worker"
 args=(run --config "$remote_config" --workdir "$workdir" "${mesh[@]}" "$@")
 # SOFT_JAX_DISTRIBUTED=auto: `soft-jax run` calls jax.distributed.initialize() (soft_jax/parallel/distributed.py)
-remote="cd ~/soft-jax && . $venv/bin/activate && mkdir -p $(q "$workdir") && SOFT_JAX_DISTRIBUTED=auto soft-jax"
+remote="cd ~/soft-jax && . $venv/bin/activate && "
+[[ $workdir == gs://* ]] || remote+="mkdir -p $(q "$workdir") && "  # a bucket prefix needs no creating
+remote+="SOFT_JAX_DISTRIBUTED=auto soft-jax"
 for word in "${args[@]}"; do remote+=" $(q "$word")"; done
 if [[ ${DETACH:-0} == 1 ]]; then
   remote="nohup bash -c $(q "$remote") > ~/soft-jax-run.log 2>&1 < /dev/null & echo started: ~/soft-jax-run.log"

@@ -18,10 +18,11 @@ def cache_dir(*parts: str) -> str:
     return os.path.join(os.environ.get("SOFT_JAX_CACHE", os.path.expanduser("~/.cache/soft_jax")), *parts)
 
 
-def local_copy(path: str) -> str:
+def local_copy(path: str, keep=None) -> str:
     """A local path with what `path` holds: itself, or for gs:// a copy in the cache, fetched again only for objects
-    that changed (models and adapters are memory-mapped and read by libraries that need local files)."""
-    return storage.local_copy(storage.check(path), cache_dir("gcs"))
+    that changed (models and adapters are memory-mapped and read by libraries that need local files); keep: which
+    names under a prefix to fetch (storage.local_copy)."""
+    return storage.local_copy(storage.check(path), cache_dir("gcs"), keep)
 
 
 def read_jsonl(path: str, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:

@@ -314,9 +314,10 @@ def upload_dir(local: str, path: str) -> None:
         _call(path, _fs().rm_file, _key(join(path, stale)))
 
 
-def local_copy(path: str, cache: str) -> str:
+def local_copy(path: str, cache: str, keep: Callable[[str], bool] | None = None) -> str:
     """A local path with the content of `path`: the path itself when local; for a bucket object or prefix, a copy
-    under `cache` (by bucket and name) that is downloaded again only for objects whose generation changed."""
+    under `cache` (by bucket and name) that is downloaded again only for objects whose generation changed.
+    keep: for a prefix, which relative names to fetch (the rest stay in the bucket; a later call may fetch them)."""
     if not is_gcs(path):
         return path
     dest = os.path.join(cache, _key(path))
@@ -324,6 +325,9 @@ def local_copy(path: str, cache: str) -> str:
     names = [""] if single else files(path)
     if not names:
         raise UserError(f"{path}: no such object or directory in the bucket; check the URL")
+    if keep is not None and not single:
+        names = [n for n in names if keep(n)]
+        os.makedirs(dest, exist_ok=True)
     for rel in names:
         src = path if single else join(path, rel)
         target = dest if single else os.path.join(dest, rel)

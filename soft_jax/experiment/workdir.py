@@ -196,19 +196,29 @@ class WorkDir:
             self.handle.close()
             self.handle = None
 
+    def check_lease(self) -> None:
+        """Before each durable write: a run whose lease on a bucket work dir was taken over (its renewals failed
+        past the expiry, and another run took the work dir) stops rather than write over the other's files."""
+        if getattr(self.handle, "lost", False):
+            raise UserError(f"{self.path}: this run lost the work dir's lease (it could not renew it for "
+                            f"{self.handle.ttl:.0f} s and another run took the work dir over); it stops here and "
+                            "writes nothing more: let the other run finish, or stop it and rerun")
+
     def save_state(self, state: dict) -> None:
+        self.check_lease()
         save_json(self.file(STATE), state)
 
     def phase(self, path: str, compute: Callable[[], tuple], point: str = "", stop: str = ""):
         """One durable phase: the artifact at `path` when an earlier run finished it; else `compute()` ->
-        (value, metrics event or None), written (JSON, or JSONL for a list), the event recorded, then the fault
-        point and the stop check (a stop after this point resumes past the phase)."""
+        (value, metrics event or None), the event recorded, the value written (JSON, or JSONL for a list), then
+        the fault point and the stop check (a stop after this point resumes past the phase)."""
         if storage.exists(path):
             return read_jsonl(path) if path.endswith(".jsonl") else read_json(path)
         value, event = compute()
+        self.check_lease()
+        if event:  # first: a kill between the two leaves the event, which the rerun's own replaces; the other
+            self.metrics.add(event)  # order would leave the artifact without its event for good
         (save_jsonl if path.endswith(".jsonl") else save_json)(path, value)
-        if event:
-            self.metrics.add(event)
         if point:
             faults.point(point)
         if stop:

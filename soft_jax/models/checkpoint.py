@@ -102,8 +102,8 @@ class HFSource:
         UserError: When config.json is missing or not valid JSON, or there are no *.safetensors files.
     """
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, remote: str = ""):
+        self.path, self.remote = path, remote  # remote: the gs:// directory `path` holds a partial copy of
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
             raise UserError(f"{path}: no config.json; --model takes an HF checkpoint directory (config.json + "
@@ -114,6 +114,8 @@ class HFSource:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{cfg_path}: not valid JSON ({e}); re-export it with save_pretrained") from None
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        if remote:  # the weights stay in the bucket until they are read (`plan` and `info` need the config only)
+            files = sorted(os.path.join(path, n) for n in storage.listdir(remote) if n.endswith(".safetensors"))
         if not files:
             bins = glob.glob(os.path.join(path, "*.bin")) + glob.glob(os.path.join(path, "*.pt*"))
             hint = " (found PyTorch .bin files: convert them with save_pretrained(safe_serialization=True))" \
@@ -129,6 +131,8 @@ class HFSource:
     @property
     def tensors(self) -> dict[str, np.ndarray]:
         if self._tensors is None:
+            if self.remote:
+                io_utils.local_copy(self.remote, keep=lambda rel: rel.endswith(".safetensors") and "/" not in rel)
             self._tensors = {}
             for f in self.files:
                 self._tensors.update(safetensors_io.read(f))
@@ -258,6 +262,9 @@ def smollm2_path() -> str:
     return os.path.join(spec.submodule_search_locations[0], SMOLLM2_FILE)
 
 
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+
+
 def open_source(path_or_name: str):
     """HFSource or GGUFSource for what --model names.
 
@@ -273,6 +280,9 @@ def open_source(path_or_name: str):
     if path_or_name == SMOLLM2:
         path_or_name = smollm2_path()
     if storage.is_gcs(storage.check(path_or_name, "--model")):
+        if storage.isdir(path_or_name):  # an HF directory: its config and tokenizer now, its weights when read
+            return HFSource(io_utils.local_copy(path_or_name, keep=lambda rel: not rel.endswith(WEIGHT_FILES)),
+                            remote=path_or_name)
         path_or_name = io_utils.local_copy(path_or_name)
     if not os.path.exists(path_or_name):
         raise UserError(f"--model {path_or_name}: no such file or directory; give an HF checkpoint directory, "

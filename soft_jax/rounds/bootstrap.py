@@ -258,12 +258,13 @@ class Run:
         model, result = training.train(start, tokenizer, pairs, inputs.train_config(self.config, t), mesh=self.mesh,
                                        checkpoint_dir=ckpt_dir, progress=self.progress,
                                        log=lambda record: self.wd.metrics.add({"round": t, "phase": "train", **record}))
-        self.rounds_ckpt.save(t, round_state(model), {"round": t, "generator": self.config.generator,
-                                                      "sft_start": self.config.sft_start})
+        # the event before the round checkpoint: a rerun that finds the checkpoint skips training (and its event)
         self.wd.metrics.add({"round": t, "phase": "train_done", "steps": result.steps, "examples": result.examples,
                              "tokens": result.tokens, "truncated_prompts": result.truncated_prompts,
                              "truncated_responses": result.truncated_responses, "start": label,
                              "start_checksum": checksum(start)})
+        self.rounds_ckpt.save(t, round_state(model), {"round": t, "generator": self.config.generator,
+                                                      "sft_start": self.config.sft_start})
         faults.point(f"trained_r{t}")
         preemption.raise_if_stopped(f"round {t} training")
         remove(ckpt_dir)

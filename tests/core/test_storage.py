@@ -114,6 +114,26 @@ def test_the_lease_is_renewed_while_held(bucket):
     lease.release()
 
 
+def test_a_run_whose_lease_was_taken_over_stops_before_its_next_write(bucket):
+    """A holder whose lease another run took over (its renewals had failed past the expiry) notices at its next
+    renewal, and its work dir refuses the next durable write with one line."""
+    from soft_jax.experiment.workdir import WorkDir
+
+    w = f"{bucket}/run"
+    wd = WorkDir(w)
+    wd.handle = storage.Lease(f"{w}/.lock", ttl=0.9)
+    wd.save_state({"finished": []})
+    _lease_record(f"{w}/.lock", owner="another", host="elsewhere", pid=1, expires=time.time() + 60)
+    time.sleep(0.7)
+    assert wd.handle.lost
+    with pytest.raises(UserError, match="lost the work dir's lease"):
+        wd.save_state({"finished": [1]})
+    assert json.loads(storage.read_text(f"{w}/state.json")) == {"finished": []}
+    assert json.loads(storage.read_text(f"{w}/.lock"))["owner"] == "another"  # the other run's lease stays
+    wd.close()
+    assert json.loads(storage.read_text(f"{w}/.lock"))["owner"] == "another"
+
+
 def test_upload_dir_replaces_a_directory_configs_last(bucket, tmp_path):
     out = f"{bucket}/export"
     for name, text in {"config.json": "{}", "model.safetensors": "w1", "old_only.bin": "x"}.items():

@@ -45,7 +45,8 @@ def same_artifacts(done: Workdir, ref: Workdir, base_model, rounds=2, per_round=
     for k in a:  # float32 rounding at most; a lost or repeated step moves parameters by ~lr = 1e-3
         assert_params_close(a[k], b[k], rtol=1e-6, atol=1e-7, what=f"{k}: ")
     keys = [(m["round"], m["phase"], m.get("step")) for m in done.metrics]
-    assert len(keys) == len(set(keys))
+    assert len(keys) == len(set(keys))  # each event once, and none lost (one written before its artifact)
+    assert set(keys) == {(m["round"], m["phase"], m.get("step")) for m in ref.metrics}
     for t in range(1, rounds + 1):
         assert [m["step"] for m in done.metrics if m["phase"] == "train" and m["round"] == t] == \
             [m["step"] for m in ref.metrics if m["phase"] == "train" and m["round"] == t]

@@ -15,7 +15,7 @@ from helpers import (CONFIGS, TESTS, TINY_OVERRIDES, GCSServer, Workdir, assert_
                      one_line_error, random_b, round_params, run, run_cli, run_workdir, subprocess_env, wait)
 
 from soft_jax import models
-from soft_jax.core import storage
+from soft_jax.core import io_utils, storage
 
 pytestmark = pytest.mark.e2e  # whole runs, CLI processes, killed and restarted runs (conftest.py)
 
@@ -112,6 +112,9 @@ def test_export_to_a_bucket_then_model_from_it_gives_the_same_logits(bucket, tin
     p = run_cli("export", "--model", tiny_chat, "--out", base)
     assert p.returncode == 0, p.stderr[-2000:]
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(storage.listdir(base)), storage.listdir(base)
+    _, cfg, tokenizer = models.inspect(base)  # what `plan` reads: the weights stay in the bucket
+    copy = os.path.join(io_utils.cache_dir("gcs"), base[len("gs://"):])
+    assert cfg.num_layers == 2 and tokenizer is not None and "model.safetensors" not in os.listdir(copy)
     local = models.load(tiny_chat, progress=False)[0]
     ids = jnp.asarray(np.random.default_rng(7).integers(3, local.config.vocab_size, size=(2, 24)))
     remote = models.load(base, progress=False)[0]
