@@ -18,6 +18,12 @@ from soft_jax.core import faults, storage
 from soft_jax.core.errors import UserError
 
 
+# Orbax's OCDBT data files are written in parallel, one upload each on a bucket: at its defaults (2 GiB on disk,
+# 400 MiB on GCS) a round checkpoint of a small model is one or two files written one after the other.
+# benchmarks/storage.py measures the difference on both.
+DATA_FILE_BYTES = 32 * 2**20
+
+
 class StepCheckpointer:
     """Saves every `every` steps (and on demand); keeps the newest `keep`.
 
@@ -46,8 +52,8 @@ class StepCheckpointer:
             meta: A JSON-serializable record saved beside it (e.g. step and fingerprint).
         """
         faults.point(f"checkpoint:{os.path.basename(str(self.manager.directory))}/{step}")
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
-                                                        meta=ocp.args.JsonSave(meta)), force=True)
+        state = ocp.args.PyTreeSave(tree, ocdbt_target_data_file_size=DATA_FILE_BYTES)
+        self.manager.save(step, args=ocp.args.Composite(state=state, meta=ocp.args.JsonSave(meta)), force=True)
         self.manager.wait_until_finished()
 
     def latest_step(self) -> int | None:
@@ -66,8 +72,9 @@ class StepCheckpointer:
         """
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), like)
-        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                 meta=ocp.args.JsonRestore()))
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+        state = ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args)
+        out = self.manager.restore(step, args=ocp.args.Composite(state=state, meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
 
     def restore_latest(self, like: Any, fingerprint: str, log=print) -> tuple[int, Any, dict[str, Any]] | None:

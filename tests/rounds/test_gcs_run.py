@@ -11,8 +11,9 @@ import time
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import (CONFIGS, TESTS, TINY_OVERRIDES, GCSServer, Workdir, assert_params_close, launch_two, mirror,
-                     one_line_error, random_b, round_params, run, run_cli, run_workdir, subprocess_env, wait)
+from helpers import (CONFIGS, INHOUSE_BIGBENCH, TESTS, TINY_OVERRIDES, GCSServer, Workdir, assert_params_close,
+                     launch_two, mirror, one_line_error, random_b, round_params, run, run_cli, run_workdir,
+                     subprocess_env, wait)
 
 from soft_jax import models
 from soft_jax.core import io_utils, storage
@@ -243,3 +244,26 @@ def test_a_server_gone_mid_write_stops_the_run_with_one_line_and_the_rerun_resum
         same_artifacts(w, reference, tiny_base, tmp_path / "mirror")
     finally:
         server.stop()
+
+
+def test_benchmark_files_pools_principles_and_exemplars_read_from_a_bucket(bucket, monkeypatch):
+    """SOFT_JAX_BIGBENCH_DIR=gs://... (a tree of task files in a bucket) gives the items the same files give on
+    local disk; a prompt pool, principles and exemplars in the bucket load as their local copies do."""
+    from soft_jax import data
+    from soft_jax.data import sources
+
+    monkeypatch.delenv("SOFT_JAX_BIGBENCH_ARCHIVE", raising=False)
+    for rel in sources.TASK_FILES.values():
+        storage.write_atomic(f"{bucket}/BIG-bench/{rel}", open(os.path.join(INHOUSE_BIGBENCH, rel), "rb").read())
+    monkeypatch.setenv("SOFT_JAX_BIGBENCH_DIR", INHOUSE_BIGBENCH)
+    local = (sources.load_hhh(), sources.load_truthfulqa("mc1"), sources.load_truthfulqa("mc2"))
+    monkeypatch.setenv("SOFT_JAX_BIGBENCH_DIR", f"{bucket}/BIG-bench")
+    assert sources.locate().describe().count(f"{bucket}/BIG-bench") == 1
+    assert (sources.load_hhh(), sources.load_truthfulqa("mc1"), sources.load_truthfulqa("mc2")) == local
+    assert len(local[0]) > 0
+
+    for name in ("prompts.jsonl", "principles.txt", "exemplars.jsonl"):
+        storage.write_atomic(f"{bucket}/assets/{name}", open(data.asset(name), "rb").read())
+    assert data.load_prompts(f"{bucket}/assets/prompts.jsonl") == data.load_prompts()
+    assert data.load_principles(f"{bucket}/assets/principles.txt") == data.load_principles()
+    assert data.load_exemplars(f"{bucket}/assets/exemplars.jsonl") == data.load_exemplars()
