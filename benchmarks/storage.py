@@ -7,7 +7,6 @@ composes for appends, the lease), not a network: a real bucket adds its latency 
 
 1. A round checkpoint of SmolLM2-135M (float32, 135M parameters, what `soft-jax run` saves after each round):
    `StepCheckpointer.save` and `.restore`, `--repeat` times each way, alternating disk and bucket; medians.
-   Beside it, the floor: the same bytes written by TensorStore alone, as 16 objects in parallel.
 2. A whole tiny round (configs/tiny.py, rounds=1: generation, scoring, SFT with step checkpoints, evaluation,
    metrics, TensorBoard events, report), in this process, the programs compiled by a first untimed run;
    `--repeat` runs alternating disk and bucket; medians.
@@ -74,30 +73,6 @@ def checkpoint_rows(local: str, bucket: str, repeat: int) -> list[dict]:
     return rows
 
 
-def floor_rows(local: str, bucket: str, repeat: int, nbytes: int = 513 * 2**20) -> list[dict]:
-    """What the server itself costs: the same bytes as 16 objects written in parallel by TensorStore (no Orbax, no
-    soft-jax) to the bucket and to local disk (fsync'ed, as Orbax's are)."""
-    import numpy as np
-    import tensorstore as ts
-
-    data = np.random.default_rng(0).bytes(nbytes)
-    part = nbytes // 16
-    times = {"disk": [], "bucket": []}
-    for i in range(repeat + 1):
-        for where, spec in (("disk", {"driver": "file", "path": f"{local}/raw{i}/"}),
-                            ("bucket", {"driver": "gcs", "bucket": bucket[len("gs://"):], "path": f"raw{i}/"})):
-            kv = ts.KvStore.open(spec).result()
-            start = time.perf_counter()
-            for f in [kv.write(f"p{j}", data[j * part:(j + 1) * part]) for j in range(16)]:
-                f.result()
-            if i:
-                times[where].append(time.perf_counter() - start)
-    disk, gcs = statistics.median(times["disk"]), statistics.median(times["bucket"])
-    return [{"what": f"floor: {nbytes / 2**20:.0f} MiB as 16 objects, TensorStore alone", "disk s": f"{disk:.2f}",
-             "bucket s": f"{gcs:.2f}", "bucket / disk": f"{gcs / disk:.2f}",
-             "MiB/s disk / bucket": f"{nbytes / 2**20 / disk:.0f} / {nbytes / 2**20 / gcs:.0f}"}]
-
-
 def round_rows(local: str, bucket: str, repeat: int) -> list[dict]:
     from soft_jax.experiment import config as config_lib
     from soft_jax.rounds import bootstrap
@@ -127,7 +102,7 @@ def main() -> None:
         bucket = server.bucket()
         local = os.path.join(scratch, "disk")
         os.makedirs(local)
-        rows = checkpoint_rows(local, bucket, args.repeat) + floor_rows(local, bucket, args.repeat)
+        rows = checkpoint_rows(local, bucket, args.repeat)
         if not args.skip_round:
             rows += round_rows(local, bucket, args.repeat)
     finally:
