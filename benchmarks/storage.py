@@ -14,6 +14,7 @@ composes for appends, the lease), not a network: a real bucket adds its latency 
 Prints the seconds and the ratio bucket / disk (target: at most 1.5).
 
     JAX_PLATFORMS=cpu python benchmarks/storage.py [--repeat 3]
+    JAX_PLATFORMS=cpu python benchmarks/storage.py --skip-round --data-file-mib 0,16,32,64   # Orbax's data files
 """
 
 from __future__ import annotations
@@ -40,13 +41,19 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def checkpoint_rows(local: str, bucket: str, repeat: int) -> list[dict]:
+def checkpoint_rows(local: str, bucket: str, repeat: int, data_file_mib: int) -> list[dict]:
     import jax
     import numpy as np
 
     from soft_jax import models
     from soft_jax.rounds.bootstrap import round_state
+    from soft_jax.training import checkpoints
     from soft_jax.training.checkpoints import StepCheckpointer
+
+    if data_file_mib >= 0:  # 0: Orbax's own default (2 GiB on disk, 400 MiB on GCS)
+        checkpoints.DATA_FILE_BYTES = data_file_mib * 2**20 or None
+    files = f"{data_file_mib} MiB data files" if data_file_mib > 0 else "Orbax's default data files" \
+        if data_file_mib == 0 else f"{checkpoints.DATA_FILE_BYTES >> 20} MiB data files"
 
     model, _ = models.load("smollm2-135m", dtype="float32", progress=False)
     state = round_state(model)
@@ -54,7 +61,7 @@ def checkpoint_rows(local: str, bucket: str, repeat: int) -> list[dict]:
     times = {(where, op): [] for where in ("disk", "bucket") for op in ("save", "restore")}
     for i in range(repeat + 1):  # the first pair warms both paths (Orbax's and TensorStore's setup); not counted
         for where, root in (("disk", local), ("bucket", bucket)):
-            ckpt = StepCheckpointer(f"{root}/ckpt{i}", every=0, keep=None)
+            ckpt = StepCheckpointer(f"{root}/ckpt{data_file_mib}-{i}", every=0, keep=None)
             save = timed(lambda: ckpt.save(1, state, {"round": 1}))
             restored = []
             restore = timed(lambda: restored.append(ckpt.restore(1, state)))
@@ -67,7 +74,7 @@ def checkpoint_rows(local: str, bucket: str, repeat: int) -> list[dict]:
     rows = []
     for op in ("save", "restore"):
         disk, gcs = statistics.median(times[("disk", op)]), statistics.median(times[("bucket", op)])
-        rows.append({"what": f"SmolLM2-135M round checkpoint {op} ({nbytes / 2**20:.0f} MiB)",
+        rows.append({"what": f"SmolLM2-135M round checkpoint {op} ({nbytes / 2**20:.0f} MiB; {files})",
                      "disk s": f"{disk:.2f}", "bucket s": f"{gcs:.2f}", "bucket / disk": f"{gcs / disk:.2f}",
                      "MiB/s disk / bucket": f"{nbytes / 2**20 / disk:.0f} / {nbytes / 2**20 / gcs:.0f}"})
     return rows
@@ -94,6 +101,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-round", action="store_true")
+    parser.add_argument("--data-file-mib", default="-1", help="comma-separated OCDBT data file sizes to time the "
+                        "checkpoint with (0: Orbax's default; -1: soft-jax's, StepCheckpointer)")
     args = parser.parse_args()
     scratch = tempfile.mkdtemp(prefix="soft-jax-storage-bench-")
     server = GCSServer(os.path.join(scratch, "gcs")).start()
@@ -102,7 +111,8 @@ def main() -> None:
         bucket = server.bucket()
         local = os.path.join(scratch, "disk")
         os.makedirs(local)
-        rows = checkpoint_rows(local, bucket, args.repeat)
+        rows = [r for mib in args.data_file_mib.split(",") for r in checkpoint_rows(local, bucket, args.repeat,
+                                                                                    int(mib))]
         if not args.skip_round:
             rows += round_rows(local, bucket, args.repeat)
     finally:
