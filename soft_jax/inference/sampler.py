@@ -1,6 +1,8 @@
-"""Batched generation on the inference engine: `generate` (strings), `generate_tokens` (token lists) and
-`generate_continued` (rows go on after a new head in the same KV cache: SOFT's forced answer, the answer marker
-after the thoughts, prefilling only the head's new text).
+"""Batched generation on the inference engine: a `Sampler` holds the split model, its tokenizer, mesh and
+SamplingConfig; a call returns a `SampleOutput` (texts, token ids, finish reasons, which rows were continued).
+Rows can go on after a new head in the same KV cache (`continue_with`: SOFT's forced answer, the answer marker
+after the thoughts, prefilling only the head's new text). `generate` and `generate_tokens` are one-line
+conveniences over it.
 
 Rows are sampled in groups of `SamplingConfig.batch_size`, each group's common prefix prefilled once
 (`engine.prefill_shared_prefix`); stop strings are checked on the host every STOP_STRING_CHUNK steps.
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,42 +28,6 @@ from soft_jax.models.llama import KVCache, Llama
 from soft_jax.parallel.distributed import to_host
 
 STOP_STRING_CHUNK = 32  # decode steps between host checks for stop strings
-
-
-def generate_tokens(model: Llama, token_rows: Sequence[Sequence[int]], config: SamplingConfig, stops,
-                    rng=None, mesh=None, tokenizer=None) -> list[list[int]]:
-    """New tokens (stop token removed) for prompts given as token lists, sampled as one device batch: in groups of
-    config.batch_size, each group's common prefix prefilled once (start).
-
-    With config.stop_strings and a tokenizer, rows stop early once their text contains a stop string
-    (checked every STOP_STRING_CHUNK tokens; the caller cuts the text at the stop string).
-
-    Args:
-      model: the Llama to sample from.
-      token_rows: the prompts' token ids, each non-empty and leaving room for max_new_tokens (check_lengths).
-      config: the SamplingConfig (max_new_tokens, temperature, top_p, top_k, stop_strings, batch_size,
-        reuse_prefix; seed when rng is None).
-      stops: the stop token ids, at least one (the first also fills a stopped row's later steps).
-      rng: the PRNG key of the draw; None: jax.random.key(config.seed).
-      mesh: the mesh the model is on, or None (one device).
-      tokenizer: decodes the rows for config.stop_strings; None: stop strings are not checked.
-
-    Returns:
-      Per prompt, in order, its new token ids (at most max_new_tokens) before its first stop token; a row
-      stopped by a stop string keeps the tokens up to the check that found it.
-
-    Raises:
-      UserError: with a mesh, a batch (config.batch_size rows per group) that its data x fsdp does not divide.
-    """
-    return _generate_batch(model, token_rows, config, stops, rng, mesh, tokenizer)[0]
-
-
-def _generate_batch(model: Llama, token_rows, config: SamplingConfig, stops, rng=None, mesh=None, tokenizer=None
-                    ) -> tuple[list[list[int]], list[bool]]:
-    """generate_tokens' rows, and for each whether it ended with a stop token."""
-    batch = start(model, token_rows, config, stops, rng, mesh)
-    _sample(batch, config, tokenizer)
-    return _rows(batch, stops)
 
 
 @dataclasses.dataclass
@@ -92,8 +58,8 @@ class Batch:
     index: list  # the batch row of each prompt (groups are padded to the batch size)
 
 
-def start(model: Llama, token_rows, config: SamplingConfig, stops, rng=None, mesh=None, extra_slots: int = 0
-           ) -> Batch:
+def start(model: Llama, token_rows, config: SamplingConfig, stops, rng=None, mesh=None, extra_slots: int = 0,
+          split: tuple | None = None) -> Batch:
     """The batch's prompts prefilled; room for max_new_tokens + extra_slots more tokens.
 
     Rows come in groups of config.batch_size (the last may be shorter): each group is padded to batch_size
@@ -108,6 +74,7 @@ def start(model: Llama, token_rows, config: SamplingConfig, stops, rng=None, mes
       rng: the PRNG key of the draw; None: jax.random.key(config.seed).
       mesh: the mesh the model is on, or None (one device).
       extra_slots: cache slots beyond the prompts' and max_new_tokens (for rows that go on: _continue).
+      split: `nnx.split(model)` when the caller holds it (a Sampler); None: split here.
 
     Returns:
       The Batch, its decode state at step 0: every row's next-token logits, no row done.
@@ -115,7 +82,7 @@ def start(model: Llama, token_rows, config: SamplingConfig, stops, rng=None, mes
     Raises:
       UserError: with a mesh, a batch (config.batch_size rows per group) that its data x fsdp does not divide.
     """
-    graphdef, state = nnx.split(model)
+    graphdef, state = split or nnx.split(model)
     size = config.batch_size
     groups = [[list(r) for r in token_rows[lo:lo + size]] for lo in range(0, len(token_rows), size)]
     groups = [g + [g[0]] * (size - len(g)) for g in groups]
@@ -231,132 +198,188 @@ def _cut_at_stop_strings(text: str, stop_strings) -> str:
 FINISH_REASONS = ("eos", "stop", "length")  # a stop token, a stop string, the max_new_tokens limit
 
 
+@dataclasses.dataclass(frozen=True)
+class SampleOutput:
+    """What one Sampler call gives, one entry per prompt, in order.
+
+    Attributes:
+      texts: the completions, special tokens skipped and cut at the first stop string; a continued row's is its
+        head followed by its continuation; "" for every row when the Sampler has no tokenizer.
+      tokens: the new token ids of the first pass, before the first stop token (a row stopped by a stop string
+        keeps the tokens up to the check that found it).
+      finish: why each completion stopped, one of FINISH_REASONS ("length": cut by max_new_tokens, not finished
+        by the model); a continued row's is its continuation's.
+      continued: whether `continue_with` gave the row a new head (all False without it).
+    """
+
+    texts: list[str]
+    tokens: list[list[int]]
+    finish: list[str]
+    continued: list[bool]
+
+
+class Sampler:
+    """Samples completions from one model: the model split once (`nnx.split`) and held with its tokenizer, mesh
+    and SamplingConfig; the jitted prefill and decode programs (soft_jax.inference.engine) are compiled once per
+    shape and reused by every call.
+
+    Args:
+      model: the Llama to sample from.
+      tokenizer: a Hugging Face-style tokenizer: encodes string prompts, decodes completions, gives the eos id
+        when config.stop_token_ids is None. None: token-id prompts only, and `texts` are empty.
+      config: the SamplingConfig; None: SamplingConfig(). A call's keywords override it.
+      mesh: the mesh the model is on, or None (one device; batch_size is then at most the number of prompts).
+
+    Raises:
+      UserError: no stop token (no config.stop_token_ids and no eos id).
+    """
+
+    def __init__(self, model: Llama, tokenizer=None, config: SamplingConfig | None = None, mesh=None):
+        self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
+        self.config = config or SamplingConfig()
+        self.split = nnx.split(model)
+
+    def _setup(self, prompts, add_special_tokens: bool, room, overrides: dict, shrink: bool = True
+               ) -> tuple[SamplingConfig, tuple, list]:
+        """(the call's config, stop ids, prompt token rows); room: config -> the tokens each row needs past its
+        prompt (None: max_new_tokens); shrink: without a mesh, batch_size at most the number of rows."""
+        config = dataclasses.replace(self.config, **overrides)
+        stops = config.stop_token_ids or (stop_ids(self.tokenizer, self.model) if self.tokenizer is not None else ())
+        if not stops:
+            raise UserError("no stop token: the tokenizer has no eos token; pass stop_token_ids")
+        rows = [self.tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] if isinstance(p, str)
+                else list(p) for p in prompts]
+        check_lengths(rows, room(config) if callable(room) else config.max_new_tokens,
+                      self.model.config.max_position_embeddings)
+        if shrink and self.mesh is None:  # no padding rows for short lists; a mesh keeps the divisible batch size
+            config = dataclasses.replace(config, batch_size=max(1, min(config.batch_size, len(rows))))
+        return config, tuple(stops), rows
+
+    def __call__(self, prompts: Sequence[str] | Sequence[Sequence[int]], *, add_special_tokens: bool = True,
+                 progress: bool = False, continue_with: Callable[[str], str | None] | None = None,
+                 continue_seed: int = 0, **overrides) -> SampleOutput:
+        """Completions for `prompts` (strings, or token id lists). Settings: the Sampler's config, overridden
+        by keywords (SamplingConfig fields).
+
+        Without `continue_with`, prompts go in batches of batch_size, each with its own key split off
+        jax.random.key(seed), a batch's common token prefix prefilled once.
+
+        With `continue_with` (completion text -> the text it becomes, or None to leave it), every prompt is
+        sampled in one device batch: groups of batch_size in it (a SOFT round's batches, each sharing its
+        principles + exemplars), each group's prefix prefilled once; the first group draws as it would without
+        `continue_with`. Then each row given a new head samples max_new_tokens more after it in the same KV
+        cache, keyed by `continue_seed`: the sampled tokens the head keeps are not prefilled again, only its
+        new text is (SOFT's forced answer: the thoughts, then the answer marker). A head whose new text is
+        empty or over TAIL_SLOTS tokens is sampled on from prompt + head instead. Needs a tokenizer.
+
+        Args:
+          prompts: the prompt strings (encoded with add_special_tokens) or token id lists.
+          add_special_tokens: passed to the tokenizer when encoding string prompts (e.g. a BOS token).
+          progress: whether to show a progress bar (per batch; not with continue_with).
+          continue_with: see above; None: no second pass.
+          continue_seed: the seed of the second pass's key.
+          **overrides: SamplingConfig fields that replace the Sampler's.
+
+        Returns:
+          A SampleOutput.
+
+        Raises:
+          UserError: an override out of its range, no stop token, an empty prompt or one that with
+            max_new_tokens (with continue_with: 2 x max_new_tokens + TAIL_SLOTS) exceeds the model's context,
+            or with a mesh a batch size its data x fsdp does not divide.
+        """
+        if continue_with is not None:
+            return self._continued(prompts, continue_with, continue_seed, add_special_tokens, overrides)
+        config, stops, rows = self._setup(prompts, add_special_tokens, None, overrides)
+        out = SampleOutput([], [], [], [False] * len(rows))
+        key = jax.random.key(config.seed)
+        new_tokens, t0 = 0, time.perf_counter()
+        bar = tqdm(total=len(rows), desc="generating", unit="prompt", disable=not progress)
+        for lo in range(0, len(rows), config.batch_size):
+            key, sub = jax.random.split(key)
+            batch = self._pass(rows[lo:lo + config.batch_size], config, stops, sub)
+            tokens, ended = _rows(batch, stops)
+            texts, why = self._texts(tokens, ended, config)
+            out.texts.extend(texts)
+            out.tokens.extend(tokens)
+            out.finish.extend(why)
+            new_tokens += sum(len(r) for r in tokens)
+            bar.update(len(tokens))
+            bar.set_postfix(tok_per_s=f"{new_tokens / (time.perf_counter() - t0):.1f}")
+        bar.close()
+        return out
+
+    def sample_tokens(self, token_rows: Sequence[Sequence[int]], rng=None, **overrides) -> SampleOutput:
+        """`token_rows` sampled as one device batch (groups of batch_size in it, each group's common prefix
+        prefilled once), with the key `rng` (None: jax.random.key(seed)). Stop strings are checked when the
+        Sampler has a tokenizer. Raises as __call__."""
+        config, stops, rows = self._setup(token_rows, False, None, overrides, shrink=False)
+        batch = self._pass(rows, config, stops, jax.random.key(config.seed) if rng is None else rng)
+        tokens, ended = _rows(batch, stops)
+        texts, finish = self._texts(tokens, ended, config)
+        return SampleOutput(texts, tokens, finish, [False] * len(tokens))
+
+    def _pass(self, rows, config: SamplingConfig, stops, rng, extra_slots: int = 0) -> Batch:
+        batch = start(self.model, rows, config, stops, rng, self.mesh, extra_slots=extra_slots, split=self.split)
+        _sample(batch, config, self.tokenizer)
+        return batch
+
+    def _texts(self, rows, ended, config: SamplingConfig) -> tuple[list[str], list[str]]:
+        if self.tokenizer is None:
+            return [""] * len(rows), ["eos" if e else "length" for e in ended]
+        return _texts(self.tokenizer, rows, ended, config)
+
+    def _continued(self, prompts, continue_with, continue_seed: int, add_special_tokens: bool, overrides: dict
+                   ) -> SampleOutput:
+        if self.tokenizer is None:
+            raise UserError("continue_with needs a tokenizer: the heads are text")
+        config, stops, rows = self._setup(prompts, add_special_tokens,
+                                          lambda c: 2 * c.max_new_tokens + TAIL_SLOTS, overrides)
+        _, sub = jax.random.split(jax.random.key(config.seed))  # the key of __call__'s first batch
+        batch = self._pass(rows, config, stops, sub, extra_slots=TAIL_SLOTS + config.max_new_tokens)
+        tokens, ended = _rows(batch, stops)
+        completions, finishes = _texts(self.tokenizer, tokens, ended, config)
+        heads, again = {}, {}
+        for i, (row, text) in enumerate(zip(tokens, completions)):
+            head = continue_with(text)
+            if head is None:
+                continue
+            k, rest = kept_tokens(self.tokenizer, row, head)
+            tail = self.tokenizer(rest, add_special_tokens=False)["input_ids"] if rest else []
+            if 0 < len(tail) <= TAIL_SLOTS:
+                heads[i] = (k, tail)
+            else:  # a head that rewrites more than the end of the completion: prefilled afresh below
+                again[i] = head
+            completions[i] = head
+        if heads:
+            _continue(batch, heads, config, jax.random.key(continue_seed), self.tokenizer)
+            more, why = _texts(self.tokenizer, *_rows(batch, stops), config)
+            for i in heads:
+                completions[i], finishes[i] = completions[i] + more[i], why[i]
+        if again:
+            order = sorted(again)
+            if all(isinstance(p, str) for p in prompts):  # the prompt + head text, encoded as one string
+                redo = [prompts[i] + again[i] for i in order]
+            else:
+                redo = [rows[i] + self.tokenizer(again[i], add_special_tokens=False)["input_ids"] for i in order]
+            more = self(redo, add_special_tokens=add_special_tokens, **{**overrides, "seed": continue_seed})
+            for i, m, w in zip(order, more.texts, more.finish):
+                completions[i], finishes[i] = completions[i] + m, w
+        return SampleOutput(completions, tokens, finishes, [i in heads or i in again for i in range(len(rows))])
+
+
 def generate(model: Llama, tokenizer, prompts: Sequence[str], config: SamplingConfig | None = None,
-             add_special_tokens: bool = True, progress: bool = True, mesh=None, return_finish: bool = False,
-             **overrides):
-    """Completions (strings) for `prompts`, in order. Settings from `config`, overridden by keywords.
-
-    Prompts are processed in batches of config.batch_size; a batch's common token prefix is prefilled once.
-    With return_finish, returns (completions, why each stopped: one of FINISH_REASONS); "length" marks a
-    completion cut by max_new_tokens, not finished by the model.
-
-    Args:
-      model: the Llama to sample from.
-      tokenizer: a Hugging Face-style tokenizer: encodes the prompts, decodes the completions, and gives the
-        eos id when config.stop_token_ids is None.
-      prompts: the prompt strings.
-      config: the SamplingConfig; None: SamplingConfig().
-      add_special_tokens: passed to the tokenizer when encoding the prompts (e.g. a BOS token).
-      progress: whether to show a progress bar.
-      mesh: the mesh the model is on, or None (one device; batch_size is then at most len(prompts)).
-      return_finish: whether to return why each completion stopped too.
-      **overrides: SamplingConfig fields that replace config's.
-
-    Returns:
-      The completions, one string per prompt (cut at the first stop string, special tokens skipped); with
-      return_finish, (completions, finish reasons: "eos", "stop" or "length" per prompt).
-
-    Raises:
-      UserError: an override out of its range, no stop token (no stop_token_ids and no eos id), an empty
-        prompt or one that with max_new_tokens exceeds the model's context, or with a mesh a batch size its
-        data x fsdp does not divide.
-    """
-    config = dataclasses.replace(config or SamplingConfig(), **overrides)
-    stops = config.stop_token_ids or stop_ids(tokenizer, model)
-    if not stops:
-        raise UserError("no stop token: the tokenizer has no eos token; pass stop_token_ids")
-    token_rows = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
-    check_lengths(token_rows, config.max_new_tokens, model.config.max_position_embeddings)
-    if mesh is None:  # no padding rows for short lists; a mesh keeps the divisible batch size
-        config = dataclasses.replace(config, batch_size=min(config.batch_size, len(token_rows)))
-    outputs: list[str] = []
-    finishes: list[str] = []
-    key = jax.random.key(config.seed)
-    new_tokens, start = 0, time.perf_counter()
-    bar = tqdm(total=len(prompts), desc="generating", unit="prompt", disable=not progress)
-    for lo in range(0, len(prompts), config.batch_size):
-        key, sub = jax.random.split(key)
-        rows, ended = _generate_batch(model, token_rows[lo:lo + config.batch_size], config, stops, rng=sub,
-                                      mesh=mesh, tokenizer=tokenizer)
-        texts, why = _texts(tokenizer, rows, ended, config)
-        outputs += texts
-        finishes += why
-        new_tokens += sum(len(r) for r in rows)
-        bar.update(len(rows))
-        bar.set_postfix(tok_per_s=f"{new_tokens / (time.perf_counter() - start):.1f}")
-    bar.close()
-    return (outputs, finishes) if return_finish else outputs
+             add_special_tokens: bool = True, progress: bool = True, mesh=None, **overrides) -> list[str]:
+    """The completions of `Sampler(model, tokenizer, config, mesh)(prompts, ...)`: one string per prompt."""
+    return Sampler(model, tokenizer, config, mesh)(prompts, add_special_tokens=add_special_tokens, progress=progress,
+                                                   **overrides).texts
 
 
-def generate_continued(model: Llama, tokenizer, prompts: Sequence[str], config: SamplingConfig, continue_with,
-                       continue_seed: int, mesh=None) -> tuple[list[str], list[str], list[bool]]:
-    """`prompts` sampled as one device batch: in groups of config.batch_size (a SOFT round's batches, each sharing
-    its principles + exemplars), each group's common prefix prefilled once; one group is sampled as generate()
-    samples it. Then every row for which continue_with(completion) gives a new head (text the completion
-    becomes) samples max_new_tokens more after that head, in the same KV cache: the sampled tokens the head keeps
-    are not prefilled again, only the head's new text is (SOFT's forced answer: the thoughts, then the answer
-    marker). continue_seed keys the second pass. Several groups in one batch decode more rows per step, which is
-    faster where a step is not saturated by one group (CPU, small models).
-
-    Returns (completions: head + continuation for continued rows, why each stopped (FINISH_REASONS; the
-    continuation's for continued rows), whether each row was continued).
-
-    Args:
-      model: the Llama to sample from.
-      tokenizer: a Hugging Face-style tokenizer (encodes with its special tokens, decodes without them).
-      prompts: the prompt strings.
-      config: the SamplingConfig of both passes (its seed keys the first).
-      continue_with: completion string -> the new head string, or None to leave the row as it is.
-      continue_seed: the seed of the second pass's key.
-      mesh: the mesh the model is on, or None (one device).
-
-    Returns:
-      (completions, finishes, continued): one string per prompt (head + continuation for a continued row);
-      its finish reason ("eos", "stop" or "length"); whether it was continued. A head whose text after the
-      kept tokens is empty or over TAIL_SLOTS tokens is sampled on by `generate` from prompt + head instead.
-
-    Raises:
-      UserError: no stop token (no stop_token_ids and no eos id), an empty prompt or one that with
-        2 x max_new_tokens + TAIL_SLOTS tokens exceeds the model's context, or with a mesh a batch its data x
-        fsdp does not divide.
-    """
-    stops = config.stop_token_ids or stop_ids(tokenizer, model)
-    if not stops:
-        raise UserError("no stop token: the tokenizer has no eos token; pass stop_token_ids")
-    if mesh is None and len(prompts) <= config.batch_size:
-        config = dataclasses.replace(config, batch_size=len(prompts))
-    token_rows = [tokenizer(p)["input_ids"] for p in prompts]
-    check_lengths(token_rows, 2 * config.max_new_tokens + TAIL_SLOTS, model.config.max_position_embeddings)
-    _, sub = jax.random.split(jax.random.key(config.seed))  # generate()'s key for its first batch
-    batch = start(model, token_rows, config, stops, sub, mesh, extra_slots=TAIL_SLOTS + config.max_new_tokens)
-    _sample(batch, config, tokenizer)
-    rows, ended = _rows(batch, stops)
-    completions, finishes = _texts(tokenizer, rows, ended, config)
-    heads, again = {}, {}
-    for i, (tokens, text) in enumerate(zip(rows, completions)):
-        head = continue_with(text)
-        if head is None:
-            continue
-        k, rest = kept_tokens(tokenizer, tokens, head)
-        tail = tokenizer(rest, add_special_tokens=False)["input_ids"] if rest else []
-        if 0 < len(tail) <= TAIL_SLOTS:
-            heads[i] = (k, tail)
-        else:  # a head that rewrites more than the end of the completion: prefilled afresh below
-            again[i] = head
-        completions[i] = head
-    if heads:
-        _continue(batch, heads, config, jax.random.key(continue_seed), tokenizer)
-        more, why = _texts(tokenizer, *_rows(batch, stops), config)
-        for i in heads:
-            completions[i], finishes[i] = completions[i] + more[i], why[i]
-    if again:
-        rows = sorted(again)
-        more, why = generate(model, tokenizer, [prompts[i] + again[i] for i in rows], config, progress=False,
-                             mesh=mesh, return_finish=True, seed=continue_seed)
-        for i, m, w in zip(rows, more, why):
-            completions[i], finishes[i] = completions[i] + m, w
-    continued = [i in heads or i in again for i in range(len(prompts))]
-    return completions, finishes, continued
+def generate_tokens(model: Llama, token_rows: Sequence[Sequence[int]], config: SamplingConfig, stops, rng=None,
+                    mesh=None, tokenizer=None) -> list[list[int]]:
+    """The new token ids of `Sampler(...).sample_tokens(token_rows, rng)` with stop ids `stops`: one device batch."""
+    config = dataclasses.replace(config, stop_token_ids=tuple(stops))
+    return Sampler(model, tokenizer, config, mesh).sample_tokens(token_rows, rng).tokens
 
 
 def _texts(tokenizer, rows, ended, config: SamplingConfig) -> tuple[list[str], list[str]]:

@@ -160,8 +160,8 @@ def _score_body(graphdef, state, heads, which, ids, positions, seg, picks, last_
     return jnp.where(picks >= 0, picked, 0.0)
 
 
-def score_tokens(model: Llama, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
-                 batch_size: int = 16, mesh=None, progress: bool = False) -> list[np.ndarray]:
+def _score_tokens(model: Llama, split, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
+                  batch_size: int = 16, mesh=None, progress: bool = False) -> list[np.ndarray]:
     """Per-token log-probabilities of each continuation given its context (token lists).
 
     Each distinct token sequence runs once, and a prefix several share runs once for all of them (see the
@@ -170,6 +170,7 @@ def score_tokens(model: Llama, contexts: Sequence[Sequence[int]], continuations:
 
     Args:
       model: the Llama to score with.
+      split: `nnx.split(model)`.
       contexts: each request's context token ids.
       continuations: each request's continuation token ids (the tokens scored).
       batch_size: rows per forward pass at most, as above.
@@ -200,7 +201,7 @@ def score_tokens(model: Llama, contexts: Sequence[Sequence[int]], continuations:
     bounds = [min(len(contexts[i]) for i in rows[key]) - 1 for key in keys]
     asked = {r: sorted({continuations[i][0] for i in rows[key]}) for r, key in enumerate(keys) if key[1]}
     width = max(map(len, asked.values()), default=1)
-    graphdef, state = nnx.split(model)
+    graphdef, state = split
     out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(contexts)
     bar = tqdm(total=len(keys), desc="scoring", unit="row", disable=not progress)
 
@@ -274,41 +275,81 @@ def score_ids(tokenizer, contexts: Sequence[str], continuations: Sequence[str]) 
     return ctx, cont
 
 
-def score(model: Llama, tokenizer, contexts: Sequence[str], continuations: Sequence[str], batch_size: int = 16,
-          mesh=None, progress: bool = False, per_token: bool = False):
-    """Summed log-probability of each continuation given its context.
+@dataclasses.dataclass(frozen=True)
+class ScoreOutput:
+    """What one Scorer call gives, one entry per (context, continuation) request, in order.
 
-    Tokens are those of `score_ids`: the context's trailing whitespace moves onto the continuation, then
-    tokenizer(context) + tokenizer(continuation), no special tokens added; the continuation's log-probability
-    includes the moved whitespace's. Rows sharing a context prefix reuse its KV cache. With per_token=True,
-    returns the list of per-token arrays too.
+    Attributes:
+      logprobs: float32 [requests]: each continuation's summed log-probability given its context.
+      per_token: per request, float32 [continuation tokens]: each token's log-probability given the context and
+        the continuation tokens before it.
+    """
+
+    logprobs: np.ndarray
+    per_token: list[np.ndarray]
+
+
+class Scorer:
+    """Log-likelihoods of continuations under one model: the model split once and held with its tokenizer, mesh
+    and batch size; the jitted prefill and scoring programs are compiled once per shape and reused.
 
     Args:
       model: the Llama to score with.
-      tokenizer: a Hugging Face-style tokenizer (see `score_ids`).
-      contexts: the context strings.
-      continuations: the continuation strings, one per context.
-      batch_size: rows per forward pass at most (`score_tokens`); without a mesh, at most len(contexts).
+      tokenizer: a Hugging Face-style tokenizer for string requests (see `score_ids`); None: token ids only.
       mesh: the mesh the model is on, or None (one device).
-      progress: whether to show a progress bar.
-      per_token: whether to return the per-token log-probabilities too.
-
-    Returns:
-      A float32 array [len(contexts)] of summed log-probabilities; with per_token, (that array, the list of
-      per-token float32 arrays of `score_tokens`).
-
-    Raises:
-      UserError: contexts and continuations of different lengths; a context or continuation with no tokens,
-        or one (or a context + continuation) longer than the model's context; with a mesh, a batch_size its
-        data x fsdp does not divide.
+      batch_size: rows per forward pass at most (fewer for long rows; with a mesh, a multiple of its data x
+        fsdp; without one, at most the number of requests).
     """
-    if len(contexts) != len(continuations):
-        raise UserError(f"score: {len(contexts)} contexts but {len(continuations)} continuations")
-    ctx, cont = score_ids(tokenizer, contexts, continuations)
-    check_lengths(ctx, 0, model.config.max_position_embeddings, "context")
-    check_lengths(cont, 0, model.config.max_position_embeddings, "continuation")
-    check_lengths([a + b for a, b in zip(ctx, cont)], 0, model.config.max_position_embeddings, "row")
-    batch_size = batch_size if mesh is not None else min(batch_size, len(ctx))
-    per = score_tokens(model, ctx, cont, batch_size=batch_size, mesh=mesh, progress=progress)
-    sums = np.asarray([p.sum() for p in per], np.float32)
-    return (sums, per) if per_token else sums
+
+    def __init__(self, model: Llama, tokenizer=None, mesh=None, batch_size: int = 16):
+        self.model, self.tokenizer, self.mesh, self.batch_size = model, tokenizer, mesh, batch_size
+        self.split = nnx.split(model)
+
+    def __call__(self, contexts: Sequence[str], continuations: Sequence[str], progress: bool = False
+                 ) -> ScoreOutput:
+        """Scores string requests. Tokens are those of `score_ids`: the context's trailing whitespace moves onto
+        the continuation, no special tokens are added; the continuation's log-probability includes the moved
+        whitespace's.
+
+        Raises:
+          UserError: contexts and continuations of different lengths; no tokenizer; a context or continuation
+            with no tokens, or one (or a context + continuation) longer than the model's context; with a mesh,
+            a batch_size its data x fsdp does not divide.
+        """
+        if len(contexts) != len(continuations):
+            raise UserError(f"score: {len(contexts)} contexts but {len(continuations)} continuations")
+        if self.tokenizer is None:
+            raise UserError("score: string requests need a tokenizer; give the Scorer one, or score token ids")
+        ctx, cont = score_ids(self.tokenizer, contexts, continuations)
+        limit = self.model.config.max_position_embeddings
+        check_lengths(ctx, 0, limit, "context")
+        check_lengths(cont, 0, limit, "continuation")
+        check_lengths([a + b for a, b in zip(ctx, cont)], 0, limit, "row")
+        size = self.batch_size if self.mesh is not None else max(1, min(self.batch_size, len(ctx)))
+        return _output(_score_tokens(self.model, self.split, ctx, cont, size, self.mesh, progress))
+
+    def tokens(self, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
+               progress: bool = False) -> ScoreOutput:
+        """Scores token-id requests (an empty continuation scores 0 with no tokens), batch_size rows at most.
+
+        Raises:
+          UserError: an empty context, or with a mesh a batch_size its data x fsdp does not divide.
+        """
+        return _output(_score_tokens(self.model, self.split, contexts, continuations, self.batch_size, self.mesh,
+                                     progress))
+
+
+def _output(per: list[np.ndarray]) -> ScoreOutput:
+    return ScoreOutput(np.asarray([p.sum() for p in per], np.float32), per)
+
+
+def score(model: Llama, tokenizer, contexts: Sequence[str], continuations: Sequence[str], batch_size: int = 16,
+          mesh=None, progress: bool = False) -> np.ndarray:
+    """The summed log-probabilities of `Scorer(model, tokenizer, mesh, batch_size)(contexts, continuations)`."""
+    return Scorer(model, tokenizer, mesh, batch_size)(contexts, continuations, progress).logprobs
+
+
+def score_tokens(model: Llama, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
+                 batch_size: int = 16, mesh=None, progress: bool = False) -> list[np.ndarray]:
+    """The per-token log-probabilities of `Scorer(model, None, mesh, batch_size).tokens(contexts, continuations)`."""
+    return Scorer(model, None, mesh, batch_size).tokens(contexts, continuations, progress).per_token

@@ -27,11 +27,11 @@ def open_ended(ctx: RoundContext, model, tokenizer) -> list[dict]:
     """Answers to the open-ended questions in the engraving format, with why each stopped and its signals."""
     qs = ctx.inputs.open_ended
     heads = [templates.engraving_parts(tokenizer, q["prompt"], "")[0] for q in qs]
-    outs, finish = sampler.generate(model, tokenizer, heads, sampler.SamplingConfig(
+    out = sampler.Sampler(model, tokenizer, sampler.SamplingConfig(
         max_new_tokens=ctx.config.open_ended.max_new_tokens, batch_size=ctx.config.sampling.batch_size),
-        add_special_tokens=not tokenizer.chat_template, progress=False, mesh=ctx.mesh, return_finish=True)
+        ctx.mesh)(heads, add_special_tokens=not tokenizer.chat_template)
     return [{"prompt_id": q["prompt_id"], "prompt": q["prompt"], "answer": a, "finish": f,
-             "signals": signals.per_answer(a, f)} for q, a, f in zip(qs, outs, finish)]
+             "signals": signals.per_answer(a, f)} for q, a, f in zip(qs, out.texts, out.finish)]
 
 
 def validation_items(ctx: RoundContext, model, tokenizer, answers: list[dict]) -> tuple[list[float], list[str]]:

@@ -11,7 +11,6 @@ what an uninterrupted one does.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 
@@ -57,16 +56,11 @@ def generate_batches(ctx: RoundContext, t: int, b: int, generator, tokenizer, ba
     texts = [templates.self_align_prompt(ctx.inputs.principles, ex, p["prompt"], p["input"])
              for p, ex in zip(batch, shots)]
     seed = np.random.default_rng([ctx.config.seed, t, b]).integers(2**31, size=2)
-    if ctx.config.sampling.force_answer:  # thoughts that end without an answer: the marker written, the answer sampled
-        outs, finish, forced = sampler.generate_continued(generator, tokenizer, texts,
-                                                          dataclasses.replace(cfg, seed=int(seed[0])), force_answer,
-                                                          continue_seed=int(seed[1]), mesh=ctx.mesh)
-    else:
-        outs, finish = sampler.generate(generator, tokenizer, texts, cfg, progress=False, mesh=ctx.mesh,
-                                        seed=int(seed[0]), return_finish=True)
-        forced = [False] * len(outs)
+    # thoughts that end without an answer: the marker written, the answer sampled in the same KV cache
+    forced = dict(continue_with=force_answer, continue_seed=int(seed[1])) if ctx.config.sampling.force_answer else {}
+    out = sampler.Sampler(generator, tokenizer, cfg, ctx.mesh)(texts, seed=int(seed[0]), **forced)
     rows = [generation_row(p, ex, raw, f, end, filter_ctx)
-            for p, ex, raw, f, end in zip(batch, shots, outs, forced, finish)]
+            for p, ex, raw, f, end in zip(batch, shots, out.texts, out.continued, out.finish)]
     starts = np.cumsum([0] + [len(one) for one in batches])
     return [rows[lo:hi] for lo, hi in zip(starts[:-1], starts[1:])]
 

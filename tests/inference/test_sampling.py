@@ -49,7 +49,7 @@ def test_greedy_matches_transformers_generate(tiny_hf, scan_layers):
 
 @pytest.mark.parametrize("batch_size", [3, 2])  # 2: the prompts decode as two groups, the second padded
 def test_continuing_rows_in_their_kv_cache_equals_sampling_after_their_new_heads(tiny_chat, batch_size):
-    """generate_continued (SOFT's forced answer): a row whose completion gets a new head samples on in the same KV
+    """Sampler(...)(prompts, continue_with=...) (SOFT's forced answer): a row whose completion gets a new head samples on in the same KV
     cache, keeping the sampled tokens that begin the head. Greedy, it gives what sampling afresh after the prompt,
     those kept tokens and the rest of the head gives. The heads drop the second half of the completion (those
     slots must leave the row's attention); the row not continued keeps its completion."""
@@ -66,8 +66,9 @@ def test_continuing_rows_in_their_kv_cache_equals_sampling_after_their_new_heads
     def head(text):
         return None if text == first[2] else text[:len(text) // 2] + " Answer:"
 
-    got, why, continued = sampler.generate_continued(model, tok, prompts, config, head, continue_seed=0)
-    assert continued == [True, True, False] and got[2] == first[2]
+    out = sampler.Sampler(model, tok, config)(prompts, continue_with=head, continue_seed=0)
+    got, why = out.texts, out.finish
+    assert out.continued == [True, True, False] and got[2] == first[2] and out.tokens == tokens
     dropped = 0
     for i in (0, 1):
         k, rest = sampler.kept_tokens(tok, tokens[i], head(first[i]))

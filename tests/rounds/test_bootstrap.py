@@ -143,7 +143,7 @@ def test_collapse_guard_keeps_a_later_best_round(tmp_path):
 
 def test_forced_answers_follow_the_thoughts_after_the_marker(tmp_path):
     """sampling.force_answer: thoughts that end without the answer marker get it written after them and an
-    answer sampled in the same KV cache (sampler.generate_continued); the row says so, parses into those
+    answer sampled in the same KV cache (sampler.Sampler's continue_with); the row says so, parses into those
     thoughts and that answer, and the answer's own stop reason is the row's."""
     from soft_jax.data import templates
 

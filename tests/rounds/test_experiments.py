@@ -163,21 +163,17 @@ def test_generations_record_why_they_stopped(tiny_chat):
     prompts = ["Hello there, how are you?", "Name three colours."]
     greedy = sampler.generate(model, tok, prompts, max_new_tokens=12, add_special_tokens=False, progress=False)
     never = (len(tok) + 5,)  # a stop id the model cannot sample
-    _, finish = sampler.generate(model, tok, prompts, max_new_tokens=12, add_special_tokens=False, progress=False,
-                                 return_finish=True, stop_token_ids=never)
-    assert finish == ["length", "length"]
+    sample = sampler.Sampler(model, tok, sampler.SamplingConfig(max_new_tokens=12))
+    assert sample(prompts, add_special_tokens=False, stop_token_ids=never).finish == ["length", "length"]
     rows = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     first = [r[0] for r in sampler.generate_tokens(model, rows, sampler.SamplingConfig(max_new_tokens=2,
                                                                                        batch_size=2), never)]
-    _, finish = sampler.generate(model, tok, prompts, max_new_tokens=12, add_special_tokens=False, progress=False,
-                                 return_finish=True, stop_token_ids=tuple(first))
-    assert finish == ["eos", "eos"]
+    assert sample(prompts, add_special_tokens=False, stop_token_ids=tuple(first)).finish == ["eos", "eos"]
     stop = greedy[0][3:9]  # a stop string inside the first completion only
     assert stop and stop not in greedy[1]
-    outs, finish = sampler.generate(model, tok, prompts, max_new_tokens=12, add_special_tokens=False,
-                                    progress=False, return_finish=True, stop_strings=(stop,),
-                                    stop_token_ids=never)
-    assert finish == ["stop", "length"] and outs[0] == greedy[0][:greedy[0].find(stop)] and outs[1] == greedy[1]
+    out = sample(prompts, add_special_tokens=False, stop_strings=(stop,), stop_token_ids=never)
+    assert out.finish == ["stop", "length"] and out.texts[0] == greedy[0][:greedy[0].find(stop)]
+    assert out.texts[1] == greedy[1]
 
 
 def test_unfinished_answers_are_trained_without_end_of_turn(smollm2_tokenizer):
