@@ -51,7 +51,8 @@ def inspect(path_or_name: str, dtype: str = "float32", param_dtype: str | None =
 
 def load(path_or_name: str, dtype: str = "float32", mesh=None, param_dtype: str | None = None,
          rules=shd.DEFAULT_RULES, progress: bool = True, scan_layers: bool = False, quant: str = "none"):
-    """(model, tokenizer) from an HF checkpoint directory, a .gguf file, or 'smollm2-135m'.
+    """(model, tokenizer) from an HF checkpoint directory, a .gguf file, 'smollm2-135m', or an HF PEFT LoRA adapter
+    directory (the base it names, with the adapters); each may be local or gs://.
 
     dtype: compute dtype; param_dtype: storage dtype (default: dtype). With a mesh, each parameter
     is placed straight onto its sharding. scan_layers: store the layers stacked and run them as one scan
@@ -75,6 +76,12 @@ def load(path_or_name: str, dtype: str = "float32", mesh=None, param_dtype: str 
     Raises:
         UserError: As `inspect` does, and when the weights do not match the config.
     """
+    from soft_jax.models import lora
+
+    if lora.is_peft_dir(path_or_name):  # the base first; the adapters copy it, then the copy is placed
+        base, tokenizer = load(lora.peft_base(path_or_name), dtype, None, param_dtype, rules, progress, scan_layers,
+                               quant)
+        return shard_model(lora.load_peft(base, path_or_name), mesh, rules), tokenizer
     source, cfg, tokenizer = inspect(path_or_name, dtype, param_dtype, scan_layers, quant)
     return build(source, cfg, mesh=mesh, rules=rules, progress=progress), tokenizer
 

@@ -104,6 +104,8 @@ def test_peft_loads_the_exported_adapter_with_our_logits(tiny_hf, tmp_path):
     reference = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").float().eval()
     with_adapter = peft.PeftModel.from_pretrained(reference, out).eval()
     assert_same_logits(ours, torch_logits(with_adapter, ids))
+    loaded, tokenizer = models.load(out, progress=False)  # the adapter directory: the base it names + adapters
+    np.testing.assert_array_equal(np.asarray(loaded(jnp.asarray(ids))), ours)
     models.export_hf(tuned, None, str(tmp_path / "merged"))
     merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"),
                                                                attn_implementation="eager").float().eval()
