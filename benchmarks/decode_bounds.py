@@ -22,7 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # soft_jax from a checkout
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py
 
-from common import in_fresh_processes  # noqa: E402
+from common import in_fresh_processes
 
 CASES = tuple((model, where) for model in ("llama2-7b", "llama3-8b") for where in ("v5e-64", "v4-32", "v5p-8"))
 ROWS_PER_REPLICA = 64
@@ -31,9 +31,8 @@ JETSTREAM_PER_CHIP = 3975 / 8  # JetStream (JAX) Llama-2-7B on v5e-8, tensor par
 
 def case(model: str, where: str) -> list[dict]:
     from soft_jax.models import presets
-    from soft_jax.parallel import hlo
+    from soft_jax.parallel import hlo, topology
     from soft_jax.parallel import sharding as shd
-    from soft_jax.parallel import topology
     from soft_jax.scale import plan
 
     cfg = presets.architecture(model, "bfloat16", "bfloat16")

@@ -29,11 +29,11 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import cpu_model  # noqa: E402
+from common import cpu_model
 
-from soft_jax import evaluation, models  # noqa: E402
-from soft_jax.inference import scorer  # noqa: E402
-from soft_jax.models.checkpoint import smollm2_path  # noqa: E402
+from soft_jax import evaluation, models
+from soft_jax.inference import scorer
+from soft_jax.models.checkpoint import smollm2_path
 
 MIXED = (("hhh", "dromedary"), ("hhh", "loglik"), ("truthfulqa_mc1", "dromedary"), ("truthfulqa_mc2", "dromedary"))
 
@@ -128,7 +128,8 @@ def main():
     n = len(pairs)
     print(f"transformers: {n / seconds:6.1f} requests/s ({seconds:.1f} s), batch {args.batch}")
     for name, t in (("cold", cold["first"]), ("cached", cached["first"]), ("warm", cached["warm"])):
-        print(f"soft-jax {name:6s}: {n / t:6.1f} requests/s ({t:.1f} s); ratio soft-jax / transformers {seconds / t:.2f}x")
+        print(f"soft-jax {name:6s}: {n / t:6.1f} requests/s ({t:.1f} s); "
+              f"ratio soft-jax / transformers {seconds / t:.2f}x")
     print(f"largest |log p difference|: {np.max(np.abs(ours - ref)):.2e} (summed continuation log-probabilities); "
           f"cold and cached runs equal: {np.array_equal(ours, np.asarray(cold['logps']))}")
 

@@ -26,11 +26,11 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from sampling import decode_only  # noqa: E402
+from sampling import decode_only
 
-from soft_jax import training  # noqa: E402
-from soft_jax.models import presets  # noqa: E402
-from soft_jax.models.llama import init_random  # noqa: E402
+from soft_jax import training
+from soft_jax.models import presets
+from soft_jax.models.llama import init_random
 
 # Peak HBM bandwidth, bytes/s (vendor figures): the bound batch-1 decode is measured against.
 HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.04e12, "L4": 0.3e12, "TPU v5 lite": 0.819e12,
@@ -54,7 +54,8 @@ def sft(batch: int, seq: int, steps: int, layers: int | None = None) -> None:
                                   learning_rate=1e-5, warmup_steps=0, remat=True)
     trainer = training.Trainer(model, config, total_steps=steps + 2)
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(batch, seq + 1)).astype(np.int32)
-    rows = training.loss_rows({"inputs": ids[:, :-1], "targets": ids[:, 1:], "weights": np.ones((batch, seq), np.float32),
+    rows = training.loss_rows({"inputs": ids[:, :-1], "targets": ids[:, 1:],
+                               "weights": np.ones((batch, seq), np.float32),
                                "segment_ids": np.ones((batch, seq), np.int32),
                                "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1))}, seq)
     times = []
@@ -68,8 +69,9 @@ def sft(batch: int, seq: int, steps: int, layers: int | None = None) -> None:
     tflops = tokens * training.flops_per_token(model, seq) / per_step / 1e12
     peak = training.peak_flops()
     mfu = f", MFU {100 * tflops * 1e12 / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s" if peak else ""
-    print(f"sft: Llama-3.2-1B shape, {cfg.num_layers} layers ({cfg.num_params / 1e9:.2f}B params), bf16 compute / f32 master, remat, "
-          f"batch {batch} x {seq}: {per_step:.3f} s/step (median of {steps}), {tokens / per_step:,.0f} tokens/s, "
+    print(f"sft: Llama-3.2-1B shape, {cfg.num_layers} layers ({cfg.num_params / 1e9:.2f}B params), "
+          f"bf16 compute / f32 master, remat, batch {batch} x {seq}: {per_step:.3f} s/step (median of {steps}), "
+          f"{tokens / per_step:,.0f} tokens/s, "
           f"{tflops:.1f} TFLOP/s{mfu} (loss {loss:.3f})")
 
 
@@ -80,10 +82,10 @@ def decode(new_tokens: int, layers: int | None = None, prompt_len: int = 64) -> 
     weights = cfg.num_params * 2
     kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2 * (prompt_len + new_tokens / 2)  # mean per step
     bandwidth = device_figure(HBM_BYTES_PER_S)
-    bound = f", the HBM bound {bandwidth / (weights + kv):,.0f} tokens/s: {100 * rate * (weights + kv) / bandwidth:.0f}% " \
-            f"of {bandwidth / 1e12:.2f} TB/s" if bandwidth else ""
-    print(f"decode: Llama-3.2-1B shape, {cfg.num_layers} layers, bf16, batch 1, {new_tokens} new tokens after {prompt_len}: {rate:,.1f} "
-          f"tokens/s ({(weights + kv) / 1e9:.2f} GB read per token){bound}")
+    bound = (f", the HBM bound {bandwidth / (weights + kv):,.0f} tokens/s: "
+             f"{100 * rate * (weights + kv) / bandwidth:.0f}% of {bandwidth / 1e12:.2f} TB/s") if bandwidth else ""
+    print(f"decode: Llama-3.2-1B shape, {cfg.num_layers} layers, bf16, batch 1, {new_tokens} new tokens after "
+          f"{prompt_len}: {rate:,.1f} tokens/s ({(weights + kv) / 1e9:.2f} GB read per token){bound}")
 
 
 def main():

@@ -13,7 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # soft_jax from a checkout
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py
 
-from common import markdown_table  # noqa: E402
+from common import markdown_table
 
 MESHES = ("gpu", "tpu-host", "v4-32", "v5e-64")
 

@@ -17,7 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # soft_jax from a checkout
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # common.py
 
-from common import in_fresh_processes, markdown_table  # noqa: E402
+from common import in_fresh_processes, markdown_table
 
 # (model, target, mesh): FSDP over every device, as launch/tpu_pod.sh runs a slice.
 CASES = tuple((model, where, mesh) for model in ("llama2-7b", "llama3-8b")
@@ -33,14 +33,14 @@ def compare_row(model: str, where: str, mesh_shape, param_dtype="bfloat16") -> d
     from soft_jax.scale import memory, plan
 
     cfg = presets.architecture(model, param_dtype, "bfloat16")
-    log = lambda name: print(f"# {model} {where}: {name}", file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda name: print(f"# {model} {where}: {name}", file=sys.stderr, flush=True)
     tgt = plan.target(gpu_target="h100", gpus=math.prod(mesh_shape)) if where == "h100" else plan.target(tpu=where)
     mesh = shd.make_mesh(mesh_shape, tgt.devices)
     shapes, kwargs = plan.table_shapes(mesh_shape)
     programs = {p.name: p for p in plan.compile_run(cfg, shapes, mesh, progress=log)}
     est = memory.estimate(cfg, mesh_shape=dict(mesh.shape), **kwargs)
     train, generate = programs["train_step"].total, max(programs[n].total for n in GENERATION)
-    g = lambda n: f"{n / plan.GiB:.1f}"  # noqa: E731
+    g = lambda n: f"{n / plan.GiB:.1f}"
     return {"model": model, "params": "bf16" if param_dtype == "bfloat16" else "f32", "target": where,
             "mesh (data, fsdp, tensor)": str(tuple(mesh_shape)), "device GiB": g(tgt.device_bytes),
             "train: compiled": g(train), "estimate": g(est["train_total"]),

@@ -28,11 +28,11 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import soft_prompts  # noqa: E402
+from common import soft_prompts
 
-from soft_jax import models  # noqa: E402
-from soft_jax.inference import engine, sampler  # noqa: E402
-from soft_jax.models.checkpoint import smollm2_path  # noqa: E402
+from soft_jax import models
+from soft_jax.inference import engine, sampler
+from soft_jax.models.checkpoint import smollm2_path
 
 NEVER = (-1,)  # a stop id no token has: every row generates exactly max_new_tokens
 

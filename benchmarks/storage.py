@@ -30,8 +30,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
-from common import cpu_model, markdown_table  # noqa: E402
-
+from common import cpu_model, markdown_table  # noqa: E402 - beside this file (sys.path above)
 from helpers import GCSServer  # noqa: E402 - the tests' GCS server (fake-gcs-server binary from the test extra)
 
 

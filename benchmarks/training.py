@@ -99,7 +99,7 @@ def time_hf(rows, steps):
 def round_bench():
     """benchmarks/round.py as a module (its reference pipeline, cache path and helpers)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import round as bench  # noqa: E402 - benchmarks/round.py
+    import round as bench
 
     return bench
 
@@ -125,7 +125,7 @@ def read_pairs(path):
 
 def exemplar_pairs():
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from common import EXEMPLARS  # noqa: E402
+    from common import EXEMPLARS
 
     return [(q, a, True) for q, _, a in EXEMPLARS]
 
@@ -257,7 +257,7 @@ def data_main(args):
 
     bench = round_bench()
     try:
-        import datasets  # noqa: F401
+        import datasets  # noqa: F401 - a missing reference dependency stops here, with one line
         import trl
     except ImportError as e:
         fail(f"--data needs TRL and datasets ({e}); install them (see the README's benchmark line)")

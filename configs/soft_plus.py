@@ -7,7 +7,8 @@ Across rounds, prompts go easy to hard by their perplexity under the base model 
 (every round keeps the pool's category mix, so the order is not a topic order); within a round the kept
 pairs are trained in order of response perplexity under the current model (easy first, no shuffling).
 Claim 2 (docs/method.md) compares this with configs/soft.py: the two differ only in curriculum.order and
-curriculum.across_rounds (tests/rounds/test_experiments.py::test_each_claims_configs_differ_only_in_its_knobs checks it).
+curriculum.across_rounds (tests/rounds/test_experiments.py::test_each_claims_configs_differ_only_in_its_knobs
+checks it).
 """
 
 from soft_jax.experiment.config import sibling

@@ -3,7 +3,8 @@
     soft-jax run --config configs/tiny.py --workdir runs/tiny
 
 The tests' base config. A random model writes no "Assistant:" marker, so require_marker is off and
-every completion counts as an answer (cut by the token limit, citing no principle); the numbers mean nothing, the artifacts and the flow are real.
+every completion counts as an answer (cut by the token limit, citing no principle); the numbers mean nothing, the
+artifacts and the flow are real.
 """
 
 from soft_jax.experiment.config import base

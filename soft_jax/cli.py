@@ -469,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="bring your own prompts: import a dataset as a prompt pool; check for "
                                     "benchmark contamination")
-    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="{import,check,tasks}", parser_class=_Parser)
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="{import,check,tasks}",
+                                parser_class=_Parser)
     p = data_sub.add_parser("import", help="the first user turn of each conversation -> a JSONL prompt pool "
                                            "(deduplicated, counted)")
     p.add_argument("--format", required=True, choices=["sharegpt", "dolly", "oasst", "alpaca", "jsonl"])
@@ -547,7 +548,7 @@ def main(argv=None) -> int:
                 f"{_again(argv)}") if words[:1] in (["run"], ["sweep"]) else ""
         print(f"soft-jax: interrupted{hint}", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - a full disk is the user's to fix; anything else is a bug
+    except Exception as e:
         full = _disk_full(e)
         if full is None:
             raise

@@ -7,7 +7,8 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from soft_jax.core import storage
 from soft_jax.core.errors import UserError

@@ -9,7 +9,7 @@ defaults from them, changing only what the method sets for a run: docs/method.md
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 from soft_jax.core.errors import UserError
 

@@ -12,7 +12,7 @@ import hashlib
 import itertools
 import math
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -12,7 +12,7 @@ import dataclasses
 import difflib
 import re
 import zlib
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from soft_jax.data import Exemplar
 from soft_jax.data.templates import ANSWER, THOUGHTS, USER

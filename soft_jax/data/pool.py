@@ -26,7 +26,8 @@ import json
 import os
 import tempfile
 import unicodedata
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from soft_jax.core import storage
 from soft_jax.core.errors import UserError

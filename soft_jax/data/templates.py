@@ -25,7 +25,7 @@ no principles, no exemplars, no thoughts.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from soft_jax.data import Exemplar
 

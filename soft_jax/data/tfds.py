@@ -125,7 +125,7 @@ def _define_builders(tfds):
         name = "soft_jax_truthfulqa"
 
         def _info(self):
-            targets = lambda: tfds.features.FeaturesDict({  # noqa: E731
+            targets = lambda: tfds.features.FeaturesDict({
                 "choices": tfds.features.Sequence(text()),
                 "labels": tfds.features.Sequence(tfds.features.Scalar(dtype=np.int32))})
             return tfds.core.DatasetInfo(

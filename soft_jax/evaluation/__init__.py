@@ -14,7 +14,7 @@ code has no MC2, so that one is this project's construction, and its results say
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

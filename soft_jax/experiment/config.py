@@ -12,7 +12,7 @@ import dataclasses
 import importlib.util
 import json
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import ml_collections
 
@@ -155,7 +155,7 @@ def _import(path: str):
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
-    except Exception as e:  # a broken config file is the user's to fix
+    except Exception as e:  # noqa: BLE001 - a broken config file is the user's to fix
         raise UserError(f"--config {path}: the file fails to import ({type(e).__name__}: {e})") from None
     return module
 

@@ -12,7 +12,7 @@ whose last round is redone) recomputes it from the rounds' eval.json files inste
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from soft_jax.experiment import signals, stats
 

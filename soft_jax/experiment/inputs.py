@@ -83,7 +83,7 @@ def prompt_tokens(config: ml_collections.ConfigDict, inputs: Inputs, tokenizer) 
     """(the longest self-align prompt, the tokens a sampling batch shares) in tokens: the principles and the k
     longest exemplars, and the pool's longest prompt; a batch shares the principles (per-prompt exemplars) or
     the principles and its exemplars (per-batch)."""
-    count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
     longest = sorted(inputs.exemplars, key=lambda e: -len(templates.exemplar_block(e)))[:config.exemplars.k]
     head = count(templates.prefix(inputs.principles, longest))
     prompt = head + max(count(templates.user_turn(p["prompt"], p["input"])) for p in inputs.pool) + 16

@@ -30,7 +30,7 @@ import numbers
 import os
 import struct
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 from soft_jax.core import io_utils, storage
 
@@ -67,7 +67,7 @@ def _tensorboardx():
     if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
         sys.modules["torch"] = None  # import torch -> ImportError, which tensorboardX handles
         try:
-            import tensorboardX  # noqa: F401
+            import tensorboardX
         finally:
             del sys.modules["torch"]
     import tensorboardX

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import ml_collections
 

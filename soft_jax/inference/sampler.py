@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +22,18 @@ from tqdm.auto import tqdm
 
 from soft_jax.core.errors import UserError
 from soft_jax.core.settings import SamplingConfig
-from soft_jax.inference.engine import (Batcher, DecodeState, bucket, check_lengths, decode, left_pad, prefill,
-                                       prefill_shared_prefix, shared_len, stop_ids)
+from soft_jax.inference.engine import (
+    Batcher,
+    DecodeState,
+    bucket,
+    check_lengths,
+    decode,
+    left_pad,
+    prefill,
+    prefill_shared_prefix,
+    shared_len,
+    stop_ids,
+)
 from soft_jax.models.llama import KVCache, Llama
 from soft_jax.parallel.distributed import to_host
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +21,17 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from soft_jax.core.errors import UserError
-from soft_jax.inference.engine import (MIN_SHARED_PREFIX, Batcher, bucket, check_lengths, common_prefix_len, left_pad,
-                                       prefill, prefill_shared_prefix, shared_len)
+from soft_jax.inference.engine import (
+    MIN_SHARED_PREFIX,
+    Batcher,
+    bucket,
+    check_lengths,
+    common_prefix_len,
+    left_pad,
+    prefill,
+    prefill_shared_prefix,
+    shared_len,
+)
 from soft_jax.models.llama import KVCache, Llama
 from soft_jax.parallel import sharding as shd
 from soft_jax.parallel.distributed import to_host

@@ -163,9 +163,9 @@ class GGUFSource:
         self.path = path
         try:
             self.reader = gguf.GGUFReader(path)
-        except Exception as e:  # gguf raises ValueError/struct errors/IndexError on bad files
+        except Exception as e:  # noqa: BLE001 - gguf raises ValueError, struct errors, IndexError on bad files
             raise UserError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); "
-                            "re-download it or convert the checkpoint with llama.cpp's convert_hf_to_gguf.py")
+                            "re-download it or convert the checkpoint with llama.cpp's convert_hf_to_gguf.py") from None
         self.fields = {k: f.contents() for k, f in self.reader.fields.items()
                        if not k.startswith("tokenizer.ggml.") or k.endswith("_id")}
         self.arch = self.fields.get("general.architecture")
@@ -207,7 +207,8 @@ class GGUFSource:
                 eos_token_id=f.get("tokenizer.ggml.eos_token_id"),
             )
         except KeyError as e:
-            raise UserError(f"{self.path}: GGUF metadata lacks {e.args[0]}; the file is incomplete, re-convert it")
+            raise UserError(f"{self.path}: GGUF metadata lacks {e.args[0]}; the file is incomplete, re-convert it"
+                            ) from None
         if f.get(f"{a}.rope.scaling.type") == "linear":
             kw["rope_scaling"] = (("factor", float(f[f"{a}.rope.scaling.factor"])), ("rope_type", "linear"))
         kw.update(overrides)

@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from soft_jax.core.errors import UserError
-from soft_jax.core.settings import DTYPES  # noqa: F401 - soft_jax.models.config.DTYPES: one list, configs check it too
+from soft_jax.core.settings import DTYPES
 
 # model_type -> (HF architecture class name, q/k/v bias, output-projection bias)
 ARCHITECTURES = {
@@ -84,7 +84,7 @@ class ModelConfig:
     # --- HF config.json -------------------------------------------------------------------------
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any], where: str = "config.json", **overrides) -> "ModelConfig":
+    def from_hf(cls, hf: dict[str, Any], where: str = "config.json", **overrides) -> ModelConfig:
         """Reads both config.json layouts: top-level rope_theta/rope_scaling and transformers-5 rope_parameters."""
         model_type = hf.get("model_type")
         if model_type not in ARCHITECTURES:

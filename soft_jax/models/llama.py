@@ -33,7 +33,8 @@ ROWS = (BATCH, LENGTH, EMBED)  # the residual stream [B, T, hidden]
 class Adapter(nnx.Module):
     """A LoRA adapter beside a frozen kernel: x @ a @ b * scale, a [in, rank] and b [rank, out] (nnx.LoRAParam; with
     stacked layers each has the leading "layers" axis). `a` splits like the kernel's input axis, `b` like its
-    output axis, and the rank axis over fsdp where that axis is still free (b; a of down_proj, whose input is mlp). A @ B is never formed: two thin matmuls cost rank x (in + out) per token."""
+    output axis, and the rank axis over fsdp where that axis is still free (b; a of down_proj, whose input is mlp).
+    A @ B is never formed: two thin matmuls cost rank x (in + out) per token."""
 
     # LoRA dropout, switched on for one training forward by soft_jax.models.lora.set_dropout: the rate, and
     # DropoutKeys of per-row key data [rows, 2]. Off (rate 0, no keys) everywhere else: generation, scoring, export.

@@ -46,7 +46,7 @@ def from_gguf(path: str, fields: dict):
         config[name] = tokenizer_dict["tokens"][token_id] if token_id is not None else None
     try:
         backend, extra = convert_gguf_tokenizer(fields["general.architecture"], tokenizer_dict)
-    except Exception as e:  # the converter raises assorted errors for vocabularies it does not know
+    except Exception as e:  # noqa: BLE001 - the converter raises assorted errors for vocabularies it does not know
         raise UserError(f"{path}: cannot build a tokenizer from the GGUF metadata ({type(e).__name__}: {e}); "
                         "pass an HF checkpoint directory with tokenizer files instead") from None
     return PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)

@@ -178,7 +178,7 @@ def parameter_gathers(t: Traffic, param_shapes, in_loop: bool = True) -> list[Co
     inside loops only, or
     anywhere (`in_loop=False`: XLA may hoist a loop-invariant gather out of the loop, holding the gathered
     weights for the whole call instead)."""
-    squeeze = lambda dims: tuple(d for d in dims if d != 1)  # noqa: E731 - TPU gathers a layer as [1, in, out]
+    squeeze = lambda dims: tuple(d for d in dims if d != 1)  # TPU gathers a layer as [1, in, out]
     shapes = {squeeze(s) for s in param_shapes}
     return [c for c in t.collectives if (c.in_loop or not in_loop) and c.kind == "all-gather"
             and any(squeeze(dims) in shapes for _, dims in array_dims(c.shape))]

@@ -18,7 +18,7 @@ import contextlib
 import contextvars
 import functools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -114,7 +114,7 @@ def named_sharding(axes, shape, mesh: Mesh | None, rules=DEFAULT_RULES):
     return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _copy_to(sharding, dtype):
     return jax.jit(lambda x: x if dtype is None or not jnp.issubdtype(x.dtype, jnp.floating) else x.astype(dtype),
                    out_shardings=sharding)

@@ -8,7 +8,7 @@ measures and in which unit (`ylabel`); y axes show plain values, never an offset
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 ROUND_LABEL = "round (0 = base model)"
 

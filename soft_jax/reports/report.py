@@ -28,7 +28,9 @@ DIFFICULTY_UNITS = {"response_ppl": "response perplexity", "prompt_ppl": "prompt
 
 
 def _rows(path: str) -> list[dict]:
-    return [json.loads(line) for line in storage.read_text(path).split("\n") if line.strip()] if storage.exists(path) else []
+    if not storage.exists(path):
+        return []
+    return [json.loads(line) for line in storage.read_text(path).split("\n") if line.strip()]
 
 
 def _load(workdir: str):
@@ -182,12 +184,13 @@ def round_table(metrics: list[dict], metric: str, tasks: str = "", comparisons: 
              ("open_truncation_rate", "truncated answers")]
     opens = [(k, h) for k, h in opens if any(k in r for r in metrics)]
     shown = [r for r in metrics if r.get("phase") == "generate" and "exemplars_shown" in r]
-    head = ["round", "prompts", "kept", "dropped", "cut by length", *(["exemplars / principles shown"] if shown else []),
+    head = ["round", "prompts", "kept", "dropped", "cut by length",
+            *(["exemplars / principles shown"] if shown else []),
             "difficulty", "train loss", metric, "vs best [interval]" if comparisons is not None else None,
             *(f"{k} ({protocol})" if protocol else k for k in names), *(h for _, h in opens)]
     head = [h for h in head if h is not None]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    num = lambda row, k: "n/a" if k in row.get("unavailable", ()) else f"{row[k]:.4f}" if k in row else "-"  # noqa: E731
+    num = lambda row, k: "n/a" if k in row.get("unavailable", ()) else f"{row[k]:.4f}" if k in row else "-"
     for t in sorted(k for k in by if k is not None):
         ph = by[t]
         gen, cur = (ph.get("generate") or [{}])[0], (ph.get("curriculum") or [{}])[0]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -221,7 +221,7 @@ class Run:
         return [cached["difficulty"][p["prompt_id"]] for p in self.inputs.pool]
 
     def generate(self, t: int, generator, tokenizer, prompts: list[dict], label: str) -> list[dict]:
-        about = lambda: {"generator": label, "generator_checksum": checksum(generator)}  # noqa: E731 - when run
+        about = lambda: {"generator": label, "generator_checksum": checksum(generator)}  # when run
         rows = self.wd.phase(self.wd.round_file(t, "generations.jsonl"),
                              lambda: selfalign.generate(self.context, t, self.on_generation_mesh(generator), tokenizer,
                                                         prompts, about()),

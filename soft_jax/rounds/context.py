@@ -6,7 +6,7 @@ a test runs a phase from a context it builds itself, with no `Run` and no work d
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import ml_collections
 from jax.sharding import Mesh

@@ -8,7 +8,7 @@ before any generation: the across-rounds curriculum).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -34,7 +34,7 @@ def plan_run(config, where: plan.Target, log=print) -> list[plan.Program]:
         f"mesh {dict(mesh.shape)}"
         + (f", generation and scoring on mesh {dict(gen_mesh.shape)}" if gen_mesh is not None else "")
         + f"; prompts of {prompt} tokens ({shared} shared), counted with {counted}")
-    progress = lambda name: log(f"[plan] compiling {name} ...")  # noqa: E731
+    progress = lambda name: log(f"[plan] compiling {name} ...")
     if gen_shape is None and chip is not None:  # as a run chooses: plan's best generation mesh that fits
         gen_mesh, programs = plan.fit_generation_mesh(cfg, shapes, mesh, plan.generation_candidates(
             config, cfg, shapes, mesh, chip, where.device_bytes), where.device_bytes, inputs.train_config(config), log,

@@ -11,7 +11,7 @@ evaluation (bootstrap.run(..., round0_from=...)); the copy is what its own evalu
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from soft_jax.core import storage
 from soft_jax.core.errors import UserError

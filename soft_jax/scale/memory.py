@@ -25,7 +25,7 @@ The numbers follow what soft_jax does today, not an ideal implementation:
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from soft_jax.core.errors import UserError
 from soft_jax.models.config import ModelConfig
@@ -217,7 +217,7 @@ def device_memory() -> int | None:
         return None
     try:
         stats = device.memory_stats() or {}
-    except Exception:  # some backends do not implement memory_stats
+    except Exception:  # noqa: BLE001 - some backends do not implement memory_stats
         return None
     limit = stats.get("bytes_limit")
     return int(limit) if limit else None

@@ -26,7 +26,7 @@ import math
 import os
 import re
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -87,7 +87,7 @@ class Shapes:
     extra_slots: int = 0  # cache slots past the sampled tokens (a forced answer's marker and answer)
 
     @classmethod
-    def of_run(cls, config, prompt_tokens: int, prefix_tokens: int) -> "Shapes":
+    def of_run(cls, config, prompt_tokens: int, prefix_tokens: int) -> Shapes:
         """The shapes `soft-jax run` uses for `config` (soft_jax.experiment.config.base() keys), with sampling's
         buckets.
 
@@ -164,7 +164,7 @@ def generation_state(cfg: ModelConfig, state):
     stored, compute = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
     if compute.itemsize >= stored.itemsize:
         return state
-    cast = lambda x: jax.ShapeDtypeStruct(x.shape, compute if jnp.issubdtype(x.dtype, jnp.floating)  # noqa: E731
+    cast = lambda x: jax.ShapeDtypeStruct(x.shape, compute if jnp.issubdtype(x.dtype, jnp.floating)
                                           else x.dtype)
     # parameters only: a quantized kernel's float scales keep their dtype, as sharding.reshard keeps them
     return jax.tree.map(lambda v: jax.tree.map(cast, v) if isinstance(v, nnx.Param) else v, state,
@@ -381,7 +381,7 @@ def mlp_tokens(program: Program, cfg: ModelConfig, mesh) -> int:
 def expected_tokens(name: str, shapes: Shapes, mesh) -> int:
     """The tokens per device `mlp_tokens` should find: the program's rows split over data x fsdp."""
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    share = lambda rows: rows // dp if rows % dp == 0 else rows  # noqa: E731
+    share = lambda rows: rows // dp if rows % dp == 0 else rows
     return {"train_step": share(shapes.train_rows) * shapes.row_len,
             "prefix_prefill": share(shapes.prefix_groups) * shapes.prefix_len,
             "prefill": share(shapes.sample_rows) * shapes.own_len, "decode": share(shapes.sample_rows),
@@ -467,7 +467,7 @@ def propose_generation_mesh(cfg: ModelConfig, shapes: Shapes, devices, chip, dev
 
 def bounds_table(rows: Sequence[tuple[str, DecodeBound]]) -> str:
     """Markdown: per generation layout, what a decode step reads, computes and receives per chip, its bound."""
-    mib = lambda n: f"{n / 2**20:,.0f}"  # noqa: E731
+    mib = lambda n: f"{n / 2**20:,.0f}"
     lines = ["| decode on | weights read MiB | KV cache MiB | GFLOP | collectives MiB | step >= ms | limited by | "
              "tokens/s per chip <= | reshard >= s |", "|" + "---|" * 9]
     for name, b in rows:
@@ -496,8 +496,8 @@ def traffic(program: Program) -> hlo.Traffic | None:
 def programs_table(programs: Sequence[Program], device_bytes: int | None) -> str:
     """Markdown: per program and device, GiB of each part, the total against the device, the MiB its
     collectives bring each device per loop iteration (a decode step) and once per call, compile seconds."""
-    g = lambda n: f"{n / GiB:.2f}"  # noqa: E731
-    mib = lambda n: f"{n / 2**20:,.1f}"  # noqa: E731
+    g = lambda n: f"{n / GiB:.2f}"
+    mib = lambda n: f"{n / 2**20:,.1f}"
     lines = ["| program | compiled for | arguments | outputs | donated | temporaries | code | resident | total | "
              "collectives MiB per step | per call | fits | compile s |", "|" + "---|" * 13]
     for p in programs:

@@ -16,7 +16,7 @@ import hashlib
 import json
 import math
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from soft_jax.core import faults, preemption
 from soft_jax.core.errors import UserError
-from soft_jax.core.settings import TrainConfig  # noqa: F401 - soft_jax.training.TrainConfig is the API
+from soft_jax.core.settings import TrainConfig
 from soft_jax.data.templates import engraving_parts
 from soft_jax.models.llama import Llama
 from soft_jax.models.quant import Quantized
@@ -288,7 +288,7 @@ def make_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
                                               config.learning_rate * config.end_lr_ratio)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _direction(max_grad_norm: float, b1: float, b2: float, eps: float, weight_decay: float):
     """AdamW without its learning rate (clip, Adam moments, decoupled decay). The learning rate is an
     argument of the step, so one compiled step serves every schedule (every round of a run)."""

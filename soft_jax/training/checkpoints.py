@@ -17,7 +17,6 @@ import orbax.checkpoint as ocp
 from soft_jax.core import faults, storage
 from soft_jax.core.errors import UserError
 
-
 # Orbax's OCDBT data files are written in parallel, one upload each on a bucket: at its defaults (2 GiB on disk,
 # 400 MiB on GCS) a round checkpoint of a small model is one or two files written one after the other.
 # benchmarks/storage.py measures the difference on both.

@@ -191,7 +191,8 @@ def test_plan_bad_input(extra, needle):
 
 
 def test_the_tests_compilation_cache_is_pruned_least_recently_read_first(tmp_path):
-    """compile_cache.prune (the tests' cache, pruned by conftest): past the limit, the least recently read entries go until half of it is left."""
+    """compile_cache.prune (the tests' cache, pruned by conftest): past the limit, the least recently read entries go
+    until half of it is left."""
     for i in range(6):  # 100 bytes each; read last at 1000 + 5i mod 6: e0 longest ago, then e5, e4, ...
         (tmp_path / f"e{i}").write_bytes(b"x" * 100)
         os.utime(tmp_path / f"e{i}", (1000 + (i * 5) % 6, 1000))
@@ -214,8 +215,9 @@ def test_commands_keep_a_persistent_compilation_cache(tiny_chat, tmp_path):
     for switch, cache, extra in (("1", tmp_path / "on", {}), ("0", tmp_path / "off", {}),
                                  ("1", tmp_path / "tiny", {"JAX_COMPILATION_CACHE_MAX_SIZE": "1"})):
         proc = run_cli("generate", "--model", tiny_chat, "--prompts", str(prompts),
-                       "--out", str(tmp_path / f"{cache.name}.jsonl"), "--max-new-tokens", "4", env=dict(JAX_COMPILATION_CACHE_DIR="", SOFT_JAX_CACHE=str(cache),
-                                                         SOFT_JAX_COMPILE_CACHE=switch, **extra))
+                       "--out", str(tmp_path / f"{cache.name}.jsonl"), "--max-new-tokens", "4",
+                       env=dict(JAX_COMPILATION_CACHE_DIR="", SOFT_JAX_CACHE=str(cache), SOFT_JAX_COMPILE_CACHE=switch,
+                                **extra))
         assert proc.returncode == 0, proc.stderr[-2000:]
         stored = os.listdir(cache / "jax") if (cache / "jax").is_dir() else []
         programs = [f for f in stored if f.endswith("-cache")]

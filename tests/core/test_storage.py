@@ -70,7 +70,7 @@ def test_a_kill_before_the_compose_loses_only_that_line(bucket, tmp_path):
 def test_a_kill_during_a_write_leaves_the_old_object(bucket):
     path = f"{bucket}/run/state.json"
     io_utils.write_json(path, {"v": "old"})
-    code = "from soft_jax.core import io_utils; io_utils.write_json(%r, {'v': 'new' * 1000})" % path
+    code = f"from soft_jax.core import io_utils; io_utils.write_json({path!r}, {{'v': 'new' * 1000}})"
     p = subprocess.run([sys.executable, "-c", code], env=subprocess_env(SOFT_JAX_KILL_AT="write:state.json"),
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == -9, p.stderr[-2000:]

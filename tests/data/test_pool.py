@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import TESTS
+
 from soft_jax import cli, data
 from soft_jax.data import pool
 

@@ -7,9 +7,9 @@ import sys
 
 # Hard dependencies (setup.py's install_requires: tensorflow-datasets, which requires array_record): imported
 # plainly, so a broken install fails here instead of skipping the file.
-import array_record.python.array_record_data_source  # noqa: F401  (what tfds reads array_record files with)
+import array_record.python.array_record_data_source  # noqa: F401 - what tfds reads array_record files with
 import pytest
-import tensorflow_datasets  # noqa: F401
+import tensorflow_datasets  # noqa: F401 - imported to fail here, as above
 
 from soft_jax.core.errors import UserError
 from soft_jax.data import tfds as T

@@ -49,10 +49,10 @@ def test_greedy_matches_transformers_generate(tiny_hf, scan_layers):
 
 @pytest.mark.parametrize("batch_size", [3, 2])  # 2: the prompts decode as two groups, the second padded
 def test_continuing_rows_in_their_kv_cache_equals_sampling_after_their_new_heads(tiny_chat, batch_size):
-    """Sampler(...)(prompts, continue_with=...) (SOFT's forced answer): a row whose completion gets a new head samples on in the same KV
-    cache, keeping the sampled tokens that begin the head. Greedy, it gives what sampling afresh after the prompt,
-    those kept tokens and the rest of the head gives. The heads drop the second half of the completion (those
-    slots must leave the row's attention); the row not continued keeps its completion."""
+    """Sampler(...)(prompts, continue_with=...) (SOFT's forced answer): a row whose completion gets a new head
+    samples on in the same KV cache, keeping the sampled tokens that begin the head. Greedy, it gives what sampling
+    afresh after the prompt, those kept tokens and the rest of the head gives. The heads drop the second half of
+    the completion (those slots must leave the row's attention); the row not continued keeps its completion."""
     import dataclasses
 
     model, tok = models.load(tiny_chat, progress=False)
@@ -414,7 +414,8 @@ def test_generate_cli_prompt_longer_than_context(tmp_path):
     assert not os.path.exists(tmp_path / "o")
 
 
-@pytest.mark.parametrize("content, needle", [("", "has no rows"), ('{"prompt": "a"}\n{"prompt": \n', ":2: malformed JSON"),
+@pytest.mark.parametrize("content, needle", [("", "has no rows"),
+                                             ('{"prompt": "a"}\n{"prompt": \n', ":2: malformed JSON"),
                                              ('{"text": "a"}\n', ":1: missing key(s) prompt")])
 @pytest.mark.e2e  # a CLI process, or several CPU devices in a process of their own
 def test_generate_cli_bad_prompt_files(tmp_path, content, needle):

@@ -48,7 +48,7 @@ def test_adding_adapters_compiles_per_shape_not_per_layer(monkeypatch):
     from soft_jax.models.llama import Llama
 
     compiles = []
-    listener = lambda event, secs, **kw: compiles.append(event) if event == dispatch.BACKEND_COMPILE_EVENT else None  # noqa: E731
+    listener = lambda event, secs, **kw: compiles.append(event) if event == dispatch.BACKEND_COMPILE_EVENT else None
     monitoring.register_event_duration_secs_listener(listener)
     try:
         counts = []
@@ -294,9 +294,8 @@ def test_under_fsdp_the_quantized_base_is_gathered_as_codes_not_as_float_kernels
     from helpers import SHAPES
 
     from soft_jax.models.config import ModelConfig
-    from soft_jax.parallel import hlo
+    from soft_jax.parallel import hlo, topology
     from soft_jax.parallel import sharding as shd
-    from soft_jax.parallel import topology
     from soft_jax.scale import plan
 
     cfg = ModelConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,

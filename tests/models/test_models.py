@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_same_logits, torch_logits
 from flax import nnx
+from helpers import assert_same_logits, torch_logits
 
 from soft_jax import models
 
@@ -160,7 +160,7 @@ def test_smollm2_gguf_logits_match_transformers(smollm2, smollm2_hf):
         # all logits within 1.5x of transformers'. (The max of ~1.8M rounding errors is too noisy a statistic:
         # with transformers 5.24 / torch 2.13 ours is 1.1e-4 and theirs 6.0e-5 at the max, 1.2-1.4x in RMS.)
         exact = torch_logits(hf64, ids)
-        rms = lambda x: float(np.sqrt(np.mean(np.square(x - exact))))  # noqa: E731
+        rms = lambda x: float(np.sqrt(np.mean(np.square(x - exact))))
         assert rms(ours) <= 1.5 * rms(ref), (rms(ours), rms(ref))
 
 

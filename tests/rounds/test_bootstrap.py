@@ -9,8 +9,18 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import (CONFIGS, TINY_OVERRIDES, Workdir, assert_params_close, check_common, config, one_line_error,
-                     params_differ, round_params, run)
+from helpers import (
+    CONFIGS,
+    TINY_OVERRIDES,
+    Workdir,
+    assert_params_close,
+    check_common,
+    config,
+    one_line_error,
+    params_differ,
+    round_params,
+    run,
+)
 
 from soft_jax import training
 from soft_jax.core.errors import UserError

@@ -52,7 +52,8 @@ def test_paper_configs_compare_at_equal_k_and_evaluate_the_benchmarks_every_roun
     assert {c["exemplars"]["k"] for c in cs.values()} == {3}
     assert all(c["eval"]["tasks"] == config_lib.PAPER_TASKS for c in cs.values())
     assert all(c["open_ended"]["limit"] > 0 for c in cs.values())  # the degeneracy signals, every round
-    assert cs["single_round.py"]["exemplars"]["fixed_ids"] == cs["ablation_exemplars.py:fixed"]["exemplars"]["fixed_ids"]
+    fixed = cs["ablation_exemplars.py:fixed"]["exemplars"]["fixed_ids"]
+    assert cs["single_round.py"]["exemplars"]["fixed_ids"] == fixed
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5])

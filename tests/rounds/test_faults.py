@@ -10,8 +10,18 @@ import time
 
 import numpy as np
 import pytest
-from helpers import (CONFIGS, RUN, TINY_OVERRIDES, Workdir, assert_params_close, check_common, round_params, run,
-                     run_workdir, subprocess_env)
+from helpers import (
+    CONFIGS,
+    RUN,
+    TINY_OVERRIDES,
+    Workdir,
+    assert_params_close,
+    check_common,
+    round_params,
+    run,
+    run_workdir,
+    subprocess_env,
+)
 
 from soft_jax.cli import main
 from soft_jax.core import io_utils
@@ -232,7 +242,8 @@ def test_unreadable_round_checkpoint_redoes_that_round(tmp_path, reference, tiny
     code, out = run_in_process(w, capsys, monkeypatch=monkeypatch)
     assert code == 0, out.err
     assert evaluated == [2], evaluated  # the retrained round, not its old eval.json
-    assert "checkpoints/rounds/2 is unreadable" in out.out and "redoing round 2's training from its saved data" in out.out
+    assert "checkpoints/rounds/2 is unreadable" in out.out
+    assert "redoing round 2's training from its saved data" in out.out
     same_artifacts(Workdir(str(w)), reference, tiny_base)
 
 

@@ -11,9 +11,25 @@ import time
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import (CONFIGS, INHOUSE_BIGBENCH, TESTS, TINY_OVERRIDES, GCSServer, Workdir, assert_params_close,
-                     launch_two, mirror, one_line_error, random_b, round_params, run, run_cli, run_workdir,
-                     subprocess_env, wait)
+from helpers import (
+    CONFIGS,
+    INHOUSE_BIGBENCH,
+    TESTS,
+    TINY_OVERRIDES,
+    GCSServer,
+    Workdir,
+    assert_params_close,
+    launch_two,
+    mirror,
+    one_line_error,
+    random_b,
+    round_params,
+    run,
+    run_cli,
+    run_workdir,
+    subprocess_env,
+    wait,
+)
 
 from soft_jax import models
 from soft_jax.core import io_utils, storage

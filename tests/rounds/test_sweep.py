@@ -99,7 +99,7 @@ def test_sweep_equals_individual_runs_shares_round_0_and_resumes(tmp_path, calls
         assert a.keys() == b.keys() and {"rounds/000/eval.json", "rounds/000/open_ended.jsonl"} <= a.keys()
         for k in a:
             assert a[k] == b[k], (name, k)
-        strip = lambda m: {k: v for k, v in m.items() if k != "seconds"}  # noqa: E731
+        strip = lambda m: {k: v for k, v in m.items() if k != "seconds"}
         assert strip(alone.event(0, "eval")) == strip(swept.event(0, "eval"))
     assert calls["eval"] == [0, 1, 0, 1]  # alone, each evaluates its own round 0
     shared = Workdir(str(root / "random")).event(0, "round0_shared")

@@ -42,7 +42,10 @@ def test_truncation_is_counted_and_left_right(smollm2_tokenizer):
     assert smollm2_tokenizer.decode(ex.ids[40:]).startswith("answer answer")  # start kept
 
 
-def _examples(tok, config=TrainConfig(max_prompt_len=64, max_response_len=64)):
+SHORT = TrainConfig(max_prompt_len=64, max_response_len=64)
+
+
+def _examples(tok, config=SHORT):
     return [training.render(tok, p, r, config)[0] for p, r in PAIRS]
 
 
@@ -408,7 +411,7 @@ def test_bf16_compute_over_f32_master_weights(tiny_chat):
     rows = jax.tree.map(jnp.asarray, batch)
     for model, forward_dtypes in ((mixed, {("bfloat16", "bfloat16")}), (full, {("float32", "float32")})):
         graphdef, state = nnx.split(model)
-        loss = lambda s: training.loss_sums(nnx.merge(graphdef, s), rows)[0]  # noqa: E731
+        loss = lambda s: training.loss_sums(nnx.merge(graphdef, s), rows)[0]
         assert _operand_dtypes(loss, state) == forward_dtypes, model.config.dtype
         both = _operand_dtypes(jax.value_and_grad(loss), state)
         assert (("float32", "float32") in both) == (model is full), both
