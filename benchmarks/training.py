@@ -99,7 +99,7 @@ def time_hf(rows, steps):
 def round_bench():
     """benchmarks/round.py as a module (its reference pipeline, cache path and helpers)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import round as bench
+    import round as bench  # benchmarks/round.py
 
     return bench
 

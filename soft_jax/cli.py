@@ -548,7 +548,7 @@ def main(argv=None) -> int:
                 f"{_again(argv)}") if words[:1] in (["run"], ["sweep"]) else ""
         print(f"soft-jax: interrupted{hint}", file=sys.stderr)
         return 130
-    except Exception as e:
+    except Exception as e:  # a full disk is the user's to fix; anything else is a bug
         full = _disk_full(e)
         if full is None:
             raise

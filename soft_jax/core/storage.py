@@ -69,7 +69,7 @@ def check_bucket(path: str, what: str = "path") -> str:
     if is_gcs(path):
         try:
             found = _fs().exists(_bucket(path))
-        except Exception as e:
+        except Exception as e:  # gcsfs raises HttpError, aiohttp and OS errors once retries are spent
             raise StorageError(f"{what} {path}: Cloud Storage request failed ({type(e).__name__})") from e
         if not found:
             raise UserError(f"{what} {path}: the bucket gs://{_bucket(path)} does not exist (or this account may not "
@@ -127,7 +127,7 @@ def _call(path: str, fn: Callable, *args, **kwargs):
         raise e
     except (UserError, StorageError):
         raise
-    except Exception as e:
+    except Exception as e:  # gcsfs raises HttpError, aiohttp and OS errors once retries are spent
         raise StorageError(f"{path}: Cloud Storage request failed ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:200] if str(e) else 'no message'})") from e
 

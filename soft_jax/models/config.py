@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from soft_jax.core.errors import UserError
-from soft_jax.core.settings import DTYPES
+from soft_jax.core.settings import DTYPES  # soft_jax.models.config.DTYPES: one list, configs check it too
 
 # model_type -> (HF architecture class name, q/k/v bias, output-projection bias)
 ARCHITECTURES = {

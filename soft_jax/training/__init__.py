@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from soft_jax.core import faults, preemption
 from soft_jax.core.errors import UserError
-from soft_jax.core.settings import TrainConfig
+from soft_jax.core.settings import TrainConfig  # soft_jax.training.TrainConfig is the API
 from soft_jax.data.templates import engraving_parts
 from soft_jax.models.llama import Llama
 from soft_jax.models.quant import Quantized
