@@ -352,14 +352,16 @@ def cmd_data_check(args) -> None:
         sys.exit(EXIT_CONTAMINATED)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="soft-jax", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def _add_info(sub) -> None:
+    """`soft-jax info`."""
 
     p = sub.add_parser("info", help="architecture, sizes, parameters, tokenizer of a model")
     _add_model(p)
     p.set_defaults(fn=cmd_info)
 
+
+def _add_generate(sub) -> None:
+    """`soft-jax generate`: sampling flags default to SamplingConfig's."""
     p = sub.add_parser("generate", help="sample completions for prompts")
     _add_model(p)
     p.add_argument("--prompt", help="one prompt")
@@ -378,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat", dest="chat", action="store_false")
     p.set_defaults(fn=cmd_generate)
 
+
+def _add_eval(sub) -> None:
+    """`soft-jax eval`."""
     p = sub.add_parser("eval", help="HHH Eval and TruthfulQA MC1/MC2 accuracies")
     _add_model(p)
     p.add_argument("--tasks", default="hhh,truthfulqa_mc1,truthfulqa_mc2")
@@ -388,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output JSON: {task: {accuracy, n, ...}}")
     p.set_defaults(fn=cmd_eval)
 
+
+def _add_train(sub) -> None:
+    """`soft-jax train`: SFT flags default to TrainConfig's."""
     p = sub.add_parser("train", help="SFT on a JSONL of {prompt, response} rows; writes an HF directory")
     _add_model(p)
     p.add_argument("--data", required=True, help="JSONL, one {\"prompt\": ..., \"response\": ...} per line")
@@ -417,11 +425,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "adapter_model.safetensors) instead of the merged model")
     p.set_defaults(fn=cmd_train)
 
+
+def _add_run(sub) -> None:
+    """`soft-jax run`."""
     p = sub.add_parser("run", help="run or resume SOFT / SOFT+ rounds from a config (see configs/)")
     p.add_argument("--config", required=True, help="config file, optionally with an argument: configs/soft.py[:ARG]")
     p.add_argument("--workdir", required=True, help="work dir; rerunning the same command resumes the run")
     p.set_defaults(fn=cmd_run, overrides=[])
 
+
+def _add_sweep(sub) -> None:
+    """`soft-jax sweep`."""
     p = sub.add_parser("sweep", help="run or resume every variant of an ablation config, each into DIR/<variant>/ "
                                      "(the base model's round 0 is evaluated once)")
     p.add_argument("--config", required=True, help="an ablation config file that declares VARIANTS, e.g. "
@@ -430,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", help="comma-separated variants to run (default: all the file declares)")
     p.set_defaults(fn=cmd_sweep, overrides=[])
 
+
+def _add_plan(sub) -> None:
+    """`soft-jax plan`."""
     p = sub.add_parser("plan", help="compile a run's programs for a TPU slice or GPUs from this machine; "
                        "memory per device against the device's, without reading weights")
     p.add_argument("--config", required=True, help="config file, optionally with an argument: configs/soft.py[:ARG]")
@@ -447,10 +464,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "(headroom)")
     p.set_defaults(fn=cmd_plan, overrides=[])
 
+
+def _add_report(sub) -> None:
+    """`soft-jax report`."""
     p = sub.add_parser("report", help="plots and a Markdown summary of a run in WORKDIR/report/")
     p.add_argument("workdir", help="a run's work dir")
     p.set_defaults(fn=cmd_report)
 
+
+def _add_compare(sub) -> None:
+    """`soft-jax compare`."""
     p = sub.add_parser("compare", help="runs side by side (ablations): a table and plots per metric over rounds, "
                                        "differences to a baseline run with paired bootstrap intervals")
     p.add_argument("workdirs", nargs="+", metavar="DIR", help="two or more runs' work dirs; each is named by its "
@@ -461,12 +484,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.set_defaults(fn=cmd_compare)
 
+
+def _add_export(sub) -> None:
+    """`soft-jax export`."""
     p = sub.add_parser("export", help="write an HF checkpoint directory that transformers loads")
     _add_model(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--adapter", action="store_true", help="write only the LoRA adapters, in the HF PEFT format")
     p.set_defaults(fn=cmd_export)
 
+
+def _add_data(sub) -> None:
+    """`soft-jax data import | check | tasks`."""
     p = sub.add_parser("data", help="bring your own prompts: import a dataset as a prompt pool; check for "
                                     "benchmark contamination")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="{import,check,tasks}",
@@ -500,6 +529,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = data_sub.add_parser("tasks", help="where the BIG-bench task files (HHH, TruthfulQA) are found, in the order "
                                           "they are looked for, and which tasks are available")
     p.set_defaults(fn=cmd_data_tasks)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="soft-jax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_add_info, _add_generate, _add_eval, _add_train, _add_run, _add_sweep, _add_plan, _add_report,
+                _add_compare, _add_export, _add_data):
+        add(sub)
     return parser
 
 
