@@ -126,7 +126,9 @@ class Run:
                                         gen_mesh=None if self.gen_mesh is self.mesh else self.gen_mesh)
         self.log("[memory] compiled, per device: " + ", ".join(f"{p.name} {memory.gib(p.total)}" for p in programs)
                  + f" GiB of {memory.gib(available)} GiB")
-        plan.refuse_over(programs, available)
+        from soft_jax.scale import tables
+
+        tables.refuse_over(programs, available)
 
     def use_generation_mesh(self, shape, chip, first: bool) -> None:
         self.gen_mesh = shd.make_mesh(shape)

@@ -10,7 +10,7 @@ from soft_jax.experiment import inputs
 from soft_jax.models import presets
 from soft_jax.parallel import sharding as shd
 from soft_jax.parallel import topology
-from soft_jax.scale import memory, plan
+from soft_jax.scale import memory, plan, tables
 
 
 def plan_run(config, where: plan.Target, log=print) -> list[plan.Program]:
@@ -46,8 +46,8 @@ def plan_run(config, where: plan.Target, log=print) -> list[plan.Program]:
     else:
         programs = plan.compile_run(cfg, shapes, mesh, inputs.train_config(config), progress=progress,
                                     gen_mesh=gen_mesh)
-    log(plan.programs_table(programs, where.device_bytes))
+    log(tables.programs_table(programs, where.device_bytes))
     if chip is not None:
-        plan.log_bounds(cfg, shapes, mesh, gen_mesh, programs, chip, where, max(run_inputs.sizes), log)
-    plan.refuse_over(programs, where.device_bytes)
+        tables.log_bounds(cfg, shapes, mesh, gen_mesh, programs, chip, where, max(run_inputs.sizes), log)
+    tables.refuse_over(programs, where.device_bytes)
     return programs

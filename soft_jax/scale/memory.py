@@ -32,6 +32,11 @@ from soft_jax.models.config import ModelConfig
 from soft_jax.parallel.sharding import MESH_AXES
 
 GiB = 1024 ** 3
+
+
+def size_text(n: int) -> str:
+    """Bytes as GiB (from a tenth of one) or MiB, for one-line messages."""
+    return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2 ** 20:.1f} MiB"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # (data, fsdp, tensor): `config.mesh.update(memory.mesh_preset("v4-32"))` in a config file.
