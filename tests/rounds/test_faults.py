@@ -15,11 +15,9 @@ from helpers import (
     RUN,
     TINY_OVERRIDES,
     Workdir,
-    assert_params_close,
-    check_common,
-    round_params,
     run,
     run_workdir,
+    same_artifacts,
     subprocess_env,
 )
 
@@ -40,26 +38,6 @@ PHASES = {"generate": ("generate_", "generated_", "prompts.jsonl", "generations"
 
 def phase(point: str) -> str | None:
     return next((p for p, marks in PHASES.items() if any(m in point for m in marks)), None)
-
-
-def same_artifacts(done: Workdir, ref: Workdir, base_model, rounds=2, per_round=8):
-    """Every artifact byte-equal to the uninterrupted run's (no stray temp file either), each prompt answered
-    once, each metrics event once, round parameters allclose."""
-    assert done.files().keys() == ref.files().keys()
-    for k, v in ref.files().items():
-        if k != "config.json":
-            assert done.files()[k] == v, k
-    check_common(done, rounds, per_round)
-    a, b = round_params(done, base_model), round_params(ref, base_model)
-    assert a.keys() == b.keys()
-    for k in a:  # float32 rounding at most; a lost or repeated step moves parameters by ~lr = 1e-3
-        assert_params_close(a[k], b[k], rtol=1e-6, atol=1e-7, what=f"{k}: ")
-    keys = [(m["round"], m["phase"], m.get("step")) for m in done.metrics]
-    assert len(keys) == len(set(keys))  # each event once, and none lost (one written before its artifact)
-    assert set(keys) == {(m["round"], m["phase"], m.get("step")) for m in ref.metrics}
-    for t in range(1, rounds + 1):
-        assert [m["step"] for m in done.metrics if m["phase"] == "train" and m["round"] == t] == \
-            [m["step"] for m in ref.metrics if m["phase"] == "train" and m["round"] == t]
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ from helpers import (
     run,
     run_cli,
     run_workdir,
+    same_artifacts,
     subprocess_env,
     wait,
 )
@@ -40,21 +41,12 @@ pytestmark = pytest.mark.e2e  # whole runs, CLI processes, killed and restarted 
 EXTRA = ("prompts.per_round=8", "train.checkpoint_every=2")
 
 
-def same_artifacts(bucket_run: str, ref: Workdir, base_model, dest) -> Workdir:
-    """The bucket's run, copied object by object to `dest`: every artifact byte-equal to the local run's (no
-    stray temp object either), the same metrics events, and the round checkpoints (written by TensorStore's GCS
-    driver) restore to the local run's parameters."""
+def same_artifacts_in(bucket_run: str, ref: Workdir, base_model, dest) -> Workdir:
+    """The bucket's run, copied object by object to `dest`, against the local run (helpers.same_artifacts: every
+    artifact byte-equal, no stray temp object, every metrics event once, and the round checkpoints, written by
+    TensorStore's GCS driver, restore to the local run's parameters)."""
     done = Workdir(mirror(bucket_run, dest))
-    assert done.files().keys() == ref.files().keys()
-    for k, v in ref.files().items():
-        if k != "config.json":
-            assert done.files()[k] == v, k
-    keys = [(m["round"], m["phase"], m.get("step")) for m in done.metrics]
-    assert len(keys) == len(set(keys)) and set(keys) == {(m["round"], m["phase"], m.get("step")) for m in ref.metrics}
-    a, b = round_params(done, base_model), round_params(ref, base_model)
-    assert a.keys() == b.keys() and len(a) == 3  # the base and two rounds
-    for k in a:
-        assert_params_close(a[k], b[k], rtol=1e-6, atol=1e-7, what=f"{k}: ")
+    same_artifacts(done, ref, base_model)
     return done
 
 
@@ -80,7 +72,7 @@ def test_a_run_in_a_bucket_equals_a_local_run_resumes_and_refuses_a_second_run(b
     p = run_workdir(w, EXTRA)
     assert p.returncode == 0, p.stderr[-3000:]
     assert os.listdir(tmp_path) == []  # no local `gs:` folder
-    done = same_artifacts(w, reference, tiny_base, tmp_path.parent / f"{tmp_path.name}-mirror")
+    done = same_artifacts_in(w, reference, tiny_base, tmp_path.parent / f"{tmp_path.name}-mirror")
     assert not storage.exists(f"{w}/.lock")  # released at the end
     before = _objects(w)
 
@@ -193,7 +185,7 @@ def test_killed_at_random_points_in_a_bucket_resumes_to_the_local_runs_artifacts
         pytest.fail(f"the run did not finish after {len(stops)} kills")
     print("kills:", stops)
     assert len(stops) >= 8 and {s.split(":")[0] for s in stops} >= {"write", "append"}, stops
-    same_artifacts(w, reference, tiny_base, tmp_path / "mirror")
+    same_artifacts_in(w, reference, tiny_base, tmp_path / "mirror")
 
 
 @pytest.mark.slow  # two processes, then one, each compiling
@@ -257,7 +249,7 @@ def test_a_server_gone_mid_write_stops_the_run_with_one_line_and_the_rerun_resum
         assert p.returncode == 0, p.stderr[-3000:]
         for k, v in env.items():  # read back through this server
             monkeypatch.setenv(k, v)
-        same_artifacts(w, reference, tiny_base, tmp_path / "mirror")
+        same_artifacts_in(w, reference, tiny_base, tmp_path / "mirror")
     finally:
         server.stop()
 
