@@ -9,6 +9,7 @@ from flax import nnx
 from helpers import PAIRS, assert_same_logits, random_b, torch_logits
 
 from soft_jax import models, training
+from soft_jax.core.errors import UserError
 from soft_jax.models import checkpoint, lora, quant
 from soft_jax.training import TrainConfig
 
@@ -394,5 +395,5 @@ def test_training_with_lora_dropout_is_seeded_and_differs_from_none(tiny_chat):
     for key in runs["a"]:
         np.testing.assert_array_equal(runs["again"][key], runs["a"][key], err_msg=key)
     assert max(np.abs(runs["none"][k] - runs["a"][k]).max() for k in runs["a"]) > 1e-4
-    with pytest.raises(training.UserError, match="lora_dropout"):
+    with pytest.raises(UserError, match="lora_dropout"):
         training.train(base, tok, PAIRS, TrainConfig(**{**common, "lora_rank": 0}, lora_dropout=0.1), progress=False)
