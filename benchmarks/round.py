@@ -83,18 +83,16 @@ def round_setup(c):
 
 
 def sampling_config(c):
-    from soft_jax.core import settings
     from soft_jax.data import templates
 
-    return settings.SamplingConfig(**settings.fields(settings.SamplingConfig, c.sampling),
-                                   stop_strings=templates.STOP_STRINGS)
+    return c.sampling_config(stop_strings=templates.STOP_STRINGS)
 
 
 def filter_context(round_ctx):
     from soft_jax.data import filters
 
     return filters.Context(round_ctx.inputs.exemplars, round_ctx.inputs.principles,
-                           filters.FilterConfig(**round_ctx.config.filters.to_dict()))
+                           round_ctx.config.filters)
 
 
 def batches(prompts, size):
@@ -185,9 +183,8 @@ def ours_generate(round_ctx, model, tokenizer, prompts):
 
 def ours_train(round_ctx, model, tokenizer, pairs):
     from soft_jax import training
-    from soft_jax.experiment import inputs
 
-    return training.train(model, tokenizer, pairs, inputs.train_config(round_ctx.config, 1), progress=False)
+    return training.train(model, tokenizer, pairs, round_ctx.config.train_config(1), progress=False)
 
 
 def ours_round(round_ctx, model, tokenizer, prompts) -> dict:
@@ -310,7 +307,6 @@ def trl_train(model, tokenizer, pairs, train, mode: str, seed: int = 0, peft_con
 def reference_round(round_ctx, model, tokenizer, prompts, mode: str) -> dict:
     import torch
 
-    from soft_jax.experiment import inputs
 
     s, ctx, clock = sampling_config(round_ctx.config), filter_context(round_ctx), Clock()
     torch.manual_seed(round_ctx.config.seed)
@@ -323,7 +319,7 @@ def reference_round(round_ctx, model, tokenizer, prompts, mode: str) -> dict:
     pairs = kept_pairs(rows)
     t1 = time.perf_counter()
     model.train()
-    trainer, result = (trl_train(model, tokenizer, pairs, inputs.train_config(round_ctx.config, 1), mode,
+    trainer, result = (trl_train(model, tokenizer, pairs, round_ctx.config.train_config(1), mode,
                                  round_ctx.config.seed) if pairs else (None, None))
     sft = time.perf_counter() - t1
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h] if trainer else []

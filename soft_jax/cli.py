@@ -12,7 +12,7 @@ import os
 import shlex
 import sys
 
-from soft_jax.core import compile_cache, settings, storage
+from soft_jax.core import compile_cache, storage
 from soft_jax.core.errors import UserError
 from soft_jax.core.preemption import Preempted
 
@@ -273,7 +273,7 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    from soft_jax.rounds import preflight
+    from soft_jax.experiment import preflight
     from soft_jax.scale import plan
 
     if args.mesh_generate:
@@ -367,7 +367,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--prompt", help="one prompt")
     p.add_argument("--prompts", help="JSONL file, one {\"prompt\": ..., \"id\": ...} per line")
     p.add_argument("--out", help="output JSONL (default: print to stdout)")
-    s = settings.SamplingConfig()  # the flags' defaults are the API's
+    from soft_jax.inference.sampler import SamplingConfig
+
+    s = SamplingConfig()  # the flags' defaults are the API's
     p.add_argument("--max-new-tokens", type=int, default=s.max_new_tokens)
     p.add_argument("--temperature", type=float, default=s.temperature, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=s.top_p)
@@ -401,7 +403,9 @@ def _add_train(sub) -> None:
     p.add_argument("--data", required=True, help="JSONL, one {\"prompt\": ..., \"response\": ...} per line")
     p.add_argument("--out", required=True, help="output HF checkpoint directory")
     p.add_argument("--param-dtype", default=None, help="parameter dtype (default: --dtype); float32 for bf16 compute")
-    t = settings.TrainConfig()
+    from soft_jax.training.settings import TRAIN_ORDERS, TrainConfig
+
+    t = TrainConfig()
     p.add_argument("--epochs", type=int, default=t.epochs)
     p.add_argument("--lr", type=float, default=t.learning_rate)
     p.add_argument("--warmup-steps", type=int, default=t.warmup_steps, help=f"default: {t.warmup_ratio} of the steps")
@@ -409,7 +413,7 @@ def _add_train(sub) -> None:
     p.add_argument("--grad-accum", type=int, default=t.grad_accum)
     p.add_argument("--max-prompt-len", type=int, default=t.max_prompt_len)
     p.add_argument("--max-response-len", type=int, default=t.max_response_len)
-    p.add_argument("--order", default=t.order, help=" | ".join(settings.TRAIN_ORDERS) + " (shuffle: rows packed best "
+    p.add_argument("--order", default=t.order, help=" | ".join(TRAIN_ORDERS) + " (shuffle: rows packed best "
                    "fit decreasing, in a shuffled order; given: the file's order, row after row)")
     p.add_argument("--seed", type=int, default=t.seed)
     p.add_argument("--remat", action="store_true")

@@ -126,3 +126,55 @@ def test_nothing_outside_inference_uses_a_private_name_of_it():
                     and isinstance(node.value, ast.Name) and node.value.id in aliases):
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno} uses {node.value.id}.{node.attr}")
     assert not found, found
+
+
+def run_config_keys() -> set[str]:
+    """The run config's own top-level keys: those no settings object below `experiment` also has (`seed` is a
+    TrainConfig field too, so `config.seed` in training is not a run config read)."""
+    import dataclasses
+
+    from soft_jax.data.filters import FilterConfig
+    from soft_jax.experiment.config import RunConfig
+    from soft_jax.inference.sampler import SamplingConfig
+    from soft_jax.models.config import ModelConfig
+    from soft_jax.scale.memory import Shapes
+    from soft_jax.training.settings import TrainConfig
+
+    lower = {f.name for cls in (TrainConfig, SamplingConfig, FilterConfig, ModelConfig, Shapes)
+             for f in dataclasses.fields(cls)}
+    return {f.name for f in dataclasses.fields(RunConfig)} - lower
+
+
+def run_config_reads(tree, keys: set[str]) -> list[str]:
+    """Where a module takes or reads a run config: an ml_collections import, or a run config key read off
+    something that holds a config (`config.prompts`, `cfg.train.batch_size`, `self.config.curriculum`)."""
+    found = [f"imports {m}" for m, _ in imports(tree) if m.split(".")[0] == "ml_collections"]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in keys:
+            holder = node.value
+            name = holder.id if isinstance(holder, ast.Name) else holder.attr if isinstance(
+                holder, ast.Attribute) else ""
+            if "config" in name.lower() or name in ("cfg", "c"):
+                found.append(f"line {node.lineno} reads {name}.{node.attr}")
+    return found
+
+
+def test_below_experiment_nothing_takes_or_reads_the_run_config():
+    # experiment defines the run config; the layers below take TrainConfig, SamplingConfig, FilterConfig, Shapes
+    keys = run_config_keys()
+    assert {"prompts", "train", "sampling", "curriculum", "mesh_generate", "validation"} <= keys
+    found = [f"{MODULES[m].relative_to(ROOT)}: {what}" for m in MODULES
+             if layer(m) in RANK and RANK[layer(m)] < RANK["experiment"]
+             for what in run_config_reads(ast.parse(MODULES[m].read_text()), keys)]
+    assert not found, found
+
+
+def test_the_layer_test_sees_a_run_config_read():
+    keys = run_config_keys()
+    assert run_config_reads(ast.parse("def f(config):\n    return config.train.batch_size\n"), keys) == [
+        "line 2 reads config.train"]
+    assert run_config_reads(ast.parse("def f(self):\n    return self.config.mesh_generate\n"), keys) == [
+        "line 2 reads config.mesh_generate"]
+    assert run_config_reads(ast.parse("import ml_collections\n"), keys) == ["imports ml_collections"]
+    # a TrainConfig's seed is not the run config's
+    assert run_config_reads(ast.parse("def f(config):\n    return config.seed\n"), keys) == []

@@ -18,13 +18,24 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from soft_jax.core import settings
 from soft_jax.core.errors import UserError
 from soft_jax.data import sources
 from soft_jax.data.templates import engraving_parts
 from soft_jax.inference import scorer
 
-TASKS, PROTOCOLS, parse_tasks = settings.TASKS, settings.PROTOCOLS, settings.parse_tasks
+TASKS = ("hhh", "truthfulqa_mc1", "truthfulqa_mc2")
+PROTOCOLS = ("dromedary", "loglik")
+
+
+def parse_tasks(text: str) -> list[str]:
+    """The tasks of a comma-separated list (eval.tasks, --tasks), each one of TASKS."""
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise UserError(f"unknown task(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(TASKS)}")
+    return tasks
+
+
 # What each protocol's numbers are, written into every result (MC2 under "dromedary" is not published anywhere).
 DESCRIPTIONS = {
     "dromedary": "Dromedary's mc_evaluation: true/false (TruthfulQA) and A/B in both orders (HHH) in the model's "

@@ -1,8 +1,12 @@
-"""Run configs: ml-collections files with `get_config(arg=None)`, `--config.key=value` overrides, checks.
+"""Run configs: ml-collections files with `get_config(arg=None)`, `--config.key=value` overrides, and the typed,
+frozen `RunConfig` tree a run reads.
 
-`base()` holds every knob of a run with its default; a config file changes what its experiment needs.
-`load("configs/soft.py:5", ["--config.rounds=3"])` imports the file, calls get_config("5"), applies the
-overrides (typed by the default they replace; unknown keys are refused) and validates the result.
+ml-collections is the file format and the override syntax: `base()` is a ConfigDict of every knob with its default
+(RunConfig's), which a config file changes where its experiment needs to. `load("configs/soft.py:5",
+["rounds=3"])` imports the file, calls get_config("5"), applies the overrides (typed by the default they replace;
+unknown keys are refused) and returns a checked `RunConfig`. Nothing below this layer reads a RunConfig: training
+takes a TrainConfig, sampling a SamplingConfig, filtering a FilterConfig, soft_jax.scale `Shapes`; this module's
+`RunConfig.train_config` and `.sampling_config` make them.
 """
 
 from __future__ import annotations
@@ -16,90 +20,292 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from soft_jax.core import settings
+from soft_jax import evaluation
 from soft_jax.core.errors import UserError
 from soft_jax.data.filters import FilterConfig
+from soft_jax.inference.sampler import SamplingConfig
+from soft_jax.models.config import DTYPES
+from soft_jax.training.settings import TrainConfig
 
 GENERATORS = ("previous", "base")
 SFT_STARTS = ("continue", "reinit")
 STRATEGIES = ("fixed", "random")
 GRANULARITIES = ("prompt", "batch")
 ACROSS_ROUNDS = ("none", "prompt_ppl", "prompt_length")
+CURRICULUM_ORDERS = ("easy_to_hard", "hard_to_easy", "random", "none")  # soft_jax.rounds.curriculum implements them
+DIFFICULTY_SCORES = ("response_ppl", "response_length", "prompt_ppl")
 # Keys a resumed run may change without invalidating finished rounds (checked in bootstrap).
 RESUMABLE_CHANGES = ("rounds", "check_contamination", "validation.patience", "validation.tolerance",
                      "validation.confidence", "validation.resamples", "progress", "prompts.per_round", "eval.required",
                      "mesh_generate", "mesh_generate.data", "mesh_generate.fsdp", "mesh_generate.tensor")
 # Keys added since runs may have started, each with the value that behaves as before it existed: a run's
 # config.json that lacks one reads it as that value, so that a run started by an older soft-jax resumes.
-ADDED_KEYS = {"train.lora_dropout": 0.0}
+ADDED_KEYS = {"train.lora_dropout": 0.0, "train.seq_len": None, "train.max_steps": None, "train.warmup_steps": None,
+              "train.end_lr_ratio": 0.0, "train.b1": 0.9, "train.b2": 0.999, "train.eps": 1e-8}
 # The paper's benchmarks, run every round (round 0, the base model, included) by the paper configs.
 PAPER_TASKS = "hhh,truthfulqa_mc1,truthfulqa_mc2"
 
 
+def _frozen(cls):
+    return dataclasses.dataclass(frozen=True)(cls)
+
+
+@_frozen
+class ModelSection:
+    """name: "smollm2-135m", "tiny" (random, for tests) or a preset of soft_jax.models.presets; path (an HF dir, a
+    GGUF file, a PEFT adapter dir, a work dir's best round; gs:// too) overrides it.
+    scan_layers: the layers stored stacked ([layers, ...] per weight) and run as one lax.scan in every program
+    (training, prefill, decode, scoring): one compiled layer instead of all of them, so a deep model compiles far
+    faster (benchmarks/RESULTS.md); HF checkpoints convert on load and export.
+    quant: none | int8 | nf4: the base's projections stored quantized (QLoRA), for LoRA on top (train.lora_rank)."""
+
+    name: str = "smollm2-135m"
+    path: str = ""
+    dtype: str = "float32"
+    param_dtype: str = ""  # "": dtype
+    scan_layers: bool = False
+    quant: str = "none"
+
+
+@_frozen
+class MeshSection:
+    """(data, fsdp, tensor) sizes; one may be -1 for the rest of the devices. For mesh_generate, all 0 means: on
+    TPUs and H100s the tensor-parallel mesh whose decode bound `soft-jax plan` ranks first among those that fit,
+    elsewhere (CPUs) the training mesh. Decoding under an FSDP layout gathers every weight for every token; a
+    tensor-parallel mesh (e.g. data=8, fsdp=1, tensor=8 on 64 chips) reads each chip's own shard. The weights are
+    resharded device to device at each phase boundary (sharding.reshard; docs/architecture.md)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.data, self.fsdp, self.tensor
+
+
+@_frozen
+class PromptsSection:
+    """path: JSONL ("" = the built-in pool); per_round: an int, one per round, or 0 = the pool split evenly.
+    tfds: a TFDS dataset name (array_record, read without TensorFlow) instead of path, with its split, data_dir
+    and feature name; build one from JSONL with soft_jax.data.tfds.build_prompt_dataset."""
+
+    path: str = ""
+    per_round: int | tuple[int, ...] = 64
+    tfds: str = ""
+    tfds_split: str = "train"
+    tfds_data_dir: str = ""
+    tfds_prompt_key: str = "prompt"
+
+
+@_frozen
+class ExemplarsSection:
+    """strategy: fixed | random; granularity: prompt (each prompt draws its own k) | batch (a batch shares one
+    draw). fixed_ids: the fixed set; empty = k exemplars covering as many principles as k random ones do on average
+    (data.choose_fixed), resolved when the run starts and recorded in config.json."""
+
+    path: str = ""
+    k: int = 2
+    strategy: str = "random"
+    granularity: str = "prompt"
+    fixed_ids: tuple[str, ...] = ()
+
+
+@_frozen
+class CurriculumSection:
+    """score: response_ppl | response_length | prompt_ppl; order: easy_to_hard | hard_to_easy | random | none.
+    across_rounds: none (seeded shuffle) | prompt_ppl | prompt_length: prompts go easy to hard across rounds within
+    each category (hard to easy when order is hard_to_easy); every round keeps the pool's category mix."""
+
+    score: str = "response_ppl"
+    order: str = "random"
+    across_rounds: str = "none"
+    batch_size: int = 8
+
+
+@_frozen
+class ValidationSection:
+    """metric: valid_nll (mean response NLL per held-out pair, lower is better), an eval task's accuracy (hhh |
+    truthfulqa_mc1 | truthfulqa_mc2, higher is better, on the first `limit` items) or a degeneracy signal of the
+    open-ended answers (distinct_2 | repeated_ngram_rate | truncation_rate; needs open_ended.limit). A round is worse
+    (or better) than the best only when the paired bootstrap interval of the per-item difference, at `confidence`,
+    lies beyond `tolerance` (confidence 0: the point estimate decides)."""
+
+    path: str = ""
+    metric: str = "valid_nll"
+    patience: int = 1
+    tolerance: float = 0.0
+    confidence: float = 0.95
+    resamples: int = 2000
+    limit: int = 0
+    batch_size: int = 8
+
+
+@_frozen
+class EvalSection:
+    """tasks: comma-separated (hhh, truthfulqa_mc1, truthfulqa_mc2), each evaluated every round under `protocol`.
+    required: a run whose eval tasks cannot be had (no BIG-bench task files: see `soft-jax data tasks`) stops before
+    any weights are read; false: it says so once, goes on and shows them as n/a (the demo)."""
+
+    tasks: str = ""
+    protocol: str = "dromedary"
+    limit: int = 0
+    batch_size: int = 16
+    truthfulqa_file: str = ""
+    required: bool = True
+
+
+@_frozen
+class OpenEndedSection:
+    """limit questions (0: none) answered every round, at most max_new_tokens each, for the degeneracy signals."""
+
+    path: str = ""
+    limit: int = 0
+    max_new_tokens: int = 256
+
+
+def _section(settings_cls, name: str, run_decides: tuple[str, ...], doc: str, changed: dict, added=()):
+    """A run config section holding a settings dataclass's fields, less those the run decides itself, with the
+    method's defaults `changed` and the run's own `added` fields ((name, type, default), ...). Constructing one
+    checks it by the settings' own rules; `.settings(**decided)` is the settings object."""
+    own = [f for f in dataclasses.fields(settings_cls) if f.name not in run_decides]
+    fields = [(f.name, f.type, dataclasses.field(default=changed.get(f.name, f.default))) for f in own]
+    fields += [(n, tp, dataclasses.field(default=d)) for n, tp, d in added]
+
+    def settings(self, **decided):
+        return settings_cls(**{f.name: getattr(self, f.name) for f in own}, **decided)
+
+    def check(self):
+        settings(self, **{n: f.default for f in dataclasses.fields(settings_cls) if (n := f.name) in run_decides})
+
+    cls = dataclasses.make_dataclass(name, fields, frozen=True,
+                                     namespace={"settings": settings, "__post_init__": check, "__doc__": doc})
+    cls.__module__ = __name__
+    return cls
+
+
+# SFT: TrainConfig's fields (soft_jax.training.settings documents each), with step checkpoints every 20 steps
+TrainSection = _section(TrainConfig, "TrainSection", ("order", "seed"), changed=dict(checkpoint_every=20), doc=(
+    "TrainConfig's fields but order (the curriculum's: given) and seed (the run's seed plus the round)."))
+# Sampling: SamplingConfig's fields with the method's temperature, top_p and length; and two of the run's own.
+# force_answer: when the thoughts end without "Assistant:", append the marker and sample the answer, in the
+# thoughts' own KV cache (small models often stop after their thoughts; Dromedary's 65B did not need this).
+# group_batches: batches sampled together as one device batch, each with its own exemplars and shared prefix
+# (what is sampled does not change the method; more rows per decode step is faster where one batch does not
+# saturate a step: CPU, small models). The random stream is keyed by the group, so it is part of a run's config.
+SamplingSection = _section(
+    SamplingConfig, "SamplingSection", ("stop_token_ids", "stop_strings", "seed", "reuse_prefix"),
+    changed=dict(temperature=0.7, top_p=0.95, max_new_tokens=512),
+    added=(("force_answer", bool, False), ("group_batches", int, 1)), doc=(
+        "SamplingConfig's fields but the stops (the engraving template's), the seed (drawn per batch from the "
+        "run's) and prefix reuse (always); with force_answer and group_batches."))
+
+
+@_frozen
+class RunConfig:
+    """Every knob of a SOFT run, with the method's defaults where it gives them (docs/method.md); checked when made.
+    `check_contamination`: `soft-jax data check` on the run's pool, exemplars and validation pairs against the
+    benchmarks and the open-ended questions when the run starts (contamination.json; overlaps are logged, not
+    fatal). `generator`: previous (SOFT) | base (ablation: always M0); `sft_start`: continue ("step on feet") |
+    reinit (ablation: train M0 on the round's data); `principles`: a text file ("" = the built-in principles)."""
+
+    seed: int = 0
+    progress: bool = True
+    check_contamination: bool = True
+    model: ModelSection = ModelSection()
+    mesh: MeshSection = MeshSection()
+    mesh_generate: MeshSection = MeshSection(0, 0, 0)  # the mesh of generation and every scoring pass
+    rounds: int = 3
+    prompts: PromptsSection = PromptsSection()
+    principles: str = ""
+    exemplars: ExemplarsSection = ExemplarsSection()
+    generator: str = "previous"
+    sft_start: str = "continue"
+    sampling: SamplingSection = SamplingSection()
+    filters: FilterConfig = FilterConfig()  # soft_jax.data.filters.FilterConfig documents each
+    curriculum: CurriculumSection = CurriculumSection()
+    train: TrainSection = TrainSection()
+    validation: ValidationSection = ValidationSection()
+    eval: EvalSection = EvalSection()
+    open_ended: OpenEndedSection = OpenEndedSection()
+
+    def __post_init__(self):
+        validate(self)
+
+    def to_dict(self) -> dict:
+        """As config.json holds it (JSON types: lists for tuples)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def train_config(self, t: int = 1) -> TrainConfig:
+        """Round t's SFT settings: the config's, in the curriculum's order, seeded by the round."""
+        return self.train.settings(order="given", seed=self.seed + t)
+
+    def sampling_config(self, **decided) -> SamplingConfig:
+        """The SamplingConfig of the run's sampling section, with what the run decides (stop strings)."""
+        return self.sampling.settings(**decided)
+
+    def replace(self, section: str, **changes) -> RunConfig:
+        """A copy with `changes` to one section's fields (or, with section "", to top-level fields)."""
+        if not section:
+            return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
+
+
 def base() -> ml_collections.ConfigDict:
-    """Every knob of a SOFT run, with the method's defaults where it gives them (docs/method.md)."""
-    config = ml_collections.ConfigDict()
-    config.seed = 0
-    config.progress = True
-    # `soft-jax data check` on the run's pool, exemplars and validation pairs against the benchmarks and the
-    # open-ended questions when the run starts (contamination.json in the work dir; overlaps are logged, not fatal)
-    config.check_contamination = True
-    # name: "smollm2-135m", "tiny" (random, for tests) or a preset of soft_jax.models.presets; path overrides it.
-    # scan_layers: store the layers stacked ([layers, ...] per weight) and run them as one lax.scan in every program
-    # (training, prefill, decode, scoring): one compiled layer instead of all of them, so a deep model compiles far
-    # faster (benchmarks/RESULTS.md); HF checkpoints convert on load and export
-    # quant: none | int8 | nf4: the base's projections stored quantized (QLoRA), for LoRA on top (train.lora_rank)
-    config.model = dict(name="smollm2-135m", path="", dtype="float32", param_dtype="", scan_layers=False, quant="none")
-    config.mesh = dict(data=-1, fsdp=1, tensor=1)
-    # The mesh of generation and every scoring pass (difficulty, validation, eval). All 0: on TPUs and H100s the
-    # tensor-parallel mesh whose decode bound `soft-jax plan` ranks first among those that fit, elsewhere (CPUs)
-    # the training mesh.
-    # Decoding under an FSDP layout gathers every weight for every token; a tensor-parallel mesh (e.g. data=8,
-    # fsdp=1, tensor=8 on 64 chips) reads each chip's own shard. The weights are resharded device to device at
-    # each phase boundary (sharding.reshard); `soft-jax plan` compares the layouts (docs/architecture.md).
-    config.mesh_generate = dict(data=0, fsdp=0, tensor=0)
-    config.rounds = 3
-    # path: JSONL ("" = the built-in pool); per_round: int, list (one per round), or 0 = the pool split evenly
-    # tfds: a TFDS dataset name (array_record; read without TensorFlow) instead of path, with its split,
-    # data_dir and feature names; build one from JSONL with soft_jax.data.tfds.build_prompt_dataset
-    config.prompts = dict(path="", per_round=64, tfds="", tfds_split="train", tfds_data_dir="",
-                          tfds_prompt_key="prompt")
-    config.principles = ""  # text file; "" = the built-in principles
-    # strategy: fixed | random; granularity: prompt (each prompt draws its own k) | batch (a batch shares one
-    # draw). fixed_ids: the fixed set; empty = k exemplars covering as many principles as k random ones do on
-    # average (data.choose_fixed), resolved when the run starts and recorded in config.json
-    config.exemplars = dict(path="", k=2, strategy="random", granularity="prompt", fixed_ids=[])
-    config.generator = "previous"  # previous (SOFT) | base (ablation: always M0)
-    config.sft_start = "continue"  # continue ("step on feet") | reinit (ablation: train M0 on the round's data)
-    # force_answer: when the thoughts end without "Assistant:", append the marker and sample the answer, in the
-    # thoughts' own KV cache (small models often stop after their thoughts; Dromedary's 65B did not need this).
-    # group_batches: batches sampled together as one device batch, each with its own exemplars and shared prefix
-    # (what is sampled does not change the method; more rows per decode step is faster where one batch does not
-    # saturate a step: CPU, small models). The random stream is keyed by the group, so it is part of a run's config.
-    config.sampling = settings.defaults(settings.SamplingConfig, "top_k batch_size", temperature=0.7, top_p=0.95,
-                                        max_new_tokens=512, force_answer=False, group_batches=1)
-    config.filters = dataclasses.asdict(FilterConfig())  # soft_jax.data.filters.FilterConfig documents each
-    # score: response_ppl | response_length | prompt_ppl; order: easy_to_hard | hard_to_easy | random | none
-    # across_rounds: none (seeded shuffle) | prompt_ppl | prompt_length: prompts go easy to hard across rounds
-    # within each category (hard to easy when order is hard_to_easy); every round keeps the pool's category mix
-    config.curriculum = dict(score="response_ppl", order="random", across_rounds="none", batch_size=8)
-    # SFT: TrainConfig's defaults (soft_jax.core.settings documents each), with step checkpoints every 20 steps
-    config.train = settings.defaults(settings.TrainConfig, "learning_rate batch_size grad_accum epochs max_prompt_len "
-                                     "max_response_len warmup_ratio max_grad_norm weight_decay pack remat lora_rank "
-                                     "lora_alpha lora_dropout lora_targets",
-                                     checkpoint_every=20)
-    # metric: valid_nll (mean response NLL per held-out pair, lower is better), an eval task's accuracy
-    # (hhh | truthfulqa_mc1 | truthfulqa_mc2, higher is better, on the first `limit` items) or a degeneracy signal
-    # of the open-ended answers (distinct_2 | repeated_ngram_rate | truncation_rate; needs open_ended.limit).
-    # A round is worse (or better) than the best only when the paired bootstrap interval of the per-item
-    # difference, at `confidence`, lies beyond `tolerance` (confidence 0: the point estimate decides)
-    config.validation = dict(path="", metric="valid_nll", patience=1, tolerance=0.0, confidence=0.95, resamples=2000,
-                             limit=0, batch_size=8)
-    # required: a run whose eval tasks cannot be had (no BIG-bench task files: see `soft-jax data tasks`) stops
-    # before any weights are read; false: it says so once, goes on and shows them as n/a (the demo)
-    config.eval = dict(tasks="", protocol="dromedary", limit=0, batch_size=16, truthfulqa_file="", required=True)
-    config.open_ended = dict(path="", limit=0, max_new_tokens=256)  # limit 0: no open-ended answers
-    return config
+    """Every knob of a SOFT run with its default (RunConfig's), as the ConfigDict a config file changes."""
+    return ml_collections.ConfigDict(RunConfig().to_dict())
+
+
+def _typed(value, default, key: str):
+    """A config value typed like its default (ints where a float is expected become floats; lists, tuples)."""
+    if default is None:  # an optional int of TrainConfig (seq_len, max_steps, warmup_steps)
+        ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
+    elif isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):  # prompts.per_round may also list one size per round
+        ok = (isinstance(value, int) and not isinstance(value, bool)) or isinstance(value, (list, tuple))
+        value = tuple(value) if isinstance(value, list) else value
+    elif isinstance(default, tuple):
+        ok = isinstance(value, (list, tuple))
+        value = tuple(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise UserError(f"config: {key} = {value!r}: expected a {type(default).__name__} like the default {default!r}")
+    return value
+
+
+def _build(cls, node, prefix: str = ""):
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    values = {}
+    for key in node.keys():
+        if key not in defaults:
+            raise UserError(f"config: unknown config key {prefix + key!r}; check its spelling against "
+                            "soft_jax.experiment.config.base()")
+        default = defaults[key]
+        if dataclasses.is_dataclass(default):
+            if not hasattr(node[key], "keys"):
+                raise UserError(f"config: {prefix + key} = {node[key]!r}: expected a section of keys")
+            values[key] = _build(type(default), node[key], prefix + key + ".")
+        else:
+            values[key] = _typed(node[key], default, prefix + key)
+    if not prefix:
+        return cls(**values)
+    try:  # a section checks its own fields (TrainConfig's and SamplingConfig's rules)
+        return cls(**values)
+    except UserError as e:
+        raise UserError(f"config: {prefix}{e}") from None
+
+
+def from_tree(node) -> RunConfig:
+    """The checked RunConfig of a ConfigDict (a config file's) or a dict (a run's config.json, with the keys added
+    since it was written: with_added_keys)."""
+    if isinstance(node, RunConfig):
+        return node
+    return _build(RunConfig, node)
 
 
 def _parse_value(text: str, default, key: str):
@@ -113,6 +319,10 @@ def _parse_value(text: str, default, key: str):
         raise UserError(f"--config.{key}={text}: expected true or false")
     if isinstance(default, str):
         return text
+    if default is None:  # an optional int (train.seq_len, max_steps, warmup_steps)
+        default = 0
+        if text.strip().lower() == "none":
+            return None
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -138,8 +348,11 @@ def override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
     if leaf not in node:
         near = ", ".join(sorted(node.keys()))
         raise UserError(f"--config.{key}: unknown config key; keys here: {near}")
+    value = _parse_value(text, node[leaf], key)
     with node.unlocked():
-        node[leaf] = _parse_value(text, node[leaf], key)
+        if type(value) is not type(node[leaf]):  # an int field given a list (prompts.per_round), None for an int
+            del node[leaf]
+        node[leaf] = value
 
 
 def sibling(config_file: str, name: str, arg=None) -> ml_collections.ConfigDict:
@@ -202,7 +415,9 @@ def check_keys(config: ml_collections.ConfigDict, path: str) -> None:
     walk(config, base(), "")
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
+def validate(config: RunConfig) -> None:
+    """The checks across a run config's fields (RunConfig runs them when made; its train and sampling sections
+    check themselves by TrainConfig's and SamplingConfig's rules)."""
     checks = [
         (config.rounds >= 1, f"rounds must be at least 1 (got {config.rounds})"),
         (config.generator in GENERATORS, f"generator {config.generator!r}: choose {' | '.join(GENERATORS)}"),
@@ -223,9 +438,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f"validation.resamples must be at least 100 (got {config.validation.resamples})"),
     ]
     checks += [(ok, f"{key} = {value!r}: must be {what}") for key, value, ok, what in [
-        ("model.dtype", config.model.dtype, config.model.dtype in settings.DTYPES, " | ".join(settings.DTYPES)),
-        ("model.param_dtype", config.model.param_dtype, config.model.param_dtype in ("", *settings.DTYPES),
-         " | ".join(settings.DTYPES) + " (empty: model.dtype)"),
+        ("model.dtype", config.model.dtype, config.model.dtype in DTYPES, " | ".join(DTYPES)),
+        ("model.param_dtype", config.model.param_dtype, config.model.param_dtype in ("", *DTYPES),
+         " | ".join(DTYPES) + " (empty: model.dtype)"),
         ("model.quant", config.model.quant, config.model.quant in ("none", "int8", "nf4"), "none | int8 | nf4"),
     ]]
     checks.append((config.model.quant == "none" or config.train.lora_rank > 0,
@@ -237,42 +452,37 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(f"config: {message}")
-    for name, cls in (("train", settings.TrainConfig), ("sampling", settings.SamplingConfig)):
-        try:  # the settings check themselves (soft_jax.core.settings): one set of rules for runs, commands and API
-            cls(**settings.fields(cls, config[name]))
-        except UserError as e:
-            raise UserError(f"config: {name}.{e}") from None
     from soft_jax.experiment import guard, signals
 
-    if config.curriculum.order not in settings.CURRICULUM_ORDERS:
+    if config.curriculum.order not in CURRICULUM_ORDERS:
         raise UserError(f"config: curriculum.order {config.curriculum.order!r}: choose "
-                        f"{' | '.join(settings.CURRICULUM_ORDERS)}")
-    if config.curriculum.score not in settings.DIFFICULTY_SCORES:
+                        f"{' | '.join(CURRICULUM_ORDERS)}")
+    if config.curriculum.score not in DIFFICULTY_SCORES:
         raise UserError(f"config: curriculum.score {config.curriculum.score!r}: choose "
-                        f"{' | '.join(settings.DIFFICULTY_SCORES)}")
+                        f"{' | '.join(DIFFICULTY_SCORES)}")
     if config.validation.metric not in guard.METRICS:
         raise UserError(f"config: validation.metric {config.validation.metric!r}: choose {' | '.join(guard.METRICS)}")
     if config.validation.metric in signals.SIGNALS and not config.open_ended.limit:
         raise UserError(f"config: validation.metric {config.validation.metric} is a signal of the open-ended answers; "
                         "set open_ended.limit to the number of questions to answer each round")
     if config.eval.tasks:
-        settings.parse_tasks(config.eval.tasks)
-    if config.eval.protocol not in settings.PROTOCOLS:
-        raise UserError(f"config: eval.protocol {config.eval.protocol!r}: choose {' | '.join(settings.PROTOCOLS)}")
+        evaluation.parse_tasks(config.eval.tasks)
+    if config.eval.protocol not in evaluation.PROTOCOLS:
+        raise UserError(f"config: eval.protocol {config.eval.protocol!r}: choose {' | '.join(evaluation.PROTOCOLS)}")
     g = generation_mesh_shape(config)
     if g is not None and (sum(s == -1 for s in g) > 1 or any(s == 0 or s < -1 for s in g)):
         raise UserError(f"config: mesh_generate = {dict(zip(('data', 'fsdp', 'tensor'), g))}: give all three sizes "
                         "(one may be -1 for the rest of the devices), or all 0 for the training mesh")
 
 
-def generation_mesh_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int] | None:
+def generation_mesh_shape(config: RunConfig) -> tuple[int, int, int] | None:
     """(data, fsdp, tensor) of the generation mesh, or None when it is the training mesh (all 0)."""
-    g = (config.mesh_generate.data, config.mesh_generate.fsdp, config.mesh_generate.tensor)
+    g = config.mesh_generate.shape
     return None if g == (0, 0, 0) else g
 
 
-def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """The config of `path[:arg]` with `key=value` overrides applied, checked and locked."""
+def load(spec: str, overrides: Sequence[str] = ()) -> RunConfig:
+    """The RunConfig of `path[:arg]` with `key=value` overrides applied, checked."""
     config = load_file(spec)
     check_keys(config, spec.partition(":")[0])
     for item in overrides:
@@ -280,13 +490,16 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
         if not eq:
             raise UserError(f"--config.{key}: give a value as --config.{key}=VALUE")
         override(config, key, text)
-    validate(config)
-    config.lock()
-    return config
+    return from_tree(config)
 
 
-def to_dict(config: ml_collections.ConfigDict) -> dict:
-    return json.loads(config.to_json())
+def to_dict(config: RunConfig | ml_collections.ConfigDict) -> dict:
+    return config.to_dict() if isinstance(config, RunConfig) else json.loads(config.to_json())
+
+
+def from_saved(saved: dict) -> RunConfig:
+    """The RunConfig of a run's config.json (read with the keys added since it was written)."""
+    return from_tree(with_added_keys(saved))
 
 
 def with_added_keys(saved: dict) -> dict:

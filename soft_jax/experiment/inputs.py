@@ -1,16 +1,14 @@
 """What a run reads besides the model, loaded and checked before any weights, and the settings derived from
-the config that a run and `soft-jax plan` share (batch divisibility, prompt lengths, SFT settings)."""
+the config that a run and `soft-jax plan` share (prompt lengths)."""
 
 from __future__ import annotations
 
 import dataclasses
 
-import ml_collections
-
 from soft_jax import data, evaluation
-from soft_jax.core import settings
 from soft_jax.core.errors import UserError
 from soft_jax.data import filters, templates
+from soft_jax.experiment.config import RunConfig
 
 
 @dataclasses.dataclass
@@ -26,7 +24,7 @@ class Inputs:
     bigbench: object = None  # evaluation.sources.Source of the BIG-bench task files, when a task reads them
 
 
-def check_eval(config: ml_collections.ConfigDict) -> tuple[list[str], dict[str, str], object]:
+def check_eval(config: RunConfig) -> tuple[list[str], dict[str, str], object]:
     """(the eval tasks to run, {task: why it cannot be}, the BIG-bench source or None). Tasks without their data
     stop a run that requires them (eval.required) and never pass silently as a validation metric, since the
     collapse guard would have nothing to compare."""
@@ -43,7 +41,7 @@ def check_eval(config: ml_collections.ConfigDict) -> tuple[list[str], dict[str, 
     return [t for t in tasks if t not in unavailable], unavailable, source
 
 
-def load(config: ml_collections.ConfigDict, evaluating: bool = True) -> Inputs:
+def load(config: RunConfig, evaluating: bool = True) -> Inputs:
     """Everything the run reads, checked. evaluating=False (`soft-jax plan`): the eval tasks are not looked up, as
     compiling needs no benchmark item."""
     exemplars = data.load_exemplars(config.exemplars.path)
@@ -70,16 +68,17 @@ def load(config: ml_collections.ConfigDict, evaluating: bool = True) -> Inputs:
                   open_ended[:config.open_ended.limit], eval_tasks, unavailable, source)
 
 
-def resolve_fixed_exemplars(config: ml_collections.ConfigDict, inputs: Inputs) -> None:
-    """The fixed strategy's exemplars, when the config names none: k covering as many principles as k random
-    draws do on average (data.choose_fixed), written into the config so config.json records them."""
+def resolve_fixed_exemplars(config: RunConfig, inputs: Inputs) -> RunConfig:
+    """The config with the fixed strategy's exemplars chosen when it names none: k covering as many principles as
+    k random draws do on average (data.choose_fixed), so that config.json records them."""
     e = config.exemplars
-    if e.strategy == "fixed" and not e.fixed_ids:
-        covers = [filters.cited_principles(x.thoughts) for x in inputs.exemplars]
-        e.fixed_ids = data.choose_fixed(inputs.exemplars, e.k, covers)
+    if e.strategy != "fixed" or e.fixed_ids:
+        return config
+    covers = [filters.cited_principles(x.thoughts) for x in inputs.exemplars]
+    return config.replace("exemplars", fixed_ids=tuple(data.choose_fixed(inputs.exemplars, e.k, covers)))
 
 
-def prompt_tokens(config: ml_collections.ConfigDict, inputs: Inputs, tokenizer) -> tuple[int, int]:
+def prompt_tokens(config: RunConfig, inputs: Inputs, tokenizer) -> tuple[int, int]:
     """(the longest self-align prompt, the tokens a sampling batch shares) in tokens: the principles and the k
     longest exemplars, and the pool's longest prompt; a batch shares the principles (per-prompt exemplars) or
     the principles and its exemplars (per-batch)."""
@@ -90,9 +89,3 @@ def prompt_tokens(config: ml_collections.ConfigDict, inputs: Inputs, tokenizer) 
     shared = head if config.exemplars.granularity == "batch" or config.exemplars.strategy == "fixed" else \
         count(templates.prefix(inputs.principles, []))
     return prompt, shared
-
-
-def train_config(config: ml_collections.ConfigDict, t: int = 1) -> settings.TrainConfig:
-    """Round t's SFT settings: the config's, in the curriculum's order, seeded by the round."""
-    return settings.TrainConfig(**settings.fields(settings.TrainConfig, config.train), order="given",
-                                seed=config.seed + t)

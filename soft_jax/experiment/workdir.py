@@ -22,8 +22,6 @@ import copy
 import os
 from collections.abc import Callable
 
-import ml_collections
-
 from soft_jax.core import faults, io_utils, preemption, storage
 from soft_jax.core.errors import UserError
 from soft_jax.core.io_utils import read_json, read_jsonl
@@ -115,7 +113,7 @@ def lock(path: str):
     return f
 
 
-def compare_config(path: str, config: ml_collections.ConfigDict) -> dict | None:
+def compare_config(path: str, config: config_lib.RunConfig) -> dict | None:
     """The config to write to config.json (None: it is up to date); on a rerun refuses config changes that
     invalidate finished rounds. Reads only, so that every host can check before any host writes."""
     storage.check(path, "--workdir")
@@ -168,7 +166,7 @@ class WorkDir:
     def train_checkpoints(self, t: int) -> str:
         return self.file("checkpoints", "train", f"{t:03d}")
 
-    def open(self, config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> dict:
+    def open(self, config: config_lib.RunConfig, log: Callable[[str], None] = print) -> dict:
         """Checks, creates and locks the work dir; returns its state (a new one when the run starts)."""
         # every host compares before any host writes: a late one would see the new files
         update = compare_config(self.path, config)

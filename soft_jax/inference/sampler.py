@@ -20,8 +20,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from soft_jax.core.errors import UserError
-from soft_jax.core.settings import SamplingConfig
+from soft_jax.core.errors import UserError, check_fields
 from soft_jax.inference.engine import (
     Batcher,
     DecodeState,
@@ -38,6 +37,32 @@ from soft_jax.models.llama import KVCache, Llama
 from soft_jax.parallel.distributed import to_host
 
 STOP_STRING_CHUNK = 32  # decode steps between host checks for stop strings
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample. temperature 0 means greedy."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_token_ids: tuple[int, ...] | None = None  # None: the tokenizer's / model's end-of-sequence ids
+    stop_strings: tuple[str, ...] = ()
+    seed: int = 0
+    batch_size: int = 16
+    reuse_prefix: bool = True
+
+    RULES = [
+        ("max_new_tokens", lambda v: v >= 1, ">= 1"),
+        ("temperature", lambda v: v >= 0, ">= 0 (0 = greedy)"),
+        ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+        ("top_k", lambda v: v >= 0, ">= 0 (0 = off)"),
+        ("batch_size", lambda v: v >= 1, ">= 1"),
+    ]
+
+    def __post_init__(self):
+        check_fields(self, self.RULES)
 
 
 @dataclasses.dataclass

@@ -7,8 +7,8 @@ import math
 from typing import Any
 
 from soft_jax.core.errors import UserError
-from soft_jax.core.settings import DTYPES  # soft_jax.models.config.DTYPES: one list, configs check it too
 
+DTYPES = ("float32", "bfloat16", "float16")  # parameter and compute dtypes of a model (run configs check them too)
 # model_type -> (HF architecture class name, q/k/v bias, output-projection bias)
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",

@@ -11,13 +11,11 @@ The collapse guard (soft_jax.experiment.guard) decides the best round and the st
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -27,7 +25,8 @@ from soft_jax.core.errors import UserError
 from soft_jax.core.io_utils import read_json
 from soft_jax.data import filters, templates
 from soft_jax.experiment import config as config_lib
-from soft_jax.experiment import contamination, guard, inputs
+from soft_jax.experiment import contamination, guard, preflight
+from soft_jax.experiment.config import RunConfig
 from soft_jax.experiment.workdir import CONFIG, CONTAMINATION, CURRICULUM, STATE, WorkDir, remove
 from soft_jax.models import presets
 from soft_jax.parallel import distributed
@@ -35,7 +34,7 @@ from soft_jax.parallel import sharding as shd
 from soft_jax.reports import report
 from soft_jax.rounds import curriculum, round_eval, selfalign
 from soft_jax.rounds.context import RoundContext
-from soft_jax.scale import memory
+from soft_jax.scale import memory, tables
 from soft_jax.training.checkpoints import StepCheckpointer
 
 
@@ -55,87 +54,36 @@ def generation_dtype(m) -> str | None:
 class Run:
     """One work dir's run; `run()` executes or resumes it."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = print,
+    def __init__(self, config: RunConfig, workdir: str, log: Callable[[str], None] = print,
                  round0_from: str | None = None):
-        self.config, self.wd = config, WorkDir(workdir)
+        self.wd = WorkDir(workdir)
         self.round0_from = round0_from  # a sibling run's work dir whose round 0 this run shares (soft_jax.rounds.sweep)
         self.log = log if distributed.is_writer() else (lambda _: None)
         self.progress = bool(config.progress) and distributed.is_writer()
-        # everything a run reads is checked before the work dir is touched or weights are read
-        m = config.model
-        model_cfg, tokenizer = presets.inspect(m.name, m.path, m.dtype, m.param_dtype)
-        model_cfg = dataclasses.replace(model_cfg, scan_layers=m.scan_layers, quant=m.quant)
-        self.inputs = inputs.load(config)
-        training.check_overhead(tokenizer, config.train)  # max lengths that cannot hold the chat format
-        # before config.json is compared or written: it records them
-        inputs.resolve_fixed_exemplars(config, self.inputs)
-        shape = (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-        mesh = shd.make_mesh(shape)  # refuses a mesh that does not divide the devices
-        self.mesh = mesh if jax.device_count() > 1 else None
-        sizes = memory.resolve_mesh(shape, jax.device_count())
-        gen_shape = config_lib.generation_mesh_shape(config)
-        from soft_jax.scale import plan
-
-        plan.check_batches(config, sizes, None if gen_shape is None else
-                           memory.resolve_mesh(gen_shape, jax.device_count()))
-        # generation and scoring: their own mesh over the same devices in the same order (reshard copies
-        # between them device to device), or the training mesh
-        self.gen_mesh = self.mesh if gen_shape is None or self.mesh is None else shd.make_mesh(gen_shape)
-        if self.gen_mesh is not None and dict(self.gen_mesh.shape) == dict(self.mesh.shape):
-            self.gen_mesh = self.mesh
-        self._generation_copy = None  # (the model, its copy on gen_mesh)
-        self.check_memory(model_cfg, tokenizer, sizes, auto_generation_mesh=gen_shape is None)
-        self.state = self.wd.open(config, self.log)
-        self.rounds_ckpt = StepCheckpointer(self.wd.file("checkpoints", "rounds"), every=0, keep=None)
-
-    def check_memory(self, model_cfg, tokenizer, mesh_shape, auto_generation_mesh: bool) -> None:
-        """On a GPU or TPU, compiles the round's programs (soft_jax.scale.plan) and refuses a run whose largest one
-        does not fit a device; on CPU, prints soft_jax.scale.memory's estimate.
-
-        auto_generation_mesh (mesh_generate all 0) on chips whose limits are published (TPUs, H100s): generation
-        and scoring move to the tensor-parallel mesh with the best decode bound whose programs fit as compiled,
-        as `soft-jax plan` chooses it; elsewhere (CPUs) they stay on the training mesh."""
-        from soft_jax.parallel import topology
-        from soft_jax.scale import plan
-
-        config = self.config
-        prompt, shared = inputs.prompt_tokens(config, self.inputs, tokenizer)
-        shapes = plan.Shapes.of_run(config, prompt, shared)
+        # everything a run reads is checked before the work dir is touched or weights are read; on a GPU or TPU
+        # the round's programs are compiled, as `soft-jax plan` compiles them, and refused when one does not fit
         available = memory.device_memory()
-        chip = topology.chip(jax.devices()[0].device_kind)
-        candidates = []
-        if auto_generation_mesh and self.mesh is not None:
-            candidates = plan.generation_candidates(config, model_cfg, shapes, self.mesh, chip, available)
-        if available is None:  # CPU: its memory is the host's; the estimate, for the record
-            if candidates:
-                self.use_generation_mesh(candidates[0], chip, first=True)
-            est = memory.for_run(config, model_cfg, mesh_shape, prompt, shared)
-            self.log(f"[memory] estimate per device: training {memory.gib(est['train_total'])} GiB, generation "
-                     f"{memory.gib(est['generate_total'])} GiB (device memory unknown on CPU)")
-            return
-        # an accelerator: the compiler says what each of the round's programs needs on these devices
-        mesh = self.mesh or shd.make_mesh((1, 1, 1), jax.devices()[:1])
-        if candidates:
-            gen_mesh, programs = plan.fit_generation_mesh(model_cfg, shapes, mesh, candidates, available,
-                                                          inputs.train_config(config), self.log)
-            if gen_mesh is not None:
-                self.use_generation_mesh(tuple(gen_mesh.shape.values()), chip, first=tuple(
-                    gen_mesh.shape.values()) == candidates[0])
+        p = preflight.prepare(config, jax.devices(), available, compile=available is not None, log=self.log,
+                              name=f"{jax.device_count()} x {jax.devices()[0].device_kind}")
+        self.config, self.inputs = p.config, p.inputs  # config: its fixed exemplars resolved, as config.json records
+        self.mesh = p.mesh if jax.device_count() > 1 else None
+        self.gen_mesh = p.gen_mesh if p.gen_mesh is not None else self.mesh
+        self._generation_copy = None  # (the model, its copy on gen_mesh)
+        if p.gen_mesh is not None and config_lib.generation_mesh_shape(config) is None:
+            self.log(f"[mesh] generation and scoring on mesh {dict(p.gen_mesh.shape)}, the one "
+                     + ("plan's decode bound ranks first" if tuple(p.gen_mesh.shape.values()) == p.candidates[0] else
+                        "ranked best by plan's decode bound that fits as compiled") + f" on {p.chip.name}; set "
+                     "mesh_generate to choose another (the training mesh's sizes: generate in its layout)")
+        if p.estimate is not None:  # CPU: its memory is the host's; the estimate, for the record
+            self.log(f"[memory] estimate per device: training {memory.gib(p.estimate['train_total'])} GiB, "
+                     f"generation {memory.gib(p.estimate['generate_total'])} GiB (device memory unknown on CPU)")
         else:
-            programs = plan.compile_run(model_cfg, shapes, mesh, inputs.train_config(config),
-                                        gen_mesh=None if self.gen_mesh is self.mesh else self.gen_mesh)
-        self.log("[memory] compiled, per device: " + ", ".join(f"{p.name} {memory.gib(p.total)}" for p in programs)
-                 + f" GiB of {memory.gib(available)} GiB")
-        from soft_jax.scale import tables
-
-        tables.refuse_over(programs, available)
-
-    def use_generation_mesh(self, shape, chip, first: bool) -> None:
-        self.gen_mesh = shd.make_mesh(shape)
-        self.log(f"[mesh] generation and scoring on mesh {dict(self.gen_mesh.shape)}, the one "
-                 + ("plan's decode bound ranks first" if first else "ranked best by plan's decode bound that fits "
-                    "as compiled") + f" on {chip.name}; set mesh_generate to choose another (the training mesh's "
-                 "sizes: generate in its layout)")
+            self.log("[memory] compiled, per device: " + ", ".join(f"{x.name} {memory.gib(x.total)}"
+                                                                  for x in p.programs)
+                     + f" GiB of {memory.gib(available)} GiB")
+            tables.refuse_over(p.programs, available)
+        self.state = self.wd.open(self.config, self.log)
+        self.rounds_ckpt = StepCheckpointer(self.wd.file("checkpoints", "rounds"), every=0, keep=None)
 
     @property
     def context(self) -> RoundContext:
@@ -257,7 +205,7 @@ class Run:
                             "sample more tokens")
         ckpt_dir = self.wd.train_checkpoints(t)
         self._generation_copy = None  # training needs the memory
-        model, result = training.train(start, tokenizer, pairs, inputs.train_config(self.config, t), mesh=self.mesh,
+        model, result = training.train(start, tokenizer, pairs, self.config.train_config(t), mesh=self.mesh,
                                        checkpoint_dir=ckpt_dir, progress=self.progress,
                                        log=lambda record: self.wd.metrics.add({"round": t, "phase": "train", **record}))
         # the event before the round checkpoint: a rerun that finds the checkpoint skips training (and its event)
@@ -358,7 +306,7 @@ class Run:
         return trained
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = print,
+def run(config: RunConfig, workdir: str, log: Callable[[str], None] = print,
         round0_from: str | None = None) -> dict:
     """Runs or resumes the run in `workdir`. round0_from: the work dir of a run whose round 0 (the base model's
     evaluation) this run copies instead of evaluating again; the caller vouches that it is the same (a sweep)."""
@@ -371,14 +319,15 @@ def best_model(workdir: str, dtype: str | None = None):
     cfg, state = read_json(wd.file(CONFIG)), read_json(wd.file(STATE))
     if cfg is None or state is None:
         raise UserError(f"{workdir}: not a soft-jax run work dir (no {CONFIG} / {STATE}); run `soft-jax run` first")
-    m = ml_collections.ConfigDict(cfg).model
-    model, tokenizer = presets.load(m.name, m.path, dtype or m.dtype, m.param_dtype, seed=cfg["seed"], progress=False,
-                                    scan_layers=m.get("scan_layers", False), quant=m.get("quant", "none"))
+    config = config_lib.from_saved(cfg)
+    m = config.model
+    model, tokenizer = presets.load(m.name, m.path, dtype or m.dtype, m.param_dtype, seed=config.seed, progress=False,
+                                    scan_layers=m.scan_layers, quant=m.quant)
     best = state.get("best_round")
     if best:
         ckpt = StepCheckpointer(wd.file("checkpoints", "rounds"), every=0, keep=None)
         try:
-            model = restore_round_model(ckpt, best, model, ml_collections.ConfigDict(cfg).train)
+            model = restore_round_model(ckpt, best, model, config.train)
         except Exception as e:  # noqa: BLE001 - missing or corrupted files
             raise UserError(f"{ckpt.manager.directory}/{best}: round {best}'s checkpoint is missing or unreadable "
                             f"({type(e).__name__}); rerun `soft-jax run` on {workdir} to rebuild it") from None
@@ -400,7 +349,7 @@ def restore_round_model(ckpt: StepCheckpointer, t: int, base, train):
     base arrays shared, not copied), else the checkpoint's parameters."""
     from soft_jax.models import lora
 
-    if train.get("lora_rank", 0):
+    if train.lora_rank:
         template = lora.add_adapters(base, train.lora_rank, train.lora_alpha, train.lora_targets)
         graphdef, adapters, rest = nnx.split(template, nnx.LoRAParam, ...)
         return nnx.merge(graphdef, ckpt.restore(t, adapters)[0], rest)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-import ml_collections
 from jax.sharding import Mesh
 
+from soft_jax.experiment.config import RunConfig
 from soft_jax.experiment.inputs import Inputs
 from soft_jax.experiment.workdir import WorkDir
 
@@ -18,7 +18,7 @@ from soft_jax.experiment.workdir import WorkDir
 @dataclasses.dataclass(frozen=True)
 class RoundContext:
     """Args:
-        config: the run config (soft_jax.experiment.config.base() keys), checked and locked.
+        config: the run config (soft_jax.experiment.config.RunConfig), checked.
         inputs: principles, exemplars, prompt pool, validation pairs, open-ended questions and eval tasks, loaded
             and checked before any weights (soft_jax.experiment.inputs.load).
         workdir: the run's work dir; None for a phase whose results are not written (the benchmarks).
@@ -27,7 +27,7 @@ class RoundContext:
         progress: whether to show progress bars.
     """
 
-    config: ml_collections.ConfigDict
+    config: RunConfig
     inputs: Inputs
     workdir: WorkDir | None = None
     mesh: Mesh | None = None

@@ -12,12 +12,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from soft_jax.core import settings
 from soft_jax.core.errors import UserError
 from soft_jax.data.templates import engraving_parts
+from soft_jax.experiment.config import CURRICULUM_ORDERS, DIFFICULTY_SCORES
 from soft_jax.inference import scorer
 
-ORDERS = settings.CURRICULUM_ORDERS
+ORDERS = CURRICULUM_ORDERS
 
 
 def _engraved(tokenizer, prompt: str, response: str, finished: bool = True) -> tuple[list[int], list[int]]:
@@ -65,7 +65,7 @@ def prompt_perplexity(model, tokenizer, pairs, batch_size=8, mesh=None, max_len=
 
 
 SCORES = {"response_ppl": response_perplexity, "response_length": response_length, "prompt_ppl": prompt_perplexity}
-assert tuple(SCORES) == settings.DIFFICULTY_SCORES
+assert tuple(SCORES) == DIFFICULTY_SCORES  # the run config's choices (soft_jax.experiment.config)
 
 
 def difficulty(kind: str, model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 8, mesh=None,

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from soft_jax import data
-from soft_jax.core import faults, io_utils, preemption, settings
+from soft_jax.core import faults, io_utils, preemption
 from soft_jax.data import filters, templates
 from soft_jax.experiment.workdir import save_line
 from soft_jax.inference import sampler
@@ -94,9 +94,8 @@ def generate(ctx: RoundContext, t: int, generator, tokenizer, prompts: list[dict
     partial = ctx.workdir.round_file(t, PARTIAL)
     done = {b["batch"]: b["rows"] for b in io_utils.read_appended(partial)}
     s = ctx.config.sampling
-    cfg = settings.SamplingConfig(**settings.fields(settings.SamplingConfig, s), stop_strings=templates.STOP_STRINGS)
-    filter_ctx = filters.Context(ctx.inputs.exemplars, ctx.inputs.principles,
-                                 filters.FilterConfig(**ctx.config.filters.to_dict()))
+    cfg = ctx.config.sampling_config(stop_strings=templates.STOP_STRINGS)
+    filter_ctx = filters.Context(ctx.inputs.exemplars, ctx.inputs.principles, ctx.config.filters)
     n_batches = math.ceil(len(prompts) / s.batch_size)
     group = s.group_batches
     bar = tqdm(total=len(prompts), desc=f"round {t} generating", unit="prompt", disable=not ctx.progress)

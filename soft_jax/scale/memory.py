@@ -24,6 +24,7 @@ The numbers follow what soft_jax does today, not an ideal implementation:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
@@ -37,6 +38,27 @@ GiB = 1024 ** 3
 def size_text(n: int) -> str:
     """Bytes as GiB (from a tenth of one) or MiB, for one-line messages."""
     return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2 ** 20:.1f} MiB"
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """The sizes a round's programs are compiled at (all counts global, over every device)."""
+
+    train_rows: int  # micro-batch rows (train.batch_size / grad_accum)
+    grad_accum: int
+    row_len: int
+    remat: bool
+    scan_layers: bool
+    sample_rows: int
+    prefix_len: int  # shared prefix tokens (0: none)
+    own_len: int  # each row's own prompt tokens (bucketed)
+    new_tokens: int
+    score_rows: int
+    score_context: int  # cached context tokens per scored row
+    score_len: int  # tokens read per scored row
+    keep_base: bool
+    prefix_groups: int = 1  # shared prefixes in a sampling batch (sampling.group_batches)
+    extra_slots: int = 0  # cache slots past the sampled tokens (a forced answer's marker and answer)
+
+
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # (data, fsdp, tensor): `config.mesh.update(memory.mesh_preset("v4-32"))` in a config file.
@@ -194,23 +216,16 @@ def estimate(model_cfg: ModelConfig, *, mesh_shape: Mapping[str, int] | Sequence
                 generate_total=generate_total, micro_rows=micro_rows, sample_rows=sample_rows)
 
 
-def for_run(config, model_cfg: ModelConfig, mesh_shape: Mapping[str, int] | Sequence[int], prompt_tokens: int,
-            prefix_tokens: int = 0) -> dict[str, int]:
-    """estimate() for a run config (soft_jax.experiment.config.base() keys), with sampling's padding buckets.
-
-    prompt_tokens: the longest self-align prompt in tokens (principles + exemplars + prompt);
-    prefix_tokens: how many of them a sampling batch shares (0 when unknown or when prefixes are not reused)."""
-    from soft_jax.inference import engine, sampler
-
-    t, s = config.train, config.sampling
-    prefix = engine.bucket(prefix_tokens, "prefix") if prefix_tokens else 0
-    own = engine.bucket(max(1, prompt_tokens - prefix_tokens))
-    return estimate(model_cfg, mesh_shape=mesh_shape, train_batch=t.batch_size,
-                    train_seq=t.max_prompt_len + t.max_response_len, grad_accum=t.grad_accum, remat=t.remat,
-                    sample_batch=s.batch_size * s.group_batches, sample_len=prefix + own + s.max_new_tokens,
-                    sample_new=s.max_new_tokens, sample_prefix=prefix, sample_groups=s.group_batches,
-                    sample_extra=sampler.TAIL_SLOTS + s.max_new_tokens if s.force_answer else 0,
-                    keep_base=config.rounds > 1)
+def for_shapes(model_cfg: ModelConfig, shapes: Shapes, mesh_shape: Mapping[str, int] | Sequence[int]
+               ) -> dict[str, int]:
+    """estimate() at the sizes a round's programs are compiled at (for a run config:
+    soft_jax.experiment.preflight.run_shapes, with sampling's padding buckets)."""
+    s = shapes
+    return estimate(model_cfg, mesh_shape=mesh_shape, train_batch=s.train_rows * s.grad_accum, train_seq=s.row_len,
+                    grad_accum=s.grad_accum, remat=s.remat, sample_batch=s.sample_rows,
+                    sample_len=s.prefix_len + s.own_len + s.new_tokens, sample_new=s.new_tokens,
+                    sample_prefix=s.prefix_len, sample_groups=s.prefix_groups, sample_extra=s.extra_slots,
+                    keep_base=s.keep_base)
 
 
 def device_memory() -> int | None:

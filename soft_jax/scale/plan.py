@@ -1,7 +1,7 @@
 """Will a run compile and fit? Its own programs, compiled for the target devices from this machine.
 
 `compile_run(model_cfg, shapes, mesh, train_config)` lowers the programs a round runs at the sizes `Shapes`
-gives (`Shapes.of_run(config, ...)` for a run config), on abstract parameters (no weight is read), with the
+gives (soft_jax.experiment.preflight.run_shapes for a run config), on abstract parameters (no weight is read), with the
 run's mesh and shardings, and compiles them for the mesh's devices: real ones, or the
 compile-only devices of a TPU slice or GPU node (soft_jax.parallel.topology) that this CPU can compile for. XLA's
 `memory_analysis()` then says what each program needs per device:
@@ -36,12 +36,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from soft_jax import training
 from soft_jax.core.errors import UserError
-from soft_jax.inference import engine, sampler, scorer
+from soft_jax.inference import engine, scorer
 from soft_jax.models.config import ModelConfig
 from soft_jax.models.llama import KVCache, Llama, SharedPrefix
 from soft_jax.parallel import hlo
 from soft_jax.parallel import sharding as shd
-from soft_jax.scale.memory import size_text
+from soft_jax.scale.memory import Shapes, size_text
 
 GiB = 1024 ** 3
 
@@ -65,46 +65,6 @@ class Program:
     @property
     def total(self) -> int:
         return self.arguments + self.outputs - self.aliased + self.temporaries + self.code + self.resident
-
-
-@dataclasses.dataclass(frozen=True)
-class Shapes:
-    """The sizes a round's programs are compiled at (all counts global, over every device)."""
-
-    train_rows: int  # micro-batch rows (train.batch_size / grad_accum)
-    grad_accum: int
-    row_len: int
-    remat: bool
-    scan_layers: bool
-    sample_rows: int
-    prefix_len: int  # shared prefix tokens (0: none)
-    own_len: int  # each row's own prompt tokens (bucketed)
-    new_tokens: int
-    score_rows: int
-    score_context: int  # cached context tokens per scored row
-    score_len: int  # tokens read per scored row
-    keep_base: bool
-    prefix_groups: int = 1  # shared prefixes in a sampling batch (sampling.group_batches)
-    extra_slots: int = 0  # cache slots past the sampled tokens (a forced answer's marker and answer)
-
-    @classmethod
-    def of_run(cls, config, prompt_tokens: int, prefix_tokens: int) -> Shapes:
-        """The shapes `soft-jax run` uses for `config` (soft_jax.experiment.config.base() keys), with sampling's
-        buckets.
-
-        prompt_tokens: the longest self-align prompt; prefix_tokens: what a sampling batch shares (0: none)."""
-        t, s = config.train, config.sampling
-        prefix = engine.bucket(prefix_tokens, "prefix") if prefix_tokens else 0
-        return cls(train_rows=t.batch_size // t.grad_accum, grad_accum=t.grad_accum,
-                   row_len=t.max_prompt_len + t.max_response_len, remat=t.remat,
-                   scan_layers=config.model.scan_layers, sample_rows=s.batch_size * s.group_batches,
-                   prefix_len=prefix, own_len=engine.bucket(max(1, prompt_tokens - prefix_tokens)),
-                   new_tokens=s.max_new_tokens,
-                   score_rows=max(config.curriculum.batch_size, config.validation.batch_size),
-                   score_context=engine.bucket(t.max_prompt_len, "cache"),
-                   score_len=engine.bucket(t.max_response_len, "length"), keep_base=config.rounds > 1,
-                   prefix_groups=s.group_batches,
-                   extra_slots=sampler.TAIL_SLOTS + s.max_new_tokens if s.force_answer else 0)
 
 
 def abstract_model(cfg: ModelConfig, train_config: training.TrainConfig | None = None):
@@ -289,23 +249,25 @@ def compile_run(cfg: ModelConfig, shapes: Shapes, mesh, train_config: training.T
     return programs
 
 
-def check_batches(config, mesh_sizes: dict, generation_sizes: dict | None = None) -> None:
-    """Refuses batch sizes that the meshes' data axes (data x fsdp) do not divide: the training micro-batch on
-    the training mesh, the sampling batch on the generation mesh (`generation_sizes`; None: the training one)."""
-    micro = config.train.batch_size // max(config.train.grad_accum, 1)
-    shd.check_rows(config.sampling.batch_size, generation_sizes or mesh_sizes,
+def check_batches(train_rows: int, sample_batch: int, mesh_sizes: dict, generation_sizes: dict | None = None
+                  ) -> None:
+    """Refuses batch sizes that the meshes' data axes (data x fsdp) do not divide: the training micro-batch
+    (`train_rows`) on the training mesh, the sampling batch on the generation mesh (`generation_sizes`; None: the
+    training one)."""
+    shd.check_rows(sample_batch, generation_sizes or mesh_sizes,
                    "config: sampling.batch_size" + (" (on mesh_generate)" if generation_sizes else ""))
-    shd.check_rows(micro, mesh_sizes, "config: train.batch_size / train.grad_accum")
+    shd.check_rows(train_rows, mesh_sizes, "config: train.batch_size / train.grad_accum")
 
 
 GENERATION_PROGRAMS = ("prefix_prefill", "prefill", "decode", "score")
 
 
-def generation_candidates(config, cfg: ModelConfig, shapes: Shapes, mesh, chip, device_bytes: int | None
+def generation_candidates(cfg: ModelConfig, shapes: Shapes, mesh, chip, device_bytes: int | None, sample_batch: int
                           ) -> list[tuple[int, int, int]]:
     """The generation meshes `mesh_generate` all 0 tries, in order: the tensor-parallel meshes
-    propose_generation_mesh ranks (best decode bound first) whose data axes split the run's batches, up to the
-    training mesh (not tried: it is what is left). Empty where the chip's limits are not published."""
+    propose_generation_mesh ranks (best decode bound first) whose data axes split the sampling batch
+    (`sample_batch` rows), up to the training mesh (not tried: it is what is left). Empty where the chip's limits
+    are not published."""
     from soft_jax.scale import memory
 
     if chip is None:
@@ -318,7 +280,7 @@ def generation_candidates(config, cfg: ModelConfig, shapes: Shapes, mesh, chip, 
         if shape == tuple(mesh.shape.values()):
             break
         try:
-            check_batches(config, sizes, dict(zip(shd.MESH_AXES, shape)))
+            check_batches(shapes.train_rows, sample_batch, sizes, dict(zip(shd.MESH_AXES, shape)))
         except UserError:
             continue
         out.append(shape)
@@ -517,20 +479,6 @@ def target(tpu: str | None = None, gpu_target: str | None = None, gpus: int = 1,
 
     devices = jax.devices()
     return Target(f"this machine: {len(devices)} x {devices[0].device_kind}", devices, memory.device_memory())
-
-
-def model_config(config) -> tuple[ModelConfig, object]:
-    """(architecture, tokenizer or None) of a run config's model, without reading weights. A preset that
-    needs a path (llama2-7b, llama3-8b) plans from its known architecture when no path is given."""
-    from soft_jax.models import presets
-
-    m = config.model
-    if not m.path and m.name in presets.ARCHITECTURES:
-        cfg, tokenizer = presets.architecture(m.name, m.param_dtype or m.dtype, m.dtype), None
-    else:
-        cfg, tokenizer = presets.inspect(m.name, m.path, m.dtype, m.param_dtype)
-    # how the run stores the model: stacked layers, a quantized base
-    return dataclasses.replace(cfg, scan_layers=m.scan_layers, quant=m.quant), tokenizer
 
 
 # --- the sizes of the scale-up tables (benchmarks/memory_table.py, benchmarks/decode_bounds.py) ---------------

@@ -10,7 +10,6 @@ of the global batch, also under gradient accumulation.
 the Trainer and `train`; this package's names are the API.
 """
 
-from soft_jax.core.settings import TrainConfig  # soft_jax.training.TrainConfig is the API
 from soft_jax.training.optimizer import make_optimizer, make_schedule
 from soft_jax.training.packing import (
     Example,
@@ -26,6 +25,7 @@ from soft_jax.training.packing import (
     render,
     total_steps,
 )
+from soft_jax.training.settings import TRAIN_ORDERS, TrainConfig
 from soft_jax.training.trainer import (
     BATCH_SPEC,
     CPU_TRAIN_COMPILER_OPTIONS,
@@ -41,7 +41,8 @@ from soft_jax.training.trainer import (
     train,
 )
 
-__all__ = ["BATCH_SPEC", "CPU_TRAIN_COMPILER_OPTIONS", "PEAK_FLOPS", "Example", "TrainConfig", "TrainResult", "Trainer",
-           "batches", "best_fit_decreasing", "check_overhead", "compiled_step", "compiler_options", "epoch_order",
-           "epoch_rows", "fingerprint", "flops_per_token", "loss_rows", "loss_sums", "loss_width", "make_optimizer",
-           "make_schedule", "pack", "peak_flops", "prepare", "render", "total_steps", "train"]
+__all__ = ["BATCH_SPEC", "CPU_TRAIN_COMPILER_OPTIONS", "PEAK_FLOPS", "TRAIN_ORDERS", "Example", "TrainConfig",
+           "TrainResult", "Trainer", "batches", "best_fit_decreasing", "check_overhead", "compiled_step",
+           "compiler_options", "epoch_order", "epoch_rows", "fingerprint", "flops_per_token", "loss_rows",
+           "loss_sums", "loss_width", "make_optimizer", "make_schedule", "pack", "peak_flops", "prepare", "render",
+           "total_steps", "train"]

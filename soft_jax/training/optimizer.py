@@ -8,7 +8,7 @@ import math
 import optax
 
 from soft_jax.core.errors import UserError
-from soft_jax.core.settings import TrainConfig
+from soft_jax.training.settings import TrainConfig
 
 
 def make_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from soft_jax.core.errors import UserError
-from soft_jax.core.settings import TrainConfig
 from soft_jax.data.templates import engraving_parts
+from soft_jax.training.settings import TrainConfig
 
 
 @dataclasses.dataclass

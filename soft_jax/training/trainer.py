@@ -20,12 +20,12 @@ from tqdm.auto import tqdm
 
 from soft_jax.core import faults, preemption
 from soft_jax.core.errors import UserError
-from soft_jax.core.settings import TrainConfig
 from soft_jax.models.llama import Llama
 from soft_jax.models.quant import Quantized
 from soft_jax.parallel import sharding as shd
 from soft_jax.training.optimizer import make_optimizer, make_schedule
 from soft_jax.training.packing import batches, prepare, total_steps
+from soft_jax.training.settings import TrainConfig
 
 # Peak dense bf16 FLOP/s per chip, by a substring of jax's device_kind (for MFU).
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12,

@@ -5,8 +5,8 @@ import numpy as np
 from flax import nnx
 
 from soft_jax import models
-from soft_jax.core.settings import SamplingConfig
 from soft_jax.inference import sampler, scorer
+from soft_jax.inference.sampler import SamplingConfig
 
 PROMPTS = ["The cat sat on", "Write three words about the sea and the", "Hello", "One, two,"]
 

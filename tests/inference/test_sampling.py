@@ -12,8 +12,8 @@ import pytest
 from helpers import run_cli, torch_logits
 
 from soft_jax import models
-from soft_jax.core.settings import SamplingConfig
 from soft_jax.inference import engine, sampler, scorer
+from soft_jax.inference.sampler import SamplingConfig
 
 EOS = 2
 

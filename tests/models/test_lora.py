@@ -174,7 +174,6 @@ def test_a_qlora_run_keeps_adapters_per_round_and_resumes_after_sigkill_to_the_s
     import json
     import os
 
-    import ml_collections
     from helpers import Workdir, run, run_workdir
 
     from soft_jax.models import safetensors_io
@@ -194,6 +193,7 @@ def test_a_qlora_run_keeps_adapters_per_round_and_resumes_after_sigkill_to_the_s
     for k in a:
         assert a[k] == b[k], k
     whole = whole.path
+    from soft_jax.experiment import config as config_lib
     from soft_jax.training.checkpoints import StepCheckpointer
 
     config = json.load(open(os.path.join(whole, "config.json")))
@@ -204,7 +204,7 @@ def test_a_qlora_run_keeps_adapters_per_round_and_resumes_after_sigkill_to_the_s
     full = sum(x.nbytes for x in jax.tree.leaves(nnx.state(base, nnx.Param)))
     rounds = os.path.join(whole, "checkpoints", "rounds")
     ckpt = StepCheckpointer(rounds, every=0, keep=None)
-    model = bootstrap.restore_round_model(ckpt, 2, base, ml_collections.ConfigDict(config).train)
+    model = bootstrap.restore_round_model(ckpt, 2, base, config_lib.from_saved(config).train)
     ckpt.close()
     assert lora.has_adapters(model) and sorted(os.listdir(rounds)) == ["1", "2"]
     for t in os.listdir(rounds):

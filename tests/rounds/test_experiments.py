@@ -26,7 +26,7 @@ pytestmark = pytest.mark.e2e  # whole runs, CLI processes, killed and restarted 
 def resolved(spec: str, *overrides: str) -> dict:
     """A config as a run records it in config.json: loaded, overridden and with its fixed exemplars chosen."""
     c = config_lib.load(os.path.join(CONFIGS, spec), list(overrides))
-    inputs.resolve_fixed_exemplars(c, types.SimpleNamespace(exemplars=data.load_exemplars(c.exemplars.path)))
+    c = inputs.resolve_fixed_exemplars(c, types.SimpleNamespace(exemplars=data.load_exemplars(c.exemplars.path)))
     return config_lib.to_dict(c)
 
 

@@ -14,8 +14,6 @@ from flax import nnx
 
 from soft_jax import training
 from soft_jax.core.errors import UserError
-from soft_jax.experiment import config as config_lib
-from soft_jax.inference import sampler
 from soft_jax.models import presets
 from soft_jax.models.config import ModelConfig
 from soft_jax.models.llama import KVCache, init_random
@@ -239,23 +237,6 @@ def test_bad_arguments_and_presets():
     assert memory.resolve_mesh((1, -1, 1), 8) == {"data": 1, "fsdp": 8, "tensor": 1}
     assert memory.resolve_mesh({"data": -1, "fsdp": 1, "tensor": 1}, 4)["data"] == 4
 
-
-def test_for_run_reads_the_run_config():
-    c = config_lib.base()
-    e = memory.for_run(c, tiny(), (1, 1, 1), prompt_tokens=100, prefix_tokens=60)
-    # sampling pads the shared prefix (60 -> 64) and each row's own part (40 -> 64) to its buckets
-    assert e == memory.estimate(tiny(), mesh_shape=(1, 1, 1), train_batch=c.train.batch_size,
-                                train_seq=c.train.max_prompt_len + c.train.max_response_len,
-                                sample_batch=c.sampling.batch_size, sample_len=64 + 64 + c.sampling.max_new_tokens,
-                                sample_new=c.sampling.max_new_tokens, sample_prefix=64, keep_base=True)
-    # several batches as one device batch, each with its prefix, and a forced answer's slots
-    c.sampling.update(group_batches=3, force_answer=True)
-    e = memory.for_run(c, tiny(), (1, 1, 1), prompt_tokens=100, prefix_tokens=60)
-    assert e == memory.estimate(tiny(), mesh_shape=(1, 1, 1), train_batch=c.train.batch_size,
-                                train_seq=c.train.max_prompt_len + c.train.max_response_len,
-                                sample_batch=3 * c.sampling.batch_size, sample_len=64 + 64 + c.sampling.max_new_tokens,
-                                sample_new=c.sampling.max_new_tokens, sample_prefix=64, sample_groups=3,
-                                sample_extra=sampler.TAIL_SLOTS + c.sampling.max_new_tokens, keep_base=True)
 
 
 class FakeDevice:

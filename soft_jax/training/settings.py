@@ -1,55 +1,14 @@
-"""The one source of settings and their defaults: SFT (TrainConfig) and sampling (SamplingConfig) settings,
-checked where they are made, and the names a run config chooses from. No jax here: configs load without it.
-
-A run config's `train` and `sampling` sections hold these dataclasses' fields (config.base() takes its
-defaults from them, changing only what the method sets for a run: docs/method.md), and the `generate` /
-`train` commands take their flags' defaults from them too.
-"""
+"""TrainConfig: the SFT settings, checked where they are made. A run config's `train` section holds its fields but
+the two the run decides (order: the curriculum's; seed: the run's seed plus the round), and the `train` command takes
+its flags' defaults from it."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
-from soft_jax.core.errors import UserError
+from soft_jax.core.errors import UserError, check_fields
 
 TRAIN_ORDERS = ("shuffle", "given")  # SFT example order: shuffled per epoch, or exactly as given (a curriculum)
-CURRICULUM_ORDERS = ("easy_to_hard", "hard_to_easy", "random", "none")
-DIFFICULTY_SCORES = ("response_ppl", "response_length", "prompt_ppl")
-TASKS = ("hhh", "truthfulqa_mc1", "truthfulqa_mc2")
-PROTOCOLS = ("dromedary", "loglik")
-DTYPES = ("float32", "bfloat16", "float16")  # parameter and compute dtypes of a model
-
-
-def parse_tasks(text: str) -> list[str]:
-    tasks = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown or not tasks:
-        raise UserError(f"unknown task(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(TASKS)}")
-    return tasks
-
-
-Rule = tuple[str, Callable[[object], bool], str]  # field, test, what the value must be
-
-
-def validate(obj, rules: list[Rule]) -> None:
-    """Raises UserError "FIELD = VALUE: must be WHAT" for the first field that fails its rule."""
-    for name, ok, what in rules:
-        value = getattr(obj, name)
-        if not ok(value):
-            raise UserError(f"{name} = {value!r}: must be {what}")
-
-
-def defaults(cls, names: str, **changed) -> dict:
-    """The named fields' defaults of a settings dataclass, with `changed` ones replaced (a config section)."""
-    out = {f.name: f.default for f in dataclasses.fields(cls) if f.name in names.split()}
-    return {**out, **changed}
-
-
-def fields(cls, section) -> dict:
-    """The entries of a config section that are the dataclass's fields."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: section[k] for k in section.keys() if k in names}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,36 +64,10 @@ class TrainConfig:
         return self.seq_len or self.max_prompt_len + self.max_response_len
 
     def __post_init__(self):
-        validate(self, self.RULES)
+        check_fields(self, self.RULES)
         if self.grad_accum < 1 or self.batch_size % self.grad_accum:
             raise UserError(f"grad_accum = {self.grad_accum!r}: must be >= 1 and divide batch_size "
                             f"({self.batch_size})")
         if self.row_len < self.max_prompt_len + self.max_response_len:
             raise UserError(f"seq_len = {self.row_len}: must be at least max_prompt_len + max_response_len "
                             f"({self.max_prompt_len + self.max_response_len}); raise seq_len or lower the maxima")
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """How to sample. temperature 0 means greedy."""
-
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    stop_token_ids: tuple[int, ...] | None = None  # None: the tokenizer's / model's end-of-sequence ids
-    stop_strings: tuple[str, ...] = ()
-    seed: int = 0
-    batch_size: int = 16
-    reuse_prefix: bool = True
-
-    RULES = [
-        ("max_new_tokens", lambda v: v >= 1, ">= 1"),
-        ("temperature", lambda v: v >= 0, ">= 0 (0 = greedy)"),
-        ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
-        ("top_k", lambda v: v >= 0, ">= 0 (0 = off)"),
-        ("batch_size", lambda v: v >= 1, ">= 1"),
-    ]
-
-    def __post_init__(self):
-        validate(self, self.RULES)
