@@ -33,7 +33,7 @@ from common import cpu_model
 
 from soft_jax import evaluation, models
 from soft_jax.inference import scorer
-from soft_jax.models.checkpoint import smollm2_path
+from soft_jax.models.weights import smollm2_path
 
 MIXED = (("hhh", "dromedary"), ("hhh", "loglik"), ("truthfulqa_mc1", "dromedary"), ("truthfulqa_mc2", "dromedary"))
 

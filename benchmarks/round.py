@@ -137,7 +137,7 @@ def new_tokens(tokenizer, rows) -> int:
 
 
 def kept_pairs(rows) -> list[tuple[str, str, bool]]:
-    """(prompt, answer, finished) of the kept rows, as bootstrap.Run.build_train_set makes them."""
+    """(prompt, answer, finished) of the kept rows, as loop.Run.build_train_set makes them."""
     from soft_jax.data import templates
 
     return [(templates.user_turn(r["prompt"], r["input"]), r["answer"], r["finish"] != "length")
@@ -209,7 +209,7 @@ def hf_load():
     import torch
     import transformers
 
-    from soft_jax.models.checkpoint import smollm2_path
+    from soft_jax.models.weights import smollm2_path
 
     path = smollm2_path()
     where, name = os.path.dirname(path), os.path.basename(path)

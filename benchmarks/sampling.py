@@ -32,7 +32,7 @@ from common import soft_prompts
 
 from soft_jax import models
 from soft_jax.inference import engine, sampler
-from soft_jax.models.checkpoint import smollm2_path
+from soft_jax.models.weights import smollm2_path
 
 NEVER = (-1,)  # a stop id no token has: every row generates exactly max_new_tokens
 

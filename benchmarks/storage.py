@@ -45,7 +45,7 @@ def checkpoint_rows(local: str, bucket: str, repeat: int, data_file_mib: int) ->
     import numpy as np
 
     from soft_jax import models
-    from soft_jax.rounds.bootstrap import round_state
+    from soft_jax.rounds.loop import round_state
     from soft_jax.training import checkpoints
     from soft_jax.training.checkpoints import StepCheckpointer
 
@@ -81,16 +81,16 @@ def checkpoint_rows(local: str, bucket: str, repeat: int, data_file_mib: int) ->
 
 def round_rows(local: str, bucket: str, repeat: int) -> list[dict]:
     from soft_jax.experiment import config as config_lib
-    from soft_jax.rounds import bootstrap
+    from soft_jax.rounds import loop
 
     configs = os.path.join(os.path.dirname(HERE), "configs")
     config = config_lib.load(os.path.join(configs, "tiny.py"), ["rounds=1", "check_contamination=false",
                                                                 "train.checkpoint_every=2", "progress=false"])
-    bootstrap.run(config, f"{local}/warm", log=lambda _: None)  # compiles every program once
+    loop.run(config, f"{local}/warm", log=lambda _: None)  # compiles every program once
     times = {"disk": [], "bucket": []}
     for i in range(repeat):
         for where, root in (("disk", local), ("bucket", bucket)):
-            times[where].append(timed(lambda: bootstrap.run(config, f"{root}/run{i}", log=lambda _: None)))
+            times[where].append(timed(lambda: loop.run(config, f"{root}/run{i}", log=lambda _: None)))
     disk, gcs = statistics.median(times["disk"]), statistics.median(times["bucket"])
     return [{"what": "a whole tiny round (configs/tiny.py, rounds=1), compiled", "disk s": f"{disk:.2f}",
              "bucket s": f"{gcs:.2f}", "bucket / disk": f"{gcs / disk:.2f}", "MiB/s disk / bucket": "-"}]

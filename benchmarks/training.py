@@ -35,7 +35,7 @@ import jax
 import numpy as np
 
 from soft_jax import models, training
-from soft_jax.models.checkpoint import smollm2_path
+from soft_jax.models.weights import smollm2_path
 
 
 def make_rows(batch, seq, vocab, seed=0):

@@ -21,9 +21,9 @@ import numpy as np
 from flax import nnx
 
 from soft_jax import models, training
-from soft_jax.models.checkpoint import smollm2_path
 from soft_jax.models.config import rope_inv_freq
 from soft_jax.models.llama import make_mask, rope_tables
+from soft_jax.models.weights import smollm2_path
 
 BATCH, SEQ = 8, 256
 

@@ -56,9 +56,9 @@ def _open_model(args, param_dtype=None, need_tokenizer=True, progress=True):
     from soft_jax import models
 
     if _is_workdir(args.model):
-        from soft_jax.rounds import bootstrap
+        from soft_jax.rounds import loop
 
-        model, tokenizer = bootstrap.best_model(args.model, args.dtype)
+        model, tokenizer = loop.best_model(args.model, args.dtype)
         return (lambda: model), model.config, tokenizer
     from soft_jax.models import lora
 
@@ -251,12 +251,12 @@ def _load_config(args, takes: str):
 def cmd_run(args) -> None:
     from soft_jax.core import preemption
     from soft_jax.parallel import distributed
-    from soft_jax.rounds import bootstrap
+    from soft_jax.rounds import loop
 
     config = _load_config(args, "--config FILE, --workdir DIR")
     distributed.initialize()
     preemption.install()
-    bootstrap.run(config, args.workdir)
+    loop.run(config, args.workdir)
 
 
 def cmd_sweep(args) -> None:

@@ -167,7 +167,7 @@ def smollm2_hf():
     import torch
     import transformers
 
-    from soft_jax.models.checkpoint import smollm2_path
+    from soft_jax.models.weights import smollm2_path
 
     path = smollm2_path()
     return transformers.AutoModelForCausalLM.from_pretrained(
@@ -179,7 +179,7 @@ def tiny_base():
     """The `tiny` preset's random model (seed 0): what every tiny test run starts from."""
     from soft_jax.models import presets
 
-    return presets.load("tiny", seed=0)[0]
+    return presets.load_preset("tiny", seed=0)[0]
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from soft_jax.cli import main
 from soft_jax.data import sources
 from soft_jax.experiment import config as config_lib
 from soft_jax.models.config import ModelConfig
-from soft_jax.rounds import bootstrap
+from soft_jax.rounds import loop
 from soft_jax.scale import plan
 
 # Items written for these tests in BIG-bench's task layout (tests/fixtures/bigbench/bigbench/benchmark_tasks/...): the
@@ -97,7 +97,7 @@ def config(name: str, *extra: str):
 
 
 def run(name: str, workdir, *extra: str):
-    bootstrap.run(config(name, *extra), str(workdir), log=lambda _: None)
+    loop.run(config(name, *extra), str(workdir), log=lambda _: None)
     return Workdir(str(workdir))
 
 
@@ -116,7 +116,7 @@ class Workdir:
 
     def files(self):
         """Relative path -> bytes of every artifact but checkpoints, report and the timing-bearing metrics
-        (metrics.jsonl and its TensorBoard events: tests/experiment/test_tensorboard.py)."""
+        (metrics.jsonl and its TensorBoard events: tests/experiment/test_tensorboard_events.py)."""
         out = {}
         for d, _, names in os.walk(self.path):
             for n in names:
@@ -356,3 +356,11 @@ def mirror(url: str, dest) -> str:
         with open(path, "wb") as f:
             f.write(storage.read_bytes(storage.join(url, rel)))
     return str(dest)
+
+
+def count_splits(monkeypatch, module) -> list:
+    """Every nnx.split call made through `module` from now on."""
+    calls = []
+    real = nnx.split
+    monkeypatch.setattr(module.nnx, "split", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    return calls

@@ -34,7 +34,7 @@ GRANULARITIES = ("prompt", "batch")
 ACROSS_ROUNDS = ("none", "prompt_ppl", "prompt_length")
 CURRICULUM_ORDERS = ("easy_to_hard", "hard_to_easy", "random", "none")  # soft_jax.rounds.curriculum implements them
 DIFFICULTY_SCORES = ("response_ppl", "response_length", "prompt_ppl")
-# Keys a resumed run may change without invalidating finished rounds (checked in bootstrap).
+# Keys a resumed run may change without invalidating finished rounds (soft_jax.experiment.workdir checks).
 RESUMABLE_CHANGES = ("rounds", "check_contamination", "validation.patience", "validation.tolerance",
                      "validation.confidence", "validation.resamples", "progress", "prompts.per_round", "eval.required",
                      "mesh_generate", "mesh_generate.data", "mesh_generate.fsdp", "mesh_generate.tensor")
@@ -452,7 +452,7 @@ def validate(config: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(f"config: {message}")
-    from soft_jax.experiment import guard, signals
+    from soft_jax.evaluation import guard, signals
 
     if config.curriculum.order not in CURRICULUM_ORDERS:
         raise UserError(f"config: curriculum.order {config.curriculum.order!r}: choose "

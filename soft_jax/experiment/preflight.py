@@ -69,7 +69,7 @@ def model_config(config: RunConfig, planning: bool = False) -> tuple[ModelConfig
     if planning and not m.path and m.name in presets.ARCHITECTURES:
         cfg, tokenizer = presets.architecture(m.name, m.param_dtype or m.dtype, m.dtype), None
     else:
-        cfg, tokenizer = presets.inspect(m.name, m.path, m.dtype, m.param_dtype)
+        cfg, tokenizer = presets.inspect_preset(m.name, m.path, m.dtype, m.param_dtype)
     # how the run stores the model: stacked layers, a quantized base
     return dataclasses.replace(cfg, scan_layers=m.scan_layers, quant=m.quant), tokenizer
 
@@ -102,7 +102,7 @@ def prepare(config: RunConfig, devices: Sequence, device_bytes: int | None = Non
     cfg, tokenizer = model_config(config, planning)
     counted = "the model's tokenizer"
     if tokenizer is None:
-        tokenizer, counted = presets.inspect("smollm2-135m")[1], "SmolLM2's tokenizer (no model.path given)"
+        tokenizer, counted = presets.inspect_preset("smollm2-135m")[1], "SmolLM2's tokenizer (no model.path given)"
     run_inputs = inputs.load(config, evaluating=not planning)
     training.check_overhead(tokenizer, config.train_config())  # max lengths that cannot hold the chat format
     config = inputs.resolve_fixed_exemplars(config, run_inputs)

@@ -12,10 +12,10 @@ import numpy as np
 from flax import nnx
 
 from soft_jax.core.errors import UserError
-from soft_jax.models.checkpoint import SMOLLM2, build, export_hf, open_source
 from soft_jax.models.config import DTYPES, ModelConfig
 from soft_jax.models.llama import KVCache, Llama, init_random
 from soft_jax.models.quant import Quantized
+from soft_jax.models.weights import SMOLLM2, build, export_hf, open_source
 from soft_jax.parallel import sharding as shd
 
 

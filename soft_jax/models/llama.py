@@ -10,7 +10,7 @@ Parameters carry logical axis names in their `axes` metadata; `soft_jax.parallel
 With `ModelConfig.scan_layers` the decoder layers are stored stacked: `model.layers` is one DecoderLayer whose
 every parameter has a leading "layers" axis, and every call (training, prefill, decode, scoring) runs them as one
 `lax.scan`, with a stacked KV cache the scan writes in place. XLA then compiles one layer instead of all of them,
-and no call stacks the weights. Checkpoints in HF layout convert at the edge (soft_jax.models.checkpoint).
+and no call stacks the weights. Checkpoints in HF layout convert at the edge (soft_jax.models.weights).
 """
 
 from __future__ import annotations

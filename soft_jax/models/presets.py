@@ -68,10 +68,10 @@ def tiny_config(tokenizer, dtype: str = "float32", param_dtype: str = "float32",
 
 @functools.lru_cache(maxsize=1)
 def _smollm2_tokenizer():
-    from soft_jax.models import checkpoint, tokenizer
+    from soft_jax.models import tokenizer, weights
 
-    path = checkpoint.smollm2_path()  # from the cache without parsing the GGUF, when it is there
-    return tokenizer.cached_gguf(path, lambda: checkpoint.GGUFSource(path).build_tokenizer())
+    path = weights.smollm2_path()  # from the cache without parsing the GGUF, when it is there
+    return tokenizer.cached_gguf(path, lambda: weights.GGUFSource(path).build_tokenizer())
 
 
 def resolve(name: str, path: str = "") -> str:
@@ -97,7 +97,7 @@ def resolve(name: str, path: str = "") -> str:
     return name
 
 
-def load(name: str, path: str = "", dtype: str = "float32", param_dtype: str = "", mesh=None, seed: int = 0,
+def load_preset(name: str, path: str = "", dtype: str = "float32", param_dtype: str = "", mesh=None, seed: int = 0,
          progress: bool = True, scan_layers: bool = False, quant: str = "none"):
     """(model, tokenizer) for a preset; scan_layers: its layers stored stacked (ModelConfig.scan_layers); quant:
     its projections stored quantized (ModelConfig.quant).
@@ -137,7 +137,7 @@ def load(name: str, path: str = "", dtype: str = "float32", param_dtype: str = "
     return model, tokenizer
 
 
-def inspect(name: str, path: str = "", dtype: str = "float32", param_dtype: str = ""):
+def inspect_preset(name: str, path: str = "", dtype: str = "float32", param_dtype: str = ""):
     """(config, tokenizer) of a preset without reading weights: a bad model fails before a run starts.
 
     Args:

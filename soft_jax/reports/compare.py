@@ -4,7 +4,7 @@ Each work dir is one variant, named by its basename. For every metric (the valid
 tasks' accuracies, generations kept and dropped, the open-ended degeneracy signals) `compare.md` has a table
 with one row per variant and one column per round, and a PNG with one line per variant. The paired metrics
 (validation per-item scores, benchmark per-item correctness) also get each variant's difference to the
-baseline variant on the same items, with a seeded paired bootstrap interval (soft_jax.experiment.stats, seed
+baseline variant on the same items, with a seeded paired bootstrap interval (soft_jax.evaluation.stats, seed
 [seed, round]), in the table and as error bars: a reader sees which differences are beyond noise.
 `compare.json` holds every number.
 
@@ -26,8 +26,8 @@ from soft_jax import evaluation
 from soft_jax.core import io_utils, storage
 from soft_jax.core.errors import UserError
 from soft_jax.core.io_utils import read_json
+from soft_jax.evaluation import guard, stats
 from soft_jax.experiment import config as config_lib
-from soft_jax.experiment import guard, stats
 from soft_jax.experiment.workdir import CONFIG, METRICS, STATE
 from soft_jax.reports import plots
 

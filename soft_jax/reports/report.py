@@ -17,7 +17,7 @@ from soft_jax.core import io_utils, storage
 from soft_jax.core.errors import UserError
 from soft_jax.core.io_utils import read_json
 from soft_jax.data import filters
-from soft_jax.experiment import guard
+from soft_jax.evaluation import guard
 from soft_jax.experiment.workdir import CONFIG, METRICS, STATE, WorkDir
 from soft_jax.reports import plots
 

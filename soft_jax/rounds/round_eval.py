@@ -13,7 +13,7 @@ from soft_jax.core import io_utils, storage
 from soft_jax.core.errors import UserError
 from soft_jax.core.io_utils import read_json
 from soft_jax.data import templates
-from soft_jax.experiment import signals
+from soft_jax.evaluation import signals
 from soft_jax.experiment.workdir import METRICS, WorkDir, save_jsonl
 from soft_jax.inference import sampler
 from soft_jax.parallel import distributed

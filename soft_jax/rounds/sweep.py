@@ -5,7 +5,7 @@ runs exactly as `soft-jax run --config FILE:<variant> --workdir DIR/<variant>` w
 resumes each as `run` does; a variant whose work dir already holds its finished run is skipped. One thing is
 not repeated: the base model's round-0 evaluation. A variant whose round 0 would evaluate the same base model
 under the same settings (round0_settings) as another variant that has finished its round 0 copies that
-evaluation (bootstrap.run(..., round0_from=...)); the copy is what its own evaluation would have written.
+evaluation (loop.run(..., round0_from=...)); the copy is what its own evaluation would have written.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from soft_jax.core.io_utils import read_json
 from soft_jax.core.preemption import Preempted
 from soft_jax.experiment import config as config_lib
 from soft_jax.experiment.workdir import CONFIG, NEW_STATE, STATE
-from soft_jax.rounds import bootstrap
+from soft_jax.rounds import loop
 
 # validation keys that only the collapse guard reads (its decision is remade from the copied per-item scores)
 GUARD_ONLY = ("patience", "tolerance", "confidence", "resamples")
@@ -129,7 +129,7 @@ def sweep(path: str, root: str, overrides=(), only: str | None = None,
             log(f"[sweep] variant {i}/{len(names)} {name}: soft-jax run --config {path}:{name} --workdir {workdir}"
                 + (f" (round 0 shared from {os.path.basename(source)})" if source else ""))
             rows[name] = {"status": "running"}
-            state = bootstrap.run(configs[name], workdir, log, round0_from=source)
+            state = loop.run(configs[name], workdir, log, round0_from=source)
             rows[name] = {"status": describe(state), "state": state}
     except BaseException as e:
         if name is not None:

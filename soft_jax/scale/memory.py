@@ -10,7 +10,7 @@ The numbers follow what soft_jax does today, not an ideal implementation:
   "embed" over fsdp and heads/mlp/vocab over tensor) and replicated over data. The moments and the
   gradients have the parameters' dtype (optax.scale_by_adam follows its input).
 - training.Trainer copies the parameters it donates to its step while the caller keeps its model, so
-  training holds two parameter copies; `keep_base` adds the base model that bootstrap keeps alive from
+  training holds two parameter copies; `keep_base` adds the base model that the round loop keeps alive from
   round 2 on (the current model and the base are then different arrays).
 - Attention is not fused: the float32 scores [batch, heads, query, key] of a layer are materialised,
   in training and in prefill alike.
@@ -151,7 +151,7 @@ def estimate(model_cfg: ModelConfig, *, mesh_shape: Mapping[str, int] | Sequence
     (sampling's prefix reuse; the groups' prefixes are prefilled as one batch); the own prompt
     (sample_len - sample_prefix - sample_new tokens; all of it when sample_new is 0) is prefilled in one pass.
     sample_extra: cache slots past the sampled tokens (a forced answer's marker and answer).
-    keep_base: the base model stays in memory beside the current one (bootstrap from round 2 on).
+    keep_base: the base model stays in memory beside the current one (the round loop, from round 2 on).
     optimizer_dtype: dtype of Adam's moments; None = the parameters' dtype (what soft_jax.training does).
 
     Keys: params (one copy), optimizer, gradients, activations, logits, weights_transient, kv_cache,

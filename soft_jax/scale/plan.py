@@ -121,7 +121,7 @@ def param_bytes(state, mesh) -> int:
 
 def generation_state(cfg: ModelConfig, state):
     """The abstract parameters of a generation mesh's copy: in the compute dtype when it is narrower than the
-    stored one (bootstrap.generation_dtype), as `sharding.reshard` makes them."""
+    stored one (loop.generation_dtype), as `sharding.reshard` makes them."""
     stored, compute = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
     if compute.itemsize >= stored.itemsize:
         return state

@@ -1,7 +1,7 @@
 """A fresh machine: no BIG-bench task files anywhere, an empty cache, and a package index without the archive
 (a local, empty simple index, as pip's --index-url takes). Only evaluation needs the files: a demo-style run
 goes on and shows the tasks as n/a, and a paper config stops at once in one line. `plan` compiles a paper config
-there too: tests/scale/test_generation_mesh.py runs it in this environment (`fresh_environment`)."""
+there too: tests/scale/test_plan.py runs it in this environment (`fresh_environment`)."""
 
 import json
 import os

@@ -98,7 +98,7 @@ def test_a_run_checks_its_inputs_once_when_it_starts(tmp_path, inhouse_bigbench)
     from helpers import config
 
     from soft_jax import data
-    from soft_jax.rounds import bootstrap
+    from soft_jax.rounds import loop
 
     k, question = next((k, it.question) for k, it in enumerate(evaluation.load_items("truthfulqa_mc1"))
                        if _words(it.question) >= 8)
@@ -107,7 +107,7 @@ def test_a_run_checks_its_inputs_once_when_it_starts(tmp_path, inhouse_bigbench)
     pool.write_text("".join(json.dumps(r) + "\n" for r in rows + [{"id": "copied", "prompt": question}]))
     c = config("soft.py", "check_contamination=true", f"prompts.path={pool}", "rounds=1", "prompts.per_round=4")
     logs = []
-    bootstrap.run(c, str(tmp_path / "w"), log=logs.append)
+    loop.run(c, str(tmp_path / "w"), log=logs.append)
     report = json.load(open(tmp_path / "w" / "contamination.json"))
     assert not report["clean"]
     assert {(o["train"], o["train_id"], o["eval_id"]) for o in report["overlaps"]} >= {
@@ -115,5 +115,5 @@ def test_a_run_checks_its_inputs_once_when_it_starts(tmp_path, inhouse_bigbench)
     assert {o["train_id"] for o in report["overlaps"] if o["train"] == "pool"} == {"copied"}
     assert any(line.startswith("[data check] warning: inputs share word n-grams") for line in logs), logs
     logs.clear()
-    bootstrap.run(c, str(tmp_path / "w"), log=logs.append)
+    loop.run(c, str(tmp_path / "w"), log=logs.append)
     assert not any(line.startswith("[data check]") for line in logs), logs

@@ -1,22 +1,22 @@
-"""The Sampler and Scorer objects: the model split once per object, one result type per call whatever it asks
-for, and the free functions equal to them (the numbers themselves: tests/inference/test_sampling.py)."""
+"""The Sampler: greedy tokens equal to transformers' generate, continuation in the rows' own KV cache, prefix reuse,
+groups and meshes that change nothing, stop strings, the generate command; and the object itself: the model split
+once, one result type per call whatever it asks for, the free functions equal to it."""
 
+import json
+import os
+import subprocess
+import sys
+
+import jax
 import numpy as np
-from flax import nnx
+import pytest
+from helpers import count_splits, run_cli
 
 from soft_jax import models
-from soft_jax.inference import sampler, scorer
+from soft_jax.inference import engine, sampler
 from soft_jax.inference.sampler import SamplingConfig
 
 PROMPTS = ["The cat sat on", "Write three words about the sea and the", "Hello", "One, two,"]
-
-
-def count_splits(monkeypatch, module) -> list:
-    """Every nnx.split call made through `module` from now on."""
-    calls = []
-    real = nnx.split
-    monkeypatch.setattr(module.nnx, "split", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
-    return calls
 
 
 def test_a_sampler_splits_its_model_once_and_returns_one_shape(tiny_chat, monkeypatch):
@@ -55,21 +55,222 @@ def test_a_sampler_without_a_tokenizer_takes_token_ids(tiny_chat):
     assert out.tokens == sampler.Sampler(model, tok, config)(rows).tokens
 
 
-def test_a_scorer_splits_its_model_once_and_sums_its_tokens(tiny_chat, monkeypatch):
+EOS = 2
+
+
+def prompts_with_shared_prefix(vocab, n=3, prefix=40, seed=0):
+    """Rows sharing a 40-token prefix (long enough to be prefilled once) with own suffixes of varied length."""
+    rng = np.random.default_rng(seed)
+    head = rng.integers(3, vocab, size=prefix).tolist()
+    return [head + rng.integers(3, vocab, size=int(k)).tolist() for k in rng.integers(1, 12, size=n)]
+
+
+def hf_greedy(hf, row, max_new_tokens):
+    import torch
+
+    with torch.no_grad():
+        out = hf.generate(torch.as_tensor([row]), attention_mask=torch.ones(1, len(row), dtype=torch.long),
+                          max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=EOS, pad_token_id=0)
+    new = out[0, len(row):].tolist()
+    return new[:new.index(EOS)] if EOS in new else new
+
+
+MESH_SCRIPT = r"""
+import json, sys
+import jax
+from soft_jax import models
+from soft_jax.parallel import sharding
+from soft_jax.inference import engine, sampler, scorer
+rows = json.loads(sys.argv[2])
+mesh = sharding.make_mesh((2, 2, 2)) if sys.argv[3] == "mesh" else None
+model, _ = models.load(sys.argv[1], mesh=mesh, progress=False)
+config = sampler.SamplingConfig(max_new_tokens=12, batch_size=4)
+out = sampler.generate_tokens(model, rows, config, (2,), mesh=mesh)
+# several continuations per context (groups of rows sharing a cached context), one-token ones too
+contexts = [r for r in rows for _ in range(3)]
+continuations = [[5, 6, 7], [8, 9], [10]] * len(rows)
+scores = scorer.score_tokens(model, contexts, continuations, batch_size=4, mesh=mesh)
+print(json.dumps({"devices": len(jax.devices()), "tokens": out, "scores": [s.tolist() for s in scores]}))
+"""
+
+
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
+             "Explain why the sky is blue in one sentence.", "List three prime numbers.",
+             "How do I reverse a list in Python?"]
+
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["loop", "scanned"])
+def test_greedy_matches_transformers_generate(tiny_hf, scan_layers):
+    """Greedy tokens equal transformers', with the layers as a loop or as one scan over stacked weights and a
+    stacked KV cache (the shared prefix's too)."""
+    kind, path, hf = tiny_hf
+    model, _ = models.load(path, progress=False, scan_layers=scan_layers)
+    rows = prompts_with_shared_prefix(hf.config.vocab_size) + [[5, 6, 7]]
+    ours = sampler.generate_tokens(model, rows, SamplingConfig(max_new_tokens=24, batch_size=4), (EOS,))
+    for row, got in zip(rows, ours):
+        assert got == hf_greedy(hf, row, 24)
+
+
+@pytest.mark.parametrize("batch_size", [3, 2])  # 2: the prompts decode as two groups, the second padded
+def test_continuing_rows_in_their_kv_cache_equals_sampling_after_their_new_heads(tiny_chat, batch_size):
+    """Sampler(...)(prompts, continue_with=...) (SOFT's forced answer): a row whose completion gets a new head
+    samples on in the same KV cache, keeping the sampled tokens that begin the head. Greedy, it gives what sampling
+    afresh after the prompt, those kept tokens and the rest of the head gives. The heads drop the second half of
+    the completion (those slots must leave the row's attention); the row not continued keeps its completion."""
+    import dataclasses
+
     model, tok = models.load(tiny_chat, progress=False)
-    contexts, continuations = ["Q: 2+2?\nA:", "The sea is", "The sea is"], [" 4", " blue", " wide and deep"]
-    score = scorer.Scorer(model, tok, batch_size=2)
-    calls = count_splits(monkeypatch, scorer)
-    out = score(contexts, continuations)
-    again = score(contexts[:1], continuations[:1])
-    assert calls == []
-    assert isinstance(out, scorer.ScoreOutput) and out.logprobs.shape == (3,) and out.logprobs.dtype == np.float32
-    np.testing.assert_allclose(out.logprobs, [p.sum() for p in out.per_token], rtol=1e-6)
-    assert [len(p) for p in out.per_token] == [len(k) for k in scorer.score_ids(tok, contexts, continuations)[1]]
-    np.testing.assert_allclose(again.logprobs, out.logprobs[:1], rtol=1e-6)  # another batch shape: float32 rounding
-    monkeypatch.undo()
-    np.testing.assert_array_equal(scorer.score(model, tok, contexts, continuations, batch_size=2), out.logprobs)
-    ids = scorer.score_ids(tok, contexts, continuations)
-    by_ids = score.tokens(*ids)
-    for a, b in zip(by_ids.per_token, scorer.score_tokens(model, *ids, batch_size=2)):
-        np.testing.assert_array_equal(a, b)
+    stops = engine.stop_ids(tok, model)
+    prompts = ["The cat sat on", "Write three words about the sea and the", "Hello"]
+    config = SamplingConfig(max_new_tokens=12, batch_size=batch_size, temperature=0.0)
+    first = sampler.generate(model, tok, prompts, config, progress=False)
+    tokens = sampler.generate_tokens(model, [tok(p)["input_ids"] for p in prompts], config, stops, tokenizer=tok)
+    assert len(set(first)) == 3, first  # the heads below tell the rows apart by their text
+
+    def head(text):
+        return None if text == first[2] else text[:len(text) // 2] + " Answer:"
+
+    out = sampler.Sampler(model, tok, config)(prompts, continue_with=head, continue_seed=0)
+    got, why = out.texts, out.finish
+    assert out.continued == [True, True, False] and got[2] == first[2] and out.tokens == tokens
+    dropped = 0
+    for i in (0, 1):
+        k, rest = sampler.kept_tokens(tok, tokens[i], head(first[i]))
+        dropped += len(tokens[i]) - k
+        row = tok(prompts[i])["input_ids"] + tokens[i][:k] + tok(rest, add_special_tokens=False)["input_ids"]
+        again = sampler.generate_tokens(model, [row], dataclasses.replace(config, batch_size=1), stops)[0]
+        assert got[i] == head(first[i]) + tok.decode(again, skip_special_tokens=True), i
+        assert why[i] == ("eos" if len(again) < config.max_new_tokens else "length")
+    assert dropped >= 4  # the continued rows' caches held sampled tokens their heads dropped
+
+
+def test_prefix_reuse_and_batch_do_not_change_greedy_outputs(tiny_hf):
+    kind, path, hf = tiny_hf
+    model, _ = models.load(path, progress=False)
+    rows = prompts_with_shared_prefix(hf.config.vocab_size, n=4, seed=1)
+    config = SamplingConfig(max_new_tokens=16, batch_size=4)
+    reused = sampler.generate_tokens(model, rows, config, (EOS,))
+    plain = sampler.generate_tokens(model, rows, SamplingConfig(max_new_tokens=16, batch_size=4,
+                                                                reuse_prefix=False), (EOS,))
+    alone = [sampler.generate_tokens(model, [r], SamplingConfig(max_new_tokens=16, batch_size=1), (EOS,))[0]
+             for r in rows]
+    assert reused == plain == alone
+
+
+def test_groups_with_their_own_prefixes_decode_together_as_each_row_alone(tiny_hf):
+    """A device batch of several groups (a SOFT round's batches, each with its own exemplars): each group's common
+    prefix is prefilled once and only its own rows attend to it. Greedy, every row gives what it gives alone."""
+    kind, path, hf = tiny_hf
+    model, _ = models.load(path, progress=False)
+    vocab = hf.config.vocab_size
+    groups = [prompts_with_shared_prefix(vocab, n=3, prefix=40, seed=1),
+              prompts_with_shared_prefix(vocab, n=3, prefix=70, seed=2),
+              prompts_with_shared_prefix(vocab, n=1, prefix=5, seed=3)]  # short: padded, nothing shared
+    rows = [r for g in groups for r in g]
+    config = SamplingConfig(max_new_tokens=16, batch_size=3)
+    batch = sampler.start(model, rows, config, (EOS,))
+    shared = np.asarray(batch.ds.cache.prefix.segment_ids).sum(axis=1)
+    assert shared.tolist() == [40, 70, 0] and batch.index == [0, 1, 2, 3, 4, 5, 6]
+    together = sampler.generate_tokens(model, rows, config, (EOS,))
+    alone = [sampler.generate_tokens(model, [r], SamplingConfig(max_new_tokens=16, batch_size=1), (EOS,))[0]
+             for r in rows]
+    assert together == alone
+
+
+def test_seeded_sampling_is_reproducible(tiny_hf):
+    kind, path, hf = tiny_hf
+    model, _ = models.load(path, progress=False)
+    rows = prompts_with_shared_prefix(hf.config.vocab_size, n=2, seed=4)
+    config = SamplingConfig(max_new_tokens=20, temperature=1.0, top_p=0.95, batch_size=2, seed=7)
+    a = sampler.generate_tokens(model, rows, config, (EOS,), rng=jax.random.key(7))
+    b = sampler.generate_tokens(model, rows, config, (EOS,), rng=jax.random.key(7))
+    c = sampler.generate_tokens(model, rows, config, (EOS,), rng=jax.random.key(8))
+    assert a == b and a != c
+
+
+@pytest.mark.e2e  # a CLI process, or several CPU devices in a process of their own
+def test_mesh_of_8_cpu_devices_gives_the_same_greedy_outputs(tiny_hf):
+    kind, path, hf = tiny_hf
+    rows = prompts_with_shared_prefix(hf.config.vocab_size, n=4, seed=6)
+    results = {}
+    for mode in ("single", "mesh"):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+        proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT, path, json.dumps(rows), mode], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results["mesh"]["devices"] == 8
+    assert results["mesh"]["tokens"] == results["single"]["tokens"]
+    assert len(results["mesh"]["scores"]) == len(results["single"]["scores"]) == 12
+    for a, b in zip(results["mesh"]["scores"], results["single"]["scores"]):
+        assert len(a) == len(b) > 0
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_equals_transformers_generate(smollm2, smollm2_hf):
+    import torch
+
+    model, tok = smollm2
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+               for q in QUESTIONS]
+    ours = sampler.generate(model, tok, prompts, max_new_tokens=48, batch_size=8, add_special_tokens=False,
+                            progress=False)
+    for prompt, got in zip(prompts, ours):
+        ids = tok(prompt, add_special_tokens=False, return_tensors="pt")
+        with torch.no_grad():
+            out = smollm2_hf.generate(**ids, max_new_tokens=48, do_sample=False)
+        assert got == tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.slow
+def test_stop_strings_cut_the_text_and_stop_early(smollm2):
+    model, tok = smollm2
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+               for q in ("Write a short poem about rain.", "List five fruits, one per line.")]
+    full = sampler.generate(model, tok, prompts, max_new_tokens=96, add_special_tokens=False, progress=False)
+    assert all("\n" in text for text in full)
+    cut = sampler.generate(model, tok, prompts, max_new_tokens=96, add_special_tokens=False, progress=False,
+                           stop_strings=("\n",))
+    assert cut == [text[:text.index("\n")] for text in full]
+    rows = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    config = SamplingConfig(max_new_tokens=96, batch_size=2, stop_strings=("\n",))
+    early = sampler.generate_tokens(model, rows, config, engine.stop_ids(tok, model), tokenizer=tok)
+    assert max(map(len, early)) <= sampler.STOP_STRING_CHUNK * 2 < 96  # stopped at a chunk boundary
+
+
+@pytest.mark.slow
+@pytest.mark.e2e  # a CLI process, or several CPU devices in a process of their own
+def test_generate_cli_writes_jsonl(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": q}) + "\n" for i, q in enumerate(QUESTIONS[:2])))
+    out = tmp_path / "out.jsonl"
+    proc = run_cli("generate", "--model", "smollm2-135m", "--prompts", str(prompts), "--out", str(out),
+                   "--max-new-tokens", "16")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["q0", "q1"] and "Paris" in rows[0]["completion"]
+
+
+@pytest.mark.slow
+@pytest.mark.e2e  # a CLI process, or several CPU devices in a process of their own
+def test_generate_cli_prompt_longer_than_context(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "short"}) + "\n" + json.dumps({"prompt": "word " * 9000}) + "\n")
+    proc = run_cli("generate", "--model", "smollm2-135m", "--prompts", str(prompts), "--out", str(tmp_path / "o"),
+                   "--no-chat")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "prompt 1 has" in proc.stderr and "more than the model's context of 8192" in proc.stderr
+    assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.mark.parametrize("content, needle", [("", "has no rows"),
+                                             ('{"prompt": "a"}\n{"prompt": \n', ":2: malformed JSON"),
+                                             ('{"text": "a"}\n', ":1: missing key(s) prompt")])
+@pytest.mark.e2e  # a CLI process, or several CPU devices in a process of their own
+def test_generate_cli_bad_prompt_files(tmp_path, content, needle):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(content)
+    proc = run_cli("generate", "--model", "smollm2-135m", "--prompts", str(prompts), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert needle in proc.stderr and "Traceback" not in proc.stderr

@@ -10,7 +10,7 @@ from helpers import PAIRS, assert_same_logits, random_b, torch_logits
 
 from soft_jax import models, training
 from soft_jax.core.errors import UserError
-from soft_jax.models import checkpoint, lora, quant
+from soft_jax.models import lora, quant, weights
 from soft_jax.training import TrainConfig
 
 LAYOUTS = pytest.mark.parametrize("scan_layers", [False, True], ids=["loop", "scanned"])
@@ -71,12 +71,12 @@ def test_training_moves_the_adapters_only(tiny_chat, scan_layers):
     """After training every base array is unchanged, array by array; every adapter moved (B from zero); the
     optimizer holds moments for the adapters alone."""
     base, tok = models.load(tiny_chat, progress=False, scan_layers=scan_layers)
-    before = checkpoint.hf_tensors(base)
+    before = weights.hf_tensors(base)
     config = TrainConfig(max_prompt_len=64, max_response_len=64, batch_size=2, epochs=2, learning_rate=1e-2,
                          warmup_steps=0, order="given", pack=False, lora_rank=4, lora_alpha=8)
     tuned, result = training.train(base, tok, PAIRS, config, progress=False)
     assert result.steps == 4 and lora.has_adapters(tuned) and not lora.has_adapters(base)
-    after = checkpoint.hf_tensors(tuned)  # the base weights only (adapters are not HF tensors)
+    after = weights.hf_tensors(tuned)  # the base weights only (adapters are not HF tensors)
     assert sorted(after) == sorted(before)
     for name in before:
         np.testing.assert_array_equal(after[name], before[name], err_msg=name)
@@ -177,7 +177,7 @@ def test_a_qlora_run_keeps_adapters_per_round_and_resumes_after_sigkill_to_the_s
     from helpers import Workdir, run, run_workdir
 
     from soft_jax.models import safetensors_io
-    from soft_jax.rounds import bootstrap
+    from soft_jax.rounds import loop
 
     extra = ["train.lora_rank=4", "train.lora_alpha=8", "train.learning_rate=1e-2"]
     whole = run("dromedary2.py", tmp_path / "whole", *extra)
@@ -199,12 +199,12 @@ def test_a_qlora_run_keeps_adapters_per_round_and_resumes_after_sigkill_to_the_s
     config = json.load(open(os.path.join(whole, "config.json")))
     from soft_jax.models import presets
 
-    base, _ = presets.load("tiny", seed=config["seed"], progress=False, quant="nf4")
+    base, _ = presets.load_preset("tiny", seed=config["seed"], progress=False, quant="nf4")
     assert nnx.state(base, quant.Quantized)
     full = sum(x.nbytes for x in jax.tree.leaves(nnx.state(base, nnx.Param)))
     rounds = os.path.join(whole, "checkpoints", "rounds")
     ckpt = StepCheckpointer(rounds, every=0, keep=None)
-    model = bootstrap.restore_round_model(ckpt, 2, base, config_lib.from_saved(config).train)
+    model = loop.restore_round_model(ckpt, 2, base, config_lib.from_saved(config).train)
     ckpt.close()
     assert lora.has_adapters(model) and sorted(os.listdir(rounds)) == ["1", "2"]
     for t in os.listdir(rounds):
@@ -237,11 +237,11 @@ def test_plan_compiles_the_lora_train_step_with_moments_for_the_adapters_only():
     tuned = plan.compile_run(CFG, shapes, mesh, lora_config, only=["train_step", "decode"])
     assert [p.name for p in tuned] == ["train_step", "decode"] and "LoRA rank 2" in tuned[0].shapes
     module = plan.abstract_module(dataclasses.replace(CFG, scan_layers=True), lora_config)
-    weights = plan.param_bytes(nnx.state(module, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))), mesh)
+    base_bytes = plan.param_bytes(nnx.state(module, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))), mesh)
     adapter_bytes = plan.param_bytes(nnx.state(module, nnx.LoRAParam), mesh)
-    assert 0 < adapter_bytes < weights
-    assert full[0].arguments - tuned[0].arguments >= 2 * weights - 3 * adapter_bytes
-    assert tuned[0].arguments >= weights + 3 * adapter_bytes
+    assert 0 < adapter_bytes < base_bytes
+    assert full[0].arguments - tuned[0].arguments >= 2 * base_bytes - 3 * adapter_bytes
+    assert tuned[0].arguments >= base_bytes + 3 * adapter_bytes
     assert tuned[0].resident == 0  # the base model is the frozen argument; nothing else is kept beside it
 
 

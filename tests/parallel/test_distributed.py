@@ -54,9 +54,9 @@ def test_two_processes_equal_one_and_a_dead_host_stops_both(tmp_path, two):
     np.testing.assert_allclose([r["difficulty"] for r in a], [r["difficulty"] for r in b], rtol=1e-5)
     from soft_jax.models import presets
 
-    base = presets.load("tiny", seed=0)[0]
+    base = presets.load_preset("tiny", seed=0)[0]
     # two processes vs one: float32 reductions in another order, nothing more. Where a gradient entry is near
-    # Adam's eps its first update g / (|g| + eps) amplifies that order (tests/training/test_training.py measures it): a
+    # Adam's eps its first update g / (|g| + eps) amplifies that order (tests/training/test_trainer.py measures it): a
     # few elements (at most 0.1% of a leaf) may differ by up to lr / 4; a lost, repeated or wrong step moves
     # nearly every element by ~lr (1e-3 here)
     FEW = dict(rtol=1e-5, atol=1e-6, few=1e-3, few_atol=2.5e-4)
@@ -109,7 +109,7 @@ def flat_params(w: Workdir | None, t: int = 0) -> dict:
     from soft_jax.models import presets
     from soft_jax.training.checkpoints import StepCheckpointer
 
-    state = nnx.state(presets.load("tiny", seed=0)[0])
+    state = nnx.state(presets.load_preset("tiny", seed=0)[0])
     if w is not None:
         ckpt = StepCheckpointer(os.path.join(w.path, "checkpoints", "rounds"), every=0, keep=None)
         state = ckpt.restore(t, state)[0]

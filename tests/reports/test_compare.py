@@ -16,7 +16,7 @@ from helpers import INHOUSE_BIGBENCH, run
 
 from soft_jax import evaluation
 from soft_jax.cli import main
-from soft_jax.experiment import stats
+from soft_jax.evaluation import stats
 from soft_jax.reports import compare, plots, report
 
 pytestmark = pytest.mark.e2e  # whole runs, CLI processes, killed and restarted runs (conftest.py)

@@ -52,7 +52,7 @@ def same_artifacts_in(bucket_run: str, ref: Workdir, base_model, dest) -> Workdi
 
 def _objects(url: str) -> dict:
     """Relative name -> bytes of the objects under a prefix, TensorBoard's events aside (a rerun starts a new
-    events file: tests/experiment/test_tensorboard.py)."""
+    events file: tests/experiment/test_tensorboard_events.py)."""
     return {rel: storage.read_bytes(f"{url}/{rel}") for rel in storage.files(url) if not rel.startswith("tensorboard/")}
 
 
@@ -208,7 +208,7 @@ def test_two_processes_share_a_bucket_work_dir_with_no_shared_local_folder(bucke
     ref = run("soft_plus.py", tmp_path / "ref", *two)
     assert [g["raw"] for g in done.rows(1, "generations.jsonl")] == [g["raw"] for g in ref.rows(1, "generations.jsonl")]
     assert [r["prompt_id"] for r in done.rows(1, "train.jsonl")] == [r["prompt_id"] for r in ref.rows(1, "train.jsonl")]
-    base = presets.load("tiny", seed=0)[0]
+    base = presets.load_preset("tiny", seed=0)[0]
     # two processes vs one: the criterion of tests/parallel/test_distributed.py (Adam's first update near eps)
     assert_params_close(round_params(done, base)["round 1"], round_params(ref, base)["round 1"], rtol=1e-5,
                         atol=1e-6, few=1e-3, few_atol=2.5e-4, what="round 1, two processes on a bucket vs one: ")

@@ -1,7 +1,7 @@
 """The collapse guard (claim 3; docs/method.md, "The collapse guard"): which round is best, and when to stop.
 
 Rounds are compared on the same validation items: the per-item scores of a round and of the best round so
-far give a paired bootstrap interval of the mean difference (soft_jax.experiment.stats). A round replaces the best
+far give a paired bootstrap interval of the mean difference (soft_jax.evaluation.stats). A round replaces the best
 only when it is better beyond noise, and counts as worse only when it is worse beyond noise; after
 `patience` worse rounds since the best, the run stops and keeps the best. With confidence 0 the point
 estimate decides (the interval has no width).
@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from soft_jax.experiment import signals, stats
+from soft_jax.evaluation import signals, stats
 
 # metric -> higher is better. valid_nll: mean response NLL per held-out pair; the tasks: per-item accuracy
-# (MC2: the true-answer mass); the degeneracy signals of each open-ended answer (soft_jax.experiment.signals).
+# (MC2: the true-answer mass); the degeneracy signals of each open-ended answer (soft_jax.evaluation.signals).
 METRICS = {"valid_nll": False, "hhh": True, "truthfulqa_mc1": True, "truthfulqa_mc2": True,
            **{name: higher for name, (_, higher) in signals.SIGNALS.items()}}
 

@@ -6,7 +6,7 @@ docs/architecture.md ("The data flow of a round").
 Every phase leaves a durable artifact in the work dir (soft_jax.experiment.workdir lists them) before the next starts,
 so a rerun of the same command skips what is finished and resumes inside a phase where that is possible:
 generation at batch granularity (soft_jax.rounds.selfalign), training at step granularity (Orbax step checkpoints).
-The collapse guard (soft_jax.experiment.guard) decides the best round and the stop from every round's eval.json.
+The collapse guard (soft_jax.evaluation.guard) decides the best round and the stop from every round's eval.json.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from soft_jax.core import faults, preemption
 from soft_jax.core.errors import UserError
 from soft_jax.core.io_utils import read_json
 from soft_jax.data import filters, templates
+from soft_jax.evaluation import guard
 from soft_jax.experiment import config as config_lib
-from soft_jax.experiment import contamination, guard, preflight
+from soft_jax.experiment import contamination, preflight
 from soft_jax.experiment.config import RunConfig
 from soft_jax.experiment.workdir import CONFIG, CONTAMINATION, CURRICULUM, STATE, WorkDir, remove
 from soft_jax.models import presets
@@ -238,8 +239,8 @@ class Run:
         config, v = self.config, self.config.validation
         t_start = time.perf_counter()
         m = config.model
-        base, tokenizer = presets.load(m.name, m.path, m.dtype, m.param_dtype, mesh=self.mesh, seed=config.seed,
-                                       progress=self.progress, scan_layers=m.scan_layers, quant=m.quant)
+        base, tokenizer = presets.load_preset(m.name, m.path, m.dtype, m.param_dtype, mesh=self.mesh, seed=config.seed,
+                                              progress=self.progress, scan_layers=m.scan_layers, quant=m.quant)
         self.log(f"[run] {self.wd.path}: {config.rounds} round(s), prompts per round {self.inputs.sizes}, "
                  f"model {config.model.path or config.model.name}, {jax.device_count()} device(s)")
         if self.inputs.unavailable:
@@ -321,8 +322,8 @@ def best_model(workdir: str, dtype: str | None = None):
         raise UserError(f"{workdir}: not a soft-jax run work dir (no {CONFIG} / {STATE}); run `soft-jax run` first")
     config = config_lib.from_saved(cfg)
     m = config.model
-    model, tokenizer = presets.load(m.name, m.path, dtype or m.dtype, m.param_dtype, seed=config.seed, progress=False,
-                                    scan_layers=m.scan_layers, quant=m.quant)
+    model, tokenizer = presets.load_preset(m.name, m.path, dtype or m.dtype, m.param_dtype, seed=config.seed,
+                                           progress=False, scan_layers=m.scan_layers, quant=m.quant)
     best = state.get("best_round")
     if best:
         ckpt = StepCheckpointer(wd.file("checkpoints", "rounds"), every=0, keep=None)

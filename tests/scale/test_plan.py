@@ -1,4 +1,5 @@
-"""Generation on a mesh of its own (config mesh_generate): the weights are resharded device to device from the
+"""soft_jax.scale.plan: the round's programs compiled for a mesh. Generation on a mesh of its own (config
+mesh_generate): the weights are resharded device to device from the
 training layout, equal array by array; the compiled decode step on a tensor-parallel generation mesh gathers no
 parameter (read from its optimized HLO), where the training FSDP layout gathers every weight; and `plan`
 compiles generation and scoring for it. A round on it equals one device's: tests/parallel/test_distributed.py."""
@@ -243,7 +244,7 @@ def test_a_generation_copy_in_the_compute_dtype_computes_the_same():
     from soft_jax.inference import sampler, scorer
     from soft_jax.models.llama import Llama
     from soft_jax.parallel import sharding as shd
-    from soft_jax.rounds.bootstrap import generation_dtype
+    from soft_jax.rounds.loop import generation_dtype
 
     cfg = dataclasses.replace(CFG, dtype="bfloat16", param_dtype="float32", tie_word_embeddings=False)
     model = Llama(cfg, rngs=nnx.Rngs(1))
@@ -268,14 +269,14 @@ import json, sys
 sys.path.insert(0, sys.argv[1])
 import jax
 from helpers import config
-from soft_jax.rounds import bootstrap
+from soft_jax.rounds import loop
 from soft_jax.parallel import topology
 
 if sys.argv[3] == "tpu-like":  # the CPU devices given a chip's published limits, as a TPU's are
     topology.chip = lambda kind: topology.Chip("a chip", 1e12, 1e9, 1e8, "-")
 c = config("tiny.py", "mesh.data=1", "mesh.fsdp=8", "sampling.batch_size=8", "train.batch_size=8")
 logs = []
-run = bootstrap.Run(c, sys.argv[2], log=logs.append)
+run = loop.Run(c, sys.argv[2], log=logs.append)
 print(json.dumps({"train": dict(run.mesh.shape), "generate": dict(run.gen_mesh.shape),
                   "said": [line for line in logs if line.startswith("[mesh]")]}))
 """

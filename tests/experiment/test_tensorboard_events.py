@@ -135,11 +135,11 @@ def test_tensorboard_reader(tmp_path):
 
 
 def test_a_run_writes_its_metrics_as_events(tmp_path):
-    """SOFT+ on the tiny model, two rounds (test_bootstrap's settings): every number of metrics.jsonl is an event, train
+    """SOFT+ on the tiny model, two rounds (test_loop's settings): every number of metrics.jsonl is an event, train
     steps cumulative over the rounds, the rest at their round."""
     from helpers import run
 
-    w = run("soft_plus.py", tmp_path / "w")  # test_bootstrap's run: its programs are in the compilation cache
+    w = run("soft_plus.py", tmp_path / "w")  # test_loop's run: its programs are in the compilation cache
     steps = {m["round"]: m["steps"] for m in w.metrics if m["phase"] == "train_done"}
     want = {}
     for m in w.metrics:

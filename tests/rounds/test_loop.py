@@ -25,7 +25,7 @@ from helpers import (
 from soft_jax import training
 from soft_jax.core.errors import UserError
 from soft_jax.experiment import workdir
-from soft_jax.rounds import bootstrap, selfalign
+from soft_jax.rounds import loop, selfalign
 
 pytestmark = pytest.mark.e2e  # whole runs, CLI processes, killed and restarted runs (conftest.py)
 
@@ -138,7 +138,7 @@ def test_collapse_guard_stops_and_keeps_the_best_round(tmp_path, tiny_base):
     assert w.state["stopped"] and "collapse guard" in w.state["stopped"]
     assert w.state["finished"] == [1]
     assert w.state["best_round"] == 0 and w.state["scores"]["1"] > w.state["scores"]["0"]
-    model, _ = bootstrap.best_model(w.path)
+    model, _ = loop.best_model(w.path)
     assert_params_close(model, tiny_base, what="the kept model (round 0, the base)")
 
 
@@ -190,7 +190,7 @@ def test_same_config_and_seed_give_identical_round_files(tmp_path):
     and training all scanned, round checkpoints in that layout. It writes the same prompts, tokens, draws and
     kept data; the scores of a trained model (validation, the guard's state) and its best round's weights, layer
     by layer, equal a's to float32 rounding: the scan sums in another order."""
-    from soft_jax.models import checkpoint
+    from soft_jax.models import weights
 
     a = run("soft_plus.py", tmp_path / "a").files()
     b = run("soft_plus.py", tmp_path / "b", "model.scan_layers=true").files()
@@ -201,9 +201,9 @@ def test_same_config_and_seed_give_identical_round_files(tmp_path):
             assert_numbers_close(json.loads(b[k]), json.loads(a[k]), k)
         elif k != "config.json":
             assert a[k] == b[k], k
-    best = [bootstrap.best_model(str(tmp_path / w))[0] for w in "ab"]
+    best = [loop.best_model(str(tmp_path / w))[0] for w in "ab"]
     assert isinstance(best[1].layers, nnx.List) is False and json.loads(a["state.json"])["best_round"]
-    want, got = (checkpoint.hf_tensors(m) for m in best)
+    want, got = (weights.hf_tensors(m) for m in best)
     assert sorted(want) == sorted(got)
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
@@ -272,7 +272,7 @@ def test_a_run_that_cannot_fit_is_refused_before_it_starts(tmp_path, monkeypatch
     monkeypatch.setattr(memory, "device_memory", lambda: 64 * 2**20)  # a 64 MiB device: the compiler is asked
     with pytest.raises(UserError, match=r"train_step needs .* GiB per device \(compiled\), more than the 64.0 MiB "
                                         r"a device has; set model.scan_layers=true"):
-        bootstrap.Run(config("tiny.py", "train.batch_size=64", "train.max_prompt_len=1024"), str(tmp_path / "w"))
+        loop.Run(config("tiny.py", "train.batch_size=64", "train.max_prompt_len=1024"), str(tmp_path / "w"))
     assert not os.path.exists(tmp_path / "w")
 
 

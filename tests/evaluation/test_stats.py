@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from soft_jax.experiment.stats import paired_bootstrap, verdict
+from soft_jax.evaluation.stats import paired_bootstrap, verdict
 
 
 def test_identical_rounds_differ_by_nothing():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from soft_jax.experiment import signals
+from soft_jax.evaluation import signals
 
 NORMAL = ("Bread goes stale because its starch slowly recrystallises and pushes water out, so a loaf kept "
           "in the fridge actually dries faster than one kept in a bread box at room temperature.")
