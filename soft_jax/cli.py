@@ -244,7 +244,6 @@ def _overrides(args, takes: str) -> list[str]:
 def _load_config(args, takes: str):
     """The run config of --config with the --config.key=value overrides left in args.overrides."""
     from soft_jax.experiment import config as config_lib
-
     return config_lib.load(args.config, _overrides(args, takes))
 
 
@@ -279,8 +278,7 @@ def cmd_plan(args) -> None:
     if args.mesh_generate:
         sizes = args.mesh_generate.split(",")
         if len(sizes) != 3 or not all(x.strip().lstrip("-").isdigit() for x in sizes):
-            raise UserError(f"--mesh-generate {args.mesh_generate}: give DATA,FSDP,TENSOR sizes, e.g. 8,1,8 (one may "
-                            "be -1)")
+            raise UserError(f"--mesh-generate {args.mesh_generate}: give DATA,FSDP,TENSOR sizes, e.g. 8,1,8 (one -1)")
         args.overrides = list(args.overrides) + [f"--config.mesh_generate.{axis}={int(n)}"
                                                  for axis, n in zip(("data", "fsdp", "tensor"), sizes)]
     config = _load_config(args, "--config FILE, --topology SLICE or --gpu-target FILE")
@@ -368,7 +366,6 @@ def _add_generate(sub) -> None:
     p.add_argument("--prompts", help="JSONL file, one {\"prompt\": ..., \"id\": ...} per line")
     p.add_argument("--out", help="output JSONL (default: print to stdout)")
     from soft_jax.inference.sampler import SamplingConfig
-
     s = SamplingConfig()  # the flags' defaults are the API's
     p.add_argument("--max-new-tokens", type=int, default=s.max_new_tokens)
     p.add_argument("--temperature", type=float, default=s.temperature, help="0 = greedy")
@@ -404,7 +401,6 @@ def _add_train(sub) -> None:
     p.add_argument("--out", required=True, help="output HF checkpoint directory")
     p.add_argument("--param-dtype", default=None, help="parameter dtype (default: --dtype); float32 for bf16 compute")
     from soft_jax.training.settings import TRAIN_ORDERS, TrainConfig
-
     t = TrainConfig()
     p.add_argument("--epochs", type=int, default=t.epochs)
     p.add_argument("--lr", type=float, default=t.learning_rate)

@@ -223,3 +223,15 @@ def test_every_module_has_its_test_file():
         if not other.is_file() or module.rsplit(".", 1)[1] not in other.read_text():
             missing.append(f"{module}: no {own_test_file(module).relative_to(ROOT)}")
     assert not missing, missing
+
+
+def test_no_file_over_600_lines_and_no_function_over_100():
+    found = []
+    for path in MODULES.values():
+        text = path.read_text()
+        if text.count("\n") > 600:
+            found.append(f"{path.relative_to(ROOT)}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 100:
+                found.append(f"{path.relative_to(ROOT)}: {node.name} is {node.end_lineno - node.lineno + 1} lines")
+    assert not found, found
