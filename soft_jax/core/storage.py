@@ -72,9 +72,13 @@ def check_bucket(path: str, what: str = "path") -> str:
         except Exception as e:  # gcsfs raises HttpError, aiohttp and OS errors once retries are spent
             raise StorageError(f"{what} {path}: Cloud Storage request failed ({type(e).__name__})") from e
         if not found:
-            raise UserError(f"{what} {path}: the bucket gs://{_bucket(path)} does not exist (or this account may not "
-                            "see it); create it or fix the URL")
+            raise _no_bucket(f"{what} {path}")
     return path
+
+
+def _no_bucket(where: str) -> UserError:
+    return UserError(f"{where}: the bucket gs://{_bucket(where.split()[-1])} does not exist (or this account may not "
+                     "see it); create it or fix the URL")
 
 
 def configure() -> None:
@@ -122,8 +126,7 @@ def _call(path: str, fn: Callable, *args, **kwargs):
         return fn(*args, **kwargs)
     except (FileNotFoundError, FileExistsError) as e:
         if not _fs().exists(_bucket(path)):
-            raise UserError(f"{path}: the bucket gs://{_bucket(path)} does not exist (or this account may not "
-                            "see it); create it or fix the URL") from None
+            raise _no_bucket(path) from None
         raise e
     except (UserError, StorageError):
         raise

@@ -174,6 +174,8 @@ def test_bad_urls_are_one_line_user_errors(bucket, gcs_server):
         storage.check("gs:///x")
     with pytest.raises(UserError, match=r"the bucket gs://no-such-bucket-x does not exist"):
         io_utils.write_json("gs://no-such-bucket-x/run/state.json", {})
+    with pytest.raises(UserError, match=r"^--out gs://no-such-bucket-x/a: the bucket gs://no-such-bucket-x does not"):
+        storage.check_bucket("gs://no-such-bucket-x/a", "--out")  # an output, before any work
     with pytest.raises(UserError, match="no such file"):
         io_utils.read_jsonl(f"{bucket}/absent.jsonl")
 
