@@ -141,8 +141,9 @@ def score_rows(graphdef, mesh, state, heads, which, ids, positions, seg, picks, 
       last_only: whether picks are read after the last column only (static).
 
     Returns:
-      float32 log-probabilities: [B, E], of each picks[b, e] as the token after row b's last column; or
-      [B, T], of picks[b, t] as the token after column t (0 where picks[b, t] is -1).
+      (float32 log-probabilities, bool greedy), each [B, E] or [B, T]: the log-probability of each picks[b, e] as
+      the token after row b's last column, or of picks[b, t] as the token after column t (0 where picks[b, t] is
+      -1); and whether it is the model's argmax there (lm-evaluation-harness's is_greedy; True where not read).
     """
     with shd.activation_sharding(mesh):
         return _score_body(graphdef, state, heads, which, ids, positions, seg, picks, last_only)
@@ -164,14 +165,16 @@ def _score_body(graphdef, state, heads, which, ids, positions, seg, picks, last_
                                            last_only=last_only)
     norm = jax.nn.logsumexp(logits, axis=-1)
     if last_only:
-        return jnp.take_along_axis(logits[:, -1], picks, axis=-1) - norm[:, -1:]
+        return (jnp.take_along_axis(logits[:, -1], picks, axis=-1) - norm[:, -1:],
+                jnp.argmax(logits[:, -1], axis=-1)[:, None] == picks)
     picked = jnp.take_along_axis(logits, jnp.maximum(picks, 0)[..., None], axis=-1)[..., 0] - norm
-    return jnp.where(picks >= 0, picked, 0.0)
+    return jnp.where(picks >= 0, picked, 0.0), (jnp.argmax(logits, axis=-1) == picks) | (picks < 0)
 
 
 def _score_tokens(model: Llama, split, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
-                  batch_size: int = 16, mesh=None, progress: bool = False) -> list[np.ndarray]:
-    """Per-token log-probabilities of each continuation given its context (token lists).
+                  batch_size: int = 16, mesh=None, progress: bool = False) -> tuple[list[np.ndarray], np.ndarray]:
+    """Per-token log-probabilities of each continuation given its context (token lists), and whether each
+    continuation is the model's greedy one.
 
     Each distinct token sequence runs once, and a prefix several share runs once for all of them (see the
     section comment). batch_size: rows per forward pass at most (fewer for long rows; with a mesh, a
@@ -187,8 +190,9 @@ def _score_tokens(model: Llama, split, contexts: Sequence[Sequence[int]], contin
       progress: whether to show a progress bar.
 
     Returns:
-      Per request, in order, a float32 array [len(continuation)]: the log-probability of each continuation
-      token given the context and the continuation tokens before it (empty for an empty continuation).
+      (per request, in order, a float32 array [len(continuation)]: the log-probability of each continuation
+      token given the context and the continuation tokens before it (empty for an empty continuation); bool
+      [requests]: every continuation token is the argmax after what precedes it).
 
     Raises:
       UserError: an empty context, or with a mesh a batch_size its data x fsdp does not divide.
@@ -212,6 +216,7 @@ def _score_tokens(model: Llama, split, contexts: Sequence[Sequence[int]], contin
     width = max(map(len, asked.values()), default=1)
     graphdef, state = split
     out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(contexts)
+    greedy = np.ones(len(contexts), bool)
     bar = tqdm(total=len(keys), desc="scoring", unit="row", disable=not progress)
 
     def prefill_heads(chunk, shared, heads):
@@ -245,15 +250,16 @@ def _score_tokens(model: Llama, split, contexts: Sequence[Sequence[int]], contin
                 else:  # every token after the bound: each request reads its own continuation's part
                     read = keys[r][0][bounds[r] + 1:]
                     picks[row, tail - len(read):] = read
-            logp = to_host(score_rows(graphdef, mesh, state, heads, *Batcher(mesh, n).put(
+            logp, top = map(to_host, score_rows(graphdef, mesh, state, heads, *Batcher(mesh, n).put(
                 (None if local else which, ids, positions, seg, picks)), last_only))
             for row, (r, _, _) in enumerate(batch):
                 for i in rows[keys[r]]:
                     k = continuations[i]
-                    out[i] = logp[row, asked[r].index(k[0])][None] if last_only else logp[row, tail - len(k):]
+                    at = [asked[r].index(k[0])] if last_only else slice(tail - len(k), None)
+                    out[i], greedy[i] = logp[row, at], top[row, at].all()
             bar.update(len(batch))
     bar.close()
-    return out
+    return out, greedy
 
 
 def score_ids(tokenizer, contexts: Sequence[str], continuations: Sequence[str]) -> tuple[list, list]:
@@ -292,10 +298,13 @@ class ScoreOutput:
       logprobs: float32 [requests]: each continuation's summed log-probability given its context.
       per_token: per request, float32 [continuation tokens]: each token's log-probability given the context and
         the continuation tokens before it.
+      greedy: bool [requests]: every continuation token is the model's argmax after what precedes it (greedy
+        decoding would produce the continuation; lm-evaluation-harness's is_greedy).
     """
 
     logprobs: np.ndarray
     per_token: list[np.ndarray]
+    greedy: np.ndarray
 
 
 class Scorer:
@@ -335,7 +344,7 @@ class Scorer:
         check_lengths(cont, 0, limit, "continuation")
         check_lengths([a + b for a, b in zip(ctx, cont)], 0, limit, "row")
         size = self.batch_size if self.mesh is not None else max(1, min(self.batch_size, len(ctx)))
-        return _output(_score_tokens(self.model, self.split, ctx, cont, size, self.mesh, progress))
+        return _output(*_score_tokens(self.model, self.split, ctx, cont, size, self.mesh, progress))
 
     def tokens(self, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
                progress: bool = False) -> ScoreOutput:
@@ -344,12 +353,12 @@ class Scorer:
         Raises:
           UserError: an empty context, or with a mesh a batch_size its data x fsdp does not divide.
         """
-        return _output(_score_tokens(self.model, self.split, contexts, continuations, self.batch_size, self.mesh,
-                                     progress))
+        return _output(*_score_tokens(self.model, self.split, contexts, continuations, self.batch_size, self.mesh,
+                                      progress))
 
 
-def _output(per: list[np.ndarray]) -> ScoreOutput:
-    return ScoreOutput(np.asarray([p.sum() for p in per], np.float32), per)
+def _output(per: list[np.ndarray], greedy: np.ndarray) -> ScoreOutput:
+    return ScoreOutput(np.asarray([p.sum() for p in per], np.float32), per, greedy)
 
 
 def score(model: Llama, tokenizer, contexts: Sequence[str], continuations: Sequence[str], batch_size: int = 16,

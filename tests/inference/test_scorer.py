@@ -89,3 +89,23 @@ def test_a_scorer_splits_its_model_once_and_sums_its_tokens(tiny_chat, monkeypat
     by_ids = score.tokens(*ids)
     for a, b in zip(by_ids.per_token, scorer.score_tokens(model, *ids, batch_size=2)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_greedy_says_whether_each_continuation_is_the_models_argmax(tiny_chat):
+    """ScoreOutput.greedy (lm-evaluation-harness's is_greedy) against the full forward pass's argmax: for greedy
+    continuations of one and several tokens (taken from the full pass itself), and for the same with one token
+    changed; single-token continuations of one context share their row."""
+    model, _ = models.load(tiny_chat, progress=False)
+    rng = np.random.default_rng(0)
+    contexts, continuations, want = [], [], []
+    for n in (1, 1, 3, 5):
+        ctx = rng.integers(3, model.config.vocab_size, size=int(rng.integers(4, 30))).tolist()
+        cont = []
+        for _ in range(n):  # the greedy continuation, one full forward pass per token
+            cont.append(int(np.argmax(np.asarray(model(jnp.asarray([ctx + cont]))[0, -1]))))
+        wrong = cont[:-1] + [(cont[-1] + 1) % model.config.vocab_size]
+        contexts += [ctx, ctx]
+        continuations += [cont, wrong]
+        want += [True, False]
+    out = scorer.Scorer(model, batch_size=4).tokens(contexts, continuations)
+    assert out.greedy.dtype == bool and out.greedy.tolist() == want
