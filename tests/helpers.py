@@ -364,3 +364,18 @@ def count_splits(monkeypatch, module) -> list:
     real = nnx.split
     monkeypatch.setattr(module.nnx, "split", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     return calls
+
+
+LM_EVAL_FIXTURES = os.path.join(TESTS, "fixtures", "lm_eval")
+
+
+def lm_eval_tasks(folder) -> str:
+    """The in-house lm-eval task YAMLs (tests/fixtures/lm_eval) in `folder`, their DATA_DIR made the fixtures'
+    absolute path (lm-eval reads a data file relative to the working directory): an --lm-eval-include DIR."""
+    for name in os.listdir(LM_EVAL_FIXTURES):
+        if name.endswith(".yaml"):
+            with open(os.path.join(LM_EVAL_FIXTURES, name)) as f:
+                text = f.read().replace("DATA_DIR", LM_EVAL_FIXTURES)
+            with open(os.path.join(folder, name), "w") as f:
+                f.write(text)
+    return str(folder)

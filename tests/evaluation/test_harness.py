@@ -1,0 +1,119 @@
+"""lm-evaluation-harness on the JAX model (soft_jax.evaluation.harness) against lm-eval's own HFLM on PyTorch, the
+same SmolLM2-135M weights in float32, item by item, on three tasks written in-house in lm-eval's format
+(tests/fixtures/lm_eval): multiple choice (loglikelihood), a generate_until task with exact match, and a rolling
+log-likelihood (perplexity) task."""
+
+import os
+
+import numpy as np
+import pytest
+from helpers import lm_eval_tasks
+
+TASKS = ["softjax_mc", "softjax_gen", "softjax_ppl"]
+
+
+def evaluate(lm, include: str, limit=None, tasks=TASKS) -> dict:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=TaskManager(include_path=include),
+                                   log_samples=True, limit=limit, random_seed=0, numpy_random_seed=0,
+                                   torch_random_seed=0, fewshot_random_seed=0)
+
+
+def by_doc(result: dict, task: str) -> dict:
+    return {s["doc_id"]: s for s in result["samples"][task]}
+
+
+@pytest.fixture(scope="module")
+def hflm_result(smollm2_hf, smollm2_tokenizer, tmp_path_factory):
+    from lm_eval.models.huggingface import HFLM
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    include = lm_eval_tasks(tmp_path_factory.mktemp("tasks"))
+    return include, evaluate(HFLM(pretrained=smollm2_hf, tokenizer=smollm2_tokenizer, batch_size=8, device="cpu"),
+                             include)
+
+
+# slow: SmolLM2 on both sides, about a minute each; the requests on a tiny model run by default (the last test)
+@pytest.mark.slow
+def test_every_item_matches_lm_evals_hflm(smollm2, hflm_result):
+    from soft_jax.evaluation.harness import SoftJaxLM
+
+    include, ref = hflm_result
+    ours = evaluate(SoftJaxLM(*smollm2, batch_size=8), include)
+    # multiple choice: each choice's log-likelihood within 1e-3, the same is_greedy and the same decision
+    for doc, want in by_doc(ref, "softjax_mc").items():
+        got = by_doc(ours, "softjax_mc")[doc]
+        a, b = [r[0] for r in got["filtered_resps"]], [r[0] for r in want["filtered_resps"]]
+        np.testing.assert_allclose(np.asarray(a, float), np.asarray(b, float), atol=1e-3, err_msg=str(doc))
+        assert [r[1] for r in got["filtered_resps"]] == [r[1] for r in want["filtered_resps"]], doc
+        assert (got["acc"], got["acc_norm"]) == (want["acc"], want["acc_norm"]), doc
+    # generation: identical greedy text, the same exact match
+    for doc, want in by_doc(ref, "softjax_gen").items():
+        got = by_doc(ours, "softjax_gen")[doc]
+        assert got["filtered_resps"] == want["filtered_resps"] and got["exact_match"] == want["exact_match"], doc
+    # rolling log-likelihood of whole documents
+    for doc, want in by_doc(ref, "softjax_ppl").items():
+        got = by_doc(ours, "softjax_ppl")[doc]
+        assert got["filtered_resps"][0] == pytest.approx(want["filtered_resps"][0], abs=1e-3), doc
+    for task, metrics in ref["results"].items():
+        for key, value in metrics.items():
+            if key.split(",")[0] in ("acc", "acc_norm", "exact_match"):
+                assert ours["results"][task][key] == value, (task, key)
+            elif key.split(",")[0] in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+                assert ours["results"][task][key] == pytest.approx(value, rel=1e-4), (task, key)
+    assert ours["results"]["softjax_mc"]["acc,none"] > 0.5  # the task measures something: chance is 0.25
+
+
+@pytest.mark.slow
+def test_a_wrong_token_boundary_breaks_parity(smollm2, hflm_result):
+    """The continuation's first token scored as part of the context (what a naive split does): the
+    log-likelihoods leave HFLM's by far more than the tolerance."""
+    from soft_jax.evaluation.harness import SoftJaxLM
+
+    class FirstTokenInContext(SoftJaxLM):
+        def _encode_pair(self, context, continuation):
+            ctx, cont = super()._encode_pair(context, continuation)
+            return ctx + cont[:1], cont[1:] or cont
+
+    include, ref = hflm_result
+    ours = evaluate(FirstTokenInContext(*smollm2, batch_size=8), include, limit=4, tasks=["softjax_mc"])
+    gaps = [abs(got["filtered_resps"][i][0] - want["filtered_resps"][i][0])
+            for doc, want in by_doc(ref, "softjax_mc").items() if doc < 4
+            for got in [by_doc(ours, "softjax_mc")[doc]] for i in range(len(want["filtered_resps"]))]
+    assert max(gaps) > 1.0
+
+
+@pytest.mark.parametrize("kind", ["loglikelihood", "loglikelihood_rolling", "generate_until"])
+def test_the_requests_are_answered_as_hflm_answers_them_on_a_tiny_model(tiny_chat, kind):
+    """Request by request against HFLM on the same tiny random Llama (an HF directory both load): the pair
+    boundaries (trailing whitespace, an empty context), windows longer than max_length, stop sequences and
+    max_gen_toks. Not slow: runs by default."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from soft_jax import models
+    from soft_jax.evaluation.harness import SoftJaxLM
+
+    model, tok = models.load(tiny_chat, progress=False)
+    ours = SoftJaxLM(model, tok, batch_size=4, max_length=48)
+    ref = HFLM(pretrained=tiny_chat, batch_size=4, device="cpu", max_length=48, dtype="float32")
+    long = " ".join(f"word{i}" for i in range(60))  # past max_length: cut on the left, rolled in windows
+    args = {
+        "loglikelihood": [("Question: is it?\nAnswer:", " yes"), ("Question: is it?\nAnswer: ", "no"), ("", "Hello"),
+                          ("A\n\n", "B C D"), (long, " end")],
+        "loglikelihood_rolling": [("One short line.",), (long,)],
+        "generate_until": [("Once upon a time", {"until": ["."], "max_gen_toks": 10, "do_sample": False}),
+                           ("The list: 1, 2,", {"until": ["\n", "7"], "max_gen_toks": 6}),
+                           (long, {"until": [], "max_gen_toks": 5, "temperature": 0.0})],
+    }[kind]
+    requests = [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+    got, want = getattr(ours, kind)(requests), getattr(ref, kind)(requests)
+    if kind == "generate_until":
+        assert got == want
+    elif kind == "loglikelihood":
+        np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], atol=1e-4)
+        assert [g[1] for g in got] == [w[1] for w in want]
+    else:
+        np.testing.assert_allclose(got, want, atol=1e-3)
