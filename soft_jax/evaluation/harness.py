@@ -185,3 +185,70 @@ class SoftJaxLM(TemplateLM):
             bar.update(len(members))
         bar.close()
         return out
+
+
+def task_manager(include: str = ""):
+    """lm-eval's TaskManager, with the task YAMLs under `include` (a directory; lm-eval's --include_path) too."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(verbosity="ERROR", include_path=include or None)
+
+
+def check_tasks(names: list[str], include: str = "") -> tuple[list[str], dict[str, str]]:
+    """(the tasks whose data can be had, {task: why not}) before any weights are read; an unknown task name is a
+    UserError. Each task's dataset is loaded as lm-eval loads it (the Hub's datasets from the cache when
+    HF_DATASETS_OFFLINE=1 or offline; local files where a task YAML names them)."""
+    from lm_eval.tasks import get_task_dict
+
+    manager = task_manager(include)
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        raise UserError(f"eval.lm_eval.tasks: unknown lm-eval task(s) {', '.join(unknown)}; see `lm-eval ls tasks`, "
+                        "or give the directory of your task YAMLs as eval.lm_eval.include (--lm-eval-include)")
+    available, unavailable = [], {}
+    for name in names:
+        try:
+            get_task_dict([name], manager)
+            available.append(name)
+        except Exception as e:  # noqa: BLE001 - datasets raise many kinds (offline, missing, gated); each is said
+            reason = str(e).splitlines()[0][:160] if str(e) else ""
+            unavailable[name] = f"its data cannot be loaded ({type(e).__name__}: {reason})"
+    return available, unavailable
+
+
+def _key(name: str) -> str:
+    metric, _, kind = name.partition(",")
+    return metric if kind in ("", "none") else f"{metric}({kind})"
+
+
+def run_tasks(model, tokenizer, tasks: list[str], *, include: str = "", num_fewshot: int = -1, limit: int = 0,
+              batch_size: int = 16, seed: int = 0, mesh=None, progress: bool = False) -> tuple[dict, list[dict]]:
+    """lm-eval's simple_evaluate of `tasks` on the model: ({task: {"metrics": {metric: value, metric_stderr:
+    stderr}, "higher_is_better": {metric: bool}, "n": items}}, per-item rows). num_fewshot -1: each task's own;
+    limit 0: every item. A row: task, doc_id, target, the filtered response and each metric's per-item value."""
+    import lm_eval
+
+    lm = SoftJaxLM(model, tokenizer, mesh=mesh, batch_size=batch_size, seed=seed, progress=progress)
+    res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager(include),
+                                  num_fewshot=None if num_fewshot < 0 else num_fewshot, limit=limit or None,
+                                  log_samples=True, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                  fewshot_random_seed=seed, verbosity="ERROR")
+    out = {}
+    for task in tasks:
+        values = {_key(k): float(v) for k, v in res["results"][task].items()
+                  if "," in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        out[task] = {"metrics": values, "higher_is_better": dict(res.get("higher_is_better", {}).get(task, {})),
+                     "n": int(res.get("n-samples", {}).get(task, {}).get("effective", 0))}
+    rows = []
+    for task in tasks:
+        metrics = [m for m in out[task]["higher_is_better"]]
+        for s in res["samples"].get(task, []):
+            rows.append(json.loads(json.dumps({"task": task, "doc_id": s["doc_id"], "target": s.get("target"),
+                                               "response": s.get("filtered_resps"),
+                                               **{m: s[m] for m in metrics if m in s}}, default=_plain)))
+    return out, rows
+
+
+def _plain(x):
+    """JSON for numpy scalars and arrays in lm-eval's samples."""
+    return x.tolist() if hasattr(x, "tolist") else str(x)

@@ -41,7 +41,9 @@ RESUMABLE_CHANGES = ("rounds", "check_contamination", "validation.patience", "va
 # Keys added since runs may have started, each with the value that behaves as before it existed: a run's
 # config.json that lacks one reads it as that value, so that a run started by an older soft-jax resumes.
 ADDED_KEYS = {"train.lora_dropout": 0.0, "train.seq_len": None, "train.max_steps": None, "train.warmup_steps": None,
-              "train.end_lr_ratio": 0.0, "train.b1": 0.9, "train.b2": 0.999, "train.eps": 1e-8}
+              "train.end_lr_ratio": 0.0, "train.b1": 0.9, "train.b2": 0.999, "train.eps": 1e-8,
+              "eval.lm_eval.tasks": "", "eval.lm_eval.num_fewshot": -1, "eval.lm_eval.limit": 0,
+              "eval.lm_eval.batch_size": 16, "eval.lm_eval.include": ""}
 # The paper's benchmarks, run every round (round 0, the base model, included) by the paper configs.
 PAPER_TASKS = "hhh,truthfulqa_mc1,truthfulqa_mc2"
 
@@ -142,6 +144,20 @@ class ValidationSection:
 
 
 @_frozen
+class LmEvalSection:
+    """lm-evaluation-harness tasks run on every round's model (soft_jax.evaluation.harness; `pip install
+    'soft-jax[lm-eval]'`): tasks comma-separated (any lm-eval task, or one of your YAMLs under `include`, lm-eval's
+    include path); num_fewshot -1: each task's own; limit 0: every item. Their data are loaded before any weights
+    are read: a task whose data cannot be had stops the run when eval.required, else shows as n/a."""
+
+    tasks: str = ""
+    num_fewshot: int = -1
+    limit: int = 0
+    batch_size: int = 16
+    include: str = ""
+
+
+@_frozen
 class EvalSection:
     """tasks: comma-separated (hhh, truthfulqa_mc1, truthfulqa_mc2), each evaluated every round under `protocol`.
     required: a run whose eval tasks cannot be had (no BIG-bench task files: see `soft-jax data tasks`) stops before
@@ -153,6 +169,7 @@ class EvalSection:
     batch_size: int = 16
     truthfulqa_file: str = ""
     required: bool = True
+    lm_eval: LmEvalSection = LmEvalSection()
 
 
 @_frozen
@@ -467,6 +484,11 @@ def validate(config: RunConfig) -> None:
                         "set open_ended.limit to the number of questions to answer each round")
     if config.eval.tasks:
         evaluation.parse_tasks(config.eval.tasks)
+    lm = config.eval.lm_eval
+    if lm.num_fewshot < -1 or lm.limit < 0 or lm.batch_size < 1:
+        raise UserError(f"config: eval.lm_eval num_fewshot={lm.num_fewshot}, limit={lm.limit}, batch_size="
+                        f"{lm.batch_size}: num_fewshot >= -1 (-1: each task's own), limit >= 0 (0: every item), "
+                        "batch_size >= 1")
     if config.eval.protocol not in evaluation.PROTOCOLS:
         raise UserError(f"config: eval.protocol {config.eval.protocol!r}: choose {' | '.join(evaluation.PROTOCOLS)}")
     g = generation_mesh_shape(config)

@@ -22,6 +22,7 @@ class Inputs:
     eval_tasks: list[str] = dataclasses.field(default_factory=list)  # the configured tasks that can be evaluated
     unavailable: dict[str, str] = dataclasses.field(default_factory=dict)  # task -> why it cannot be evaluated
     bigbench: object = None  # evaluation.sources.Source of the BIG-bench task files, when a task reads them
+    lm_eval_tasks: list[str] = dataclasses.field(default_factory=list)  # eval.lm_eval.tasks whose data can be had
 
 
 def check_eval(config: RunConfig) -> tuple[list[str], dict[str, str], object]:
@@ -39,6 +40,26 @@ def check_eval(config: RunConfig) -> tuple[list[str], dict[str, str], object]:
         raise UserError(f"config: eval.tasks {', '.join(unavailable)} cannot be evaluated: "
                         f"{next(iter(unavailable.values()))}; or set eval.required=false to run without them")
     return [t for t in tasks if t not in unavailable], unavailable, source
+
+
+def check_lm_eval(config: RunConfig) -> tuple[list[str], dict[str, str]]:
+    """(the eval.lm_eval tasks whose data can be had, {task: why not}), loaded as lm-eval loads them; lm-eval missing
+    or an unknown task is a UserError, and so is missing data when eval.required."""
+    lm = config.eval.lm_eval
+    names = [t.strip() for t in lm.tasks.split(",") if t.strip()]
+    if not names:
+        return [], {}
+    try:
+        from soft_jax.evaluation import harness
+    except ImportError as e:
+        raise UserError(f"config: eval.lm_eval.tasks needs lm-evaluation-harness ({e}); pip install "
+                        "'soft-jax[lm-eval]', or set eval.lm_eval.tasks=''") from None
+    available, unavailable = harness.check_tasks(names, lm.include)
+    if unavailable and config.eval.required:
+        task, why = next(iter(unavailable.items()))
+        raise UserError(f"config: eval.lm_eval.tasks {task}: {why}; make its data reachable (or cached for "
+                        "HF_DATASETS_OFFLINE=1), or set eval.required=false to run without it")
+    return available, unavailable
 
 
 def load(config: RunConfig, evaluating: bool = True) -> Inputs:
@@ -62,10 +83,12 @@ def load(config: RunConfig, evaluating: bool = True) -> Inputs:
                         "prompts.per_round, or give a larger pool")
     validation = data.load_pairs(config.validation.path) if config.validation.metric == "valid_nll" else []
     eval_tasks, unavailable, source = check_eval(config) if evaluating else ([], {}, None)
+    lm_tasks, lm_unavailable = check_lm_eval(config) if evaluating else ([], {})
     open_ended = (data.load_prompts(config.open_ended.path or data.asset("questions.jsonl"))
                   if config.open_ended.limit else [])
     return Inputs(data.load_principles(config.principles), exemplars, pool, validation, sizes,
-                  open_ended[:config.open_ended.limit], eval_tasks, unavailable, source)
+                  open_ended[:config.open_ended.limit], eval_tasks, {**unavailable, **lm_unavailable}, source,
+                  lm_tasks)
 
 
 def resolve_fixed_exemplars(config: RunConfig, inputs: Inputs) -> RunConfig:

@@ -184,10 +184,16 @@ def round_table(metrics: list[dict], metric: str, tasks: str = "", comparisons: 
              ("open_truncation_rate", "truncated answers")]
     opens = [(k, h) for k, h in opens if any(k in r for r in metrics)]
     shown = [r for r in metrics if r.get("phase") == "generate" and "exemplars_shown" in r]
+    # lm-eval's metrics (eval.lm_eval.tasks), each with its stderr: "lm_eval/TASK/METRIC" in the eval events
+    lm = sorted({k for r in metrics if r.get("phase") == "eval" for k in r
+                 if k.startswith("lm_eval/") and not k.endswith("_stderr")}
+                | {f"lm_eval/{task}" for r in metrics if r.get("phase") == "eval" for task in r.get("unavailable", ())
+                   if task not in evaluation.TASKS})  # a task whose data could not be had: one n/a column
     head = ["round", "prompts", "kept", "dropped", "cut by length",
             *(["exemplars / principles shown"] if shown else []),
             "difficulty", "train loss", metric, "vs best [interval]" if comparisons is not None else None,
-            *(f"{k} ({protocol})" if protocol else k for k in names), *(h for _, h in opens)]
+            *(f"{k} ({protocol})" if protocol else k for k in names),
+            *(" ".join(k.split("/")[1:]) for k in lm), *(h for _, h in opens)]
     head = [h for h in head if h is not None]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     num = lambda row, k: "n/a" if k in row.get("unavailable", ()) else f"{row[k]:.4f}" if k in row else "-"
@@ -204,7 +210,10 @@ def round_table(metrics: list[dict], metric: str, tasks: str = "", comparisons: 
                   f"{np.mean(losses[-max(1, len(losses) // 4):]):.4f}" if losses else "-", num(ev, metric)]
         if comparisons is not None:
             cells.append(guard.describe(comparisons.get(str(t))))
-        cells += [num(ev, k) for k in names] + [num(ev, k) for k, _ in opens]
+        cells += [num(ev, k) for k in names]
+        cells += ["n/a" if k.split("/")[1] in ev.get("unavailable", ()) else
+                  num(ev, k) + (f" ± {ev[k + '_stderr']:.4f}" if k + "_stderr" in ev else "") for k in lm]
+        cells += [num(ev, k) for k, _ in opens]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -21,6 +21,7 @@ from soft_jax.rounds import curriculum
 from soft_jax.rounds.context import RoundContext
 
 OPEN_ENDED = "open_ended.jsonl"
+LM_EVAL_ITEMS = "lm_eval_items.jsonl"
 
 
 def open_ended(ctx: RoundContext, model, tokenizer) -> list[dict]:
@@ -72,30 +73,52 @@ def evaluate(ctx: RoundContext, t: int, model, tokenizer) -> tuple[dict, dict]:
         if "data" in res:
             out["data"] = res.pop("data")
         out["tasks"] = res
+    rows = lm_eval_phase(ctx, t, model, tokenizer, out)
     if ctx.inputs.unavailable:  # eval.required=false: recorded with the reason, shown as n/a, never as 0
         out["unavailable"] = dict(ctx.inputs.unavailable)
     event = {"round": t, "phase": "eval", "seconds": time.perf_counter() - t0,
              config.validation.metric: out["validation"]["value"],
              **{task: r["accuracy"] for task, r in out.get("tasks", {}).items()},
              **({"unavailable": sorted(ctx.inputs.unavailable)} if ctx.inputs.unavailable else {})}
+    for task, r in out.get("lm_eval", {}).items():
+        event.update({f"lm_eval/{task}/{k}": v for k, v in r["metrics"].items()})
+    if rows:
+        event["lm_eval_items"] = len(rows)
     if answers:
         event.update({f"open_{k}": out["open_ended"]["signals"][k]
                       for k in ("distinct_2", "repeated_ngram_rate", "length", "truncation_rate")})
     return out, event
 
 
+def lm_eval_phase(ctx: RoundContext, t: int, model, tokenizer, out: dict) -> list[dict]:
+    """The eval.lm_eval tasks on the round's model (soft_jax.evaluation.harness): per-task metrics with lm-eval's
+    stderr into eval.json (`lm_eval`), and each item's result into the round's LM_EVAL_ITEMS file, so that rounds
+    and runs can be paired item by item."""
+    if not ctx.inputs.lm_eval_tasks:
+        return []
+    from soft_jax.evaluation import harness
+
+    lm = ctx.config.eval.lm_eval
+    out["lm_eval"], rows = harness.run_tasks(model, tokenizer, ctx.inputs.lm_eval_tasks, include=lm.include,
+                                             num_fewshot=lm.num_fewshot, limit=lm.limit, batch_size=lm.batch_size,
+                                             seed=ctx.config.seed, mesh=ctx.mesh, progress=ctx.progress)
+    save_jsonl(ctx.workdir.round_file(t, LM_EVAL_ITEMS), rows)
+    return rows
+
+
 def shared_round0(ctx: RoundContext, source: str) -> tuple[dict, dict]:
     """(eval.json, metrics event) of round 0 taken from the work dir `source` (soft_jax.rounds.sweep), whose round 0
-    evaluated the same base model under the same settings (sweep.round0_settings): its eval.json and open-ended
-    answers are copied as they are, and a `round0_shared` event names the run they came from."""
+    evaluated the same base model under the same settings (sweep.round0_settings): its eval.json, open-ended
+    answers and lm-eval items are copied as they are, and a `round0_shared` event names the run they came from."""
     src = WorkDir(source)
     ev = read_json(src.round_file(0, "eval.json"))
     if ev is None:
         raise UserError(f"{src.round_file(0, 'eval.json')}: missing, so round 0 cannot be shared from {source}; "
                         "rerun the sweep")
-    answers = src.round_file(0, OPEN_ENDED)
-    if storage.exists(answers) and distributed.is_writer():
-        io_utils.write_atomic(ctx.workdir.round_file(0, OPEN_ENDED), storage.read_bytes(answers))
+    for name in (OPEN_ENDED, LM_EVAL_ITEMS):
+        copied = src.round_file(0, name)
+        if storage.exists(copied) and distributed.is_writer():
+            io_utils.write_atomic(ctx.workdir.round_file(0, name), storage.read_bytes(copied))
     event = next((r for r in io_utils.read_appended(src.file(METRICS))
                   if r.get("round") == 0 and r.get("phase") == "eval"), None)
     ctx.workdir.metrics.add({"round": 0, "phase": "round0_shared", "from": os.path.basename(os.path.normpath(source)),

@@ -34,7 +34,8 @@ def round0_settings(cfg: dict) -> dict:
     random_weights = m["name"] == "tiny" and not m["path"]
     return {
         "model": {k: m[k] for k in ("name", "path", "dtype", "param_dtype")},
-        "seed": cfg["seed"] if random_weights else None,
+        # lm-eval tasks that sample are seeded by the run's seed
+        "seed": cfg["seed"] if random_weights or cfg["eval"].get("lm_eval", {}).get("tasks") else None,
         "mesh": cfg["mesh"],
         "validation": {k: v for k, v in cfg["validation"].items() if k not in GUARD_ONLY},
         "eval": cfg["eval"],
