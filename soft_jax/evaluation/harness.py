@@ -23,6 +23,7 @@ harness sees one rank; only the writer process reports.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 
@@ -187,8 +188,10 @@ class SoftJaxLM(TemplateLM):
         return out
 
 
+@functools.cache
 def task_manager(include: str = ""):
-    """lm-eval's TaskManager, with the task YAMLs under `include` (a directory; lm-eval's --include_path) too."""
+    """lm-eval's TaskManager, with the task YAMLs under `include` (a directory; lm-eval's --include_path) too; one
+    per include path and process (it indexes every task YAML lm-eval ships)."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager(verbosity="ERROR", include_path=include or None)
@@ -198,8 +201,6 @@ def check_tasks(names: list[str], include: str = "") -> tuple[list[str], dict[st
     """(the tasks whose data can be had, {task: why not}) before any weights are read; an unknown task name is a
     UserError. Each task's dataset is loaded as lm-eval loads it (the Hub's datasets from the cache when
     HF_DATASETS_OFFLINE=1 or offline; local files where a task YAML names them)."""
-    from lm_eval.tasks import get_task_dict
-
     manager = task_manager(include)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
@@ -208,7 +209,7 @@ def check_tasks(names: list[str], include: str = "") -> tuple[list[str], dict[st
     available, unavailable = [], {}
     for name in names:
         try:
-            get_task_dict([name], manager)
+            manager.load([name])
             available.append(name)
         except Exception as e:  # noqa: BLE001 - datasets raise many kinds (offline, missing, gated); each is said
             reason = str(e).splitlines()[0][:160] if str(e) else ""

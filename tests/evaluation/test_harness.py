@@ -117,3 +117,51 @@ def test_the_requests_are_answered_as_hflm_answers_them_on_a_tiny_model(tiny_cha
         assert [g[1] for g in got] == [w[1] for w in want]
     else:
         np.testing.assert_allclose(got, want, atol=1e-3)
+
+
+@pytest.mark.e2e
+def test_a_run_evaluates_its_lm_eval_tasks_every_round_and_a_task_without_data_is_na(tmp_path, monkeypatch):
+    """eval.lm_eval on a tiny one-round SOFT+ run: per-task metrics with lm-eval's stderr in eval.json, the metrics
+    events and the round table, every item in the round's lm_eval_items.jsonl; a task whose data file is missing
+    stops the run before any weights when eval.required, and is n/a otherwise."""
+    import json
+
+    from helpers import config, run
+
+    from soft_jax.core.errors import UserError
+    from soft_jax.reports import report
+    from soft_jax.rounds import loop
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    include = lm_eval_tasks(tmp_path)
+    with open(os.path.join(include, "softjax_missing.yaml"), "w") as f:  # the mc task, its data file gone
+        f.write(open(os.path.join(include, "softjax_mc.yaml")).read().replace("task: softjax_mc",
+                                                                               "task: softjax_missing")
+                .replace("mc.jsonl", "absent.jsonl"))
+    lm = ["eval.lm_eval.tasks=softjax_mc,softjax_gen,softjax_missing", f"eval.lm_eval.include={include}",
+          "eval.lm_eval.limit=3", "eval.lm_eval.batch_size=4", "rounds=1"]
+    with pytest.raises(UserError, match="eval.lm_eval.tasks softjax_missing: its data cannot be loaded"):
+        loop.Run(config("soft_plus.py", *lm), str(tmp_path / "refused"), log=lambda _: None)
+    assert not os.path.exists(tmp_path / "refused")  # refused before the work dir (and any weights)
+
+    w = run("soft_plus.py", tmp_path / "w", *lm, "eval.required=false")
+    for t in (0, 1):
+        ev = json.load(open(os.path.join(w.path, "rounds", f"{t:03d}", "eval.json")))
+        assert set(ev["lm_eval"]) == {"softjax_mc", "softjax_gen"} and "softjax_missing" in ev["unavailable"]
+        mc = ev["lm_eval"]["softjax_mc"]
+        assert set(mc["metrics"]) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"} and mc["n"] == 3
+        assert 0 <= mc["metrics"]["acc"] <= 1 and mc["higher_is_better"]["acc"] is True
+        items = [json.loads(x) for x in open(os.path.join(w.path, "rounds", f"{t:03d}", "lm_eval_items.jsonl"))]
+        assert sorted((r["task"], r["doc_id"]) for r in items) == sorted(
+            (task, d) for task in ("softjax_mc", "softjax_gen") for d in range(3))
+        assert np.mean([r["acc"] for r in items if r["task"] == "softjax_mc"]) == pytest.approx(mc["metrics"]["acc"])
+        event = w.event(t, "eval")
+        assert event["lm_eval/softjax_mc/acc"] == mc["metrics"]["acc"]
+        assert event["lm_eval/softjax_gen/exact_match_stderr"] == ev["lm_eval"]["softjax_gen"]["metrics"][
+            "exact_match_stderr"]
+    table = report.round_table(w.metrics, "valid_nll")
+    head, _, r0, r1 = table.splitlines()[:4]
+    assert "| softjax_mc acc |" in head and "| softjax_missing |" in head
+    split = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]
+    cells = dict(zip(split(head), split(r1)))
+    assert cells["softjax_missing"] == "n/a" and " ± " in cells["softjax_mc acc"]
