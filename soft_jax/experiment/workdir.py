@@ -22,6 +22,9 @@ import copy
 import os
 from collections.abc import Callable
 
+import numpy as np
+
+from soft_jax import evaluation
 from soft_jax.core import faults, io_utils, preemption, storage
 from soft_jax.core.errors import UserError
 from soft_jax.core.io_utils import read_json, read_jsonl
@@ -31,6 +34,7 @@ from soft_jax.parallel import distributed
 
 CONFIG, STATE, METRICS, LOCK, CURRICULUM = "config.json", "state.json", "metrics.jsonl", ".lock", "curriculum.json"
 CONTAMINATION = "contamination.json"  # `soft-jax data check` of the run's inputs, written when it starts
+OPEN_SIGNALS = ("open_distinct_2", "open_repeated_ngram_rate", "open_truncation_rate")  # the round table shows these
 NEW_STATE = {"finished": [], "scores": {}, "comparisons": {}, "best_round": None, "stopped": None}
 
 
@@ -88,6 +92,38 @@ class Metrics:
     def close(self) -> None:
         if self.events:
             self.events.close()
+
+
+def round_values(metrics: list[dict], metric: str, tasks: str = "") -> dict[int, dict]:
+    """Per round (0: the base model), the numbers the round table shows (soft_jax.reports.report.round_table) and W&B
+    logs (soft_jax.experiment.tracking), read from metrics.jsonl's rows: prompts, kept, dropped, cut_by_length,
+    exemplars_shown, principles_shown, difficulty (the mean), train_loss (the mean over the last quarter of the
+    round's steps), and under "eval" the validation metric, the eval tasks and the open-ended signals that were
+    measured; "unavailable": the tasks the run could not evaluate. A number the round lacks is absent."""
+    by: dict = {}
+    for r in metrics:
+        by.setdefault(r.get("round"), {}).setdefault(r.get("phase"), []).append(r)
+    keys = [metric, *(evaluation.parse_tasks(tasks) if tasks else []), *OPEN_SIGNALS]
+    out = {}
+    for t in sorted(k for k in by if k is not None):
+        ph = by[t]
+        gen, cur = (ph.get("generate") or [{}])[0], (ph.get("curriculum") or [{}])[0]
+        losses = [r["loss"] for r in sorted(ph.get("train", []), key=lambda r: r["step"])]
+        ev = (ph.get("eval") or [{}])[0]
+        unavailable = list(ev.get("unavailable", ()))
+        v = {"eval": {k: ev[k] for k in keys if k in ev and k not in unavailable}, "unavailable": unavailable}
+        if gen:
+            v.update(prompts=gen["prompts"], kept=gen["kept"], dropped=gen["prompts"] - gen["kept"])
+        for name, key in (("cut_by_length", "truncated_generations"), ("exemplars_shown", "exemplars_shown"),
+                          ("principles_shown", "principles_shown")):
+            if key in gen:
+                v[name] = gen[key]
+        if cur.get("mean_difficulty") is not None:
+            v["difficulty"] = cur["mean_difficulty"]
+        if losses:
+            v["train_loss"] = float(np.mean(losses[-max(1, len(losses) // 4):]))
+        out[t] = v
+    return out
 
 
 def lock(path: str):
