@@ -4,6 +4,8 @@
     DIR/state.json                     finished rounds, validation scores, the guard's comparisons, best round, stop
     DIR/metrics.jsonl                  one object per event: round, phase, numbers (deduplicated on resume)
     DIR/tensorboard/                   the same numbers as TensorBoard events (soft_jax.experiment.tensorboard_events)
+    DIR/wandb_id, DIR/wandb/           with log.wandb.project: the W&B run's id and the next round to log; W&B's
+                                       local files (soft_jax.experiment.tracking)
     DIR/curriculum.json                per-prompt difficulty of the pool (across-rounds curriculum only)
     DIR/rounds/NNN/prompts.jsonl       the round's prompt slice
     DIR/rounds/NNN/generations.jsonl   raw self-aligned outputs, exemplar ids, finish reason, answer, filter verdict
@@ -34,6 +36,7 @@ from soft_jax.parallel import distributed
 
 CONFIG, STATE, METRICS, LOCK, CURRICULUM = "config.json", "state.json", "metrics.jsonl", ".lock", "curriculum.json"
 CONTAMINATION = "contamination.json"  # `soft-jax data check` of the run's inputs, written when it starts
+WANDB_ID, WANDB_DIR = "wandb_id", "wandb"  # soft_jax.experiment.tracking's: the W&B run's id, W&B's own files
 OPEN_SIGNALS = ("open_distinct_2", "open_repeated_ngram_rate", "open_truncation_rate")  # the round table shows these
 NEW_STATE = {"finished": [], "scores": {}, "comparisons": {}, "best_round": None, "stopped": None}
 
@@ -213,7 +216,7 @@ class WorkDir:
             try:
                 if update:
                     save_json(self.file(CONFIG), update)
-                if io_utils.remove_stray_temps(self.path, skip=("checkpoints",)):
+                if io_utils.remove_stray_temps(self.path, skip=("checkpoints", WANDB_DIR)):
                     log(f"[run] removed temp files that an interrupted write left in {self.path}")
             except BaseException:
                 self.close()
