@@ -57,9 +57,14 @@ setup(
             "ruff>=0.17,<0.18",  # the README's test command lints with pyproject.toml's settings
             # tests/evaluation/test_harness.py: lm-eval's tasks and its HFLM, the reference the JAX model matches
             "lm-eval>=0.4.13,<0.5",
+            # tests/experiment/test_tracking.py: offline W&B runs, read back from their .wandb files (a format of
+            # wandb's own, hence the narrower range)
+            "wandb>=0.31,<0.32",
         ],
         # any lm-evaluation-harness task on the JAX model (soft_jax.evaluation.harness; no torch needed)
         "lm-eval": ["lm-eval>=0.4.13,<0.5"],
+        # Weights & Biases tracking (log.wandb.project; soft_jax.experiment.tracking)
+        "wandb": ["wandb>=0.19,<1"],
         # benchmarks/: the references soft-jax is timed against (transformers generate, TRL's SFTTrainer)
         "bench": ["torch==2.13.0", "accelerate>=1.0,<2", "trl==1.16.0", "datasets>=4.7,<6"],
         # `soft-jax plan` for TPU slices (libtpu; no TPU needed) and NVIDIA GPUs (jax's CUDA plugin; no GPU needed)

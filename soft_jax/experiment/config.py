@@ -30,6 +30,7 @@ from soft_jax.training.settings import TrainConfig
 GENERATORS = ("previous", "base")
 SFT_STARTS = ("continue", "reinit")
 STRATEGIES = ("fixed", "random")
+WANDB_MODES = ("online", "offline", "disabled")
 GRANULARITIES = ("prompt", "batch")
 ACROSS_ROUNDS = ("none", "prompt_ppl", "prompt_length")
 CURRICULUM_ORDERS = ("easy_to_hard", "hard_to_easy", "random", "none")  # soft_jax.rounds.curriculum implements them
@@ -37,13 +38,18 @@ DIFFICULTY_SCORES = ("response_ppl", "response_length", "prompt_ppl")
 # Keys a resumed run may change without invalidating finished rounds (soft_jax.experiment.workdir checks).
 RESUMABLE_CHANGES = ("rounds", "check_contamination", "validation.patience", "validation.tolerance",
                      "validation.confidence", "validation.resamples", "progress", "prompts.per_round", "eval.required",
-                     "mesh_generate", "mesh_generate.data", "mesh_generate.fsdp", "mesh_generate.tensor")
+                     "mesh_generate", "mesh_generate.data", "mesh_generate.fsdp", "mesh_generate.tensor",
+                     # tracking never changes what a round computes
+                     "log", "log.wandb", "log.wandb.project", "log.wandb.entity", "log.wandb.mode", "log.wandb.tags",
+                     "log.wandb_samples")
 # Keys added since runs may have started, each with the value that behaves as before it existed: a run's
 # config.json that lacks one reads it as that value, so that a run started by an older soft-jax resumes.
 ADDED_KEYS = {"train.lora_dropout": 0.0, "train.seq_len": None, "train.max_steps": None, "train.warmup_steps": None,
               "train.end_lr_ratio": 0.0, "train.b1": 0.9, "train.b2": 0.999, "train.eps": 1e-8,
               "eval.lm_eval.tasks": "", "eval.lm_eval.num_fewshot": -1, "eval.lm_eval.limit": 0,
-              "eval.lm_eval.batch_size": 16, "eval.lm_eval.include": ""}
+              "eval.lm_eval.batch_size": 16, "eval.lm_eval.include": "",
+              "log.wandb.project": "", "log.wandb.entity": "", "log.wandb.mode": "online", "log.wandb.tags": "",
+              "log.wandb_samples": 64}
 # The paper's benchmarks, run every round (round 0, the base model, included) by the paper configs.
 PAPER_TASKS = "hhh,truthfulqa_mc1,truthfulqa_mc2"
 
@@ -181,6 +187,28 @@ class OpenEndedSection:
     max_new_tokens: int = 256
 
 
+@_frozen
+class WandbSection:
+    """Weights & Biases (`pip install 'soft-jax[wandb]'`): off while project is "". entity: "" = your default;
+    mode: online | offline (written under the work dir, `wandb sync` uploads it) | disabled; tags: comma-separated."""
+
+    project: str = ""
+    entity: str = ""
+    mode: str = "online"
+    tags: str = ""
+
+
+@_frozen
+class LogSection:
+    """Where a run's numbers go besides metrics.jsonl and tensorboard/ (soft_jax.experiment.tracking). wandb: the
+    resolved config, each round's round-table numbers at step = round (0: the base model), a table of the round's
+    first `wandb_samples` generations (prompt, answer, kept or dropped and by which filter, difficulty, finish) and
+    the report's plots; a rerun continues the same W&B run (its id in WORKDIR/wandb_id). Process 0 only."""
+
+    wandb: WandbSection = WandbSection()
+    wandb_samples: int = 64
+
+
 def _section(settings_cls, name: str, run_decides: tuple[str, ...], doc: str, changed: dict, added=()):
     """A run config section holding a settings dataclass's fields, less those the run decides itself, with the
     method's defaults `changed` and the run's own `added` fields ((name, type, default), ...). Constructing one
@@ -245,6 +273,7 @@ class RunConfig:
     validation: ValidationSection = ValidationSection()
     eval: EvalSection = EvalSection()
     open_ended: OpenEndedSection = OpenEndedSection()
+    log: LogSection = LogSection()
 
     def __post_init__(self):
         validate(self)
@@ -453,6 +482,9 @@ def validate(config: RunConfig) -> None:
          f"validation.confidence must be in [0, 1) (got {config.validation.confidence})"),
         (config.validation.resamples >= 100,
          f"validation.resamples must be at least 100 (got {config.validation.resamples})"),
+        (config.log.wandb.mode in WANDB_MODES, f"log.wandb.mode {config.log.wandb.mode!r}: choose "
+         f"{' | '.join(WANDB_MODES)}"),
+        (config.log.wandb_samples >= 0, f"log.wandb_samples must be >= 0 (got {config.log.wandb_samples})"),
     ]
     checks += [(ok, f"{key} = {value!r}: must be {what}") for key, value, ok, what in [
         ("model.dtype", config.model.dtype, config.model.dtype in DTYPES, " | ".join(DTYPES)),

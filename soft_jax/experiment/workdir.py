@@ -4,6 +4,8 @@
     DIR/state.json                     finished rounds, validation scores, the guard's comparisons, best round, stop
     DIR/metrics.jsonl                  one object per event: round, phase, numbers (deduplicated on resume)
     DIR/tensorboard/                   the same numbers as TensorBoard events (soft_jax.experiment.tensorboard_events)
+    DIR/wandb_id, DIR/wandb/           with log.wandb.project: the W&B run's id and the next round to log; W&B's
+                                       local files (soft_jax.experiment.tracking)
     DIR/curriculum.json                per-prompt difficulty of the pool (across-rounds curriculum only)
     DIR/rounds/NNN/prompts.jsonl       the round's prompt slice
     DIR/rounds/NNN/generations.jsonl   raw self-aligned outputs, exemplar ids, finish reason, answer, filter verdict
@@ -22,6 +24,9 @@ import copy
 import os
 from collections.abc import Callable
 
+import numpy as np
+
+from soft_jax import evaluation
 from soft_jax.core import faults, io_utils, preemption, storage
 from soft_jax.core.errors import UserError
 from soft_jax.core.io_utils import read_json, read_jsonl
@@ -31,6 +36,8 @@ from soft_jax.parallel import distributed
 
 CONFIG, STATE, METRICS, LOCK, CURRICULUM = "config.json", "state.json", "metrics.jsonl", ".lock", "curriculum.json"
 CONTAMINATION = "contamination.json"  # `soft-jax data check` of the run's inputs, written when it starts
+WANDB_ID, WANDB_DIR = "wandb_id", "wandb"  # soft_jax.experiment.tracking's: the W&B run's id, W&B's own files
+OPEN_SIGNALS = ("open_distinct_2", "open_repeated_ngram_rate", "open_truncation_rate")  # the round table shows these
 NEW_STATE = {"finished": [], "scores": {}, "comparisons": {}, "best_round": None, "stopped": None}
 
 
@@ -88,6 +95,40 @@ class Metrics:
     def close(self) -> None:
         if self.events:
             self.events.close()
+
+
+def round_values(metrics: list[dict], metric: str, tasks: str = "") -> dict[int, dict]:
+    """Per round (0: the base model), the numbers the round table shows (soft_jax.reports.report.round_table) and
+    W&B logs (soft_jax.experiment.tracking), read from metrics.jsonl's rows: prompts, kept, dropped, cut_by_length,
+    exemplars_shown, principles_shown, difficulty (the mean), train_loss (the mean over the last quarter of the
+    round's steps), and under "eval" the validation metric, the eval tasks, lm-eval's metrics ("lm_eval/TASK/METRIC"
+    and its "_stderr") and the open-ended signals that were measured; "unavailable": the tasks the run could not
+    evaluate. A number the round lacks is absent."""
+    by: dict = {}
+    for r in metrics:
+        by.setdefault(r.get("round"), {}).setdefault(r.get("phase"), []).append(r)
+    keys = [metric, *(evaluation.parse_tasks(tasks) if tasks else []), *OPEN_SIGNALS]
+    out = {}
+    for t in sorted(k for k in by if k is not None):
+        ph = by[t]
+        gen, cur = (ph.get("generate") or [{}])[0], (ph.get("curriculum") or [{}])[0]
+        losses = [r["loss"] for r in sorted(ph.get("train", []), key=lambda r: r["step"])]
+        ev = (ph.get("eval") or [{}])[0]
+        unavailable = list(ev.get("unavailable", ()))
+        v = {"eval": {k: ev[k] for k in ev if (k in keys or k.startswith("lm_eval/")) and k not in unavailable},
+             "unavailable": unavailable}
+        if gen:
+            v.update(prompts=gen["prompts"], kept=gen["kept"], dropped=gen["prompts"] - gen["kept"])
+        for name, key in (("cut_by_length", "truncated_generations"), ("exemplars_shown", "exemplars_shown"),
+                          ("principles_shown", "principles_shown")):
+            if key in gen:
+                v[name] = gen[key]
+        if cur.get("mean_difficulty") is not None:
+            v["difficulty"] = cur["mean_difficulty"]
+        if losses:
+            v["train_loss"] = float(np.mean(losses[-max(1, len(losses) // 4):]))
+        out[t] = v
+    return out
 
 
 def lock(path: str):
@@ -177,7 +218,7 @@ class WorkDir:
             try:
                 if update:
                     save_json(self.file(CONFIG), update)
-                if io_utils.remove_stray_temps(self.path, skip=("checkpoints",)):
+                if io_utils.remove_stray_temps(self.path, skip=("checkpoints", WANDB_DIR)):
                     log(f"[run] removed temp files that an interrupted write left in {self.path}")
             except BaseException:
                 self.close()

@@ -18,7 +18,7 @@ from soft_jax.core.errors import UserError
 from soft_jax.core.io_utils import read_json
 from soft_jax.data import filters
 from soft_jax.evaluation import guard
-from soft_jax.experiment.workdir import CONFIG, METRICS, STATE, WorkDir
+from soft_jax.experiment.workdir import CONFIG, METRICS, OPEN_SIGNALS, STATE, WorkDir, round_values
 from soft_jax.reports import plots
 
 SAMPLES_PER_ROUND = 3
@@ -175,20 +175,18 @@ def _summary(workdir: str, state: dict, metrics: list[dict], rounds: list[int], 
 def round_table(metrics: list[dict], metric: str, tasks: str = "", comparisons: dict | None = None,
                 protocol: str = "") -> str:
     """Markdown table, one line per round: prompts, kept/dropped, truncated generations, exemplars shown,
-    difficulty, loss, validation with the guard's paired comparison, eval numbers, open-ended signals."""
-    by: dict = {}
-    for r in metrics:
-        by.setdefault(r.get("round"), {}).setdefault(r.get("phase"), []).append(r)
+    difficulty, loss, validation with the guard's paired comparison, eval numbers, open-ended signals (the numbers
+    of workdir.round_values, which W&B logs too)."""
+    values = round_values(metrics, metric, tasks)
     names = evaluation.parse_tasks(tasks) if tasks else []
-    opens = [("open_distinct_2", "distinct-2"), ("open_repeated_ngram_rate", "repeated 4-grams"),
-             ("open_truncation_rate", "truncated answers")]
-    opens = [(k, h) for k, h in opens if any(k in r for r in metrics)]
-    shown = [r for r in metrics if r.get("phase") == "generate" and "exemplars_shown" in r]
-    # lm-eval's metrics (eval.lm_eval.tasks), each with its stderr: "lm_eval/TASK/METRIC" in the eval events
-    lm = sorted({k for r in metrics if r.get("phase") == "eval" for k in r
-                 if k.startswith("lm_eval/") and not k.endswith("_stderr")}
-                | {f"lm_eval/{task}" for r in metrics if r.get("phase") == "eval" for task in r.get("unavailable", ())
-                   if task not in evaluation.TASKS})  # a task whose data could not be had: one n/a column
+    opens = [(k, h) for k, h in zip(OPEN_SIGNALS, ("distinct-2", "repeated 4-grams", "truncated answers"))
+             if any(k in v["eval"] for v in values.values())]
+    shown = any("exemplars_shown" in v for v in values.values())
+    # lm-eval's metrics (eval.lm_eval.tasks), each with its stderr, and one n/a column per task whose data could not
+    # be had
+    lm = sorted({k for v in values.values() for k in v["eval"] if k.startswith("lm_eval/") and not k.endswith(
+        "_stderr")} | {f"lm_eval/{task}" for v in values.values() for task in v["unavailable"]
+                       if task not in evaluation.TASKS})
     head = ["round", "prompts", "kept", "dropped", "cut by length",
             *(["exemplars / principles shown"] if shown else []),
             "difficulty", "train loss", metric, "vs best [interval]" if comparisons is not None else None,
@@ -196,24 +194,19 @@ def round_table(metrics: list[dict], metric: str, tasks: str = "", comparisons: 
             *(" ".join(k.split("/")[1:]) for k in lm), *(h for _, h in opens)]
     head = [h for h in head if h is not None]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    num = lambda row, k: "n/a" if k in row.get("unavailable", ()) else f"{row[k]:.4f}" if k in row else "-"
-    for t in sorted(k for k in by if k is not None):
-        ph = by[t]
-        gen, cur = (ph.get("generate") or [{}])[0], (ph.get("curriculum") or [{}])[0]
-        losses = [r["loss"] for r in sorted(ph.get("train", []), key=lambda r: r["step"])]
-        ev = (ph.get("eval") or [{}])[0]
-        cells = [str(t), str(gen.get("prompts", "-")), str(gen.get("kept", "-")),
-                 str(gen["prompts"] - gen["kept"]) if gen else "-", str(gen.get("truncated_generations", "-"))]
+    for t, v in values.items():
+        num = lambda k: "n/a" if k in v["unavailable"] else f"{v['eval'][k]:.4f}" if k in v["eval"] else "-"
+        cells = [str(t), *(str(v.get(k, "-")) for k in ("prompts", "kept", "dropped", "cut_by_length"))]
         if shown:
-            cells.append(f"{gen['exemplars_shown']} / {gen['principles_shown']}" if "exemplars_shown" in gen else "-")
-        cells += [f"{cur['mean_difficulty']:.3g}" if cur.get("mean_difficulty") is not None else "-",
-                  f"{np.mean(losses[-max(1, len(losses) // 4):]):.4f}" if losses else "-", num(ev, metric)]
+            cells.append(f"{v['exemplars_shown']} / {v['principles_shown']}" if "exemplars_shown" in v else "-")
+        cells += [f"{v['difficulty']:.3g}" if "difficulty" in v else "-",
+                  f"{v['train_loss']:.4f}" if "train_loss" in v else "-", num(metric)]
         if comparisons is not None:
             cells.append(guard.describe(comparisons.get(str(t))))
-        cells += [num(ev, k) for k in names]
-        cells += ["n/a" if k.split("/")[1] in ev.get("unavailable", ()) else
-                  num(ev, k) + (f" ± {ev[k + '_stderr']:.4f}" if k + "_stderr" in ev else "") for k in lm]
-        cells += [num(ev, k) for k, _ in opens]
+        cells += [num(k) for k in names]
+        cells += ["n/a" if k.split("/")[1] in v["unavailable"] else
+                  num(k) + (f" ± {v['eval'][k + '_stderr']:.4f}" if k + "_stderr" in v["eval"] else "") for k in lm]
+        cells += [num(k) for k, _ in opens]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

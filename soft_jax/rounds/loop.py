@@ -26,7 +26,7 @@ from soft_jax.core.io_utils import read_json
 from soft_jax.data import filters, templates
 from soft_jax.evaluation import guard
 from soft_jax.experiment import config as config_lib
-from soft_jax.experiment import contamination, preflight
+from soft_jax.experiment import contamination, preflight, tracking
 from soft_jax.experiment.config import RunConfig
 from soft_jax.experiment.workdir import CONFIG, CONTAMINATION, CURRICULUM, STATE, WorkDir, remove
 from soft_jax.models import presets
@@ -57,6 +57,7 @@ class Run:
 
     def __init__(self, config: RunConfig, workdir: str, log: Callable[[str], None] = print,
                  round0_from: str | None = None):
+        tracking.check(config)  # W&B asked for but not installed: refused before anything is read
         self.wd = WorkDir(workdir)
         self.round0_from = round0_from  # a sibling run's work dir whose round 0 this run shares (soft_jax.rounds.sweep)
         self.log = log if distributed.is_writer() else (lambda _: None)
@@ -84,6 +85,7 @@ class Run:
                      + f" GiB of {memory.gib(available)} GiB")
             tables.refuse_over(p.programs, available)
         self.state = self.wd.open(self.config, self.log)
+        self.tracker = tracking.Tracker(self.config, self.wd)  # W&B (log.wandb), process 0
         self.rounds_ckpt = StepCheckpointer(self.wd.file("checkpoints", "rounds"), every=0, keep=None)
 
     @property
@@ -230,7 +232,8 @@ class Run:
 
     def run(self) -> dict:
         try:
-            return self._run()
+            with self.tracker:  # the W&B run starts here and is finished on every way out
+                return self._run()
         finally:  # also on an error or a stop: a later run in this process can take the work dir
             self.rounds_ckpt.close()
             self.wd.close()
@@ -264,6 +267,7 @@ class Run:
             self.evaluate(0, base, tokenizer)
             self.update_guard()
         model = self.resume_model(base)
+        self.tracker.log_rounds(self.state)  # round 0, and rounds an earlier process finished but did not log
         for t in range(len(self.state["finished"]) + 1, config.rounds + 1):
             if self.state["stopped"]:
                 break
@@ -271,7 +275,9 @@ class Run:
         self.log(report.round_table(list(self.wd.metrics.rows.values()), v.metric, config.eval.tasks,
                                     self.state["comparisons"], config.eval.protocol))
         if distributed.is_writer():
-            self.log(f"[run] report: {report.write(self.wd.path)}")
+            out = report.write(self.wd.path)
+            self.tracker.log_plots(out)
+            self.log(f"[run] report: {out}")
         if self.state["stopped"]:
             self.log(f"[run] stopped early: {self.state['stopped']}")
         self.log(f"[run] done in {time.perf_counter() - t_start:.0f} s; best round {self.state['best_round']} "
@@ -299,6 +305,7 @@ class Run:
         self.state["finished"].append(t)
         self.update_guard()
         self.wd.metrics.add({"round": t, "phase": "round", "seconds": time.perf_counter() - t0})
+        self.tracker.log_rounds(self.state)
         distributed.barrier(f"round {t} done")
         self.log(f"[round {t}] done: validation {config.validation.metric} {ev['validation']['value']:.4f} "
                  f"({guard.describe(self.state['comparisons'].get(str(t)))}), best round {self.state['best_round']}")
