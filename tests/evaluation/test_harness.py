@@ -165,3 +165,35 @@ def test_a_run_evaluates_its_lm_eval_tasks_every_round_and_a_task_without_data_i
     split = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]
     cells = dict(zip(split(head), split(r1)))
     assert cells["softjax_missing"] == "n/a" and " ± " in cells["softjax_mc acc"]
+
+
+@pytest.mark.slow  # four CLI processes, each importing lm-eval's task index: about a minute and a half
+def test_the_command_lines(tiny_chat, tmp_path):
+    """`soft-jax eval --lm-eval` writes lm-eval's metrics and items; `soft-jax lm-eval` is lm-eval's own command line
+    with --model soft-jax; an unknown task and a missing lm-eval are one line, exit 2, before the model loads."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers import run_cli, subprocess_env
+
+    include = lm_eval_tasks(tmp_path)
+    env = {"HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    out = tmp_path / "e.json"
+    proc = run_cli("eval", "--model", tiny_chat, "--lm-eval", "softjax_mc", "--lm-eval-include", include, "--limit",
+                   "3", "--batch-size", "4", "--out", str(out), env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert set(res) == {"lm_eval", "lm_eval_items"} and res["lm_eval"]["softjax_mc"]["n"] == 3
+    assert len(res["lm_eval_items"]) == 3 and "softjax_mc       acc " in proc.stdout
+    proc = run_cli("lm-eval", "run", "--model", "soft-jax", "--model_args", f"model={tiny_chat}", "--tasks",
+                   "softjax_mc", "--include_path", include, "--limit", "3", "--batch_size", "4", env=env)
+    assert proc.returncode == 0 and "|softjax_mc|" in proc.stdout and "acc_norm" in proc.stdout, proc.stderr[-2000:]
+    proc = run_cli("eval", "--model", tiny_chat, "--lm-eval", "no_such_task", "--lm-eval-include", include, "--out",
+                   str(out), env=env)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "unknown lm-eval task(s) no_such_task" in proc.stderr
+    code = "import sys; sys.modules['lm_eval'] = None; from soft_jax.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run([sys.executable, "-c", code, "eval", "--model", tiny_chat, "--lm-eval", "softjax_mc",
+                           "--out", str(out)], capture_output=True, text=True, env=subprocess_env(**env), timeout=300)
+    assert proc.returncode == 2 and "pip install 'soft-jax[lm-eval]'" in proc.stderr and proc.stderr.count("\n") == 1
