@@ -20,15 +20,27 @@ from soft_jax.evaluation import signals, stats
 # (MC2: the true-answer mass); the degeneracy signals of each open-ended answer (soft_jax.evaluation.signals).
 METRICS = {"valid_nll": False, "hhh": True, "truthfulqa_mc1": True, "truthfulqa_mc2": True,
            **{name: higher for name, (_, higher) in signals.SIGNALS.items()}}
+# An lm-eval metric of a task the run evaluates (eval.lm_eval.tasks), per-item values compared: "lm_eval:TASK:METRIC"
+# (which way is better: the task's own higher_is_better, recorded with the round's validation)
+LM_EVAL = "lm_eval:"
+
+
+def lm_eval_metric(metric: str) -> tuple[str, str] | None:
+    """(task, metric) of an "lm_eval:TASK:METRIC" validation metric, else None."""
+    if not metric.startswith(LM_EVAL) or metric.count(":") != 2:
+        return None
+    task, name = metric[len(LM_EVAL):].split(":")
+    return (task, name) if task and name else None
 
 
 def decide(rounds: Sequence[dict], metric: str, patience: int, confidence: float = 0.95, tolerance: float = 0.0,
-           resamples: int = 2000, seed: int = 0) -> dict:
+           resamples: int = 2000, seed: int = 0, higher: bool | None = None) -> dict:
     """{"best_round", "comparisons": {round: interval vs the best before it, with "vs" and "verdict"},
     "worse": worse rounds since the best, "stopped": why the run stops, or None}.
 
-    rounds: {"round": t, "items": per-item scores} in round order, round 0 (the base model) first."""
-    higher = METRICS[metric]
+    rounds: {"round": t, "items": per-item scores} in round order, round 0 (the base model) first.
+    higher: whether higher is better; None: METRICS says (an lm-eval metric's comes from its task)."""
+    higher = METRICS[metric] if higher is None else higher
     best, worse, comparisons, stopped = None, 0, {}, None
     for r in rounds:
         t = r["round"]

@@ -259,3 +259,4 @@ def run_tasks(model, tokenizer, tasks: list[str], *, include: str = "", num_fews
 def _plain(x):
     """JSON for numpy scalars and arrays in lm-eval's samples."""
     return x.tolist() if hasattr(x, "tolist") else str(x)
+

@@ -509,8 +509,11 @@ def validate(config: RunConfig) -> None:
     if config.curriculum.score not in DIFFICULTY_SCORES:
         raise UserError(f"config: curriculum.score {config.curriculum.score!r}: choose "
                         f"{' | '.join(DIFFICULTY_SCORES)}")
-    if config.validation.metric not in guard.METRICS:
-        raise UserError(f"config: validation.metric {config.validation.metric!r}: choose {' | '.join(guard.METRICS)}")
+    lm_metric = guard.lm_eval_metric(config.validation.metric)
+    lm_tasks = [t.strip() for t in config.eval.lm_eval.tasks.split(",") if t.strip()]
+    if config.validation.metric not in guard.METRICS and (lm_metric is None or lm_metric[0] not in lm_tasks):
+        raise UserError(f"config: validation.metric {config.validation.metric!r}: choose {' | '.join(guard.METRICS)}, "
+                        "or lm_eval:TASK:METRIC of a task in eval.lm_eval.tasks (e.g. lm_eval:arc_easy:acc)")
     if config.validation.metric in signals.SIGNALS and not config.open_ended.limit:
         raise UserError(f"config: validation.metric {config.validation.metric} is a signal of the open-ended answers; "
                         "set open_ended.limit to the number of questions to answer each round")

@@ -55,6 +55,10 @@ def check_lm_eval(config: RunConfig) -> tuple[list[str], dict[str, str]]:
         raise UserError(f"config: eval.lm_eval.tasks needs lm-evaluation-harness ({e}); pip install "
                         "'soft-jax[lm-eval]', or set eval.lm_eval.tasks=''") from None
     available, unavailable = harness.check_tasks(names, lm.include)
+    metric = config.validation.metric
+    if metric.startswith("lm_eval:") and metric.split(":")[1] in unavailable:
+        raise UserError(f"config: validation.metric {metric} cannot be evaluated: {unavailable[metric.split(':')[1]]}; "
+                        "or choose another validation.metric (valid_nll needs no benchmark data)")
     if unavailable and config.eval.required:
         task, why = next(iter(unavailable.items()))
         raise UserError(f"config: eval.lm_eval.tasks {task}: {why}; make its data reachable (or cached for "

@@ -141,7 +141,8 @@ class Run:
                  if e is not None]
         self.state["scores"] = {str(e["round"]): e["validation"]["value"] for e in evals}
         self.state.update(guard.decide([{"round": e["round"], "items": e["validation"]["items"]} for e in evals],
-                                       v.metric, v.patience, v.confidence, v.tolerance, v.resamples, self.config.seed))
+                                       v.metric, v.patience, v.confidence, v.tolerance, v.resamples, self.config.seed,
+                                       higher=evals[0]["validation"].get("higher") if evals else None))
         self.wd.save_state(self.state)
 
     # -- phases: each returns its artifact, computed once (WorkDir.phase) --

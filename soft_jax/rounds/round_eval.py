@@ -13,7 +13,7 @@ from soft_jax.core import io_utils, storage
 from soft_jax.core.errors import UserError
 from soft_jax.core.io_utils import read_json
 from soft_jax.data import templates
-from soft_jax.evaluation import signals
+from soft_jax.evaluation import guard, signals
 from soft_jax.experiment.workdir import METRICS, WorkDir, save_jsonl
 from soft_jax.inference import sampler
 from soft_jax.parallel import distributed
@@ -35,23 +35,45 @@ def open_ended(ctx: RoundContext, model, tokenizer) -> list[dict]:
              "signals": signals.per_answer(a, f)} for q, a, f in zip(qs, out.texts, out.finish)]
 
 
-def validation_items(ctx: RoundContext, model, tokenizer, answers: list[dict]) -> tuple[list[float], list[str]]:
-    """(per-item validation scores, their ids): each held-out pair's mean response NLL (the pair's id), an eval
-    task's per-item score (evaluation.item_ids) or an open-ended answer's signal (its prompt_id). The ids let
+def validation_items(ctx: RoundContext, model, tokenizer, answers: list[dict]
+                     ) -> tuple[list[float], list[str], bool | None]:
+    """(per-item validation scores, their ids, whether higher is better where the metric's task says, else None):
+    each held-out pair's mean response NLL (the pair's id), an eval task's per-item score (evaluation.item_ids), an
+    lm-eval metric's per-item value (TASK/doc_id) or an open-ended answer's signal (its prompt_id). The ids let
     `soft-jax compare` pair two runs' items by identity."""
     config, v = ctx.config, ctx.config.validation
+    lm_metric = guard.lm_eval_metric(v.metric)
+    if lm_metric is not None:
+        return lm_eval_items(ctx, model, tokenizer, *lm_metric)
     if v.metric == "valid_nll":
         pairs = [(p["prompt"], p["response"]) for p in ctx.inputs.validation]
         logps = curriculum.response_logps(model, tokenizer, pairs, v.batch_size, ctx.mesh,
                                           (config.train.max_prompt_len, config.train.max_response_len))
-        return [float(-np.mean(lp)) for lp in logps], [p["id"] for p in ctx.inputs.validation]
+        return [float(-np.mean(lp)) for lp in logps], [p["id"] for p in ctx.inputs.validation], None
     if v.metric in signals.SIGNALS:
         return ([a["signals"][signals.SIGNALS[v.metric][0]] for a in answers],
-                [a["prompt_id"] for a in answers])
+                [a["prompt_id"] for a in answers], None)
     res = evaluation.evaluate(model, tokenizer, [v.metric], config.eval.protocol, v.limit or None, mesh=ctx.mesh,
                               progress=False)
     rows = res[v.metric]["items"]
-    return [r["correct"] for r in rows], evaluation.item_ids(rows)
+    return [r["correct"] for r in rows], evaluation.item_ids(rows), None
+
+
+def lm_eval_items(ctx: RoundContext, model, tokenizer, task: str, metric: str
+                  ) -> tuple[list[float], list[str], bool]:
+    """An lm-eval metric's per-item values on the first validation.limit items of its task (0: all)."""
+    from soft_jax.evaluation import harness
+
+    v, lm = ctx.config.validation, ctx.config.eval.lm_eval
+    res, rows = harness.run_tasks(model, tokenizer, [task], include=lm.include, num_fewshot=lm.num_fewshot,
+                                  limit=v.limit, batch_size=v.batch_size, seed=ctx.config.seed, mesh=ctx.mesh)
+    rows = sorted(rows, key=lambda r: r["doc_id"])
+    if not rows or not all(isinstance(r.get(metric), (int, float)) for r in rows):
+        raise UserError(f"validation.metric lm_eval:{task}:{metric}: lm-eval gives no per-item number for it (its "
+                        f"per-item metrics: {', '.join(res[task]['higher_is_better']) or 'none'}); choose one of "
+                        "those averaged over items (acc, exact_match, ...)")
+    return ([float(r[metric]) for r in rows], [f"{task}/{r['doc_id']}" for r in rows],
+            bool(res[task]["higher_is_better"].get(metric, True)))
 
 
 def evaluate(ctx: RoundContext, t: int, model, tokenizer) -> tuple[dict, dict]:
@@ -62,9 +84,11 @@ def evaluate(ctx: RoundContext, t: int, model, tokenizer) -> tuple[dict, dict]:
         save_jsonl(ctx.workdir.round_file(t, OPEN_ENDED), answers)
         out["open_ended"] = {"file": OPEN_ENDED, "n": len(answers), "signals": signals.summary(
             [a["answer"] for a in answers], [a["finish"] for a in answers])}
-    items, ids = validation_items(ctx, model, tokenizer, answers)
+    items, ids, higher = validation_items(ctx, model, tokenizer, answers)
     out["validation"] = {"metric": config.validation.metric, "value": float(np.mean(items)), "n": len(items),
                          "items": items, "ids": ids}
+    if higher is not None:  # an lm-eval metric: which way is better, as its task says
+        out["validation"]["higher"] = higher
     if ctx.inputs.eval_tasks:
         res = evaluation.evaluate(model, tokenizer, ctx.inputs.eval_tasks, config.eval.protocol,
                                   config.eval.limit or None, truthfulqa_file=config.eval.truthfulqa_file or None,

@@ -37,3 +37,15 @@ def test_guard_moves_to_a_better_round_and_stops_after_patience_worse_rounds():
     # accuracy-like metrics: higher is better
     acc = guard.decide(_rounds(1 - (r0 > 2), 1 - (r0 > 2.5)), "hhh", patience=1)
     assert acc["comparisons"]["1"]["diff"] > 0 and acc["comparisons"]["1"]["verdict"] in ("better", "tie")
+
+
+def test_an_lm_eval_metric_takes_its_direction_from_its_task():
+    rng = np.random.default_rng(2)
+    r0 = (rng.random(60) < 0.3).astype(float)
+    r1 = np.maximum(r0, (rng.random(60) < 0.5).astype(float))  # clearly more items right
+    assert guard.lm_eval_metric("lm_eval:arc_easy:acc") == ("arc_easy", "acc")
+    assert guard.lm_eval_metric("lm_eval:arc_easy") is None and guard.lm_eval_metric("hhh") is None
+    up = guard.decide(_rounds(r0, r1), "lm_eval:arc_easy:acc", patience=1, higher=True)
+    down = guard.decide(_rounds(r0, r1), "lm_eval:arc_easy:acc", patience=1, higher=False)
+    assert (up["best_round"], up["comparisons"]["1"]["verdict"]) == (1, "better")
+    assert (down["best_round"], down["comparisons"]["1"]["verdict"]) == (0, "worse")

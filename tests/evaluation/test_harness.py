@@ -144,7 +144,11 @@ def test_a_run_evaluates_its_lm_eval_tasks_every_round_and_a_task_without_data_i
         loop.Run(config("soft_plus.py", *lm), str(tmp_path / "refused"), log=lambda _: None)
     assert not os.path.exists(tmp_path / "refused")  # refused before the work dir (and any weights)
 
-    w = run("soft_plus.py", tmp_path / "w", *lm, "eval.required=false")
+    # the collapse guard on an lm-eval metric: its per-item values, its task's direction
+    with pytest.raises(UserError, match="validation.metric 'lm_eval:softjax_ppl:acc'"):  # not among the tasks
+        config("soft_plus.py", *lm, "validation.metric=lm_eval:softjax_ppl:acc")
+    w = run("soft_plus.py", tmp_path / "w", *lm, "eval.required=false", "validation.metric=lm_eval:softjax_mc:acc",
+            "validation.limit=3")
     for t in (0, 1):
         ev = json.load(open(os.path.join(w.path, "rounds", f"{t:03d}", "eval.json")))
         assert set(ev["lm_eval"]) == {"softjax_mc", "softjax_gen"} and "softjax_missing" in ev["unavailable"]
@@ -157,9 +161,13 @@ def test_a_run_evaluates_its_lm_eval_tasks_every_round_and_a_task_without_data_i
         assert np.mean([r["acc"] for r in items if r["task"] == "softjax_mc"]) == pytest.approx(mc["metrics"]["acc"])
         event = w.event(t, "eval")
         assert event["lm_eval/softjax_mc/acc"] == mc["metrics"]["acc"]
+        v = ev["validation"]
+        assert v["ids"] == [f"softjax_mc/{d}" for d in range(3)] and v["higher"] is True
+        assert v["items"] == [r["acc"] for r in sorted(items, key=lambda r: r["doc_id"]) if r["task"] == "softjax_mc"]
         assert event["lm_eval/softjax_gen/exact_match_stderr"] == ev["lm_eval"]["softjax_gen"]["metrics"][
             "exact_match_stderr"]
-    table = report.round_table(w.metrics, "valid_nll")
+    assert w.state["comparisons"]["1"]["vs"] == 0  # the guard compared round 1 with round 0 on those items
+    table = report.round_table(w.metrics, "lm_eval:softjax_mc:acc")
     head, _, r0, r1 = table.splitlines()[:4]
     assert "| softjax_mc acc |" in head and "| softjax_missing |" in head
     split = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]
