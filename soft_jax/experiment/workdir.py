@@ -35,6 +35,7 @@ from soft_jax.experiment import tensorboard_events
 from soft_jax.parallel import distributed
 
 CONFIG, STATE, METRICS, LOCK, CURRICULUM = "config.json", "state.json", "metrics.jsonl", ".lock", "curriculum.json"
+LM_EVAL_ITEMS = "lm_eval_items.jsonl"  # a round's lm-eval results per item (eval.lm_eval.tasks)
 CONTAMINATION = "contamination.json"  # `soft-jax data check` of the run's inputs, written when it starts
 WANDB_ID, WANDB_DIR = "wandb_id", "wandb"  # soft_jax.experiment.tracking's: the W&B run's id, W&B's own files
 OPEN_SIGNALS = ("open_distinct_2", "open_repeated_ngram_rate", "open_truncation_rate")  # the round table shows these

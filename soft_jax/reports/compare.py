@@ -28,7 +28,7 @@ from soft_jax.core.errors import UserError
 from soft_jax.core.io_utils import read_json
 from soft_jax.evaluation import guard, stats
 from soft_jax.experiment import config as config_lib
-from soft_jax.experiment.workdir import CONFIG, METRICS, STATE
+from soft_jax.experiment.workdir import CONFIG, LM_EVAL_ITEMS, METRICS, STATE
 from soft_jax.reports import plots
 
 OUTPUT = "compare.md"
@@ -84,10 +84,11 @@ def _identity(config: dict) -> dict[str, object]:
     out = {"base model": model.get("path") or model.get("name"), "eval tasks": ev.get("tasks"),
            "eval limit": ev.get("limit"), "eval protocol": ev.get("protocol"),
            "TruthfulQA file": ev.get("truthfulqa_file"), "validation metric": val.get("metric"),
-           "open-ended questions": f"{oe.get('path') or 'built-in'}, first {oe.get('limit')}"}
+           "open-ended questions": f"{oe.get('path') or 'built-in'}, first {oe.get('limit')}",
+           "lm-eval tasks": ev.get("lm_eval", {})}
     if val.get("metric") == "valid_nll":
         out["validation set"] = val.get("path") or "built-in"
-    elif val.get("metric") in evaluation.TASKS:
+    elif val.get("metric") in evaluation.TASKS or str(val.get("metric")).startswith(guard.LM_EVAL):
         out["validation limit"] = val.get("limit")
     return out
 
@@ -115,9 +116,14 @@ def check_comparable(variants: list[Variant]) -> None:
 def metrics(variants: list[Variant]) -> list[Metric]:
     """The metrics any variant recorded, in table order: validation, tasks, kept / dropped, signals."""
     metric = variants[0].config["validation"]["metric"]
-    out = [Metric("validation", f"validation {metric}", plots.ylabel(metric), guard.METRICS.get(metric), True)]
+    first = next(iter(variants[0].evals.values()))
+    higher = guard.METRICS.get(metric, first.get("validation", {}).get("higher"))
+    out = [Metric("validation", f"validation {metric}", plots.ylabel(metric), higher, True)]
     tasks = evaluation.parse_tasks(variants[0].config["eval"]["tasks"]) if variants[0].config["eval"]["tasks"] else []
     out += [Metric(t, t, plots.ylabel(t), True, True) for t in tasks]
+    for task, r in first.get("lm_eval", {}).items():  # lm-eval's metrics, paired where each item has a number
+        out += [Metric(f"lm_eval/{task}/{k}", f"{task} {k}", k, r["higher_is_better"].get(k), True)
+                for k in r["metrics"] if not k.endswith("_stderr")]
     if any(v.generations for v in variants):
         out += [Metric("kept", "generations kept", plots.ylabel("kept"), None, False),
                 Metric("dropped", "generations dropped", plots.ylabel("dropped"), None, False)]
@@ -136,6 +142,9 @@ def value(v: Variant, m: Metric, t: int) -> float | None:
         return None if g is None else float(g["kept"] if m.key == "kept" else g["prompts"] - g["kept"])
     if m.key in SIGNALS:
         return e.get("open_ended", {}).get("signals", {}).get(m.key)
+    if m.key.startswith("lm_eval/"):
+        _, task, name = m.key.split("/", 2)
+        return e.get("lm_eval", {}).get(task, {}).get("metrics", {}).get(name)
     task = e.get("tasks", {}).get(m.key)
     return None if task is None else task["accuracy"]
 
@@ -145,6 +154,13 @@ def items(v: Variant, m: Metric, t: int) -> tuple[list[str] | None, list[float]]
     e = v.evals.get(t, {})
     if m.key == "validation":
         return (e["validation"].get("ids"), e["validation"]["items"]) if "validation" in e else None
+    if m.key.startswith("lm_eval/"):  # each item's value from the round's lm_eval_items.jsonl, paired by doc_id
+        _, task, name = m.key.split("/", 2)
+        path = os.path.join(v.path, "rounds", f"{t:03d}", LM_EVAL_ITEMS)
+        rows = [r for r in (io_utils.read_jsonl(path) if storage.isfile(path) else []) if r["task"] == task]
+        if not rows or not all(isinstance(r.get(name), (int, float)) for r in rows):
+            return None  # a corpus-level metric (perplexity): no per-item number to pair
+        return [f"{task}/{r['doc_id']}" for r in rows], [float(r[name]) for r in rows]
     task = e.get("tasks", {}).get(m.key)
     return None if task is None else (evaluation.item_ids(task["items"]), [r["correct"] for r in task["items"]])
 

@@ -48,7 +48,8 @@ def _figures(workdir: str, state: dict, metrics: list[dict], rounds: list[int], 
     plt = plots.pyplot()
     figs = {}
     evals = {m["round"]: m for m in metrics if m["phase"] == "eval"}
-    keys = sorted({k for m in evals.values() for k in m if k not in ("round", "phase", "seconds", "unavailable")})
+    keys = sorted({k for m in evals.values() for k in m if k not in ("round", "phase", "seconds", "unavailable",
+                                                                       "lm_eval_items") and not k.endswith("_stderr")})
     if evals:
         metric = config.get("validation", {}).get("metric")
         comparisons = {int(t): c for t, c in state.get("comparisons", {}).items()}
@@ -64,6 +65,9 @@ def _figures(workdir: str, state: dict, metrics: list[dict], rounds: list[int], 
                 continue
             xs = sorted(r for r in evals if k in evals[r])
             ax.plot(xs, [evals[r][k] for r in xs], marker="o", label="value after the round")
+            if any(k + "_stderr" in evals[r] for r in xs):  # an lm-eval metric: its standard error
+                ax.errorbar(xs, [evals[r][k] for r in xs], yerr=[evals[r].get(k + "_stderr", 0) for r in xs],
+                            fmt="none", ecolor="tab:blue", capsize=3, label="lm-eval's stderr")
             if k == metric and comparisons:  # the guard's interval of each round, read against its reference
                 ts = sorted(t for t in comparisons if t in evals and comparisons[t]["vs"] in evals)
                 ref = [evals[comparisons[t]["vs"]][k] for t in ts]

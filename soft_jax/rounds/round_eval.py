@@ -14,14 +14,13 @@ from soft_jax.core.errors import UserError
 from soft_jax.core.io_utils import read_json
 from soft_jax.data import templates
 from soft_jax.evaluation import guard, signals
-from soft_jax.experiment.workdir import METRICS, WorkDir, save_jsonl
+from soft_jax.experiment.workdir import LM_EVAL_ITEMS, METRICS, WorkDir, save_jsonl
 from soft_jax.inference import sampler
 from soft_jax.parallel import distributed
 from soft_jax.rounds import curriculum
 from soft_jax.rounds.context import RoundContext
 
 OPEN_ENDED = "open_ended.jsonl"
-LM_EVAL_ITEMS = "lm_eval_items.jsonl"
 
 
 def open_ended(ctx: RoundContext, model, tokenizer) -> list[dict]:

@@ -173,6 +173,20 @@ def test_a_run_evaluates_its_lm_eval_tasks_every_round_and_a_task_without_data_i
     split = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]
     cells = dict(zip(split(head), split(r1)))
     assert cells["softjax_missing"] == "n/a" and " ± " in cells["softjax_mc acc"]
+    # the report plots lm-eval's metrics; `compare` pairs two runs' lm-eval items by doc_id (a copy: every diff 0)
+    import shutil
+
+    from soft_jax.reports import compare
+
+    assert os.path.isfile(os.path.join(report.write(w.path), "eval_per_round.png"))
+    shutil.copytree(w.path, tmp_path / "w2")
+    out = compare.write([w.path, str(tmp_path / "w2")], str(tmp_path / "cmp"))
+    res = json.load(open(os.path.join(out, "compare.json")))
+    assert os.path.isfile(os.path.join(out, "softjax_mc_acc.png"))
+    by = {m["key"]: m for m in res["metrics"]}
+    acc = by["lm_eval/softjax_mc/acc"]
+    assert acc["paired"] and [d["diff"] for d in acc["diffs"]["w2"].values()] == [0.0, 0.0]
+    assert "lm_eval/softjax_gen/exact_match" in by
 
 
 @pytest.mark.slow  # four CLI processes, each importing lm-eval's task index: about a minute and a half
