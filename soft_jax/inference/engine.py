@@ -35,7 +35,10 @@ CANDIDATES = 256  # top-k / top-p thresholds are searched among this many larges
 BUCKETS = {
     "own": (MIN_BUCKET, 2, 256, 128),  # generation: each row's own prompt tokens (per-prompt exemplars: 300-600)
     "prefix": (64, 2, 512, 256),  # a common prefix prefilled once at batch 1
-    "length": (MIN_BUCKET, 2, 512, 256),  # scoring: a chunk's group prefixes, a pass's row remainders
+    "length": (MIN_BUCKET, 2, 512, 256),  # scoring: a chunk's group prefixes
+    # scoring: a pass's row remainders after their cached prefixes; a multiple-choice answer is often 2-4 tokens, so
+    # the smallest bucket is 4, not 16 (a forward pass 4x wider than its tokens)
+    "tail": (4, 2, 512, 256),
     "cache": (64, 4, 256, 1024),  # scoring: cache rows a chunk's prefixes are kept in (64, 256, 1024, 2048, ...)
     "rows": (1, 2, None, 0),  # scoring: rows of a forward pass
 }
@@ -46,7 +49,7 @@ def bucket(n: int, kind: str = "own", multiple: int = 1) -> int:
 
     Args:
       n: the size to pad (a token count or a row count).
-      kind: a key of BUCKETS ("own", "prefix", "length", "cache", "rows").
+      kind: a key of BUCKETS ("own", "prefix", "length", "tail", "cache", "rows").
       multiple: the result is a multiple of this (e.g. the mesh's data x fsdp for a row count).
 
     Returns:

@@ -113,7 +113,7 @@ def _plan(seqs, bounds, last_only, batch_size: int, multiple: int) -> list[_Chun
         todo = sorted((last_only[r], len(seqs[r]) - p, r, g, p) for g, (p, rs) in enumerate(chunk) for r in rs)
         passes = []
         while todo:  # from the longest remainder down, as many rows as the pass's length allows
-            last, tail = todo[-1][0], bucket(todo[-1][1], "length")
+            last, tail = todo[-1][0], bucket(todo[-1][1], "tail")
             most = min(batch_size * ROW_TOKENS // tail, PASS_TOKENS // (cache + tail))
             most = max(multiple, 1 << (max(1, most).bit_length() - 1))  # a power of two
             batch = [t for t in todo[-most:] if t[0] == last]
@@ -137,7 +137,8 @@ def score_rows(graphdef, mesh, state, heads, which, ids, positions, seg, picks, 
         given T more slots here for the new tokens.
       which: [B] int32, the row of `heads` each row continues; None: row b continues row b.
       ids, positions, seg: [B, T] int32, each row's remainder left-padded (segment 0 = padding).
-      picks: [B, E] or [B, T] int32 token ids, as above.
+      picks: [B, E] or [B, W] int32 token ids, as above; W <= T: the tokens read at the last W columns (the rest
+        are not read, and not computed past the layers).
       last_only: whether picks are read after the last column only (static).
 
     Returns:
@@ -161,8 +162,13 @@ def _score_body(graphdef, state, heads, which, ids, positions, seg, picks, last_
     stacked = lambda x: take(x, axis=1 if x.ndim == 5 else 0)  # stacked layers' caches: rows are axis 1
     cache = KVCache(k=jax.tree.map(stacked, heads.k), v=jax.tree.map(stacked, heads.v), positions=take(heads.positions),
                     segment_ids=take(heads.segment_ids), index=heads.index, prefix=heads.prefix)
+    # picks narrower than the rows: only the last picks.shape[1] columns are read, so the final norm and the vocabulary
+    # matmul run there alone (a multiple-choice continuation is a few tokens after a longer context)
+    at = None
+    if not last_only and picks.shape[1] < new:
+        at = jnp.broadcast_to(jnp.arange(new - picks.shape[1], new, dtype=jnp.int32), picks.shape)
     logits, _ = nnx.merge(graphdef, state)(ids, positions=positions, segment_ids=seg, cache=cache,
-                                           last_only=last_only)
+                                           last_only=last_only, at=at)
     norm = jax.nn.logsumexp(logits, axis=-1)
     if last_only:
         return (jnp.take_along_axis(logits[:, -1], picks, axis=-1) - norm[:, -1:],
@@ -243,19 +249,22 @@ def _score_tokens(model: Llama, split, contexts: Sequence[Sequence[int]], contin
             ids, seg, positions = left_pad([seqs[r][p:] for r, _, p in batch] + [()] * (n - len(batch)), tail)
             positions += np.asarray([p for *_, p in batch] + [0] * (n - len(batch)))[:, None]
             which = np.asarray([g for _, g, _ in batch] + [0] * (n - len(batch)), np.int32)
-            picks = np.zeros((n, width), np.int32) if last_only else np.full((n, tail), -1, np.int32)
+            # read columns: the last `cols` of the pass (each row's tokens after its bound, right-aligned)
+            longest = max(len(keys[r][0]) - bounds[r] - 1 for r, _, _ in batch)
+            cols = width if last_only else min(tail, 1 << (longest - 1).bit_length())  # a power of two
+            picks = np.zeros((n, width), np.int32) if last_only else np.full((n, cols), -1, np.int32)
             for row, (r, _, _) in enumerate(batch):
                 if last_only:
                     picks[row, :len(asked[r])] = asked[r]
                 else:  # every token after the bound: each request reads its own continuation's part
                     read = keys[r][0][bounds[r] + 1:]
-                    picks[row, tail - len(read):] = read
+                    picks[row, cols - len(read):] = read
             logp, top = map(to_host, score_rows(graphdef, mesh, state, heads, *Batcher(mesh, n).put(
                 (None if local else which, ids, positions, seg, picks)), last_only))
             for row, (r, _, _) in enumerate(batch):
                 for i in rows[keys[r]]:
                     k = continuations[i]
-                    at = [asked[r].index(k[0])] if last_only else slice(tail - len(k), None)
+                    at = [asked[r].index(k[0])] if last_only else slice(cols - len(k), None)
                     out[i], greedy[i] = logp[row, at], top[row, at].all()
             bar.update(len(batch))
     bar.close()
