@@ -207,6 +207,9 @@ def check_tasks(names: list[str], include: str = "") -> tuple[list[str], dict[st
     """(the tasks whose data can be had, {task: why not}) before any weights are read; an unknown task name is a
     UserError. Each task's dataset is loaded as lm-eval loads it (the Hub's datasets from the cache when
     HF_DATASETS_OFFLINE=1 or offline; local files where a task YAML names them)."""
+    if "://" in include:  # lm-eval reads task YAMLs (and the files they name) from local paths only
+        raise UserError(f"eval.lm_eval.include {include}: lm-eval reads its task YAMLs from a local directory; copy "
+                        "them (and their data files) to one and give that")
     manager = task_manager(include)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:

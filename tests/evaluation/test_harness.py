@@ -219,3 +219,11 @@ def test_the_command_lines(tiny_chat, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, "eval", "--model", tiny_chat, "--lm-eval", "softjax_mc",
                            "--out", str(out)], capture_output=True, text=True, env=subprocess_env(**env), timeout=300)
     assert proc.returncode == 2 and "pip install 'soft-jax[lm-eval]'" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_task_yamls_in_a_bucket_are_refused_in_one_line():
+    from soft_jax.core.errors import UserError
+    from soft_jax.evaluation import harness
+
+    with pytest.raises(UserError, match="^eval.lm_eval.include gs://b/tasks: lm-eval reads its task YAMLs from a local"):
+        harness.check_tasks(["softjax_mc"], "gs://b/tasks")
