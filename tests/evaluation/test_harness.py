@@ -225,5 +225,5 @@ def test_task_yamls_in_a_bucket_are_refused_in_one_line():
     from soft_jax.core.errors import UserError
     from soft_jax.evaluation import harness
 
-    with pytest.raises(UserError, match="^eval.lm_eval.include gs://b/tasks: lm-eval reads its task YAMLs from a local"):
+    with pytest.raises(UserError, match="^eval.lm_eval.include gs://b/tasks: lm-eval reads its task YAMLs"):
         harness.check_tasks(["softjax_mc"], "gs://b/tasks")
