@@ -181,20 +181,23 @@ def test_bad_urls_are_one_line_user_errors(bucket, gcs_server):
 
 
 class _Flaky(http.server.BaseHTTPRequestHandler):
-    """A link to the server that answers every `every`-th request 503, or drops the connection, before passing it on."""
+    """A link to the server that answers each client's (gcsfs's, TensorStore's) 3rd request and every `every`-th
+    after it 503, or drops the connection, before passing it on. Counted per client, so that each meets failures
+    however the two interleave."""
 
     upstream = ""
-    count = 0
+    counts: dict = {}
     every = 4
     failed_agents: list = []
 
     def _any(self):
-        type(self).count += 1
-        n = type(self).count
+        agent = self.headers.get("User-Agent", "")
+        client = "tensorstore" if "tensorstore" in agent.lower() else "other"
+        n = type(self).counts[client] = type(self).counts.get(client, 0) + 1
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if n % self.every == 0:
-            type(self).failed_agents.append(self.headers.get("User-Agent", ""))
-            if n % (2 * self.every) == 0:
+        if n % self.every == 3 % self.every:
+            type(self).failed_agents.append(agent)
+            if len(type(self).failed_agents) % 2 == 0:
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
@@ -225,15 +228,15 @@ class _Flaky(http.server.BaseHTTPRequestHandler):
 
 
 def test_transient_errors_are_retried(bucket, gcs_server, monkeypatch):
-    """Through a link where every fourth request fails (503 or a dropped connection), writes, appends, listing and
-    the lease go through; and an Orbax checkpoint (TensorStore's own retries) with every tenth failing, which keeps
-    its backoff (one second, doubling) to seconds."""
+    """Through a link where every fourth request of a client fails (503 or a dropped connection), writes, appends,
+    listing and the lease go through; and an Orbax checkpoint (TensorStore's own retries) with every tenth failing,
+    which keeps its backoff (one second, doubling) to seconds."""
     import jax.numpy as jnp
     import numpy as np
 
     from soft_jax.training.checkpoints import StepCheckpointer
 
-    _Flaky.upstream, _Flaky.count, _Flaky.every, _Flaky.failed_agents = gcs_server.url, 0, 4, []
+    _Flaky.upstream, _Flaky.counts, _Flaky.every, _Flaky.failed_agents = gcs_server.url, {}, 4, []
     proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{proxy.server_port}"
