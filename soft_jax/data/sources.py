@@ -60,6 +60,9 @@ RELEASE_COUNTS = {"hhh/harmless": 58, "hhh/helpful": 59, "hhh/honest": 61, "hhh/
 # machine holding the archive can fill this in). Until then a directory's files are compared by item counts only.
 RELEASE_SHA256: dict[str, str] = {}
 HHH_SUBSETS = ("harmless", "helpful", "honest", "other")
+# BIG-bench's own prefixes for a JSON task that does not set them (bigbench/api/json_task.py). The release's HHH
+# files set "\nHuman: " and "\nAssistant:"; its task_mc.json keeps these defaults.
+DEFAULT_INPUT_PREFIX, DEFAULT_OUTPUT_PREFIX = "\nQ: ", "\nA: "
 HOW_TO_GET = (f"clone BIG-bench (github.com/google/BIG-bench) and set {DIR_ENV}=/path/to/BIG-bench, "
               f"or set {ARCHIVE_ENV}=/path/to/{ARCHIVE} (sha256 {ARCHIVE_SHA256[:12]}...), or put the archive in "
               "{cache}; `soft-jax data tasks` shows what is found")
@@ -200,11 +203,16 @@ class Source:
     def path(self, name: str) -> str:
         return os.path.join(self.root, TASK_FILES[name])
 
+    @property
+    def missing(self) -> list[str]:
+        """The task files this source lacks (a directory may hold only some: HHH's without TruthfulQA's)."""
+        return [name for name in TASK_FILES if not os.path.isfile(self.path(name))]
+
     @functools.cached_property
     def files(self) -> dict[str, dict]:
-        """{name: {"sha256", "items"}} of every task file (items: the examples it holds)."""
-        return {name: {"sha256": _sha256(self.path(name)), "items": len(_examples(self.path(name)))}
-                for name in TASK_FILES}
+        """{name: {"sha256", "items"}} of every task file it holds (items: the examples, each checked)."""
+        return {name: {"sha256": _sha256(self.path(name)), "items": len(_examples(self.path(name), name))}
+                for name in TASK_FILES if name not in self.missing}
 
     @property
     def release(self) -> bool:
@@ -241,20 +249,67 @@ class Source:
                    False: "NOT comparable with published results: " + "; ".join(self.differences()),
                    None: f"item counts equal the {RELEASE} release's; no digests of the release are recorded in "
                          "soft-jax to compare the files with, so equality with it is unchecked"}[self.comparable()]
-        return f"BIG-bench task files from {where}: {verdict}"
+        lacks = (f" (it lacks {', '.join(TASK_FILES[n] for n in self.missing)}: the tasks that need them are "
+                 "unavailable)") if self.missing else ""
+        return f"BIG-bench task files from {where}{lacks}: {verdict}"
 
     def record(self) -> dict:
         """What eval.json records of the data: the source, each file's digest and item count, comparability."""
-        return {"source": self.kind, "where": self.where, "files": self.files, "comparable": self.comparable(),
-                "differences": self.differences(), "description": self.describe()}
+        return {"source": self.kind, "where": self.where, "files": self.files, "missing": self.missing,
+                "comparable": self.comparable(), "differences": self.differences(), "description": self.describe()}
 
 
-def _examples(path: str) -> list:
+def _examples(path: str, name: str) -> list:
+    """The examples of task file `name` at path, every one checked against the rules its tasks rely on."""
     body = _read_json(path)
     examples = body.get("examples") if isinstance(body, dict) else None
     if not isinstance(examples, list) or not examples:
         raise UserError(f"{path}: no examples; expected a BIG-bench task file with a non-empty \"examples\" list")
+    for i, example in enumerate(examples):
+        rule = _broken_rule(name, example)
+        if rule:
+            raise UserError(f"{path}: item {i + 1} of {len(examples)} breaks a rule: {rule}; mend or remove the item")
+    for key in ("task_prefix", "prefix", "example_input_prefix", "example_output_prefix"):
+        if key in body and not isinstance(body[key], str):
+            raise UserError(f"{path}: {key} is {type(body[key]).__name__}, expected a string; mend it")
     return examples
+
+
+def _strings(value, least: int) -> bool:
+    return isinstance(value, list) and len(value) >= least and all(isinstance(v, str) and v for v in value)
+
+
+def _broken_rule(name: str, example) -> str:
+    """Which rule an example breaks ("" for none): HHH and TruthfulQA MC items are an `input` and `target_scores`
+    of at least two answers scored 1 (exactly one) or 0; questions.json's an item with a `Question` and lists of
+    `True answers` and `False answers`, at least one each."""
+    if not isinstance(example, dict):
+        return f"an item is a JSON object, not {type(example).__name__}"
+    if name == "truthfulqa/questions":
+        if not isinstance(example.get("Question"), str) or not example["Question"].strip():
+            return "\"Question\" must be a non-empty string"
+        for key in ("True answers", "False answers"):
+            if not _strings(example.get(key), 1):
+                return f"\"{key}\" must be a list of at least one non-empty string"
+        return ""
+    if not isinstance(example.get("input"), str) or not example["input"].strip():
+        return "\"input\" must be a non-empty string"
+    scores = example.get("target_scores")
+    if not isinstance(scores, dict) or len(scores) < 2:
+        return "\"target_scores\" must map at least two answers to their scores"
+    if any(v not in (0, 1) or isinstance(v, bool) for v in scores.values()):
+        return "every score in \"target_scores\" must be 1 (correct) or 0"
+    if sum(scores.values()) != 1:
+        return f"exactly one answer in \"target_scores\" must score 1, not {sum(scores.values())}"
+    return ""
+
+
+def prefixes(name: str) -> tuple[str, str]:
+    """(example_input_prefix, example_output_prefix) of a BIG-bench JSON task file, BIG-bench's defaults where the
+    file does not set them."""
+    body = _read_json(task_file(name))
+    return body.get("example_input_prefix", DEFAULT_INPUT_PREFIX), body.get("example_output_prefix",
+                                                                              DEFAULT_OUTPUT_PREFIX)
 
 
 def _tree_root(directory: str) -> str:
@@ -287,11 +342,11 @@ def _from_directory(directory: str) -> Source:
         raise UserError(f"{DIR_ENV}={directory}: no such directory; point it at a BIG-bench checkout (the "
                         "directory holding bigbench/benchmark_tasks) or unset it")
     root = _tree_root(directory)
-    missing = [p for p in TASK_FILES.values() if not os.path.isfile(os.path.join(root, p))]
-    if missing:
-        raise UserError(f"{DIR_ENV}={directory}: no {missing[0]} under it; point it at a BIG-bench checkout (the "
-                        "directory holding bigbench/benchmark_tasks) or unset it")
-    source = Source("directory", directory, root)
+    source = Source("directory", os.path.abspath(os.path.expanduser(directory)), root)
+    if len(source.missing) == len(TASK_FILES):
+        raise UserError(f"{DIR_ENV}={directory}: none of BIG-bench's HHH or TruthfulQA task files under it (such as "
+                        f"{TASK_FILES['hhh/harmless']}); point it at a BIG-bench checkout (the directory holding "
+                        "bigbench/benchmark_tasks) or unset it")
     source.files  # noqa: B018 -- reads every file now: a broken one is refused before any weights are read
     return source
 
@@ -366,8 +421,13 @@ def report_lines() -> list[str]:
 
 
 def task_file(name: str) -> str:
-    """Path of a task JSON file from the first source that has them (`locate`)."""
-    return locate().path(name)
+    """Path of a task JSON file from the first source that has them (`locate`); a UserError naming the source when
+    it lacks that file (a directory may hold only some)."""
+    source = locate()
+    if name in source.missing:
+        raise UserError(f"{DIR_ENV}={source.where}: no {TASK_FILES[name]} under it; add it (a BIG-bench checkout "
+                        "holds it), or evaluate the tasks whose files are there")
+    return source.path(name)
 
 
 def _read_json(path: str):
@@ -381,26 +441,24 @@ def _read_json(path: str):
 
 @dataclasses.dataclass
 class MCItem:
-    """A multiple-choice item: choices with labels (1 = correct / true, 0 = wrong / false)."""
+    """A multiple-choice item: choices with labels (1 = correct / true, 0 = wrong / false), and where it was read
+    (`origin`: "FILE, item N", for messages about it)."""
 
     question: str
     choices: list[str]
     labels: list[int]
     subset: str = ""
+    origin: str = ""
+
+
+def _target_items(name: str, subset: str = "") -> list[MCItem]:
+    path = task_file(name)
+    return [MCItem(e["input"], list(e["target_scores"]), [int(v) for v in e["target_scores"].values()], subset,
+                   f"{path}, item {i + 1}") for i, e in enumerate(_examples(path, name))]
 
 
 def load_hhh(limit: int | None = None) -> list[MCItem]:
-    items = []
-    for subset in HHH_SUBSETS:
-        data = _read_json(task_file(f"hhh/{subset}"))
-        try:
-            examples = [MCItem(e["input"], list(e["target_scores"]), [int(v) for v in e["target_scores"].values()],
-                               subset) for e in data["examples"]]
-        except (KeyError, TypeError, AttributeError) as e:
-            raise UserError(f"{task_file(f'hhh/{subset}')}: unexpected layout ({e!r}); expected BIG-bench "
-                            "examples with input and target_scores") from None
-        items.extend(examples[:limit])
-    return items
+    return [item for subset in HHH_SUBSETS for item in _target_items(f"hhh/{subset}", subset)[:limit]]
 
 
 def load_truthfulqa(kind: str, path: str | None = None, limit: int | None = None) -> list[MCItem]:
@@ -408,14 +466,11 @@ def load_truthfulqa(kind: str, path: str | None = None, limit: int | None = None
     if path:
         return _load_user_truthfulqa(path, kind)[:limit]
     if kind == "mc1":
-        data = _read_json(task_file("truthfulqa/mc"))
-        items = [MCItem(e["input"], list(e["target_scores"]), [int(v) for v in e["target_scores"].values()])
-                 for e in data["examples"]]
-    else:
-        data = _read_json(task_file("truthfulqa/questions"))
-        items = [MCItem(e["Question"], e["True answers"] + e["False answers"],
-                        [1] * len(e["True answers"]) + [0] * len(e["False answers"])) for e in data["examples"]]
-    return items[:limit]
+        return _target_items("truthfulqa/mc")[:limit]
+    path = task_file("truthfulqa/questions")
+    return [MCItem(e["Question"], e["True answers"] + e["False answers"],
+                   [1] * len(e["True answers"]) + [0] * len(e["False answers"]), origin=f"{path}, item {i + 1}")
+            for i, e in enumerate(_examples(path, "truthfulqa/questions"))][:limit]
 
 
 def _load_user_truthfulqa(path: str, kind: str) -> list[MCItem]:
@@ -434,7 +489,19 @@ def _load_user_truthfulqa(path: str, kind: str) -> list[MCItem]:
     else:
         rows = _read_json(path)
     try:
-        return [MCItem(r["question"], list(r[f"{kind}_targets"]["choices"]),
-                       [int(x) for x in r[f"{kind}_targets"]["labels"]]) for r in rows]
-    except (KeyError, TypeError) as e:
+        items = [MCItem(r["question"], list(r[f"{kind}_targets"]["choices"]),
+                        [int(x) for x in r[f"{kind}_targets"]["labels"]], origin=f"{path}, item {i + 1}")
+                 for i, r in enumerate(rows)]
+    except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path}: expected rows with question and {kind}_targets {{choices, labels}} ({e!r})") from None
+    for item in items:
+        correct = sum(item.labels)
+        if len(item.choices) < 2 or len(item.labels) != len(item.choices) or set(item.labels) - {0, 1}:
+            rule = f"{kind}_targets must hold at least two choices and a label of 1 or 0 for each"
+        elif correct != 1 if kind == "mc1" else not 0 < correct < len(item.labels):
+            rule = ("exactly one mc1 choice must be labelled 1" if kind == "mc1"
+                    else "mc2 needs at least one choice labelled 1 and one labelled 0")
+        else:
+            continue
+        raise UserError(f"{item.origin} of {len(items)} breaks a rule: {rule}; mend or remove the item")
+    return items

@@ -5,7 +5,9 @@
   "Sure! The given answer is" (every candidate is scored: Dromedary's loop stepped by 2 over the
   candidates and scored only half of them; that bug is not copied). HHH: both answers shown as A) and
   B) in both orders; answer 1 scores log p(" A" | order 1) + log p(" B" | order 2), answer 2 the mirror.
-- "loglik": the summed log-likelihood of each answer after BIG-bench's own task text.
+- "loglik": the summed log-likelihood of each answer after BIG-bench's own task text: the file's task prefix,
+  its `example_input_prefix`, the question and its `example_output_prefix` (BIG-bench's defaults "\nQ: " and
+  "\nA: " where a file sets none); the answer follows after one space unless the prefix ends in whitespace.
 Predictions take the argmax with Dromedary's deterministic tie-break. MC2 is the normalised probability
 mass on the true answers (under "dromedary", a softmax over the candidates' true-vs-false scores: Dromedary's
 code has no MC2, so that one is this project's construction, and its results say so in "construction").
@@ -79,17 +81,44 @@ def _asked(tokenizer, bos: str, story: str, prefix: str) -> str:
     return ("" if templated else bos) + head + prefix
 
 
-def truthfulqa_prefixes() -> tuple[str, str]:
-    """BIG-bench's six-shot QA prefixes: task_mc.json's task_prefix (MC1) and questions.json's prefix (MC2).
-
-    Returns:
-        A tuple (mc1_prefix, mc2_prefix) of texts.
+def truthfulqa_prefix(task: str) -> str:
+    """BIG-bench's six-shot QA prefix of a TruthfulQA task: task_mc.json's `task_prefix` (MC1) or questions.json's
+    `prefix` (MC2).
 
     Raises:
-        UserError: When BIG-bench's task files cannot be found.
+        UserError: When BIG-bench's task file cannot be found, or lacks its prefix.
     """
-    return (sources._read_json(sources.task_file("truthfulqa/mc"))["task_prefix"],
-            sources._read_json(sources.task_file("truthfulqa/questions"))["prefix"])
+    name, key = ("truthfulqa/mc", "task_prefix") if task == "truthfulqa_mc1" else ("truthfulqa/questions", "prefix")
+    path = sources.task_file(name)
+    prefix = sources._read_json(path).get(key)
+    if not isinstance(prefix, str):
+        raise UserError(f"{path}: no \"{key}\" string, the few-shot prefix the loglik protocol puts before each "
+                        "question; add it (BIG-bench's file has one), or use --protocol dromedary")
+    return prefix
+
+
+def files_needed(task: str, protocol: str, truthfulqa_file: str | None = None) -> list[str]:
+    """The BIG-bench task files (`sources.TASK_FILES` names) a task reads under a protocol: HHH its four; TruthfulQA
+    its items' file, and under "loglik" that file's few-shot prefix even when the items are the user's."""
+    if task == "hhh":
+        return [f"hhh/{s}" for s in sources.HHH_SUBSETS]
+    if truthfulqa_file and protocol != "loglik":
+        return []
+    return ["truthfulqa/mc" if task == "truthfulqa_mc1" else "truthfulqa/questions"]
+
+
+def _answer(context: str, answer: str) -> str:
+    """The continuation after a BIG-bench task's output prefix: the answer, after one space unless the prefix ends
+    in whitespace (as "\nA: " does) or the answer starts with it, so that its first word keeps its own token."""
+    return answer if context[-1:].isspace() or answer[:1].isspace() else " " + answer
+
+
+def _bigbench_pairs(name: str, bos: str, it: sources.MCItem, task_prefix: str = "") -> list[tuple[str, str]]:
+    """An item asked as BIG-bench asks it: the task prefix, the file's example input prefix, the question, its
+    example output prefix; then each choice."""
+    input_prefix, output_prefix = sources.prefixes(name)
+    context = bos + task_prefix + input_prefix + it.question + output_prefix
+    return [(context, _answer(context, c)) for c in it.choices]
 
 
 def requests(task: str, items: list[sources.MCItem], protocol: str, tokenizer) -> list[tuple[str, str]]:
@@ -107,7 +136,7 @@ def requests(task: str, items: list[sources.MCItem], protocol: str, tokenizer) -
     """
     pairs, bos = [], _bos(tokenizer)
     if protocol == "loglik" and task != "hhh":
-        mc1_prefix, mc2_prefix = truthfulqa_prefixes()
+        few_shot = truthfulqa_prefix(task)
     for it in items:
         if task == "hhh" and protocol == "dromedary":
             a, b = it.choices
@@ -115,16 +144,15 @@ def requests(task: str, items: list[sources.MCItem], protocol: str, tokenizer) -
                 ctx = _asked(tokenizer, bos, HHH_STORY.format(question=it.question, a=first, b=second), HHH_PREFIX)
                 pairs += [(ctx, " A"), (ctx, " B")]
         elif task == "hhh":
-            pairs += [(bos + "\nHuman: " + it.question + "\nAssistant:", " " + c) for c in it.choices]
+            pairs += _bigbench_pairs(f"hhh/{it.subset}", bos, it)
         elif protocol == "dromedary":
             for c in it.choices:
                 ctx = _asked(tokenizer, bos, TF_STORY.format(question=it.question, answer=c), TF_PREFIX)
                 pairs += [(ctx, " true"), (ctx, " false")]
         elif task == "truthfulqa_mc1":
-            ctx = bos + mc1_prefix + "\nQ: " + it.question + "\nA: "
-            pairs += [(ctx, c) for c in it.choices]
+            pairs += _bigbench_pairs("truthfulqa/mc", bos, it, few_shot)
         else:
-            pairs += [(bos + mc2_prefix + "Q: " + it.question + "\nA:", " " + c) for c in it.choices]
+            pairs += [(bos + few_shot + "Q: " + it.question + "\nA:", " " + c) for c in it.choices]
     return pairs
 
 
@@ -199,8 +227,9 @@ def bigbench_tasks(tasks: Sequence[str], protocol: str, truthfulqa_file: str | N
 
 def availability(tasks: Sequence[str], protocol: str, truthfulqa_file: str | None = None
                  ) -> tuple[sources.Source | None, dict[str, str]]:
-    """(where BIG-bench's files are, or None; {task: why it cannot be evaluated} for the tasks that need them
-    when there are none). Each task's items are read once, so a broken file is reported now, not mid-run.
+    """(where BIG-bench's files are, or None; {task: why it cannot be evaluated} for the tasks whose files are not
+    there). Every item of each task is read and checked now, so a broken file or item is reported before any
+    weights are read, not mid-run: HHH under "dromedary" needs exactly two answers per item.
 
     Args:
         tasks: The task names.
@@ -208,20 +237,36 @@ def availability(tasks: Sequence[str], protocol: str, truthfulqa_file: str | Non
         truthfulqa_file: A TruthfulQA file of the user's, or None.
 
     Returns:
-        A tuple (source, missing): the BIG-bench Source (None when no task needs it, or it is not found) and,
-        when it is not found, each task that needs it mapped to the reason; else an empty dict.
+        A tuple (source, missing): the BIG-bench Source (None when no task needs it, or it is not found) and
+        each task whose files are not found (no source, or a directory without that task's file) mapped to the
+        reason; else an empty dict.
 
     Raises:
-        UserError: When a task's files are there but cannot be read.
+        UserError: When a task's files are there but cannot be read, or an item breaks a rule (naming the file,
+            the item and the rule).
     """
     need = bigbench_tasks(tasks, protocol, truthfulqa_file)
     try:
         source = sources.locate() if need else None
     except UserError as e:
         return None, {t: str(e) for t in need}
+    missing = {}
     for task in tasks:
-        load_items(task, 1, truthfulqa_file)
-    return source, {}
+        lacks = [n for n in files_needed(task, protocol, truthfulqa_file) if source and n in source.missing]
+        if lacks:
+            missing[task] = (f"{sources.DIR_ENV}={source.where}: no {sources.TASK_FILES[lacks[0]]} under it, which "
+                             f"{task} reads; add it (a BIG-bench checkout holds it), or evaluate other tasks")
+            continue
+        items = load_items(task, None, truthfulqa_file)  # every item, checked now rather than mid-run
+        if task == "hhh" and protocol == "dromedary":
+            for it in items:
+                if len(it.choices) != 2:
+                    raise UserError(f"{it.origin} has {len(it.choices)} answers; the dromedary protocol shows an HHH "
+                                    "item's two answers as A) and B), so each needs exactly two (or use --protocol "
+                                    "loglik, which scores any number)")
+        if protocol == "loglik" and task != "hhh":
+            truthfulqa_prefix(task)
+    return source, missing
 
 
 def load_items(task: str, limit: int | None = None, truthfulqa_file: str | None = None) -> list[sources.MCItem]:

@@ -231,17 +231,100 @@ def test_the_variable_may_name_the_checkout_or_its_task_folders(fake, monkeypatc
 
 
 def test_a_checkout_without_the_files_is_refused_in_one_line(fake, monkeypatch, tmp_path):
+    """A tree without any of the task files is refused; one that lacks some is used for what it holds, and asking
+    it for a missing file is one line naming the variable and the file; an empty file is refused when found."""
     tree = tmp_path / "BIG-bench"
-    shutil.copytree(INHOUSE_BIGBENCH, tree)
-    os.remove(tree / sources.TASK_FILES["truthfulqa/questions"])
+    (tree / "bigbench" / "benchmark_tasks").mkdir(parents=True)
     monkeypatch.setenv(sources.DIR_ENV, str(tree))
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
     with pytest.raises(UserError) as e:
         sources.locate()
+    assert len(str(e.value).splitlines()) == 1 and sources.DIR_ENV in str(e.value) and "hhh_alignment" in str(e.value)
+    shutil.rmtree(tree)
+    shutil.copytree(INHOUSE_BIGBENCH, tree)
+    os.remove(tree / sources.TASK_FILES["truthfulqa/questions"])
+    source = sources.locate()
+    assert source.missing == ["truthfulqa/questions"] and set(source.files) == set(sources.TASK_FILES) - {
+        "truthfulqa/questions"}
+    assert "it lacks bigbench/benchmark_tasks/truthful_qa/questions.json" in source.describe()
+    assert source.record()["missing"] == ["truthfulqa/questions"]
+    with pytest.raises(UserError) as e:
+        sources.task_file("truthfulqa/questions")
     line = str(e.value)
     assert len(line.splitlines()) == 1 and sources.DIR_ENV in line and "truthful_qa/questions.json" in line
     (tree / sources.TASK_FILES["truthfulqa/questions"]).write_text(json.dumps({"examples": []}))
+    sources._locate.cache_clear()  # found once per process and configuration
     with pytest.raises(UserError, match="questions.json: no examples"):
+        sources.locate()
+
+
+def test_a_relative_checkout_path_is_recorded_absolute(fake, monkeypatch, tmp_path):
+    """eval.json must say where the files were even when read from another directory later."""
+    shutil.copytree(INHOUSE_BIGBENCH, tmp_path / "BIG-bench")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(sources.DIR_ENV, "BIG-bench")
+    source = sources.locate()
+    assert source.where == str(tmp_path / "BIG-bench") and source.record()["where"] == str(tmp_path / "BIG-bench")
+    assert f"${sources.DIR_ENV} = {tmp_path / 'BIG-bench'}" in source.describe()
+
+
+def _broken_tree(tmp_path, name, mend) -> str:
+    """A copy of the in-house tree whose task file `name` has its second item changed by mend(item)."""
+    tree = tmp_path / "BIG-bench"
+    shutil.copytree(INHOUSE_BIGBENCH, tree)
+    path = tree / sources.TASK_FILES[name]
+    body = json.loads(path.read_text())
+    mend(body["examples"][1])
+    path.write_text(json.dumps(body))
+    return str(path)
+
+
+@pytest.mark.parametrize("name,mend,rule", [
+    ("hhh/helpful", lambda e: e["target_scores"].update({"A third answer.": 0, "A fourth.": 1}),
+     "exactly one answer in \"target_scores\" must score 1, not 2"),
+    ("hhh/other", lambda e: e.update(target_scores={"Only one answer.": 1}), "at least two answers"),
+    ("hhh/honest", lambda e: e["target_scores"].update({k: 0.5 for k in e["target_scores"]}),
+     "must be 1 (correct) or 0"),
+    ("truthfulqa/mc", lambda e: e.pop("input"), "\"input\" must be a non-empty string"),
+    ("truthfulqa/questions", lambda e: e.update({"False answers": []}), "\"False answers\" must be a list"),
+])
+def test_every_item_is_checked_when_the_files_are_found(fake, monkeypatch, tmp_path, name, mend, rule):
+    """Not only the first: the second item breaks a rule, and the line names the file, the item and the rule."""
+    path = _broken_tree(tmp_path, name, mend)
+    monkeypatch.setenv(sources.DIR_ENV, str(tmp_path / "BIG-bench"))
+    with pytest.raises(UserError) as e:
+        sources.locate()
+    line = str(e.value)
+    assert len(line.splitlines()) == 1 and line.startswith(f"{path}: item 2 of ") and rule in line, line
+
+
+@pytest.mark.parametrize("choices,labels,rule", [(["a", "b", "c"], [1, 1, 0], "exactly one mc1 choice"),
+                                                  (["a"], [1], "at least two choices")])
+def test_a_users_truthfulqa_file_is_checked_item_by_item(tmp_path, choices, labels, rule):
+    rows = [{"question": "q1", "mc1_targets": {"choices": ["a", "b"], "labels": [1, 0]}},
+            {"question": "q2", "mc1_targets": {"choices": choices, "labels": labels}}]
+    path = tmp_path / "tqa.json"
+    path.write_text(json.dumps(rows))
+    with pytest.raises(UserError) as e:
+        sources.load_truthfulqa("mc1", str(path))
+    assert str(e.value).startswith(f"{path}, item 2 of 2 breaks a rule") and rule in str(e.value)
+
+
+def test_prefixes_are_the_files_own_or_big_benchs_defaults(fake, monkeypatch, tmp_path):
+    tree = tmp_path / "BIG-bench"
+    shutil.copytree(INHOUSE_BIGBENCH, tree)
+    path = tree / sources.TASK_FILES["hhh/harmless"]
+    body = json.loads(path.read_text())
+    body.update(example_input_prefix="\nUser: ", example_output_prefix="\nBot: ")
+    path.write_text(json.dumps(body))
+    monkeypatch.setenv(sources.DIR_ENV, str(tree))
+    assert sources.prefixes("hhh/harmless") == ("\nUser: ", "\nBot: ")
+    assert sources.prefixes("hhh/helpful") == ("\nHuman: ", "\nAssistant:")
+    assert sources.prefixes("truthfulqa/mc") == ("\nQ: ", "\nA: ")  # the file sets none: BIG-bench's defaults
+    body["example_output_prefix"] = 7
+    path.write_text(json.dumps(body))
+    sources._locate.cache_clear()  # found once per process and configuration
+    with pytest.raises(UserError, match="example_output_prefix is int, expected a string"):
         sources.locate()
 
 

@@ -58,6 +58,88 @@ def test_task_file_that_fails_to_parse(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "o.json").exists()
 
 
+def _tree(tmp_path, keep=tuple(sources.TASK_FILES)) -> str:
+    """A copy of the in-house tree holding only the task files named in `keep`."""
+    tree = tmp_path / "BIG-bench"
+    shutil.copytree(INHOUSE_BIGBENCH, tree)
+    for name in set(sources.TASK_FILES) - set(keep):
+        os.remove(tree / sources.TASK_FILES[name])
+    return str(tree)
+
+
+def _edit(tree, name, change):
+    path = os.path.join(tree, sources.TASK_FILES[name])
+    with open(path, encoding="utf-8") as f:
+        body = json.load(f)
+    change(body)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(body, f)
+    return path
+
+
+def test_an_hhh_item_with_three_answers_stops_eval_before_the_model(tmp_path, monkeypatch):
+    """The dromedary protocol shows two answers as A) and B): an item with three is refused up front, naming the
+    file, the item and the rule (the model named does not exist: the data check comes first), in a run's check as
+    well; the loglik protocol scores any number of answers and takes it."""
+    tree = _tree(tmp_path)
+    path = _edit(tree, "hhh/honest", lambda b: b["examples"][2]["target_scores"].update({"A third answer.": 0}))
+    proc = run_cli_env({sources.DIR_ENV: tree, sources.ARCHIVE_ENV: ""}, "eval", "--model", str(tmp_path / "none"),
+                       "--tasks", "hhh", "--out", str(tmp_path / "o.json"))
+    line = proc.stderr.strip()
+    assert proc.returncode == 2 and len(line.splitlines()) == 1, proc.stderr
+    assert f"{path}, item 3 has 3 answers" in line and "exactly two" in line
+    monkeypatch.setenv(sources.DIR_ENV, tree)
+    from soft_jax.core.errors import UserError
+    from soft_jax.experiment import config as run_config, inputs
+
+    cfg = run_config.load("configs/demo.py", ["eval.tasks=hhh", "eval.required=true"])
+    with pytest.raises(UserError, match="item 3 has 3 answers"):
+        inputs.check_eval(cfg)
+    assert evaluation.availability(["hhh"], "loglik")[1] == {}
+
+
+def test_a_tree_with_only_hhh_serves_hhh(tmp_path, monkeypatch):
+    """Only the files the asked tasks read are required: HHH's four serve `--tasks hhh`; TruthfulQA is then
+    unavailable, with the file it lacks named."""
+    tree = _tree(tmp_path, [f"hhh/{s}" for s in sources.HHH_SUBSETS])
+    monkeypatch.setenv(sources.DIR_ENV, tree)
+    monkeypatch.delenv(sources.ARCHIVE_ENV, raising=False)
+    source, missing = evaluation.availability(["hhh"], "dromedary")
+    assert missing == {} and source.missing == ["truthfulqa/mc", "truthfulqa/questions"]
+    _, missing = evaluation.availability(["hhh", "truthfulqa_mc1", "truthfulqa_mc2"], "loglik")
+    assert list(missing) == ["truthfulqa_mc1", "truthfulqa_mc2"]
+    assert "truthful_qa/task_mc.json" in missing["truthfulqa_mc1"] and sources.DIR_ENV in missing["truthfulqa_mc1"]
+    proc = run_cli_env({sources.DIR_ENV: tree, sources.ARCHIVE_ENV: ""}, "eval", "--model", str(tmp_path / "none"),
+                       "--tasks", "hhh", "--out", str(tmp_path / "o.json"))
+    assert proc.returncode == 2 and "BIG-bench task files from" in proc.stdout, proc.stdout + proc.stderr
+    assert "none" in proc.stderr and "task_mc.json" not in proc.stderr  # past the data, stopped at the model
+
+
+class _NoBos:
+    bos_token_id = None
+
+    def __call__(self, text):
+        return {"input_ids": [7]}
+
+
+def test_loglik_asks_with_each_files_own_prefixes(tmp_path, monkeypatch):
+    """BIG-bench's text: task prefix, the file's example input prefix, the question, its output prefix, then the
+    answer after one space unless the prefix ends in whitespace; BIG-bench's defaults where a file sets none."""
+    tree = _tree(tmp_path)
+    _edit(tree, "hhh/harmless", lambda b: b.update(example_input_prefix="\nUser: ", example_output_prefix="\nBot: "))
+    monkeypatch.setenv(sources.DIR_ENV, tree)
+    monkeypatch.delenv(sources.ARCHIVE_ENV, raising=False)
+    hhh = evaluation.load_items("hhh")
+    pairs = evaluation.requests("hhh", hhh, "loglik", _NoBos())
+    want = [("\nUser: " + it.question + "\nBot: ", c) if it.subset == "harmless" else
+            ("\nHuman: " + it.question + "\nAssistant:", " " + c) for it in hhh for c in it.choices]
+    assert pairs == want
+    mc1 = evaluation.load_items("truthfulqa_mc1")
+    few_shot = json.load(open(os.path.join(tree, sources.TASK_FILES["truthfulqa/mc"])))["task_prefix"]
+    assert evaluation.requests("truthfulqa_mc1", mc1, "loglik", _NoBos()) == [
+        (few_shot + "\nQ: " + it.question + "\nA: ", c) for it in mc1 for c in it.choices]
+
+
 def _examples(name):
     with open(os.path.join(INHOUSE_BIGBENCH, sources.TASK_FILES[name]), encoding="utf-8") as f:
         return json.load(f)["examples"]
