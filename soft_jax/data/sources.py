@@ -448,7 +448,7 @@ class MCItem:
     choices: list[str]
     labels: list[int]
     subset: str = ""
-    origin: str = ""
+    origin: str = dataclasses.field(default="", compare=False)  # not part of what the item is
 
 
 def _target_items(name: str, subset: str = "") -> list[MCItem]:
