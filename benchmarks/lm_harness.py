@@ -8,7 +8,7 @@ batch size; soft-jax is timed cold (its first evaluation in the process, JAX's p
 so compiling is included) and warm (the same evaluation again). Prints seconds, the ratio to HFLM, and how many
 items differ (decisions, generations) with the largest log-likelihood difference, with the CPU model.
 
-    python benchmarks/lm_harness.py [--mc 200] [--gen 40] [--batch 16]
+    python benchmarks/lm_harness.py [--mc 200] [--gen 40] [--batch 16] [--shots 0,5] [--layers stacked|loop]
 """
 
 import argparse
@@ -76,16 +76,26 @@ def write_tasks(folder: str, mc: int, gen: int) -> None:
             f.write(text.format(data=folder))
 
 
-def evaluate(lm, include: str) -> tuple[float, dict]:
+def evaluate(lm, include: str, shots: int) -> tuple[float, dict]:
     import lm_eval
 
     from soft_jax.evaluation import harness
 
     t0 = time.perf_counter()
     res = lm_eval.simple_evaluate(model=lm, tasks=["bench_mc", "bench_gen"], task_manager=harness.task_manager(include),
-                                  log_samples=True, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
-                                  fewshot_random_seed=0, verbosity="ERROR")
+                                  num_fewshot=shots, log_samples=True, random_seed=0, numpy_random_seed=0,
+                                  torch_random_seed=0, fewshot_random_seed=0, verbosity="ERROR")
     return time.perf_counter() - t0, res
+
+
+def compare(a: dict, b: dict) -> tuple[int, int, float]:
+    """(decisions that differ, generations that differ, largest log-likelihood difference) between two results."""
+    gap = max(abs(x[0] - y[0]) for sa, sb in zip(a["samples"]["bench_mc"], b["samples"]["bench_mc"])
+              for x, y in zip(sa["filtered_resps"], sb["filtered_resps"]))
+    decisions = sum(sa["acc"] != sb["acc"] for sa, sb in zip(a["samples"]["bench_mc"], b["samples"]["bench_mc"]))
+    texts = sum(sa["filtered_resps"] != sb["filtered_resps"]
+                for sa, sb in zip(a["samples"]["bench_gen"], b["samples"]["bench_gen"]))
+    return decisions, texts, gap
 
 
 def main():
@@ -93,6 +103,10 @@ def main():
     ap.add_argument("--mc", type=int, default=200, help="multiple-choice items (4 loglikelihood requests each)")
     ap.add_argument("--gen", type=int, default=40, help="generate_until items")
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--shots", default="0,5", help="num_fewshot settings to run, comma-separated (lm-eval draws each "
+                    "item's examples from the other items)")
+    ap.add_argument("--layers", choices=("stacked", "loop"), default="stacked",
+                    help="soft-jax's layers: stacked (one scan; what `soft-jax eval` / `lm-eval` load) or a loop")
     args = ap.parse_args()
     import jax
 
@@ -109,29 +123,28 @@ def main():
     folder = tempfile.mkdtemp()
     write_tasks(folder, args.mc, args.gen)
     harness.task_manager(folder)  # lm-eval indexes its task files once per process: outside both timings
-    model, tok = models.load("smollm2-135m", progress=False)
+    model, tok = models.load("smollm2-135m", progress=False, scan_layers=args.layers == "stacked")
     path = smollm2_path()
     hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                            dtype=torch.float32).eval()
-    ours = harness.SoftJaxLM(model, tok, batch_size=args.batch)
-    cold, a = evaluate(ours, folder)
-    warm, _ = evaluate(ours, folder)
-    ref_s, b = evaluate(HFLM(pretrained=hf, tokenizer=tok, batch_size=args.batch, device="cpu"), folder)
-    gap = max(abs(x[0] - y[0]) for sa, sb in zip(a["samples"]["bench_mc"], b["samples"]["bench_mc"])
-              for x, y in zip(sa["filtered_resps"], sb["filtered_resps"]))
-    decisions = sum(sa["acc"] != sb["acc"] for sa, sb in zip(a["samples"]["bench_mc"], b["samples"]["bench_mc"]))
-    texts = sum(sa["filtered_resps"] != sb["filtered_resps"]
-                for sa, sb in zip(a["samples"]["bench_gen"], b["samples"]["bench_gen"]))
-    print(f"CPU: {cpu_model()}; jax {jax.__version__}, torch {torch.__version__}")
+    print(f"CPU: {cpu_model()}; jax {jax.__version__}, torch {torch.__version__}; soft-jax layers {args.layers}")
     print(f"tasks: {args.mc} multiple-choice items ({4 * args.mc} loglikelihood requests), {args.gen} generate_until "
           f"items (max 16 tokens), batch {args.batch}")
-    print(f"HFLM (PyTorch):      {ref_s:7.1f} s")
-    print(f"soft-jax cold:       {cold:7.1f} s  ({ref_s / cold:.2f}x HFLM, compiling included)")
-    print(f"soft-jax warm:       {warm:7.1f} s  ({ref_s / warm:.2f}x HFLM)")
-    print(f"acc {a['results']['bench_mc']['acc,none']:.4f} vs {b['results']['bench_mc']['acc,none']:.4f}; "
-          f"exact_match {a['results']['bench_gen']['exact_match,none']:.4f} vs "
-          f"{b['results']['bench_gen']['exact_match,none']:.4f}; decisions that differ {decisions}/{args.mc}, "
-          f"generations that differ {texts}/{args.gen}, largest log-likelihood difference {gap:.2e}")
+    for shots in (int(x) for x in args.shots.split(",")):
+        jax.clear_caches()  # each setting's cold run compiles its programs afresh
+        ours = harness.SoftJaxLM(model, tok, batch_size=args.batch)
+        cold, a = evaluate(ours, folder, shots)
+        warm, _ = evaluate(ours, folder, shots)
+        ref_s, b = evaluate(HFLM(pretrained=hf, tokenizer=tok, batch_size=args.batch, device="cpu"), folder, shots)
+        decisions, texts, gap = compare(a, b)
+        print(f"num_fewshot {shots}:")
+        print(f"  HFLM (PyTorch):      {ref_s:7.1f} s")
+        print(f"  soft-jax cold:       {cold:7.1f} s  ({ref_s / cold:.2f}x HFLM, compiling included)")
+        print(f"  soft-jax warm:       {warm:7.1f} s  ({ref_s / warm:.2f}x HFLM)")
+        print(f"  acc {a['results']['bench_mc']['acc,none']:.4f} vs {b['results']['bench_mc']['acc,none']:.4f}; "
+              f"exact_match {a['results']['bench_gen']['exact_match,none']:.4f} vs "
+              f"{b['results']['bench_gen']['exact_match,none']:.4f}; decisions that differ {decisions}/{args.mc}, "
+              f"generations that differ {texts}/{args.gen}, largest log-likelihood difference {gap:.2e}")
 
 
 if __name__ == "__main__":

@@ -17,10 +17,12 @@ def _is_workdir(path: str) -> bool:
     return storage.isfile(storage.join(storage.check(path, "--model"), "state.json"))
 
 
-def _open_model(args, param_dtype=None, need_tokenizer=True, progress=True):
+def _open_model(args, param_dtype=None, need_tokenizer=True, progress=True, scan_layers=False):
     """(build, config, tokenizer) for --model: checks config and tokenizer before `build()` reads weights.
 
-    A run's work dir stands for its best round."""
+    A run's work dir stands for its best round (stored as its run stored it). scan_layers: store the layers
+    stacked, so that every program compiles one layer instead of all of them; the inference commands (generate,
+    eval, lm-eval) ask for it, since they compile several shapes and their outputs equal the loop's."""
     from soft_jax import models
 
     if _is_workdir(args.model):
@@ -32,7 +34,7 @@ def _open_model(args, param_dtype=None, need_tokenizer=True, progress=True):
 
     adapter = args.model if lora.is_peft_dir(args.model) else None  # an HF PEFT adapter on top of its base
     base = lora.peft_base(adapter) if adapter else args.model
-    source, cfg, tokenizer = models.inspect(base, dtype=args.dtype, param_dtype=param_dtype)
+    source, cfg, tokenizer = models.inspect(base, dtype=args.dtype, param_dtype=param_dtype, scan_layers=scan_layers)
     if tokenizer is None and need_tokenizer:
         raise UserError(f"{base}: the checkpoint has no tokenizer files; add them to the directory")
     if adapter:
@@ -82,7 +84,7 @@ def cmd_generate(args) -> None:
     config = sampler.SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                     top_p=args.top_p, top_k=args.top_k, seed=args.seed, batch_size=args.batch_size,
                                     stop_strings=tuple(args.stop))
-    build, cfg, tokenizer = _open_model(args)
+    build, cfg, tokenizer = _open_model(args, scan_layers=True)
     chat = bool(tokenizer.chat_template) if args.chat is None else args.chat
     if chat and not tokenizer.chat_template:
         raise UserError(f"{args.model}: --chat asked for, but the tokenizer has no chat template; use --no-chat")
@@ -178,7 +180,8 @@ def _harness():
         raise UserError(f"lm-evaluation-harness is not installed ({e}); pip install 'soft-jax[lm-eval]'") from None
 
     def open_model(name: str, dtype: str):
-        build, _, tokenizer = _open_model(argparse.Namespace(model=name, dtype=dtype), progress=False)
+        build, _, tokenizer = _open_model(argparse.Namespace(model=name, dtype=dtype), progress=False,
+                                          scan_layers=True)
         return build(), tokenizer
 
     harness.SoftJaxLM.open_model = staticmethod(open_model)
@@ -212,7 +215,7 @@ def cmd_eval(args) -> None:
         raise UserError(why if task in evaluation.TASKS else f"lm-eval task {task}: {why}")
     if source is not None:
         print(source.describe())
-    build, _, tokenizer = _open_model(args)
+    build, _, tokenizer = _open_model(args, scan_layers=True)
     model = build()
     results = evaluation.evaluate(model, tokenizer, tasks, args.protocol, args.limit, args.truthfulqa_file,
                                   batch_size=args.batch_size) if tasks else {}

@@ -62,9 +62,10 @@ class SoftJaxLM(TemplateLM):
     """
 
     # How `model=` of --model_args is opened: soft_jax.models.load (a preset, an HF dir, a GGUF file, a PEFT adapter
-    # dir; local or gs://). The soft-jax command line replaces it with its --model loader, which opens a run's work
-    # dir (its best round) too.
-    open_model: Callable = staticmethod(lambda name, dtype: models.load(name, dtype=dtype, progress=False))
+    # dir; local or gs://), layers stacked (each program compiles one layer, not all of them). The soft-jax command
+    # line replaces it with its --model loader, which opens a run's work dir (its best round) too.
+    open_model: Callable = staticmethod(lambda name, dtype: models.load(name, dtype=dtype, progress=False,
+                                                                        scan_layers=True))
 
     def __init__(self, model, tokenizer, mesh=None, batch_size: int = 16, max_length: int | None = None,
                  max_gen_toks: int = 256, add_bos_token: bool | None = None, seed: int = 0, progress: bool = False):
