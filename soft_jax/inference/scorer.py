@@ -94,7 +94,7 @@ def _chunks(groups, seqs):
 @dataclasses.dataclass
 class _Chunk:
     """Stage 1: group prefixes (`shared` leading tokens common to all, the rest padded to `length`) in cache
-    rows of `cache` slots; stage 2: passes (last_only, padded length, [(row, group, prefix length)])."""
+    rows of `cache` slots; stage 2: passes (padded length, [(row, group, prefix length)])."""
 
     heads: list
     shared: int
@@ -103,33 +103,29 @@ class _Chunk:
     passes: list
 
 
-def _plan(seqs, bounds, last_only, batch_size: int, multiple: int) -> list[_Chunk]:
+def _plan(seqs, bounds, batch_size: int, multiple: int) -> list[_Chunk]:
     plan = []
     for chunk in _chunks(_group(seqs, bounds), seqs):
         heads = [seqs[rs[0]][:p] for p, rs in chunk]
         shared = shared_len(heads, True, cap=min(map(len, heads)))
         length = bucket(max(map(len, heads)) - shared, "length")
         cache = bucket(length, "cache")
-        todo = sorted((last_only[r], len(seqs[r]) - p, r, g, p) for g, (p, rs) in enumerate(chunk) for r in rs)
+        todo = sorted((len(seqs[r]) - p, r, g, p) for g, (p, rs) in enumerate(chunk) for r in rs)
         passes = []
         while todo:  # from the longest remainder down, as many rows as the pass's length allows
-            last, tail = todo[-1][0], bucket(todo[-1][1], "tail")
+            tail = bucket(todo[-1][0], "tail")
             most = min(batch_size * ROW_TOKENS // tail, PASS_TOKENS // (cache + tail))
             most = max(multiple, 1 << (max(1, most).bit_length() - 1))  # a power of two
-            batch = [t for t in todo[-most:] if t[0] == last]
-            todo = todo[:len(todo) - len(batch)]
-            passes.append((last, tail, [t[2:] for t in batch]))
+            batch, todo = todo[-most:], todo[:-most]
+            passes.append((tail, [t[1:] for t in batch]))
         plan.append(_Chunk(heads, shared, length, cache, passes))
     return plan
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 9))
-def score_rows(graphdef, mesh, state, heads, which, ids, positions, seg, picks, last_only):
-    """Log-probabilities read after each row's tokens; row b continues cache row `which[b]` of `heads` (the
-    compiled scoring pass; `score_tokens` plans and runs it).
-
-    last_only: picks [B, E] are tokens read as the next token after the last column; else picks [B, T]
-    are the tokens read at every column (-1: not read, 0 returned).
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def score_rows(graphdef, mesh, state, heads, which, ids, positions, seg, picks, ends):
+    """Log-probabilities read on each row's tokens; row b continues cache row `which[b]` of `heads` (the compiled
+    scoring pass; `score_tokens` plans and runs it).
 
     Args:
       graphdef, state: `nnx.split(model)`; mesh: the mesh the arrays are on, or None (one device) (static).
@@ -137,20 +133,21 @@ def score_rows(graphdef, mesh, state, heads, which, ids, positions, seg, picks, 
         given T more slots here for the new tokens.
       which: [B] int32, the row of `heads` each row continues; None: row b continues row b.
       ids, positions, seg: [B, T] int32, each row's remainder left-padded (segment 0 = padding).
-      picks: [B, E] or [B, W] int32 token ids, as above; W <= T: the tokens read at the last W columns (the rest
-        are not read, and not computed past the layers).
-      last_only: whether picks are read after the last column only (static).
+      picks: [B, W] int32, W <= T: the token read after each of the last W columns but the last (-1: not read, 0
+        returned); only those columns are computed past the layers.
+      ends: [B, E] int32: tokens read after the last column (several requests may end on one row: their
+        continuations differ in their last token only).
 
     Returns:
-      (float32 log-probabilities, bool greedy), each [B, E] or [B, T]: the log-probability of each picks[b, e] as
-      the token after row b's last column, or of picks[b, t] as the token after column t (0 where picks[b, t] is
-      -1); and whether it is the model's argmax there (lm-evaluation-harness's is_greedy; True where not read).
+      ((float32 log-probabilities, bool greedy) [B, W] at the columns, the same [B, E] after the last column): the
+      log-probability of each pick as the token after its column, and whether it is the model's argmax there
+      (lm-evaluation-harness's is_greedy; True where not read).
     """
     with shd.activation_sharding(mesh):
-        return _score_body(graphdef, state, heads, which, ids, positions, seg, picks, last_only)
+        return _score_body(graphdef, state, heads, which, ids, positions, seg, picks, ends)
 
 
-def _score_body(graphdef, state, heads, which, ids, positions, seg, picks, last_only):
+def _score_body(graphdef, state, heads, which, ids, positions, seg, picks, ends):
     new = ids.shape[1]
 
     def take(x, axis=0):  # which None: row b continues cache row b (already on its device)
@@ -162,19 +159,20 @@ def _score_body(graphdef, state, heads, which, ids, positions, seg, picks, last_
     stacked = lambda x: take(x, axis=1 if x.ndim == 5 else 0)  # stacked layers' caches: rows are axis 1
     cache = KVCache(k=jax.tree.map(stacked, heads.k), v=jax.tree.map(stacked, heads.v), positions=take(heads.positions),
                     segment_ids=take(heads.segment_ids), index=heads.index, prefix=heads.prefix)
-    # picks narrower than the rows: only the last picks.shape[1] columns are read, so the final norm and the vocabulary
-    # matmul run there alone (a multiple-choice continuation is a few tokens after a longer context)
-    at = None
-    if not last_only and picks.shape[1] < new:
-        at = jnp.broadcast_to(jnp.arange(new - picks.shape[1], new, dtype=jnp.int32), picks.shape)
-    logits, _ = nnx.merge(graphdef, state)(ids, positions=positions, segment_ids=seg, cache=cache,
-                                           last_only=last_only, at=at)
+    # only the last W columns are read (a multiple-choice continuation is a few tokens after a longer context), so
+    # the final norm and the vocabulary matmul run there alone
+    width = picks.shape[1]
+    if width == 1:
+        logits, _ = nnx.merge(graphdef, state)(ids, positions=positions, segment_ids=seg, cache=cache, last_only=True)
+    else:
+        at = jnp.broadcast_to(jnp.arange(new - width, new, dtype=jnp.int32), picks.shape)
+        logits, _ = nnx.merge(graphdef, state)(ids, positions=positions, segment_ids=seg, cache=cache, at=at)
     norm = jax.nn.logsumexp(logits, axis=-1)
-    if last_only:
-        return (jnp.take_along_axis(logits[:, -1], picks, axis=-1) - norm[:, -1:],
-                jnp.argmax(logits[:, -1], axis=-1)[:, None] == picks)
+    top = jnp.argmax(logits, axis=-1)
     picked = jnp.take_along_axis(logits, jnp.maximum(picks, 0)[..., None], axis=-1)[..., 0] - norm
-    return jnp.where(picks >= 0, picked, 0.0), (jnp.argmax(logits, axis=-1) == picks) | (picks < 0)
+    columns = (jnp.where(picks >= 0, picked, 0.0), (top == picks) | (picks < 0))
+    last = (jnp.take_along_axis(logits[:, -1], ends, axis=-1) - norm[:, -1:], top[:, -1:] == ends)
+    return columns, last
 
 
 def _score_tokens(model: Llama, split, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
@@ -207,23 +205,23 @@ def _score_tokens(model: Llama, split, contexts: Sequence[Sequence[int]], contin
     if mesh is not None:
         multiple = mesh.shape["data"] * mesh.shape["fsdp"]
         Batcher(mesh, batch_size)  # refuses a batch size the data axes do not divide
-    # Unique rows: (tokens, last_only) -> request indices. A last_only row is a context, read at its end; any
-    # other is a context + continuation, run without its last token and read from its bound on.
+    # Unique rows: a context + its continuation less the last token -> request indices. The row runs once and is
+    # read from its bound on: after each column the next token of the row, and after its last column every
+    # request's last token (as lm-evaluation-harness groups them: answers " 82" and " 85" end one row " 8").
     rows: dict[tuple, list[int]] = {}
     for i, (c, k) in enumerate(zip(contexts, continuations)):
         if not len(c):
             raise UserError(f"context {i} is empty; every context needs at least one token")
         if len(k):
-            rows.setdefault((tuple(c), True) if len(k) == 1 else (tuple(c) + tuple(k), False), []).append(i)
-    keys = sorted(rows)
-    seqs = [s if last else s[:-1] for s, last in keys]
-    bounds = [min(len(contexts[i]) for i in rows[key]) - 1 for key in keys]
-    asked = {r: sorted({continuations[i][0] for i in rows[key]}) for r, key in enumerate(keys) if key[1]}
-    width = max(map(len, asked.values()), default=1)
+            rows.setdefault(tuple(c) + tuple(k[:-1]), []).append(i)
+    seqs = sorted(rows)
+    bounds = [min(len(contexts[i]) for i in rows[s]) - 1 for s in seqs]
+    ends = [sorted({continuations[i][-1] for i in rows[s]}) for s in seqs]
+    width = max(map(len, ends), default=1)
     graphdef, state = split
     out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(contexts)
     greedy = np.ones(len(contexts), bool)
-    bar = tqdm(total=len(keys), desc="scoring", unit="row", disable=not progress)
+    bar = tqdm(total=len(seqs), desc="scoring", unit="row", disable=not progress)
 
     def prefill_heads(chunk, shared, heads):
         """Cache rows holding `heads` (group prefixes past the chunk's shared tokens), after `shared`."""
@@ -237,11 +235,11 @@ def _score_tokens(model: Llama, split, contexts: Sequence[Sequence[int]], contin
     # onto every device (the whole cache, for each layer). There each pass prefills its own rows' group
     # prefixes instead, so a row's cache is on its device; the prefix all groups share still runs once.
     local = multiple > 1
-    for chunk in _plan(seqs, bounds, [last for _, last in keys], batch_size, multiple):
+    for chunk in _plan(seqs, bounds, batch_size, multiple):
         shared = prefill_shared_prefix(graphdef, state, model, [chunk.heads[0][:chunk.shared]], mesh)
         if not local:
             heads = prefill_heads(chunk, shared, [h[chunk.shared:] for h in chunk.heads])
-        for last_only, tail, batch in chunk.passes:
+        for tail, batch in chunk.passes:
             n = bucket(len(batch), "rows", multiple)
             if local:  # the prefill donates its cache, the shared prefix with it: take it back from its output
                 heads = prefill_heads(chunk, shared, [chunk.heads[g][chunk.shared:] for _, g, _ in batch])
@@ -249,23 +247,24 @@ def _score_tokens(model: Llama, split, contexts: Sequence[Sequence[int]], contin
             ids, seg, positions = left_pad([seqs[r][p:] for r, _, p in batch] + [()] * (n - len(batch)), tail)
             positions += np.asarray([p for *_, p in batch] + [0] * (n - len(batch)))[:, None]
             which = np.asarray([g for _, g, _ in batch] + [0] * (n - len(batch)), np.int32)
-            # read columns: the last `cols` of the pass (each row's tokens after its bound, right-aligned)
-            longest = max(len(keys[r][0]) - bounds[r] - 1 for r, _, _ in batch)
-            cols = width if last_only else min(tail, 1 << (longest - 1).bit_length())  # a power of two
-            picks = np.zeros((n, width), np.int32) if last_only else np.full((n, cols), -1, np.int32)
+            # columns read: the last `cols` of the pass (each row's columns from its bound on, right-aligned); the
+            # picks there are the row's own next tokens, and after the last column its requests' last tokens
+            longest = max(len(seqs[r]) - bounds[r] for r, _, _ in batch)
+            cols = min(tail, 1 << (longest - 1).bit_length())  # a power of two
+            picks, last = np.full((n, cols), -1, np.int32), np.zeros((n, width), np.int32)
             for row, (r, _, _) in enumerate(batch):
-                if last_only:
-                    picks[row, :len(asked[r])] = asked[r]
-                else:  # every token after the bound: each request reads its own continuation's part
-                    read = keys[r][0][bounds[r] + 1:]
-                    picks[row, cols - len(read):] = read
-            logp, top = map(to_host, score_rows(graphdef, mesh, state, heads, *Batcher(mesh, n).put(
-                (None if local else which, ids, positions, seg, picks)), last_only))
+                read = seqs[r][bounds[r] + 1:]
+                picks[row, cols - 1 - len(read):cols - 1] = read
+                last[row, :len(ends[r])] = ends[r]
+            (logp, top), (end_logp, end_top) = jax.tree.map(to_host, score_rows(
+                graphdef, mesh, state, heads, *Batcher(mesh, n).put((None if local else which, ids, positions, seg,
+                                                                      picks, last))))
             for row, (r, _, _) in enumerate(batch):
-                for i in rows[keys[r]]:
-                    k = continuations[i]
-                    at = [asked[r].index(k[0])] if last_only else slice(cols - len(k), None)
-                    out[i], greedy[i] = logp[row, at], top[row, at].all()
+                for i in rows[seqs[r]]:
+                    k, e = continuations[i], ends[r].index(continuations[i][-1])
+                    at = slice(cols - len(k), cols - 1)
+                    out[i] = np.append(logp[row, at], end_logp[row, e])
+                    greedy[i] = top[row, at].all() and end_top[row, e]
             bar.update(len(batch))
     bar.close()
     return out, greedy

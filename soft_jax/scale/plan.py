@@ -194,7 +194,8 @@ def _lowerings(cfg: ModelConfig, shapes: Shapes, mesh, train_config: training.Tr
         ids = _rows(gmesh, (n, shapes.score_len), i32)
         local = gmesh.shape["data"] * gmesh.shape["fsdp"] > 1  # as scorer.score_tokens: rows read their own cache
         which = None if local else _rows(gmesh, (n,), i32)
-        return scorer.score_rows.lower(graphdef, gmesh, gparams, heads, which, ids, ids, ids, ids, False)
+        return scorer.score_rows.lower(graphdef, gmesh, gparams, heads, which, ids, ids, ids, ids,
+                                       _rows(gmesh, (n, 1), i32))
 
     one_copy = param_bytes(state, mesh)
     # beside a generation program: the base model (generator=base) or, on a generation mesh of its own, the

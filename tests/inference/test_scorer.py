@@ -37,6 +37,11 @@ def test_scores_match_transformers_log_probabilities(tiny_hf, scan_layers):
     question = rng.integers(3, hf.config.vocab_size, size=45).tolist()
     contexts = [question, question, question, rng.integers(3, hf.config.vocab_size, size=7).tolist()]
     continuations = [rng.integers(3, hf.config.vocab_size, size=int(k)).tolist() for k in (1, 5, 9, 3)]
+    # requests that end one row (a context + continuation less its last token): the same context with answers that
+    # differ in their last token only, and a longer context that holds the first answer token (another boundary)
+    five = continuations[1]
+    contexts += [question, question + five[:1], question]
+    continuations += [five[:4] + [(five[4] + 1) % hf.config.vocab_size], five[1:4] + [7], five[:1] + [9]]
     ours = scorer.score_tokens(model, contexts, continuations, batch_size=4)
     for ctx, cont, got in zip(contexts, continuations, ours):
         logp = torch.log_softmax(torch.as_tensor(torch_logits(hf, [ctx + cont])[0]), -1).numpy()
