@@ -1,7 +1,8 @@
 """Log-likelihood scoring on one jitted model, on the inference engine's prefill and KV-cache machinery.
 
-Requests become unique rows: a context whose next token is read at its end (single-token continuations
-of one context share it), or a context + continuation read at every continuation token. Rows are sorted
+Requests become unique rows: a context + its continuation less the last token, read at every continuation token;
+requests whose rows are equal (one context's single-token answers, or answers differing only in their last
+token, as lm-evaluation-harness's HFLM groups them) share it and read their own last tokens. Rows are sorted
 so that rows sharing a prefix are neighbours, and split into groups. Stage 1 runs each group's common
 prefix once (one cache row per group; what all groups of a chunk share runs once, at batch 1). Stage 2
 runs each row's remainder on a copy of its group's cache row, rows of similar length together. Lengths
