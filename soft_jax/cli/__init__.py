@@ -53,7 +53,8 @@ def main(argv=None) -> int:
     storage.configure()  # before anything reaches Cloud Storage: STORAGE_EMULATOR_HOST covers TensorStore too
     try:
         args, rest = build_parser().parse_known_args(argv)
-        if rest and args.command not in ("run", "sweep", "plan", "lm-eval"):
+        if rest and args.command not in ("run", "sweep", "plan", "lm-eval") and (
+                getattr(args, "data_command", None) != "filter"):
             raise UserError(f"unrecognized arguments: {' '.join(rest)} (see `soft-jax {args.command} --help`)")
         args.overrides = rest
         _check_urls(args)

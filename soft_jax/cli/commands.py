@@ -339,6 +339,43 @@ def cmd_data_tasks(args) -> None:
     print("\n".join(sources.report_lines()))
 
 
+def cmd_data_filter(args) -> None:
+    """Checks everything (config, pairs file) before any weights are read; writes --output (and --dropped) whole or
+    not at all."""
+    from soft_jax import data
+    from soft_jax.core.io_utils import read_jsonl, write_atomic
+    from soft_jax.data import filters
+    from soft_jax.rounds import relevance
+
+    config = _load_config(args, "--input, --output, --dropped, --config, --model, --batch-size")
+    rows = read_jsonl(args.input, required=("prompt", "response"))
+    for n, r in enumerate(rows, 1):
+        if not isinstance(r["prompt"], str) or not isinstance(r["response"], str):
+            raise UserError(f"{args.input}: row {n}: prompt and response must be strings")
+    exemplars, principles = data.load_exemplars(config.exemplars.path), data.load_principles(config.principles)
+
+    def open_model():
+        name = args.model or config.model.path or config.model.name
+        build, _, tokenizer = _open_model(argparse.Namespace(model=name, dtype=config.model.dtype), scan_layers=True)
+        return build(), tokenizer
+
+    tr = config.train
+    out = relevance.filter_pairs(rows, config.filters, exemplars, principles, open_model, args.batch_size,
+                                 (tr.max_prompt_len, tr.max_response_len))
+    counts = filters.counts([r["dropped_by"] for r in out])
+    print(f"{len(out)} pairs: {counts['kept']} kept, {len(out) - counts['kept']} dropped")
+    for name in filters.REASONS:
+        if counts[name]:
+            print(f"  {name}: {counts[name]}")
+    write_atomic(args.output, "".join(json.dumps({k: v for k, v in r.items() if k not in ("kept", "dropped_by")},
+                                                 ensure_ascii=False) + "\n" for r in out if r["kept"]))
+    print(f"wrote {args.output}")
+    if args.dropped:
+        write_atomic(args.dropped, "".join(json.dumps({k: v for k, v in r.items() if k != "kept"},
+                                                      ensure_ascii=False) + "\n" for r in out if not r["kept"]))
+        print(f"wrote {args.dropped}")
+
+
 def cmd_data_check(args) -> None:
     """Exit 0 when clean. Overlaps print a warning and exit 0 (a shared stock phrase can be harmless; the
     listing says which items to read), or exit 1 with --strict, for scripts that gate a run on it."""

@@ -7,6 +7,7 @@ import argparse
 from soft_jax.cli.commands import (
     cmd_compare,
     cmd_data_check,
+    cmd_data_filter,
     cmd_data_import,
     cmd_data_tasks,
     cmd_eval,
@@ -193,10 +194,10 @@ def _add_export(sub) -> None:
 
 
 def _add_data(sub) -> None:
-    """`soft-jax data import | check | tasks`."""
+    """`soft-jax data import | check | filter | tasks`."""
     p = sub.add_parser("data", help="bring your own prompts: import a dataset as a prompt pool; check for "
                                     "benchmark contamination")
-    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="{import,check,tasks}",
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="{import,check,filter,tasks}",
                                 parser_class=_Parser)
     p = data_sub.add_parser("import", help="the first user turn of each conversation -> a JSONL prompt pool "
                                            "(deduplicated, counted)")
@@ -224,6 +225,17 @@ def _add_data(sub) -> None:
     p.add_argument("--out", metavar="FILE", help="write the report as JSON")
     p.add_argument("--strict", action="store_true", help="exit 1 when anything is shared (default: warn, exit 0)")
     p.set_defaults(fn=cmd_data_check)
+    p = data_sub.add_parser("filter", help="a run config's filters (the relevance filter included) over any JSONL of "
+                                           "{prompt, response} pairs: the kept pairs, the count per filter")
+    p.add_argument("--input", required=True, metavar="PAIRS", help="JSONL of {prompt, response} rows (other keys are "
+                   "kept; `thoughts` and `finish` are read where present)")
+    p.add_argument("--output", required=True, metavar="FILE", help="the kept rows, responses cut as the config says")
+    p.add_argument("--dropped", metavar="FILE", help="also write the dropped rows, each with its `dropped_by` reason")
+    p.add_argument("--config", default="", help="the run config whose filters apply, optionally FILE:ARG (default: "
+                   "soft-jax's defaults), with --config.key=value overrides, e.g. --config.filters.max_relevance_ratio=1")
+    p.add_argument("--model", help="the model the relevance filter scores with (default: the config's model)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per scoring pass (default: 8)")
+    p.set_defaults(fn=cmd_data_filter, overrides=[])
     p = data_sub.add_parser("tasks", help="where the BIG-bench task files (HHH, TruthfulQA) are found, in the order "
                                           "they are looked for, and which tasks are available")
     p.set_defaults(fn=cmd_data_tasks)

@@ -4,6 +4,8 @@ A generation is kept when it has an answer and no filter objects; the first obje
 FILTERS order) is recorded as the reason, so the per-filter counts add up to the dropped total.
 Every filter is `f(answer, prompt, ctx, thoughts, finish) -> bool` (True: drop), where `finish` is why
 generation stopped: "eos" (end-of-turn token), "stop" (a stop string) or "length" (the token limit).
+One more reason, IRRELEVANT, comes from the model rather than the text (soft_jax.rounds.relevance): it is judged
+after these, on the answers they keep.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import re
 import zlib
 from collections.abc import Callable, Sequence
 
+from soft_jax.core.errors import check_fields
 from soft_jax.data import Exemplar
 from soft_jax.data.templates import ANSWER, THOUGHTS, USER
 
@@ -44,6 +47,29 @@ class FilterConfig:
     max_line_repeats: int = 3  # the same non-empty line this many times is degenerate
     max_compression_ratio: float = 4.0  # bytes / zlib-compressed bytes above which a long text is a loop
     min_compression_chars: int = 200  # shorter texts skip the compression test (zlib's overhead dominates)
+    # Dromedary-2's merge script's string rules (docs/method.md, "Filtering"), each off unless turned on:
+    min_chars: int = 0  # answers shorter than this many characters are dropped (Dromedary-2: 160; 0: off)
+    cut_repeated: str = "sentence"  # an answer is cut at its first repeated sentence | clause (Dromedary-2) | off
+    exemplar_topics: bool = False  # drop answers using a word of the exemplars' topics their prompt does not use
+    # The relevance filter (Li et al.'s instruction-following difficulty, computed from the model's scores): the
+    # answer's mean per-token loss given its prompt over its loss given an empty prompt; above this the prompt
+    # does not make the answer likelier, so the pair is off-topic (0: off; 1.0 is the documented default)
+    max_relevance_ratio: float = 0.0
+
+    def __post_init__(self):
+        check_fields(self, [
+            ("min_chars", lambda v: v >= 0, "an integer >= 0 (0: off)"),
+            ("cut_repeated", lambda v: v in CUTS, " | ".join(CUTS)),
+            ("max_relevance_ratio", lambda v: 0 <= v <= MAX_RELEVANCE_RATIO,
+             f"between 0 (off) and {MAX_RELEVANCE_RATIO} (1.0: the prompt makes the answer no likelier)")])
+
+
+CUTS = ("sentence", "clause", "off")
+MAX_RELEVANCE_RATIO = 2.0  # above it a ratio would keep answers the prompt makes twice as hard to predict
+CLAUSE = re.compile(r"[^.!?\n,;:]*[.!?,;:]+|[^.!?\n,;:]+")  # a run up to , ; : . ! ? (inclusive) or a newline
+TOPIC_MIN_EXEMPLARS = 2  # a topic word is in the answers of at least this many exemplars ...
+TOPIC_MAX_POOL_SHARE = 0.005  # ... and in at most this share of the pool's prompts
+TOPIC_MIN_LETTERS = 4  # shorter words are never topic words
 
 
 def _words(text: str) -> list[str]:
@@ -69,14 +95,16 @@ def compression_ratio(text: str) -> float:
     return len(raw) / len(zlib.compress(raw, 9))
 
 
-def cut_repeated_sentence(answer: str) -> str:
-    """The answer up to the first sentence that repeats an earlier one (Dromedary's post-processing).
+def cut_repeated_sentence(answer: str, unit: re.Pattern = SENTENCE) -> str:
+    """The answer up to the first sentence (or, with unit=CLAUSE, clause) that repeats an earlier one (Dromedary's
+    post-processing; Dromedary-2's cuts at clauses).
 
-    Sentences end at . ! ? or a newline and are compared lowercased, without punctuation, with collapsed
-    whitespace; fragments under MIN_SENTENCE_WORDS words (list numbers, "Yes.") and code blocks are skipped."""
+    Sentences end at . ! ? or a newline, clauses also at , ; :; they are compared lowercased, without punctuation,
+    with collapsed whitespace; fragments under MIN_SENTENCE_WORDS words (list numbers, "Yes.") and code blocks are
+    skipped."""
     code = [m.span() for m in CODE_BLOCK.finditer(answer)]
     seen = set()
-    for m in SENTENCE.finditer(answer):
+    for m in unit.finditer(answer):
         key = " ".join(_words(m.group()))
         if len(key.split()) < MIN_SENTENCE_WORDS or any(a <= m.start() < b for a, b in code):
             continue
@@ -86,15 +114,39 @@ def cut_repeated_sentence(answer: str) -> str:
     return answer
 
 
+def cut(answer: str, how: str) -> str:
+    """The answer cut as FilterConfig.cut_repeated says: at its first repeated sentence or clause, or not at all."""
+    return answer if how == "off" else cut_repeated_sentence(answer, CLAUSE if how == "clause" else SENTENCE)
+
+
+def topic_words(exemplars: Sequence[Exemplar], pool: Sequence[str]) -> set[str]:
+    """Dromedary-2's exemplar-topic blacklist, built from the run's own data: words (of TOPIC_MIN_LETTERS letters
+    or more) in the answers of at least TOPIC_MIN_EXEMPLARS exemplars and in at most TOPIC_MAX_POOL_SHARE of the
+    pool's prompts. An answer using one its prompt does not use copied an exemplar's topic, not its prompt's."""
+    counts: dict[str, int] = {}
+    for e in exemplars:
+        for w in {w for w in _words(e.answer) if len(w) >= TOPIC_MIN_LETTERS and w.isalpha()}:
+            counts[w] = counts.get(w, 0) + 1
+    candidates = {w for w, n in counts.items() if n >= TOPIC_MIN_EXEMPLARS}
+    in_pool = dict.fromkeys(candidates, 0)
+    for prompt in pool:
+        for w in candidates.intersection(_words(prompt)):
+            in_pool[w] += 1
+    return {w for w in candidates if in_pool[w] <= TOPIC_MAX_POOL_SHARE * max(1, len(pool))}
+
+
 class Context:
     """What the filters compare against: the exemplar texts and the principles, precomputed once per round."""
 
-    def __init__(self, exemplars: Sequence[Exemplar], principles: str, config: FilterConfig):
+    def __init__(self, exemplars: Sequence[Exemplar], principles: str, config: FilterConfig,
+                 pool: Sequence[str] = ()):
+        """pool: the prompt pool's texts (the exemplar-topic blacklist counts its words there)."""
         self.config = config
         n = config.leak_ngram
         self.exemplar_ngrams = {g for e in exemplars for g in _ngrams(_words(e.answer), n)}
         self.principle_lines = [line.strip() for line in principles.splitlines() if len(line.strip()) > 30]
         self.principle_numbers = principle_numbers(principles)
+        self.topic_words = topic_words(exemplars, pool) if config.exemplar_topics else set()
 
 
 def truncated(answer: str, prompt: str, ctx: Context, thoughts: str, finish: str) -> bool:
@@ -103,8 +155,13 @@ def truncated(answer: str, prompt: str, ctx: Context, thoughts: str, finish: str
 
 
 def too_short(answer: str, prompt: str, ctx: Context, thoughts: str, finish: str) -> bool:
-    """Answers with fewer than min_words words."""
-    return len(_words(answer)) < ctx.config.min_words
+    """Answers with fewer than min_words words, or (Dromedary-2) fewer than min_chars characters."""
+    return len(_words(answer)) < ctx.config.min_words or len(answer.strip()) < ctx.config.min_chars
+
+
+def exemplar_topic(answer: str, prompt: str, ctx: Context, thoughts: str, finish: str) -> bool:
+    """Answers using a word of the exemplars' topics (Context.topic_words) that their prompt does not use."""
+    return bool(ctx.topic_words) and bool(ctx.topic_words.intersection(_words(answer)) - set(_words(prompt)))
 
 
 def copies_prompt(answer: str, prompt: str, ctx: Context, thoughts: str, finish: str) -> bool:
@@ -149,22 +206,26 @@ FILTERS: dict[str, Filter] = {
     "leaked_exemplar_or_marker": leaked,
     "bad_principles": bad_principles,
     "repetition": repetitive,
+    "exemplar_topic": exemplar_topic,
 }
 NO_ANSWER = "no_answer_marker"
+IRRELEVANT = "irrelevant"  # the relevance filter's reason (it needs the model's scores: soft_jax.rounds.relevance)
 FINISHES = ("eos", "stop", "length")
-REASONS = (NO_ANSWER, *FILTERS)
+REASONS = (NO_ANSWER, *FILTERS, IRRELEVANT)
 
 
-def verdict(answer: str | None, prompt: str, ctx: Context, thoughts: str = "", finish: str = "eos") -> str | None:
+def verdict(answer: str | None, prompt: str, ctx: Context, thoughts: str = "", finish: str = "eos",
+            skip: Sequence[str] = ()) -> str | None:
     """None when the answer is kept, else the name of the first filter that drops it.
 
     thoughts: the model's internal thoughts (checked for principle citations); finish: "eos", "stop" or
-    "length", why generation stopped."""
+    "length", why generation stopped; skip: filters not to apply (pairs without thoughts skip bad_principles)."""
     if finish not in FINISHES:
         raise ValueError(f"finish must be one of {FINISHES}, not {finish!r}")
     if answer is None:
         return NO_ANSWER
-    return next((name for name, f in FILTERS.items() if f(answer, prompt, ctx, thoughts, finish)), None)
+    return next((name for name, f in FILTERS.items()
+                 if name not in skip and f(answer, prompt, ctx, thoughts, finish)), None)
 
 
 def counts(reasons: Sequence[str | None]) -> dict[str, int]:

@@ -49,7 +49,8 @@ ADDED_KEYS = {"train.lora_dropout": 0.0, "train.seq_len": None, "train.max_steps
               "eval.lm_eval.tasks": "", "eval.lm_eval.num_fewshot": -1, "eval.lm_eval.limit": 0,
               "eval.lm_eval.batch_size": 16, "eval.lm_eval.include": "",
               "log.wandb.project": "", "log.wandb.entity": "", "log.wandb.mode": "online", "log.wandb.tags": "",
-              "log.wandb_samples": 64}
+              "log.wandb_samples": 64, "filters.min_chars": 0, "filters.cut_repeated": "sentence",
+              "filters.exemplar_topics": False, "filters.max_relevance_ratio": 0.0}
 # The paper's benchmarks, run every round (round 0, the base model, included) by the paper configs.
 PAPER_TASKS = "hhh,truthfulqa_mc1,truthfulqa_mc2"
 
@@ -539,9 +540,10 @@ def generation_mesh_shape(config: RunConfig) -> tuple[int, int, int] | None:
 
 
 def load(spec: str, overrides: Sequence[str] = ()) -> RunConfig:
-    """The RunConfig of `path[:arg]` with `key=value` overrides applied, checked."""
-    config = load_file(spec)
-    check_keys(config, spec.partition(":")[0])
+    """The RunConfig of `path[:arg]` (""; the defaults, `base()`) with `key=value` overrides applied, checked."""
+    config = load_file(spec) if spec else base()
+    if spec:
+        check_keys(config, spec.partition(":")[0])
     for item in overrides:
         key, eq, text = item.partition("=")
         if not eq:

@@ -190,8 +190,12 @@ class Run:
             pairs = [(templates.user_turn(g["prompt"], g["input"]), g["answer"], g["finish"] != "length")
                      for g in kept]
             cur, tr = self.config.curriculum, self.config.train
-            scores = curriculum.difficulty(cur.score, self.on_generation_mesh(model), tokenizer, pairs,
-                                           cur.batch_size, self.gen_mesh, (tr.max_prompt_len, tr.max_response_len))
+            if cur.score == "response_ppl" and self.config.generator == "previous" and all(
+                    "answer_ppl" in g for g in kept):  # the relevance filter scored them with this model already
+                scores = [g["answer_ppl"] for g in kept]
+            else:
+                scores = curriculum.difficulty(cur.score, self.on_generation_mesh(model), tokenizer, pairs,
+                                               cur.batch_size, self.gen_mesh, (tr.max_prompt_len, tr.max_response_len))
             idx = curriculum.order(scores, cur.order, [self.config.seed, t, 0xC0])
             rows = [{"prompt_id": kept[i]["prompt_id"], "prompt": pairs[i][0], "response": pairs[i][1],
                      "finished": pairs[i][2], "difficulty": scores[i], "position": n} for n, i in enumerate(idx)]

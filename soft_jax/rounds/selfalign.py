@@ -22,6 +22,7 @@ from soft_jax.core import faults, io_utils, preemption
 from soft_jax.data import filters, templates
 from soft_jax.experiment.workdir import save_line
 from soft_jax.inference import sampler
+from soft_jax.rounds import relevance
 from soft_jax.rounds.context import RoundContext
 
 PARTIAL = "generations.partial.jsonl"  # one line per finished batch of a round's generation in progress
@@ -80,7 +81,7 @@ def generation_row(p: dict, shots, raw: str, forced: bool, finish: str, filter_c
     if answer is None and not filter_ctx.config.require_marker:
         thoughts, answer = "", templates.parse("\n" + templates.ANSWER + raw)[1]
     if answer is not None:
-        answer = filters.cut_repeated_sentence(answer)
+        answer = filters.cut(answer, filter_ctx.config.cut_repeated)
     reason = filters.verdict(answer, p["prompt"], filter_ctx, thoughts, finish)
     return {"prompt_id": p["prompt_id"], "prompt": p["prompt"], "input": p["input"], "category": p.get("category", ""),
             "exemplar_ids": [e.id for e in shots], "raw": raw, "finish": finish, "thoughts": thoughts,
@@ -95,7 +96,8 @@ def generate(ctx: RoundContext, t: int, generator, tokenizer, prompts: list[dict
     done = {b["batch"]: b["rows"] for b in io_utils.read_appended(partial)}
     s = ctx.config.sampling
     cfg = ctx.config.sampling_config(stop_strings=templates.STOP_STRINGS)
-    filter_ctx = filters.Context(ctx.inputs.exemplars, ctx.inputs.principles, ctx.config.filters)
+    filter_ctx = filters.Context(ctx.inputs.exemplars, ctx.inputs.principles, ctx.config.filters,
+                                 [p["prompt"] for p in ctx.inputs.pool])
     n_batches = math.ceil(len(prompts) / s.batch_size)
     group = s.group_batches
     bar = tqdm(total=len(prompts), desc=f"round {t} generating", unit="prompt", disable=not ctx.progress)
@@ -118,6 +120,11 @@ def generate(ctx: RoundContext, t: int, generator, tokenizer, prompts: list[dict
     finally:
         bar.close()
     rows = [r for b in range(n_batches) for r in done[b]]
+    if ctx.config.filters.max_relevance_ratio:  # the model's verdict, after the string filters' (every batch done)
+        tr = ctx.config.train
+        rows = relevance.judge(rows, generator, tokenizer, ctx.config.filters, ctx.config.curriculum.batch_size,
+                               ctx.mesh, (tr.max_prompt_len, tr.max_response_len),
+                               prompt=lambda r: templates.user_turn(r["prompt"], r["input"]))
     seconds = time.perf_counter() - t0
     event = {"round": t, "phase": "generate", **about, "prompts": len(rows), "seconds": seconds,
              "new_tokens_per_s": new_tokens / max(seconds, 1e-9), **exemplar_coverage(rows, ctx.inputs.exemplars),
