@@ -112,7 +112,8 @@ def test_config_defaults_are_the_documented_ones():
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.min_words = 0
     assert filters.REASONS == ("no_answer_marker", "truncated", "too_short", "copies_prompt",
-                               "leaked_exemplar_or_marker", "bad_principles", "repetition")
+                               "leaked_exemplar_or_marker", "bad_principles", "repetition", "exemplar_topic",
+                               "irrelevant")
 
 
 def test_shipped_exemplars_and_validation_answers_are_kept():
@@ -269,3 +270,59 @@ def test_repeat_ngram_sets_the_ngram_size():
     no_ratio = dict(max_compression_ratio=100.0)
     assert filters.verdict(COUNTING_LOOP, PROMPT, context(**no_ratio), THOUGHTS) is None
     assert filters.verdict(COUNTING_LOOP, PROMPT, context(**no_ratio, repeat_ngram=2), THOUGHTS) == "repetition"
+
+
+# --- Dromedary-2's string rules: each off unless a config turns it on -----------------------------------------
+
+def test_dromedary2_rules_are_off_by_default():
+    c = filters.FilterConfig()
+    assert (c.min_chars, c.cut_repeated, c.exemplar_topics, c.max_relevance_ratio) == (0, "sentence", False, 0.0)
+
+
+def test_min_chars_drops_short_answers_as_too_short():
+    short = "The answer is no. It is no longer possible to make a small apartment feel more spacious."
+    assert filters.verdict(short, "How can I make my small apartment feel more spacious?",
+                           context(min_cited_principles=0)) is None
+    ctx = context(min_chars=160, min_cited_principles=0)
+    assert filters.verdict(short, "How can I make it feel bigger?", ctx) == "too_short"
+    assert filters.verdict(PARAGRAPH, "A plan for exercise?", ctx) is None  # 160 characters and more: kept
+    assert len(short) < 160 <= len(PARAGRAPH)
+
+
+def test_the_clause_cut_stops_at_the_first_repeated_clause():
+    answer = "Water your plants in the morning, check the soil with a finger, water your plants in the morning, and rest."
+    assert filters.cut(answer, "sentence") == answer  # no sentence repeats
+    assert filters.cut(answer, "clause") == "Water your plants in the morning, check the soil with a finger,"
+    assert filters.cut(answer, "off") == answer
+    repeat = "It is blue. It is blue."
+    assert filters.cut(repeat, "sentence") == "It is blue." and filters.cut(repeat, "off") == repeat
+
+
+def test_the_exemplar_topic_blacklist_is_built_from_the_runs_own_data():
+    """Words in the answers of two exemplars or more and in (almost) no pool prompt; an answer using one that
+    its own prompt does not use is dropped."""
+    ex = [data.Exemplar(f"e{i}", "q", "", a) for i, a in enumerate([
+        "The Eiffel Tower in Paris is tall, and Paris is lovely.",
+        "Visit Paris in spring: the Eiffel Tower lights up at night.",
+        "Cook the pasta in salted water until it is tender."])]
+    pool = [f"How do I cook {x}?" for x in ("pasta", "rice", "beans", "eggs")] + ["What should I visit in Paris?"]
+    words = filters.topic_words(ex, pool)
+    assert {"eiffel", "tower"} <= words and "paris" not in words  # in a pool prompt: not a topic word
+    assert "pasta" not in words and "water" not in words  # in one exemplar only
+    ctx = filters.Context(ex, PRINCIPLES, filters.FilterConfig(exemplar_topics=True, min_words=1,
+                                                                min_cited_principles=0), pool)
+    assert filters.verdict("You could see the Eiffel Tower from the boat.", "Plan a boat trip.", ctx) == \
+        "exemplar_topic"
+    assert filters.verdict("The Eiffel Tower is 330 metres tall.", "How tall is the Eiffel Tower?", ctx) is None
+    assert context(exemplars=ex).topic_words == set()  # off: nothing is built
+
+
+@pytest.mark.parametrize("key,value,what", [("min_chars", -1, "an integer >= 0"), ("cut_repeated", "word", "sentence |"),
+                                            ("max_relevance_ratio", 2.5, "between 0 (off) and 2.0"),
+                                            ("max_relevance_ratio", -0.1, "between 0 (off)")])
+def test_bad_filter_settings_are_refused_in_one_line(key, value, what):
+    from soft_jax.core.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        filters.FilterConfig(**{key: value})
+    assert str(e.value).startswith(f"{key} = {value!r}: must be {what}") and len(str(e.value).splitlines()) == 1
