@@ -232,7 +232,8 @@ def _add_data(sub) -> None:
     p.add_argument("--output", required=True, metavar="FILE", help="the kept rows, responses cut as the config says")
     p.add_argument("--dropped", metavar="FILE", help="also write the dropped rows, each with its `dropped_by` reason")
     p.add_argument("--config", default="", help="the run config whose filters apply, optionally FILE:ARG (default: "
-                   "soft-jax's defaults), with --config.key=value overrides, e.g. --config.filters.max_relevance_ratio=1")
+                   "soft-jax's defaults), with --config.key=value overrides, e.g. "
+                   "--config.filters.max_relevance_ratio=1")
     p.add_argument("--model", help="the model the relevance filter scores with (default: the config's model)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per scoring pass (default: 8)")
     p.set_defaults(fn=cmd_data_filter, overrides=[])

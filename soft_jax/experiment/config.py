@@ -29,6 +29,7 @@ from soft_jax.training.settings import TrainConfig
 
 GENERATORS = ("previous", "base")
 SFT_STARTS = ("continue", "reinit")
+TRAIN_DATA = ("replace", "accumulate")
 STRATEGIES = ("fixed", "random")
 WANDB_MODES = ("online", "offline", "disabled")
 GRANULARITIES = ("prompt", "batch")
@@ -50,7 +51,8 @@ ADDED_KEYS = {"train.lora_dropout": 0.0, "train.seq_len": None, "train.max_steps
               "eval.lm_eval.batch_size": 16, "eval.lm_eval.include": "",
               "log.wandb.project": "", "log.wandb.entity": "", "log.wandb.mode": "online", "log.wandb.tags": "",
               "log.wandb_samples": 64, "filters.min_chars": 0, "filters.cut_repeated": "sentence",
-              "filters.exemplar_topics": False, "filters.max_relevance_ratio": 0.0}
+              "filters.exemplar_topics": False, "filters.max_relevance_ratio": 0.0,
+              "train_data": "replace"}
 # The paper's benchmarks, run every round (round 0, the base model, included) by the paper configs.
 PAPER_TASKS = "hhh,truthfulqa_mc1,truthfulqa_mc2"
 
@@ -253,7 +255,9 @@ class RunConfig:
     `check_contamination`: `soft-jax data check` on the run's pool, exemplars and validation pairs against the
     benchmarks and the open-ended questions when the run starts (contamination.json; overlaps are logged, not
     fatal). `generator`: previous (SOFT) | base (ablation: always M0); `sft_start`: continue ("step on feet") |
-    reinit (ablation: train M0 on the round's data); `principles`: a text file ("" = the built-in principles)."""
+    reinit (ablation: train M0 on the round's data); `train_data`: replace (round t trains on round t's kept pairs,
+    the paper's) | accumulate (on rounds 1..t's, the curriculum ordering the union: arXiv 2404.01413's bound on the
+    drift of training on one's own outputs); `principles`: a text file ("" = the built-in principles)."""
 
     seed: int = 0
     progress: bool = True
@@ -267,6 +271,7 @@ class RunConfig:
     exemplars: ExemplarsSection = ExemplarsSection()
     generator: str = "previous"
     sft_start: str = "continue"
+    train_data: str = "replace"
     sampling: SamplingSection = SamplingSection()
     filters: FilterConfig = FilterConfig()  # soft_jax.data.filters.FilterConfig documents each
     curriculum: CurriculumSection = CurriculumSection()
@@ -469,6 +474,7 @@ def validate(config: RunConfig) -> None:
         (config.rounds >= 1, f"rounds must be at least 1 (got {config.rounds})"),
         (config.generator in GENERATORS, f"generator {config.generator!r}: choose {' | '.join(GENERATORS)}"),
         (config.sft_start in SFT_STARTS, f"sft_start {config.sft_start!r}: choose {' | '.join(SFT_STARTS)}"),
+        (config.train_data in TRAIN_DATA, f"train_data {config.train_data!r}: choose {' | '.join(TRAIN_DATA)}"),
         (config.exemplars.strategy in STRATEGIES, f"exemplars.strategy {config.exemplars.strategy!r}: choose "
          f"{' | '.join(STRATEGIES)}"),
         (config.exemplars.granularity in GRANULARITIES,

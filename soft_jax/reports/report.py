@@ -186,6 +186,7 @@ def round_table(metrics: list[dict], metric: str, tasks: str = "", comparisons: 
     opens = [(k, h) for k, h in zip(OPEN_SIGNALS, ("distinct-2", "repeated 4-grams", "truncated answers"))
              if any(k in v["eval"] for v in values.values())]
     shown = any("exemplars_shown" in v for v in values.values())
+    lengths = any("answer_tokens_mean" in v for v in values.values())
     # lm-eval's metrics (eval.lm_eval.tasks), each with its stderr, and one n/a column per task whose data could not
     # be had
     lm = sorted({k for v in values.values() for k in v["eval"] if k.startswith("lm_eval/") and not k.endswith(
@@ -193,6 +194,7 @@ def round_table(metrics: list[dict], metric: str, tasks: str = "", comparisons: 
                        if task not in evaluation.TASKS})
     head = ["round", "prompts", "kept", "dropped", "cut by length",
             *(["exemplars / principles shown"] if shown else []),
+            *(["answer tokens mean / median", "kept by finish eos / stop / length"] if lengths else []),
             "difficulty", "train loss", metric, "vs best [interval]" if comparisons is not None else None,
             *(f"{k} ({protocol})" if protocol else k for k in names),
             *(" ".join(k.split("/")[1:]) for k in lm), *(h for _, h in opens)]
@@ -203,6 +205,11 @@ def round_table(metrics: list[dict], metric: str, tasks: str = "", comparisons: 
         cells = [str(t), *(str(v.get(k, "-")) for k in ("prompts", "kept", "dropped", "cut_by_length"))]
         if shown:
             cells.append(f"{v['exemplars_shown']} / {v['principles_shown']}" if "exemplars_shown" in v else "-")
+        if lengths:
+            cells.append(f"{v['answer_tokens_mean']:.1f} / {v['answer_tokens_median']:.0f}"
+                         if "answer_tokens_mean" in v else "-")
+            cells.append(" / ".join(str(v["kept_finish"][f]) for f in ("eos", "stop", "length"))
+                         if "kept_finish" in v else "-")
         cells += [f"{v['difficulty']:.3g}" if "difficulty" in v else "-",
                   f"{v['train_loss']:.4f}" if "train_loss" in v else "-", num(metric)]
         if comparisons is not None:

@@ -22,7 +22,7 @@ from flax import nnx
 from soft_jax import data, evaluation, training
 from soft_jax.core import faults, preemption
 from soft_jax.core.errors import UserError
-from soft_jax.core.io_utils import read_json
+from soft_jax.core.io_utils import read_json, read_jsonl
 from soft_jax.data import filters, templates
 from soft_jax.evaluation import guard
 from soft_jax.experiment import config as config_lib
@@ -186,19 +186,23 @@ class Run:
     def build_train_set(self, t: int, model, tokenizer, generations: list[dict]) -> list[dict]:
         """Kept pairs, scored for difficulty under the current model and put in the curriculum's order."""
         def compute():
-            kept = [g for g in generations if g["kept"]]
+            kept = [{**g, "round": t} for g in generations if g["kept"]]
+            if self.config.train_data == "accumulate":  # rounds 1..t's kept pairs, in round order
+                earlier = [read_jsonl(self.wd.round_file(s, "generations.jsonl")) for s in range(1, t)]
+                kept = [{**g, "round": s} for s, gens in enumerate(earlier, 1) for g in gens if g["kept"]] + kept
             pairs = [(templates.user_turn(g["prompt"], g["input"]), g["answer"], g["finish"] != "length")
                      for g in kept]
             cur, tr = self.config.curriculum, self.config.train
             if cur.score == "response_ppl" and self.config.generator == "previous" and all(
-                    "answer_ppl" in g for g in kept):  # the relevance filter scored them with this model already
+                    "answer_ppl" in g and g["round"] == t for g in kept):  # the relevance filter's, same model
                 scores = [g["answer_ppl"] for g in kept]
             else:
                 scores = curriculum.difficulty(cur.score, self.on_generation_mesh(model), tokenizer, pairs,
                                                cur.batch_size, self.gen_mesh, (tr.max_prompt_len, tr.max_response_len))
             idx = curriculum.order(scores, cur.order, [self.config.seed, t, 0xC0])
             rows = [{"prompt_id": kept[i]["prompt_id"], "prompt": pairs[i][0], "response": pairs[i][1],
-                     "finished": pairs[i][2], "difficulty": scores[i], "position": n} for n, i in enumerate(idx)]
+                     "finished": pairs[i][2], "difficulty": scores[i], "position": n, "round": kept[i]["round"]}
+                    for n, i in enumerate(idx)]
             return rows, {"round": t, "phase": "curriculum", "examples": len(rows), "score": cur.score,
                           "order": cur.order, "mean_difficulty": float(np.mean(scores)) if scores else None}
 

@@ -126,7 +126,12 @@ def generate(ctx: RoundContext, t: int, generator, tokenizer, prompts: list[dict
                                ctx.mesh, (tr.max_prompt_len, tr.max_response_len),
                                prompt=lambda r: templates.user_turn(r["prompt"], r["input"]))
     seconds = time.perf_counter() - t0
+    kept = [r for r in rows if r["kept"]]
+    lengths = [len(tokenizer(r["answer"], add_special_tokens=False)["input_ids"]) for r in kept]
     event = {"round": t, "phase": "generate", **about, "prompts": len(rows), "seconds": seconds,
+             "answer_tokens_mean": float(np.mean(lengths)) if lengths else None,
+             "answer_tokens_median": float(np.median(lengths)) if lengths else None,
+             "kept_finish": {f: sum(r["finish"] == f for r in kept) for f in filters.FINISHES},
              "new_tokens_per_s": new_tokens / max(seconds, 1e-9), **exemplar_coverage(rows, ctx.inputs.exemplars),
              "truncated_generations": sum(r["finish"] == "length" for r in rows),
              **filters.counts([r["dropped_by"] for r in rows])}

@@ -290,7 +290,8 @@ def test_min_chars_drops_short_answers_as_too_short():
 
 
 def test_the_clause_cut_stops_at_the_first_repeated_clause():
-    answer = "Water your plants in the morning, check the soil with a finger, water your plants in the morning, and rest."
+    answer = ("Water your plants in the morning, check the soil with a finger, water your plants in the morning, "
+              "and rest.")
     assert filters.cut(answer, "sentence") == answer  # no sentence repeats
     assert filters.cut(answer, "clause") == "Water your plants in the morning, check the soil with a finger,"
     assert filters.cut(answer, "off") == answer
@@ -317,7 +318,8 @@ def test_the_exemplar_topic_blacklist_is_built_from_the_runs_own_data():
     assert context(exemplars=ex).topic_words == set()  # off: nothing is built
 
 
-@pytest.mark.parametrize("key,value,what", [("min_chars", -1, "an integer >= 0"), ("cut_repeated", "word", "sentence |"),
+@pytest.mark.parametrize("key,value,what", [("min_chars", -1, "an integer >= 0"),
+                                            ("cut_repeated", "word", "sentence |"),
                                             ("max_relevance_ratio", 2.5, "between 0 (off) and 2.0"),
                                             ("max_relevance_ratio", -0.1, "between 0 (off)")])
 def test_bad_filter_settings_are_refused_in_one_line(key, value, what):

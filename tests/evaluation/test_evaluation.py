@@ -90,7 +90,8 @@ def test_an_hhh_item_with_three_answers_stops_eval_before_the_model(tmp_path, mo
     assert f"{path}, item 3 has 3 answers" in line and "exactly two" in line
     monkeypatch.setenv(sources.DIR_ENV, tree)
     from soft_jax.core.errors import UserError
-    from soft_jax.experiment import config as run_config, inputs
+    from soft_jax.experiment import config as run_config
+    from soft_jax.experiment import inputs
 
     cfg = run_config.load("configs/demo.py", ["eval.tasks=hhh", "eval.required=true"])
     with pytest.raises(UserError, match="item 3 has 3 answers"):

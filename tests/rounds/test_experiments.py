@@ -183,3 +183,32 @@ def test_the_guard_can_read_a_degeneracy_signal_of_the_open_ended_answers(tmp_pa
         assert ev["validation"]["items"] == [a["signals"]["repeated_ngram_rate"] for a in answers]
         assert len(answers) == 3 and all(a["finish"] in sampler.FINISH_REASONS for a in answers)
     assert w.state["comparisons"]["1"]["n"] == 3
+
+
+# --- train_data: replace (the paper's) or accumulate (rounds 1..t's kept pairs) --------------------------------
+
+def test_accumulate_trains_round_2_on_both_rounds_kept_pairs_and_a_killed_run_rebuilds_them(tmp_path):
+    """Round 2's train.jsonl holds round 1's and round 2's kept pairs, each once, scored under the current model and
+    in the curriculum's order (easy to hard); killed by SIGKILL before round 2's scoring and resumed, the run
+    rebuilds the same set in the same order."""
+    from helpers import run_workdir
+
+    extra = ("train_data=accumulate", "prompts.per_round=6", "sampling.batch_size=6")
+    w = run("soft_plus.py", tmp_path / "ref", *extra)
+    kept = {t: [g["prompt_id"] for g in w.rows(t, "generations.jsonl") if g["kept"]] for t in (1, 2)}
+    assert kept[1] and kept[2]
+    first, second = w.rows(1, "train.jsonl"), w.rows(2, "train.jsonl")
+    assert sorted(r["prompt_id"] for r in first) == sorted(kept[1]) and {r["round"] for r in first} == {1}
+    assert sorted(r["prompt_id"] for r in second) == sorted(kept[1] + kept[2])
+    assert {r["prompt_id"]: r["round"] for r in second} == {**{p: 1 for p in kept[1]}, **{p: 2 for p in kept[2]}}
+    assert [r["position"] for r in second] == list(range(len(second)))
+    assert [r["difficulty"] for r in second] == sorted(r["difficulty"] for r in second)
+    killed = tmp_path / "killed"
+    p = run_workdir(killed, extra, {"SOFT_JAX_KILL_AT": "generated_r2"})
+    assert p.returncode == -9, p.stderr[-2000:]
+    assert not (killed / "rounds" / "002" / "train.jsonl").exists()
+    p = run_workdir(killed, extra)
+    assert p.returncode == 0, p.stderr[-2000:]
+    again = [json.loads(line) for line in open(killed / "rounds" / "002" / "train.jsonl")]
+    assert again == second
+    assert config_lib.load(os.path.join(CONFIGS, "soft.py")).train_data == "replace"  # the paper's default
