@@ -39,6 +39,9 @@ def resolved(spec: str, *overrides: str) -> dict:
     ("ablation_order.py:easy_to_hard", "ablation_order.py:random", {"curriculum.order", "curriculum.across_rounds"}),
     ("ablation_generator.py:previous", "ablation_generator.py:base", {"generator"}),
     ("ablation_sft_start.py:continue", "ablation_sft_start.py:reinit", {"sft_start"}),
+    ("ablation_filters.py:off", "ablation_filters.py:relevance", {"filters.max_relevance_ratio"}),
+    ("ablation_data.py:replace", "ablation_data.py:accumulate", {"train_data"}),
+    ("soft.py", "ablation_filters.py:off", set()),
 ])
 def test_each_claims_configs_differ_only_in_its_knobs(a, b, knobs):
     assert set(config_lib.diff(resolved(a), resolved(b))) == knobs
