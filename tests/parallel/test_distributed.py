@@ -176,3 +176,46 @@ def test_a_sigterm_on_one_host_stops_both_after_the_same_step(tmp_path, two):
     assert sorted(pr) == sorted(pt)
     for key in pt:
         np.testing.assert_allclose(pr[key], pt[key], rtol=1e-6, atol=1e-7, err_msg=key)
+
+
+@pytest.mark.slow  # two CLI processes and a one-process run, each evaluating lm-eval tasks at rounds 0 and 1
+def test_lm_eval_in_a_two_process_run_equals_one_process(tmp_path, monkeypatch):
+    """eval.lm_eval in a two-process run, scoring and generating tensor-parallel over both processes' devices:
+    every process answers every request and process 0 writes. Each round's lm-eval metrics and every item (its
+    decision, its log-likelihoods, its generation) equal a one-process run's."""
+    from helpers import lm_eval_tasks
+
+    (tmp_path / "tasks").mkdir()
+    include = lm_eval_tasks(tmp_path / "tasks")
+    lm = ["eval.lm_eval.tasks=softjax_mc,softjax_gen", f"eval.lm_eval.include={include}", "eval.lm_eval.limit=4",
+          "eval.lm_eval.batch_size=4"]
+    env = {"HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    results = wait(launch(tmp_path / "two", lm, env=(env, env)))
+    assert [r for r, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    one = run("soft_plus.py", tmp_path / "one", *EXTRA, *lm)
+    two = Workdir(str(tmp_path / "two"))
+
+    def close(a, b, where):
+        if isinstance(a, float) and isinstance(b, float):
+            assert a == pytest.approx(b, rel=1e-4, abs=1e-5), where
+        elif isinstance(a, dict) and isinstance(b, dict):
+            assert set(a) == set(b), where
+            for k in a:
+                close(a[k], b[k], f"{where}.{k}")
+        elif isinstance(a, list) and isinstance(b, list):
+            assert len(a) == len(b), where
+            for i, (x, y) in enumerate(zip(a, b)):
+                close(x, y, f"{where}[{i}]")
+        else:
+            assert a == b, where
+
+    for t in (0, 1):
+        ev = [json.load(open(os.path.join(w.path, "rounds", f"{t:03d}", "eval.json"))) for w in (two, one)]
+        assert set(ev[0]["lm_eval"]) == {"softjax_mc", "softjax_gen"}
+        close(ev[0]["lm_eval"], ev[1]["lm_eval"], f"round {t} lm_eval")
+        items = [[json.loads(line) for line in open(os.path.join(w.path, "rounds", f"{t:03d}", "lm_eval_items.jsonl"))]
+                 for w in (two, one)]
+        assert len(items[0]) == 8
+        close(items[0], items[1], f"round {t} items")
