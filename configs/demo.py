@@ -27,7 +27,9 @@ def get_config(arg=None):
                            group_batches=4)
     # a 135M model does not cite the principles in its thoughts (none of round 1's did): no minimum here.
     # Answers cut by the token limit are still dropped.
-    config.filters.update(min_cited_principles=0)
+    # the relevance filter and Dromedary-2's 160-character minimum: round 1 of this demo kept answers to other
+    # questions and a one-line non-answer without them (docs/method.md, "Filtering")
+    config.filters.update(min_cited_principles=0, max_relevance_ratio=1.0, min_chars=160)
     config.curriculum.update(score="response_ppl", order="easy_to_hard", across_rounds="prompt_ppl", batch_size=8)
     config.train.update(learning_rate=5e-5, batch_size=2, epochs=2, max_prompt_len=192, max_response_len=192,
                         checkpoint_every=4, warmup_ratio=0.0)

@@ -7,7 +7,8 @@ What is logged, by process 0 alone (the other hosts neither import wandb nor cre
 - the resolved config (what config.json holds) when the run starts;
 - each round once its evaluation and the guard's decision are in, at step = the round (0: the base model): the
   round table's numbers (workdir.round_values, which report.round_table prints): `round/prompts`, `round/kept`,
-  `round/dropped`, `round/cut_by_length`, `round/exemplars_shown`, `round/principles_shown`,
+  `round/dropped`, `round/irrelevant` (the relevance filter's, when on), `round/cut_by_length`,
+  `round/exemplars_shown`, `round/principles_shown`,
   `round/answer_tokens_mean`, `round/answer_tokens_median`, `round/difficulty`,
   `round/train_loss`, `validation/<metric>`, `eval/<task>`, `eval/open_*`, and the guard's comparison with the best
   round before it, `guard/diff`, `guard/low`, `guard/high`, `guard/vs`, `guard/verdict`; and `samples`, a table of
@@ -41,7 +42,7 @@ from soft_jax.experiment.config import RunConfig
 from soft_jax.experiment.workdir import WANDB_ID, WorkDir, round_values, save_json
 from soft_jax.parallel import distributed
 
-ROUND_KEYS = ("prompts", "kept", "dropped", "cut_by_length", "exemplars_shown", "principles_shown",
+ROUND_KEYS = ("prompts", "kept", "dropped", "irrelevant", "cut_by_length", "exemplars_shown", "principles_shown",
               "answer_tokens_mean", "answer_tokens_median", "difficulty", "train_loss")
 GUARD_KEYS = ("diff", "low", "high", "vs", "verdict")
 SAMPLE_COLUMNS = ["prompt_id", "prompt", "answer", "kept", "dropped_by", "difficulty", "finish"]

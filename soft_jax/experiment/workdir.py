@@ -102,7 +102,8 @@ def round_values(metrics: list[dict], metric: str, tasks: str = "") -> dict[int,
     """Per round (0: the base model), the numbers the round table shows (soft_jax.reports.report.round_table) and
     W&B logs (soft_jax.experiment.tracking), read from metrics.jsonl's rows: prompts, kept, dropped, cut_by_length,
     exemplars_shown, principles_shown, answer_tokens_mean and _median (of the kept answers), kept_finish (kept answers
-    per finish reason: eos, stop, length), difficulty (the mean), train_loss (the mean over the last quarter of the
+    per finish reason: eos, stop, length), irrelevant (dropped by the relevance filter, when it was on), difficulty
+    (the mean), train_loss (the mean over the last quarter of the
     round's steps), and under "eval" the validation metric, the eval tasks, lm-eval's metrics ("lm_eval/TASK/METRIC"
     and its "_stderr") and the open-ended signals that were measured; "unavailable": the tasks the run could not
     evaluate. A number the round lacks is absent."""
@@ -121,6 +122,8 @@ def round_values(metrics: list[dict], metric: str, tasks: str = "") -> dict[int,
              "unavailable": unavailable}
         if gen:
             v.update(prompts=gen["prompts"], kept=gen["kept"], dropped=gen["prompts"] - gen["kept"])
+        if gen.get("max_relevance_ratio"):  # the relevance filter was on: its own count
+            v["irrelevant"] = gen["irrelevant"]
         for name, key in (("cut_by_length", "truncated_generations"), ("exemplars_shown", "exemplars_shown"),
                           ("principles_shown", "principles_shown"), ("answer_tokens_mean", "answer_tokens_mean"),
                           ("answer_tokens_median", "answer_tokens_median"), ("kept_finish", "kept_finish")):

@@ -187,12 +187,13 @@ def round_table(metrics: list[dict], metric: str, tasks: str = "", comparisons: 
              if any(k in v["eval"] for v in values.values())]
     shown = any("exemplars_shown" in v for v in values.values())
     lengths = any("answer_tokens_mean" in v for v in values.values())
+    relevance = any("irrelevant" in v for v in values.values())
     # lm-eval's metrics (eval.lm_eval.tasks), each with its stderr, and one n/a column per task whose data could not
     # be had
     lm = sorted({k for v in values.values() for k in v["eval"] if k.startswith("lm_eval/") and not k.endswith(
         "_stderr")} | {f"lm_eval/{task}" for v in values.values() for task in v["unavailable"]
                        if task not in evaluation.TASKS})
-    head = ["round", "prompts", "kept", "dropped", "cut by length",
+    head = ["round", "prompts", "kept", "dropped", *(["of them irrelevant"] if relevance else []), "cut by length",
             *(["exemplars / principles shown"] if shown else []),
             *(["answer tokens mean / median", "kept by finish eos / stop / length"] if lengths else []),
             "difficulty", "train loss", metric, "vs best [interval]" if comparisons is not None else None,
@@ -202,7 +203,8 @@ def round_table(metrics: list[dict], metric: str, tasks: str = "", comparisons: 
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t, v in values.items():
         num = lambda k: "n/a" if k in v["unavailable"] else f"{v['eval'][k]:.4f}" if k in v["eval"] else "-"
-        cells = [str(t), *(str(v.get(k, "-")) for k in ("prompts", "kept", "dropped", "cut_by_length"))]
+        cells = [str(t), *(str(v.get(k, "-")) for k in ("prompts", "kept", "dropped",
+                                                         *(["irrelevant"] if relevance else []), "cut_by_length"))]
         if shown:
             cells.append(f"{v['exemplars_shown']} / {v['principles_shown']}" if "exemplars_shown" in v else "-")
         if lengths:

@@ -132,6 +132,7 @@ def generate(ctx: RoundContext, t: int, generator, tokenizer, prompts: list[dict
              "answer_tokens_mean": float(np.mean(lengths)) if lengths else None,
              "answer_tokens_median": float(np.median(lengths)) if lengths else None,
              "kept_finish": {f: sum(r["finish"] == f for r in kept) for f in filters.FINISHES},
+             "max_relevance_ratio": ctx.config.filters.max_relevance_ratio,
              "new_tokens_per_s": new_tokens / max(seconds, 1e-9), **exemplar_coverage(rows, ctx.inputs.exemplars),
              "truncated_generations": sum(r["finish"] == "length" for r in rows),
              **filters.counts([r["dropped_by"] for r in rows])}
