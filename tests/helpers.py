@@ -86,8 +86,8 @@ CONFIGS = os.path.join(ROOT, "configs")
 # no contamination check (tests/experiment/test_contamination.py runs one).
 TINY_OVERRIDES = ["model.name=tiny", "check_contamination=false", "rounds=2", "prompts.per_round=4", "exemplars.k=1",
                   "sampling.max_new_tokens=8", "sampling.batch_size=4", "filters.require_marker=false",
-                  "filters.min_words=1", "filters.min_chars=0", "filters.max_relevance_ratio=0.0",
-                  "filters.min_cited_principles=0", "filters.keep_truncated=true", "eval.tasks=",
+                  "filters.min_words=1", "filters.min_chars=0", "filters.min_cited_principles=0",
+                  "filters.keep_truncated=true", "eval.tasks=",
                   "open_ended.limit=0", "open_ended.max_new_tokens=8", "train.batch_size=2", "train.max_prompt_len=64",
                   "train.max_response_len=16", "train.learning_rate=1e-3", "train.warmup_ratio=0.0",
                   "train.checkpoint_every=0", "validation.batch_size=8", "progress=false", "curriculum.batch_size=8"]
