@@ -31,16 +31,17 @@ def _perplexity(model, contexts, continuations, batch_size, mesh) -> list[float]
     return [float(np.exp(-np.mean(p))) for p in per]
 
 
-def response_logps(model, tokenizer, pairs, batch_size=8, mesh=None, max_len=None) -> list[np.ndarray]:
+def response_logps(model, tokenizer, pairs, batch_size=8, mesh=None, max_len=None,
+                   progress: bool = False) -> list[np.ndarray]:
     """Per-token log-probs of each response given its prompt, both in the engraving format.
 
     pairs: (prompt, response) or (prompt, response, finished), as training takes them; max_len (prompt,
-    response) truncates as training does: the prompt on the left, the response on the right."""
+    response) truncates as training does: the prompt on the left, the response on the right; progress: a bar."""
     parts = [_engraved(tokenizer, *pair) for pair in pairs]
     if max_len:
         parts = [(h[-max_len[0]:], t[:max_len[1]]) for h, t in parts]
     return scorer.score_tokens(model, [h for h, _ in parts], [t for _, t in parts], batch_size=batch_size,
-                               mesh=mesh)
+                               mesh=mesh, progress=progress)
 
 
 def response_perplexity(model, tokenizer, pairs, batch_size=8, mesh=None, max_len=None) -> list[float]:

@@ -21,7 +21,7 @@ from soft_jax.rounds import curriculum
 
 
 def losses(model, tokenizer, pairs: Sequence[tuple], batch_size: int = 8, mesh=None,
-           max_len: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+           max_len: tuple[int, int] | None = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(mean per-token loss of each answer given its prompt, the same given an empty prompt), float64 [pairs].
 
     pairs: (prompt, response) or (prompt, response, finished), as training takes them; max_len truncates as training
@@ -29,7 +29,7 @@ def losses(model, tokenizer, pairs: Sequence[tuple], batch_size: int = 8, mesh=N
     if not pairs:
         return np.zeros(0), np.zeros(0)
     empty = [("", *pair[1:]) for pair in pairs]
-    logps = curriculum.response_logps(model, tokenizer, list(pairs) + empty, batch_size, mesh, max_len)
+    logps = curriculum.response_logps(model, tokenizer, list(pairs) + empty, batch_size, mesh, max_len, progress)
     mean = np.asarray([-float(np.mean(p)) for p in logps], np.float64)
     return mean[:len(pairs)], mean[len(pairs):]
 
@@ -40,7 +40,7 @@ def ratios(with_prompt: np.ndarray, alone: np.ndarray) -> np.ndarray:
 
 
 def judge(rows: list[dict], model, tokenizer, config: filters.FilterConfig, batch_size: int = 8, mesh=None,
-          max_len: tuple[int, int] | None = None, prompt=lambda r: r["prompt"]) -> list[dict]:
+          max_len: tuple[int, int] | None = None, prompt=lambda r: r["prompt"], progress: bool = False) -> list[dict]:
     """Rows (dicts with an "answer"; "kept" ones are judged) with "relevance" (the ratio) and "answer_ppl" (the
     answer's perplexity given its prompt) set on each judged row, and those above config.max_relevance_ratio
     marked dropped by filters.IRRELEVANT. Rows the string filters dropped, and every row when the filter is off,
@@ -49,7 +49,7 @@ def judge(rows: list[dict], model, tokenizer, config: filters.FilterConfig, batc
         return rows
     judged = [i for i, r in enumerate(rows) if r["kept"]]
     pairs = [(prompt(rows[i]), rows[i]["answer"], rows[i].get("finish", "eos") != "length") for i in judged]
-    given, alone = losses(model, tokenizer, pairs, batch_size, mesh, max_len)
+    given, alone = losses(model, tokenizer, pairs, batch_size, mesh, max_len, progress)
     out = list(rows)
     for i, loss, ratio in zip(judged, given, ratios(given, alone)):
         drop = bool(ratio > config.max_relevance_ratio)
@@ -74,5 +74,5 @@ def filter_pairs(rows: list[dict], config: filters.FilterConfig, exemplars, prin
         out.append({**r, "response": answer, "answer": answer, "kept": reason is None, "dropped_by": reason})
     if config.max_relevance_ratio and any(r["kept"] for r in out):
         model, tokenizer = open_model()
-        out = judge(out, model, tokenizer, config, batch_size, max_len=max_len)
+        out = judge(out, model, tokenizer, config, batch_size, max_len=max_len, progress=True)
     return [{k: v for k, v in r.items() if k != "answer"} for r in out]

@@ -124,7 +124,7 @@ def generate(ctx: RoundContext, t: int, generator, tokenizer, prompts: list[dict
         tr = ctx.config.train
         rows = relevance.judge(rows, generator, tokenizer, ctx.config.filters, ctx.config.curriculum.batch_size,
                                ctx.mesh, (tr.max_prompt_len, tr.max_response_len),
-                               prompt=lambda r: templates.user_turn(r["prompt"], r["input"]))
+                               prompt=lambda r: templates.user_turn(r["prompt"], r["input"]), progress=ctx.progress)
     seconds = time.perf_counter() - t0
     kept = [r for r in rows if r["kept"]]
     lengths = [len(tokenizer(r["answer"], add_special_tokens=False)["input_ids"]) for r in kept]
