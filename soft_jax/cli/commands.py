@@ -352,6 +352,9 @@ def cmd_data_filter(args) -> None:
     for n, r in enumerate(rows, 1):
         if not isinstance(r["prompt"], str) or not isinstance(r["response"], str):
             raise UserError(f"{args.input}: row {n}: prompt and response must be strings")
+        if r.get("finish", "eos") not in filters.FINISHES or not isinstance(r.get("thoughts", ""), str):
+            raise UserError(f"{args.input}: row {n}: finish must be one of {', '.join(filters.FINISHES)} and "
+                            "thoughts a string, where given")
     exemplars, principles = data.load_exemplars(config.exemplars.path), data.load_principles(config.principles)
 
     def open_model():

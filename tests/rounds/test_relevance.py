@@ -55,12 +55,16 @@ def test_data_filter_keeps_matched_pairs_and_drops_shuffled_ones(tmp_path):
     (["--config.filters.max_relevance_ratio=2.5"], "filters.max_relevance_ratio = 2.5: must be between 0 (off)"),
     (["--config.filters.cut_repeated=word"], "filters.cut_repeated = 'word': must be sentence | clause | off"),
     ([], "missing key(s) response"),
+    (["finish"], "row 2: finish must be one of eos, stop, length"),
 ])
 def test_bad_input_exits_2_in_one_line_and_writes_nothing(tmp_path, args, message):
     pairs = tmp_path / "pairs.jsonl"
     rows = [{"prompt": "Why is the sky blue?", "response": "Air scatters blue light more than red."}]
     if not args:
         rows.append({"prompt": "A prompt without its response"})
+    if args == ["finish"]:
+        rows.append({"prompt": "Why?", "response": "Because.", "finish": "tired"})
+        args = []
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "kept.jsonl"
     proc = run_cli("data", "filter", "--input", str(pairs), "--output", str(out), "--dropped", str(tmp_path / "d"),
