@@ -60,7 +60,13 @@ def records(path: str) -> list:
 
 def offline_runs(workdir) -> list[dict]:
     """Each offline run directory W&B wrote under WORKDIR/wandb/, oldest first: its id, config, tags, history rows
-    ({step: {logged key: value}}, a media entry as the dict wandb writes for it) and exit code."""
+    ({step: {logged key: value}}, a media entry as the dict wandb writes for it) and exit code.
+
+    The runs here are in this process: finish() returns before wandb's service has written every record, so its
+    service is torn down first (as a CLI process's exit does), which waits for the files."""
+    import wandb
+
+    wandb.teardown()
     runs = []
     for d in sorted(glob.glob(os.path.join(str(workdir), "wandb", "offline-run-*"))):
         (path,) = glob.glob(os.path.join(d, "run-*.wandb"))
