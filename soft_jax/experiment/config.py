@@ -40,6 +40,8 @@ DIFFICULTY_SCORES = ("response_ppl", "response_length", "prompt_ppl")
 RESUMABLE_CHANGES = ("rounds", "check_contamination", "validation.patience", "validation.tolerance",
                      "validation.confidence", "validation.resamples", "progress", "prompts.per_round", "eval.required",
                      "mesh_generate", "mesh_generate.data", "mesh_generate.fsdp", "mesh_generate.tensor",
+                     # how decode is cut into programs: the same tokens, up to float summation order (as a mesh)
+                     "sampling.decode_segment",
                      # tracking never changes what a round computes
                      "log", "log.wandb", "log.wandb.project", "log.wandb.entity", "log.wandb.mode", "log.wandb.tags",
                      "log.wandb_samples")
@@ -52,7 +54,7 @@ ADDED_KEYS = {"train.lora_dropout": 0.0, "train.seq_len": None, "train.max_steps
               "log.wandb.project": "", "log.wandb.entity": "", "log.wandb.mode": "online", "log.wandb.tags": "",
               "log.wandb_samples": 64, "filters.min_chars": 0, "filters.cut_repeated": "sentence",
               "filters.exemplar_topics": False, "filters.max_relevance_ratio": 0.0,
-              "train_data": "replace"}
+              "train_data": "replace", "sampling.kv_dtype": "model", "sampling.decode_segment": 128}
 # The paper's benchmarks, run every round (round 0, the base model, included) by the paper configs.
 PAPER_TASKS = "hhh,truthfulqa_mc1,truthfulqa_mc2"
 

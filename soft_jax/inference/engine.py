@@ -4,7 +4,8 @@ shape buckets and the shared-prefix machinery that generation (`sampler`) and sc
 A batch's longest common token prefix (the principles + exemplars of a SOFT round) is prefilled once
 (`prefill_shared_prefix`) and kept once in the KV cache; each row's own suffix is prefilled left-padded to a
 length bucket (`bucket`, `left_pad`, `prefill`); `decode` is a `lax.while_loop` that samples until every row
-has stopped. The cache is preallocated and donated. Shapes are bucketed so that a long list of prompts
+has stopped, run in segments (`segment`): each reads only the cache slots written so far, up to a bound a few
+compiled windows share. The cache is preallocated and donated. Shapes are bucketed so that a long list of prompts
 compiles a handful of programs. The programs take the mesh as a static argument and trace under its
 activation sharding: batch rows over data x fsdp, heads / vocab over tensor (soft_jax.parallel.sharding); mesh None:
 one device.
@@ -84,21 +85,22 @@ def stop_ids(tokenizer, model: Llama) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(6,))
-def prefill(graphdef, mesh, state, ids, positions, segment_ids, cache):
+@functools.partial(jax.jit, static_argnums=(0, 1, 7), donate_argnums=(6,))
+def prefill(graphdef, mesh, state, ids, positions, segment_ids, cache, window=None):
     """Writes `ids` into the cache (donated) and returns the last column's logits.
 
     Args:
       graphdef, state: `nnx.split(model)`; mesh: the mesh the arrays are on, or None (one device).
       ids, positions, segment_ids: [B, T] int32 (segment 0 = padding).
       cache: a KVCache with room for T more tokens at its index.
+      window: attention reads the cache's first `window` slots (static; at least its index + T); None: all.
 
     Returns:
       (logits [B, vocab] after each row's last column, the cache with the T tokens written).
     """
     with shd.activation_sharding(mesh):
         logits, cache = nnx.merge(graphdef, state)(ids, positions=positions, segment_ids=segment_ids, cache=cache,
-                                                   last_only=True)
+                                                   last_only=True, window=window)
         return shd.constrain(logits[:, -1], ("batch", "vocab")), cache
 
 
@@ -230,8 +232,8 @@ class DecodeState:
     rng: jax.Array
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 7, 8), donate_argnums=(3,))
-def decode(graphdef, mesh, state, ds: DecodeState, positions, params, until, use_top_p, use_top_k):
+@functools.partial(jax.jit, static_argnums=(0, 1, 7, 8, 9), donate_argnums=(3,))
+def decode(graphdef, mesh, state, ds: DecodeState, positions, params, until, use_top_p, use_top_k, window=None):
     """Samples until step `until` or until every row produced a stop token.
 
     Args:
@@ -241,6 +243,8 @@ def decode(graphdef, mesh, state, ds: DecodeState, positions, params, until, use
       params: (temperature, top_p, top_k, stop_ids [n]) as arrays, so that changing them does not recompile.
       until: the step to stop at (an int32 array: a chunk's end).
       use_top_p, use_top_k: whether the filters run (static).
+      window: attention reads the cache's first `window` slots (static): at least the slot the step before
+        `until` writes (`segments` chooses them); None: every slot.
 
     Returns:
       The DecodeState after the last step.
@@ -259,12 +263,40 @@ def decode(graphdef, mesh, state, ds: DecodeState, positions, params, until, use
         with shd.activation_sharding(mesh):
             logits, cache = nnx.merge(graphdef, state)(
                 token[:, None], positions=(positions + ds.step)[:, None],
-                segment_ids=jnp.ones((batch, 1), jnp.int32), cache=ds.cache)
+                segment_ids=jnp.ones((batch, 1), jnp.int32), cache=ds.cache, window=window)
             logits = shd.constrain(logits[:, -1], ("batch", "vocab"))
         return DecodeState(step=ds.step + 1, cache=cache, logits=logits, out=ds.out.at[:, ds.step].set(token),
                            done=ds.done | jnp.isin(token, stops), rng=rng)
 
     return jax.lax.while_loop(cond, body, ds)
+
+
+def segment(index: int, slots: int, step: int) -> int:
+    """The attention window of the decode segment whose first write is at cache slot `index`: the next multiple
+    of `step` past it (at most `slots`, the cache's size); step 0: `slots`. The segment decodes until its last
+    write fills the window's last slot; the next one reads a window `step` slots wider. Each window is a decode
+    program of its own: `step` trades compiled programs against slots read.
+
+    Args:
+      index: the cache slot the segment's first step writes (the cache's index then).
+      slots: the cache's slots per row.
+      step: SamplingConfig.decode_segment.
+
+    Returns:
+      The window, in (index, slots].
+    """
+    return slots if step <= 0 else min(slots, (index // step + 1) * step)
+
+
+def mean_window(start: int, new_tokens: int, slots: int, step: int) -> float:
+    """The mean attention window (cache slots read) over a decode loop of `new_tokens` steps whose first write is
+    at slot `start`, with `segment`'s windows: what a decode step reads of the cache, on average."""
+    total, index = 0, start
+    while index < start + new_tokens:
+        window = segment(index, slots, step)
+        steps = min(window, start + new_tokens) - index
+        total, index = total + steps * window, index + steps
+    return total / max(new_tokens, 1)
 
 
 def common_prefix_len(rows: Sequence[Sequence[int]]) -> int:

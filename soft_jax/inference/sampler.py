@@ -30,10 +30,11 @@ from soft_jax.inference.engine import (
     left_pad,
     prefill,
     prefill_shared_prefix,
+    segment,
     shared_len,
     stop_ids,
 )
-from soft_jax.models.llama import KVCache, Llama
+from soft_jax.models.llama import KV_DTYPES, KVCache, Llama
 from soft_jax.parallel.distributed import to_host
 
 STOP_STRING_CHUNK = 32  # decode steps between host checks for stop strings
@@ -52,6 +53,13 @@ class SamplingConfig:
     seed: int = 0
     batch_size: int = 16
     reuse_prefix: bool = True
+    # the KV cache's storage: "model" (the model's compute dtype) | "int8" (codes + a float32 scale per slot and
+    # head: about half the bytes a decode step reads; the tokens may differ from "model"'s). Scoring never uses it.
+    kv_dtype: str = "model"
+    # decode runs in segments, each reading the cache slots written so far up to the next multiple of this
+    # (engine.segment): larger, fewer compiled decode programs; smaller, fewer empty slots read. 0: one segment
+    # that reads the whole cache at every step.
+    decode_segment: int = 128
 
     RULES = [
         ("max_new_tokens", lambda v: v >= 1, ">= 1"),
@@ -59,6 +67,8 @@ class SamplingConfig:
         ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
         ("top_k", lambda v: v >= 0, ">= 0 (0 = off)"),
         ("batch_size", lambda v: v >= 1, ">= 1"),
+        ("kv_dtype", lambda v: v in KV_DTYPES, f"one of {', '.join(KV_DTYPES)}"),
+        ("decode_segment", lambda v: v >= 0, ">= 0 (0 = the whole cache at every step)"),
     ]
 
     def __post_init__(self):
@@ -128,10 +138,10 @@ def start(model: Llama, token_rows, config: SamplingConfig, stops, rng=None, mes
     own_len = bucket(max(map(len, own)))
     prefix = prefill_shared_prefix(graphdef, state, model, [g[0][:n] for g, n in zip(groups, shared)], mesh)
     cache = batcher.put_cache(KVCache.init(model.config, len(rows), own_len + config.max_new_tokens + extra_slots,
-                                           prefix=prefix))
+                                           config.kv_dtype, prefix=prefix))
     ids, seg, positions = left_pad(own, own_len)
     ids, seg, positions = batcher.put((ids, seg, positions + np.repeat(shared, size)[:, None]))
-    last, cache = prefill(graphdef, mesh, state, ids, positions, seg, cache)
+    last, cache = prefill(graphdef, mesh, state, ids, positions, seg, cache, own_len if config.decode_segment else None)
     params = (jnp.float32(config.temperature), jnp.float32(config.top_p), jnp.int32(config.top_k),
               jnp.asarray(stops, jnp.int32))
     first_pos = np.asarray([len(r) for r in rows], np.int32)
@@ -145,17 +155,23 @@ def start(model: Llama, token_rows, config: SamplingConfig, stops, rng=None, mes
 
 
 def _sample(b: Batch, config: SamplingConfig, tokenizer=None) -> None:
-    """Decodes until every row stopped (b.ds updated). Without stop strings one call decodes everything; with
-    them, chunks of STOP_STRING_CHUNK steps let the host stop rows early."""
+    """Decodes until every row stopped (b.ds updated), in segments (engine.segment): each decode call reads the
+    cache up to the next window bound, and stops where its writes reach it. With stop strings, the host checks
+    the rows every STOP_STRING_CHUNK steps and stops those that produced one."""
     chunk = STOP_STRING_CHUNK if (config.stop_strings and tokenizer is not None) else config.max_new_tokens
     ds = b.ds
+    slots, start, step = ds.cache.segment_ids.shape[1], int(ds.cache.index), int(ds.step)
     while True:
-        until = jnp.int32(min(int(ds.step) + chunk, config.max_new_tokens))
-        ds = decode(b.graphdef, b.mesh, b.state, ds, b.next_pos, b.params, until, config.top_p < 1.0,
-                     config.top_k > 0)
+        window = segment(start + step, slots, config.decode_segment) if config.decode_segment else None
+        until = min(-(-(step + 1) // chunk) * chunk, config.max_new_tokens,
+                    config.max_new_tokens if window is None else window - start)
+        ds = decode(b.graphdef, b.mesh, b.state, ds, b.next_pos, b.params, jnp.int32(until), config.top_p < 1.0,
+                    config.top_k > 0, window)
         step, done = int(ds.step), to_host(ds.done).copy()
         if step >= config.max_new_tokens or done.all():
             break
+        if step % chunk:  # a segment's end between two checks
+            continue
         out = to_host(ds.out)
         for i in np.flatnonzero(~done):
             text = tokenizer.decode(out[i, :step], skip_special_tokens=True)
@@ -196,7 +212,9 @@ def _continue(b: Batch, heads: dict, config: SamplingConfig, rng, tokenizer=None
                                                    ds.cache.segment_ids, 0))
     ids, seg, positions = left_pad(tails, TAIL_SLOTS)
     ids, seg, positions = b.batcher.put((ids, seg, positions + base[:, None]))
-    last, cache = prefill(b.graphdef, b.mesh, b.state, ids, positions, seg, cache)
+    window = segment(int(ds.cache.index) + TAIL_SLOTS - 1, slots, config.decode_segment)
+    last, cache = prefill(b.graphdef, b.mesh, b.state, ids, positions, seg, cache,
+                          window if config.decode_segment else None)
     first_pos = base + np.asarray([len(t) for t in tails], np.int32)
     done = np.asarray([i not in heads for i in range(rows)])
     step, done, out = b.batcher.put((np.int32(0), done, np.full(ds.out.shape, int(b.params[3][0]), np.int32)))

@@ -170,6 +170,9 @@ class SharedPrefix:
         return jnp.repeat(x, rows // self.groups, axis=0)
 
 
+KV_DTYPES = ("model", "int8")  # a sampling cache's storage: the model's compute dtype, or int8 codes + scales
+
+
 @struct.dataclass
 class KVCache:
     """Preallocated keys and values for every layer, plus each slot's position and segment.
@@ -177,7 +180,8 @@ class KVCache:
     k, v: a tuple of per-layer [B, S, KV_HEADS, D] arrays, or one stacked [layers, B, S, KV_HEADS, D] array when
     the model's layers are scanned (ModelConfig.scan_layers); positions, segment_ids: [B, S] (segment 0 = empty slot);
     index: the next slot to write (a scalar, the same for every row); prefix: an optional SharedPrefix
-    that precedes every row's own slots.
+    that precedes every row's own slots. k_scale, v_scale: None, or for an int8 cache (k, v int8 codes) the float32
+    scale of each slot's head, shaped as k with D = 1: a key is k * k_scale (`quantize_kv`).
     """
 
     k: tuple
@@ -186,19 +190,33 @@ class KVCache:
     segment_ids: jax.Array
     index: jax.Array
     prefix: SharedPrefix | None = None
+    k_scale: tuple | None = None
+    v_scale: tuple | None = None
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, length: int, dtype=None, prefix: SharedPrefix | None = None):
-        dtype = jnp.dtype(dtype or cfg.dtype)
+        """An empty cache of `length` slots per row. dtype: None or "model" (the model's compute dtype), "int8"
+        (codes and per-slot, per-head scales), or any other dtype to store in."""
+        quantized = dtype == "int8"
+        dtype = jnp.dtype(cfg.dtype if dtype in (None, "model") else dtype)
         shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
-        if cfg.scan_layers:
-            k, v = (jnp.zeros((cfg.num_layers, *shape), dtype) for _ in range(2))
-        else:
-            k, v = (tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)) for _ in range(2))
+
+        def arrays(shape, dtype):
+            if cfg.scan_layers:
+                return jnp.zeros((cfg.num_layers, *shape), dtype)
+            return tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+
+        k, v = arrays(shape, dtype), arrays(shape, dtype)
+        scales = (arrays(shape[:-1] + (1,), jnp.float32), arrays(shape[:-1] + (1,), jnp.float32)) if quantized \
+            else (None, None)
         return cls(k=k, v=v,
                    positions=jnp.zeros((batch, length), jnp.int32),
                    segment_ids=jnp.zeros((batch, length), jnp.int32), index=jnp.zeros((), jnp.int32),
-                   prefix=prefix)
+                   prefix=prefix, k_scale=scales[0], v_scale=scales[1])
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
 
     def as_prefix(self) -> SharedPrefix:
         """This cache's filled slots as a SharedPrefix (a row per group)."""
@@ -225,10 +243,12 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
 
     def __call__(self, x, rope, mask, kv=None, prefix=None):
-        """rope: (cos, sin); mask: [B, T, S] over the keys (this call's tokens, or the whole cache);
-        kv: None, or (k_cache, v_cache, index, layer): this layer's cache [B, S, KV_HEADS, D] (layer None), or the
-          stacked cache [layers, B, S, KV_HEADS, D] of which this is layer `layer` (a traced index); the new keys
-          and values are written at slot `index`, in place, and the updated caches returned;
+        """rope: (cos, sin); mask: [B, T, W] over the keys read (this call's tokens, or the cache's first W slots);
+        kv: None, or (caches, index, layer, window): caches = (k, v, k_scale, v_scale), this layer's cache
+          [B, S, KV_HEADS, D] (layer None) or the stacked cache [layers, B, S, KV_HEADS, D] of which this is layer
+          `layer` (a traced index), scales None or int8's (KVCache); the new keys and values are written at slot
+          `index`, in place, attention reads the first `window` slots (None: all S), and the updated caches are
+          returned;
         prefix: None, or (k, v, mask [B, T, P]) of this layer's shared prefix, a row per group of rows."""
         b, t, _ = x.shape
         g = self.num_heads // self.num_kv_heads
@@ -236,16 +256,19 @@ class Attention(nnx.Module):
         q = apply_rope(heads(self.q_proj(x), self.num_heads, HEADS), rope)
         k = apply_rope(heads(self.k_proj(x), self.num_kv_heads, KV_HEADS), rope)
         v = heads(self.v_proj(x), self.num_kv_heads, KV_HEADS)
+        k_scale = v_scale = None
         if kv is None:
             keys, values = stored = k, v
         else:
-            k_cache, v_cache, index, layer = kv
-            (k_cache, keys), (v_cache, values) = (write_cache(c, new, index, layer)
-                                                  for c, new in ((k_cache, k), (v_cache, v)))
-            stored = k_cache, v_cache
+            (k_cache, v_cache, ks_cache, vs_cache), index, layer, window = kv
+            k_cache, ks_cache, keys, k_scale = write_cache(k_cache, ks_cache, k, index, layer, window)
+            v_cache, vs_cache, values, v_scale = write_cache(v_cache, vs_cache, v, index, layer, window)
+            stored = k_cache, v_cache, ks_cache, vs_cache
         q = constrain(q.reshape(b, t, self.num_kv_heads, g, self.head_dim), (BATCH, LENGTH, KV_HEADS, None, None))
-        scores = self._masked(jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(q.dtype),
-                                         preferred_element_type=jnp.float32), mask)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
+        if k_scale is not None:  # int8 keys: q . (codes * scale) = (q . codes) * scale, one scale per slot and head
+            scores = scores * jnp.transpose(k_scale, (0, 2, 3, 1))[:, :, :, None, :]
+        scores = self._masked(scores, mask)
         if prefix is not None:  # one copy of a group's prefix keys serves each of its rows
             pk, pv, p_mask = prefix
             groups, n = pk.shape[:2]
@@ -254,13 +277,14 @@ class Attention(nnx.Module):
                                   preferred_element_type=jnp.float32)
             scores = jnp.concatenate([self._masked(p_scores.reshape(b, *scores.shape[1:-1], n), p_mask), scores],
                                      axis=-1)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        probs = jax.nn.softmax(scores, axis=-1)
+        own = probs[..., n:] if prefix is not None else probs
+        if v_scale is not None:  # int8 values: sum_s p_s (codes_s * scale_s) = sum_s (p_s * scale_s) codes_s
+            own = own * jnp.transpose(v_scale, (0, 2, 3, 1))[:, :, :, None, :]
+        out = jnp.einsum("bkgts,bskd->btkgd", own.astype(q.dtype), values.astype(q.dtype))
         if prefix is not None:
-            out = jnp.einsum("grkhts,gskd->grtkhd", grouped(probs[..., :n]), pv.astype(q.dtype)).reshape(
-                b, t, self.num_kv_heads, g, self.head_dim)
-            out += jnp.einsum("bkgts,bskd->btkgd", probs[..., n:], values.astype(q.dtype))
-        else:
-            out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(q.dtype))
+            out += jnp.einsum("grkhts,gskd->grtkhd", grouped(probs[..., :n].astype(q.dtype)),
+                              pv.astype(q.dtype)).reshape(b, t, self.num_kv_heads, g, self.head_dim)
         out = constrain(out.reshape(b, t, self.num_heads * self.head_dim), (BATCH, LENGTH, HEADS))
         return self.o_proj(out), stored
 
@@ -273,16 +297,38 @@ class Attention(nnx.Module):
 CACHE_LAYER = (BATCH, LENGTH, KV_HEADS, None)
 
 
-def write_cache(cache, new, index, layer=None):
-    """(updated cache, this layer's keys or values [B, S, KV_HEADS, D]): `new` [B, T, KV_HEADS, D] written at slot
-    `index` of a layer's cache, or of layer `layer` of a stacked cache. Only the T new slots are written: inside
-    the decode loop the cache is a loop carry, updated in place."""
-    new = new.astype(cache.dtype)
-    if layer is None:
-        cache = constrain(jax.lax.dynamic_update_slice(cache, new, (0, index, 0, 0)), CACHE_LAYER)
-        return cache, cache
-    cache = constrain(jax.lax.dynamic_update_slice(cache, new[None], (layer, 0, index, 0, 0)), (LAYERS, *CACHE_LAYER))
-    return cache, constrain(jax.lax.dynamic_index_in_dim(cache, layer, keepdims=False), CACHE_LAYER)
+def quantize_kv(x):
+    """(int8 codes, float32 scales [..., 1]) of keys or values x [..., D]: symmetric, one scale per slot and head
+    (its largest |x| / 127), so x ~ codes * scale."""
+    x = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127.0
+    scale = jnp.where(scale > 0, scale, 1.0)
+    return jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8), scale
+
+
+def write_cache(cache, scale, new, index, layer=None, window=None):
+    """`new` [B, T, KV_HEADS, D] written at slot `index` of a layer's cache, or of layer `layer` of a stacked cache
+    (with `scale` not None, as int8 codes and their scales); returns (cache, scale, this layer's first `window`
+    slots [B, W, KV_HEADS, D] and their scales or None). window None: all S slots. Only the T new slots are
+    written and only the window is read: inside the decode loop the cache is a loop carry, updated in place, and
+    the slots past what was written are not read."""
+    new_scale = None
+    if scale is not None:
+        new, new_scale = quantize_kv(new)
+    arrays = [(cache, new.astype(cache.dtype))] + ([] if scale is None else [(scale, new_scale)])
+    out = []
+    for full, part in arrays:
+        if layer is None:
+            full = constrain(jax.lax.dynamic_update_slice(full, part, (0, index, 0, 0)), CACHE_LAYER)
+            read = full if window is None else full[:, :window]
+        else:
+            full = constrain(jax.lax.dynamic_update_slice(full, part[None], (layer, 0, index, 0, 0)),
+                             (LAYERS, *CACHE_LAYER))
+            size = (1, *full.shape[1:2], window or full.shape[2], *full.shape[3:])
+            read = jax.lax.dynamic_slice(full, (layer, 0, 0, 0, 0), size)[0]
+        out.append((full, constrain(read, CACHE_LAYER)))
+    (cache, keys), (scale, scales) = out[0], out[1] if scale is not None else (None, None)
+    return cache, scale, keys, scales
 
 
 class MLP(nnx.Module):
@@ -326,7 +372,7 @@ class Llama(nnx.Module):
             cfg.hidden_size, cfg.vocab_size, (EMBED, VOCAB), bias=False, cfg=cfg, rngs=rngs)
 
     def __call__(self, input_ids, positions=None, segment_ids=None, attention_mask=None, cache=None,
-                 last_only=False, remat=False, at=None):
+                 last_only=False, remat=False, at=None, window=None):
         """Logits for `input_ids` [B, T].
 
         positions: [B, T] RoPE positions; default: 0.. for each row, or from `attention_mask`
@@ -338,6 +384,8 @@ class Llama(nnx.Module):
         at: [B, K] int, compute logits only at these columns of each row, shape [B, K, vocab] (training: the
           positions that carry loss; the final norm and the vocabulary matmul skip the rest).
         remat: recompute each layer's activations in the backward pass instead of storing them.
+        window: with a cache, attention reads only its first `window` slots (a static int; None: all of them): the
+          caller's promise that no later slot holds a token, this call's included (the decode loop's segments).
         The layers run as a python loop, or, when they are stored stacked (ModelConfig.scan_layers), as one
         `lax.scan`: the same outputs, with one compiled layer instead of all of them.
         """
@@ -354,19 +402,20 @@ class Llama(nnx.Module):
         x = constrain(jnp.take(table, input_ids, axis=0).astype(cfg.dtype), ROWS)
         rope = tuple(constrain(r, (BATCH, LENGTH, None, None))
                      for r in rope_tables(positions, rope_inv_freq(cfg), x.dtype))
-        window = cfg.sliding_window
         if cache is None:
             k_pos, k_seg = positions, segment_ids
         else:
             k_pos = jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32), (0, cache.index))
             k_seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
                                                  (0, cache.index))
-        mask = constrain(make_mask(positions, segment_ids, k_pos, k_seg, window), (BATCH, LENGTH, None))
+        read = slice(None, window)
+        mask = constrain(make_mask(positions, segment_ids, k_pos[:, read], k_seg[:, read], cfg.sliding_window),
+                         (BATCH, LENGTH, None))
         shared = None if cache is None else cache.prefix
         p_mask = None if shared is None else make_mask(positions, segment_ids, shared.per_row(shared.positions, b),
-                                                       shared.per_row(shared.segment_ids, b), window)
+                                                       shared.per_row(shared.segment_ids, b), cfg.sliding_window)
         run = self._scanned_layers if cfg.scan_layers else self._layer_loop
-        x, new_k, new_v = run(x, rope, mask, cache, p_mask, remat)
+        x, caches = run(x, rope, mask, cache, p_mask, remat, window)
         if last_only:
             x = x[:, -1:]
         elif at is not None:
@@ -380,48 +429,53 @@ class Llama(nnx.Module):
         logits = logits.astype(jnp.float32)
         if cache is None:
             return logits
-        return logits, KVCache(k=new_k, v=new_v, positions=k_pos, segment_ids=k_seg,
-                               index=cache.index + t, prefix=cache.prefix)
+        k, v, k_scale, v_scale = caches
+        return logits, KVCache(k=k, v=v, positions=k_pos, segment_ids=k_seg, index=cache.index + t,
+                               prefix=cache.prefix, k_scale=k_scale, v_scale=v_scale)
 
-    def _layer_loop(self, x, rope, mask, cache, p_mask, remat):
-        """The layers one after another: (x, the caches' new keys, values: per-layer tuples, or None)."""
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            if cache is None:
+    def _layer_loop(self, x, rope, mask, cache, p_mask, remat, window):
+        """The layers one after another: (x, the caches' new (k, v, k_scale, v_scale): per-layer tuples, the
+        scales None unless int8; None without a cache)."""
+        if cache is None:
+            for layer in self.layers:
                 run = nnx.remat(lambda lyr, h, r, m: lyr(h, r, m)) if remat else lambda lyr, h, r, m: lyr(h, r, m)
                 x, _ = run(layer, x, rope, mask)
-                continue
+            return x, None
+        new = []
+        for i, layer in enumerate(self.layers):
             shared = cache.prefix
             prefix = None if shared is None else (shared.k[i], shared.v[i], p_mask)
-            x, (k, v) = layer(x, rope, mask, (cache.k[i], cache.v[i], cache.index, None), prefix)
-            new_k.append(k)
-            new_v.append(v)
-        return x, tuple(new_k), tuple(new_v)
+            scales = (None, None) if not cache.quantized else (cache.k_scale[i], cache.v_scale[i])
+            x, stored = layer(x, rope, mask, ((cache.k[i], cache.v[i], *scales), cache.index, None, window), prefix)
+            new.append(stored)
+        k, v, k_scale, v_scale = (tuple(c) for c in zip(*new))
+        return x, (k, v, *((k_scale, v_scale) if cache.quantized else (None, None)))
 
-    def _scanned_layers(self, x, rope, mask, cache, p_mask, remat):
-        """The stacked layers as one `lax.scan` over their parameters: (x, the stacked caches' new keys, values,
-        or None). The caches ride in the scan's carry, so each layer writes only its new slots, in place; a
-        shared prefix's stacked keys and values are scanned over with the parameters."""
+    def _scanned_layers(self, x, rope, mask, cache, p_mask, remat, window):
+        """The stacked layers as one `lax.scan` over their parameters: (x, the stacked caches' new (k, v, k_scale,
+        v_scale), or None). The caches ride in the scan's carry, so each layer writes only its new slots, in place;
+        a shared prefix's stacked keys and values are scanned over with the parameters."""
         graphdef, state = nnx.split(self.layers)
         if cache is None:
             def body(h, params):
                 return nnx.merge(graphdef, params)(h, rope, mask)[0], None
 
             x, _ = jax.lax.scan(jax.checkpoint(body) if remat else body, x, state)
-            return x, None, None
+            return x, None
         shared = cache.prefix
         prefixes = None if shared is None else (shared.k, shared.v)
 
         def body(carry, xs):
-            h, k_all, v_all = carry
+            h, caches = carry
             params, layer, prefix_kv = xs
             prefix = None if prefix_kv is None else (*prefix_kv, p_mask)
-            h, (k_all, v_all) = nnx.merge(graphdef, params)(h, rope, mask, (k_all, v_all, cache.index, layer), prefix)
-            return (h, k_all, v_all), None
+            h, caches = nnx.merge(graphdef, params)(h, rope, mask, (caches, cache.index, layer, window), prefix)
+            return (h, caches), None
 
         layers = jnp.arange(self.config.num_layers, dtype=jnp.int32)
-        (x, k, v), _ = jax.lax.scan(body, (x, cache.k, cache.v), (state, layers, prefixes))
-        return x, k, v
+        caches = (cache.k, cache.v, cache.k_scale, cache.v_scale)
+        (x, caches), _ = jax.lax.scan(body, (x, caches), (state, layers, prefixes))
+        return x, caches
 
 
 def stack_layers(layers) -> DecoderLayer:

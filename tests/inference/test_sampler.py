@@ -99,16 +99,63 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
              "How do I reverse a list in Python?"]
 
 
+# 24 new tokens in decode segments of 8 slots: after a 64-slot prompt bucket, windows of 72, 80 and 88 slots
+SEGMENTED = SamplingConfig(max_new_tokens=24, batch_size=4, decode_segment=8)
+
+
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["loop", "scanned"])
 def test_greedy_matches_transformers_generate(tiny_hf, scan_layers):
     """Greedy tokens equal transformers', with the layers as a loop or as one scan over stacked weights and a
-    stacked KV cache (the shared prefix's too)."""
+    stacked KV cache (the shared prefix's too), decoding in segments that each read only the slots written."""
     kind, path, hf = tiny_hf
     model, _ = models.load(path, progress=False, scan_layers=scan_layers)
     rows = prompts_with_shared_prefix(hf.config.vocab_size) + [[5, 6, 7]]
-    ours = sampler.generate_tokens(model, rows, SamplingConfig(max_new_tokens=24, batch_size=4), (EOS,))
+    ours = sampler.generate_tokens(model, rows, SEGMENTED, (EOS,))
     for row, got in zip(rows, ours):
         assert got == hf_greedy(hf, row, 24)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["loop", "scanned"])
+def test_a_decode_window_one_slot_short_breaks_parity(tiny_llama, monkeypatch, scan_layers):
+    """Each segment's window is what attention reads, and all of it is needed. At the end of every segment the
+    next-token logits equal transformers' for the same tokens; with each window one slot short (the slot the
+    segment's last step writes: that token's own key) they do not."""
+    import torch
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    model, _ = models.load(tiny_llama, progress=False, scan_layers=scan_layers)
+    rows = prompts_with_shared_prefix(hf.config.vocab_size) + [[5, 6, 7]]
+    decode = sampler.decode
+
+    def segment_ends(short: int):
+        """(window, step, next-token logits [B, vocab]) at the end of each decode call, and the tokens."""
+        ends = []
+
+        def spy(*args):
+            ds = decode(*args[:-1], args[-1] - short)
+            ends.append((args[-1], int(ds.step), np.asarray(ds.logits)))
+            return ds
+
+        monkeypatch.setattr(sampler, "decode", spy)
+        return ends, sampler.generate_tokens(model, rows, SEGMENTED, (EOS,))
+
+    def gap(ends, tokens):
+        """The largest difference from transformers' logits over the rows still going at each segment's end."""
+        worst = 0.0
+        for _, step, logits in ends[:-1]:  # the last segment's final logits are never drawn from
+            for i, (row, new) in enumerate(zip(rows, tokens)):
+                if len(new) >= step:
+                    with torch.no_grad():
+                        ref = hf(torch.as_tensor([row + new[:step]])).logits[0, -1].numpy()
+                    worst = max(worst, float(np.abs(ref - logits[i]).max()))
+        return worst
+
+    ends, tokens = segment_ends(0)
+    assert [w for w, _, _ in ends] == [72, 80, 88] and [s for _, s, _ in ends] == [8, 16, 24]
+    assert gap(ends, tokens) < 1e-4
+    short, tokens = segment_ends(1)
+    assert gap(short, tokens) > 1e-2
 
 
 @pytest.mark.parametrize("batch_size", [3, 2])  # 2: the prompts decode as two groups, the second padded
@@ -122,7 +169,8 @@ def test_continuing_rows_in_their_kv_cache_equals_sampling_after_their_new_heads
     model, tok = models.load(tiny_chat, progress=False)
     stops = engine.stop_ids(tok, model)
     prompts = ["The cat sat on", "Write three words about the sea and the", "Hello"]
-    config = SamplingConfig(max_new_tokens=12, batch_size=batch_size, temperature=0.0)
+    # segments of 8 slots: the continued rows' tails and their second pass cross windows too
+    config = SamplingConfig(max_new_tokens=12, batch_size=batch_size, temperature=0.0, decode_segment=8)
     first = sampler.generate(model, tok, prompts, config, progress=False)
     tokens = sampler.generate_tokens(model, [tok(p)["input_ids"] for p in prompts], config, stops, tokenizer=tok)
     assert len(set(first)) == 3, first  # the heads below tell the rows apart by their text
@@ -215,7 +263,7 @@ def test_smollm2_greedy_equals_transformers_generate(smollm2, smollm2_hf):
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
                for q in QUESTIONS]
     ours = sampler.generate(model, tok, prompts, max_new_tokens=48, batch_size=8, add_special_tokens=False,
-                            progress=False)
+                            progress=False, decode_segment=16)
     for prompt, got in zip(prompts, ours):
         ids = tok(prompt, add_special_tokens=False, return_tensors="pt")
         with torch.no_grad():
