@@ -142,3 +142,55 @@ def test_mesh_and_batch_that_do_not_divide_are_refused(tiny_llama):
         sharding.make_mesh((2, 1, 1))
     with pytest.raises(UserError, match="the batch size = 3 is not divisible by the mesh.s data x fsdp"):
         engine.Batcher(types.SimpleNamespace(shape={"data": 2, "fsdp": 1, "tensor": 1}), 3)
+
+
+def test_int8_codes_are_within_half_a_step_of_the_keys_and_the_largest_is_127():
+    from soft_jax.models.llama import quantize_kv
+
+    x = jax.random.normal(jax.random.key(0), (3, 5, 2, 16)) * jnp.array([0.01, 1.0, 30.0])[:, None, None, None]
+    x = x.at[0, 0, 0].set(0.0)  # an all-zero head: scale 1, codes 0
+    codes, scale = quantize_kv(x)
+    assert codes.dtype == jnp.int8 and scale.shape == (3, 5, 2, 1)
+    err = np.abs(np.asarray(codes, np.float32) * np.asarray(scale) - np.asarray(x))
+    assert (err <= np.asarray(scale) / 2 * (1 + 1e-6)).all()
+    assert (np.abs(np.asarray(codes)).max(-1)[1:] == 127).all() and (np.asarray(codes)[0, 0, 0] == 0).all()
+
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["loop", "scanned"])
+def test_attention_over_an_int8_cache_equals_attention_over_its_dequantized_keys_and_values(tiny_llama,
+                                                                                           scan_layers):
+    """A decode step over an int8 cache (scales applied to the scores and the probabilities) gives the logits of
+    the same step over a float cache holding codes x scales. The float step's own key, written unquantized one
+    slot further, is left out of its window: both read the same quantized slots, the step's own included."""
+    model, _ = models.load(tiny_llama, progress=False, scan_layers=scan_layers)
+    ids = jnp.asarray([[5, 9, 17, 33, 4, 8], [7, 7, 21, 40, 11, 3]])
+    cache = models.KVCache.init(model.config, 2, 8, "int8")
+    _, cache = model(ids, cache=cache)
+    step, position = jnp.asarray([[12], [13]]), jnp.asarray([[6], [6]])
+    got, after = model(step, positions=position, cache=cache)
+    assert after.k[0].dtype == jnp.int8 and int(after.index) == 7
+    deq = lambda codes, scales: jax.tree.map(lambda c, s: c.astype(jnp.float32) * s, codes, scales)
+    plain = after.replace(k=deq(after.k, after.k_scale), v=deq(after.v, after.v_scale), k_scale=None, v_scale=None)
+    want, _ = model(step, positions=position, cache=plain, window=7)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
+
+
+def test_the_sampler_decodes_over_an_int8_cache_with_kv_dtype_int8(tiny_llama, monkeypatch):
+    model, _ = models.load(tiny_llama, progress=False)
+    rows = [[5, 9, 17, 33], [7, 21, 40]]
+    seen, decode = [], sampler.decode
+
+    def spy(*args):
+        seen.append(jax.tree.leaves(args[3].cache.k)[0].dtype)
+        return decode(*args)
+
+    monkeypatch.setattr(sampler, "decode", spy)
+    for kv in ("model", "int8"):
+        out = sampler.generate_tokens(model, rows, SamplingConfig(max_new_tokens=20, kv_dtype=kv, decode_segment=8),
+                                      (-1,))
+        assert [len(r) for r in out] == [20, 20]
+    assert seen == [jnp.float32] * 3 + [jnp.int8] * 3  # windows of 24, 32, 40 slots after a 16-slot bucket
+    from soft_jax.core.errors import UserError
+
+    with pytest.raises(UserError, match="kv_dtype"):
+        SamplingConfig(kv_dtype="fp8")
