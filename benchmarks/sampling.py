@@ -15,6 +15,11 @@ lengths (unpadded range, and the bucket they are left-padded to).
 
     python benchmarks/sampling.py [--new-tokens 64] [--batch 16] [--prefix-tokens 1000]
     python benchmarks/sampling.py --skip-hf --exemplars [--k 2 3] [--repeats 3]
+    python benchmarks/sampling.py --windows 256 512 [--segments 0 128] [--batch 16] [--repeats 3] [--skip-hf]
+
+With --windows, only that: decode reading the cache slots written so far (sampling.decode_segment) against the
+whole cache (0), each with the model's dtype and int8, on a batch of shipped self-align prompts; then
+transformers `generate` on the same rows.
 """
 
 import argparse
@@ -149,6 +154,68 @@ def exemplar_granularity(model, tok, batch, ks, new_tokens, repeats):
         print(f"k={k} ratio per prompt / per batch: {speed['per prompt'] / speed['per batch']:.2f}")
 
 
+def time_hf_rows(rows, new_tokens, tok):
+    """transformers `generate` on token rows (left-padded), the same sampling settings: tokens/s."""
+    import torch
+    import transformers
+
+    path = smollm2_path()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                           dtype=torch.float32).eval()
+    width = max(map(len, rows))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True, temperature=0.7, top_p=0.95,
+              pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        hf.generate(input_ids=ids[:2], attention_mask=mask[:2], **dict(kw, max_new_tokens=4, min_new_tokens=4))
+        start = time.perf_counter()
+        out = hf.generate(input_ids=ids, attention_mask=mask, **kw)
+        seconds = time.perf_counter() - start
+    assert out.shape[1] - width == new_tokens
+    return len(rows) * new_tokens / seconds
+
+
+def decode_windows(model, tok, batch, news, segments, repeats, skip_hf):
+    """Decode reading only the cache slots written (sampling.decode_segment) against reading the whole cache
+    (decode_segment 0), and int8 against the model's dtype: a round's batch of shipped self-align prompts with one
+    exemplar draw (its principles + exemplars a shared prefix, each row's question its own part), every case
+    compiled first, then timed alternately, median of `repeats`; transformers `generate` on the same rows once."""
+    import dataclasses
+
+    rows = self_align_rows(tok, batch, 2, per_prompt=False)
+    shared = engine.shared_len(rows, True)
+    own = engine.bucket(max(len(r) for r in rows) - shared)
+    for new in news:
+        base = _gen_config(rows, new)
+        cases = {f"decode_segment={seg}, kv {kv}": dataclasses.replace(base, decode_segment=seg, kv_dtype=kv)
+                 for seg in segments for kv in ("model", "int8")}
+        print(f"\n{len(rows)} shipped self-align prompts, shared prefix {shared} tokens, own part bucket {own}; "
+              f"{new} new tokens each; median of {repeats} (alternating)")
+        for config in cases.values():
+            sampler.generate_tokens(model, rows, config, NEVER)  # compile every window's program
+        times = {name: [] for name in cases}
+        for i in range(repeats):
+            for name, config in cases.items():
+                start = time.perf_counter()
+                out = sampler.generate_tokens(model, rows, config, NEVER, rng=jax.random.key(1 + i))
+                times[name].append(time.perf_counter() - start)
+                assert all(len(r) == new for r in out)
+        speed = {name: len(rows) * new / float(np.median(t)) for name, t in times.items()}
+        slots = own + new
+        for name, config in cases.items():
+            window = engine.mean_window(own, new, slots, config.decode_segment)
+            print(f"{name:32s} {speed[name]:8.1f} tokens/s  mean window {window:5.0f} of {slots} slots  "
+                  f"(runs {', '.join(f'{t:.2f}' for t in times[name])} s)")
+        first = next(iter(speed))
+        for name in list(speed)[1:]:
+            print(f"ratio {name} / {first}: {speed[name] / speed[first]:.2f}x")
+        if not skip_hf:
+            ref = time_hf_rows(rows, new, tok)
+            print(f"transformers generate            {ref:8.1f} tokens/s; ratio each / transformers: "
+                  + ", ".join(f"{speed[n] / ref:.2f}x" for n in speed))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -158,7 +225,15 @@ def main():
     parser.add_argument("--exemplars", action="store_true", help="also time per-batch vs per-prompt exemplars")
     parser.add_argument("--k", type=int, nargs="+", default=[2, 3])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--windows", type=int, nargs="*", default=None, metavar="NEW_TOKENS",
+                        help="only time decode windows and int8 at these new-token counts (e.g. 256 512)")
+    parser.add_argument("--segments", type=int, nargs="+", default=[0, 128])
     args = parser.parse_args()
+    if args.windows:
+        model, tok = models.load("smollm2-135m", progress=False)
+        print(f"device: {jax.devices()[0].device_kind}; float32")
+        decode_windows(model, tok, args.batch, args.windows, args.segments, args.repeats, args.skip_hf)
+        return
 
     model, tok = models.load("smollm2-135m", progress=False)
     prompts = soft_prompts(args.batch, args.prefix_tokens, tok)

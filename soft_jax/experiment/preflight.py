@@ -88,7 +88,8 @@ def run_shapes(config: RunConfig, prompt_tokens: int, prefix_tokens: int) -> Sha
                   score_context=engine.bucket(t.max_prompt_len, "cache"),
                   score_len=engine.bucket(t.max_response_len, "length"), keep_base=config.rounds > 1,
                   prefix_groups=s.group_batches,
-                  extra_slots=sampler.TAIL_SLOTS + s.max_new_tokens if s.force_answer else 0)
+                  extra_slots=sampler.TAIL_SLOTS + s.max_new_tokens if s.force_answer else 0,
+                  kv_dtype=s.kv_dtype, decode_segment=s.decode_segment)
 
 
 def prepare(config: RunConfig, devices: Sequence, device_bytes: int | None = None, *, compile: bool = True,

@@ -57,6 +57,8 @@ class Shapes:
     keep_base: bool
     prefix_groups: int = 1  # shared prefixes in a sampling batch (sampling.group_batches)
     extra_slots: int = 0  # cache slots past the sampled tokens (a forced answer's marker and answer)
+    kv_dtype: str = "model"  # sampling.kv_dtype: the sampling cache's storage ("model" | "int8")
+    decode_segment: int = 0  # sampling.decode_segment: decode's window step (0: every step reads the whole cache)
 
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -142,7 +144,8 @@ def _layer_activations(cfg: ModelConfig, rows: int, q_len: int, k_len: int, tp: 
 def estimate(model_cfg: ModelConfig, *, mesh_shape: Mapping[str, int] | Sequence[int], train_batch: int,
              train_seq: int, grad_accum: int = 1, remat: bool = False, sample_batch: int, sample_len: int,
              sample_new: int = 0, sample_prefix: int = 0, sample_groups: int = 1, sample_extra: int = 0,
-             keep_base: bool = False, optimizer_dtype: str | None = None) -> dict[str, int]:
+             keep_base: bool = False, optimizer_dtype: str | None = None, kv_dtype: str = "model"
+             ) -> dict[str, int]:
     """Bytes per device of each part of a round, and the total of each phase.
 
     train_batch rows of train_seq tokens per optimizer step, in grad_accum micro-batches.
@@ -153,6 +156,8 @@ def estimate(model_cfg: ModelConfig, *, mesh_shape: Mapping[str, int] | Sequence
     sample_extra: cache slots past the sampled tokens (a forced answer's marker and answer).
     keep_base: the base model stays in memory beside the current one (the round loop, from round 2 on).
     optimizer_dtype: dtype of Adam's moments; None = the parameters' dtype (what soft_jax.training does).
+    kv_dtype: the own rows' cache storage: "model" (the compute dtype) or "int8" (a byte per value and a float32
+    scale per slot and head; the shared prefixes stay in the compute dtype).
 
     Keys: params (one copy), optimizer, gradients, activations, logits, weights_transient, kv_cache,
     prefill, param_copies_train, param_copies_generate, train_total, generate_total, micro_rows and
@@ -195,9 +200,10 @@ def estimate(model_cfg: ModelConfig, *, mesh_shape: Mapping[str, int] | Sequence
     sample_rows = _div(sample_batch, dp)
     own_slots = sample_len - sample_prefix + sample_extra
     per_token = 2 * layers * _div(cfg.num_kv_heads, tp) * cfg.head_dim * cb
+    own_per_token = per_token if kv_dtype != "int8" else 2 * layers * _div(cfg.num_kv_heads, tp) * (cfg.head_dim + 4)
     # the groups' prefixes split over data x fsdp like rows when those divide them, else replicated
     prefix_groups = sample_groups // dp if sample_groups % dp == 0 else sample_groups
-    kv_cache = (sample_rows * own_slots + prefix_groups * sample_prefix) * (per_token + 2 * 4)
+    kv_cache = sample_rows * own_slots * (own_per_token + 2 * 4) + prefix_groups * sample_prefix * (per_token + 2 * 4)
     prompt = sample_len - sample_prefix - sample_new if sample_new else own_slots
     # the own prompt attends to its cache slots and to the shared prefix
     own_pass = _layer_activations(cfg, sample_rows, max(prompt, 1), own_slots + sample_prefix, tp, cb,
@@ -225,7 +231,7 @@ def for_shapes(model_cfg: ModelConfig, shapes: Shapes, mesh_shape: Mapping[str, 
                     grad_accum=s.grad_accum, remat=s.remat, sample_batch=s.sample_rows,
                     sample_len=s.prefix_len + s.own_len + s.new_tokens, sample_new=s.new_tokens,
                     sample_prefix=s.prefix_len, sample_groups=s.prefix_groups, sample_extra=s.extra_slots,
-                    keep_base=s.keep_base)
+                    keep_base=s.keep_base, kv_dtype=s.kv_dtype)
 
 
 def device_memory() -> int | None:

@@ -98,8 +98,10 @@ def _replicated(mesh, shape, dtype):
     return _sds(shape, dtype, NamedSharding(mesh, PartitionSpec()))
 
 
-def abstract_cache(cfg: ModelConfig, mesh, rows: int, length: int, prefix_len: int = 0, groups: int = 1) -> KVCache:
-    """A KVCache of ShapeDtypeStructs on the shardings sampling puts caches on (`groups` shared prefixes)."""
+def abstract_cache(cfg: ModelConfig, mesh, rows: int, length: int, prefix_len: int = 0, groups: int = 1,
+                   kv_dtype: str = "model") -> KVCache:
+    """A KVCache of ShapeDtypeStructs on the shardings sampling puts caches on (`groups` shared prefixes; the rows'
+    own slots stored as kv_dtype, the prefixes in the compute dtype)."""
     def place(x):
         return _sds(x.shape, x.dtype, shd.cache_sharding(x.shape, mesh))
 
@@ -108,7 +110,7 @@ def abstract_cache(cfg: ModelConfig, mesh, rows: int, length: int, prefix_len: i
         one = jax.eval_shape(lambda: KVCache.init(cfg, groups, prefix_len))
         shared = jax.tree.map(place, SharedPrefix(k=one.k, v=one.v, positions=one.positions,
                                                   segment_ids=one.segment_ids))
-    cache = jax.eval_shape(lambda: KVCache.init(cfg, rows, length))
+    cache = jax.eval_shape(lambda: KVCache.init(cfg, rows, length, kv_dtype))
     return jax.tree.map(place, cache).replace(prefix=shared)
 
 
@@ -173,11 +175,12 @@ def _lowerings(cfg: ModelConfig, shapes: Shapes, mesh, train_config: training.Tr
 
     def prefill():
         ids = _rows(gmesh, (rows, own), i32)
-        cache = abstract_cache(cfg, gmesh, rows, slots, shapes.prefix_len, groups)
-        return engine.prefill.lower(graphdef, gmesh, gparams, ids, ids, ids, cache)
+        cache = abstract_cache(cfg, gmesh, rows, slots, shapes.prefix_len, groups, shapes.kv_dtype)
+        return engine.prefill.lower(graphdef, gmesh, gparams, ids, ids, ids, cache,
+                                    own if shapes.decode_segment else None)
 
-    def decode():
-        cache = abstract_cache(cfg, gmesh, rows, slots, shapes.prefix_len, groups)
+    def decode():  # the last segment's window, the widest: the whole cache
+        cache = abstract_cache(cfg, gmesh, rows, slots, shapes.prefix_len, groups, shapes.kv_dtype)
         key = jax.eval_shape(lambda: jax.random.key(0))
         ds = engine.DecodeState(step=_replicated(gmesh, (), i32), cache=cache,
                                 logits=_rows(gmesh, (rows, cfg.vocab_size), f32),
@@ -363,7 +366,7 @@ class DecodeBound:
     cache), compute and receive (the compiled program's collectives), against the chip's published limits."""
 
     weights_read: int  # bytes per step: the weights each chip multiplies by (its tensor shard, whole over fsdp)
-    cache_read: int  # bytes per step: the chip's KV cache
+    cache_read: int  # bytes per step: the chip's KV cache, the mean decode window of it (engine.mean_window)
     flops: float  # per step per chip
     collectives: float  # bytes per step per chip: in the loop, plus what is moved once per call over its steps
     step_s: float
@@ -371,6 +374,7 @@ class DecodeBound:
     tokens_per_s_per_chip: float
     reshard_s: float | None  # moving the weights into the generation layout, once per phase (None: same mesh)
     note: str = ""
+    cache_held: int = 0  # bytes: the chip's whole KV cache (what it holds; cache_read is what a step reads)
 
 
 def decode_bound(cfg: ModelConfig, shapes: Shapes, gen_mesh, chip, traffic_: hlo.Traffic | None = None,
@@ -385,11 +389,16 @@ def decode_bound(cfg: ModelConfig, shapes: Shapes, gen_mesh, chip, traffic_: hlo
     total = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(copy))
     weights = total / tensor
     slots = shapes.own_len + shapes.new_tokens + shapes.extra_slots
-    cache = shard_bytes(abstract_cache(cfg, gen_mesh, shapes.sample_rows, slots, shapes.prefix_len,
-                                       shapes.prefix_groups))
+    whole = abstract_cache(cfg, gen_mesh, shapes.sample_rows, slots, shapes.prefix_len, shapes.prefix_groups,
+                           shapes.kv_dtype)
+    # a step reads the shared prefixes whole and the rows' own slots up to its segment's window: on average over
+    # the loop, the mean window (the first pass's: a forced answer's second pass reads more, and is not counted)
+    window = engine.mean_window(shapes.own_len, shapes.new_tokens, slots, shapes.decode_segment)
+    prefix = shard_bytes(whole.prefix) if whole.prefix is not None else 0
+    cache = prefix + int((shard_bytes(whole) - prefix) * window / slots)
     rows = shapes.sample_rows / replicas if shapes.sample_rows % replicas == 0 else shapes.sample_rows
     matmul = cfg.num_params - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
-    attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * (slots + shapes.prefix_len)
+    attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * (window + shapes.prefix_len)
     flops = rows * (2 * matmul + attention) / tensor
     moved = 0.0 if traffic_ is None else traffic_.per_step + traffic_.per_call / max(shapes.new_tokens, 1)
     times = {"HBM": (weights + cache) / chip.hbm_bandwidth, "FLOP/s": flops / chip.peak_bf16_flops}
@@ -407,7 +416,7 @@ def decode_bound(cfg: ModelConfig, shapes: Shapes, gen_mesh, chip, traffic_: hlo
         held = param_bytes(state, train_mesh)  # already on the chip before the move (at best all of it useful)
         reshard = max(param_bytes(copy, gen_mesh) - held, 0) / chip.interconnect_bandwidth
     return DecodeBound(int(weights), cache, flops, moved, step, limited_by, shapes.sample_rows / step / n, reshard,
-                       note)
+                       note, cache_held=shard_bytes(whole))
 
 
 def propose_generation_mesh(cfg: ModelConfig, shapes: Shapes, devices, chip, device_bytes: int | None,
@@ -423,7 +432,7 @@ def propose_generation_mesh(cfg: ModelConfig, shapes: Shapes, devices, chip, dev
             continue
         mesh = shd.make_mesh(shape, devices)
         bound = decode_bound(cfg, shapes, mesh, chip, train_mesh=train_mesh)
-        need = param_bytes(copy, mesh) + bound.cache_read + resident
+        need = param_bytes(copy, mesh) + bound.cache_held + resident
         if device_bytes is None or need <= device_bytes:
             out.append((shape, bound, need))
     return sorted(out, key=lambda x: -x[1].tokens_per_s_per_chip)

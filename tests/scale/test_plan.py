@@ -229,6 +229,34 @@ def test_decode_bound_is_what_a_step_must_read_compute_and_receive():
     np.testing.assert_allclose(b.step_s, b.collectives / 1e6)
 
 
+def test_decode_bound_reads_the_mean_window_and_int8_codes():
+    """With decode segments of 8 slots the 16 steps after a 32-slot prompt read windows of 40 (8 steps) and 48
+    slots (8 steps): 44 of the cache's 48 own slots on average, and the shared prefix whole. With an int8 cache
+    a slot's key or value is a byte per channel and a float32 scale per head; the prefix stays float32. What the
+    chip holds is the whole cache."""
+    import dataclasses
+    import math
+
+    import jax
+    from helpers import CFG, SHAPES
+
+    from soft_jax.parallel import sharding as shd
+    from soft_jax.parallel import topology
+    from soft_jax.scale import plan
+
+    chip = topology.Chip("test chip", peak_bf16_flops=1e12, hbm_bandwidth=1e9, interconnect_bandwidth=1e6, source="-")
+    mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
+    kv = 2 * CFG.num_layers * CFG.num_kv_heads
+    prefix = (kv * CFG.head_dim * 4 + 2 * 4) * SHAPES.prefix_groups * SHAPES.prefix_len
+    for kv_dtype, per_slot in (("model", kv * CFG.head_dim * 4 + 2 * 4), ("int8", kv * (CFG.head_dim + 4) + 2 * 4)):
+        shapes = dataclasses.replace(SHAPES, decode_segment=8, kv_dtype=kv_dtype)
+        b = plan.decode_bound(CFG, shapes, mesh, chip)
+        own = per_slot * SHAPES.sample_rows * 48 + 4
+        assert b.cache_held == prefix + own
+        assert b.cache_read == prefix + math.floor(own * 44 / 48), kv_dtype
+    assert plan.engine.mean_window(32, 16, 48, 8) == 44 and plan.engine.mean_window(32, 16, 48, 0) == 48
+
+
 def test_a_generation_copy_in_the_compute_dtype_computes_the_same():
     """float32 master weights, bfloat16 compute: the generation mesh's copy is stored in bfloat16 (half the
     memory and the bytes read per step) and gives the same tokens and the same scores, bit for bit, because the
