@@ -157,6 +157,8 @@ def plan_run(config: RunConfig, where: plan.Target, log=print) -> list[plan.Prog
     log(tables.programs_table(p.programs, where.device_bytes))
     if p.chip is not None:
         tables.log_bounds(p.model_config, p.shapes, p.mesh, p.gen_mesh, p.programs, p.chip, where,
-                          max(p.inputs.sizes), log)
+                          max(p.inputs.sizes), log, counts={"prompts": max(p.inputs.sizes),
+                                                            "epochs": config.train.epochs,
+                                                            "validation": len(p.inputs.validation)})
     tables.refuse_over(p.programs, where.device_bytes)
     return p.programs

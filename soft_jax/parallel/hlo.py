@@ -182,3 +182,68 @@ def parameter_gathers(t: Traffic, param_shapes, in_loop: bool = True) -> list[Co
     shapes = {squeeze(s) for s in param_shapes}
     return [c for c in t.collectives if (c.in_loop or not in_loop) and c.kind == "all-gather"
             and any(squeeze(dims) in shapes for _, dims in array_dims(c.shape))]
+
+
+_DIMS = re.compile(r"(lhs_contracting_dims|dim_labels)=\{?([\w,>\-]*)\}?")
+
+
+def _operands(line: str) -> list[str]:
+    """The operand names of an instruction line (`op(%a, %b), ...` or `op(f32[..] %a, ...)`)."""
+    args, depth, end = _INSTRUCTION.match(line).group(4), 1, 0
+    while end < len(args):
+        depth += (args[end] == "(") - (args[end] == ")")
+        if depth == 0:
+            break
+        end += 1
+    return [a.split()[-1].lstrip("%") for a in args[:end].split(",") if a.strip()]
+
+
+def _matmul_flops(line: str, shapes: dict[str, str]) -> int:
+    """2 x output elements x contracted size of a `dot` or `convolution` (a matmul as TPU HLO writes it)."""
+    m = _INSTRUCTION.match(line)
+    out = array_dims(m.group(2))
+    lhs, rhs = (_operands(line) + [None, None])[:2]
+    attrs = dict(_DIMS.findall(line))
+    if not out or lhs not in shapes or rhs not in shapes:
+        return 0
+    size = math.prod(out[0][1])
+    if m.group(3) == "dot":
+        dims = array_dims(shapes[lhs])[0][1]
+        contracted = [int(i) for i in attrs.get("lhs_contracting_dims", "").split(",") if i]
+        return 2 * size * math.prod(dims[i] for i in contracted)
+    labels = attrs.get("dim_labels", "")  # e.g. b0f_0io->b0f: the kernel's (rhs) labels between "_" and "->"
+    kernel = labels.split("_")[1].split("->")[0] if "_" in labels else ""
+    dims = array_dims(shapes[rhs])[0][1]
+    if len(kernel) != len(dims):
+        return 0
+    return 2 * size * math.prod(d for label, d in zip(kernel, dims) if label != "o")
+
+
+def flops(hlo_text: str) -> tuple[int, bool]:
+    """The matmul FLOPs of one call of an optimized HLO module (dots and convolutions; elementwise work is not
+    counted), every while loop's body counted its trip count times, the outermost loops' included. Returns (flops,
+    exact): exact is False when some loop's trip count is unknown (a decode loop, run until its rows stop): each
+    such loop counts once, so the figure is then per iteration of it."""
+    comps = _computations(hlo_text)
+    runs: dict[str, int] = {}
+    exact = True
+    stack = [(comps[None], 1)] if None in comps else []
+    while stack:
+        name, times = stack.pop()
+        runs[name] = runs.get(name, 0) + times
+        for line in comps.get(name, ()):
+            if " while(" in line:
+                trip = _trip_count(line, comps)
+                exact &= trip is not None
+                body = re.search(r"body=%?([\w.\-]+)", line)
+                if body:
+                    stack.append((body.group(1), times * (trip or 1)))
+            else:
+                stack += [(c, times) for c in _callees(line)]
+    total = 0
+    for name, times in runs.items():
+        lines = comps.get(name, ())
+        shapes = {m.group(1): m.group(2) for m in map(_INSTRUCTION.match, lines) if m}
+        total += times * sum(_matmul_flops(line, shapes) for line in lines
+                             if " dot(" in line or " convolution(" in line)
+    return total, exact

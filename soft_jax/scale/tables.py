@@ -55,7 +55,7 @@ def bounds_table(rows: Sequence[tuple[str, DecodeBound]]) -> str:
 
 
 def log_bounds(cfg, shapes, mesh, gen_mesh, programs, chip, where, prompts: int,
-               log=print) -> list[tuple[str, DecodeBound]]:
+               log=print, counts: dict | None = None) -> list[tuple[str, DecodeBound]]:
     """Logs how fast decoding can be at best: the run's generation layout against the training layout (compiled
     here for the comparison when they differ), the tensor-parallel meshes that fit, and a round's decode time at
     the token limit."""
@@ -91,6 +91,10 @@ def log_bounds(cfg, shapes, mesh, gen_mesh, programs, chip, where, prompts: int,
     log(f"[plan] a round's {prompts} prompts: {batches} batch(es) of {shapes.sample_rows} rows; decoding them to the "
         f"token limit ({shapes.new_tokens}) takes at least {batches * shapes.new_tokens * run_bound.step_s:,.1f} s "
         "on this layout")
+    if counts is not None:
+        log(f"[plan] a round at best on {chip.name} ({counts['prompts']} prompts, all taken as kept, "
+            f"{counts['epochs']} epoch(s), {counts['validation']} validation pairs):")
+        log(round_table(cfg, shapes, programs, chip, run_bound, counts, mesh.devices.size))
     resident = (1 + int(shapes.keep_base)) * param_bytes(abstract_model(cfg)[1], mesh)
     proposals = propose_generation_mesh(cfg, shapes, list(where.devices), chip, where.device_bytes, resident, mesh)
     if proposals:
@@ -99,6 +103,60 @@ def log_bounds(cfg, shapes, mesh, gen_mesh, programs, chip, where, prompts: int,
         log(f"[plan] generation meshes that fit, best decode bound first (weights and cache; try one with "
             f"--mesh-generate D,F,T): {best}")
     return rows
+
+
+def call_bound(program, chip) -> tuple[float, str, float]:
+    """(seconds, what limits it, matmul FLOPs per chip) at best for one call of a compiled program on `chip`: its
+    matmul FLOPs from the optimized HLO (hlo.flops, loops by their trip counts) at the chip's peak, its arguments
+    read once from HBM, and its collectives over the interconnect; the slowest of the three."""
+    text = program.compiled.as_text()
+    work, _ = hlo.flops(text)
+    moved = traffic(program)
+    times = {"FLOP/s": work / chip.peak_bf16_flops, "HBM": program.arguments / chip.hbm_bandwidth}
+    if chip.interconnect_bandwidth and moved is not None:
+        times["interconnect"] = (moved.per_call + moved.per_step) / chip.interconnect_bandwidth
+    limit = max(times, key=times.get)
+    return times[limit], limit, work
+
+
+def round_table(cfg, shapes, programs, chip, decode: DecodeBound, counts: dict, chips: int) -> str:
+    """Markdown: a round's time at best, per phase and summed, from the compiled programs (`call_bound`) and the
+    decode bound. counts: prompts (a round's), epochs, validation (held-out pairs); every prompt is taken as kept
+    (an upper bound on the training and scoring work a round's filters leave)."""
+    by_name = {p.name: p for p in programs if p.compiled is not None}
+    batches = -(-counts["prompts"] // shapes.sample_rows)
+    rows = []
+
+    def add(phase, calls, what, program=None, per_call=None, extra=""):
+        if program is not None and program not in by_name:
+            return
+        seconds, limit, _ = call_bound(by_name[program], chip) if program else (per_call, "see decode", 0)
+        rows.append((phase, f"{calls:,} x {what}", seconds * calls, limit, extra))
+
+    add("generation: prefix prefill", batches * shapes.prefix_groups, "shared prefix", "prefix_prefill")
+    add("generation: prefill", batches, f"{shapes.sample_rows} prompts", "prefill")
+    rows.append(("generation: decode", f"{batches * shapes.new_tokens:,} steps of {shapes.sample_rows} rows",
+                 batches * shapes.new_tokens * decode.step_s, decode.limited_by.split(" ")[0], ""))
+    score_calls = -(-counts["prompts"] // shapes.score_rows)
+    add("difficulty scoring", score_calls, f"{shapes.score_rows} pairs", "score")
+    if "train_step" in by_name:
+        rows_per_step = shapes.train_rows * shapes.grad_accum
+        steps = -(-counts["prompts"] * counts["epochs"] // rows_per_step)
+        seconds, limit, work = call_bound(by_name["train_step"], chip)
+        model = 6 * cfg.num_params * rows_per_step * shapes.row_len / chips  # per chip: forward and backward
+        mfu = model / (seconds * chip.peak_bf16_flops)
+        rows.append(("SFT", f"{steps:,} steps of {rows_per_step} rows x {shapes.row_len} tokens", steps * seconds,
+                     limit, f"{work / 1e12:,.2f} TFLOP a step per chip from the HLO; MFU <= {mfu:.0%}"))
+    add("validation scoring", -(-counts["validation"] // shapes.score_rows), f"{shapes.score_rows} pairs", "score")
+    if decode.reshard_s is not None:
+        rows.append(("reshard", "2 x the weights to and from the generation mesh", 2 * decode.reshard_s,
+                     "interconnect", ""))
+    total = sum(r[2] for r in rows)
+    lines = ["| phase | work | time >= s | limited by | note |", "|---|---|---|---|---|"]
+    text = lambda t: f"{t:,.2f}" if t >= 0.01 else f"{t:.1e}"
+    lines += [f"| {phase} | {what} | {text(t)} | {limit} | {note} |" for phase, what, t, limit, note in rows]
+    lines.append(f"| round | every phase above, one after another | {text(total)} | | eval tasks not counted |")
+    return "\n".join(lines)
 
 
 REMEDIES = {

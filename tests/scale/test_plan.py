@@ -373,3 +373,59 @@ def test_a_generation_mesh_that_does_not_fit_as_compiled_falls_back_to_the_next(
     gen_mesh, programs = plan.fit_generation_mesh(CFG, shapes, train, [big, small], need[small] - 1,
                                                   log=logs.append)
     assert gen_mesh is None and len(logs) == 3 and len(programs) == 5
+
+
+def test_hlo_flops_count_every_loop_by_its_trip_count():
+    """Matmul FLOPs of an optimized HLO: a scan inside a scan counts its body 5 x 3 times; a while loop with a
+    bound only known at run time counts once and says so."""
+    import jax
+    import jax.numpy as jnp
+
+    def nested(x, w):
+        def outer(c, wi):
+            return jax.lax.scan(lambda h, v: (jnp.tanh(h @ v), None), c, wi)[0], None
+        return jax.lax.scan(outer, x, w)[0]
+
+    x, w = jnp.ones((8, 16)), jnp.ones((5, 3, 16, 16))
+    assert hlo.flops(jax.jit(nested).lower(x, w).compile().as_text()) == (2 * 8 * 16 * 16 * 15, True)
+
+    def until(x, w, n):
+        return jax.lax.while_loop(lambda c: c[1] < n, lambda c: (jnp.tanh(c[0] @ w), c[1] + 1), (x, 0))[0]
+
+    text = jax.jit(until).lower(x, w[0, 0], 4).compile().as_text()
+    assert hlo.flops(text) == (2 * 8 * 16 * 16, False)
+
+
+def test_the_round_table_sums_each_phase_from_the_compiled_programs():
+    """Per phase: its calls x the slowest of (HLO matmul FLOPs at the peak, arguments read once, collectives);
+    decode from the decode bound; SFT with the MFU its HLO FLOPs allow; the round is the sum."""
+    import jax
+    import numpy as np
+    from helpers import CFG, SHAPES
+
+    from soft_jax.parallel import sharding as shd
+    from soft_jax.parallel import topology
+    from soft_jax.scale import plan, tables
+
+    chip = topology.Chip("test chip", peak_bf16_flops=1e9, hbm_bandwidth=1e9, interconnect_bandwidth=1e6, source="-")
+    mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
+    programs = plan.compile_run(CFG, SHAPES, mesh)
+    decode = plan.decode_bound(CFG, SHAPES, mesh, chip)
+    counts = {"prompts": 20, "epochs": 2, "validation": 9}
+    table = tables.round_table(CFG, SHAPES, programs, chip, decode, counts, 1)
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines()[2:]}
+    seconds = lambda name: float(rows[name][2].replace(",", ""))
+    train = next(p for p in programs if p.name == "train_step")
+    work, exact = hlo.flops(train.compiled.as_text())
+    tokens = SHAPES.train_rows * SHAPES.grad_accum * SHAPES.row_len
+    # a remat step: at least the forward and backward of every matmul weight, at most a second forward more
+    matmul = CFG.num_params - CFG.vocab_size * CFG.hidden_size  # tied embeddings: the lookup is no matmul
+    assert exact and 6 * matmul * tokens <= work <= 8 * CFG.num_params * tokens * 1.2
+    steps = -(-20 * 2 // (SHAPES.train_rows * SHAPES.grad_accum))  # 20 prompts, all kept, 2 epochs
+    np.testing.assert_allclose(seconds("SFT"), steps * max(work / 1e9, train.arguments / 1e9), rtol=0.01)
+    assert f"MFU <= {6 * CFG.num_params * tokens / (max(work, train.arguments)):.0%}" in rows["SFT"][4]
+    np.testing.assert_allclose(seconds("generation: decode"), 3 * SHAPES.new_tokens * decode.step_s, rtol=0.01)
+    assert rows["validation scoring"][1].startswith("2 x ") and rows["difficulty scoring"][1].startswith("3 x ")
+    parts = [seconds(n) for n in rows if n != "round"]
+    np.testing.assert_allclose(seconds("round"), sum(parts), rtol=0.02)
+    assert re.search(r"\| reshard", table) is None  # one mesh: nothing to reshard
