@@ -164,7 +164,7 @@ def _sample(b: Batch, config: SamplingConfig, tokenizer=None) -> None:
     while True:
         window = segment(start + step, slots, config.decode_segment) if config.decode_segment else None
         until = min(-(-(step + 1) // chunk) * chunk, config.max_new_tokens,
-                    config.max_new_tokens if window is None else window - start)
+                    window - start if window else config.max_new_tokens)
         ds = decode(b.graphdef, b.mesh, b.state, ds, b.next_pos, b.params, jnp.int32(until), config.top_p < 1.0,
                     config.top_k > 0, window)
         step, done = int(ds.step), to_host(ds.done).copy()

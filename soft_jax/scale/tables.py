@@ -127,11 +127,10 @@ def round_table(cfg, shapes, programs, chip, decode: DecodeBound, counts: dict, 
     batches = -(-counts["prompts"] // shapes.sample_rows)
     rows = []
 
-    def add(phase, calls, what, program=None, per_call=None, extra=""):
-        if program is not None and program not in by_name:
-            return
-        seconds, limit, _ = call_bound(by_name[program], chip) if program else (per_call, "see decode", 0)
-        rows.append((phase, f"{calls:,} x {what}", seconds * calls, limit, extra))
+    def add(phase, calls, what, program):
+        if program in by_name:
+            seconds, limit, _ = call_bound(by_name[program], chip)
+            rows.append((phase, f"{calls:,} x {what}", seconds * calls, limit, ""))
 
     add("generation: prefix prefill", batches * shapes.prefix_groups, "shared prefix", "prefix_prefill")
     add("generation: prefill", batches, f"{shapes.sample_rows} prompts", "prefill")
