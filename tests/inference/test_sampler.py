@@ -326,11 +326,13 @@ def test_generate_cli_bad_prompt_files(tmp_path, content, needle):
 
 
 @pytest.mark.slow
-def test_an_int8_kv_cache_keeps_smollm2_log_probs_within_0_02_of_transformers_float32(smollm2, smollm2_hf):
-    """sampling.kv_dtype=int8 on the shipped self-align prompts: the mean log-prob of transformers' float32 greedy
-    tokens (64 per prompt), read through an int8 cache (each prompt and its tokens written to it, every query
-    attending to the quantized keys and values), is within 0.02 of transformers'. benchmarks/RESULTS.md has the
-    greedy tokens' agreement."""
+def test_an_int8_kv_cache_keeps_smollm2_greedy_tokens_and_log_probs_of_transformers_float32(smollm2, smollm2_hf):
+    """sampling.kv_dtype=int8 on the shipped self-align prompts, against transformers' float32 greedy tokens (64 per
+    prompt) read through an int8 cache (each prompt and its tokens written to it, every query attending to the
+    quantized keys and values): our greedy token at each of those positions is transformers' on at least 90% of
+    them, and the tokens' mean log-prob is within 0.02 of transformers'. Each position is judged given the same
+    history: free-running, one near-tie flipped early makes every later token differ (benchmarks/RESULTS.md has
+    those figures, for the float32 cache too)."""
     import jax.numpy as jnp
     import torch
 
@@ -356,4 +358,6 @@ def test_an_int8_kv_cache_keeps_smollm2_log_probs_within_0_02_of_transformers_fl
     assert cache.quantized and cache.k[0].dtype == jnp.int8
     logp = jax.nn.log_softmax(logits[:, -65:-1], axis=-1)
     ours = np.take_along_axis(np.asarray(logp), new.numpy()[..., None], -1)[..., 0]
+    agree = np.asarray(logp).argmax(-1) == new.numpy()
+    assert agree.mean() >= 0.9, agree.mean(1)
     assert abs(ours.mean() - ref.numpy().mean()) <= 0.02, (ours.mean(), ref.numpy().mean())
