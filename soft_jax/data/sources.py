@@ -357,6 +357,12 @@ def _cached() -> str | None:
     return tasks if all(os.path.isfile(os.path.join(tasks, p)) for p in TASK_FILES.values()) else None
 
 
+def on_hand() -> bool:
+    """Whether `locate` would find the task files without downloading them: an archive or directory configured, or
+    every file in the cache."""
+    return bool(os.environ.get(ARCHIVE_ENV, "").strip() or os.environ.get(DIR_ENV, "").strip() or _cached())
+
+
 def locate() -> Source:
     """The task files, from the first source configured or available (see the module docstring); a UserError
     in one line saying how to get them when there are none. Found once per process and configuration."""

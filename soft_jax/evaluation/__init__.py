@@ -269,6 +269,31 @@ def availability(tasks: Sequence[str], protocol: str, truthfulqa_file: str | Non
     return source, missing
 
 
+def request_count(tasks: Sequence[str], protocol: str, tokenizer, limit: int | None = None,
+                  truthfulqa_file: str | None = None, download: bool = True) -> tuple[int, dict[str, str]]:
+    """(the pairs `evaluate` scores for the tasks whose data is here, {task: why not} for the others), read from the
+    same items and `requests` a run uses, so `soft-jax plan` can bound a round's eval scoring.
+
+    Args:
+        tasks: The task names.
+        protocol: "dromedary" or "loglik".
+        tokenizer: A transformers tokenizer (the chat format and BOS text `requests` writes).
+        limit: The first N items of each task, or None for all (as `evaluate`'s).
+        truthfulqa_file: A TruthfulQA file of the user's, or None.
+        download: False: BIG-bench's files count only where they are on hand (`sources.on_hand`), never fetched.
+
+    Returns:
+        A tuple (pairs, missing): the number of (context, continuation) pairs over the available tasks, and the
+        tasks whose files are not found, each with the reason.
+    """
+    far = [] if download or sources.on_hand() else bigbench_tasks(tasks, protocol, truthfulqa_file)
+    _, missing = availability([t for t in tasks if t not in far], protocol, truthfulqa_file)
+    missing.update({t: f"BIG-bench's task files are not here ({sources.DIR_ENV} unset, none cached)" for t in far})
+    pairs = sum(len(requests(t, load_items(t, limit, truthfulqa_file), protocol, tokenizer))
+                for t in tasks if t not in missing)
+    return pairs, missing
+
+
 def load_items(task: str, limit: int | None = None, truthfulqa_file: str | None = None) -> list[sources.MCItem]:
     """The items of one task.
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 from jax.sharding import Mesh
 
-from soft_jax import training
+from soft_jax import evaluation, training
 from soft_jax.experiment import config as config_lib
 from soft_jax.experiment import inputs
 from soft_jax.experiment.config import RunConfig
@@ -145,6 +145,27 @@ def prepare(config: RunConfig, devices: Sequence, device_bytes: int | None = Non
                    chip, programs, estimate)
 
 
+def round_counts(config: RunConfig, p: RunPlan) -> dict:
+    """What a round's table (`tables.round_table`) multiplies the compiled programs by: the round's prompts (all
+    taken as kept), epochs, held-out pairs, the pairs the relevance filter and difficulty scoring score (the
+    difficulty reuses the relevance filter's perplexities where the round would), and the eval tasks' pairs, read
+    from their items where their data is here (`eval_missing`: the tasks whose data is not)."""
+    prompts, filt, cur = max(p.inputs.sizes), config.filters, config.curriculum
+    relevance = 2 * prompts if filt.max_relevance_ratio else 0  # each answer after its prompt and after none
+    reused = (relevance and cur.score == "response_ppl" and config.generator == "previous"
+              and config.train_data != "accumulate")
+    tasks = list(dict.fromkeys(evaluation.parse_tasks(config.eval.tasks) if config.eval.tasks else []))
+    pairs, missing = (evaluation.request_count(tasks, config.eval.protocol, p.tokenizer, config.eval.limit or None,
+                                               config.eval.truthfulqa_file or None, download=False)
+                      if tasks else (0, {}))
+    not_counted = [f"eval.lm_eval.tasks ({config.eval.lm_eval.tasks})"] if config.eval.lm_eval.tasks else []
+    if config.open_ended.limit:
+        not_counted.append(f"{config.open_ended.limit} open-ended answers")
+    return {"prompts": prompts, "epochs": config.train.epochs, "validation": len(p.inputs.validation),
+            "relevance": relevance, "difficulty": 0 if reused else prompts, "eval": pairs,
+            "eval_missing": sorted(missing), "not_counted": not_counted}
+
+
 def plan_run(config: RunConfig, where: plan.Target, log=print) -> list[plan.Program]:
     """`soft-jax plan`: compiles a run config's programs for `where`, prints the table and the speed bounds, and
     refuses (UserError) a program that does not fit a device."""
@@ -157,8 +178,6 @@ def plan_run(config: RunConfig, where: plan.Target, log=print) -> list[plan.Prog
     log(tables.programs_table(p.programs, where.device_bytes))
     if p.chip is not None:
         tables.log_bounds(p.model_config, p.shapes, p.mesh, p.gen_mesh, p.programs, p.chip, where,
-                          max(p.inputs.sizes), log, counts={"prompts": max(p.inputs.sizes),
-                                                            "epochs": config.train.epochs,
-                                                            "validation": len(p.inputs.validation)})
+                          max(p.inputs.sizes), log, counts=round_counts(config, p))
     tables.refuse_over(p.programs, where.device_bytes)
     return p.programs

@@ -121,14 +121,17 @@ def call_bound(program, chip) -> tuple[float, str, float]:
 
 def round_table(cfg, shapes, programs, chip, decode: DecodeBound, counts: dict, chips: int) -> str:
     """Markdown: a round's time at best, per phase and summed, from the compiled programs (`call_bound`) and the
-    decode bound. counts: prompts (a round's), epochs, validation (held-out pairs); every prompt is taken as kept
-    (an upper bound on the training and scoring work a round's filters leave)."""
+    decode bound. counts: prompts (a round's), epochs, validation (held-out pairs); optional: relevance, difficulty
+    and eval (the pairs each scores; difficulty defaults to the prompts), eval_missing and not_counted (what the
+    round also runs but the table leaves out, named in its last row). Every prompt is taken as kept (an upper
+    bound on the training and scoring work a round's filters leave); scoring is bounded at the scoring program's
+    rows a call (eval.batch_size may be smaller: more calls, each reading the weights, so still a bound)."""
     by_name = {p.name: p for p in programs if p.compiled is not None}
     batches = -(-counts["prompts"] // shapes.sample_rows)
     rows = []
 
     def add(phase, calls, what, program):
-        if program in by_name:
+        if program in by_name and calls:  # none: a phase the round skips (difficulty reusing the relevance filter's)
             seconds, limit, _ = call_bound(by_name[program], chip)
             rows.append((phase, f"{calls:,} x {what}", seconds * calls, limit, ""))
 
@@ -136,8 +139,11 @@ def round_table(cfg, shapes, programs, chip, decode: DecodeBound, counts: dict, 
     add("generation: prefill", batches, f"{shapes.sample_rows} prompts", "prefill")
     rows.append(("generation: decode", f"{batches * shapes.new_tokens:,} steps of {shapes.sample_rows} rows",
                  batches * shapes.new_tokens * decode.step_s, decode.limited_by.split(" ")[0], ""))
-    score_calls = -(-counts["prompts"] // shapes.score_rows)
-    add("difficulty scoring", score_calls, f"{shapes.score_rows} pairs", "score")
+    scoring = lambda pairs: -(-pairs // shapes.score_rows)
+    if counts.get("relevance"):
+        add("relevance filter", scoring(counts["relevance"]), f"{shapes.score_rows} pairs", "score")
+    add("difficulty scoring", scoring(counts.get("difficulty", counts["prompts"])), f"{shapes.score_rows} pairs",
+        "score")
     if "train_step" in by_name:
         rows_per_step = shapes.train_rows * shapes.grad_accum
         steps = -(-counts["prompts"] * counts["epochs"] // rows_per_step)
@@ -146,7 +152,9 @@ def round_table(cfg, shapes, programs, chip, decode: DecodeBound, counts: dict, 
         mfu = model / (seconds * chip.peak_bf16_flops)
         rows.append(("SFT", f"{steps:,} steps of {rows_per_step} rows x {shapes.row_len} tokens", steps * seconds,
                      limit, f"{work / 1e12:,.2f} TFLOP a step per chip from the HLO; MFU <= {mfu:.0%}"))
-    add("validation scoring", -(-counts["validation"] // shapes.score_rows), f"{shapes.score_rows} pairs", "score")
+    add("validation scoring", scoring(counts["validation"]), f"{shapes.score_rows} pairs", "score")
+    if counts.get("eval"):
+        add("eval tasks", scoring(counts["eval"]), f"{shapes.score_rows} pairs", "score")
     if decode.reshard_s is not None:
         rows.append(("reshard", "2 x the weights to and from the generation mesh", 2 * decode.reshard_s,
                      "interconnect", ""))
@@ -154,7 +162,10 @@ def round_table(cfg, shapes, programs, chip, decode: DecodeBound, counts: dict, 
     lines = ["| phase | work | time >= s | limited by | note |", "|---|---|---|---|---|"]
     text = lambda t: f"{t:,.2f}" if t >= 0.01 else f"{t:.1e}"
     lines += [f"| {phase} | {what} | {text(t)} | {limit} | {note} |" for phase, what, t, limit, note in rows]
-    lines.append(f"| round | every phase above, one after another | {text(total)} | | eval tasks not counted |")
+    missing = counts.get("eval_missing")
+    left = ([f"eval.tasks {', '.join(missing)} (no data here)"] if missing else []) + counts.get("not_counted", [])
+    lines.append(f"| round | every phase above, one after another | {text(total)} | | "
+                 f"{'not counted: ' + '; '.join(left) if left else ''} |")
     return "\n".join(lines)
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -149,11 +150,19 @@ PLAN = ["plan", "--config", os.path.join(CONFIGS, "tiny.py")]
 
 
 @pytest.mark.slow  # a whole round compiled for a TPU slice: about a minute
-def test_plan_compiles_a_run_for_a_tpu_slice():
+def test_plan_compiles_a_run_for_a_tpu_slice(smollm2_tokenizer, monkeypatch):
     """The tiny run's five programs compiled for a v5e-4 slice (compile-only devices, no TPU): a row each with
-    memory per chip, against the chip's 16 GiB."""
+    memory per chip, against the chip's 16 GiB. Its round table scores the relevance filter's pairs (two an
+    answer) and the eval tasks' (BIG-bench's files in a tree: the in-house items), and names what it leaves out."""
+    from helpers import INHOUSE_BIGBENCH
+
+    from soft_jax import evaluation
+    from soft_jax.data import sources
+
+    env = {sources.DIR_ENV: INHOUSE_BIGBENCH, sources.ARCHIVE_ENV: ""}
     proc = run_cli(*PLAN, "--topology", "v5e-4", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
-                   "--config.sampling.batch_size=4", "--config.train.batch_size=4")
+                   "--config.sampling.batch_size=4", "--config.train.batch_size=4", "--config.eval.tasks=hhh",
+                   "--config.filters.max_relevance_ratio=1", "--config.open_ended.limit=3", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "v5e-4 (4 x TPU v5 lite, 16 GiB HBM each, 1 host(s)), mesh {'data': 1, 'fsdp': 4, 'tensor': 1}" in out
@@ -164,6 +173,14 @@ def test_plan_compiles_a_run_for_a_tpu_slice():
     assert [r[0].strip("| ") for r in rows[1:]] == ["train_step", "prefix_prefill", "prefill", "decode", "score"]
     assert all(r[-2] == "yes" for r in rows[1:]), out
     assert out.strip().endswith("[plan] every program fits")
+    table = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in lines if line.startswith("| ")}
+    prompts = int(re.search(r"a round at best on TPU v5e \((\d+) prompts", out).group(1))
+    monkeypatch.setenv(sources.DIR_ENV, INHOUSE_BIGBENCH)
+    pairs = evaluation.request_count(["hhh"], "dromedary", smollm2_tokenizer)[0]
+    for phase, n in (("relevance filter", 2 * prompts), ("eval tasks", pairs)):
+        calls, rows_a_call = map(int, re.match(r"(\d+) x (\d+) pairs", table[phase][1]).groups())
+        assert calls == -(-n // rows_a_call), (phase, table[phase])
+    assert table["round"][-1].endswith("| not counted: 3 open-ended answers |"), table["round"]
 
 
 @pytest.mark.slow  # a whole round compiled for a TPU slice: about a minute

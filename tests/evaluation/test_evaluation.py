@@ -352,3 +352,26 @@ def test_decisions_equal_an_independent_transformers_reference(smollm2, smollm2_
             assert ours["prediction"] in best, (task, i, ours["scores"], scores.tolist())
             if len(best) > 1:
                 assert np.flatnonzero(np.array(ours["scores"]) == max(ours["scores"])).tolist() == best.tolist()
+
+
+@pytest.mark.parametrize("protocol, per_item", [("dromedary", lambda t, it: 4 if t == "hhh" else 2 * len(it.choices)),
+                                                ("loglik", lambda t, it: len(it.choices))])
+def test_request_count_is_the_pairs_evaluate_scores_and_names_the_tasks_without_data(
+        tmp_path, monkeypatch, smollm2_tokenizer, protocol, per_item):
+    """What `soft-jax plan` bounds a round's eval scoring by: HHH four pairs an item under "dromedary" (A and B in
+    both orders), TruthfulQA two a candidate (true, false), else one a choice; `limit` as evaluate's; a task
+    whose file is not in the tree is named, and counts nothing."""
+    tree = _tree(tmp_path, [f"hhh/{s}" for s in sources.HHH_SUBSETS] + ["truthfulqa/mc"])
+    monkeypatch.setenv(sources.DIR_ENV, tree)
+    monkeypatch.delenv(sources.ARCHIVE_ENV, raising=False)
+    tasks = ["hhh", "truthfulqa_mc1", "truthfulqa_mc2"]
+    for limit in (None, 2):
+        want = sum(per_item(t, it) for t in tasks[:2] for it in evaluation.load_items(t, limit))
+        pairs, missing = evaluation.request_count(tasks, protocol, smollm2_tokenizer, limit)
+        assert pairs == want and list(missing) == ["truthfulqa_mc2"], (pairs, want, missing)
+    assert want < evaluation.request_count(tasks[:2], protocol, smollm2_tokenizer)[0]
+    # `soft-jax plan` never downloads them: with no tree configured and none cached, the BIG-bench tasks are named
+    monkeypatch.setenv(sources.DIR_ENV, "")
+    monkeypatch.setenv("SOFT_JAX_CACHE", str(tmp_path / "empty-cache"))
+    pairs, missing = evaluation.request_count(tasks, protocol, smollm2_tokenizer, download=False)
+    assert pairs == 0 and list(missing) == tasks and sources.DIR_ENV in missing["hhh"]

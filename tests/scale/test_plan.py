@@ -191,6 +191,9 @@ def test_plan_compiles_generation_for_its_own_mesh(tmp_path):
     counts = {kind: int(n) for kind, n in re.findall(r"(\w+) mesh \([\d, ]+\): (\d+)", said)}
     assert counts["generation"] == 0 and counts["training"] >= 7 * 2, said
     assert "generation meshes that fit, best decode bound first" in proc.stdout
+    # the paper's eval tasks have no data on a fresh machine: plan names them rather than downloading them
+    last = next(line for line in proc.stdout.splitlines() if line.startswith("| round |"))
+    assert "not counted: eval.tasks hhh, truthfulqa_mc1, truthfulqa_mc2 (no data here)" in last, last
     bad = run_cli(*plan, "--mesh-generate", "3,1,4")
     assert bad.returncode == 2 and "does not divide the 8 devices" in bad.stderr.strip().splitlines()[-1]
 
@@ -429,3 +432,18 @@ def test_the_round_table_sums_each_phase_from_the_compiled_programs():
     parts = [seconds(n) for n in rows if n != "round"]
     np.testing.assert_allclose(seconds("round"), sum(parts), rtol=0.02)
     assert re.search(r"\| reshard", table) is None  # one mesh: nothing to reshard
+    assert "relevance filter" not in rows and "eval tasks" not in rows and "not counted" not in table
+    # the relevance filter scores each answer twice; difficulty reuses its perplexities; 70 eval pairs; the rest named
+    table = tables.round_table(CFG, SHAPES, programs, chip, decode, {
+        **counts, "relevance": 40, "difficulty": 0, "eval": 70, "eval_missing": ["truthfulqa_mc2"],
+        "not_counted": ["8 open-ended answers"]}, 1)
+    more = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines()[2:]}
+    per_call = seconds("validation scoring") / 2
+    for name, calls in (("relevance filter", 40), ("eval tasks", 70)):
+        calls = -(-calls // SHAPES.score_rows)
+        assert more[name][1].startswith(f"{calls} x {SHAPES.score_rows} pairs"), more[name]
+        np.testing.assert_allclose(float(more[name][2]), calls * per_call, rtol=0.02)
+    assert "difficulty scoring" not in more
+    np.testing.assert_allclose(seconds("round") - seconds("difficulty scoring") + 15 * per_call,
+                               float(more["round"][2]), rtol=0.02)
+    assert "not counted: eval.tasks truthfulqa_mc2 (no data here); 8 open-ended answers |" in table.splitlines()[-1]
