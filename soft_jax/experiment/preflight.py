@@ -163,6 +163,7 @@ def round_counts(config: RunConfig, p: RunPlan) -> dict:
         not_counted.append(f"{config.open_ended.limit} open-ended answers")
     return {"prompts": prompts, "epochs": config.train.epochs, "validation": len(p.inputs.validation),
             "relevance": relevance, "difficulty": 0 if reused else prompts, "eval": pairs,
+            "frozen_base": bool(config.train.lora_rank),
             "eval_missing": sorted(missing), "not_counted": not_counted}
 
 

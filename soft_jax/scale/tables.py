@@ -122,7 +122,8 @@ def call_bound(program, chip) -> tuple[float, str, float]:
 def round_table(cfg, shapes, programs, chip, decode: DecodeBound, counts: dict, chips: int) -> str:
     """Markdown: a round's time at best, per phase and summed, from the compiled programs (`call_bound`) and the
     decode bound. counts: prompts (a round's), epochs, validation (held-out pairs); optional: relevance, difficulty
-    and eval (the pairs each scores; difficulty defaults to the prompts), eval_missing and not_counted (what the
+    and eval (the pairs each scores; difficulty defaults to the prompts), frozen_base (LoRA: no weight gradients
+    for the base), eval_missing and not_counted (what the
     round also runs but the table leaves out, named in its last row). Every prompt is taken as kept (an upper
     bound on the training and scoring work a round's filters leave); scoring is bounded at the scoring program's
     rows a call (eval.batch_size may be smaller: more calls, each reading the weights, so still a bound)."""
@@ -148,10 +149,14 @@ def round_table(cfg, shapes, programs, chip, decode: DecodeBound, counts: dict, 
         rows_per_step = shapes.train_rows * shapes.grad_accum
         steps = -(-counts["prompts"] * counts["epochs"] // rows_per_step)
         seconds, limit, work = call_bound(by_name["train_step"], chip)
-        model = 6 * cfg.num_params * rows_per_step * shapes.row_len / chips  # per chip: forward and backward
+        # the model's FLOPs per token: forward 2N, backward 4N; a frozen base (LoRA / QLoRA) has no weight
+        # gradients, so 4N (the adapters' own are under 1% at rank 64)
+        per_token = 4 if counts.get("frozen_base") else 6
+        model = per_token * cfg.num_params * rows_per_step * shapes.row_len / chips  # per chip
         mfu = model / (seconds * chip.peak_bf16_flops)
         rows.append(("SFT", f"{steps:,} steps of {rows_per_step} rows x {shapes.row_len} tokens", steps * seconds,
-                     limit, f"{work / 1e12:,.2f} TFLOP a step per chip from the HLO; MFU <= {mfu:.0%}"))
+                     limit, f"{work / 1e12:,.2f} TFLOP a step per chip from the HLO; MFU <= {mfu:.0%} "
+                            f"(model FLOPs {per_token}N a token)"))
     add("validation scoring", scoring(counts["validation"]), f"{shapes.score_rows} pairs", "score")
     if counts.get("eval"):
         add("eval tasks", scoring(counts["eval"]), f"{shapes.score_rows} pairs", "score")

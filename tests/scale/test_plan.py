@@ -426,7 +426,7 @@ def test_the_round_table_sums_each_phase_from_the_compiled_programs():
     assert exact and 6 * matmul * tokens <= work <= 8 * CFG.num_params * tokens * 1.2
     steps = -(-20 * 2 // (SHAPES.train_rows * SHAPES.grad_accum))  # 20 prompts, all kept, 2 epochs
     np.testing.assert_allclose(seconds("SFT"), steps * max(work / 1e9, train.arguments / 1e9), rtol=0.01)
-    assert f"MFU <= {6 * CFG.num_params * tokens / (max(work, train.arguments)):.0%}" in rows["SFT"][4]
+    assert f"MFU <= {6 * CFG.num_params * tokens / (max(work, train.arguments)):.0%} (model FLOPs 6N" in rows["SFT"][4]
     np.testing.assert_allclose(seconds("generation: decode"), 3 * SHAPES.new_tokens * decode.step_s, rtol=0.01)
     assert rows["validation scoring"][1].startswith("2 x ") and rows["difficulty scoring"][1].startswith("3 x ")
     parts = [seconds(n) for n in rows if n != "round"]
@@ -444,6 +444,8 @@ def test_the_round_table_sums_each_phase_from_the_compiled_programs():
         assert more[name][1].startswith(f"{calls} x {SHAPES.score_rows} pairs"), more[name]
         np.testing.assert_allclose(float(more[name][2]), calls * per_call, rtol=0.02)
     assert "difficulty scoring" not in more
+    lora = tables.round_table(CFG, SHAPES, programs, chip, decode, {**counts, "frozen_base": True}, 1)
+    assert f"MFU <= {4 * CFG.num_params * tokens / (max(work, train.arguments)):.0%} (model FLOPs 4N" in lora
     np.testing.assert_allclose(seconds("round") - seconds("difficulty scoring") + 15 * per_call,
                                float(more["round"][2]), rtol=0.02)
     assert "not counted: eval.tasks truthfulqa_mc2 (no data here); 8 open-ended answers |" in table.splitlines()[-1]
