@@ -134,7 +134,9 @@ def round_table(cfg, shapes, programs, chip, decode: DecodeBound, counts: dict, 
     def add(phase, calls, what, program):
         if program in by_name and calls:  # none: a phase the round skips (difficulty reusing the relevance filter's)
             seconds, limit, _ = call_bound(by_name[program], chip)
-            rows.append((phase, f"{calls:,} x {what}", seconds * calls, limit, ""))
+            note = "the pass after each row's cached context (the context's prefill left out)" \
+                if program == "score" else ""
+            rows.append((phase, f"{calls:,} x {what}", seconds * calls, limit, note))
 
     add("generation: prefix prefill", batches * shapes.prefix_groups, "shared prefix", "prefix_prefill")
     add("generation: prefill", batches, f"{shapes.sample_rows} prompts", "prefill")
