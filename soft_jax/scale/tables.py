@@ -156,9 +156,9 @@ def round_table(cfg, shapes, programs, chip, decode: DecodeBound, counts: dict, 
         per_token = 4 if counts.get("frozen_base") else 6
         model = per_token * cfg.num_params * rows_per_step * shapes.row_len / chips  # per chip
         mfu = model / (seconds * chip.peak_bf16_flops)
-        rows.append(("SFT", f"{steps:,} steps of {rows_per_step} rows x {shapes.row_len} tokens", steps * seconds,
-                     limit, f"{work / 1e12:,.2f} TFLOP a step per chip from the HLO; MFU <= {mfu:.0%} "
-                            f"(model FLOPs {per_token}N a token)"))
+        work_text = f"{steps:,} step{'s' * (steps != 1)} of {rows_per_step} rows x {shapes.row_len} tokens"
+        rows.append(("SFT", work_text, steps * seconds, limit, f"{work / 1e12:,.2f} TFLOP a step per chip from the "
+                     f"HLO; MFU <= {mfu:.0%} (model FLOPs {per_token}N a token)"))
     add("validation scoring", scoring(counts["validation"]), f"{shapes.score_rows} pairs", "score")
     if counts.get("eval"):
         add("eval tasks", scoring(counts["eval"]), f"{shapes.score_rows} pairs", "score")
