@@ -46,6 +46,7 @@ def reference(tmp_path_factory, tiny_base):
     return run("soft_plus.py", tmp_path_factory.mktemp("ref") / "w", *EXTRA)
 
 
+@pytest.mark.slow  # 22 or more restarts of a whole run, each stopped at a seeded random point: nearly 4 minutes
 def test_stopped_at_random_points_resumes_to_the_same_artifacts(tmp_path, reference, tiny_base):
     """SIGTERM (preemption) inside generation and inside training, then 20 SIGKILLs and SIGTERMs at seeded
     random points (any point: after a batch, a step or a phase, or halfway through writing a file or a JSON
