@@ -147,13 +147,14 @@ def prepare(config: RunConfig, devices: Sequence, device_bytes: int | None = Non
 
 def round_counts(config: RunConfig, p: RunPlan) -> dict:
     """What a round's table (`tables.round_table`) multiplies the compiled programs by: the round's prompts (all
-    taken as kept), epochs, held-out pairs, the pairs the relevance filter and difficulty scoring score (the
-    difficulty reuses the relevance filter's perplexities where the round would), and the eval tasks' pairs, read
-    from their items where their data is here (`eval_missing`: the tasks whose data is not)."""
+    taken as kept), epochs, held-out pairs, the pairs the relevance filter and difficulty scoring score (none for
+    difficulty where the round reuses the relevance filter's perplexities or counts tokens), and the eval tasks'
+    pairs, read from their items where their data is here (`eval_missing`: the tasks whose data is not)."""
     prompts, filt, cur = max(p.inputs.sizes), config.filters, config.curriculum
     relevance = 2 * prompts if filt.max_relevance_ratio else 0  # each answer after its prompt and after none
     reused = (relevance and cur.score == "response_ppl" and config.generator == "previous"
               and config.train_data != "accumulate")
+    untouched = cur.score == "response_length"  # counted from the tokens: the model scores nothing
     tasks = list(dict.fromkeys(evaluation.parse_tasks(config.eval.tasks) if config.eval.tasks else []))
     pairs, missing = (evaluation.request_count(tasks, config.eval.protocol, p.tokenizer, config.eval.limit or None,
                                                config.eval.truthfulqa_file or None, download=False)
@@ -162,7 +163,7 @@ def round_counts(config: RunConfig, p: RunPlan) -> dict:
     if config.open_ended.limit:
         not_counted.append(f"{config.open_ended.limit} open-ended answers")
     return {"prompts": prompts, "epochs": config.train.epochs, "validation": len(p.inputs.validation),
-            "relevance": relevance, "difficulty": 0 if reused else prompts, "eval": pairs,
+            "relevance": relevance, "difficulty": 0 if reused or untouched else prompts, "eval": pairs,
             "frozen_base": bool(config.train.lora_rank),
             "eval_missing": sorted(missing), "not_counted": not_counted}
 

@@ -123,8 +123,8 @@ def round_table(cfg, shapes, programs, chip, decode: DecodeBound, counts: dict, 
     """Markdown: a round's time at best, per phase and summed, from the compiled programs (`call_bound`) and the
     decode bound. counts: prompts (a round's), epochs, validation (held-out pairs); optional: relevance, difficulty
     and eval (the pairs each scores; difficulty defaults to the prompts), frozen_base (LoRA: no weight gradients
-    for the base), eval_missing and not_counted (what the
-    round also runs but the table leaves out, named in its last row). Every prompt is taken as kept (an upper
+    for the base), eval_missing and not_counted (what the round also runs but the table leaves out, named in its
+    last row). Every prompt is taken as kept (an upper
     bound on the training and scoring work a round's filters leave); scoring is bounded at the scoring program's
     rows a call (eval.batch_size may be smaller: more calls, each reading the weights, so still a bound)."""
     by_name = {p.name: p for p in programs if p.compiled is not None}
@@ -132,7 +132,7 @@ def round_table(cfg, shapes, programs, chip, decode: DecodeBound, counts: dict, 
     rows = []
 
     def add(phase, calls, what, program):
-        if program in by_name and calls:  # none: a phase the round skips (difficulty reusing the relevance filter's)
+        if program in by_name and calls:  # none: a phase the round skips (difficulty from token counts)
             seconds, limit, _ = call_bound(by_name[program], chip)
             note = "the pass after each row's cached context (the context's prefill left out)" \
                 if program == "score" else ""

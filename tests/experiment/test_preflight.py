@@ -59,3 +59,35 @@ def test_prepare_refuses_before_any_weight():
         preflight.prepare(config("tiny.py", "mesh.data=8"), [jax.devices()[0]] * 8, None, compile=False)
     with pytest.raises(UserError, match="max_prompt_len 2 .* leave no room"):  # cannot hold the chat format
         preflight.prepare(config("tiny.py", "train.max_prompt_len=2"), jax.devices()[:1], None, compile=False)
+
+
+def test_round_counts_are_the_scoring_a_round_does(tmp_path, monkeypatch, smollm2_tokenizer):
+    """What plan's round table multiplies its programs by: the relevance filter scores each answer twice (after its
+    prompt and after none); difficulty scoring is skipped where the round reuses the filter's perplexities
+    (response_ppl, the previous round's model generating) or counts tokens (response_length); the eval tasks'
+    pairs are counted where their files are on hand, and named where not (plan downloads nothing)."""
+    import types
+
+    from helpers import INHOUSE_BIGBENCH
+
+    from soft_jax import evaluation
+    from soft_jax.data import sources
+
+    p = types.SimpleNamespace(inputs=types.SimpleNamespace(sizes=[10, 12], validation=[0] * 5),
+                              tokenizer=smollm2_tokenizer)
+    monkeypatch.setenv(sources.DIR_ENV, "")
+    monkeypatch.setenv(sources.ARCHIVE_ENV, "")
+    monkeypatch.setenv("SOFT_JAX_CACHE", str(tmp_path / "cache"))
+    c = config("soft_plus.py").replace("eval", tasks="hhh", limit=4).replace("open_ended", limit=3)
+    got = preflight.round_counts(c.replace("filters", max_relevance_ratio=0.0), p)
+    assert (got["prompts"], got["validation"], got["relevance"], got["difficulty"]) == (12, 5, 0, 12)
+    assert got["eval"] == 0 and got["eval_missing"] == ["hhh"] and got["not_counted"] == ["3 open-ended answers"]
+    on = c.replace("filters", max_relevance_ratio=1.0)
+    assert preflight.round_counts(on.replace("curriculum", score="prompt_ppl"), p)["difficulty"] == 12
+    reused = on.replace("curriculum", score="response_ppl").replace("", generator="previous", train_data="replace")
+    assert preflight.round_counts(reused, p)["relevance"] == 24 and preflight.round_counts(reused, p)["difficulty"] == 0
+    assert preflight.round_counts(c.replace("curriculum", score="response_length"), p)["difficulty"] == 0
+    monkeypatch.setenv(sources.DIR_ENV, INHOUSE_BIGBENCH)
+    got = preflight.round_counts(c, p)
+    want = 4 * len(evaluation.load_items("hhh", 4))  # A and B in both orders, an item
+    assert got["eval"] == want > 0 and got["eval_missing"] == []
